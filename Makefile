@@ -1,0 +1,35 @@
+# crossport: two commands do all the set-up — `make run` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 5000
+ARGS   ?=
+
+.PHONY: install run test lint ui clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip check
+	touch $(STAMP)
+
+run: install
+	$(PY) -m pipelines.run --stage all $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+ui: install
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlflow/artifacts
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,97 @@
+"""Run every artifact crossport makes on the same float32 [N, 784] inputs.
+
+Each loader reads the artifact from disk and returns a callable mapping inputs to a dict
+of named float32 outputs; heavy runtimes are imported only by the loader that needs them.
+Inputs are fed in chunks so whole test splits fit in memory on any runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
+CHUNK = 4096
+
+
+def _chunked(run: Predict, chunk: int = CHUNK) -> Predict:
+    def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+        parts = [run(images[start : start + chunk]) for start in range(0, len(images), chunk)]
+        if not parts:
+            parts = [run(images[:0])]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    return predict
+
+
+def load_torch(checkpoint_path: Path) -> Predict:
+    import torch
+
+    from training.train import load_checkpoint
+
+    model = load_checkpoint(checkpoint_path).model
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        logits = model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        return {"scores": torch.softmax(logits, dim=-1).numpy(), "logits": logits.numpy()}
+
+    return _chunked(run)
+
+
+def load_onnx(onnx_path: Path) -> Predict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        values = session.run(names, {session.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)})
+        return dict(zip(names, values, strict=True))
+
+    return _chunked(run)
+
+
+def load_saved_model(saved_model_dir: Path, signature: str = "serving_default") -> Predict:
+    import tensorflow as tf
+
+    function = tf.saved_model.load(str(saved_model_dir)).signatures[signature]
+
+    if signature == "classify":
+        def run(images: np.ndarray) -> dict[str, np.ndarray]:
+            outputs = function(inputs=tf.constant(serialize_examples(images), dtype=tf.string))
+            return {"scores": outputs["scores"].numpy(), "classes": outputs["classes"].numpy()}
+    else:
+        def run(images: np.ndarray) -> dict[str, np.ndarray]:
+            outputs = function(images=tf.constant(images, dtype=tf.float32))
+            return {name: value.numpy() for name, value in outputs.items()}
+
+    return _chunked(run)
+
+
+def serialize_examples(images: np.ndarray) -> list[bytes]:
+    """Serialized ``tf.train.Example`` protos with feature ``images`` (784 floats) per row."""
+    from tensorflow.core.example import example_pb2
+
+    serialized = []
+    for row in np.asarray(images, dtype=np.float32):
+        example = example_pb2.Example()
+        example.features.feature["images"].float_list.value.extend(row.tolist())
+        serialized.append(example.SerializeToString())
+    return serialized
+
+
+def load_tflite(tflite_path: Path) -> Predict:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite_path))
+    runner = interpreter.get_signature_runner("serving_default")
+    input_name = next(iter(runner.get_input_details()))
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = runner(**{input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        return {name: np.array(value) for name, value in outputs.items()}
+
+    return _chunked(run)

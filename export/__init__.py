@@ -1,0 +1,1 @@
+"""Export: PyTorch checkpoint → ONNX. Pure library code (no pipelines, no mlflow)."""

@@ -1,0 +1,91 @@
+"""PyTorch → ONNX: input ``images`` float32 [N, 784], outputs ``scores`` and ``logits``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from crossport import __version__
+from crossport.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "logits")
+META_LABELS = "crossport.labels"
+META_CHECKPOINT = "crossport.checkpoint_sha256"
+META_PRODUCER = "crossport.producer"
+
+
+def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Path) -> None:
+    """Export ``model`` (logits) with a softmax head to one self-contained, checked ONNX file."""
+    import onnx
+    import torch
+
+    from training.model import ServingHead
+
+    head = ServingHead(model).eval()
+    example = torch.zeros(2, model.config.input_size)
+    path = Path(path)
+    try:
+        torch.onnx.export(
+            head,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            dynamo=True,
+            external_data=False,  # one file: deployers copy model.onnx alone
+            verbose=False,
+        )
+    except Exception as error:  # the exporter raises many unrelated types
+        raise ExportError(f"torch.onnx.export failed for {path}: {error}.") from error
+
+    proto = onnx.load(str(path))
+    metadata = {
+        META_LABELS: json.dumps(list(labels)),
+        META_CHECKPOINT: checkpoint_sha256,
+        META_PRODUCER: f"crossport {__version__}",
+    }
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = "crossport EMNIST MLP: images float32 [N,784] in [0,1] -> scores (softmax), logits"
+    onnx.save(proto, str(path))
+    check_onnx(path)
+
+
+def check_onnx(path: Path) -> None:
+    """Full ``onnx.checker`` check plus crossport's input/output contract, from the file on disk."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX model {path} does not exist.", hint="Run the export stage first.")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path))
+    except Exception as error:  # onnx raises ValidationError, DecodeError, ...
+        raise ExportError(f"ONNX model {path} does not pass onnx.checker: {str(error).splitlines()[0]}.",
+                          hint="Re-run the export stage.") from error
+    inputs = {value.name: value for value in proto.graph.input}
+    if list(inputs) != [INPUT_NAME]:
+        raise ExportError(f"ONNX model {path} must have one input {INPUT_NAME!r}, found {list(inputs)}.")
+    tensor_type = inputs[INPUT_NAME].type.tensor_type
+    dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[0] is not None or dims[1] != 784:
+        found = f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}{dims}"
+        raise ExportError(f"ONNX model {path} input {INPUT_NAME!r} must be FLOAT[batch, 784] with a dynamic batch, "
+                          f"found {found}.")
+    outputs = [value.name for value in proto.graph.output]
+    if tuple(outputs) != OUTPUT_NAMES:
+        raise ExportError(f"ONNX model {path} must have outputs {list(OUTPUT_NAMES)}, found {outputs}.")
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in proto.metadata_props}

@@ -1,0 +1,1 @@
+"""The pipeline: stages, run manifests, validation, publishing and tracking."""

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.run import main
+
+sys.exit(main())

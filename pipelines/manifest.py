@@ -1,0 +1,114 @@
+"""The run manifest: every artifact a stage made, its sha256 and its parents' sha256.
+
+``<run-dir>/manifest.json`` is the only state passed between stages: a stage reads its
+inputs through :meth:`Manifest.require`, which refuses files whose bytes changed since
+they were recorded, and records what it made with :meth:`Manifest.record`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from crossport import __version__
+from crossport.errors import ManifestError
+from crossport.files import sha256_path, write_json_atomic
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    name: str
+    path: str  # relative to the run directory
+    sha256: str
+    stage: str
+    parents: dict[str, str] = field(default_factory=dict)  # parent name → parent sha256
+
+
+@dataclass
+class Manifest:
+    run_dir: Path
+    config: dict
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    stages: dict[str, dict] = field(default_factory=dict)
+    facts: dict[str, object] = field(default_factory=dict)  # dataset digest, accuracy, version...
+
+    @classmethod
+    def create(cls, run_dir: Path, config: dict) -> Manifest:
+        manifest = cls(Path(run_dir), config)
+        manifest.save()
+        return manifest
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Manifest:
+        path = Path(run_dir) / MANIFEST
+        if not path.is_file():
+            raise ManifestError(f"{run_dir} is not a crossport run directory: no {MANIFEST}.",
+                                hint="Run --stage all first, or pass the --run-dir of an existing run.")
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ManifestError(f"{path} is unreadable: {error}.", hint="Start a new run with --stage all.") from error
+        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+            found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
+            raise ManifestError(
+                f"{path} has manifest format {found}, this crossport ({__version__}) reads format {FORMAT_VERSION}.",
+                hint="Start a new run with --stage all in a new --run-dir.",
+            )
+        artifacts = {name: Artifact(**entry) for name, entry in payload.get("artifacts", {}).items()}
+        return cls(Path(run_dir), payload.get("config", {}), artifacts, payload.get("stages", {}),
+                   payload.get("facts", {}))
+
+    def save(self) -> None:
+        write_json_atomic(self.run_dir / MANIFEST, self.to_dict())
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "crossport_version": __version__,
+            "config": self.config,
+            "facts": self.facts,
+            "stages": self.stages,
+            "artifacts": {name: asdict(artifact) for name, artifact in self.artifacts.items()},
+        }
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / self.artifacts[name].path
+
+    def record(self, name: str, path: Path, stage: str, parents: tuple[str, ...] = ()) -> Artifact:
+        """Record ``path`` (inside the run directory) as artifact ``name`` made by ``stage``."""
+        path = Path(path)
+        artifact = Artifact(
+            name=name,
+            path=path.relative_to(self.run_dir).as_posix(),
+            sha256=sha256_path(path),
+            stage=stage,
+            parents={parent: self.artifacts[parent].sha256 for parent in parents},
+        )
+        self.artifacts[name] = artifact
+        self.save()
+        return artifact
+
+    def require(self, name: str, *, for_stage: str) -> Path:
+        """The path of a recorded artifact whose bytes still match the recorded sha256."""
+        artifact = self.artifacts.get(name)
+        if artifact is None:
+            raise ManifestError(
+                f"stage {for_stage!r} needs artifact {name!r}, which {self.run_dir / MANIFEST} does not record.",
+                hint=f"Run the stage that makes it first (or --stage all) with --run-dir {self.run_dir}.",
+            )
+        path = self.run_dir / artifact.path
+        if not path.exists():
+            raise ManifestError(f"artifact {name!r} ({path}) is recorded but missing on disk.",
+                                hint=f"Re-run stage {artifact.stage!r}.")
+        actual = sha256_path(path)
+        if actual != artifact.sha256:
+            raise ManifestError(
+                f"artifact {name!r} ({path}) changed since stage {artifact.stage!r} recorded it: "
+                f"sha256 {actual[:12]}…, expected {artifact.sha256[:12]}….",
+                hint=f"Re-run stage {artifact.stage!r} and the stages after it.",
+            )
+        return path

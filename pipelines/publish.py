@@ -1,0 +1,100 @@
+"""Publish a version into the TF Serving model repository, atomically and never overwriting.
+
+``<models-dir>/<name>/<N>/`` is built in a hidden temporary directory beside it (TF Serving
+only loads integer-named directories) and renamed into place last, so TF Serving and
+readers see either no version N or a complete one. ``models.config`` is rewritten
+atomically to list every published model.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from crossport.errors import PublishError
+from crossport.files import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+MODELS_CONFIG = "models.config"
+ASSETS_EXTRA = "assets.extra"
+TEMP_PREFIX = ".partial-"
+
+
+def versions(base: Path) -> list[int]:
+    """Published version numbers under ``base`` (integer-named directories only)."""
+    if not base.is_dir():
+        return []
+    return sorted(int(child.name) for child in base.iterdir() if child.is_dir() and child.name.isdigit())
+
+
+def publish_version(
+    models_dir: Path,
+    name: str,
+    build: Callable[[Path], None],
+    finalize: Callable[[Path, int], None],
+    *,
+    attempts: int = 20,
+) -> tuple[int, Path]:
+    """Build a version with ``build(tmp)``, stamp it with ``finalize(tmp, N)``, rename to ``N``."""
+    base = Path(models_dir) / name
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        staging = base / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as error:
+        raise PublishError(f"cannot write to models directory {models_dir}: {error.strerror}.",
+                           hint="Check its permissions and free space, or pass another --models-dir.") from error
+    try:
+        build(staging)
+        for _ in range(attempts):
+            version = (versions(base) or [0])[-1] + 1
+            finalize(staging, version)
+            target = base / str(version)
+            try:
+                os.rename(staging, target)  # atomic; fails if another run took N meanwhile
+            except OSError as error:
+                if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise
+            _fsync_dir(base)
+            write_models_config(Path(models_dir))
+            return version, target
+        raise PublishError(f"could not claim a free version number under {base} in {attempts} attempts.",
+                           hint="Another process keeps publishing there; try again.")
+    except OSError as error:
+        raise PublishError(f"publishing under {base} failed: {error}.",
+                           hint="Nothing was published; check free space and permissions, then re-run "
+                                "--stage publish.") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_models_config(models_dir: Path) -> Path:
+    """Rewrite ``models.config`` (TF Serving ``ModelServerConfig`` text) listing every published model."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    for child in sorted(models_dir.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and versions(child):
+            entry = config.model_config_list.config.add()
+            entry.name = child.name
+            entry.base_path = str(child.resolve())
+            entry.model_platform = "tensorflow"
+    path = models_dir / MODELS_CONFIG
+    write_bytes_atomic(path, text_format.MessageToString(config).encode())
+    return path

@@ -1,0 +1,116 @@
+"""``python -m pipelines.run``: the crossport command line.
+
+Thin on purpose: it parses flags into a :class:`PipelineConfig`, opens the run directory,
+runs the selected stages and prints a summary. Every ``CrossportError`` becomes one line
+on stderr and a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from crossport.errors import ConfigError, CrossportError
+
+log = logging.getLogger("crossport")
+
+STAGE_CHOICES = ("all", "data", "train", "export", "translate", "package", "tflite", "validate", "publish")
+DATASET_CHOICES = ("auto", "emnist-byclass", "emnist-bymerge", "emnist-balanced", "emnist-letters",
+                   "emnist-digits", "emnist-mnist", "digits")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run",
+        description="Train an EMNIST MLP in PyTorch and publish parity-checked TensorFlow servables "
+                    "(ONNX, SavedModel with predict/classify signatures, TFLite).",
+    )
+    parser.add_argument("--stage", default="all", choices=STAGE_CHOICES,
+                        help="stage to run; a single stage runs against an existing --run-dir (default: all)")
+    parser.add_argument("--run-dir", type=Path,
+                        help="run directory (default: a new runs/<timestamp>-<id> for 'all', the latest run otherwise)")
+    parser.add_argument("--dataset", choices=DATASET_CHOICES, help="dataset (default: auto)")
+    parser.add_argument("--data-dir", help="where EMNIST's gzip.zip is or goes (default: $CROSSPORT_DATA_DIR "
+                                           "or ~/.cache/crossport/data)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: 10)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: 128)")
+    parser.add_argument("--learning-rate", type=float, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument("--seed", type=int, help="random seed for data split and training (default: 0)")
+    parser.add_argument("--models-dir", help="published model repository (default: models)")
+    parser.add_argument("--name", help="model name under the models directory (default: emnist_mlp)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                               "sqlite:///<repo>/mlflow/mlflow.db)")
+    parser.add_argument("--no-tracking", action="store_true", help="run without MLflow")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    try:
+        return _run(args)
+    except CrossportError as error:
+        if args.debug:
+            log.exception("failed")
+        sys.stderr.write(f"crossport: error: {error}\n")
+        return error.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("crossport: interrupted\n")
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.config import PipelineConfig
+    from pipelines.manifest import Manifest
+    from pipelines.runner import latest_run_dir, new_run_dir, open_run, run_stages, select
+    from pipelines.summary import summary
+    from pipelines.tracking import make_tracker
+
+    if args.no_tracking and args.tracking_uri:
+        raise ConfigError("--no-tracking and --tracking-uri contradict each other.", hint="Pass only one of them.")
+    overrides = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "seed": args.seed, "models_dir": args.models_dir, "name": args.name,
+        "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
+    }
+    if args.stage == "all":
+        run_dir = args.run_dir or new_run_dir()
+        base = PipelineConfig()
+        if (run_dir / "manifest.json").is_file():
+            base = PipelineConfig.from_dict(Manifest.load(run_dir).config)
+        config = base.override(**overrides)
+    else:
+        run_dir = args.run_dir or latest_run_dir()
+        if run_dir is None:
+            raise ConfigError(f"--stage {args.stage} needs an existing run directory and none was found in runs/.",
+                              hint="Pass --run-dir, or run --stage all first.")
+        config = PipelineConfig.from_dict(Manifest.load(run_dir).config).override(**overrides)
+
+    tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
+    manifest = open_run(run_dir, config, fresh=args.stage == "all")
+    log.info("run directory %s", run_dir)
+    walls = run_stages(manifest, config, select(args.stage), tracker)
+    sys.stdout.write(summary(manifest, walls, tracker.uri) + "\n")
+    return 0
+
+
+OUR_PACKAGES = ("crossport", "training", "export", "translation", "pipelines")
+
+
+def _configure_logging(debug: bool) -> None:
+    """Our INFO lines; the libraries' warnings only (their INFO chatter drowns the run)."""
+    import os
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    for name in OUR_PACKAGES:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: datasets and the PyTorch MLP. Pure library code (no pipelines, no mlflow)."""

@@ -1,0 +1,224 @@
+"""Datasets as plain arrays: uint8 images [N, 784] in EMNIST orientation, int64 labels.
+
+EMNIST orientation is the NIST files' own: each 28×28 image is stored transposed
+relative to how a person reads it (torchvision does not transpose it back). Every
+dataset here, the bundled ``digits`` included, is delivered in that orientation so one
+input contract serves every model crossport publishes.
+
+EMNIST is read with torchvision from NIST's ``gzip.zip``. The archive is looked for in
+the data directory (``--data-dir`` / ``CROSSPORT_DATA_DIR``), where the ``emnist``
+package caches it (``~/.cache/emnist/emnist.zip``), and is otherwise downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crossport.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EMNIST_URL = "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip"
+EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
+DATASETS = (*tuple(f"emnist-{split}" for split in EMNIST_SPLITS), "digits", "auto")
+DEFAULT_DATA_DIR = Path("~/.cache/crossport/data")
+EMNIST_PACKAGE_CACHE = Path("~/.cache/emnist/emnist.zip")
+HOW_TO_GET_EMNIST = (
+    f"To use EMNIST, put NIST's gzip.zip ({EMNIST_URL}) in the data directory "
+    "(--data-dir or CROSSPORT_DATA_DIR) or at ~/.cache/emnist/emnist.zip, or allow the download."
+)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    labels: tuple[str, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the arrays and the label map: the dataset's identity."""
+        digest = hashlib.sha256()
+        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+            digest.update(str((array.dtype.str, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update("\n".join(self.labels).encode())
+        return digest.hexdigest()
+
+
+def data_dir_from(explicit: str | os.PathLike | None) -> Path:
+    chosen = explicit or os.environ.get("CROSSPORT_DATA_DIR") or DEFAULT_DATA_DIR
+    return Path(chosen).expanduser()
+
+
+def load_dataset(name: str, data_dir: Path, *, seed: int = 0, allow_download: bool = True) -> Dataset:
+    """Load ``name`` (one of :data:`DATASETS`); ``auto`` falls back to ``digits`` with a warning."""
+    if name not in DATASETS:
+        raise ConfigError(
+            f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}.",
+            hint="Pass --dataset with one of those names.",
+        )
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "auto":
+        try:
+            return load_emnist("byclass", data_dir, allow_download=allow_download)
+        except DataError as error:
+            log.warning("EMNIST byclass unavailable (%s); using the bundled 'digits' dataset. %s",
+                        error.message, HOW_TO_GET_EMNIST)
+            return load_digits(seed=seed)
+    return load_emnist(name.removeprefix("emnist-"), data_dir, allow_download=allow_download)
+
+
+def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's bundled 8×8 digits, upscaled to 28×28 like MNIST, with a seeded split."""
+    from PIL import Image
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = np.empty((len(bunch.images), 28, 28), dtype=np.uint8)
+    for index, small in enumerate(bunch.images):
+        # 8×8 values 0..16 → 20×20 glyph centred in a 28×28 frame, as MNIST digits are.
+        glyph = Image.fromarray((small * (255.0 / 16.0)).astype(np.uint8)).resize((20, 20), Image.BILINEAR)
+        images[index] = np.pad(np.asarray(glyph), 4)
+    images = images.transpose(0, 2, 1)  # upright → EMNIST orientation
+    labels = bunch.target.astype(np.int64)
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = round(len(labels) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    flat = images.reshape(len(images), 784)
+    return Dataset(
+        name="digits",
+        source="sklearn.datasets.load_digits (8x8, upscaled to 28x28)",
+        labels=tuple(str(d) for d in range(10)),
+        x_train=flat[train],
+        y_train=labels[train],
+        x_test=flat[test],
+        y_test=labels[test],
+    )
+
+
+def load_emnist(split: str, data_dir: Path, *, allow_download: bool = True) -> Dataset:
+    """Read an EMNIST split with torchvision, preparing its raw files from NIST's archive."""
+    from torchvision.datasets import EMNIST
+
+    if split not in EMNIST_SPLITS:
+        raise ConfigError(f"unknown EMNIST split {split!r}: expected one of {', '.join(EMNIST_SPLITS)}.")
+    raw = data_dir / "EMNIST" / "raw"
+    _ensure_raw_files(split, data_dir, raw, allow_download)
+    try:
+        train = EMNIST(str(data_dir), split=split, train=True, download=False)
+        test = EMNIST(str(data_dir), split=split, train=False, download=False)
+    except (RuntimeError, TypeError, ValueError, OSError) as error:
+        raise DataError(
+            f"EMNIST {split} files in {raw} could not be read: {error}.",
+            hint="Delete that directory and run again to re-extract them from the archive.",
+        ) from error
+
+    classes = list(train.classes)
+    y_train, y_test = train.targets.numpy().astype(np.int64), test.targets.numpy().astype(np.int64)
+    if split == "letters":
+        # NIST labels letters 1..26 and torchvision lists an unused 'N/A' class 0.
+        classes, y_train, y_test = classes[1:], y_train - 1, y_test - 1
+    return Dataset(
+        name=f"emnist-{split}",
+        source=f"NIST EMNIST gzip.zip ({EMNIST_URL}) via torchvision, split {split}",
+        labels=tuple(classes),
+        x_train=train.data.numpy().reshape(-1, 784),
+        y_train=y_train,
+        x_test=test.data.numpy().reshape(-1, 784),
+        y_test=y_test,
+    )
+
+
+def _raw_names(split: str) -> list[str]:
+    return [f"emnist-{split}-{part}-{kind}" for part in ("train", "test")
+            for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+
+
+def _ensure_raw_files(split: str, data_dir: Path, raw: Path, allow_download: bool) -> None:
+    names = _raw_names(split)
+    if all((raw / name).is_file() for name in names):
+        return
+    archive = find_archive(data_dir)
+    if archive is None:
+        if not allow_download:
+            raise DataError(f"no EMNIST archive found in {data_dir} or {EMNIST_PACKAGE_CACHE}.", hint=HOW_TO_GET_EMNIST)
+        archive = download_archive(raw / "gzip.zip")
+    extract_split(archive, split, raw)
+
+
+def find_archive(data_dir: Path) -> Path | None:
+    """The first NIST ``gzip.zip`` found where users and tools usually keep it."""
+    candidates = [
+        data_dir if data_dir.suffix == ".zip" else None,
+        data_dir / "EMNIST" / "raw" / "gzip.zip",
+        data_dir / "gzip.zip",
+        data_dir / "emnist.zip",
+        EMNIST_PACKAGE_CACHE.expanduser(),
+    ]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
+            log.info("using EMNIST archive %s", candidate)
+            return candidate
+    return None
+
+
+def download_archive(target: Path) -> Path:
+    """Download NIST's archive with a progress bar (``CROSSPORT_EMNIST_URL`` overrides the URL)."""
+    from tqdm import tqdm
+
+    url = os.environ.get("CROSSPORT_EMNIST_URL", EMNIST_URL)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".zip.part")
+    log.info("downloading EMNIST from %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=15) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="EMNIST gzip.zip") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"EMNIST download from {url} failed: {error}.", hint=HOW_TO_GET_EMNIST) from error
+    os.replace(partial, target)
+    return target
+
+
+def extract_split(archive: Path, split: str, raw: Path) -> None:
+    """Unpack one split's four IDX files from NIST's zip (``gzip/<name>.gz``) into ``raw``."""
+    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = {Path(member).name: member for member in bundle.namelist()}
+            for name in _raw_names(split):
+                member = members.get(f"{name}.gz")
+                if member is None:
+                    raise DataError(
+                        f"{archive} is not NIST's EMNIST archive: expected a member gzip/{name}.gz, "
+                        f"found {len(members)} other members.",
+                        hint=HOW_TO_GET_EMNIST,
+                    )
+                partial = raw / f"{name}.part"
+                with bundle.open(member) as packed, gzip.open(packed) as unpacked, open(partial, "wb") as out:
+                    shutil.copyfileobj(unpacked, out)
+                os.replace(partial, raw / name)
+    except (zipfile.BadZipFile, gzip.BadGzipFile, EOFError, OSError) as error:
+        raise DataError(f"EMNIST archive {archive} is corrupt or unreadable: {error}.",
+                        hint=HOW_TO_GET_EMNIST) from error

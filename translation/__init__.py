@@ -1,0 +1,1 @@
+"""Translation: ONNX → TensorFlow → SavedModel and TFLite. Pure library code (no pipelines, no mlflow)."""

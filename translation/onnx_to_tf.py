@@ -1,0 +1,51 @@
+"""ONNX → TensorFlow graph with onnx-tf, written as a SavedModel directory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from crossport.errors import TranslationError
+from translation.compat import import_onnx_tf
+
+log = logging.getLogger(__name__)
+
+
+def translate(onnx_path: Path, out_dir: Path) -> None:
+    """Translate ``onnx_path`` into a TensorFlow SavedModel at ``out_dir`` (replaced if present)."""
+    import onnx
+
+    import_onnx_tf()
+    from onnx_tf.backend import prepare
+
+    model = onnx.load(str(onnx_path))
+    unsupported = unsupported_ops(model)
+    if unsupported:
+        raise TranslationError(
+            f"{onnx_path} uses ONNX op(s) onnx-tf cannot translate: {', '.join(sorted(unsupported))}.",
+            hint="Change the PyTorch model to avoid them, or export with a different opset.",
+        )
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    try:
+        prepare(model).export_graph(str(out_dir))
+    except Exception as error:  # onnx-tf raises bare Exceptions, TF raises many types
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise TranslationError(f"onnx-tf could not translate {onnx_path}: {error}.") from error
+
+
+def unsupported_ops(model) -> set[str]:
+    """Ops in ``model``'s main graph that onnx-tf has no handler for at the model's opset."""
+    import_onnx_tf()
+    from onnx_tf.common.handler_helper import get_all_backend_handlers
+
+    opset = {entry.domain or "": entry.version for entry in model.opset_import}
+    handlers = get_all_backend_handlers(opset)
+    missing = set()
+    for node in model.graph.node:
+        domain_handlers = handlers.get(node.domain or "", {})
+        if node.op_type not in domain_handlers:
+            missing.add(node.op_type if not node.domain else f"{node.domain}::{node.op_type}")
+    return missing
