@@ -36,6 +36,10 @@ class HopSpec:
     min_agreement: float
     agreement_reason: str
     agreement_on: str = "scores"
+    # Examples whose two highest reference values are closer than this are near-ties: a
+    # candidate within tolerance may legitimately order them either way, so they are left
+    # out of top-1 agreement and counted. None: every example counts.
+    tie_margin: float | None = None
 
 
 @dataclass
@@ -108,7 +112,6 @@ def compare(
         return result
     result.examples = int(np.asarray(reference[spec.agreement_on]).shape[0])
 
-    tolerances = dict(spec.outputs)
     for name, tol in spec.outputs:
         ref = np.asarray(reference[name], dtype=np.float64)
         cand = np.asarray(candidate[name], dtype=np.float64)
@@ -123,8 +126,7 @@ def compare(
                 f"worst at example {stats.worst_example}"
             )
 
-    tol = tolerances.get(spec.agreement_on)
-    _agreement(result, spec, reference[spec.agreement_on], candidate[spec.agreement_on], tol)
+    _agreement(result, spec, reference[spec.agreement_on], candidate[spec.agreement_on])
     if labels is not None:
         labels = np.asarray(labels)
         result.reference_accuracy = float(np.mean(np.argmax(reference[spec.agreement_on], 1) == labels))
@@ -153,22 +155,20 @@ def _value_stats(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -
     )
 
 
-def _agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np.ndarray, tol: Tolerance | None) -> None:
+def _agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np.ndarray) -> None:
     ref = np.asarray(ref, dtype=np.float64)
     cand = np.asarray(cand, dtype=np.float64)
     if ref.shape[0] == 0:
         result.failures.append(f"{spec.name}: no examples to compare")
         return
     keep = np.ones(ref.shape[0], dtype=bool)
-    if tol is not None and ref.shape[1] > 1:
+    if spec.tie_margin is not None and ref.shape[1] > 1:
         top2 = np.sort(ref, axis=1)[:, -2:]
-        gap = top2[:, 1] - top2[:, 0]
-        # Two values that may each move by up to the tolerance can only swap order when
-        # they are closer than twice that; such near-ties say nothing about the artifact.
-        keep = gap >= 2 * (tol.atol + tol.rtol * np.abs(top2[:, 1]))
+        keep = (top2[:, 1] - top2[:, 0]) >= spec.tie_margin
     result.near_ties_excluded = int(np.sum(~keep))
     if not np.any(keep):
-        result.top1_agreement = 1.0
+        result.failures.append(f"{spec.name}: every example is a near-tie (top-2 gap < {spec.tie_margin:g}); "
+                               "agreement cannot be measured")
         return
     agree = np.argmax(ref[keep], axis=1) == np.argmax(cand[keep], axis=1)
     result.top1_agreement = float(np.mean(agree))

@@ -72,9 +72,11 @@ FP32_LOGITS = Tolerance(
 )
 FP32_AGREEMENT = 1.0
 FP32_AGREEMENT_REASON = (
-    "fp32 hops must not change any prediction; near-ties (top-2 gap under twice the score "
-    "tolerance) are left out and counted"
+    "fp32 hops must not change any prediction; near-ties (top-2 score gap under twice the "
+    "score tolerance) are left out and counted"
 )
+# Two scores that may each move by up to atol can only swap order when closer than 2·atol.
+FP32_TIE_MARGIN = 2 * FP32_SCORES.atol
 
 REFERENCE = "pytorch"
 ONNX = "onnxruntime"
@@ -98,6 +100,7 @@ def _fp32_hop(reference: str, candidate: str) -> HopSpec:
         outputs=tuple(outputs),
         min_agreement=FP32_AGREEMENT,
         agreement_reason=FP32_AGREEMENT_REASON,
+        tie_margin=FP32_TIE_MARGIN,
     )
 
 

@@ -78,7 +78,7 @@ def train(
                 loss = loss_fn(model(inputs[batch]), targets[batch])
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss) * len(batch)
+                total_loss += loss.item() * len(batch)
                 bar.update(1)
         epoch_loss = total_loss / len(inputs)
         accuracy = evaluate(model, x_test, y_test)

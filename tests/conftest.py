@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny seeded model carried through every converter, and one real pipeline run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TINY_LABELS = ("a", "b", "c", "d", "e")
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    root: Path
+    checkpoint: Path
+    onnx: Path
+    tf_graph: Path
+    saved_model: Path
+    tflite: Path
+    labels: tuple[str, ...]
+    images: np.ndarray  # float32 [N, 784] in [0, 1]
+
+
+@pytest.fixture(scope="session")
+def tiny_images() -> np.ndarray:
+    return np.random.default_rng(7).random((37, 784), dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import torch
+
+    from training.model import MLP, ModelConfig
+
+    torch.manual_seed(0)
+    return MLP(ModelConfig(hidden_sizes=(32, 16), num_classes=len(TINY_LABELS), dropout=0.0)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tiny_model, tiny_images) -> TinyArtifacts:
+    """A tiny seeded MLP taken through every converter with the library functions."""
+    from crossport.files import sha256_file
+    from export.onnx_export import export_onnx
+    from training.train import TrainConfig, save_checkpoint
+    from translation.onnx_to_tf import translate
+    from translation.servable import build_saved_model
+    from translation.tflite import convert_tflite
+
+    root = tmp_path_factory.mktemp("tiny")
+    checkpoint = root / "model.pt"
+    save_checkpoint(checkpoint, tiny_model, TINY_LABELS, "0" * 64, {"test_accuracy": 0.0}, TrainConfig())
+    onnx_path = root / "model.onnx"
+    export_onnx(tiny_model, TINY_LABELS, sha256_file(checkpoint), onnx_path)
+    translate(onnx_path, root / "tf_graph")
+    build_saved_model(root / "tf_graph", TINY_LABELS, root / "saved_model")
+    convert_tflite(root / "saved_model", root / "model_fp32.tflite")
+    return TinyArtifacts(root, checkpoint, onnx_path, root / "tf_graph", root / "saved_model",
+                         root / "model_fp32.tflite", TINY_LABELS, tiny_images)
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m pipelines.run`` in a fresh process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipelines.run", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    result: subprocess.CompletedProcess
+    run_dir: Path
+    models_dir: Path
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> PipelineRun:
+    """One real ``--stage all`` on the bundled digits, tracked in a SQLite MLflow store."""
+    root = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    result = run_cli("--stage", "all", "--dataset", "digits", "--epochs", "3", "--run-dir", str(root / "run"),
+                     "--models-dir", str(root / "models"), "--tracking-uri", uri)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return PipelineRun(result, root / "run", root / "models", uri)

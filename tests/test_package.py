@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from crossport.errors import PackageError
+from crossport.parity import compare
+from crossport.runtimes import load_onnx, load_saved_model, serialize_examples
+from pipelines.config import ONNX, SM_CLASSIFY, SM_PREDICT, hop_spec
+from translation.servable import check_signatures, read_signature_defs, set_method_name
+
+
+def test_signature_defs_on_disk_follow_the_serving_contract(tiny):
+    from tensorflow.core.framework import types_pb2
+
+    defs = read_signature_defs(tiny.saved_model)
+    predict, classify = defs["serving_default"], defs["classify"]
+    assert predict.method_name == "tensorflow/serving/predict"
+    assert classify.method_name == "tensorflow/serving/classify"
+    assert list(predict.inputs) == ["images"] and list(predict.outputs) == ["scores"]
+    assert predict.inputs["images"].dtype == types_pb2.DT_FLOAT
+    assert [d.size for d in predict.inputs["images"].tensor_shape.dim] == [-1, 784]
+    assert [d.size for d in predict.outputs["scores"].tensor_shape.dim] == [-1, len(tiny.labels)]
+    assert list(classify.inputs) == ["inputs"]
+    assert classify.inputs["inputs"].dtype == types_pb2.DT_STRING
+    assert [d.size for d in classify.inputs["inputs"].tensor_shape.dim] == [-1]
+    assert sorted(classify.outputs) == ["classes", "scores"]
+    assert classify.outputs["classes"].dtype == types_pb2.DT_STRING
+    assert [d.size for d in classify.outputs["classes"].tensor_shape.dim] == [-1, len(tiny.labels)]
+    assert classify.outputs["scores"].dtype == types_pb2.DT_FLOAT
+    check_signatures(tiny.saved_model, len(tiny.labels))
+
+
+def test_fingerprint_matches_the_edited_graph(tiny):
+    import tensorflow as tf
+    from tensorflow.python.saved_model import fingerprinting_utils
+
+    stored = tf.saved_model.experimental.read_fingerprint(str(tiny.saved_model))
+    recomputed = fingerprinting_utils.singleprint_from_saved_model_proto(str(tiny.saved_model))
+    assert stored.singleprint() == recomputed
+
+
+def test_both_signatures_run_after_reload_and_match_onnx(tiny):
+    reference = load_onnx(tiny.onnx)(tiny.images)
+    predict = load_saved_model(tiny.saved_model, "serving_default")(tiny.images)
+    classify = load_saved_model(tiny.saved_model, "classify")(tiny.images)
+    assert compare(hop_spec(ONNX, SM_PREDICT), reference, predict).passed
+    assert compare(hop_spec(ONNX, SM_CLASSIFY), reference, classify).passed
+    assert classify["classes"].shape == (len(tiny.images), len(tiny.labels))
+    assert [label.decode() for label in classify["classes"][3]] == list(tiny.labels)
+
+
+def test_classify_reads_the_images_feature_of_tf_examples(tiny):
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(tiny.saved_model))
+    examples = serialize_examples(tiny.images[:2])
+    out = model.signatures["classify"](inputs=tf.constant(examples))
+    direct = model.signatures["serving_default"](images=tf.constant(tiny.images[:2]))
+    np.testing.assert_array_equal(out["scores"].numpy(), direct["scores"].numpy())
+
+
+def test_contract_check_catches_a_wrong_method_name(tmp_path, tiny):
+    import shutil
+
+    copy = tmp_path / "sm"
+    shutil.copytree(tiny.saved_model, copy)
+    set_method_name(copy, "classify", "tensorflow/serving/predict")
+    with pytest.raises(PackageError, match=r"breaks the serving contract: classify: method 'tensorflow/serving/predict', "
+                                           r"expected 'tensorflow/serving/classify'"):
+        check_signatures(copy, len(tiny.labels))
+    with pytest.raises(PackageError, match=r"outputs? 'scores' is DT_FLOAT\[None, 5\], expected DT_FLOAT\[None, 7\]"):
+        check_signatures(tiny.saved_model, 7)
+
+
+def test_missing_saved_model_is_explained(tmp_path):
+    with pytest.raises(PackageError, match="is not a SavedModel: no saved_model.pb. Re-run the package stage."):
+        read_signature_defs(tmp_path)

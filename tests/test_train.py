@@ -1,0 +1,111 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from crossport.errors import CheckpointError
+from training.model import MLP, ModelConfig
+from training.train import TrainConfig, load_checkpoint, save_checkpoint, train
+
+CONFIG = ModelConfig(hidden_sizes=(16,), num_classes=3, dropout=0.1)
+
+
+def tiny_data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (60, 784), dtype=np.uint8)
+    y = (x[:, :10].sum(axis=1) % 3).astype(np.int64)
+    return x[:45], y[:45], x[45:], y[45:]
+
+
+def test_training_is_deterministic_for_a_seed():
+    runs = [train(*tiny_data(), CONFIG, TrainConfig(epochs=2, batch_size=8, seed=3), progress=False)
+            for _ in range(2)]
+    other = train(*tiny_data(), CONFIG, TrainConfig(epochs=2, batch_size=8, seed=4), progress=False)
+    first, second = (model.state_dict() for model, _ in runs)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert not all(torch.equal(first[key], other[0].state_dict()[key]) for key in first)
+    assert runs[0][1]["history"] == runs[1][1]["history"]
+    assert len(runs[0][1]["history"]) == 2
+
+
+def test_training_reduces_loss():
+    _, metrics = train(*tiny_data(), CONFIG, TrainConfig(epochs=8, batch_size=8, learning_rate=3e-3), progress=False)
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_network_outputs_logits_not_probabilities():
+    torch.manual_seed(0)
+    logits = MLP(CONFIG).eval()(torch.rand(4, 784))
+    assert logits.shape == (4, 3)
+    assert not torch.allclose(logits.sum(dim=1), torch.ones(4))  # softmax lives in the serving graph
+    assert (logits < 0).any()
+
+
+def save(tmp_path, model=None, labels=("x", "y", "z")):
+    torch.manual_seed(0)
+    model = model or MLP(CONFIG).eval()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, labels, "d" * 64, {"test_accuracy": 0.5}, TrainConfig())
+    return path, model
+
+
+def test_checkpoint_describes_itself_and_round_trips(tmp_path):
+    path, model = save(tmp_path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.model_config == CONFIG
+    assert checkpoint.labels == ("x", "y", "z")
+    assert checkpoint.dataset_digest == "d" * 64
+    assert checkpoint.metrics["test_accuracy"] == 0.5
+    images = torch.rand(5, 784)
+    assert torch.equal(checkpoint.model(images), model(images))
+    assert not checkpoint.model.training
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): proof the pickle ran if the file appears."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickle_payload_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pickle-executed"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": "crossport-checkpoint", "evil": Payload(str(marker))}, handle, protocol=2)
+    with pytest.raises(CheckpointError, match=r"could not be loaded safely.*Only crossport checkpoints"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(CONFIG).eval()
+    with torch.no_grad():
+        model.layers[0].weight[0, 0] = float("nan")
+    path, _ = save(tmp_path, model)
+    with pytest.raises(CheckpointError, match=r"non-finite values in 'layers.0.weight'"):
+        load_checkpoint(path)
+
+
+def test_missing_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist. Run the train stage first."):
+        load_checkpoint(tmp_path / "absent.pt")
+    path, _ = save(tmp_path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="could not be loaded safely"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="is not a crossport checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_labels_must_match_class_count(tmp_path):
+    path, _ = save(tmp_path, labels=("x", "y"))
+    with pytest.raises(CheckpointError, match="has 2 labels for 3 classes"):
+        load_checkpoint(path)
