@@ -64,8 +64,8 @@ def test_contract_check_catches_a_wrong_method_name(tmp_path, tiny):
     copy = tmp_path / "sm"
     shutil.copytree(tiny.saved_model, copy)
     set_method_name(copy, "classify", "tensorflow/serving/predict")
-    with pytest.raises(PackageError, match=r"breaks the serving contract: classify: method 'tensorflow/serving/predict', "
-                                           r"expected 'tensorflow/serving/classify'"):
+    expected = r"breaks the serving contract: classify: method 'tensorflow/serving/predict', expected '.*/classify'"
+    with pytest.raises(PackageError, match=expected):
         check_signatures(copy, len(tiny.labels))
     with pytest.raises(PackageError, match=r"outputs? 'scores' is DT_FLOAT\[None, 5\], expected DT_FLOAT\[None, 7\]"):
         check_signatures(tiny.saved_model, 7)

@@ -12,7 +12,8 @@ from translation.onnx_to_tf import translate, unsupported_ops
 
 
 def test_translated_graph_matches_onnx_runtime(tiny):
-    result = compare(hop_spec(ONNX, SM_PREDICT), load_onnx(tiny.onnx)(tiny.images), load_saved_model(tiny.tf_graph)(tiny.images))
+    reference, candidate = load_onnx(tiny.onnx)(tiny.images), load_saved_model(tiny.tf_graph)(tiny.images)
+    result = compare(hop_spec(ONNX, SM_PREDICT), reference, candidate)
     assert result.passed, result.failures
 
 
