@@ -20,13 +20,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a directory tree (relative names and contents, sorted)."""
+def sha256_path(path: Path, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 of a file, or of a directory tree (relative names and contents, sorted).
+
+    ``exclude`` names top-level entries of a directory to leave out (``assets.extra`` when
+    hashing the SavedModel part of a published version).
+    """
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = (p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in exclude)
+    for child in sorted(files):
         digest.update(child.relative_to(path).as_posix().encode() + b"\0")
         digest.update(sha256_file(child).encode() + b"\n")
     return digest.hexdigest()

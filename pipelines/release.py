@@ -67,7 +67,7 @@ def version_manifest(ctx, staging: Path, version: int) -> dict:
     run = ctx.manifest.artifacts
     entries = [{
         "name": "saved_model", "path": ".", "stage": "package",
-        "sha256": sha256_path(ctx.manifest.path("saved_model")),
+        "sha256": sha256_path(staging, exclude=(ASSETS_EXTRA,)),
         "parents": run["saved_model"].parents,
     }]
     for name, filename in EXTRA_FILES.items():

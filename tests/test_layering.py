@@ -1,0 +1,50 @@
+"""Converters are library code: they import neither the pipeline nor MLflow."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("crossport", "training", "export", "translation")
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_packages_import_neither_pipelines_nor_mlflow():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_modules(path) & {"pipelines", "mlflow"})
+        for package in LIBRARY for path in (ROOT / package).rglob("*.py")
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_mlflow_is_imported_by_the_tracking_module_only():
+    users = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "pipelines").rglob("*.py")
+                   if "mlflow" in imported_modules(path))
+    assert users == ["pipelines/tracking.py"]
+
+
+def test_mlflow_folder_never_shadows_the_mlflow_package():
+    assert (ROOT / "mlflow" / "README.md").is_file()
+    assert not (ROOT / "mlflow" / "__init__.py").exists()
+
+
+def test_heavy_frameworks_are_not_imported_at_module_level_in_the_cli_path():
+    for module in ("pipelines/run.py", "pipelines/config.py", "pipelines/stages.py", "pipelines/manifest.py",
+                   "pipelines/tracking.py", "crossport/parity.py"):
+        tree = ast.parse((ROOT / module).read_text())
+        top_level = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top_level.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top_level.add(node.module.split(".")[0])
+        assert not top_level & {"tensorflow", "torch", "onnx_tf", "onnxruntime", "mlflow"}, module

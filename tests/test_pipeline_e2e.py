@@ -1,0 +1,159 @@
+"""`--stage all` on the bundled digits, then every published artifact reloaded from disk."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from crossport.files import sha256_path
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_FILES = {
+    "saved_model.pb", "fingerprint.pb", "variables/variables.data-00000-of-00001", "variables/variables.index",
+    "assets.extra/tf_serving_warmup_requests", "assets.extra/model.onnx", "assets.extra/model_fp32.tflite",
+    "assets.extra/labels.txt", "assets.extra/parity.json", "assets.extra/manifest.json",
+    "assets.extra/servable.json",
+}
+
+
+def version_dir(pipeline_run, version=1):
+    return pipeline_run.models_dir / "emnist_mlp" / str(version)
+
+
+def test_run_prints_a_summary(pipeline_run):
+    out = pipeline_run.result.stdout
+    assert "published      version 1 at" in out
+    assert "test accuracy" in out
+    assert "PASS" in out and "pytorch -> tflite_fp32" in out
+
+
+def test_published_layout_is_exactly_the_contract(pipeline_run):
+    version = version_dir(pipeline_run)
+    files = {p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()}
+    assert files == EXPECTED_FILES
+    assert sorted(p.name for p in (pipeline_run.models_dir / "emnist_mlp").iterdir()) == ["1"]
+    assert (pipeline_run.models_dir / "models.config").is_file()
+
+
+def test_published_manifest_hashes_match_the_files(pipeline_run):
+    version = version_dir(pipeline_run)
+    manifest = json.loads((version / "assets.extra" / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["name"] == "emnist_mlp"
+    by_name = {entry["name"]: entry for entry in manifest["artifacts"]}
+    for entry in manifest["artifacts"]:
+        exclude = ("assets.extra",) if entry["name"] == "saved_model" else ()
+        assert sha256_path(version / entry["path"], exclude=exclude) == entry["sha256"], entry["name"]
+    assert by_name["onnx"]["parents"] == {"checkpoint": manifest["lineage"]["checkpoint"]["sha256"]}
+    assert by_name["tflite_fp32"]["parents"] == {"saved_model": by_name["saved_model"]["sha256"]}
+    assert by_name["saved_model"]["sha256"] == manifest["lineage"]["saved_model"]["sha256"]
+    run_manifest = json.loads((pipeline_run.run_dir / "manifest.json").read_text())
+    assert manifest["dataset"]["digest"] == run_manifest["facts"]["dataset"]["digest"]
+
+
+def test_every_published_artifact_reloads_and_agrees(pipeline_run):
+    from crossport.runtimes import load_onnx, load_saved_model, load_tflite
+    from translation.servable import check_signatures
+
+    version = version_dir(pipeline_run)
+    extra = version / "assets.extra"
+    labels = (extra / "labels.txt").read_text().splitlines()
+    assert labels == [str(d) for d in range(10)]
+    with np.load(pipeline_run.run_dir / "data.npz") as data:
+        images = data["x_test"][:50].astype(np.float32) / 255.0
+    check_signatures(version, len(labels))
+    onnx_scores = load_onnx(extra / "model.onnx")(images)["scores"]
+    predict = load_saved_model(version, "serving_default")(images)["scores"]
+    classify = load_saved_model(version, "classify")(images)
+    tflite = load_tflite(extra / "model_fp32.tflite")(images)["scores"]
+    for scores in (predict, classify["scores"], tflite):
+        np.testing.assert_allclose(scores, onnx_scores, atol=1e-5)
+    assert [c.decode() for c in classify["classes"][0]] == labels
+
+
+def test_parity_report_and_servable_card(pipeline_run):
+    extra = version_dir(pipeline_run) / "assets.extra"
+    report = json.loads((extra / "parity.json").read_text())
+    assert report["verdict"] == "pass"
+    assert report["examples"] == 359  # the whole digits test split
+    hops = {hop["hop"] for hop in report["hops"]}
+    assert {"pytorch -> onnxruntime", "onnxruntime -> saved_model:serving_default",
+            "onnxruntime -> saved_model:classify", "saved_model:serving_default -> tflite_fp32",
+            "pytorch -> tflite_fp32"} <= hops
+    for hop in report["hops"]:
+        assert hop["verdict"] == "pass" and hop["top1_agreement"] == 1.0
+        assert all(o["max_abs"] <= o["atol"] + 1e-12 or o["rtol"] > 0 for o in hop["outputs"])
+    card = json.loads((extra / "servable.json").read_text())
+    assert card["version"] == 1 and card["input"]["shape"] == [None, 784]
+    assert card["parity_verdict"] == "pass" and len(card["labels"]) == 10
+
+
+def test_warmup_file_holds_prediction_logs(pipeline_run):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = version_dir(pipeline_run) / "assets.extra" / "tf_serving_warmup_requests"
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    kinds = [log.WhichOneof("log_type") for log in logs]
+    assert 0 < len(logs) <= 1000
+    assert {"predict_log", "classify_log"} <= set(kinds)
+
+
+def test_mlflow_has_a_parent_run_with_a_child_per_stage(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=pipeline_run.tracking_uri)
+    experiment = client.get_experiment_by_name("emnist_mlp")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"data", "train", "export", "translate", "package", "tflite", "validate", "publish"}
+    assert all("wall_s" in child.data.metrics for child in children.values())
+    assert 0.0 < children["train"].data.metrics["test_accuracy"] <= 1.0
+    assert children["data"].data.params["dataset"] == "digits"
+    validate_artifacts = [a.path for a in client.list_artifacts(children["validate"].info.run_id)]
+    assert "parity.json" in validate_artifacts
+
+
+def test_single_stage_reruns_from_the_manifest_and_publishes_a_new_version(pipeline_run, tmp_path):
+    first = version_dir(pipeline_run)
+    before = sha256_path(first)
+    result = run_cli("--stage", "publish", "--run-dir", str(pipeline_run.run_dir), "--no-tracking")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "published      version 2" in result.stdout
+    assert sha256_path(first) == before  # version 1 untouched
+    assert json.loads((version_dir(pipeline_run, 2) / "assets.extra" / "servable.json").read_text())["version"] == 2
+
+
+def test_a_drifting_artifact_fails_validation_and_publishes_nothing(pipeline_run, tiny, tmp_path):
+    """A TFLite file from a different model: validate exits non-zero, publish refuses."""
+    from pipelines.manifest import Manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run.run_dir, run)
+    manifest = Manifest.load(run)
+    shutil.copy(tiny.tflite, run / "model_fp32.tflite")
+    manifest.record("tflite_fp32", run / "model_fp32.tflite", "tflite", parents=("saved_model",))
+    models = tmp_path / "models"
+
+    result = run_cli("--stage", "validate", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "parity failed" in result.stderr and "tflite_fp32" in result.stderr
+    assert json.loads((run / "parity.json").read_text())["verdict"] == "fail"
+
+    result = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models))
+    assert result.returncode == 1
+    assert "refusing to publish: parity verdict is 'fail'" in result.stderr
+    assert not models.exists() or not any(models.rglob("saved_model.pb"))
+
+
+def test_changed_input_is_detected_before_a_stage_runs(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run.run_dir, run)
+    (run / "model.onnx").write_bytes(b"tampered")
+    result = run_cli("--stage", "translate", "--run-dir", str(run), "--no-tracking")
+    assert result.returncode == 1
+    assert "artifact 'onnx'" in result.stderr and "changed since stage 'export' recorded it" in result.stderr
