@@ -290,12 +290,13 @@ def stage_by_name(name: str) -> Stage:
 
 
 def parity_table(report: dict) -> str:
-    rows = [f"{'hop':<52} {'max |Δ|':>10} {'top-1':>9} {'ties':>5}  verdict"]
+    rows = [f"{'hop':<46} {'scores |Δ|':>10} {'logits |Δ|':>10} {'top-1':>9} {'ties':>5}  verdict"]
     for hop in report["hops"]:
-        max_abs = max((o["max_abs"] for o in hop["outputs"]), default=float("nan"))
+        by_output = {o["name"]: f"{o['max_abs']:.2e}" for o in hop["outputs"]}
         agreement = hop["top1_agreement"]
-        rows.append(f"{hop['hop']:<52} {max_abs:>10.2e} {agreement if agreement is not None else float('nan'):>9.4%} "
-                    f"{hop['near_ties_excluded']:>5}  {hop['verdict']}")
+        agreement = f"{agreement:.4%}" if agreement is not None else "-"
+        rows.append(f"{hop['hop']:<46} {by_output.get('scores', '-'):>10} {by_output.get('logits', '-'):>10} "
+                    f"{agreement:>9} {hop['near_ties_excluded']:>5}  {hop['verdict']}")
     return "\n".join(rows)
 
 

@@ -88,7 +88,7 @@ def test_auto_falls_back_to_digits_with_one_warning(no_emnist, caplog):
     assert dataset.name == "digits"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "using the bundled 'digits' dataset" in warnings[0].getMessage()
+    assert "Using the bundled 'digits' dataset instead" in warnings[0].getMessage()
     assert "gzip.zip" in warnings[0].getMessage()  # says how to get EMNIST
 
 

@@ -35,7 +35,8 @@ DEFAULT_DATA_DIR = Path("~/.cache/crossport/data")
 EMNIST_PACKAGE_CACHE = Path("~/.cache/emnist/emnist.zip")
 HOW_TO_GET_EMNIST = (
     f"To use EMNIST, put NIST's gzip.zip ({EMNIST_URL}) in the data directory "
-    "(--data-dir or CROSSPORT_DATA_DIR) or at ~/.cache/emnist/emnist.zip, or allow the download."
+    "(--data-dir or CROSSPORT_DATA_DIR) or at ~/.cache/emnist/emnist.zip, or run where NIST's site "
+    "can be reached so it is downloaded."
 )
 
 
@@ -78,7 +79,7 @@ def load_dataset(name: str, data_dir: Path, *, seed: int = 0, allow_download: bo
         try:
             return load_emnist("byclass", data_dir, allow_download=allow_download)
         except DataError as error:
-            log.warning("EMNIST byclass unavailable (%s); using the bundled 'digits' dataset. %s",
+            log.warning("EMNIST byclass unavailable: %s Using the bundled 'digits' dataset instead. %s",
                         error.message, HOW_TO_GET_EMNIST)
             return load_digits(seed=seed)
     return load_emnist(name.removeprefix("emnist-"), data_dir, allow_download=allow_download)
