@@ -49,9 +49,12 @@ class ParityError(CrossportError):
 
     exit_code = 3
 
-    def __init__(self, failures: list[str], *, hint: str | None = None) -> None:
+    def __init__(self, failures: list[str], *, detail: str | None = None, hint: str | None = None) -> None:
         self.failures = list(failures)
+        self.detail = detail
         summary = f"parity failed in {len(failures)} check(s): " + "; ".join(failures)
+        if detail:
+            summary += f". {detail}"
         super().__init__(summary, hint=hint or "Nothing was published; see parity.json in the run directory.")
 
 

@@ -18,9 +18,13 @@ from crossport.errors import ParityError
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``|candidate - reference| <= atol + rtol * |reference|`` element-wise (numpy ``allclose``)."""
+    """``|candidate - reference| <= atol + rtol * |reference|`` element-wise (numpy ``allclose``).
 
-    atol: float
+    ``atol=None`` records the error without bounding it (quantized variants are judged by
+    agreement and accuracy instead).
+    """
+
+    atol: float | None
     rtol: float
     reason: str
 
@@ -40,12 +44,14 @@ class HopSpec:
     # candidate within tolerance may legitimately order them either way, so they are left
     # out of top-1 agreement and counted. None: every example counts.
     tie_margin: float | None = None
+    # The candidate's accuracy may be at most this far (a fraction) below the reference's.
+    max_accuracy_drop: float | None = None
 
 
 @dataclass
 class OutputStats:
     name: str
-    atol: float
+    atol: float | None
     rtol: float
     max_abs: float
     max_rel: float
@@ -65,6 +71,7 @@ class HopResult:
     near_ties_excluded: int = 0
     reference_accuracy: float | None = None
     candidate_accuracy: float | None = None
+    max_accuracy_drop: float | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -87,7 +94,8 @@ def compare(
     wanted = [name for name, _ in spec.outputs]
     if spec.agreement_on not in wanted:
         wanted.append(spec.agreement_on)
-    result = HopResult(spec.name, spec.reference, spec.candidate, examples=0, min_agreement=spec.min_agreement)
+    result = HopResult(spec.name, spec.reference, spec.candidate, examples=0, min_agreement=spec.min_agreement,
+                       max_accuracy_drop=spec.max_accuracy_drop)
 
     for side, outputs in (("reference", reference), ("candidate", candidate)):
         missing = [name for name in wanted if name not in outputs]
@@ -131,6 +139,12 @@ def compare(
         labels = np.asarray(labels)
         result.reference_accuracy = float(np.mean(np.argmax(reference[spec.agreement_on], 1) == labels))
         result.candidate_accuracy = float(np.mean(np.argmax(candidate[spec.agreement_on], 1) == labels))
+        drop = result.reference_accuracy - result.candidate_accuracy
+        if spec.max_accuracy_drop is not None and drop > spec.max_accuracy_drop:
+            result.failures.append(
+                f"{spec.name}: accuracy {result.candidate_accuracy:.2%} is {100 * drop:.2f} points below "
+                f"{spec.reference}'s {result.reference_accuracy:.2%} (allowed: {100 * spec.max_accuracy_drop:.2f})"
+            )
     return result
 
 
@@ -138,9 +152,12 @@ def _value_stats(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -
     delta = np.abs(cand - ref)
     if delta.size == 0:
         return OutputStats(name, tol.atol, tol.rtol, 0.0, 0.0, -1, 0)
-    bound = tol.atol + tol.rtol * np.abs(ref)
-    # NaN never satisfies <=, so a NaN in the candidate counts as a violation too.
-    violations = int(np.sum(~(delta <= bound)))
+    if tol.atol is None:
+        violations = 0
+    else:
+        bound = tol.atol + tol.rtol * np.abs(ref)
+        # NaN never satisfies <=, so a NaN in the candidate counts as a violation too.
+        violations = int(np.sum(~(delta <= bound)))
     flat_worst = int(np.nanargmax(delta)) if np.any(np.isfinite(delta)) else 0
     worst_example = int(np.unravel_index(flat_worst, delta.shape)[0])
     rel = delta / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
@@ -180,8 +197,8 @@ def _agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np.ndarr
         )
 
 
-def raise_on_failure(results: Iterable[HopResult]) -> None:
+def raise_on_failure(results: Iterable[HopResult], detail: str | None = None) -> None:
     """Raise one ``ParityError`` listing every failure of every hop, or return quietly."""
     failures = [failure for result in results for failure in result.failures]
     if failures:
-        raise ParityError(failures)
+        raise ParityError(failures, detail=detail)

@@ -16,8 +16,13 @@ from pipelines.publish import ASSETS_EXTRA, publish_version
 EXTRA_FILES = {
     "onnx": "model.onnx",
     "tflite_fp32": "model_fp32.tflite",
+    "tflite_fp16": "model_fp16.tflite",
+    "tflite_int8_dynamic": "model_int8_dynamic.tflite",
+    "tflite_int8_full": "model_int8_full.tflite",
     "labels": "labels.txt",
     "parity": "parity.json",
+    "parity_errors": "parity_errors.png",
+    "confusion_matrix": "confusion_matrix.png",
     "warmup": "tf_serving_warmup_requests",
 }
 
@@ -107,6 +112,7 @@ def servable_card(ctx, report: dict, version: int) -> dict:
         "test_accuracy": ctx.manifest.facts.get("test_accuracy"),
         "dataset": ctx.manifest.facts.get("dataset"),
         "parity_verdict": report["verdict"],
+        "accuracy": ctx.manifest.facts.get("accuracy"),
         "formats": {"saved_model": ".", **{name: f"{ASSETS_EXTRA}/{f}" for name, f in EXTRA_FILES.items()
-                                          if name in ("onnx", "tflite_fp32")}},
+                                          if name == "onnx" or name.startswith("tflite_")}},
     }

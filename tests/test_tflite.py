@@ -23,6 +23,38 @@ def test_tflite_has_only_the_predict_signature(tiny):
     assert signatures == {"serving_default": {"inputs": ["images"], "outputs": ["scores"]}}
 
 
+@pytest.fixture(scope="module")
+def calibration():
+    import numpy as np
+
+    return np.random.default_rng(3).random((256, 784), dtype=np.float32)
+
+
+@pytest.mark.parametrize("variant", ["fp16", "int8_dynamic", "int8_full"])
+def test_quantized_variants_keep_float_interface_and_shrink(tiny, tmp_path, calibration, variant):
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = tmp_path / f"model_{variant}.tflite"
+    convert_tflite(tiny.saved_model, path, variant, calibration=calibration)
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    assert path.stat().st_size < tiny.tflite.stat().st_size
+    reference = load_saved_model(tiny.saved_model)(tiny.images)["scores"]
+    scores = load_tflite(path)(tiny.images)["scores"]
+    assert np.all(np.isfinite(scores)) and scores.shape == reference.shape
+    assert np.abs(scores - reference).max() < 0.1  # quantized, but the same model
+    if variant == "int8_full":  # int8 kernels inside, float at the edges
+        types = {detail["dtype"] for detail in interpreter.get_tensor_details()}
+        assert np.int8 in types
+
+
+def test_full_int8_needs_enough_calibration_images(tiny, tmp_path, calibration):
+    with pytest.raises(PackageError, match="full int8 needs at least 200 calibration images, found 50"):
+        convert_tflite(tiny.saved_model, tmp_path / "x.tflite", "int8_full", calibration=calibration[:50])
+
+
 def test_unknown_variant_is_refused(tmp_path, tiny):
     with pytest.raises(PackageError, match="unknown TFLite variant 'int3'"):
         convert_tflite(tiny.saved_model, tmp_path / "x.tflite", "int3")

@@ -12,8 +12,12 @@ from translation.compat import import_onnx_tf
 log = logging.getLogger(__name__)
 
 
-def translate(onnx_path: Path, out_dir: Path) -> None:
-    """Translate ``onnx_path`` into a TensorFlow SavedModel at ``out_dir`` (replaced if present)."""
+def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = True) -> None:
+    """Translate ``onnx_path`` into a TensorFlow SavedModel at ``out_dir`` (replaced if present).
+
+    With ``expose_intermediates`` the graph also returns every node output under its tensor
+    name (see :mod:`translation.divergence`), so a drift can be traced to a node.
+    """
     import onnx
 
     import_onnx_tf()
@@ -26,6 +30,10 @@ def translate(onnx_path: Path, out_dir: Path) -> None:
             f"{onnx_path} uses ONNX op(s) onnx-tf cannot translate: {', '.join(sorted(unsupported))}.",
             hint="Change the PyTorch model to avoid them, or export with a different opset.",
         )
+    if expose_intermediates:
+        from translation.divergence import instrument
+
+        model, _ = instrument(model)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -37,7 +45,11 @@ def translate(onnx_path: Path, out_dir: Path) -> None:
 
 
 def unsupported_ops(model) -> set[str]:
-    """Ops in ``model``'s main graph that onnx-tf has no handler for at the model's opset."""
+    """Ops in ``model``'s main graph that onnx-tf cannot translate at the model's opset.
+
+    onnx-tf has a handler class per op with one ``version_<N>`` method per ONNX op version
+    it implements; an op whose version at this opset has no method fails mid-translation.
+    """
     import_onnx_tf()
     from onnx_tf.common.handler_helper import get_all_backend_handlers
 
@@ -45,7 +57,10 @@ def unsupported_ops(model) -> set[str]:
     handlers = get_all_backend_handlers(opset)
     missing = set()
     for node in model.graph.node:
-        domain_handlers = handlers.get(node.domain or "", {})
-        if node.op_type not in domain_handlers:
-            missing.add(node.op_type if not node.domain else f"{node.domain}::{node.op_type}")
+        name = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
+        handler = handlers.get(node.domain or "", {}).get(node.op_type)
+        if handler is None:
+            missing.add(name)
+        elif not hasattr(handler, f"version_{handler.SINCE_VERSION}"):
+            missing.add(f"{name} (version {handler.SINCE_VERSION})")
     return missing

@@ -1,24 +1,64 @@
-"""SavedModel ``serving_default`` → TFLite flatbuffers."""
+"""SavedModel ``serving_default`` → TFLite flatbuffers, one per variant.
+
+Every variant keeps float32 inputs and outputs (``images`` in, ``scores`` out), so the
+same client code drives all four; the int8 variants quantize inside the graph.
+
+- ``fp32``: no optimization.
+- ``fp16``: weights stored as float16, computed in float32.
+- ``int8_dynamic``: dynamic-range quantization: int8 weights, activations quantized on the fly.
+- ``int8_full``: int8 weights and activations, calibrated on a representative set of
+  training images; float32 at the edges (quantize/dequantize ops).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from crossport.errors import PackageError
 from crossport.files import write_bytes_atomic
 
-VARIANTS = ("fp32",)
+VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_full")
+MIN_CALIBRATION = 200
 
 
-def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32") -> None:
+def tflite_filename(variant: str) -> str:
+    return f"model_{variant}.tflite"
+
+
+def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
+                   calibration: np.ndarray | None = None) -> None:
     """Convert the predict signature (classify's ParseExampleV2 is not a TFLite op)."""
     import tensorflow as tf
 
     if variant not in VARIANTS:
         raise PackageError(f"unknown TFLite variant {variant!r}: expected one of {', '.join(VARIANTS)}.")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
+    if variant != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8_full":
+        if calibration is None or len(calibration) < MIN_CALIBRATION:
+            found = 0 if calibration is None else len(calibration)
+            raise PackageError(f"full int8 needs at least {MIN_CALIBRATION} calibration images, found {found}.",
+                               hint="Re-run the data stage; it samples them from the training split.")
+        samples = np.asarray(calibration, dtype=np.float32)
+
+        def representative_dataset():
+            for index in range(len(samples)):
+                yield {"images": samples[index : index + 1]}
+
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
-        flatbuffer = converter.convert()
+        with warnings.catch_warnings():
+            # Calibration runs TF's own (deprecated) tf.lite.Interpreter internally; crossport
+            # itself runs TFLite files with ai_edge_litert.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            flatbuffer = converter.convert()
     except Exception as error:  # the converter raises ConverterError and friends
-        raise PackageError(f"TFLite conversion of {saved_model_dir} failed: {error}.") from error
+        raise PackageError(f"TFLite {variant} conversion of {saved_model_dir} failed: {error}.") from error
     write_bytes_atomic(Path(out_path), flatbuffer)

@@ -1,0 +1,64 @@
+"""Parity plots: per-example error distributions and the reference's confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on build machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def error_distribution_png(path: Path, errors: dict[str, np.ndarray], bounds: dict[str, float | None],
+                           reference: str) -> None:
+    """One histogram per candidate of the per-example max |Δ score| against ``reference``."""
+    plt = _pyplot()
+    names = list(errors)
+    columns = 2
+    rows = (len(names) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(11, 2.6 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, names, strict=False):
+        values = np.maximum(errors[name], 1e-12)  # log scale: exact zeros shown at 1e-12
+        axis.hist(np.log10(values), bins=60, color="#3b6ea8")
+        bound = bounds.get(name)
+        if bound is not None:
+            axis.axvline(np.log10(bound), color="#c0392b", linestyle="--", label=f"tolerance {bound:g}")
+            axis.legend(loc="upper left", fontsize=8)
+        axis.set_title(f"{reference} -> {name}", fontsize=10)
+        axis.set_xlabel("log10 max |Δ score| per example", fontsize=8)
+        axis.set_ylabel("examples", fontsize=8)
+    for axis in list(axes.flat)[len(names):]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def confusion_matrix_png(path: Path, labels: tuple[str, ...], truth: np.ndarray, predicted: np.ndarray,
+                         title: str) -> None:
+    plt = _pyplot()
+    count = len(labels)
+    matrix = np.zeros((count, count), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.16 * count + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(count)
+    axis.set_xticks(ticks, labels, fontsize=max(4, 10 - count // 10))
+    axis.set_yticks(ticks, labels, fontsize=max(4, 10 - count // 10))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    accuracy = float(np.trace(matrix)) / max(int(matrix.sum()), 1)
+    axis.set_title(f"{title}: accuracy {accuracy:.2%} on {int(matrix.sum())} test images", fontsize=10)
+    figure.colorbar(image, ax=axis, fraction=0.046, label="share of true class")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

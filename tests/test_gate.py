@@ -1,0 +1,116 @@
+"""Proof the parity gate works: deliberately broken hops fail the run, name the hop (and,
+for the fp32 TensorFlow graph, the node) and publish nothing."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from crossport.errors import ParityError
+from pipelines.config import PipelineConfig
+from pipelines.manifest import Manifest
+from pipelines.runner import run_stages
+from pipelines.stages import STAGES, stage_by_name
+from pipelines.tracking import NullTracker
+from tests import breakers
+from tests.conftest import run_cli
+from translation.onnx_to_tf import translate
+
+pytestmark = pytest.mark.slow
+
+
+def copy_run(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run.run_dir, run)
+    manifest = Manifest.load(run)
+    config = PipelineConfig.from_dict(manifest.config).override(models_dir=str(tmp_path / "models"))
+    manifest.config = config.to_dict()
+    return manifest, config
+
+
+def assert_nothing_published(tmp_path):
+    models = tmp_path / "models"
+    assert not models.exists() or not any(models.rglob("saved_model.pb"))
+
+
+def break_tf_graph(manifest, breaker):
+    """Replace the run's TF graph with the translation of a broken copy of its ONNX."""
+    run = manifest.run_dir
+    broken, culprit = breaker(onnx.load(str(run / "model.onnx")))
+    onnx.save(broken, str(run / "broken.onnx"))
+    translate(run / "broken.onnx", run / "tf_graph")
+    manifest.record("tf_graph", run / "tf_graph", "translate", parents=("onnx",))
+    return culprit
+
+
+@pytest.mark.parametrize("breaker", [breakers.nudge_weight, breakers.swap_classes, breakers.transpose_inputs],
+                         ids=["weight-nudged", "classes-swapped", "images-transposed"])
+def test_broken_tf_graph_stops_the_run_and_names_hop_and_node(pipeline_run, tmp_path, breaker):
+    manifest, config = copy_run(pipeline_run, tmp_path)
+    culprit = break_tf_graph(manifest, breaker)
+    remaining = STAGES[[stage.name for stage in STAGES].index("package"):]
+    with pytest.raises(ParityError) as caught:
+        run_stages(manifest, config, remaining, NullTracker())
+    message = str(caught.value)
+    assert "onnxruntime -> saved_model:serving_default" in message
+    assert f"first divergent node: {culprit!r}" in message
+    assert manifest.stages["package"]["status"] == "failed"
+    assert_nothing_published(tmp_path)
+
+
+def test_validate_catches_a_drifted_saved_model_on_its_own(pipeline_run, tmp_path):
+    """Even when packaging's own check is bypassed, validate refuses and locates the node."""
+    from translation.servable import build_saved_model
+
+    manifest, config = copy_run(pipeline_run, tmp_path)
+    culprit = break_tf_graph(manifest, breakers.nudge_weight)
+    run = manifest.run_dir
+    build_saved_model(run / "tf_graph", tuple((run / "labels.txt").read_text().split()), run / "saved_model")
+    manifest.record("saved_model", run / "saved_model", "package", parents=("tf_graph", "labels"))
+    run_stages(manifest, config, (stage_by_name("tflite"),), NullTracker())
+    with pytest.raises(ParityError, match=r"onnxruntime -> saved_model:serving_default.*pytorch -> tflite_fp32"):
+        run_stages(manifest, config, (stage_by_name("validate"), stage_by_name("publish")), NullTracker())
+    report = json.loads((run / "parity.json").read_text())
+    assert report["verdict"] == "fail"
+    assert report["divergence"]["first"]["node"] == culprit
+    assert_nothing_published(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8_full"])
+def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_path, variant):
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    run = manifest.run_dir
+    shutil.copy(tiny.tflite, run / f"model_{variant}.tflite")
+    manifest.record(f"tflite_{variant}", run / f"model_{variant}.tflite", "tflite", parents=("saved_model",))
+    manifest.save()
+    result = run_cli("--stage", "validate", "--run-dir", str(run), "--no-tracking")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert f"pytorch -> tflite_{variant}: output 'scores' expected float32[359, 10]" in result.stderr
+    result = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking")
+    assert result.returncode == 1 and "refusing to publish: parity verdict is 'fail'" in result.stderr
+    assert f"tflite_{variant}" in result.stderr
+    assert_nothing_published(tmp_path)
+
+
+def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def diagnose(run_dir, *extra):
+        return subprocess.run([sys.executable, "-m", "pipelines.diagnose", str(run_dir), "--examples", "64", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    clean = diagnose(pipeline_run.run_dir)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert "agree at all 6 intermediate tensors" in clean.stdout
+
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    culprit = break_tf_graph(manifest, breakers.swap_classes)
+    broken = diagnose(manifest.run_dir, "--json")
+    assert broken.returncode == 3, broken.stderr[-2000:]
+    report = json.loads(broken.stdout)
+    assert report["first"]["node"] == culprit and report["first"]["op_type"] == "Gemm"
+    assert [node["bound_exceeded"] for node in report["nodes"]][:4] == [False, False, False, False]
