@@ -74,3 +74,17 @@ def test_contract_check_catches_a_wrong_method_name(tmp_path, tiny):
 def test_missing_saved_model_is_explained(tmp_path):
     with pytest.raises(PackageError, match="is not a SavedModel: no saved_model.pb. Re-run the package stage."):
         read_signature_defs(tmp_path)
+
+
+def test_fast_example_serialization_equals_protobuf():
+    from tensorflow.core.example import example_pb2
+
+    images = np.random.default_rng(5).random((6, 784), dtype=np.float32)
+    images[2] = 0.0  # zeros still serialize packed, with the same header
+    for row, serialized in zip(images, serialize_examples(images), strict=True):
+        parsed = example_pb2.Example.FromString(serialized)
+        np.testing.assert_array_equal(np.array(parsed.features.feature["images"].float_list.value, np.float32), row)
+        expected = example_pb2.Example()
+        expected.features.feature["images"].float_list.value.extend(row.tolist())
+        assert serialized == expected.SerializeToString()
+    assert serialize_examples(images[:0]) == []
