@@ -64,12 +64,14 @@ class PipelineConfig:
 
 REFERENCE = "pytorch"
 ONNX = "onnxruntime"
+TF_GRAPH = "tf_graph"  # the onnx-tf translation itself, before packaging
 SM_PREDICT = "saved_model:serving_default"
 SM_CLASSIFY = "saved_model:classify"
 TFLITE_VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_full")
 TFLITE = {variant: f"tflite_{variant}" for variant in TFLITE_VARIANTS}
 TFLITE_FP32 = TFLITE["fp32"]
-WITH_LOGITS = {REFERENCE, ONNX}  # the only runtimes whose artifacts expose logits
+# The artifacts that expose logits; the served ones return scores only, by contract.
+WITH_LOGITS = {REFERENCE, ONNX, TF_GRAPH}
 
 FP32_SCORES = Tolerance(
     atol=1e-5, rtol=0.0,
@@ -110,6 +112,7 @@ FP32_POLICY = HopPolicy(
 )
 POLICIES: dict[str, HopPolicy] = {
     ONNX: FP32_POLICY,
+    TF_GRAPH: FP32_POLICY,
     SM_PREDICT: FP32_POLICY,
     SM_CLASSIFY: FP32_POLICY,
     TFLITE["fp32"]: FP32_POLICY,
@@ -131,7 +134,13 @@ POLICIES: dict[str, HopPolicy] = {
 
 # candidate → its parent in the conversion chain. Every candidate is checked against its
 # parent and against the PyTorch reference, so drift cannot accumulate unseen.
-PARENTS = {ONNX: REFERENCE, SM_PREDICT: ONNX, SM_CLASSIFY: ONNX, **{name: SM_PREDICT for name in TFLITE.values()}}
+PARENTS = {
+    ONNX: REFERENCE,
+    TF_GRAPH: ONNX,
+    SM_PREDICT: ONNX,
+    SM_CLASSIFY: ONNX,
+    **{name: SM_PREDICT for name in TFLITE.values()},
+}
 
 
 def hop_spec(reference: str, candidate: str) -> HopSpec:

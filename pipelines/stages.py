@@ -25,6 +25,7 @@ from pipelines.config import (
     REFERENCE,
     SM_CLASSIFY,
     SM_PREDICT,
+    TF_GRAPH,
     TFLITE,
     TFLITE_VARIANTS,
     PipelineConfig,
@@ -275,6 +276,7 @@ def validate_stage(ctx: Context) -> StageResult:
     outputs = {
         REFERENCE: load_torch(paths["checkpoint"])(images),
         ONNX: load_onnx(paths["onnx"])(images),
+        TF_GRAPH: _scores_and_logits(load_saved_model(ctx.input("tf_graph"))(images)),
         SM_PREDICT: load_saved_model(paths["saved_model"], "serving_default")(images),
         SM_CLASSIFY: load_saved_model(paths["saved_model"], "classify")(images),
         **{name: load_tflite(paths[name])(images) for name in TFLITE.values()},
@@ -326,6 +328,11 @@ def validate_stage(ctx: Context) -> StageResult:
                     for name, value in ctx.manifest.facts["accuracy"].items()}},
         log_artifacts=[path, *(ctx.run_dir / plot for plot in PLOTS)],
     )
+
+
+def _scores_and_logits(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The translated graph also returns every intermediate tensor; parity needs two."""
+    return {name: outputs[name] for name in ("scores", "logits") if name in outputs}
 
 
 def _check_classes(results: list[HopResult], classes: np.ndarray, labels: tuple[str, ...]) -> None:

@@ -82,7 +82,7 @@ def test_parity_report_and_servable_card(pipeline_run):
     report = json.loads((extra / "parity.json").read_text())
     assert report["verdict"] == "pass"
     assert report["examples"] == 359  # the whole digits test split
-    candidates = ["onnxruntime", "saved_model:serving_default", "saved_model:classify", "tflite_fp32",
+    candidates = ["onnxruntime", "tf_graph", "saved_model:serving_default", "saved_model:classify", "tflite_fp32",
                   "tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full"]
     hops = {hop["hop"]: hop for hop in report["hops"]}
     assert {f"pytorch -> {candidate}" for candidate in candidates} <= set(hops)  # all against the reference
@@ -94,6 +94,7 @@ def test_parity_report_and_servable_card(pipeline_run):
             if output["atol"] is not None and output["rtol"] == 0:
                 assert output["max_abs"] <= output["atol"]
     assert hops["pytorch -> tflite_fp32"]["min_agreement"] == 1.0
+    assert [o["name"] for o in hops["onnxruntime -> tf_graph"]["outputs"]] == ["scores", "logits"]
     assert hops["pytorch -> tflite_int8_full"]["max_accuracy_drop"] == 0.01
     assert {row["candidate"] for row in report["tolerances"]} == set(candidates)
     card = json.loads((extra / "servable.json").read_text())
