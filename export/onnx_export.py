@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 from crossport import __version__
 from crossport.errors import ExportError
+from crossport.frameworks import keep_triton_away_from_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
 
     from training.model import ServingHead
 
-    _keep_triton_away_from_tensorflow()
+    keep_triton_away_from_tensorflow()
     head = ServingHead(model).eval()
     example = torch.zeros(2, model.config.input_size)
     path = Path(path)
@@ -58,20 +57,6 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
     proto.doc_string = "crossport EMNIST MLP: images float32 [N,784] in [0,1] -> scores (softmax), logits"
     onnx.save(proto, str(path))
     check_onnx(path)
-
-
-def _keep_triton_away_from_tensorflow() -> None:
-    """Stop torch.export from importing triton into a process that already loaded TensorFlow.
-
-    The CUDA build of torch pulls in triton, and torch.export imports it when present.
-    Loading triton's native library after TensorFlow's crashes the process (segmentation
-    fault, seen with torch 2.14.1 / triton and TF 2.21). CPU export never needs triton, so
-    in that case it is marked unavailable for this process. The pipeline itself exports
-    before any TensorFlow import; this protects library users and mixed test sessions.
-    """
-    if "tensorflow" in sys.modules and "triton" not in sys.modules and importlib.util.find_spec("triton"):
-        log.debug("TensorFlow is loaded: hiding triton from torch.export to avoid a native-library clash")
-        sys.modules["triton"] = None  # makes `import triton` raise ImportError
 
 
 def check_onnx(path: Path) -> None:

@@ -87,10 +87,21 @@ def version_manifest(ctx, staging: Path, version: int) -> dict:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_dir": str(ctx.run_dir.resolve()),
         "dataset": ctx.manifest.facts.get("dataset"),
+        "provenance": ctx.manifest.facts.get("provenance"),
+        "mlflow": _mlflow_ids(ctx),
         "config": ctx.manifest.config,
         "artifacts": entries,
         "lineage": {name: {"sha256": a.sha256, "stage": a.stage, "parents": a.parents} for name, a in run.items()},
     }
+
+
+def _mlflow_ids(ctx) -> dict | None:
+    """Where this version's runs are tracked; the registry version is added by the register
+    stage, which runs after publish (see README: publish, then register)."""
+    facts = ctx.manifest.facts.get("mlflow")
+    if not facts or not ctx.config.tracking:
+        return None
+    return {**facts, "registered_model": ctx.config.name}
 
 
 def servable_card(ctx, report: dict, version: int) -> dict:

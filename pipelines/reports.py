@@ -62,3 +62,19 @@ def confusion_matrix_png(path: Path, labels: tuple[str, ...], truth: np.ndarray,
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def training_curves_png(path: Path, history: list[dict]) -> None:
+    """Training loss and test accuracy per epoch."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss (cross-entropy)")
+    accuracy_axis.plot(epochs, [row["test_accuracy"] for row in history], marker="o", color="#2e8b57")
+    accuracy_axis.set_xlabel("epoch")
+    accuracy_axis.set_ylabel("test accuracy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

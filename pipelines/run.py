@@ -16,7 +16,8 @@ from crossport.errors import ConfigError, CrossportError
 
 log = logging.getLogger("crossport")
 
-STAGE_CHOICES = ("all", "data", "train", "export", "translate", "package", "tflite", "validate", "publish")
+STAGE_CHOICES = ("all", "data", "train", "export", "translate", "package", "tflite", "validate", "publish",
+                 "register")
 DATASET_CHOICES = ("auto", "emnist-byclass", "emnist-bymerge", "emnist-balanced", "emnist-letters",
                    "emnist-digits", "emnist-mnist", "digits")
 

@@ -48,14 +48,26 @@ def select(stage: str) -> tuple[Stage, ...]:
 
 def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, ...], tracker) -> dict[str, float]:
     """Run ``stages`` in order; returns wall seconds per stage. Errors propagate unchanged."""
+    from pipelines.provenance import package_versions, provenance
+
     walls: dict[str, float] = {}
-    tags = {"crossport.version": __version__, "crossport.run_dir": str(manifest.run_dir.resolve())}
-    with tracker.pipeline_run(manifest.run_dir.name, config.to_dict(), tags):
+    origin = provenance()
+    manifest.facts["provenance"] = origin
+    tags = {
+        "crossport.version": __version__,
+        "crossport.run_dir": str(manifest.run_dir.resolve()),
+        "crossport.code_commit": str(origin["code"]["commit"]),
+        "crossport.code_dirty": str(origin["code"]["dirty"]),
+        "mlflow.source.git.commit": str(origin["code"]["commit"]),
+    }
+    environment = {**origin, "packages": package_versions()}
+    with tracker.pipeline_run(manifest.run_dir.name, config.to_dict(), tags, environment):
         for stage in stages:
             inputs = {need: manifest.require(need, for_stage=stage.name) for need in stage.needs}
-            ctx = Context(config, manifest, inputs)
+            ctx = Context(config, manifest, inputs, tracker)
             log.info("stage %s ...", stage.name)
             with tracker.stage_run(stage.name):
+                _record_tracking(manifest, tracker)
                 started = time.perf_counter()
                 manifest.stages[stage.name] = {"status": "running", "started": _now()}
                 manifest.save()
@@ -70,9 +82,18 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 manifest.stages[stage.name] = {"status": "done", "wall_s": round(wall, 3), "finished": _now(),
                                                "makes": list(stage.makes)}
                 manifest.save()
-                tracker.log_stage(result.params, {**result.metrics, "wall_s": wall}, result.log_artifacts)
+                tracker.log_stage(result, wall)
             log.info("stage %s done in %.1f s", stage.name, wall)
     return walls
+
+
+def _record_tracking(manifest: Manifest, tracker) -> None:
+    """The MLflow ids of this run's stages, in the manifest (and so in what publish writes)."""
+    if not tracker.enabled:
+        return
+    mlflow_facts = manifest.facts.setdefault("mlflow", {"runs": {}})
+    mlflow_facts.update(tracking_uri=tracker.uri, experiment_id=tracker.experiment_id)
+    mlflow_facts["runs"].update(tracker.run_ids)
 
 
 def _now() -> str:

@@ -34,6 +34,7 @@ from pipelines.config import (
     tolerance_table,
 )
 from pipelines.manifest import Manifest
+from pipelines.results import DatasetToLog, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Context:
     config: PipelineConfig
     manifest: Manifest
     inputs: dict[str, Path] = field(default_factory=dict)  # the stage's needs, hashes verified
+    tracker: object = None  # pipelines.tracking tracker; only the register stage uses it
 
     def input(self, name: str) -> Path:
         return self.inputs[name]
@@ -54,13 +56,6 @@ class Context:
     @property
     def run_dir(self) -> Path:
         return self.manifest.run_dir
-
-
-@dataclass
-class StageResult:
-    params: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    log_artifacts: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -154,6 +149,8 @@ def data_stage(ctx: Context) -> StageResult:
         metrics={"train_examples": len(dataset.y_train), "test_examples": len(dataset.y_test),
                  "num_classes": len(dataset.labels)},
         log_artifacts=[run_dir / "labels.txt"],
+        dataset=DatasetToLog(dataset.name, digest, dataset.source, run_dir / "data.npz",
+                             dataset.x_test, dataset.y_test),
     )
 
 
@@ -175,13 +172,18 @@ def train_stage(ctx: Context) -> StageResult:
     accuracy = evaluate(reloaded.model, arrays["x_test"], arrays["y_test"])
     ctx.manifest.facts["test_accuracy"] = accuracy
     ctx.manifest.record("checkpoint", path, "train", parents=("dataset", "labels"))
+    from pipelines.reports import training_curves_png
+
+    curves = ctx.run_dir / "training_curves.png"
+    training_curves_png(curves, metrics["history"])
     history = {f"epoch_{row['epoch']}_test_accuracy": row["test_accuracy"] for row in metrics["history"]}
     return StageResult(
         params={"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                 "seed": config.seed, "hidden_sizes": str(model_config.hidden_sizes),
                 "dropout": model_config.dropout},
         metrics={"test_accuracy": accuracy, "train_loss": metrics["train_loss"], **history},
-        log_artifacts=[path],
+        log_artifacts=[path, curves],
+        models=[ModelToLog("pytorch", path, golden_inputs(ctx)[:4])],
     )
 
 
@@ -197,7 +199,7 @@ def export_stage(ctx: Context) -> StageResult:
     golden = golden_inputs(ctx)
     self_check(REFERENCE, ONNX, load_torch(checkpoint_path)(golden), load_onnx(path)(golden))
     ctx.manifest.record("onnx", path, "export", parents=("checkpoint",))
-    return StageResult(metrics={"onnx_bytes": path.stat().st_size}, log_artifacts=[path])
+    return StageResult(metrics={"onnx_bytes": path.stat().st_size}, models=[ModelToLog("onnx", path, golden[:4])])
 
 
 def translate_stage(ctx: Context) -> StageResult:
@@ -233,7 +235,8 @@ def package_stage(ctx: Context) -> StageResult:
     records = write_warmup(warmup, ctx.config.name, golden)
     ctx.manifest.record("saved_model", out, "package", parents=("tf_graph", "labels"))
     ctx.manifest.record("warmup", warmup, "package", parents=("golden",))
-    return StageResult(metrics={"warmup_records": records}, log_artifacts=[out])
+    return StageResult(metrics={"warmup_records": records},
+                       models=[ModelToLog("tensorflow", out, golden[:4])])
 
 
 def tflite_stage(ctx: Context) -> StageResult:
@@ -360,9 +363,38 @@ def publish_stage(ctx: Context) -> StageResult:
                        metrics={"published_version": version})
 
 
+def register_stage(ctx: Context) -> StageResult:
+    """Make the published version a registry version (after publish; re-run to repair)."""
+    from crossport.errors import PublishError
+    from crossport.files import sha256_file
+
+    published = ctx.manifest.facts.get("published")
+    if not published:
+        raise PublishError("nothing to register: this run has not published a version.",
+                           hint="Run --stage publish first.")
+    if not ctx.tracker.enabled:
+        log.warning("tracking is off (--no-tracking): version %s is not registered in MLflow", published["version"])
+        return StageResult()
+    path = Path(published["path"])
+    report = json.loads(ctx.input("parity").read_text())
+    registration = ctx.tracker.register_servable(
+        name=ctx.config.name, servable_version=published["version"], path=path,
+        saved_model_sha256=sha256_file(path / "saved_model.pb"), verdict=report["verdict"],
+    )
+    ctx.manifest.facts["registry"] = {
+        "model": registration.model, "version": registration.version, "alias": registration.alias,
+        "servable_version": registration.servable_version, "tracking_uri": ctx.tracker.uri,
+    }
+    ctx.manifest.save()
+    log.info("registered %s version %d (servable %d)%s", registration.model, registration.version,
+             registration.servable_version, f", alias {registration.alias!r}" if registration.alias else "")
+    return StageResult(params={"registered_model": registration.model, "registry_version": registration.version},
+                       metrics={"registry_version": registration.version})
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage),
-    Stage("train", ("dataset", "labels"), ("checkpoint",), train_stage),
+    Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage),
     Stage("export", ("checkpoint", "golden"), ("onnx",), export_stage),
     Stage("translate", ("onnx", "golden"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden"), ("saved_model", "warmup"), package_stage),
@@ -371,6 +403,7 @@ STAGES: tuple[Stage, ...] = (
           validate_stage),
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", "saved_model", "onnx", *TFLITE.values(),
                       "labels", "warmup"), (), publish_stage),
+    Stage("register", ("parity",), (), register_stage),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

@@ -21,6 +21,10 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
     published = facts.get("published")
     if published and "publish" in walls:
         lines.append(f"  published      version {published['version']} at {published['path']}")
+    registry = facts.get("registry")
+    if registry and "register" in walls:
+        alias = f", alias {registry['alias']!r}" if registry.get("alias") else ""
+        lines.append(f"  registered     {registry['model']} version {registry['version']} in MLflow{alias}")
     if walls:
         lines.append("  wall time      " + ", ".join(f"{name} {wall:.1f}s" for name, wall in walls.items())
                      + f" (total {sum(walls.values()):.1f}s)")

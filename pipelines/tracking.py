@@ -1,9 +1,11 @@
 """MLflow tracking: the only module in crossport that imports mlflow.
 
 One parent run per pipeline invocation, one nested child run per stage with its params,
-metrics, wall time and artifacts. The default store is SQLite in the repository's
-``mlflow/`` folder with artifacts beside it; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``
-point elsewhere (a shared ``mlflow server``, for instance).
+metrics, wall time and artifacts; the dataset as a run input; the checkpoint, the ONNX
+model and the SavedModel as MLflow models (pytorch, onnx and tensorflow flavors) with a
+signature and an input example; published versions as registry versions. The default
+store is SQLite in the repository's ``mlflow/`` folder with artifacts beside it;
+``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (a shared ``mlflow server``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,28 @@ import os
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from crossport.errors import TrackingError
+from pipelines.results import DatasetToLog, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
 
 MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
+ALIAS = "validated"  # registry alias: the newest published (hence validated) version
+TAG_PREFIX = "crossport."
+
+
+@dataclass
+class Registration:
+    model: str
+    version: int
+    alias: str | None
+    servable_version: int
+    created: bool
 
 
 def default_tracking_uri() -> str:
@@ -41,35 +58,49 @@ class NullTracker:
     """Used with ``--no-tracking``: same interface, records nothing."""
 
     uri = None
+    enabled = False
+
+    def __init__(self) -> None:
+        self.run_ids: dict[str, str] = {}
+        self.experiment_id = None
 
     @contextmanager
-    def pipeline_run(self, run_name: str, params: dict, tags: dict):
+    def pipeline_run(self, run_name: str, params: dict, tags: dict, environment: dict):
         yield None
 
     @contextmanager
     def stage_run(self, stage: str):
         yield None
 
-    def log_stage(self, params: dict, metrics: dict, artifacts: list[Path]) -> None:
+    def log_stage(self, result: StageResult, wall_s: float) -> None:
         pass
+
+    def register_servable(self, **_) -> Registration | None:
+        return None
 
 
 class MlflowTracker:
+    enabled = True
+
     def __init__(self, uri: str, experiment: str) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         self.uri = uri
         self.experiment = experiment
+        self.run_ids: dict[str, str] = {}
         self._check_reachable()
         import mlflow
 
         mlflow.set_tracking_uri(uri)
         try:
-            if mlflow.get_experiment_by_name(experiment) is None:
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
                 location = artifact_location_for(uri)
                 if location:
                     Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-                mlflow.create_experiment(experiment, artifact_location=location)
-            mlflow.set_experiment(experiment)
+                self.experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+            mlflow.set_experiment(experiment_id=self.experiment_id)
         except Exception as error:  # mlflow raises MlflowException, sqlalchemy errors, ...
             raise TrackingError(f"MLflow tracking store {uri} cannot be used: {str(error).splitlines()[0]}.",
                                 hint="Check --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking.") from error
@@ -90,33 +121,186 @@ class MlflowTracker:
                 from error
 
     @contextmanager
-    def pipeline_run(self, run_name: str, params: dict, tags: dict):
+    def pipeline_run(self, run_name: str, params: dict, tags: dict, environment: dict):
         import mlflow
 
         with mlflow.start_run(run_name=run_name, tags=tags) as run:
+            self.run_ids["pipeline"] = run.info.run_id
             mlflow.log_params({key: str(value) for key, value in params.items()})
+            mlflow.log_dict(environment, "environment.json")
             yield run
 
     @contextmanager
     def stage_run(self, stage: str):
         import mlflow
 
-        with mlflow.start_run(run_name=stage, nested=True, tags={"crossport.stage": stage}) as run:
+        with mlflow.start_run(run_name=stage, nested=True, tags={f"{TAG_PREFIX}stage": stage}) as run:
+            self.run_ids[stage] = run.info.run_id
             yield run
 
-    def log_stage(self, params: dict, metrics: dict, artifacts: list[Path]) -> None:
+    def log_stage(self, result: StageResult, wall_s: float) -> None:
         import mlflow
 
-        if params:
-            mlflow.log_params({key: str(value)[:6000] for key, value in params.items()})
-        numeric = {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}
-        if numeric:
-            mlflow.log_metrics(numeric)
-        for path in artifacts:
+        if result.params:
+            mlflow.log_params({key: str(value)[:6000] for key, value in result.params.items()})
+        numeric = {key: float(value) for key, value in result.metrics.items() if isinstance(value, int | float)}
+        mlflow.log_metrics({**numeric, "wall_s": wall_s})
+        for path in result.log_artifacts:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
             elif path.is_file():
                 mlflow.log_artifact(str(path))
+        if result.dataset is not None:
+            self._log_dataset(result.dataset)
+        for model in result.models:
+            self._log_model(model)
+
+    def _log_dataset(self, dataset: DatasetToLog) -> None:
+        import mlflow
+
+        logged = mlflow.data.from_numpy(dataset.features, targets=dataset.targets, source=str(dataset.path),
+                                        name=dataset.name, digest=dataset.digest[:36])
+        mlflow.log_input(logged, context="training", tags={"source": dataset.source, "sha256": dataset.digest})
+
+    def _log_model(self, model: ModelToLog) -> None:
+        """Log an artifact as an MLflow model, loaded from the file the stage wrote."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        from crossport.runtimes import load_onnx, load_saved_model, load_torch
+        from pipelines.provenance import package_versions
+
+        example = np.asarray(model.input_example, dtype=np.float32)
+        versions = package_versions(("torch", "onnxruntime", "onnx", "tensorflow"))
+        if model.flavor == "pytorch":
+            from crossport.frameworks import keep_triton_away_from_tensorflow
+            from training.train import load_checkpoint
+
+            keep_triton_away_from_tensorflow()  # MLflow saves PyTorch models with torch.export
+            signature = infer_signature(example, load_torch(model.path)(example)["logits"])
+            mlflow.pytorch.log_model(load_checkpoint(model.path).model, name="pytorch_model", signature=signature,
+                                     input_example=example, pip_requirements=[f"torch=={versions['torch']}"])
+        elif model.flavor == "onnx":
+            import onnx
+
+            outputs = load_onnx(model.path)(example)
+            signature = infer_signature(example, outputs)
+            mlflow.onnx.log_model(onnx.load(str(model.path)), name="onnx_model", signature=signature,
+                                  input_example=example, pip_requirements=[
+                                      f"onnx=={versions['onnx']}", f"onnxruntime=={versions['onnxruntime']}"])
+        elif model.flavor == "tensorflow":
+            import tensorflow as tf
+
+            loaded = tf.saved_model.load(str(model.path))
+
+            class ServingDefault(tf.Module):
+                """The published SavedModel's predict signature as the tf.Module MLflow logs."""
+
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.servable = loaded
+
+                @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name="images")])
+                def __call__(self, images):
+                    return self.servable.signatures["serving_default"](images=images)["scores"]
+
+            signature = infer_signature(example, load_saved_model(model.path)(example)["scores"])
+            mlflow.tensorflow.log_model(ServingDefault(), name="saved_model", signature=signature,
+                                        input_example=example,
+                                        pip_requirements=[f"tensorflow=={versions['tensorflow']}"])
+        else:
+            raise ValueError(f"unknown model flavor {model.flavor!r}")
+
+    # --- registry ------------------------------------------------------------------------
+
+    def register_servable(self, *, name: str, servable_version: int, path: Path, saved_model_sha256: str,
+                          verdict: str) -> Registration:
+        """Make published version N a registry version (idempotent: repairs a missing one).
+
+        A copy of the published directory is logged under ``servable/`` in the active
+        (register) run and becomes the registry version's source: tracking servers accept
+        run artifacts as sources, not paths on the publishing machine. The tags name the
+        published path, its version number and the sha256 of its ``saved_model.pb``.
+        """
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        tags = {
+            f"{TAG_PREFIX}servable_version": str(servable_version),
+            f"{TAG_PREFIX}servable_path": str(Path(path).resolve()),
+            f"{TAG_PREFIX}saved_model_sha256": saved_model_sha256,
+            f"{TAG_PREFIX}parity_verdict": verdict,
+        }
+        try:
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name, description="crossport servables (TF Serving SavedModels)")
+            existing = find_registry_version(client, name, servable_version, str(Path(path).resolve()))
+            created = existing is None
+            if created:
+                mlflow.log_artifacts(str(path), artifact_path="servable")
+                version = client.create_model_version(
+                    name, source=mlflow.get_artifact_uri("servable"), run_id=mlflow.active_run().info.run_id,
+                    tags=tags, description=f"crossport servable version {servable_version} ({path})")
+                number = int(version.version)
+            else:
+                number = int(existing.version)
+                for key, value in tags.items():
+                    client.set_model_version_tag(name, str(number), key, value)
+            newest = max(servable_versions_registered(client, name), default=servable_version)
+            alias = None
+            if servable_version >= newest and verdict == "pass":
+                client.set_registered_model_alias(name, ALIAS, str(number))
+                alias = ALIAS
+        except MlflowException as error:
+            raise TrackingError(f"registering {path} as a version of {name!r} in {self.uri} failed: "
+                                f"{str(error).splitlines()[0]}.",
+                                hint="The servable is published; re-run --stage register to register it.") from error
+        return Registration(name, number, alias, servable_version, created)
+
+
+def find_registry_version(client, name: str, servable_version: int, path: str):
+    """The registry version whose tags name this servable, or None."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        tags = version.tags or {}
+        if (tags.get(f"{TAG_PREFIX}servable_version") == str(servable_version)
+                and tags.get(f"{TAG_PREFIX}servable_path") == path):
+            return version
+    return None
+
+
+def servable_versions_registered(client, name: str) -> list[int]:
+    numbers = []
+    for version in client.search_model_versions(f"name = '{name}'"):
+        value = (version.tags or {}).get(f"{TAG_PREFIX}servable_version")
+        if value and value.isdigit():
+            numbers.append(int(value))
+    return numbers
+
+
+def registry_lookup(uri: str, name: str, *, servable_version: int | None = None, path: str | None = None,
+                    registry_version: int | None = None) -> dict | None:
+    """A registry version as plain data, found by servable (version + path) or by number."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if registry_version is None:
+            found = find_registry_version(client, name, servable_version, path)
+            if found is None:
+                return None
+            registry_version = int(found.version)
+        version = client.get_model_version(name, str(registry_version))  # carries the aliases
+        aliases = list(getattr(version, "aliases", []) or [])
+    except MlflowException:
+        return None
+    return {"model": name, "version": int(version.version), "tags": dict(version.tags or {}),
+            "aliases": aliases, "run_id": version.run_id, "source": version.source}
 
 
 def make_tracker(enabled: bool, uri: str | None, experiment: str):

@@ -74,6 +74,51 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (SQLite backend, local artifact store) on 127.0.0.1."""
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed after the server stops
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
 @dataclass(frozen=True)
 class PipelineRun:
     result: subprocess.CompletedProcess
@@ -83,10 +128,10 @@ class PipelineRun:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory) -> PipelineRun:
-    """One real ``--stage all`` on the bundled digits, tracked in a SQLite MLflow store."""
+def pipeline_run(tmp_path_factory, mlflow_server) -> PipelineRun:
+    """One real ``--stage all`` on the bundled digits, tracked by a real MLflow server over HTTP."""
     root = tmp_path_factory.mktemp("e2e")
-    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    uri = mlflow_server
     result = run_cli("--stage", "all", "--dataset", "digits", "--epochs", "3", "--run-dir", str(root / "run"),
                      "--models-dir", str(root / "models"), "--tracking-uri", uri)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,0 +1,120 @@
+"""What the pipeline recorded on a real MLflow server, checked through MlflowClient."""
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STAGES = {"data", "train", "export", "translate", "package", "tflite", "validate", "publish", "register"}
+
+
+@pytest.fixture(scope="module")
+def client(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=pipeline_run.tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def runs(client, pipeline_run):
+    experiment = client.get_experiment_by_name("emnist_mlp")
+    everything = client.search_runs([experiment.experiment_id])
+    parents = [r for r in everything if "mlflow.parentRunId" not in r.data.tags
+               and r.data.tags.get("crossport.run_dir") == str(pipeline_run.run_dir.resolve())]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in everything
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    return parents[0], children
+
+
+def test_one_parent_run_with_a_child_per_stage(runs):
+    parent, children = runs
+    assert set(children) == STAGES
+    assert all("wall_s" in child.data.metrics for child in children.values())
+    assert 0.0 < children["train"].data.metrics["test_accuracy"] <= 1.0
+    assert children["data"].data.params["dataset"] == "digits"
+    assert parent.data.params["dataset"] == "digits" and parent.data.params["epochs"] == "3"
+
+
+def test_provenance_is_on_the_parent_run(client, runs):
+    parent, _ = runs
+    tags = parent.data.tags
+    assert tags["crossport.code_dirty"] in {"True", "False", "None"}
+    assert len(tags["crossport.code_commit"]) in (40, 4)  # a sha, or None outside git
+    import json
+    from pathlib import Path
+
+    environment = client.download_artifacts(parent.info.run_id, "environment.json")
+    packages = json.loads(Path(environment).read_text())["packages"]
+    assert packages["tensorflow"] == "2.21.0" and packages["onnx"] == "1.18.0"
+
+
+def test_dataset_is_a_run_input_with_digest_and_source(runs, pipeline_run):
+    import json
+
+    _, children = runs
+    inputs = children["data"].inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    digest = json.loads((pipeline_run.run_dir / "manifest.json").read_text())["facts"]["dataset"]["digest"]
+    assert dataset.name == "digits" and digest.startswith(dataset.digest)
+    assert {tag.key: tag.value for tag in inputs[0].tags}["sha256"] == digest
+
+
+def test_plots_and_reports_are_run_artifacts(client, runs):
+    _, children = runs
+    validate = {a.path for a in client.list_artifacts(children["validate"].info.run_id)}
+    assert {"parity.json", "parity_errors.png", "confusion_matrix.png"} <= validate
+    train = {a.path for a in client.list_artifacts(children["train"].info.run_id)}
+    assert "training_curves.png" in train
+
+
+def test_checkpoint_onnx_and_saved_model_are_logged_models(client, runs):
+    import mlflow
+    import numpy as np
+
+    _, children = runs
+    experiment_id = children["train"].info.experiment_id
+    logged = client.search_logged_models(experiment_ids=[experiment_id])
+    by_stage = {}
+    for model in logged:
+        for stage in ("train", "export", "package"):
+            if model.source_run_id == children[stage].info.run_id:
+                by_stage[stage] = model
+    assert {stage: model.name for stage, model in by_stage.items()} == {
+        "train": "pytorch_model", "export": "onnx_model", "package": "saved_model"}
+    mlflow.set_tracking_uri(client.tracking_uri)
+    for stage, flavor in (("train", "pytorch"), ("export", "onnx"), ("package", "tensorflow")):
+        info = mlflow.models.get_model_info(by_stage[stage].model_uri)
+        assert flavor in info.flavors
+        assert info.signature is not None
+        assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 784)
+        assert info.saved_input_example_info is not None
+    onnx_model = mlflow.pyfunc.load_model(by_stage["export"].model_uri)
+    out = onnx_model.predict(np.zeros((2, 784), np.float32))
+    assert out["scores"].shape == (2, 10)
+
+
+def test_published_version_is_a_registry_version_with_alias(client, pipeline_run, runs):
+    import json
+
+    versions = client.search_model_versions("name = 'emnist_mlp'")
+    path = str((pipeline_run.models_dir / "emnist_mlp" / "1").resolve())
+    mine = [v for v in versions if v.tags.get("crossport.servable_path") == path]
+    assert len(mine) == 1
+    version = mine[0]
+    assert version.tags["crossport.servable_version"] == "1"
+    assert version.tags["crossport.parity_verdict"] == "pass"
+    from crossport.files import sha256_file
+
+    assert version.tags["crossport.saved_model_sha256"] == sha256_file(pipeline_run.models_dir / "emnist_mlp" / "1"
+                                                                      / "saved_model.pb")
+    # the alias is on the newest passing registration (other tests may register later ones)
+    passing = [v for v in client.search_model_versions("name = 'emnist_mlp'")
+               if v.tags.get("crossport.parity_verdict") == "pass"]
+    newest = max(passing, key=lambda v: int(v.version))
+    assert client.get_model_version_by_alias("emnist_mlp", "validated").version == newest.version
+    facts = json.loads((pipeline_run.run_dir / "manifest.json").read_text())["facts"]
+    assert facts["registry"]["version"] == int(version.version)  # recorded both ways
+    assert facts["registry"]["servable_version"] == 1
+    files = {a.path for a in client.list_artifacts(runs[1]["register"].info.run_id, "servable")}
+    assert "servable/saved_model.pb" in files  # the registry source is a copy of the servable
