@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 5000
 ARGS   ?=
 
-.PHONY: install run test lint ui clean
+.PHONY: install run test lint ui clean browser
 
 install: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): requirements.txt pyproject.toml
 run: install
 	$(PY) -m pipelines.run --stage all $(ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest $(ARGS)
+
+# Debian's Chromium and its driver, for the upload-page test (root or sudo needed once).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -50,16 +50,27 @@ def publish_run(ctx) -> tuple[int, Path]:
     sources = {name: ctx.input(name) for name in ("saved_model", *EXTRA_FILES)}
 
     def build(staging: Path) -> None:
+        from pipelines.contract import replay_warmup, signature_problems
+
         shutil.copytree(sources["saved_model"], staging, dirs_exist_ok=True)
         extra = staging / ASSETS_EXTRA
         extra.mkdir()
         for name, filename in EXTRA_FILES.items():
             shutil.copy2(sources[name], extra / filename)
+        problems = signature_problems(staging)  # TF Serving's rules, on the exact files to publish
+        if problems:
+            raise PublishError("refusing to publish: the SavedModel breaks TF Serving's rules: "
+                               + "; ".join(problems) + ".", hint="Re-run --stage package.")
+        replay_warmup(staging)
 
     def finalize(staging: Path, version: int) -> None:
+        from pipelines.card import render_markdown
+
         extra = staging / ASSETS_EXTRA
+        card = servable_card(ctx, report, version, staging)
+        write_json_atomic(extra / "servable.json", card)
+        (extra / "SERVABLE.md").write_text(render_markdown(card))
         write_json_atomic(extra / "manifest.json", version_manifest(ctx, staging, version))
-        write_json_atomic(extra / "servable.json", servable_card(ctx, report, version))
 
     version, path = publish_version(Path(ctx.config.models_dir), ctx.config.name, build, finalize)
     manifest.facts["published"] = {"version": version, "path": str(path)}
@@ -70,15 +81,18 @@ def publish_run(ctx) -> tuple[int, Path]:
 def version_manifest(ctx, staging: Path, version: int) -> dict:
     """Every file of the version with its sha256, its parent's sha256 and the stage that made it."""
     run = ctx.manifest.artifacts
+    extras = {**EXTRA_FILES, "servable_card": "servable.json", "servable_card_md": "SERVABLE.md"}
     entries = [{
         "name": "saved_model", "path": ".", "stage": "package",
         "sha256": sha256_path(staging, exclude=(ASSETS_EXTRA,)),
         "parents": run["saved_model"].parents,
     }]
-    for name, filename in EXTRA_FILES.items():
+    for name, filename in extras.items():
         entries.append({
-            "name": name, "path": f"{ASSETS_EXTRA}/{filename}", "stage": run[name].stage,
-            "sha256": sha256_path(staging / ASSETS_EXTRA / filename), "parents": run[name].parents,
+            "name": name, "path": f"{ASSETS_EXTRA}/{filename}",
+            "stage": run[name].stage if name in run else "publish",
+            "sha256": sha256_path(staging / ASSETS_EXTRA / filename),
+            "parents": run[name].parents if name in run else {"parity": run["parity"].sha256},
         })
     return {
         "name": ctx.config.name,
@@ -104,26 +118,17 @@ def _mlflow_ids(ctx) -> dict | None:
     return {**facts, "registered_model": ctx.config.name}
 
 
-def servable_card(ctx, report: dict, version: int) -> dict:
-    labels = ctx.manifest.path("labels").read_text().splitlines()
-    return {
-        "name": ctx.config.name,
-        "version": version,
-        "input": {
-            "name": "images", "dtype": "float32", "shape": [None, 784],
-            "scaling": "grayscale pixel / 255, in [0, 1]",
-            "orientation": "EMNIST: the 28x28 image transposed (row-major pixels of the image's transpose)",
-        },
-        "outputs": {"scores": {"dtype": "float32", "shape": [None, len(labels)], "meaning": "softmax probabilities"}},
-        "signatures": {
-            "serving_default": "tensorflow/serving/predict: images -> scores",
-            "classify": "tensorflow/serving/classify: inputs (tf.train.Example, feature 'images') -> classes, scores",
-        },
-        "labels": labels,
-        "test_accuracy": ctx.manifest.facts.get("test_accuracy"),
-        "dataset": ctx.manifest.facts.get("dataset"),
-        "parity_verdict": report["verdict"],
-        "accuracy": ctx.manifest.facts.get("accuracy"),
-        "formats": {"saved_model": ".", **{name: f"{ASSETS_EXTRA}/{f}" for name, f in EXTRA_FILES.items()
-                                          if name == "onnx" or name.startswith("tflite_")}},
-    }
+def servable_card(ctx, report: dict, version: int, staging: Path) -> dict:
+    from pipelines.card import FORMAT_FILES
+    from pipelines.card import servable_card as card
+
+    sizes = {fmt: (saved_model_bytes(staging) if path == "." else (staging / path).stat().st_size)
+             for fmt, path in FORMAT_FILES.items()}
+    return card(name=ctx.config.name, version=version, labels=ctx.manifest.path("labels").read_text().splitlines(),
+                report=report, facts=ctx.manifest.facts, sizes=sizes, mlflow_ids=_mlflow_ids(ctx))
+
+
+def saved_model_bytes(version_dir: Path) -> int:
+    """Bytes of the SavedModel files of a version (assets.extra/ left out)."""
+    return sum(p.stat().st_size for p in version_dir.rglob("*")
+               if p.is_file() and p.relative_to(version_dir).parts[0] != ASSETS_EXTRA)

@@ -1,0 +1,118 @@
+"""The servable card: what a deployer needs to use a published version without our code."""
+
+from __future__ import annotations
+
+from crossport import __version__
+
+FORMAT_FILES = {
+    "saved_model": ".",
+    "onnx": "assets.extra/model.onnx",
+    "tflite_fp32": "assets.extra/model_fp32.tflite",
+    "tflite_fp16": "assets.extra/model_fp16.tflite",
+    "tflite_int8_dynamic": "assets.extra/model_int8_dynamic.tflite",
+    "tflite_int8_full": "assets.extra/model_int8_full.tflite",
+}
+RUNTIME_OF = {"saved_model": "saved_model:serving_default", "onnx": "onnxruntime"}
+PNG_RECIPE = [
+    "decode the PNG and convert it to 8-bit grayscale",
+    "if the background is light (mean > 127), invert it: the model expects white ink on black",
+    "crop to the ink, scale the crop to fit 20x20 and centre it in a 28x28 canvas",
+    "transpose the 28x28 array (EMNIST orientation), flatten row-major to 784 values",
+    "divide by 255 to get float32 values in [0, 1]; batch as [N, 784]",
+]
+
+
+def servable_card(*, name: str, version: int, labels: list[str], report: dict, facts: dict, sizes: dict[str, int],
+                  mlflow_ids: dict | None) -> dict:
+    hops = {hop["hop"]: hop for hop in report["hops"]}
+    formats = {}
+    for fmt, path in FORMAT_FILES.items():
+        hop = hops.get(f"pytorch -> {RUNTIME_OF.get(fmt, fmt)}", {})
+        formats[fmt] = {"path": path, "bytes": sizes.get(fmt), "test_accuracy": hop.get("candidate_accuracy"),
+                        "top1_agreement_with_pytorch": hop.get("top1_agreement"),
+                        "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None)}
+    base = f"http://localhost:8501/v1/models/{name}"
+    return {
+        "name": name,
+        "version": version,
+        "produced_by": f"crossport {__version__}",
+        "input": {
+            "name": "images", "dtype": "float32", "shape": [None, 784],
+            "scaling": "grayscale pixel value / 255, in [0, 1]; white ink on black",
+            "orientation": "EMNIST: the 28x28 image transposed, then flattened row-major",
+            "png_to_input": PNG_RECIPE,
+        },
+        "outputs": {"scores": {"dtype": "float32", "shape": [None, len(labels)],
+                               "meaning": "softmax probability per class; class id = index into labels"}},
+        "signatures": {
+            "serving_default": {"method": "tensorflow/serving/predict", "inputs": {"images": "DT_FLOAT [-1, 784]"},
+                                "outputs": {"scores": f"DT_FLOAT [-1, {len(labels)}]"}},
+            "classify": {"method": "tensorflow/serving/classify",
+                         "inputs": {"inputs": "DT_STRING [-1] serialized tf.train.Example, feature 'images'"},
+                         "outputs": {"classes": f"DT_STRING [-1, {len(labels)}]",
+                                     "scores": f"DT_FLOAT [-1, {len(labels)}]"}},
+        },
+        "labels": labels,
+        "formats": formats,
+        "parity": {"verdict": report["verdict"], "examples": report["examples"], "tolerances": report["tolerances"]},
+        "lineage": {
+            "dataset": facts.get("dataset"),
+            "code": (facts.get("provenance") or {}).get("code"),
+            "mlflow": mlflow_ids,
+            "lineage_command": f"python -m pipelines.lineage <models-dir>/{name}/{version}",
+        },
+        "example_requests": {
+            "rest_predict_rows": f"curl -d '{{\"instances\": [[0.0, ... 784 values ...]]}}' {base}:predict",
+            "rest_predict_columns": f"curl -d '{{\"inputs\": {{\"images\": [[0.0, ...]]}}}}' {base}:predict",
+            "rest_classify": f"curl -d '{{\"examples\": [{{\"images\": [0.0, ...]}}]}}' {base}:classify",
+            "rest_metadata": f"curl {base}/versions/{version}/metadata",
+            "tflite_python": ("from ai_edge_litert.interpreter import Interpreter; "
+                              "runner = Interpreter(model_path='model_fp32.tflite')"
+                              ".get_signature_runner('serving_default'); "
+                              "scores = runner(images=batch_float32_Nx784)['scores']"),
+        },
+    }
+
+
+def render_markdown(card: dict) -> str:
+    """SERVABLE.md: the same card for people."""
+    lines = [f"# {card['name']} — servable version {card['version']}", "",
+             f"Produced by {card['produced_by']}. Parity verdict: **{card['parity']['verdict']}** on "
+             f"{card['parity']['examples']} test images.", "", "## Input", "",
+             f"- `{card['input']['name']}`: {card['input']['dtype']} {card['input']['shape']}",
+             f"- scaling: {card['input']['scaling']}", f"- orientation: {card['input']['orientation']}",
+             "", "From a PNG:", ""]
+    lines += [f"{i}. {step}" for i, step in enumerate(card["input"]["png_to_input"], 1)]
+    lines += ["", "## Output", "", f"`scores`: {card['outputs']['scores']['meaning']} "
+              f"({card['outputs']['scores']['dtype']} {card['outputs']['scores']['shape']}).", "",
+              "## Signatures (TF Serving)", "", "| signature | method | inputs | outputs |", "|---|---|---|---|"]
+    for key, sig in card["signatures"].items():
+        lines.append(f"| `{key}` | `{sig['method']}` | " + ", ".join(f"`{k}` {v}" for k, v in sig["inputs"].items())
+                     + " | " + ", ".join(f"`{k}` {v}" for k, v in sig["outputs"].items()) + " |")
+    lines += ["", "## Formats", "", "| format | file | size | test accuracy | top-1 agreement with PyTorch |",
+              "|---|---|---|---|---|"]
+    for fmt, info in card["formats"].items():
+        size = f"{info['bytes'] / 1e6:.2f} MB" if info["bytes"] else "-"
+        accuracy = f"{info['test_accuracy']:.2%}" if info["test_accuracy"] is not None else "-"
+        agreement = (f"{info['top1_agreement_with_pytorch']:.2%}"
+                     if info["top1_agreement_with_pytorch"] is not None else "-")
+        lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} |")
+    lines += ["", "## Tolerances", "", "| candidate | scores max abs | min top-1 agreement | max accuracy drop | why |",
+              "|---|---|---|---|---|"]
+    for row in card["parity"]["tolerances"]:
+        lines.append(f"| {row['candidate']} | {row['scores_atol'] if row['scores_atol'] is not None else '-'} | "
+                     f"{row['min_top1_agreement']:.1%} | "
+                     f"{row['max_accuracy_drop_points'] if row['max_accuracy_drop_points'] is not None else '-'} | "
+                     f"{row['why']} |")
+    lines += ["", "## Labels", "", "Class id → label: " + ", ".join(f"{i}={label}" for i, label in
+                                                                    enumerate(card["labels"])), "",
+              "## Example requests", ""]
+    lines += [f"- {key}: `{value}`" for key, value in card["example_requests"].items()]
+    lineage = card["lineage"]
+    dataset = lineage.get("dataset") or {}
+    code = lineage.get("code") or {}
+    lines += ["", "## Lineage", "", f"- dataset: {dataset.get('name')} (digest `{dataset.get('digest')}`)",
+              f"- code commit: `{code.get('commit')}`{' (dirty tree)' if code.get('dirty') else ''}",
+              f"- MLflow: {((lineage.get('mlflow') or {}).get('runs') or {}).get('pipeline', 'not tracked')}",
+              f"- verify and trace: `{lineage['lineage_command']}`", ""]
+    return "\n".join(lines)

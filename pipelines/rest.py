@@ -1,0 +1,186 @@
+"""TF Serving's REST API semantics over any crossport backend.
+
+The same JSON a deployer sends to TensorFlow Serving works against ``pipelines.serve``:
+
+- ``POST /v1/models/<name>[/versions/<N>]:predict`` with ``{"instances": [...]}`` (row
+  format → ``{"predictions": [...]}``) or ``{"inputs": ...}`` (columnar → ``{"outputs": ...}``);
+- ``POST ...:classify`` with ``{"examples": [{"images": [...]}]}`` → ``{"results": [[[label, score], ...]]}``;
+- ``GET /v1/models/<name>[/versions/<N>]`` (status) and ``.../metadata`` (signature defs).
+
+Errors are ``{"error": "..."}`` with a 4xx status, as TF Serving answers them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INPUT_SIZE = 784
+ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>predict|classify)|"
+                   r"/(?P<metadata>metadata))?$")
+
+
+class RestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Backend:
+    """A loaded model: ``predict`` maps float32 [N, 784] to scores [N, C]."""
+
+    kind: str
+    predict: object
+    classify_examples: object | None  # SavedModel: serialized tf.Examples → (classes, scores)
+
+
+def load_backend(version_dir: Path, kind: str) -> Backend:
+    from crossport.runtimes import load_onnx, load_saved_model, load_tflite
+
+    extra = version_dir / "assets.extra"
+    if kind == "saved_model":
+        predict = load_saved_model(version_dir, "serving_default")
+        classify = load_saved_model(version_dir, "classify")
+        return Backend(kind, lambda rows: predict(rows)["scores"], lambda rows: classify(rows))
+    if kind == "onnx":
+        run = load_onnx(extra / "model.onnx")
+        return Backend(kind, lambda rows: run(rows)["scores"], None)
+    if kind.startswith("tflite_"):
+        run = load_tflite(extra / f"model_{kind.removeprefix('tflite_')}.tflite")
+        return Backend(kind, lambda rows: run(rows)["scores"], None)
+    raise ValueError(f"unknown backend {kind!r}")
+
+
+class Servable:
+    """One published version behind TF Serving's REST semantics."""
+
+    def __init__(self, name: str, version: int, version_dir: Path, backend: Backend) -> None:
+        self.name = name
+        self.version = version
+        self.version_dir = version_dir
+        self.backend = backend
+        self.labels = (version_dir / "assets.extra" / "labels.txt").read_text().splitlines()
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, body: bytes | None) -> tuple[int, dict]:
+        match = ROUTE.match(path)
+        if not match:
+            raise RestError(404, f"unknown path {path!r}: expected /v1/models/{self.name}[/versions/N]"
+                                 "[:predict|:classify|/metadata]")
+        if match["name"] != self.name or (match["version"] and int(match["version"]) != self.version):
+            wanted = f"{match['name']} version {match['version']}" if match["version"] else match["name"]
+            raise RestError(404, f"Servable not found for request: {wanted} (this server has {self.name} "
+                                 f"version {self.version})")
+        if match["verb"]:
+            if method != "POST":
+                raise RestError(405, f":{match['verb']} expects POST")
+            request = parse_json(body)
+            return 200, self.predict(request) if match["verb"] == "predict" else self.classify(request)
+        if method != "GET":
+            raise RestError(405, "model status and metadata expect GET")
+        return 200, self.metadata() if match["metadata"] else self.status()
+
+    # --- verbs -----------------------------------------------------------------------------
+
+    def predict(self, request: dict) -> dict:
+        signature = request.get("signature_name", "serving_default")
+        if signature != "serving_default":
+            raise RestError(400, f"signature {signature!r} is not a predict signature; use serving_default "
+                                 "(classify has its own :classify endpoint)")
+        if ("instances" in request) == ("inputs" in request):
+            raise RestError(400, "expected exactly one of 'instances' (row format) or 'inputs' (columnar format)")
+        if "instances" in request:
+            instances = request["instances"]
+            if not isinstance(instances, list) or not instances:
+                raise RestError(400, "'instances' must be a non-empty list")
+            rows = [item["images"] if isinstance(item, dict) and "images" in item else item for item in instances]
+            return {"predictions": self._scores(rows).tolist()}
+        inputs = request["inputs"]
+        if isinstance(inputs, dict):
+            if set(inputs) != {"images"}:
+                raise RestError(400, f"expected the input 'images', found {sorted(inputs)}")
+            inputs = inputs["images"]
+        return {"outputs": self._scores(inputs).tolist()}
+
+    def classify(self, request: dict) -> dict:
+        signature = request.get("signature_name", "classify")
+        if signature != "classify":
+            raise RestError(400, f"signature {signature!r} is not a classify signature; use classify")
+        examples = request.get("examples")
+        if not isinstance(examples, list) or not examples:
+            raise RestError(400, "expected 'examples': a non-empty list of {\"images\": [784 floats]}")
+        context = request.get("context") or {}
+        rows = []
+        for index, example in enumerate(examples):
+            if not isinstance(example, dict):
+                raise RestError(400, f"example {index} is not an object with feature 'images'")
+            features = {**context, **example}
+            if "images" not in features:
+                raise RestError(400, f"example {index} has no feature 'images'")
+            rows.append(features["images"])
+        array = self._rows(rows)
+        if self.backend.classify_examples is not None:
+            outputs = self.backend.classify_examples(array)
+            classes = [[label.decode() for label in row] for row in outputs["classes"]]
+            scores = outputs["scores"]
+        else:
+            scores = self.backend.predict(array)
+            classes = [self.labels] * len(array)
+        return {"results": [[[label, float(score)] for label, score in zip(row_classes, row_scores, strict=True)]
+                            for row_classes, row_scores in zip(classes, scores, strict=True)]}
+
+    def status(self) -> dict:
+        return {"model_version_status": [{"version": str(self.version), "state": "AVAILABLE",
+                                          "status": {"error_code": "OK", "error_message": ""}}]}
+
+    def metadata(self) -> dict:
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        from translation.servable import read_signature_defs
+
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in read_signature_defs(self.version_dir).items():
+            if not key.startswith("__"):
+                signature_map.signature_def[key].CopyFrom(signature)
+        return {
+            "model_spec": {"name": self.name, "signature_name": "", "version": str(self.version)},
+            "metadata": {"signature_def": {
+                "@type": "type.googleapis.com/tensorflow.serving.SignatureDefMap",
+                **json_format.MessageToDict(signature_map, preserving_proto_field_name=True),
+            }},
+        }
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _rows(self, rows) -> np.ndarray:
+        try:
+            array = np.asarray(rows, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise RestError(400, "expected 'images' as lists of 784 numbers") from error
+        if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
+            raise RestError(400, f"expected 'images' of shape [batch, {INPUT_SIZE}], found {list(array.shape)}")
+        if not np.all(np.isfinite(array)):
+            raise RestError(400, "'images' contains NaN or infinity")
+        return array
+
+    def _scores(self, rows) -> np.ndarray:
+        return np.asarray(self.backend.predict(self._rows(rows)))
+
+
+def parse_json(body: bytes | None) -> dict:
+    if not body:
+        raise RestError(400, "expected a JSON request body")
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RestError(400, f"the request body is not valid JSON: {error}") from error
+    if not isinstance(request, dict):
+        raise RestError(400, "expected a JSON object")
+    return request

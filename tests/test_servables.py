@@ -1,0 +1,357 @@
+"""Servables deployers use without our code: TF Serving contract, warmup, REST, card,
+serverless package and the web service (real HTTP, real Chromium)."""
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+DOCS = ROOT / "docs" / "rest"
+
+
+@pytest.fixture(scope="module")
+def version(pipeline_run) -> Path:
+    return pipeline_run.models_dir / "emnist_mlp" / "1"
+
+
+@pytest.fixture(scope="module")
+def test_images(pipeline_run):
+    with np.load(pipeline_run.run_dir / "data.npz") as data:
+        return data["x_test"][:20].astype(np.float32) / 255.0, data["y_test"][:20]
+
+
+def digit_png(image_row: np.ndarray, invert: bool = True, scale: int = 4) -> bytes:
+    """A dataset image as a person would upload it: upright, dark ink on white, larger."""
+    from PIL import Image
+
+    upright = image_row.reshape(28, 28).T
+    pixels = ((1.0 - upright) if invert else upright) * 255
+    image = Image.fromarray(pixels.astype(np.uint8)).resize((28 * scale, 28 * scale), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- TF Serving contract ----------------------------------------------------------------------
+
+def test_warmup_records_replay_through_the_saved_model(version):
+    from pipelines.contract import replay_warmup
+
+    replayed = replay_warmup(version)
+    assert {record["kind"] for record in replayed} == {"predict_log", "classify_log"}
+    assert 0 < len(replayed) <= 1000
+    assert all(shape[0] == record["batch"] for record in replayed for shape in record["shapes"].values())
+
+
+def test_contract_check_passes_on_published_versions(pipeline_run):
+    from pipelines.contract import models_config_problems
+
+    assert models_config_problems(pipeline_run.models_dir) == []
+    result = subprocess.run([sys.executable, "-m", "pipelines.contract", str(pipeline_run.models_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "emnist_mlp/1: signatures ok" in result.stdout
+
+
+def test_contract_check_names_each_broken_rule(version, tmp_path):
+    from pipelines.contract import models_config_problems, signature_problems
+    from translation.servable import set_method_name
+
+    copy = tmp_path / "m" / "1"
+    shutil.copytree(version, copy)
+    set_method_name(copy, "classify", "tensorflow/serving/regress")
+    assert signature_problems(copy) == ["classify: method 'tensorflow/serving/regress' is neither predict nor classify"]
+    (tmp_path / "models.config").write_text("model_config_list { config { name: 'm' bogus: 1 } }")
+    assert "is not a ModelServerConfig" in models_config_problems(tmp_path)[0]
+
+
+# --- REST examples in the README (docs/rest) --------------------------------------------------
+
+def structure(value):
+    """The shape of a JSON value: keys, list lengths and strings, numbers as a type."""
+    if isinstance(value, dict):
+        return {key: structure(item) for key, item in value.items() if key != "name" or not isinstance(item, str)}
+    if isinstance(value, list):
+        return [structure(item) for item in value]
+    return "number" if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+@pytest.mark.parametrize("example", ["predict_instances", "predict_inputs", "classify", "metadata", "status"])
+def test_documented_rest_examples_run_against_the_saved_model(version, example):
+    from crossport.runtimes import load_saved_model
+    from pipelines.rest import Servable, load_backend
+
+    documented = json.loads((DOCS / f"{example}.json").read_text())
+    body = (ROOT / documented["request"]).read_bytes() if "request" in documented else None
+    servable = Servable("emnist_mlp", 1, version, load_backend(version, "saved_model"))
+    status, response = servable.handle(documented["method"], documented["path"], body)
+    assert status == documented["status"]
+    assert structure(response) == structure(documented["response"])  # same keys, nesting, labels, lengths
+    if body is not None:  # and the numbers are this model's, exactly as the signature computes them
+        request = json.loads(body)
+        rows = (request.get("instances") or request.get("inputs", {}).get("images")
+                or [e["images"] for e in request["examples"]])
+        expected = load_saved_model(version)(np.asarray(rows, np.float32))["scores"]
+        values = response.get("predictions") or response.get("outputs") or [
+            [score for _, score in row] for row in response["results"]]
+        np.testing.assert_allclose(np.asarray(values), expected, atol=1e-6)
+
+
+def test_readme_shows_every_documented_example():
+    readme = (ROOT / "README.md").read_text()
+    for path in DOCS.glob("*.json"):
+        if not path.name.endswith(".request.json"):
+            assert f"docs/rest/{path.name}" in readme, path.name
+
+
+# --- servable card ----------------------------------------------------------------------------
+
+def test_servable_card_describes_contract_formats_and_lineage(version):
+    card = json.loads((version / "assets.extra" / "servable.json").read_text())
+    assert card["input"]["shape"] == [None, 784] and "transposed" in card["input"]["orientation"]
+    assert len(card["input"]["png_to_input"]) >= 4
+    assert card["labels"] == (version / "assets.extra" / "labels.txt").read_text().splitlines()
+    formats = card["formats"]
+    assert set(formats) == {"saved_model", "onnx", "tflite_fp32", "tflite_fp16", "tflite_int8_dynamic",
+                            "tflite_int8_full"}
+    for fmt, info in formats.items():
+        assert info["bytes"] > 0 and 0 < info["test_accuracy"] <= 1, fmt
+        assert info["top1_agreement_with_pytorch"] >= 0.985, fmt
+    assert card["parity"]["verdict"] == "pass" and card["parity"]["tolerances"]
+    assert card["lineage"]["dataset"]["digest"] and card["lineage"]["mlflow"]["runs"]["pipeline"]
+    assert "rest_classify" in card["example_requests"]
+    markdown = (version / "assets.extra" / "SERVABLE.md").read_text()
+    for text in ("## Input", "## Formats", "## Tolerances", "## Labels", "tflite_int8_full", "## Lineage"):
+        assert text in markdown
+
+
+# --- serverless package -----------------------------------------------------------------------
+
+HANDLER_SCRIPT = r"""
+import base64, json, sys
+try:
+    import crossport  # noqa: F401
+    print(json.dumps({"crossport_importable": True})); sys.exit(0)
+except ImportError:
+    pass
+import handler
+events = json.loads(sys.stdin.read())
+results = [handler.lambda_handler(event, None) for event in events]
+loaded = handler.model()
+handler.lambda_handler(events[0], None)
+print(json.dumps({"results": results, "loaded_once": handler.model() is loaded}))
+"""
+
+
+def run_handler(package: Path, events: list[dict]) -> dict:
+    # -I: isolated mode, so neither the repository nor PYTHONPATH is importable; the
+    # package directory is the working directory, as in a Lambda task root.
+    result = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, '.')\n{HANDLER_SCRIPT}"],
+                            cwd=package, input=json.dumps(events), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8_full"])
+def test_serverless_package_answers_events_without_crossport(version, test_images, tmp_path, variant):
+    import zipfile
+
+    from export.serverless import build_package
+
+    images, _ = test_images
+    directory, archive = build_package(version, tmp_path / "lambda", variant)
+    assert sorted(p.name for p in directory.iterdir()) == ["handler.py", "labels.txt", "model.tflite",
+                                                         "requirements.txt", "servable.json"]
+    assert sorted(zipfile.ZipFile(archive).namelist()) == sorted(p.name for p in directory.iterdir())
+    requirements = (directory / "requirements.txt").read_text().splitlines()
+    assert [line.split("==")[0] for line in requirements] == ["ai-edge-litert", "numpy", "pillow"]
+
+    png = base64.b64encode(digit_png(images[0])).decode()
+    events = [
+        {"body": json.dumps({"image": png})},
+        {"body": base64.b64encode(json.dumps({"pixels": images[1].tolist()}).encode()).decode(),
+         "isBase64Encoded": True},
+        {"body": json.dumps({"pixels": images[2].reshape(28, 28).tolist()})},
+        {"body": json.dumps({"image": base64.b64encode(b"not a png at all").decode()})},
+        {"body": json.dumps({"image": "%%% not base64"})},
+        {"body": json.dumps({"pixels": [0.5] * 100})},
+        {"body": "{" + " " * 2_000_000 + "}"},
+        {"body": "{'malformed': json"},
+        {},
+    ]
+    output = run_handler(directory, events)
+    assert "crossport_importable" not in output
+    assert output["loaded_once"] is True
+    results = output["results"]
+    for index in range(3):
+        assert results[index]["statusCode"] == 200
+        body = json.loads(results[index]["body"])
+        assert len(body["predictions"]) == 3
+        probabilities = [p["probability"] for p in body["predictions"]]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+    assert json.loads(results[1]["body"])["predictions"][0]["class_id"] == int(
+        np.argmax(_scores(version, images[1:2])[0]))
+    expected = ["could not be decoded", "not valid base64", "expected 784 pixels or 28×28", "too large",
+                "not valid JSON", "expected a request body"]
+    for result, message in zip(results[3:], expected, strict=True):
+        assert result["statusCode"] == 400
+        assert message in json.loads(result["body"])["error"]
+
+
+def _scores(version, rows):
+    from crossport.runtimes import load_tflite
+
+    return load_tflite(version / "assets.extra" / "model_fp32.tflite")(rows)["scores"]
+
+
+def test_serverless_cli_refuses_a_tampered_version(version, tmp_path):
+    copy = tmp_path / "v"
+    shutil.copytree(version, copy)
+    (copy / "assets.extra" / "model_fp32.tflite").write_bytes(b"tampered")
+    result = subprocess.run([sys.executable, "-m", "export.serverless", str(copy), "--out", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "differs from the version's manifest" in result.stderr
+
+
+# --- the web service --------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, model_dir: Path, backend: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend, "--port", str(self.port)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                self.get("/v1/models/emnist_mlp")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                if self.process.poll() is not None:
+                    raise RuntimeError(self.process.stdout.read()) from None
+                time.sleep(0.3)
+        raise RuntimeError("server did not start")
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type="application/json"):
+        request = urllib.request.Request(self.url + path, data=body, method=method,
+                                         headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, payload, content_type="application/json"):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", path, body, content_type)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["saved_model", "onnx", "tflite_int8_full"])
+def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
+    images, _ = test_images
+    server = Server(version.parent, backend)
+    try:
+        assert server.get("/v1/models/emnist_mlp")[1]["model_version_status"][0]["state"] == "AVAILABLE"
+        status, body = server.post("/v1/models/emnist_mlp:predict", {"instances": images[:3].tolist()})
+        assert status == 200 and np.asarray(body["predictions"]).shape == (3, 10)
+        from pipelines.rest import load_backend
+
+        reference = load_backend(version, backend).predict(images[:3])  # the chosen runtime, in this process
+        np.testing.assert_allclose(body["predictions"], reference, atol=1e-6)
+        columnar = {"inputs": {"images": images[:2].tolist()}}
+        status, body = server.post("/v1/models/emnist_mlp/versions/1:predict", columnar)
+        assert status == 200 and len(body["outputs"]) == 2
+        status, body = server.post("/v1/models/emnist_mlp:classify", {"examples": [{"images": images[0].tolist()}]})
+        assert status == 200 and [label for label, _ in body["results"][0]] == [str(d) for d in range(10)]
+        status, body = server.get("/v1/models/emnist_mlp/metadata")
+        signature_defs = body["metadata"]["signature_def"]["signature_def"]
+        assert status == 200 and signature_defs["classify"]["method_name"] == "tensorflow/serving/classify"
+        # clear 4xx answers, never a 500
+        assert server.post("/v1/models/emnist_mlp:predict", b"{not json")[0] == 400
+        assert server.post("/v1/models/emnist_mlp:predict", {"instances": [[0.1] * 5]})[0] == 400
+        assert server.post("/v1/models/other:predict", {"instances": images[:1].tolist()})[0] == 404
+        assert server.post("/v1/models/emnist_mlp/versions/9:predict", {"instances": images[:1].tolist()})[0] == 404
+        assert server.get("/v1/nothing")[0] == 404
+        status, body = server.post("/v1/models/emnist_mlp:predict", b" " * (9 * 1024 * 1024))
+        assert status == 413 and "over the limit" in body["error"]
+        assert server.post("/v1/upload", b"GIF89a not a png", "image/png")[0] == 400
+        status, body = server.post("/v1/upload", digit_png(images[0]), "image/png")
+        assert status == 200 and len(body["predictions"]) == 3
+        assert body["model_input_png"].startswith("data:image/png;base64,")
+    finally:
+        server.stop()
+
+
+def test_server_binds_loopback_by_default():
+    from pipelines.serve import build_parser
+
+    assert build_parser().parse_args(["models/x"]).host == "127.0.0.1"
+
+
+def test_upload_page_in_headless_chromium(version, test_images, tmp_path):
+    if not Path("/usr/bin/chromium").exists() or not Path("/usr/bin/chromedriver").exists():
+        pytest.fail("Debian's chromium and chromium-driver are not installed: run `make browser` (CI does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    images, _ = test_images
+    png = tmp_path / "digit.png"
+    png.write_bytes(digit_png(images[0]))
+    expected = str(int(np.argmax(_scores(version, to_rows(png))[0])))
+    server = Server(version.parent, "tflite_fp32")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(server.url + "/")
+        assert "Handwritten character" in driver.find_element(By.TAG_NAME, "h1").text
+        driver.find_element(By.ID, "file").send_keys(str(png))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Top label:"))
+        status = driver.find_element(By.ID, "status").text
+        rows = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "#top tbody tr")]
+        screenshot = tmp_path / "upload.png"
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
+        server.stop()
+    assert status.startswith(f"Top label: {expected} (")
+    assert len(rows) == 3 and rows[0].startswith(expected)
+    from PIL import Image
+
+    shot = Image.open(screenshot)
+    assert shot.size[0] >= 800
+    # the result is painted: the screenshot is not a blank page
+    assert len(set(shot.convert("L").getdata())) > 10
+
+
+def to_rows(png: Path) -> np.ndarray:
+    from export.serverless_handler import png_to_pixels, to_model_input
+
+    return to_model_input(png_to_pixels(png.read_bytes()))[np.newaxis, :]
