@@ -303,6 +303,29 @@ def registry_lookup(uri: str, name: str, *, servable_version: int | None = None,
             "aliases": aliases, "run_id": version.run_id, "source": version.source}
 
 
+def log_benchmark(uri: str, experiment: str, results: dict, out: Path) -> str:
+    """One ``bench`` run: throughput, latency and cold-start numbers plus bench.json/.md/.png."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    metrics = {"ceiling_gflops": results["ceiling"]["gflops"]}
+    for name, info in results["runtimes"].items():
+        metrics[f"{name}_batch1_p50_ms"] = info["batch1"]["p50_ms"]
+        metrics[f"{name}_batch128_examples_per_s"] = info["batch128"]["examples_per_s"]
+        if info["cold_start"]:
+            metrics[f"{name}_cold_start_s"] = info["cold_start"]["median_s"]
+    for variant, info in results["serverless"].items():
+        metrics[f"serverless_{variant}_cold_start_s"] = info["cold_start"]["median_s"]
+    with mlflow.start_run(run_name="bench", tags={f"{TAG_PREFIX}bench": results["version_dir"]}) as run:
+        mlflow.log_params({"version_dir": results["version_dir"], "quick": results["quick"]})
+        mlflow.log_metrics(metrics)
+        for name in ("bench.json", "bench.md", "bench.png"):
+            mlflow.log_artifact(str(out / name))
+        return run.info.run_id
+
+
 def make_tracker(enabled: bool, uri: str | None, experiment: str):
     if not enabled:
         return NullTracker()

@@ -16,7 +16,8 @@ EXPECTED_FILES = {
     "assets.extra/tf_serving_warmup_requests", "assets.extra/model.onnx", "assets.extra/model_fp32.tflite",
     "assets.extra/model_fp16.tflite", "assets.extra/model_int8_dynamic.tflite", "assets.extra/model_int8_full.tflite",
     "assets.extra/labels.txt", "assets.extra/parity.json", "assets.extra/manifest.json",
-    "assets.extra/servable.json", "assets.extra/parity_errors.png", "assets.extra/confusion_matrix.png",
+    "assets.extra/servable.json", "assets.extra/SERVABLE.md", "assets.extra/parity_errors.png",
+    "assets.extra/confusion_matrix.png",
 }
 
 
@@ -99,7 +100,7 @@ def test_parity_report_and_servable_card(pipeline_run):
     assert {row["candidate"] for row in report["tolerances"]} == set(candidates)
     card = json.loads((extra / "servable.json").read_text())
     assert card["version"] == 1 and card["input"]["shape"] == [None, 784]
-    assert card["parity_verdict"] == "pass" and len(card["labels"]) == 10
+    assert card["parity"]["verdict"] == "pass" and len(card["labels"]) == 10
 
 
 def test_warmup_file_holds_prediction_logs(pipeline_run):

@@ -1,0 +1,42 @@
+"""The benchmark command produces a complete, self-consistent report (numbers are not asserted)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
+    version = pipeline_run.models_dir / "emnist_mlp" / "1"
+    result = subprocess.run([sys.executable, "-m", "pipelines.bench", str(version), "--quick", "--out",
+                             str(tmp_path), "--no-tracking"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["runtimes"]) == {"pytorch", "onnxruntime", "saved_model", "tflite_fp32", "tflite_fp16",
+                                       "tflite_int8_dynamic", "tflite_int8_full"}
+    assert report["macs_per_example"] == 548_352
+    ceiling = report["ceiling"]
+    assert ceiling["examples_per_s"] == pytest.approx(ceiling["macs_per_s"] / 548_352)
+    for name, info in report["runtimes"].items():
+        for batch in ("batch1", "batch128"):
+            row = info[batch]
+            assert row["examples_per_s"] == pytest.approx(row["requests_per_s"] * row["batch"]), name
+            assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert info["ceiling_share"] == pytest.approx(info["batch128"]["examples_per_s"] / ceiling["examples_per_s"])
+        assert info["artifact_bytes"] > 0
+    cold = report["runtimes"]["tflite_fp32"]["cold_start"]
+    assert cold["runs"] >= 1 and cold["median_s"] > 0 and cold["peak_rss_mb"] > 0
+    for variant in ("fp32", "int8_full"):
+        package = report["serverless"][variant]
+        assert package["zipped_bytes"] <= package["unzipped_bytes"] and package["cold_start"]["median_s"] > 0
+    assert all(row["errors"] == 0 and row["requests"] > 0 for row in report["http"])
+    assert set(report["pipeline_stage_wall_s"]) >= {"data", "train", "export", "translate", "validate"}
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "% of ceiling" in markdown and "serverless package" in markdown and "web service backend" in markdown
+    assert markdown in result.stdout
