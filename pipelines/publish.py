@@ -45,6 +45,7 @@ def publish_version(
     base = Path(models_dir) / name
     try:
         base.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(base)
         staging = base / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
     except OSError as error:
@@ -73,6 +74,35 @@ def publish_version(
                                 "--stage publish.") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_leftovers(base: Path) -> list[Path]:
+    """Delete staging directories of publishers that died (killed, crashed) before renaming.
+
+    They are hidden from TF Serving anyway (not integer-named); a live publisher's own
+    staging directory (its PID still running) is left alone.
+    """
+    removed = []
+    for child in base.glob(f"{TEMP_PREFIX}*"):
+        pid = child.name.removeprefix(TEMP_PREFIX).split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    if removed:
+        log.info("removed %d leftover staging director%s under %s", len(removed), "y" if len(removed) == 1 else "ies",
+                 base)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

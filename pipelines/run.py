@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                "sqlite:///<repo>/mlflow/mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="run without MLflow")
+    parser.add_argument("--force", action="store_true",
+                        help="with --stage all on an existing run directory, redo every stage instead of "
+                             "skipping those whose inputs, config and outputs are unchanged")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
 
@@ -72,6 +75,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.no_tracking and args.tracking_uri:
         raise ConfigError("--no-tracking and --tracking-uri contradict each other.", hint="Pass only one of them.")
+    if args.force and args.stage != "all":
+        raise ConfigError(f"--force applies to --stage all; a single stage (--stage {args.stage}) always runs.",
+                          hint="Drop --force, or use --stage all --force.")
     overrides = {
         "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "seed": args.seed, "models_dir": args.models_dir, "name": args.name,
@@ -93,8 +99,11 @@ def _run(args: argparse.Namespace) -> int:
     tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
     manifest = open_run(run_dir, config, fresh=args.stage == "all")
     log.info("run directory %s", run_dir)
-    walls = run_stages(manifest, config, select(args.stage), tracker)
-    sys.stdout.write(summary(manifest, walls, tracker.uri) + "\n")
+    resume = args.stage == "all" and not args.force
+    selected = select(args.stage)
+    walls = run_stages(manifest, config, selected, tracker, resume=resume)
+    skipped = [stage.name for stage in selected if stage.name not in walls]
+    sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
     return 0
 
 

@@ -46,8 +46,55 @@ def select(stage: str) -> tuple[Stage, ...]:
     return STAGES if stage == "all" else tuple(s for s in STAGES if s.name == stage)
 
 
-def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, ...], tracker) -> dict[str, float]:
-    """Run ``stages`` in order; returns wall seconds per stage. Errors propagate unchanged."""
+# The config fields each stage's output depends on; a change re-runs the stage on resume.
+STAGE_CONFIG = {
+    "data": ("dataset", "seed", "data_dir"),
+    "train": ("epochs", "batch_size", "learning_rate", "seed"),
+    "publish": ("models_dir", "name"),
+    "register": ("name", "tracking", "tracking_uri"),
+}
+
+
+def stage_record(manifest: Manifest, config: PipelineConfig, stage: Stage) -> dict:
+    """What a stage's result depends on: its inputs' sha256 and the config fields it reads."""
+    settings = config.to_dict()
+    return {
+        "inputs": {need: manifest.artifacts[need].sha256 for need in stage.needs if need in manifest.artifacts},
+        "config": {key: settings[key] for key in STAGE_CONFIG.get(stage.name, ())},
+    }
+
+
+def up_to_date(manifest: Manifest, config: PipelineConfig, stage: Stage) -> bool:
+    """True when ``stage`` finished before with the same inputs and config, and its outputs are intact."""
+    from crossport.errors import ManifestError
+
+    previous = manifest.stages.get(stage.name, {})
+    if previous.get("status") != "done":
+        return False
+    current = stage_record(manifest, config, stage)
+    if previous.get("inputs") != current["inputs"] or previous.get("config") != current["config"]:
+        return False
+    try:
+        for name in stage.makes:
+            manifest.require(name, for_stage=stage.name)
+    except ManifestError:
+        return False
+    if stage.name == "publish":
+        published = manifest.facts.get("published") or {}
+        return Path(published.get("path", "")).joinpath("saved_model.pb").is_file()
+    if stage.name == "register":
+        registry = manifest.facts.get("registry") or {}
+        return registry.get("servable_version") == (manifest.facts.get("published") or {}).get("version")
+    return True
+
+
+def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, ...], tracker,
+               *, resume: bool = False) -> dict[str, float]:
+    """Run ``stages`` in order; returns wall seconds per stage run. Errors propagate unchanged.
+
+    With ``resume``, a stage that is :func:`up_to_date` is skipped; once one stage runs,
+    everything after it runs too (its inputs may have changed).
+    """
     from pipelines.provenance import package_versions, provenance
 
     walls: dict[str, float] = {}
@@ -63,8 +110,13 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
     environment = {**origin, "packages": package_versions()}
     with tracker.pipeline_run(manifest.run_dir.name, config.to_dict(), tags, environment):
         for stage in stages:
+            if resume and up_to_date(manifest, config, stage):
+                log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
+                continue
+            resume = False
             inputs = {need: manifest.require(need, for_stage=stage.name) for need in stage.needs}
             ctx = Context(config, manifest, inputs, tracker)
+            record = stage_record(manifest, config, stage)
             log.info("stage %s ...", stage.name)
             with tracker.stage_run(stage.name):
                 _record_tracking(manifest, tracker)
@@ -80,7 +132,7 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 wall = time.perf_counter() - started
                 walls[stage.name] = wall
                 manifest.stages[stage.name] = {"status": "done", "wall_s": round(wall, 3), "finished": _now(),
-                                               "makes": list(stage.makes)}
+                                               "makes": list(stage.makes), **record}
                 manifest.save()
                 tracker.log_stage(result, wall)
             log.info("stage %s done in %.1f s", stage.name, wall)

@@ -204,9 +204,11 @@ def export_stage(ctx: Context) -> StageResult:
 
 def translate_stage(ctx: Context) -> StageResult:
     from crossport.runtimes import load_onnx, load_saved_model
+    from export.onnx_export import check_onnx
     from translation.onnx_to_tf import translate
 
     onnx_path = ctx.input("onnx")
+    check_onnx(onnx_path)  # a file we did not make gets one clear line, not a parser traceback
     out = ctx.run_dir / "tf_graph"
     translate(onnx_path, out)
     golden = golden_inputs(ctx)

@@ -8,7 +8,8 @@ from pipelines.manifest import Manifest
 from pipelines.stages import parity_table
 
 
-def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | None) -> str:
+def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | None,
+            skipped: list[str] | None = None) -> str:
     facts = manifest.facts
     lines = ["", "crossport run summary", f"  run directory  {manifest.run_dir}"]
     dataset = facts.get("dataset")
@@ -28,6 +29,8 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
     if walls:
         lines.append("  wall time      " + ", ".join(f"{name} {wall:.1f}s" for name, wall in walls.items())
                      + f" (total {sum(walls.values()):.1f}s)")
+    if skipped:
+        lines.append("  up to date     " + ", ".join(skipped) + " (skipped; --force redoes them)")
     if tracking_uri:
         lines.append(f"  MLflow         {tracking_uri}")
     if "parity" in manifest.artifacts and "validate" in walls:

@@ -1,0 +1,230 @@
+"""The bad-input corpus: each case gets one clear line, a non-zero exit code, and nothing
+is written to the models directory."""
+
+import json
+import pickle
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from pipelines.manifest import Manifest
+from tests.conftest import ROOT, run_cli
+from tests.helpers import make_emnist_archive
+
+pytestmark = pytest.mark.slow
+
+
+def one_line_error(result, code: int, *fragments: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("crossport: error:")]
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def argparse_error(result, *fragments: str) -> None:
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.fixture
+def case(pipeline_run, tmp_path):
+    """A copy of a finished run, an empty models directory, and a helper to swap artifacts."""
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run.run_dir, run)
+    models = tmp_path / "models"
+
+    class Case:
+        def __init__(self):
+            self.run, self.models, self.tmp = run, models, tmp_path
+
+        def replace(self, name: str, data: bytes, stage: str, parents=()):
+            manifest = Manifest.load(run)
+            path = run / manifest.artifacts[name].path
+            path.write_bytes(data)
+            manifest.record(name, path, stage, parents=parents)  # recorded as if a stage made it
+
+        def cli(self, *args, **kwargs):
+            return run_cli(*args, "--run-dir", str(run), "--models-dir", str(models), "--no-tracking", **kwargs)
+
+    yield Case()
+    assert not models.exists() or not any(models.rglob("saved_model.pb")), "nothing may be published"
+
+
+def onnx_bytes(case, edit) -> bytes:
+    model = onnx.load(str(case.run / "model.onnx"))
+    edit(model)
+    return model.SerializeToString()
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+def test_missing_onnx(case):
+    (case.run / "model.onnx").unlink()
+    one_line_error(case.cli("--stage", "translate"), 1, "artifact 'onnx'", "missing on disk", "Re-run stage 'export'")
+
+
+def test_truncated_onnx(case):
+    case.replace("onnx", (case.run / "model.onnx").read_bytes()[:5000], "export", ("checkpoint",))
+    one_line_error(case.cli("--stage", "translate"), 1, "does not pass onnx.checker", "Re-run the export stage")
+
+
+def test_corrupt_onnx(case):
+    case.replace("onnx", b"\x08\x07garbage" * 100, "export", ("checkpoint",))
+    one_line_error(case.cli("--stage", "translate"), 1, "model.onnx")
+
+
+def test_onnx_op_the_translator_cannot_handle(case):
+    def edit(model):
+        model.graph.node[1].op_type = "Swish"
+        model.graph.node[1].domain = "com.example"
+        model.opset_import.add(domain="com.example", version=1)
+
+    case.replace("onnx", onnx_bytes(case, edit), "export", ("checkpoint",))
+    result = case.cli("--stage", "translate")
+    assert result.returncode == 1 and "Swish" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_onnx_breaking_the_input_shape(case):
+    case.replace("onnx", onnx_bytes(case, lambda m: setattr(
+        m.graph.input[0].type.tensor_type.shape.dim[1], "dim_value", 1024)), "export", ("checkpoint",))
+    one_line_error(case.cli("--stage", "translate"), 1, "must be FLOAT[batch, 784]", "found FLOAT[None, 1024]")
+
+
+def test_onnx_breaking_the_input_dtype(case):
+    case.replace("onnx", onnx_bytes(case, lambda m: setattr(
+        m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.DOUBLE)), "export", ("checkpoint",))
+    one_line_error(case.cli("--stage", "translate"), 1, "found DOUBLE")
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def test_checkpoint_with_nan_weights(case):
+    payload = torch.load(case.run / "model.pt", weights_only=True)
+    payload["state_dict"]["layers.3.weight"][0, 0] = float("nan")
+    torch.save(payload, case.tmp / "nan.pt")
+    case.replace("checkpoint", (case.tmp / "nan.pt").read_bytes(), "train", ("dataset", "labels"))
+    one_line_error(case.cli("--stage", "export"), 1, "non-finite values in 'layers.3.weight'")
+
+
+class Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_carrying_a_pickle_payload_is_never_executed(case):
+    marker = case.tmp / "executed"
+    case.replace("checkpoint", pickle.dumps({"format": "crossport-checkpoint", "x": Payload(str(marker))},
+                                            protocol=2), "train", ("dataset", "labels"))
+    one_line_error(case.cli("--stage", "export"), 1, "could not be loaded safely")
+    assert not marker.exists()
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+def emnist_env(case):
+    return {"HOME": str(case.tmp / "home"), "CROSSPORT_EMNIST_URL": (case.tmp / "none.zip").as_uri()}
+
+
+def test_missing_emnist_archive(case):
+    result = run_cli("--dataset", "emnist-letters", "--data-dir", str(case.tmp / "data"), "--run-dir",
+                     str(case.tmp / "new"), "--models-dir", str(case.models), "--no-tracking", env=emnist_env(case))
+    one_line_error(result, 1, "EMNIST download from", "To use EMNIST")
+
+
+def test_corrupt_emnist_archive(case):
+    (case.tmp / "data").mkdir()
+    (case.tmp / "data" / "gzip.zip").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    result = run_cli("--dataset", "emnist-byclass", "--data-dir", str(case.tmp / "data"), "--run-dir",
+                     str(case.tmp / "new"), "--models-dir", str(case.models), "--no-tracking", env=emnist_env(case))
+    one_line_error(result, 1, "corrupt or unreadable")
+
+
+def test_wrong_format_emnist_archive(case):
+    make_emnist_archive(case.tmp / "data" / "gzip.zip", split="digits", num_classes=10)
+    result = run_cli("--dataset", "emnist-balanced", "--data-dir", str(case.tmp / "data"), "--run-dir",
+                     str(case.tmp / "new"), "--models-dir", str(case.models), "--no-tracking", env=emnist_env(case))
+    one_line_error(result, 1, "not NIST's EMNIST archive", "gzip/emnist-balanced-train-images-idx3-ubyte.gz")
+
+
+def test_unknown_dataset_and_stage_names(case):
+    argparse_error(case.cli("--dataset", "imagenet"), "invalid choice: 'imagenet'")
+    argparse_error(case.cli("--stage", "deploy"), "invalid choice: 'deploy'")
+
+
+# --- the models directory --------------------------------------------------------------------
+
+def test_unwritable_models_directory(case):
+    blocker = case.tmp / "blocker"
+    blocker.write_text("a file where a directory should be")
+    result = run_cli("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(blocker / "models"),
+                     "--no-tracking")
+    one_line_error(result, 1, "cannot write to models directory", "Check its permissions")
+
+
+def test_full_disk_while_publishing(case):
+    """RLIMIT_FSIZE makes writes past 1 MB fail with EFBIG, as a full disk fails them with ENOSPC."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    result = subprocess.run([sys.executable, "-m", "pipelines.run", "--stage", "publish", "--run-dir", str(case.run),
+                             "--models-dir", str(case.models), "--no-tracking"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit)
+    one_line_error(result, 1, "publishing under", "File too large", "Nothing was published")
+    assert not list((case.models / "emnist_mlp").iterdir())  # staging removed too
+
+
+def test_model_name_with_path_traversal(case):
+    one_line_error(case.cli("--stage", "publish", "--name", "../escape"), 2, "model name '../escape' is not allowed")
+    assert not (case.tmp / "escape").exists()
+
+
+# --- tracking, flags, run directories --------------------------------------------------------
+
+def test_unreachable_tracking_server(case):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run_cli("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(case.models),
+                     "--tracking-uri", f"http://127.0.0.1:{port}")
+    one_line_error(result, 1, "is unreachable", "--no-tracking")
+
+
+def test_contradictory_flags(case):
+    result = run_cli("--no-tracking", "--tracking-uri", "http://127.0.0.1:1", "--run-dir", str(case.run))
+    one_line_error(result, 2, "contradict each other")
+    one_line_error(case.cli("--stage", "validate", "--force"), 2, "--force applies to --stage all")
+
+
+def test_run_directory_from_an_incompatible_version(case):
+    manifest = json.loads((case.run / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (case.run / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(case.cli("--stage", "publish"), 1, "manifest format 99", "reads format 1", "new --run-dir")
+
+
+def test_directory_that_is_not_a_run(case):
+    (case.tmp / "empty").mkdir()
+    result = run_cli("--stage", "validate", "--run-dir", str(case.tmp / "empty"), "--no-tracking")
+    one_line_error(result, 1, "is not a crossport run directory")
+
+
+def test_changed_artifact_is_refused_before_the_stage(case):
+    (case.run / "model_fp16.tflite").write_bytes(b"edited by hand")
+    one_line_error(case.cli("--stage", "validate"), 1, "artifact 'tflite_fp16'", "changed since stage 'tflite'")
+
+
+def test_invalid_numbers(case):
+    one_line_error(case.cli("--stage", "train", "--epochs", "0"), 2, "--epochs must be at least 1, found 0")
+    one_line_error(case.cli("--stage", "train", "--learning-rate", "-1"), 2, "learning rate must be positive")
