@@ -84,7 +84,9 @@ def up_to_date(manifest: Manifest, config: PipelineConfig, stage: Stage) -> bool
         return Path(published.get("path", "")).joinpath("saved_model.pb").is_file()
     if stage.name == "register":
         registry = manifest.facts.get("registry") or {}
-        return registry.get("servable_version") == (manifest.facts.get("published") or {}).get("version")
+        published = manifest.facts.get("published") or {}
+        return (registry.get("servable_version"), registry.get("servable_path")) == (
+            published.get("version"), published.get("path"))
     return True
 
 

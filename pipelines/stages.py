@@ -385,7 +385,8 @@ def register_stage(ctx: Context) -> StageResult:
     )
     ctx.manifest.facts["registry"] = {
         "model": registration.model, "version": registration.version, "alias": registration.alias,
-        "servable_version": registration.servable_version, "tracking_uri": ctx.tracker.uri,
+        "servable_version": registration.servable_version, "servable_path": str(path),
+        "tracking_uri": ctx.tracker.uri,
     }
     ctx.manifest.save()
     log.info("registered %s version %d (servable %d)%s", registration.model, registration.version,
