@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 5000
 ARGS   ?=
 
-.PHONY: install run test lint ui clean browser
+.PHONY: install run test lint ui clean browser bench
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ browser:
 	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+
+bench: install
+	$(PY) -m pipelines.bench $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
