@@ -68,3 +68,17 @@ class PublishError(CrossportError):
 
 class TrackingError(CrossportError):
     """The MLflow tracking store cannot be reached or written."""
+
+
+def report(error: CrossportError, *, debug: bool = False) -> int:
+    """How every crossport command ends on a ``CrossportError``: one line on stderr, its exit code.
+
+    With ``debug`` the traceback is logged first.
+    """
+    import logging
+    import sys
+
+    if debug:
+        logging.getLogger("crossport").error("failed", exc_info=error)
+    sys.stderr.write(f"crossport: error: {error}\n")
+    return error.exit_code

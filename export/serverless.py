@@ -16,7 +16,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from crossport.errors import ConfigError, CrossportError, PackageError
+from crossport.errors import ConfigError, CrossportError, PackageError, report
 from crossport.files import sha256_file
 
 VARIANTS = ("fp32", "int8_dynamic", "int8_full")
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         directory, archive = build_package(args.version_dir, args.out, args.variant)
     except CrossportError as error:
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error)
     size = sum(p.stat().st_size for p in directory.iterdir()) / 1e6
     zipped = archive.stat().st_size / 1e6
     sys.stdout.write(f"package {directory} ({size:.2f} MB), zip {archive} ({zipped:.2f} MB)\n"

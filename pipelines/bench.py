@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import ConfigError, CrossportError
+from crossport.errors import ConfigError, CrossportError, report
 
 log = logging.getLogger("crossport.bench")
 
@@ -370,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_tracking:
             _log_to_mlflow(version_dir, out)
     except CrossportError as error:
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error)
     sys.stdout.write(render_markdown(results))
     return 0
 

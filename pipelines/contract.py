@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import CrossportError, PackageError
+from crossport.errors import CrossportError, PackageError, report
 
 PREDICT = "tensorflow/serving/predict"
 CLASSIFY = "tensorflow/serving/classify"
@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     records = replay_warmup(Path(entry.base_path) / str(number))
                     sys.stdout.write(f"{entry.name}/{number}: signatures ok, {len(records)} warmup records replayed\n")
     except CrossportError as error:
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error)
     for problem in problems:
         sys.stdout.write(f"PROBLEM: {problem}\n")
     return 1 if problems else 0

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from crossport.errors import CrossportError
+from crossport.errors import CrossportError, report
 
 log = logging.getLogger("crossport")
 
@@ -33,10 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _diagnose(args)
     except CrossportError as error:
-        if args.debug:
-            log.exception("failed")
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error, debug=args.debug)
 
 
 def _diagnose(args: argparse.Namespace) -> int:

@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                  hint="Example: python -m pipelines.lineage models/emnist_mlp/1")
         report = trace(version_dir, args.tracking_uri)
     except CrossportError as error:
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error)
     sys.stdout.write((json.dumps(report, indent=2) if args.json else render(report)) + "\n")
     return 0 if report["verified"] else 1
 

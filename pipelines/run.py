@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from crossport.errors import ConfigError, CrossportError
+from crossport.errors import ConfigError, CrossportError, report
 
 log = logging.getLogger("crossport")
 
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except CrossportError as error:
-        if args.debug:
-            log.exception("failed")
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error, debug=args.debug)
     except KeyboardInterrupt:
         sys.stderr.write("crossport: interrupted\n")
         return 130

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import ConfigError, CrossportError
+from crossport.errors import ConfigError, CrossportError, report
 
 log = logging.getLogger("crossport.serve")
 
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = make_server(args.model_dir, args.version, args.backend, args.host, args.port)
     except CrossportError as error:
-        sys.stderr.write(f"crossport: error: {error}\n")
-        return error.exit_code
+        return report(error)
     except OSError as error:
         sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{args.port}: {error.strerror}.\n")
         return 1

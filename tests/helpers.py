@@ -41,3 +41,13 @@ def make_emnist_archive(path: Path, split: str = "byclass", n_train: int = 40, n
                     packed.write(payload)
                 bundle.writestr(f"gzip/emnist-{split}-{part}-{kind}.gz", buffer.getvalue())
     return arrays
+
+
+class PicklePayload:
+    """Unpickling this calls open(marker, "w"): proof a pickle ran if the file appears."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

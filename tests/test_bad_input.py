@@ -15,7 +15,7 @@ import torch
 
 from pipelines.manifest import Manifest
 from tests.conftest import ROOT, run_cli
-from tests.helpers import make_emnist_archive
+from tests.helpers import PicklePayload, make_emnist_archive
 
 pytestmark = pytest.mark.slow
 
@@ -115,17 +115,9 @@ def test_checkpoint_with_nan_weights(case):
     one_line_error(case.cli("--stage", "export"), 1, "non-finite values in 'layers.3.weight'")
 
 
-class Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_checkpoint_carrying_a_pickle_payload_is_never_executed(case):
     marker = case.tmp / "executed"
-    case.replace("checkpoint", pickle.dumps({"format": "crossport-checkpoint", "x": Payload(str(marker))},
+    case.replace("checkpoint", pickle.dumps({"format": "crossport-checkpoint", "x": PicklePayload(str(marker))},
                                             protocol=2), "train", ("dataset", "labels"))
     one_line_error(case.cli("--stage", "export"), 1, "could not be loaded safely")
     assert not marker.exists()

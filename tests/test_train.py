@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from crossport.errors import CheckpointError
+from tests.helpers import PicklePayload
 from training.model import MLP, ModelConfig
 from training.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
@@ -63,21 +64,11 @@ def test_checkpoint_describes_itself_and_round_trips(tmp_path):
     assert not checkpoint.model.training
 
 
-class Payload:
-    """Unpickling this calls open(marker, "w"): proof the pickle ran if the file appears."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_checkpoint_with_pickle_payload_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pickle-executed"
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
-        pickle.dump({"format": "crossport-checkpoint", "evil": Payload(str(marker))}, handle, protocol=2)
+        pickle.dump({"format": "crossport-checkpoint", "evil": PicklePayload(str(marker))}, handle, protocol=2)
     with pytest.raises(CheckpointError, match=r"could not be loaded safely.*Only crossport checkpoints"):
         load_checkpoint(path)
     assert not marker.exists()
