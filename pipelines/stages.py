@@ -429,7 +429,3 @@ def parity_table(report: dict) -> str:
     if report.get("divergence"):
         rows.append(report["divergence"]["summary"])
     return "\n".join(rows)
-
-
-def read_report(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
