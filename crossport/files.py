@@ -57,3 +57,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def size_path(path: Path, exclude: tuple[str, ...] = ()) -> int:
+    """Bytes of a file, or of a directory tree less the top-level entries named in ``exclude``."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in exclude)

@@ -282,13 +282,11 @@ def _machine() -> dict:
 
 
 def _size(path: Path | None, exclude_extra: bool = False) -> int | None:
+    from crossport.files import size_path
+
     if path is None or not Path(path).exists():
         return None
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*")
-               if p.is_file() and not (exclude_extra and p.relative_to(path).parts[0] == "assets.extra"))
+    return size_path(Path(path), exclude=("assets.extra",) if exclude_extra else ())
 
 
 def _installed_bytes(packages: tuple[str, ...]) -> int:

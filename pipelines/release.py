@@ -9,7 +9,7 @@ from pathlib import Path
 
 from crossport import __version__
 from crossport.errors import PublishError
-from crossport.files import sha256_path, write_json_atomic
+from crossport.files import sha256_path, size_path, write_json_atomic
 from pipelines.publish import ASSETS_EXTRA, publish_version
 
 # run artifact → file name inside assets.extra/ (the published layout contract)
@@ -110,8 +110,9 @@ def version_manifest(ctx, staging: Path, version: int) -> dict:
 
 
 def _mlflow_ids(ctx) -> dict | None:
-    """Where this version's runs are tracked; the registry version is added by the register
-    stage, which runs after publish (see README: publish, then register)."""
+    """Where this version's runs are tracked. The registry version is not known yet: the
+    register stage runs after publish (README: publish, then register) and records it in
+    the run's manifest and in the registry version's tags."""
     facts = ctx.manifest.facts.get("mlflow")
     if not facts or not ctx.config.tracking:
         return None
@@ -122,13 +123,7 @@ def servable_card(ctx, report: dict, version: int, staging: Path) -> dict:
     from pipelines.card import FORMAT_FILES
     from pipelines.card import servable_card as card
 
-    sizes = {fmt: (saved_model_bytes(staging) if path == "." else (staging / path).stat().st_size)
-             for fmt, path in FORMAT_FILES.items()}
+    sizes = {fmt: size_path(staging / path, exclude=(ASSETS_EXTRA,)) for fmt, path in FORMAT_FILES.items()}
     return card(name=ctx.config.name, version=version, labels=ctx.manifest.path("labels").read_text().splitlines(),
                 report=report, facts=ctx.manifest.facts, sizes=sizes, mlflow_ids=_mlflow_ids(ctx))
 
-
-def saved_model_bytes(version_dir: Path) -> int:
-    """Bytes of the SavedModel files of a version (assets.extra/ left out)."""
-    return sum(p.stat().st_size for p in version_dir.rglob("*")
-               if p.is_file() and p.relative_to(version_dir).parts[0] != ASSETS_EXTRA)
