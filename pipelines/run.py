@@ -16,23 +16,24 @@ from crossport.errors import ConfigError, CrossportError, report
 
 log = logging.getLogger("crossport")
 
-STAGE_CHOICES = ("all", "data", "train", "export", "translate", "package", "tflite", "validate", "publish",
-                 "register")
-DATASET_CHOICES = ("auto", "emnist-byclass", "emnist-bymerge", "emnist-balanced", "emnist-letters",
-                   "emnist-digits", "emnist-mnist", "digits")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The stage table and the dataset list are the single sources of these choices; both
+    # modules import only numpy, so --help stays fast.
+    from pipelines.stages import STAGE_NAMES
+    from training.data import DATASETS
+
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.run",
         description="Train an EMNIST MLP in PyTorch and publish parity-checked TensorFlow servables "
                     "(ONNX, SavedModel with predict/classify signatures, TFLite).",
     )
-    parser.add_argument("--stage", default="all", choices=STAGE_CHOICES,
+    parser.add_argument("--stage", default="all", choices=("all", *STAGE_NAMES),
                         help="stage to run; a single stage runs against an existing --run-dir (default: all)")
     parser.add_argument("--run-dir", type=Path,
                         help="run directory (default: a new runs/<timestamp>-<id> for 'all', the latest run otherwise)")
-    parser.add_argument("--dataset", choices=DATASET_CHOICES, help="dataset (default: auto)")
+    parser.add_argument("--dataset", choices=DATASETS, help="dataset (default: auto)")
     parser.add_argument("--data-dir", help="where EMNIST's gzip.zip is or goes (default: $CROSSPORT_DATA_DIR "
                                            "or ~/.cache/crossport/data)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 10)")
