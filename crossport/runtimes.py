@@ -3,10 +3,12 @@
 Each loader reads the artifact from disk and returns a callable mapping inputs to a dict
 of named float32 outputs; heavy runtimes are imported only by the loader that needs them.
 Inputs are fed in chunks so whole test splits fit in memory on any runtime.
+``threads`` sets each runtime's intra-op threads (None: the runtime's own default).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +28,13 @@ def _chunked(run: Predict, chunk: int = CHUNK) -> Predict:
     return predict
 
 
-def load_torch(checkpoint_path: Path) -> Predict:
+def load_torch(checkpoint_path: Path, threads: int | None = None) -> Predict:
     import torch
 
     from training.train import load_checkpoint
 
+    if threads:
+        torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint_path).model
 
     @torch.no_grad()
@@ -41,10 +45,13 @@ def load_torch(checkpoint_path: Path) -> Predict:
     return _chunked(run)
 
 
-def load_onnx(onnx_path: Path) -> Predict:
+def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -54,9 +61,13 @@ def load_onnx(onnx_path: Path) -> Predict:
     return _chunked(run)
 
 
-def load_saved_model(saved_model_dir: Path, signature: str = "serving_default") -> Predict:
+def load_saved_model(saved_model_dir: Path, signature: str = "serving_default", threads: int | None = None) -> Predict:
     import tensorflow as tf
 
+    if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
+        # TensorFlow that already ran something in this process keeps its threads (RuntimeError)
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
     function = tf.saved_model.load(str(saved_model_dir)).signatures[signature]
 
     if signature == "classify":
@@ -98,10 +109,10 @@ def _example_bytes(row: np.ndarray) -> bytes:
     return example.SerializeToString()
 
 
-def load_tflite(tflite_path: Path) -> Predict:
+def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(tflite_path))
+    interpreter = Interpreter(model_path=str(tflite_path), num_threads=threads)
     runner = interpreter.get_signature_runner("serving_default")
     input_name = next(iter(runner.get_input_details()))
 

@@ -25,12 +25,16 @@ PNG_RECIPE = [
 def servable_card(*, name: str, version: int, labels: list[str], report: dict, facts: dict, sizes: dict[str, int],
                   mlflow_ids: dict | None) -> dict:
     hops = {hop["hop"]: hop for hop in report["hops"]}
+    undecided = set(report.get("undecided", []))
     formats = {}
     for fmt, path in FORMAT_FILES.items():
+        if fmt not in sizes:  # left out of this version (--undecided omit)
+            continue
         hop = hops.get(f"pytorch -> {RUNTIME_OF.get(fmt, fmt)}", {})
         formats[fmt] = {"path": path, "bytes": sizes.get(fmt), "test_accuracy": hop.get("candidate_accuracy"),
                         "top1_agreement_with_pytorch": hop.get("top1_agreement"),
-                        "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None)}
+                        "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None),
+                        "parity": "unverified" if fmt in undecided else "verified"}
     base = f"http://localhost:8501/v1/models/{name}"
     return {
         "name": name,
@@ -54,7 +58,9 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         },
         "labels": labels,
         "formats": formats,
-        "parity": {"verdict": report["verdict"], "examples": report["examples"], "tolerances": report["tolerances"]},
+        "parity": {"verdict": report["verdict"], "examples": report["examples"], "tolerances": report["tolerances"],
+                   "unverified": sorted(undecided & set(formats)),
+                   "omitted": sorted(undecided - set(formats))},
         "lineage": {
             "dataset": facts.get("dataset"),
             "code": (facts.get("provenance") or {}).get("code"),
@@ -89,19 +95,24 @@ def render_markdown(card: dict) -> str:
     for key, sig in card["signatures"].items():
         lines.append(f"| `{key}` | `{sig['method']}` | " + ", ".join(f"`{k}` {v}" for k, v in sig["inputs"].items())
                      + " | " + ", ".join(f"`{k}` {v}" for k, v in sig["outputs"].items()) + " |")
-    lines += ["", "## Formats", "", "| format | file | size | test accuracy | top-1 agreement with PyTorch |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Formats", "", "| format | file | size | test accuracy | top-1 agreement with PyTorch | parity |",
+              "|---|---|---|---|---|---|"]
     for fmt, info in card["formats"].items():
         size = f"{info['bytes'] / 1e6:.2f} MB" if info["bytes"] else "-"
         accuracy = f"{info['test_accuracy']:.2%}" if info["test_accuracy"] is not None else "-"
         agreement = (f"{info['top1_agreement_with_pytorch']:.2%}"
                      if info["top1_agreement_with_pytorch"] is not None else "-")
-        lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} |")
-    lines += ["", "## Tolerances", "", "| candidate | scores max abs | min top-1 agreement | max accuracy drop | why |",
-              "|---|---|---|---|---|"]
-    for row in card["parity"]["tolerances"]:
-        lines.append(f"| {row['candidate']} | {row['scores_atol'] if row['scores_atol'] is not None else '-'} | "
-                     f"{row['min_top1_agreement']:.1%} | "
+        lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} | {info['parity']} |")
+    parity = card["parity"]
+    if parity["unverified"] or parity["omitted"]:
+        unverified, omitted = ", ".join(parity["unverified"]) or "none", ", ".join(parity["omitted"]) or "none"
+        lines += ["", f"Unverified (the {parity['examples']} test images were too few to decide): {unverified}; "
+                      f"left out: {omitted}."]
+    lines += ["", "## Tolerances", "",
+              "| candidate | values | against exact float64 | top-1 | max accuracy drop | why |",
+              "|---|---|---|---|---|---|"]
+    for row in parity["tolerances"]:
+        lines.append(f"| {row['candidate']} | {row['values']} | {row['against_exact']} | {row['top1'] or '-'} | "
                      f"{row['max_accuracy_drop_points'] if row['max_accuracy_drop_points'] is not None else '-'} | "
                      f"{row['why']} |")
     lines += ["", "## Labels", "", "Class id → label: " + ", ".join(f"{i}={label}" for i, label in

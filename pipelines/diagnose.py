@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from crossport.exact import Exact
     from pipelines.manifest import Manifest
     from pipelines.stages import locate_divergence
     from training.train import to_inputs
@@ -48,7 +49,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     tf_graph = manifest.require("tf_graph", for_stage="diagnose")
     with np.load(manifest.require("dataset", for_stage="diagnose")) as arrays:
         images = to_inputs(arrays["x_test"][: args.examples])
-    divergence = locate_divergence(onnx_path, tf_graph, images)
+    network_gamma = Exact.load(manifest.require("golden_exact", for_stage="diagnose")).network_gamma
+    divergence = locate_divergence(onnx_path, tf_graph, images, network_gamma)
     if args.json:
         sys.stdout.write(json.dumps(divergence.to_dict(), indent=2) + "\n")
     else:

@@ -44,10 +44,17 @@ def check_blessed(ctx) -> dict:
     return report
 
 
+def published_extras(report: dict, policy: str) -> dict[str, str]:
+    """The assets.extra files of a version: all of them, less undecided lossy variants under ``--undecided omit``."""
+    omitted = set(report.get("undecided", [])) if policy == "omit" else set()
+    return {name: filename for name, filename in EXTRA_FILES.items() if name not in omitted}
+
+
 def publish_run(ctx) -> tuple[int, Path]:
     report = check_blessed(ctx)
     manifest = ctx.manifest
-    sources = {name: ctx.input(name) for name in ("saved_model", *EXTRA_FILES)}
+    extras = published_extras(report, ctx.config.undecided)
+    sources = {name: ctx.input(name) for name in ("saved_model", *extras)}
 
     def build(staging: Path) -> None:
         from pipelines.contract import replay_warmup, signature_problems
@@ -55,7 +62,7 @@ def publish_run(ctx) -> tuple[int, Path]:
         shutil.copytree(sources["saved_model"], staging, dirs_exist_ok=True)
         extra = staging / ASSETS_EXTRA
         extra.mkdir()
-        for name, filename in EXTRA_FILES.items():
+        for name, filename in extras.items():
             shutil.copy2(sources[name], extra / filename)
         problems = signature_problems(staging)  # TF Serving's rules, on the exact files to publish
         if problems:
@@ -70,7 +77,7 @@ def publish_run(ctx) -> tuple[int, Path]:
         card = servable_card(ctx, report, version, staging)
         write_json_atomic(extra / "servable.json", card)
         (extra / "SERVABLE.md").write_text(render_markdown(card))
-        write_json_atomic(extra / "manifest.json", version_manifest(ctx, staging, version))
+        write_json_atomic(extra / "manifest.json", version_manifest(ctx, staging, version, extras))
 
     version, path = publish_version(Path(ctx.config.models_dir), ctx.config.name, build, finalize)
     manifest.facts["published"] = {"version": version, "path": str(path)}
@@ -78,10 +85,10 @@ def publish_run(ctx) -> tuple[int, Path]:
     return version, path
 
 
-def version_manifest(ctx, staging: Path, version: int) -> dict:
+def version_manifest(ctx, staging: Path, version: int, published: dict[str, str]) -> dict:
     """Every file of the version with its sha256, its parent's sha256 and the stage that made it."""
     run = ctx.manifest.artifacts
-    extras = {**EXTRA_FILES, "servable_card": "servable.json", "servable_card_md": "SERVABLE.md"}
+    extras = {**published, "servable_card": "servable.json", "servable_card_md": "SERVABLE.md"}
     entries = [{
         "name": "saved_model", "path": ".", "stage": "package",
         "sha256": sha256_path(staging, exclude=(ASSETS_EXTRA,)),
@@ -123,7 +130,8 @@ def servable_card(ctx, report: dict, version: int, staging: Path) -> dict:
     from pipelines.card import FORMAT_FILES
     from pipelines.card import servable_card as card
 
-    sizes = {fmt: size_path(staging / path, exclude=(ASSETS_EXTRA,)) for fmt, path in FORMAT_FILES.items()}
+    sizes = {fmt: size_path(staging / path, exclude=(ASSETS_EXTRA,)) for fmt, path in FORMAT_FILES.items()
+             if (staging / path).exists()}
     return card(name=ctx.config.name, version=version, labels=ctx.manifest.path("labels").read_text().splitlines(),
                 report=report, facts=ctx.manifest.facts, sizes=sizes, mlflow_ids=_mlflow_ids(ctx))
 

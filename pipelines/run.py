@@ -21,6 +21,7 @@ log = logging.getLogger("crossport")
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
+    from pipelines.config import UNDECIDED_POLICIES
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                "sqlite:///<repo>/mlflow/mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="run without MLflow")
+    parser.add_argument("--undecided", choices=UNDECIDED_POLICIES,
+                        help="a lossy TFLite variant the test split is too small to judge: 'publish' it marked "
+                             "unverified, or 'omit' it from the published version (default: publish)")
+    parser.add_argument("--threads", type=int,
+                        help="threads per runtime when checking artifacts (default: each runtime's own)")
     parser.add_argument("--force", action="store_true",
                         help="with --stage all on an existing run directory, redo every stage instead of "
                              "skipping those whose inputs, config and outputs are unchanged")
@@ -80,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "seed": args.seed, "models_dir": args.models_dir, "name": args.name,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
+        "undecided": args.undecided, "threads": args.threads,
     }
     if args.stage == "all":
         run_dir = args.run_dir or new_run_dir()

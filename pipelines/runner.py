@@ -50,7 +50,7 @@ def select(stage: str) -> tuple[Stage, ...]:
 STAGE_CONFIG = {
     "data": ("dataset", "seed", "data_dir"),
     "train": ("epochs", "batch_size", "learning_rate", "seed"),
-    "publish": ("models_dir", "name"),
+    "publish": ("models_dir", "name", "undecided"),
     "register": ("name", "tracking", "tracking_uri"),
 }
 

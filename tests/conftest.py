@@ -46,6 +46,14 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_exact(tiny_model, tiny_images):
+    """The tiny model's exact (float64) outputs and float32 error bounds on the tiny images."""
+    from crossport.exact import exact_outputs
+
+    return exact_outputs(tiny_model, tiny_images)
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory, tiny_model, tiny_images) -> TinyArtifacts:
     """A tiny seeded MLP taken through every converter with the library functions."""
     from crossport.files import sha256_file

@@ -5,6 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from crossport.exact import gamma, lam
 from tests import breakers
 from translation.divergence import find_divergence, instrument
 from translation.onnx_to_tf import translate
@@ -18,21 +19,21 @@ def test_translated_graph_exposes_every_intermediate_tensor(tiny):
     assert {node_output for node in model.graph.node for node_output in node.output} <= set(outputs)
 
 
-def test_clean_translation_has_no_divergent_node(tiny):
+def test_clean_translation_has_no_divergent_node(tiny, tiny_exact):
     divergence = find_divergence(onnx.load(str(tiny.onnx)), tiny.tf_graph, {"images": tiny.images},
-                                 atol=1e-5, rtol=1e-5)
+                                 tiny_exact.network_gamma)
     assert divergence.first is None
     assert len(divergence.nodes) == len(onnx.load(str(tiny.onnx)).graph.node)
     assert "agree at all" in divergence.describe()
 
 
 @pytest.mark.parametrize("breaker", [breakers.nudge_weight, breakers.swap_classes, breakers.transpose_inputs])
-def test_first_divergent_node_is_named(tiny, tmp_path, breaker):
+def test_first_divergent_node_is_named(tiny, tiny_exact, tmp_path, breaker):
     model = onnx.load(str(tiny.onnx))
     broken, culprit = breaker(model)
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     translate(tmp_path / "broken.onnx", tmp_path / "tf")
-    divergence = find_divergence(model, tmp_path / "tf", {"images": tiny.images}, atol=1e-5, rtol=1e-5)
+    divergence = find_divergence(model, tmp_path / "tf", {"images": tiny.images}, tiny_exact.network_gamma)
     assert divergence.first is not None
     assert divergence.first.node == culprit
     assert f"first divergent node: {culprit!r} (op Gemm" in divergence.describe()
@@ -68,7 +69,9 @@ def test_finder_works_on_other_graphs(tmp_path):
     onnx.save(drifted, str(tmp_path / "drifted.onnx"))
     translate(tmp_path / "drifted.onnx", tmp_path / "tf")
     x = np.random.default_rng(2).normal(size=(3, 1, 8, 8)).astype(np.float32)
-    divergence = find_divergence(reference, tmp_path / "tf", {"x": x}, atol=1e-5, rtol=1e-5)
+    # the conv accumulates 9 products and a bias per output; 3 examples × 4 channels × 64 pixels
+    network_gamma = gamma(10, lam(3 * 4 * 64, 10))
+    divergence = find_divergence(reference, tmp_path / "tf", {"x": x}, network_gamma)
     assert [diff.node for diff in divergence.nodes] == ["conv", "add_bias", "scale", "pool"]
     assert divergence.first.node == "add_bias" and divergence.first.op_type == "Add"
     assert divergence.first.max_abs == pytest.approx(0.1, rel=1e-3)

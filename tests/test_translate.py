@@ -11,9 +11,9 @@ from translation import compat
 from translation.onnx_to_tf import translate, unsupported_ops
 
 
-def test_translated_graph_matches_onnx_runtime(tiny):
+def test_translated_graph_matches_onnx_runtime(tiny, tiny_exact):
     reference, candidate = load_onnx(tiny.onnx)(tiny.images), load_saved_model(tiny.tf_graph)(tiny.images)
-    result = compare(hop_spec(ONNX, SM_PREDICT), reference, candidate)
+    result = compare(hop_spec(ONNX, SM_PREDICT), reference, candidate, bounds=tiny_exact.bounds)
     assert result.passed, result.failures
 
 

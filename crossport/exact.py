@@ -1,0 +1,208 @@
+"""The exact answer and how far a correct float32 computation may be from it.
+
+A float64 pass of the reference network gives each output's exact value (float64's own
+rounding is 2^29 times smaller than float32's and is ignored). The same pass carries a
+running forward error bound (Wilkinson's running error analysis with Higham & Mary's
+probabilistic constant) for a float32 evaluation of the same network, in any summation
+order, on the same float32 inputs:
+
+* a layer ``y = W·x + b`` with fan-in ``n`` (``n + 1`` rounded multiply-adds per output)
+  adds at most ``γ̃(n+1)·(|W|·|x| + |b|)`` of its own rounding and passes on
+  ``|W|·e_in`` of the error already in its inputs, where
+  ``γ̃(n) = expm1(λ·√n·u + n·u²/(1 − u))`` and ``u = 2⁻²⁴`` (float32's unit roundoff);
+* ReLU and max-pooling pass errors on unchanged (both are 1-Lipschitz), except through a
+  ReLU unit whose exact input is below ``-e``: it is off in both computations, so it
+  passes nothing;
+* softmax: ``|Δp_i| ≤ p_i·(e_i + Σ_j p_j·e_j) + p_i·u·(|t_i| + Σ_j p_j|t_j| + C + 8)``
+  (propagated logit error, then the rounding of ``t = z − max z``, of exp to within 2 ulp,
+  of the C-term sum and of the division), plus ``u²`` absolute: probabilities are read on
+  a scale of 1, where float32 resolves ``u``, and exp kernels flush the bottom of float32's
+  range to zero at different cut-offs (TensorFlow's softmax returns 0 for exact values
+  below about 2⁻¹²⁵), so differences below ``u²`` (3.6e-15) carry no information.
+
+``γ̃`` is Higham & Mary's (2019, SIAM J. Sci. Comput. 41(5), Thm 2.4) probabilistic
+constant: treating rounding errors as independent and mean-independent, one dot product's
+bound fails with probability at most ``2n·exp(-λ²(1-u)²/2)``. ``λ`` is chosen from the
+number of bounds checked so that the chance of *any* element of a run exceeding its bound
+through rounding alone is below :data:`FALSE_ALARM`. The worst-case constant ``n·u`` would
+be 3 to 40 times looser at these widths; the bound is first order (terms in ``u²·M`` are
+below float32's resolution of the result).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from crossport.errors import CrossportError
+
+U32 = 2.0**-24  # float32 unit roundoff
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the flush-to-zero floor of logits
+SCORE_FLOOR = U32 * U32  # absolute resolution of probabilities (see the module docstring)
+FALSE_ALARM = 1e-6  # chance that any element of a run leaves its bound through rounding alone
+EXP_ULPS = 2  # vectorised exp in MLAS, Eigen, XNNPack, MKL is accurate to within 2 ulp
+
+
+def lam(bounds: int, terms: int, false_alarm: float = FALSE_ALARM) -> float:
+    """λ such that ``bounds`` dot products of ``terms`` roundings each all hold with probability ≥ 1 − false_alarm."""
+    return math.sqrt(2.0 * math.log(2.0 * max(bounds, 1) * max(terms, 1) / false_alarm)) / (1.0 - U32)
+
+
+def gamma(n: int, lam_: float) -> float:
+    """Higham & Mary's probabilistic γ̃(n) for float32."""
+    return math.expm1(lam_ * math.sqrt(n) * U32 + n * U32 * U32 / (1.0 - U32))
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Float64 outputs of the reference network and each element's float32 error bound."""
+
+    values: dict[str, np.ndarray]  # "logits", "scores": float64 [N, C]
+    bounds: dict[str, np.ndarray]  # same keys: the most a correct float32 result may be off
+    lam: float
+    fan_ins: tuple[int, ...]
+
+    @property
+    def network_gamma(self) -> float:
+        """Σ γ̃ over the accumulating layers: the relative float32 error any prefix of the network can build up."""
+        return sum(gamma(n, self.lam) for n in self.fan_ins)
+
+    def rows(self, index) -> Exact:
+        return Exact({k: v[index] for k, v in self.values.items()}, {k: v[index] for k, v in self.bounds.items()},
+                     self.lam, self.fan_ins)
+
+    def save(self, path) -> None:
+        np.savez(path, **{f"value_{k}": v for k, v in self.values.items()},
+                 **{f"bound_{k}": v for k, v in self.bounds.items()},
+                 lam=np.float64(self.lam), fan_ins=np.asarray(self.fan_ins, dtype=np.int64))
+
+    @classmethod
+    def load(cls, path) -> Exact:
+        with np.load(path) as arrays:
+            values = {k.removeprefix("value_"): arrays[k] for k in arrays.files if k.startswith("value_")}
+            bounds = {k.removeprefix("bound_"): arrays[k] for k in arrays.files if k.startswith("bound_")}
+            return cls(values, bounds, float(arrays["lam"]), tuple(int(n) for n in arrays["fan_ins"]))
+
+
+def layers_of(model) -> list:
+    """The leaf modules of a network that is one chain of layers, in order."""
+    from torch import nn
+
+    supported = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity,
+                 nn.BatchNorm2d, nn.BatchNorm1d)
+    leaves = [module for module in model.modules() if not list(module.children())]
+    unknown = sorted({type(module).__name__ for module in leaves if not isinstance(module, supported)})
+    if unknown:
+        raise CrossportError(
+            f"no float32 error model for layer type(s) {', '.join(unknown)}: the parity gate's exact reference "
+            f"covers chains of {', '.join(t.__name__ for t in supported)}.",
+            hint="Add a rule for the layer to crossport/exact.py (how it adds and passes on rounding error).",
+        )
+    return leaves
+
+
+def fan_ins(model) -> tuple[int, ...]:
+    """Rounded multiply-adds behind one output of each accumulating layer (fan-in, +1 for a bias)."""
+    from torch import nn
+
+    counts = []
+    for layer in layers_of(model):
+        if isinstance(layer, nn.Linear):
+            counts.append(layer.in_features + (layer.bias is not None))
+        elif isinstance(layer, nn.Conv2d):
+            kernel = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+            counts.append(kernel + (layer.bias is not None))
+        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            counts.append(2)  # one multiply, one add
+    return tuple(counts)
+
+
+def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
+    """Run ``model`` in float64 on float32 ``images`` [N, ...]; see the module docstring."""
+    import copy
+
+    import torch
+
+    layers = layers_of(model)
+    counts = fan_ins(model)
+    double = [copy.deepcopy(layer).double().eval() for layer in layers]
+    with torch.no_grad():
+        sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).double()
+        dots = _dot_products_per_example(double, sample)
+    lam_ = lam(len(images) * dots, max(counts, default=1))
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "scores": [], "bound_logits": [], "bound_scores": []}
+    with torch.no_grad():
+        for start in range(0, max(len(images), 1), chunk):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
+            logits, error = _forward_with_bound(double, batch, lam_)
+            scores, score_error = _softmax_with_bound(logits, error)
+            for key, value in (("logits", logits), ("scores", scores), ("bound_logits", error),
+                               ("bound_scores", score_error)):
+                parts[key].append(value.numpy())
+    joined = {key: np.concatenate(value) for key, value in parts.items()}
+    return Exact({"logits": joined["logits"], "scores": joined["scores"]},
+                 {"logits": joined["bound_logits"], "scores": joined["bound_scores"]}, lam_, counts)
+
+
+def _dot_products_per_example(layers, sample) -> int:
+    """How many dot products (rounded bounds that must all hold) one example's forward pass computes."""
+    from torch import nn
+
+    count = 0
+    for layer in layers:
+        sample = layer(sample)
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+            count += sample[:1].numel()
+    return max(count, 1)
+
+
+def _forward_with_bound(layers, x, lam_):
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    error = torch.zeros_like(x)
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            g = gamma(layer.in_features + 1, lam_)
+            weight = layer.weight.abs()
+            bias = layer.bias.abs() if layer.bias is not None else 0.0
+            error = F.linear(error, weight) + g * (F.linear(x.abs(), weight) + bias)
+            x = layer(x)
+        elif isinstance(layer, nn.Conv2d):
+            g = gamma(layer.in_channels // layer.groups * math.prod(layer.kernel_size) + 1, lam_)
+            weight = layer.weight.abs()
+            conv = lambda value, bias=None, _l=layer, _w=weight: F.conv2d(  # noqa: E731
+                value, _w, bias, _l.stride, _l.padding, _l.dilation, _l.groups)
+            bias = layer.bias.abs() if layer.bias is not None else None
+            error = conv(error) + g * conv(x.abs(), bias)
+            x = layer(x)
+        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+            shift = layer.bias - layer.running_mean * scale
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            scale, shift = scale.view(shape), shift.view(shape)
+            error = scale.abs() * error + gamma(2, lam_) * (scale.abs() * x.abs() + shift.abs())
+            x = x * scale + shift
+        elif isinstance(layer, nn.ReLU):
+            error = error * (x > -error)  # a unit off by more than its error is off in float32 too
+            x = torch.relu(x)
+        elif isinstance(layer, nn.MaxPool2d):
+            error = layer(error)  # |max(a + δ) − max(a)| ≤ max|δ| over the window
+            x = layer(x)
+        else:  # Flatten, Unflatten, Dropout (eval), Identity: no arithmetic
+            error, x = layer(error), layer(x)
+    return x, error + FLOAT32_TINY  # kernels may flush subnormal results to zero
+
+
+def _softmax_with_bound(logits, error):
+    import torch
+
+    scores = torch.softmax(logits, dim=-1)
+    shifted = (logits - logits.max(dim=-1, keepdim=True).values).abs()
+    classes = logits.shape[-1]
+    propagated = error + (scores * error).sum(dim=-1, keepdim=True)
+    rounding = U32 * (shifted + (scores * shifted).sum(dim=-1, keepdim=True) + classes + 2 * EXP_ULPS + 4)
+    return scores, scores * (propagated + rounding) + SCORE_FLOOR

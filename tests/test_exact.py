@@ -1,0 +1,112 @@
+"""The exact reference and its float32 error bound: right values, bounds that hold and scale."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossport.errors import CrossportError
+from crossport.exact import U32, Exact, exact_outputs, fan_ins, gamma, lam
+from training.model import MLP, ModelConfig
+
+
+def mlp(inputs: int, hidden: tuple[int, ...], classes: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP(ModelConfig(input_size=inputs, hidden_sizes=hidden, num_classes=classes, dropout=0.0)).eval()
+
+
+def images(n: int, size: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size), dtype=np.float32)
+
+
+def float32_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_exact_values_match_an_independent_float64_evaluation():
+    model, x = mlp(784, (64, 32), 7), images(50, 784)
+    exact = exact_outputs(model, x)
+    layers = [layer for layer in model.layers if isinstance(layer, nn.Linear)]
+    h = x.astype(np.float64)
+    for index, layer in enumerate(layers):
+        h = h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+        if index < len(layers) - 1:
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(exact.values["logits"], h, rtol=1e-12, atol=1e-12)
+    expected_scores = np.exp(h - h.max(1, keepdims=True))
+    np.testing.assert_allclose(exact.values["scores"], expected_scores / expected_scores.sum(1, keepdims=True),
+                               rtol=1e-12, atol=1e-15)
+    assert exact.fan_ins == (785, 65, 33) == fan_ins(model)
+
+
+@pytest.mark.parametrize("inputs", [784, 4096])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_float32_pytorch_stays_within_the_bound_at_any_width_and_logit_scale(inputs, scale):
+    model, x = mlp(inputs, (512, 256), 62), images(200, inputs)
+    with torch.no_grad():
+        model.layers[-1].weight.mul_(scale)
+        model.layers[-1].bias.mul_(scale)
+    exact = exact_outputs(model, x)
+    error = np.abs(float32_logits(model, x) - exact.values["logits"])
+    assert np.all(error <= exact.bounds["logits"])
+    # the logits really are that scale (scaling float32 weights rounds each by at most u = 6e-8)
+    assert np.max(np.abs(exact.values["logits"])) == pytest.approx(scale * np.max(np.abs(
+        exact_outputs(mlp(inputs, (512, 256), 62), x).values["logits"])), rel=1e-6)
+
+
+def test_the_bound_scales_with_the_logits_so_one_rule_serves_every_magnitude():
+    x = images(40, 784)
+    small, large = mlp(784, (64,), 5), mlp(784, (64,), 5)
+    with torch.no_grad():
+        large.layers[-1].weight.mul_(1024.0)  # a power of two: float32 results scale exactly too
+        large.layers[-1].bias.mul_(1024.0)
+    bound_small = exact_outputs(small, x).bounds["logits"]
+    bound_large = exact_outputs(large, x).bounds["logits"]
+    np.testing.assert_allclose(bound_large, 1024.0 * bound_small, rtol=1e-6)
+
+
+def test_the_bound_grows_like_the_square_root_of_the_fan_in():
+    lam_ = lam(1000, 4096)
+    assert gamma(4096, lam_) / gamma(1024, lam_) == pytest.approx(2.0, rel=1e-3)
+    assert gamma(785, lam_) == pytest.approx(lam_ * np.sqrt(785) * U32, rel=1e-4)
+    # more bounds to hold at once → larger λ, but only logarithmically
+    assert 1.0 < lam(10**8, 785) / lam(10**4, 785) < 1.5
+
+
+def test_a_cnn_of_conv_batchnorm_relu_pool_layers_is_covered():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Dropout(0.25), nn.Linear(16 * 7 * 7, 10),
+    )
+    with torch.no_grad():  # a trained-looking BatchNorm, not the identity it starts as
+        for layer in model:
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.uniform_(-0.5, 0.5)
+                layer.running_var.uniform_(0.5, 2.0)
+                layer.weight.uniform_(0.5, 1.5)
+    model.eval()
+    x = images(64, 784)
+    exact = exact_outputs(model, x)
+    assert exact.fan_ins == (10, 2, 73, 2, 785)
+    error = np.abs(float32_logits(model, x) - exact.values["logits"])
+    assert np.all(error <= exact.bounds["logits"]) and np.all(error > 0).any()
+
+
+def test_a_layer_without_an_error_model_is_refused_with_a_clear_message():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(CrossportError, match=r"no float32 error model for layer type\(s\) Tanh"):
+        exact_outputs(model, images(3, 4))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    exact = exact_outputs(mlp(784, (16,), 3), images(5, 784))
+    exact.save(tmp_path / "exact.npz")
+    loaded = Exact.load(tmp_path / "exact.npz")
+    assert loaded.lam == exact.lam and loaded.fan_ins == exact.fan_ins
+    for key in ("logits", "scores"):
+        np.testing.assert_array_equal(loaded.values[key], exact.values[key])
+        np.testing.assert_array_equal(loaded.bounds[key], exact.bounds[key])
+    assert loaded.rows(slice(2)).values["logits"].shape == (2, 3)
