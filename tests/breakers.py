@@ -70,17 +70,76 @@ def transpose_inputs(model, input_name: str = "images"):
     A Gather of the 784 pixels in transposed order (Reshape/Transpose would need op
     versions onnx-tf lacks at opset 20).
     """
-    copy = _copy(model)
-    moved = f"{input_name}__transposed"
-    for node in copy.graph.node:
-        for i, name in enumerate(node.input):
-            if name == input_name:
-                node.input[i] = moved
     order = np.arange(784, dtype=np.int64).reshape(28, 28).T.reshape(-1)
-    copy.graph.initializer.append(numpy_helper.from_array(order, "transposed_order"))
-    gather = helper.make_node("Gather", [input_name, "transposed_order"], [moved], name="transpose", axis=1)
+    return _gather_inputs(_copy(model), input_name, order, "transpose")
+
+
+def _gather_inputs(copy, input_name: str, order: np.ndarray, name: str):
+    """Reorder the 784 input pixels by ``order`` with a Gather in front of the graph."""
+    moved = f"{input_name}__{name}"
+    for node in copy.graph.node:
+        for i, value in enumerate(node.input):
+            if value == input_name:
+                node.input[i] = moved
+    copy.graph.initializer.append(numpy_helper.from_array(order, f"{name}_order"))
+    gather = helper.make_node("Gather", [input_name, f"{name}_order"], [moved], name=name, axis=1)
     nodes = list(copy.graph.node)
     del copy.graph.node[:]
     copy.graph.node.extend([gather, *nodes])
     first_consumer = next(node.name for node in nodes if moved in node.input)
     return copy, first_consumer
+
+
+# --- subtle faults: each changes the numbers by far less than the round-1 thresholds noticed at scale ---
+
+
+def scale_hidden_unit(model, factor: float = 1 + 1e-3):
+    """Scale one first-layer hidden unit's incoming weights and bias by ``factor``.
+
+    The unit picked is the one with the largest summed incoming weight, so it is active on
+    most inked images (a unit that never fires would change nothing).
+    """
+    copy = _copy(model)
+    node = gemm_nodes(copy)[0]
+    trans_b = next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
+    weight = numpy_helper.to_array(_initializer(copy, node.input[1])).copy()
+    bias = numpy_helper.to_array(_initializer(copy, node.input[2])).copy()
+    unit = int(np.argmax(weight.sum(axis=1) if trans_b else weight.sum(axis=0)))
+    if trans_b:
+        weight[unit] *= factor
+    else:
+        weight[:, unit] *= factor
+    bias[unit] *= factor
+    _set(copy, node.input[1], weight)
+    _set(copy, node.input[2], bias)
+    return copy, node.name
+
+
+def shift_class_bias(model, delta: float = 1e-4, klass: int = 0):
+    """Add ``delta`` to one class's output bias (last Gemm)."""
+    copy = _copy(model)
+    node = gemm_nodes(copy)[-1]
+    bias = numpy_helper.to_array(_initializer(copy, node.input[2])).copy()
+    bias[klass] += delta
+    _set(copy, node.input[2], bias)
+    return copy, node.name
+
+
+def round_weights_to_bfloat16(model):
+    """Every float initializer rounded to bfloat16 (round to nearest even) and stored back as float32."""
+    copy = _copy(model)
+    for init in copy.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype != np.float32:
+            continue
+        bits = array.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+        init.CopyFrom(numpy_helper.from_array(rounded.view(np.float32), init.name))
+    return copy, gemm_nodes(copy)[0].name
+
+
+def shift_inputs_one_pixel(model, input_name: str = "images"):
+    """Feed the graph its 28×28 images moved by one pixel (a preprocessing off-by-one)."""
+    copy = _copy(model)
+    order = np.roll(np.arange(784, dtype=np.int64).reshape(28, 28), 1, axis=1).reshape(-1)
+    return _gather_inputs(copy, input_name, order, "shift_one_pixel")

@@ -114,3 +114,48 @@ def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path):
     report = json.loads(broken.stdout)
     assert report["first"]["node"] == culprit and report["first"]["op_type"] == "Gemm"
     assert [node["bound_exceeded"] for node in report["nodes"]][:4] == [False, False, False, False]
+
+
+# --- subtle drift: far below the round-1 fixed thresholds at scale, still refused -------------------------
+
+
+@pytest.mark.parametrize("breaker", [breakers.scale_hidden_unit, breakers.shift_class_bias,
+                                     breakers.round_weights_to_bfloat16, breakers.shift_inputs_one_pixel],
+                         ids=["hidden-unit-x1.001", "class-bias+1e-4", "bfloat16-weights", "input-shifted-1px"])
+def test_subtle_drift_in_the_tf_graph_is_refused(pipeline_run, tmp_path, breaker):
+    manifest, config = copy_run(pipeline_run, tmp_path)
+    break_tf_graph(manifest, breaker)
+    remaining = STAGES[[stage.name for stage in STAGES].index("package"):]
+    with pytest.raises(ParityError) as caught:
+        run_stages(manifest, config, remaining, NullTracker())
+    message = str(caught.value)
+    # whichever check catches it first (packaging's own, or validate's), it names the TF side
+    assert "saved_model:serving_default" in message or "tf_graph" in message, message
+    assert_nothing_published(tmp_path)
+
+
+def test_a_class_bias_shift_of_1e_4_is_caught_by_the_noise_check(pipeline_run, tmp_path):
+    """Inside every element's bound, yet far noisier than float32 in one class: validate names the class."""
+    manifest, config = copy_run(pipeline_run, tmp_path)
+    break_tf_graph(manifest, lambda model: breakers.shift_class_bias(model, klass=3))
+    run_stages(manifest, config, tuple(stage_by_name(name) for name in ("package", "tflite")), NullTracker())
+    with pytest.raises(ParityError, match=r"tf_graph: output 'logits' is [0-9.]+× noisier than PyTorch float32 "
+                                          r"against the exact values in class 3"):
+        run_stages(manifest, config, (stage_by_name("validate"), stage_by_name("publish")), NullTracker())
+    report = json.loads((manifest.run_dir / "parity.json").read_text())
+    assert report["verdict"] == "fail"
+    assert report["detail"].startswith("first failing")
+    assert_nothing_published(tmp_path)
+
+
+@pytest.mark.parametrize("impostor", ["fp16", "int8_dynamic"])
+def test_a_lossy_file_posing_as_fp32_tflite_is_refused(pipeline_run, tmp_path, impostor):
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    run = manifest.run_dir
+    shutil.copy(run / f"model_{impostor}.tflite", run / "model_fp32.tflite")
+    manifest.record("tflite_fp32", run / "model_fp32.tflite", "tflite", parents=("saved_model",))
+    manifest.save()
+    result = run_cli("--stage", "validate", "--run-dir", str(run), "--no-tracking")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "tflite_fp32: output 'scores'" in result.stderr and "noisier than PyTorch float32" in result.stderr
+    assert_nothing_published(tmp_path)

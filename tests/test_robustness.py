@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,24 @@ def complete_versions(base: Path) -> dict[int, str]:
 
 # --- atomic publish, proven by SIGKILL -------------------------------------------------------
 
+def stage_running(run: Path, stage: str, since: str) -> bool:
+    """The runner's own marker: the manifest records the stage as running, started at or after ``since``."""
+    try:
+        record = json.loads((run / "manifest.json").read_text())["stages"].get(stage, {})
+    except (OSError, ValueError, KeyError):
+        return False  # between the runner's atomic writes
+    return record.get("status") == "running" and record.get("started", "") >= since
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def test_sigkill_during_package_and_publish_never_leaves_half_a_version(pipeline_run, tmp_path):
     run = copy_run(pipeline_run, tmp_path)
     models = tmp_path / "models"
@@ -55,11 +74,20 @@ def test_sigkill_during_package_and_publish_never_leaves_half_a_version(pipeline
     snapshot = complete_versions(base)
     rng = random.Random(7)
     kills = 0
-    for attempt in range(20):
+    attempts = 20
+    for attempt in range(attempts):
         stage = "package" if attempt % 2 else "publish"
+        since = datetime.now(UTC).isoformat(timespec="seconds")
         process = start_cli("--stage", stage, "--run-dir", str(run), "--models-dir", str(models), "--no-tracking")
-        time.sleep(rng.uniform(0.5, 7.0))
-        if process.poll() is None:
+        # Kill on the stage's own markers, not after a guessed sleep: the manifest says the stage
+        # is running, and for publish the staging directory exists. Both stages then still import
+        # TensorFlow (seconds) before they can finish, so a kill within 0.3 s lands mid-stage on
+        # any machine, at a different point each time.
+        started = wait_for(lambda stage=stage, since=since: stage_running(run, stage, since), process)
+        if started and stage == "publish":
+            started = wait_for(lambda: any(base.glob(".partial-*")), process)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if started and process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1
         process.wait(timeout=120)
@@ -67,7 +95,7 @@ def test_sigkill_during_package_and_publish_never_leaves_half_a_version(pipeline
         for number, digest in snapshot.items():
             assert now[number] == digest, f"published version {number} changed"
         snapshot = now
-    assert kills >= 10  # most attempts were really interrupted mid-way
+    assert kills == attempts, f"only {kills} of {attempts} attempts were killed mid-stage"
     # the run directory may hold a half-written SavedModel now: the next run repairs it
     repaired = run_cli("--stage", "all", "--run-dir", str(run), "--models-dir", str(models), "--no-tracking")
     assert repaired.returncode == 0, repaired.stderr[-2000:]
