@@ -94,6 +94,10 @@ def make_images(glyphs: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     return np.clip(dimmed + speckle, 0, 255).astype(np.uint8)
 
 
+def _member(name: str) -> zipfile.ZipInfo:
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # fixed: same seed, same bytes
+
+
 def write_split(bundle: zipfile.ZipFile, split: str, scale: float, seed: int) -> dict[str, int]:
     n_train, n_test, chars, first_label = SPLITS[split]
     rng = np.random.default_rng([seed, list(SPLITS).index(split)])
@@ -103,18 +107,18 @@ def write_split(bundle: zipfile.ZipFile, split: str, scale: float, seed: int) ->
         count = max(1, round(full * scale))
         labels = rng.choice(len(chars), size=count, p=class_weights(chars))
         name = f"gzip/emnist-{split}-{part}"
-        with bundle.open(f"{name}-images-idx3-ubyte.gz", "w", force_zip64=True) as member, \
+        with bundle.open(_member(f"{name}-images-idx3-ubyte.gz"), "w", force_zip64=True) as member, \
                 gzip.GzipFile(fileobj=member, mode="wb", compresslevel=1, mtime=0) as out:
             out.write(struct.pack(">IIII", 0x0803, count, 28, 28))
             for start in range(0, count, CHUNK):
                 upright = make_images(glyphs, labels[start : start + CHUNK], rng)
                 out.write(np.ascontiguousarray(upright.transpose(0, 2, 1)).tobytes())  # NIST stores them transposed
-        with bundle.open(f"{name}-labels-idx1-ubyte.gz", "w") as member, \
+        with bundle.open(_member(f"{name}-labels-idx1-ubyte.gz"), "w") as member, \
                 gzip.GzipFile(fileobj=member, mode="wb", mtime=0) as out:
             out.write(struct.pack(">II", 0x0801, count) + (labels + first_label).astype(np.uint8).tobytes())
         counts[part] = count
     mapping = "".join(f"{label + first_label} {ord(char)}\n" for label, char in enumerate(chars))
-    bundle.writestr(f"gzip/emnist-{split}-mapping.txt", mapping)
+    bundle.writestr(_member(f"gzip/emnist-{split}-mapping.txt"), mapping)
     return counts
 
 
