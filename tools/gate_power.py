@@ -40,7 +40,10 @@ def derived_refuses(reference: dict, candidate: dict, exact) -> bool:
 
 
 def smallest_refused(refuses, low: float = 1e-8, high: float = 1e-1, steps: int = 24) -> float | None:
-    """Bisect in log space for the smallest ε with ``refuses(ε)`` (assumed monotone)."""
+    """Bisect in log space for the smallest ε with ``refuses(ε)`` (assumed monotone); 0.0 when the
+    gate refuses the unmodified artifact (a false alarm), None when it never refuses."""
+    if refuses(0.0):
+        return 0.0
     if not refuses(high):
         return None
     for _ in range(steps):
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, refuses in (("round 1", lambda e: round1_refuses(reference, drifted(e))),
                           ("derived", lambda e: derived_refuses(reference, drifted(e), exact))):
         epsilon = smallest_refused(refuses)
-        found = f"{epsilon:.2e}" if epsilon is not None else "not refused up to 1e-1"
+        found = ("not refused up to 1e-1" if epsilon is None else
+                 "0 (it refuses the unmodified, correct artifact)" if epsilon == 0.0 else f"{epsilon:.2e}")
         sys.stdout.write(f"{name:<8} smallest refused hidden-unit scaling 1 + ε: ε = {found} "
                          f"({len(images)} test images)\n")
     return 0
