@@ -283,12 +283,16 @@ def tflite_stage(ctx: Context) -> StageResult:
     return StageResult(params={"calibration_images": len(calibration)}, metrics=metrics, log_artifacts=paths)
 
 
+ERROR_MODEL = ("B per output element, from a float64 pass of the PyTorch network: each layer y = W·x + b of fan-in n "
+               "passes on |W|·e_in and adds γ̃(n+1)·(|W|·|x| + |b|), γ̃(n) = expm1(λ√n·u + n·u²/(1−u)) "
+               "(Higham & Mary 2019); ReLU/max-pool pass e_in; softmax |Δp_i| ≤ p_i(e_i + Σp_j e_j) + "
+               "p_i·u(|t_i| + Σp_j|t_j| + C + 8) + u²; fp32 hops allow 2·B, artifacts against exact values B")
 VALIDATED = ("checkpoint", "onnx", "saved_model", *TFLITE.values())
 PLOTS = ("parity_errors.png", "confusion_matrix.png")
 
 
 def validate_stage(ctx: Context) -> StageResult:
-    from crossport.exact import U32, exact_outputs
+    from crossport.exact import EXP_ULPS, FALSE_ALARM, U32, exact_outputs
     from crossport.files import write_json_atomic
     from crossport.runtimes import load_onnx, load_saved_model, load_tflite, load_torch
     from pipelines.reports import confusion_matrix_png, error_distribution_png
@@ -330,7 +334,8 @@ def validate_stage(ctx: Context) -> StageResult:
         "reference": REFERENCE,
         "dataset_digest": ctx.manifest.facts.get("dataset", {}).get("digest"),
         "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in VALIDATED},
-        "error_model": {"unit_roundoff": U32, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
+        "error_model": {"bound": ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
+                        "exp_ulps": EXP_ULPS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
                         "network_gamma": exact.network_gamma, "noise_factor": NOISE_FACTOR,
                         "bound_median": {k: float(np.median(v)) for k, v in exact.bounds.items()},
                         "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()}},

@@ -3,6 +3,8 @@ for the fp32 TensorFlow graph, the node) and publish nothing."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -14,7 +16,7 @@ from pipelines.runner import run_stages
 from pipelines.stages import STAGES, stage_by_name
 from pipelines.tracking import NullTracker
 from tests import breakers
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from translation.onnx_to_tf import translate
 
 pytestmark = pytest.mark.slow
@@ -94,11 +96,6 @@ def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_
 
 
 def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     def diagnose(run_dir, *extra):
         return subprocess.run([sys.executable, "-m", "pipelines.diagnose", str(run_dir), "--examples", "64", *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -159,3 +156,52 @@ def test_a_lossy_file_posing_as_fp32_tflite_is_refused(pipeline_run, tmp_path, i
     assert result.returncode == 3, result.stderr[-2000:]
     assert "tflite_fp32: output 'scores'" in result.stderr and "noisier than PyTorch float32" in result.stderr
     assert_nothing_published(tmp_path)
+
+
+# --- what publish does with a lossy variant the test split could not decide -----------------------
+
+
+@pytest.mark.parametrize("policy", ["publish", "omit"])
+def test_undecided_variants_are_published_unverified_or_left_out(pipeline_run, tmp_path, policy):
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    run = manifest.run_dir
+    report = json.loads((run / "parity.json").read_text())
+    report["undecided"] = ["tflite_fp16"]  # as validate reports a variant too few examples could judge
+    (run / "parity.json").write_text(json.dumps(report))
+    manifest.record("parity", run / "parity.json", "validate", parents=tuple(report["artifacts"]))
+    manifest.save()
+    models = tmp_path / "models"
+    result = run_cli("--stage", "publish", "--run-dir", str(run), "--models-dir", str(models), "--no-tracking",
+                     "--undecided", policy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    extra = models / "emnist_mlp" / "1" / "assets.extra"
+    card = json.loads((extra / "servable.json").read_text())
+    published = json.loads((extra / "manifest.json").read_text())
+    listed = {entry["name"] for entry in published["artifacts"]}
+    assert (extra / "model_fp32.tflite").is_file() and "tflite_fp32" in listed  # fp32 is never held back
+    if policy == "omit":
+        assert not (extra / "model_fp16.tflite").exists() and "tflite_fp16" not in listed
+        assert "tflite_fp16" not in card["formats"] and card["parity"]["omitted"] == ["tflite_fp16"]
+    else:
+        assert (extra / "model_fp16.tflite").is_file() and "tflite_fp16" in listed
+        assert card["formats"]["tflite_fp16"]["parity"] == "unverified"
+        assert card["formats"]["tflite_int8_full"]["parity"] == "verified"
+        assert "Unverified" in (extra / "SERVABLE.md").read_text()
+    lineage = subprocess.run([sys.executable, "-m", "pipelines.lineage", str(models / "emnist_mlp" / "1"), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert all(entry["ok"] for entry in json.loads(lineage.stdout)["files"])  # every listed file is there and intact
+
+
+def test_the_failure_detail_names_the_first_failing_hop_and_what_the_finder_covers():
+    from crossport.parity import HopResult
+    from pipelines.stages import divergence_detail
+
+    export = HopResult("pytorch -> onnxruntime", "pytorch", "onnxruntime", 10, failures=["drift"])
+    later = HopResult("saved_model:serving_default -> tflite_fp32", "saved_model:serving_default", "tflite_fp32", 10,
+                      failures=["drift"])
+    detail = divergence_detail([export, later], [], {"nodes": [{}] * 6, "summary": "ONNX Runtime and ... agree"})
+    assert detail.startswith("first failing hop: pytorch -> onnxruntime")
+    assert "PyTorch → ONNX export, which the node-by-node comparison" in detail and "does not cover" in detail
+    assert "(not covering export, packaging or TFLite conversion)" in detail
+    assert divergence_detail([later], [], None) == "first failing hop: saved_model:serving_default -> tflite_fp32"
+    assert divergence_detail([], [], None) is None
