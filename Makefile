@@ -8,7 +8,7 @@ ARGS   ?=
 
 STANDIN ?= $(HOME)/.cache/crossport/standin
 
-.PHONY: install run test lint ui clean browser bench scale
+.PHONY: install run test lint ui clean browser bench scale matrix
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ browser:
 scale: install
 	test -f $(STANDIN)/gzip.zip || $(PY) -m tools.standin --out $(STANDIN)
 	$(PY) -m pipelines.run --stage all --dataset emnist-byclass --data-dir $(STANDIN) --epochs 2 --no-tracking $(ARGS)
+
+# The no-false-alarm matrix: digits at 1, 3 and 10 epochs with seeds 0-4, one line per run.
+matrix: install
+	$(PY) -m tools.gate_matrix --out runs/matrix $(ARGS)
 
 bench: install
 	$(PY) -m pipelines.bench $(ARGS)

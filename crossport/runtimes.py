@@ -112,6 +112,12 @@ def _example_bytes(row: np.ndarray) -> bytes:
 def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
     from ai_edge_litert.interpreter import Interpreter
 
+    from crossport.errors import CrossportError
+
+    if not Path(tflite_path).is_file():
+        raise CrossportError(f"TFLite file {tflite_path} does not exist.",
+                             hint="A version published with --undecided omit leaves out the lossy variants its "
+                                  "test split could not judge; its servable.json lists them. Use another variant.")
     interpreter = Interpreter(model_path=str(tflite_path), num_threads=threads)
     runner = interpreter.get_signature_runner("serving_default")
     input_name = next(iter(runner.get_input_details()))

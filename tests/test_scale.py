@@ -36,14 +36,16 @@ def test_standin_archive_has_nists_members_formats_counts_and_labels(tmp_path):
 
 @pytest.mark.slow
 def test_reduced_size_byclass_run_passes_the_gate(tmp_path):
-    """1/20 of EMNIST byclass, one epoch: the round-1 gate refused runs like this (logits at fp32's noise)."""
-    write_archive(tmp_path / "data", ("byclass",), scale=0.05)
+    """1/10 of EMNIST byclass, 20 epochs (as many training steps as full size at 2 epochs): the round-1
+    gate refused this correct run exactly as it refused full size — fp32 logits 7.6e-5 apart against
+    its fixed 1e-5 + 1e-5·|ref| in 6 elements, blamed on 'packaging or TFLite conversion'."""
+    write_archive(tmp_path / "data", ("byclass",), scale=0.1)
     result = run_cli("--stage", "all", "--dataset", "emnist-byclass", "--data-dir", str(tmp_path / "data"),
-                     "--epochs", "1", "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"),
+                     "--epochs", "20", "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"),
                      "--no-tracking", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "parity.json").read_text())
-    assert report["verdict"] == "pass" and report["examples"] == round(116_323 * 0.05)
+    assert report["verdict"] == "pass" and report["examples"] == round(116_323 * 0.1)
     assert report["error_model"]["fan_ins"] == [785, 513, 257]
     assert (tmp_path / "models" / "emnist_mlp" / "1" / "saved_model.pb").is_file()
 
