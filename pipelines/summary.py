@@ -8,7 +8,7 @@ from pipelines.manifest import Manifest
 from pipelines.stages import parity_table
 
 
-def peak_rss_gb() -> float:
+def peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
@@ -37,7 +37,7 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
                      + f" (total {sum(walls.values()):.1f}s)")
     if skipped:
         lines.append("  up to date     " + ", ".join(skipped) + " (skipped; --force redoes them)")
-    lines.append(f"  peak memory    {peak_rss_gb():.2f} GB (this process)")
+    lines.append(f"  peak memory    {peak_rss_gib():.2f} GiB (this process)")
     if tracking_uri:
         lines.append(f"  MLflow         {tracking_uri}")
     if "parity" in manifest.artifacts and "validate" in walls:
