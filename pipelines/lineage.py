@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from crossport.errors import CrossportError, ManifestError, TrackingError
+from crossport.errors import CrossportError, ManifestError, TrackingError, report
 from crossport.files import sha256_path
 
 log = logging.getLogger("crossport")
@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise CrossportError("expected a version directory or --name with --registry-version.",
                                  hint="Example: python -m pipelines.lineage models/emnist_mlp/1")
-        report = trace(version_dir, args.tracking_uri)
+        traced = trace(version_dir, args.tracking_uri)
     except CrossportError as error:
         return report(error)
-    sys.stdout.write((json.dumps(report, indent=2) if args.json else render(report)) + "\n")
-    return 0 if report["verified"] else 1
+    sys.stdout.write((json.dumps(traced, indent=2) if args.json else render(traced)) + "\n")
+    return 0 if traced["verified"] else 1
 
 
 if __name__ == "__main__":

@@ -230,8 +230,8 @@ def translate_stage(ctx: Context) -> StageResult:
     out = ctx.run_dir / "tf_graph"
     translate(onnx_path, out)
     golden, exact, threads = golden_inputs(ctx), golden_exact(ctx), ctx.config.threads
-    self_check(ONNX, SM_PREDICT, load_onnx(onnx_path, threads)(golden),
-               load_saved_model(out, threads=threads)(golden), exact,
+    self_check(ONNX, TF_GRAPH, load_onnx(onnx_path, threads)(golden),
+               _scores_and_logits(load_saved_model(out, threads=threads)(golden)), exact,
                diagnose=lambda: locate_divergence(onnx_path, out, golden, exact.network_gamma).describe())
     ctx.manifest.record("tf_graph", out, "translate", parents=("onnx",))
     return StageResult()

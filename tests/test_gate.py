@@ -205,3 +205,24 @@ def test_the_failure_detail_names_the_first_failing_hop_and_what_the_finder_cove
     assert "(not covering export, packaging or TFLite conversion)" in detail
     assert divergence_detail([later], [], None) == "first failing hop: saved_model:serving_default -> tflite_fp32"
     assert divergence_detail([], [], None) is None
+
+
+def test_the_translate_stage_checks_the_tf_graph_under_its_own_name_on_scores_and_logits(pipeline_run, tmp_path,
+                                                                                          monkeypatch):
+    import translation.onnx_to_tf
+
+    manifest, config = copy_run(pipeline_run, tmp_path)
+    real_translate = translation.onnx_to_tf.translate
+
+    def translate_a_drifted_copy(onnx_path, out):
+        broken, _ = breakers.shift_class_bias(onnx.load(str(onnx_path)), delta=0.5)
+        onnx.save(broken, str(tmp_path / "broken.onnx"))
+        return real_translate(tmp_path / "broken.onnx", out)
+
+    monkeypatch.setattr(translation.onnx_to_tf, "translate", translate_a_drifted_copy)
+    with pytest.raises(ParityError) as caught:
+        run_stages(manifest, config, (stage_by_name("translate"),), NullTracker())
+    message = str(caught.value)
+    assert "onnxruntime -> tf_graph: output 'logits'" in message
+    assert "saved_model" not in message.split(". first divergent node")[0]
+    assert manifest.stages["translate"]["status"] == "failed"

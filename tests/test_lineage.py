@@ -89,3 +89,12 @@ def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pip
     again = run_cli("--stage", "register", "--run-dir", str(run), "--tracking-uri", uri)
     assert again.returncode == 0
     assert json.loads(lineage(str(version), "--json").stdout)["registry"]["version"] == report["registry"]["version"]
+
+
+def test_a_missing_version_directory_gets_one_line_not_a_traceback(tmp_path):
+    result = lineage(str(tmp_path / "no" / "such" / "dir"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"crossport: error: {tmp_path / 'no' / 'such' / 'dir'} is not a published crossport version: "
+        "no assets.extra/manifest.json. Pass a directory like models/emnist_mlp/1."]
