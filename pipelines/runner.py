@@ -46,21 +46,12 @@ def select(stage: str) -> tuple[Stage, ...]:
     return STAGES if stage == "all" else tuple(s for s in STAGES if s.name == stage)
 
 
-# The config fields each stage's output depends on; a change re-runs the stage on resume.
-STAGE_CONFIG = {
-    "data": ("dataset", "seed", "data_dir"),
-    "train": ("epochs", "batch_size", "learning_rate", "seed"),
-    "publish": ("models_dir", "name", "undecided"),
-    "register": ("name", "tracking", "tracking_uri"),
-}
-
-
 def stage_record(manifest: Manifest, config: PipelineConfig, stage: Stage) -> dict:
     """What a stage's result depends on: its inputs' sha256 and the config fields it reads."""
     settings = config.to_dict()
     return {
         "inputs": {need: manifest.artifacts[need].sha256 for need in stage.needs if need in manifest.artifacts},
-        "config": {key: settings[key] for key in STAGE_CONFIG.get(stage.name, ())},
+        "config": {key: settings[key] for key in stage.reads},
     }
 
 
@@ -125,8 +116,10 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 started = time.perf_counter()
                 manifest.stages[stage.name] = {"status": "running", "started": _now()}
                 manifest.save()
+                before = {name: (a.sha256, a.stage) for name, a in manifest.artifacts.items()}
                 try:
                     result = stage.run(ctx)
+                    check_makes(manifest, stage, before)
                 except BaseException:
                     manifest.stages[stage.name].update(status="failed", wall_s=time.perf_counter() - started)
                     manifest.save()
@@ -139,6 +132,23 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 tracker.log_stage(result, wall)
             log.info("stage %s done in %.1f s", stage.name, wall)
     return walls
+
+
+def check_makes(manifest: Manifest, stage: Stage, before: dict[str, tuple[str, str]]) -> None:
+    """A stage must record exactly the artifacts it declares: each of ``makes``, and nothing else."""
+    from crossport.errors import ManifestError
+
+    missing = [name for name in stage.makes
+               if name not in manifest.artifacts or manifest.artifacts[name].stage != stage.name]
+    undeclared = sorted(name for name, a in manifest.artifacts.items()
+                        if before.get(name) != (a.sha256, a.stage) and name not in stage.makes)
+    if missing or undeclared:
+        raise ManifestError(
+            f"stage {stage.name!r} declares it makes {list(stage.makes)} but recorded "
+            f"{'no ' + ', '.join(missing) if missing else ''}{'; ' if missing and undeclared else ''}"
+            f"{'undeclared ' + ', '.join(undeclared) if undeclared else ''}.",
+            hint="This is a bug in the stage table (pipelines/stages.py): make the declaration and the stage agree.",
+        )
 
 
 def _record_tracking(manifest: Manifest, tracker) -> None:

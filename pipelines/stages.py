@@ -59,10 +59,14 @@ class Context:
 
 @dataclass(frozen=True)
 class Stage:
+    """A plain function and its contract: the artifacts it needs and makes, and the config
+    fields its outputs depend on (``reads``: a change to one re-runs the stage on resume)."""
+
     name: str
     needs: tuple[str, ...]
     makes: tuple[str, ...]
     run: Callable[[Context], StageResult]
+    reads: tuple[str, ...] = ()
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -467,18 +471,20 @@ def register_stage(ctx: Context) -> StageResult:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage),
-    Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage),
+    Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage,
+          reads=("dataset", "seed", "data_dir")),
+    Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage,
+          reads=("epochs", "batch_size", "learning_rate", "seed")),
     Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage),
     Stage("translate", ("onnx", "golden", "golden_exact"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden", "golden_exact"), ("saved_model", "warmup"),
-          package_stage),
+          package_stage, reads=("name",)),  # the warmup records name the model
     Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(TFLITE.values()), tflite_stage),
     Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED), ("parity", "parity_errors", "confusion_matrix"),
           validate_stage),
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", "saved_model", "onnx", *TFLITE.values(),
-                      "labels", "warmup"), (), publish_stage),
-    Stage("register", ("parity",), (), register_stage),
+                      "labels", "warmup"), (), publish_stage, reads=("models_dir", "name", "undecided")),
+    Stage("register", ("parity",), (), register_stage, reads=("name", "tracking", "tracking_uri")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

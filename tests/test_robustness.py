@@ -159,3 +159,17 @@ def test_a_changed_config_reruns_the_stages_that_read_it(pipeline_run, tmp_path)
                      "--epochs", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert ran_stages(result.stdout)[:2] == ["train", "export"]  # data unchanged, training redone
+
+
+def test_a_new_name_reruns_package_whose_warmup_records_carry_it(pipeline_run, tmp_path):
+    run = copy_run(pipeline_run, tmp_path)
+    result = run_cli("--stage", "all", "--run-dir", str(run), "--models-dir", str(tmp_path / "m"), "--no-tracking",
+                     "--name", "renamed_model")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ran_stages(result.stdout)[:2] == ["package", "tflite"]  # and everything after it
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    record = next(iter(tf.data.TFRecordDataset(str(run / "tf_serving_warmup_requests")))).numpy()
+    log = prediction_log_pb2.PredictionLog.FromString(record)
+    assert log.predict_log.request.model_spec.name == "renamed_model"

@@ -1,0 +1,50 @@
+"""The runner holds every stage to its declared contract."""
+
+import pytest
+
+from crossport.errors import ManifestError
+from pipelines.config import PipelineConfig
+from pipelines.manifest import Manifest
+from pipelines.results import StageResult
+from pipelines.runner import run_stages, stage_record
+from pipelines.stages import STAGES, Stage
+from pipelines.tracking import NullTracker
+
+
+def run_one(tmp_path, stage):
+    manifest = Manifest.create(tmp_path, PipelineConfig().to_dict())
+    (tmp_path / "thing.txt").write_text("x")
+    run_stages(manifest, PipelineConfig(), (stage,), NullTracker())
+    return manifest
+
+
+def test_a_stage_that_does_not_record_what_it_declares_is_refused(tmp_path):
+    lazy = Stage("lazy", (), ("thing",), lambda ctx: StageResult())
+    with pytest.raises(ManifestError, match=r"stage 'lazy' declares it makes \['thing'\] but recorded no thing"):
+        run_one(tmp_path, lazy)
+
+
+def test_a_stage_that_records_more_than_it_declares_is_refused(tmp_path):
+    def sneaky(ctx):
+        ctx.manifest.record("thing", ctx.run_dir / "thing.txt", "sneaky")
+        return StageResult()
+
+    with pytest.raises(ManifestError, match=r"declares it makes \[\] but recorded undeclared thing"):
+        run_one(tmp_path, Stage("sneaky", (), (), sneaky))
+
+
+def test_a_stage_that_keeps_its_contract_runs(tmp_path):
+    def honest(ctx):
+        ctx.manifest.record("thing", ctx.run_dir / "thing.txt", "honest")
+        return StageResult()
+
+    manifest = run_one(tmp_path, Stage("honest", (), ("thing",), honest))
+    assert manifest.stages["honest"]["status"] == "done"
+
+
+def test_resume_reads_the_config_fields_each_stage_declares():
+    config = PipelineConfig()
+    manifest = Manifest.create(".", config.to_dict())
+    package = next(stage for stage in STAGES if stage.name == "package")
+    assert stage_record(manifest, config, package)["config"] == {"name": "emnist_mlp"}
+    assert all(set(stage.reads) <= set(config.to_dict()) for stage in STAGES)
