@@ -127,3 +127,15 @@ def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
         return {name: np.array(value) for name, value in outputs.items()}
 
     return _chunked(run)
+
+
+def load_format(fmt, path: Path, threads: int | None = None) -> Predict:
+    """Run the artifact at ``path`` as format ``fmt`` (a row of :data:`crossport.formats.FORMATS`).
+
+    In a published version the artifact is at ``version_dir / fmt.path``.
+    """
+    if fmt.loader == "saved_model":
+        return load_saved_model(path, threads=threads)
+    if fmt.loader == "onnx":
+        return load_onnx(path, threads)
+    return load_tflite(path, threads)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from crossport.errors import ConfigError, CrossportError, PackageError, report
 from crossport.files import sha256_file
+from crossport.formats import SERVERLESS_VARIANTS
 
-VARIANTS = ("fp32", "int8_dynamic", "int8_full")
+VARIANTS = SERVERLESS_VARIANTS
 RUNTIME = ("ai-edge-litert", "numpy", "pillow")
 HANDLER = Path(__file__).with_name("serverless_handler.py")
 

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 from crossport import __version__
+from crossport.formats import BY_NAME, FORMATS
 
-FORMAT_FILES = {
-    "saved_model": ".",
-    "onnx": "assets.extra/model.onnx",
-    "tflite_fp32": "assets.extra/model_fp32.tflite",
-    "tflite_fp16": "assets.extra/model_fp16.tflite",
-    "tflite_int8_dynamic": "assets.extra/model_int8_dynamic.tflite",
-    "tflite_int8_full": "assets.extra/model_int8_full.tflite",
-}
-RUNTIME_OF = {"saved_model": "saved_model:serving_default", "onnx": "onnxruntime"}
+FORMAT_FILES = {fmt.name: fmt.path for fmt in FORMATS}
 PNG_RECIPE = [
     "decode the PNG and convert it to 8-bit grayscale",
     "if the background is light (mean > 127), invert it: the model expects white ink on black",
@@ -30,7 +23,7 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
     for fmt, path in FORMAT_FILES.items():
         if fmt not in sizes:  # left out of this version (--undecided omit)
             continue
-        hop = hops.get(f"pytorch -> {RUNTIME_OF.get(fmt, fmt)}", {})
+        hop = hops.get(f"pytorch -> {BY_NAME[fmt].runtime}", {})
         formats[fmt] = {"path": path, "bytes": sizes.get(fmt), "test_accuracy": hop.get("candidate_accuracy"),
                         "top1_agreement_with_pytorch": hop.get("top1_agreement"),
                         "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from crossport.errors import ConfigError
+from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
 from crossport.parity import FP32, RECORDED, HopSpec, LossyPolicy, Tolerance
 from training.data import DATASETS
 
@@ -72,12 +73,12 @@ class PipelineConfig:
 # --- parity tolerances: every row carries its reason -------------------------------------
 
 REFERENCE = "pytorch"
-ONNX = "onnxruntime"
+ONNX = BY_NAME["onnx"].runtime  # "onnxruntime"
 TF_GRAPH = "tf_graph"  # the onnx-tf translation itself, before packaging
-SM_PREDICT = "saved_model:serving_default"
+SM_PREDICT = BY_NAME["saved_model"].runtime  # "saved_model:serving_default"
 SM_CLASSIFY = "saved_model:classify"
-TFLITE_VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_full")
-TFLITE = {variant: f"tflite_{variant}" for variant in TFLITE_VARIANTS}
+TFLITE = {fmt.variant: fmt.runtime for fmt in TFLITE_FORMATS}  # variant → "tflite_<variant>"
+TFLITE_VARIANTS = tuple(TFLITE)
 TFLITE_FP32 = TFLITE["fp32"]
 # The artifacts that expose logits; the served ones return scores only, by contract.
 WITH_LOGITS = {REFERENCE, ONNX, TF_GRAPH}
@@ -117,34 +118,32 @@ class HopPolicy:
 
 
 FP32_POLICY = HopPolicy(values=FP32_VALUES)
-POLICIES: dict[str, HopPolicy] = {
-    ONNX: FP32_POLICY,
-    TF_GRAPH: FP32_POLICY,
-    SM_PREDICT: FP32_POLICY,
-    SM_CLASSIFY: FP32_POLICY,
-    TFLITE["fp32"]: FP32_POLICY,
-    TFLITE["fp16"]: HopPolicy(LOSSY_VALUES, LossyPolicy(
+# What a deployer accepts from each lossy format (crossport/formats.py marks which are lossy).
+LOSSY_POLICIES: dict[str, LossyPolicy] = {
+    TFLITE["fp16"]: LossyPolicy(
         max_disagreement=0.001, max_accuracy_drop=0.001, confidence=CONFIDENCE,
         reason="float16 weights keep about 3 significant digits: a deployer accepts at most 1 changed answer "
-               "in 1,000 and 0.1 accuracy points")),
-    TFLITE["int8_dynamic"]: HopPolicy(LOSSY_VALUES, LossyPolicy(
+               "in 1,000 and 0.1 accuracy points"),
+    TFLITE["int8_dynamic"]: LossyPolicy(
         max_disagreement=0.01, max_accuracy_drop=0.005, confidence=CONFIDENCE,
         reason="int8 weights with float activations: at most 1 changed answer in 100, costing at most "
-               "0.5 accuracy points")),
-    TFLITE["int8_full"]: HopPolicy(LOSSY_VALUES, LossyPolicy(
+               "0.5 accuracy points"),
+    TFLITE["int8_full"]: LossyPolicy(
         max_disagreement=0.015, max_accuracy_drop=0.01, confidence=CONFIDENCE,
         reason="int8 weights and activations calibrated on training images: at most 1.5 changed answers in "
-               "100, costing at most 1 accuracy point")),
+               "100, costing at most 1 accuracy point"),
 }
-
-# candidate → its parent in the conversion chain. Every candidate is checked against its
-# parent and against the PyTorch reference, so drift cannot accumulate unseen.
-PARENTS = {
-    ONNX: REFERENCE,
-    TF_GRAPH: ONNX,
-    SM_PREDICT: ONNX,
-    SM_CLASSIFY: ONNX,
-    **{name: SM_PREDICT for name in TFLITE.values()},
+# Checks that are not a published format of their own: the TF graph before packaging, and the
+# SavedModel's second signature.
+INTERMEDIATE = {TF_GRAPH: ONNX, SM_CLASSIFY: ONNX}
+# Every candidate in conversion order → its parent in the chain. Every candidate is checked
+# against its parent and against the PyTorch reference, so drift cannot accumulate unseen.
+PARENTS = {ONNX: BY_RUNTIME[ONNX].parent, TF_GRAPH: INTERMEDIATE[TF_GRAPH], SM_PREDICT: BY_RUNTIME[SM_PREDICT].parent,
+           SM_CLASSIFY: INTERMEDIATE[SM_CLASSIFY], **{fmt.runtime: fmt.parent for fmt in TFLITE_FORMATS}}
+POLICIES: dict[str, HopPolicy] = {
+    name: HopPolicy(LOSSY_VALUES, LOSSY_POLICIES[name]) if name in BY_RUNTIME and BY_RUNTIME[name].lossy
+    else FP32_POLICY
+    for name in PARENTS
 }
 
 

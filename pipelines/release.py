@@ -10,15 +10,13 @@ from pathlib import Path
 from crossport import __version__
 from crossport.errors import PublishError
 from crossport.files import sha256_path, size_path, write_json_atomic
+from crossport.formats import FORMATS
 from pipelines.publish import ASSETS_EXTRA, publish_version
 
-# run artifact → file name inside assets.extra/ (the published layout contract)
+# run artifact → file name inside assets.extra/ (the published layout contract): every
+# format but the SavedModel itself, then the version's other assets.
 EXTRA_FILES = {
-    "onnx": "model.onnx",
-    "tflite_fp32": "model_fp32.tflite",
-    "tflite_fp16": "model_fp16.tflite",
-    "tflite_int8_dynamic": "model_int8_dynamic.tflite",
-    "tflite_int8_full": "model_int8_full.tflite",
+    **{fmt.name: fmt.path.removeprefix(f"{ASSETS_EXTRA}/") for fmt in FORMATS if fmt.path != "."},
     "labels": "labels.txt",
     "parity": "parity.json",
     "parity_errors": "parity_errors.png",

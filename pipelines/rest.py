@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.interface import CLASSIFY_KEY, SCORES
+
 INPUT_SIZE = 784
 ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>predict|classify)|"
                    r"/(?P<metadata>metadata))?$")
@@ -40,20 +42,16 @@ class Backend:
 
 
 def load_backend(version_dir: Path, kind: str) -> Backend:
-    from crossport.runtimes import load_onnx, load_saved_model, load_tflite
+    from crossport.formats import BY_NAME
+    from crossport.runtimes import load_format, load_saved_model
 
-    extra = version_dir / "assets.extra"
-    if kind == "saved_model":
-        predict = load_saved_model(version_dir, "serving_default")
-        classify = load_saved_model(version_dir, "classify")
-        return Backend(kind, lambda rows: predict(rows)["scores"], lambda rows: classify(rows))
-    if kind == "onnx":
-        run = load_onnx(extra / "model.onnx")
-        return Backend(kind, lambda rows: run(rows)["scores"], None)
-    if kind.startswith("tflite_"):
-        run = load_tflite(extra / f"model_{kind.removeprefix('tflite_')}.tflite")
-        return Backend(kind, lambda rows: run(rows)["scores"], None)
-    raise ValueError(f"unknown backend {kind!r}")
+    if kind not in BY_NAME or not BY_NAME[kind].served:
+        raise ValueError(f"unknown backend {kind!r}")
+    fmt = BY_NAME[kind]
+    run = load_format(fmt, version_dir / fmt.path)
+    # only the SavedModel has TF Serving's classify signature
+    classify = load_saved_model(version_dir, CLASSIFY_KEY) if fmt.loader == "saved_model" else None
+    return Backend(kind, lambda rows: run(rows)[SCORES], classify)
 
 
 class Servable:

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import ConfigError, CrossportError, report
+from crossport.formats import SERVED
 
 log = logging.getLogger("crossport.serve")
 
-BACKENDS = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full", "onnx")
+BACKENDS = SERVED
 MAX_REST_BYTES = 8 * 1024 * 1024  # ~2,000 images per predict call as JSON
 MAX_UPLOAD_BYTES = 1024 * 1024
 MAX_DRAIN_BYTES = 64 * 1024 * 1024

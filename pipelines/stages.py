@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.formats import FORMATS, TFLITE_FORMATS
+from crossport.interface import CLASSIFY_KEY
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
 from pipelines.config import (
     NOISE_FACTOR,
@@ -25,8 +27,6 @@ from pipelines.config import (
     SM_CLASSIFY,
     SM_PREDICT,
     TF_GRAPH,
-    TFLITE,
-    TFLITE_VARIANTS,
     PipelineConfig,
     hop_spec,
     hop_specs,
@@ -265,9 +265,10 @@ def package_stage(ctx: Context) -> StageResult:
 
 
 def tflite_stage(ctx: Context) -> StageResult:
+    from crossport.formats import TFLITE_FORMATS
     from crossport.runtimes import load_saved_model, load_tflite
     from training.train import to_inputs
-    from translation.tflite import convert_tflite, tflite_filename
+    from translation.tflite import convert_tflite
 
     saved_model = ctx.input("saved_model")
     with np.load(ctx.input("calibration")) as arrays:
@@ -276,13 +277,13 @@ def tflite_stage(ctx: Context) -> StageResult:
     reference = load_saved_model(saved_model, threads=threads)(golden)
     metrics = {}
     paths = []
-    for variant in TFLITE_VARIANTS:
-        path = ctx.run_dir / tflite_filename(variant)
-        convert_tflite(saved_model, path, variant, calibration=calibration)
-        self_check(SM_PREDICT, TFLITE[variant], reference, load_tflite(path, threads)(golden), exact)
-        parents = ("saved_model", "calibration") if variant == "int8_full" else ("saved_model",)
-        ctx.manifest.record(TFLITE[variant], path, "tflite", parents=parents)
-        metrics[f"{TFLITE[variant]}_bytes"] = path.stat().st_size
+    for fmt in TFLITE_FORMATS:
+        path = ctx.run_dir / Path(fmt.path).name
+        convert_tflite(saved_model, path, fmt.variant, calibration=calibration)
+        self_check(SM_PREDICT, fmt.runtime, reference, load_tflite(path, threads)(golden), exact)
+        ctx.manifest.record(fmt.name, path, "tflite",
+                            parents=("saved_model", "calibration") if fmt.calibrated else ("saved_model",))
+        metrics[f"{fmt.name}_bytes"] = path.stat().st_size
         paths.append(path)
     return StageResult(params={"calibration_images": len(calibration)}, metrics=metrics, log_artifacts=paths)
 
@@ -291,14 +292,14 @@ ERROR_MODEL = ("B per output element, from a float64 pass of the PyTorch network
                "passes on |W|·e_in and adds γ̃(n+1)·(|W|·|x| + |b|), γ̃(n) = expm1(λ√n·u + n·u²/(1−u)) "
                "(Higham & Mary 2019); ReLU/max-pool pass e_in; softmax |Δp_i| ≤ p_i(e_i + Σp_j e_j) + "
                "p_i·u(|t_i| + Σp_j|t_j| + C + 8) + u²; fp32 hops allow 2·B, artifacts against exact values B")
-VALIDATED = ("checkpoint", "onnx", "saved_model", *TFLITE.values())
+VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS))
 PLOTS = ("parity_errors.png", "confusion_matrix.png")
 
 
 def validate_stage(ctx: Context) -> StageResult:
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32, exact_outputs
     from crossport.files import write_json_atomic
-    from crossport.runtimes import load_onnx, load_saved_model, load_tflite, load_torch
+    from crossport.runtimes import load_format, load_saved_model, load_torch
     from pipelines.reports import confusion_matrix_png, error_distribution_png
     from training.train import load_checkpoint, to_inputs
 
@@ -310,11 +311,10 @@ def validate_stage(ctx: Context) -> StageResult:
     exact = exact_outputs(load_checkpoint(paths["checkpoint"]).model, images)
     outputs = {
         REFERENCE: load_torch(paths["checkpoint"], threads)(images),
-        ONNX: load_onnx(paths["onnx"], threads)(images),
         TF_GRAPH: _scores_and_logits(load_saved_model(ctx.input("tf_graph"), threads=threads)(images)),
-        SM_PREDICT: load_saved_model(paths["saved_model"], "serving_default", threads)(images),
-        SM_CLASSIFY: load_saved_model(paths["saved_model"], "classify", threads)(images),
-        **{name: load_tflite(paths[name], threads)(images) for name in TFLITE.values()},
+        SM_CLASSIFY: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads)(images),
+        # every published format, from the run directory's copy of it
+        **{fmt.runtime: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
     }
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
                for spec in hop_specs()]
@@ -479,11 +479,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("translate", ("onnx", "golden", "golden_exact"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden", "golden_exact"), ("saved_model", "warmup"),
           package_stage, reads=("name",)),  # the warmup records name the model
-    Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(TFLITE.values()), tflite_stage),
+    Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(f.name for f in TFLITE_FORMATS),
+          tflite_stage),
     Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED), ("parity", "parity_errors", "confusion_matrix"),
           validate_stage),
-    Stage("publish", ("parity", "parity_errors", "confusion_matrix", "saved_model", "onnx", *TFLITE.values(),
-                      "labels", "warmup"), (), publish_stage, reads=("models_dir", "name", "undecided")),
+    Stage("publish", ("parity", "parity_errors", "confusion_matrix", *(f.name for f in FORMATS), "labels", "warmup"),
+          (), publish_stage, reads=("models_dir", "name", "undecided")),
     Stage("register", ("parity",), (), register_stage, reads=("name", "tracking", "tracking_uri")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

@@ -48,3 +48,27 @@ def test_heavy_frameworks_are_not_imported_at_module_level_in_the_cli_path():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 top_level.add(node.module.split(".")[0])
         assert not top_level & {"tensorflow", "torch", "onnx_tf", "onnxruntime", "mlflow"}, module
+
+
+FORMAT_WORDS = {"onnx", "saved_model", "fp32", "fp16", "int8_dynamic", "int8_full", "tflite_fp32", "tflite_fp16",
+                "tflite_int8_dynamic", "tflite_int8_full"}
+
+
+def test_the_list_of_formats_is_declared_once():
+    """crossport/formats.py is the one table; a module spelling out three or more formats re-declares it.
+
+    (Two are a deliberate pick — the benchmark's quick subset, the lineage chain — not a copy of the list.)
+    """
+    offenders = []
+    for package in (*LIBRARY, "pipelines"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path == ROOT / "crossport" / "formats.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+                if not isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) or items is None:
+                    continue
+                named = {item.value for item in items if isinstance(item, ast.Constant) and item.value in FORMAT_WORDS}
+                if len(named) >= 3:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(named)}")
+    assert offenders == []

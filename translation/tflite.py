@@ -19,13 +19,10 @@ import numpy as np
 
 from crossport.errors import PackageError
 from crossport.files import write_bytes_atomic
+from crossport.formats import TFLITE_VARIANTS as VARIANTS
+from crossport.interface import INPUT
 
-VARIANTS = ("fp32", "fp16", "int8_dynamic", "int8_full")
 MIN_CALIBRATION = 200
-
-
-def tflite_filename(variant: str) -> str:
-    return f"model_{variant}.tflite"
 
 
 def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
@@ -49,7 +46,7 @@ def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
 
         def representative_dataset():
             for index in range(len(samples)):
-                yield {"images": samples[index : index + 1]}
+                yield {INPUT: samples[index : index + 1]}
 
         converter.representative_dataset = representative_dataset
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -1,0 +1,67 @@
+"""The input/output contract every servable crossport publishes keeps (ARCHITECTURE.md, "Signatures").
+
+One place for the names, sizes and signature definitions: the ONNX export, the SavedModel
+builder and its checker, TFLite conversion, the warmup records, the servable card, the
+web service and the tests import them from here.
+
+- ``serving_default``: method ``tensorflow/serving/predict``; input ``images`` float32
+  [None, 784] (28×28 grayscale in [0, 1], EMNIST orientation); output ``scores`` float32
+  [None, C].
+- ``classify``: method ``tensorflow/serving/classify``; input ``inputs`` string [None] of
+  serialized ``tf.train.Example`` with feature ``images`` (784 floats); outputs ``classes``
+  string [None, C] (the labels) and ``scores`` float32 [None, C].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_SIDE = 28
+INPUT_SIZE = IMAGE_SIDE * IMAGE_SIDE  # 784: one flattened 28×28 image
+INPUT = "images"  # the input tensor of every servable, and the tf.train.Example feature
+SCORES = "scores"  # softmax probabilities [N, C]
+LOGITS = "logits"  # pre-softmax values [N, C]: the ONNX export and the TF graph only
+CLASSES = "classes"  # classify's label strings [N, C]
+CLASSIFY_INPUT = "inputs"  # classify's serialized tf.train.Example batch (TF Serving's fixed key)
+
+PREDICT_KEY = "serving_default"
+CLASSIFY_KEY = "classify"
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+
+ASSETS_EXTRA = "assets.extra"  # everything of a version besides the SavedModel lives here
+MODELS_CONFIG = "models.config"  # TF Serving's ModelServerConfig beside the model directories
+
+
+@dataclass(frozen=True)
+class TensorContract:
+    dtype: str  # DataType enum name, e.g. "DT_FLOAT"
+    shape: tuple[int | None, ...]  # None: any size (the batch dimension)
+
+    def describe(self) -> str:
+        return f"{self.dtype} [{', '.join('-1' if d is None else str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class SignatureContract:
+    method: str
+    inputs: dict[str, TensorContract]
+    outputs: dict[str, TensorContract]
+
+
+def signature_contracts(num_classes: int) -> dict[str, SignatureContract]:
+    return {
+        PREDICT_KEY: SignatureContract(
+            PREDICT_METHOD,
+            {INPUT: TensorContract("DT_FLOAT", (None, INPUT_SIZE))},
+            {SCORES: TensorContract("DT_FLOAT", (None, num_classes))},
+        ),
+        CLASSIFY_KEY: SignatureContract(
+            CLASSIFY_METHOD,
+            {CLASSIFY_INPUT: TensorContract("DT_STRING", (None,))},
+            {
+                CLASSES: TensorContract("DT_STRING", (None, num_classes)),
+                SCORES: TensorContract("DT_FLOAT", (None, num_classes)),
+            },
+        ),
+    }
