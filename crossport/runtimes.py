@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
+
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 CHUNK = 4096
 
@@ -40,7 +42,7 @@ def load_torch(checkpoint_path: Path, threads: int | None = None) -> Predict:
     @torch.no_grad()
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         logits = model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-        return {"scores": torch.softmax(logits, dim=-1).numpy(), "logits": logits.numpy()}
+        return {SCORES: torch.softmax(logits, dim=-1).numpy(), LOGITS: logits.numpy()}
 
     return _chunked(run)
 
@@ -61,7 +63,7 @@ def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
     return _chunked(run)
 
 
-def load_saved_model(saved_model_dir: Path, signature: str = "serving_default", threads: int | None = None) -> Predict:
+def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, threads: int | None = None) -> Predict:
     import tensorflow as tf
 
     if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
@@ -70,13 +72,13 @@ def load_saved_model(saved_model_dir: Path, signature: str = "serving_default", 
             tf.config.threading.set_intra_op_parallelism_threads(threads)
     function = tf.saved_model.load(str(saved_model_dir)).signatures[signature]
 
-    if signature == "classify":
+    if signature == CLASSIFY_KEY:
         def run(images: np.ndarray) -> dict[str, np.ndarray]:
-            outputs = function(inputs=tf.constant(serialize_examples(images), dtype=tf.string))
-            return {"scores": outputs["scores"].numpy(), "classes": outputs["classes"].numpy()}
+            outputs = function(**{CLASSIFY_INPUT: tf.constant(serialize_examples(images), dtype=tf.string)})
+            return {SCORES: outputs[SCORES].numpy(), CLASSES: outputs[CLASSES].numpy()}
     else:
         def run(images: np.ndarray) -> dict[str, np.ndarray]:
-            outputs = function(images=tf.constant(images, dtype=tf.float32))
+            outputs = function(**{INPUT: tf.constant(images, dtype=tf.float32)})
             return {name: value.numpy() for name, value in outputs.items()}
 
     return _chunked(run)
@@ -105,7 +107,7 @@ def _example_bytes(row: np.ndarray) -> bytes:
     from tensorflow.core.example import example_pb2
 
     example = example_pb2.Example()
-    example.features.feature["images"].float_list.value.extend(row.tolist())
+    example.features.feature[INPUT].float_list.value.extend(row.tolist())
     return example.SerializeToString()
 
 
@@ -119,7 +121,7 @@ def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
                              hint="A version published with --undecided omit leaves out the lossy variants its "
                                   "test split could not judge; its servable.json lists them. Use another variant.")
     interpreter = Interpreter(model_path=str(tflite_path), num_threads=threads)
-    runner = interpreter.get_signature_runner("serving_default")
+    runner = interpreter.get_signature_runner(PREDICT_KEY)
     input_name = next(iter(runner.get_input_details()))
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,11 +9,12 @@ from pathlib import Path
 from crossport import __version__
 from crossport.errors import ExportError
 from crossport.frameworks import keep_triton_away_from_tensorflow
+from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("scores", "logits")
+INPUT_NAME = INPUT
+OUTPUT_NAMES = (SCORES, LOGITS)
 META_LABELS = "crossport.labels"
 META_CHECKPOINT = "crossport.checkpoint_sha256"
 META_PRODUCER = "crossport.producer"
@@ -81,10 +82,11 @@ def check_onnx(path: Path) -> None:
         raise ExportError(f"ONNX model {path} must have one input {INPUT_NAME!r}, found {list(inputs)}.")
     tensor_type = inputs[INPUT_NAME].type.tensor_type
     dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
-    if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[0] is not None or dims[1] != 784:
+    if (tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[0] is not None
+            or dims[1] != INPUT_SIZE):
         found = f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}{dims}"
-        raise ExportError(f"ONNX model {path} input {INPUT_NAME!r} must be FLOAT[batch, 784] with a dynamic batch, "
-                          f"found {found}.")
+        raise ExportError(f"ONNX model {path} input {INPUT_NAME!r} must be FLOAT[batch, {INPUT_SIZE}] with a dynamic "
+                          f"batch, found {found}.")
     outputs = [value.name for value in proto.graph.output]
     if tuple(outputs) != OUTPUT_NAMES:
         raise ExportError(f"ONNX model {path} must have outputs {list(OUTPUT_NAMES)}, found {outputs}.")

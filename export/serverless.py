@@ -18,7 +18,8 @@ from pathlib import Path
 
 from crossport.errors import ConfigError, CrossportError, PackageError, report
 from crossport.files import sha256_file
-from crossport.formats import SERVERLESS_VARIANTS
+from crossport.formats import BY_NAME, SERVERLESS_VARIANTS
+from crossport.interface import ASSETS_EXTRA
 
 VARIANTS = SERVERLESS_VARIANTS
 RUNTIME = ("ai-edge-litert", "numpy", "pillow")
@@ -29,14 +30,14 @@ def build_package(version_dir: Path, out: Path, variant: str = "fp32") -> tuple[
     """Build the package directory and its zip; returns (directory, zip path)."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}.")
-    extra = Path(version_dir) / "assets.extra"
+    extra = Path(version_dir) / ASSETS_EXTRA
     manifest_path = extra / "manifest.json"
     if not manifest_path.is_file():
         raise PackageError(f"{version_dir} is not a published crossport version: no assets.extra/manifest.json.",
                            hint="Pass a directory like models/emnist_mlp/1.")
     manifest = json.loads(manifest_path.read_text())
     expected = {entry["path"]: entry["sha256"] for entry in manifest["artifacts"]}
-    model_file = f"assets.extra/model_{variant}.tflite"
+    model_file = BY_NAME[f"tflite_{variant}"].path
     for relative in (model_file, "assets.extra/labels.txt"):
         source = Path(version_dir) / relative
         if not source.is_file() or sha256_file(source) != expected.get(relative):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY
+
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_RECORDS = 1000  # TF Serving's own limit on warmup records
 
@@ -28,13 +30,13 @@ def write_warmup(path: Path, model_name: str, images: np.ndarray, batch_sizes: t
             continue
         predict = predict_pb2.PredictRequest()
         predict.model_spec.name = model_name
-        predict.model_spec.signature_name = "serving_default"
-        predict.inputs["images"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.float32))
+        predict.model_spec.signature_name = PREDICT_KEY
+        predict.inputs[INPUT].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.float32))
         records.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=predict)))
 
         classify = classification_pb2.ClassificationRequest()
         classify.model_spec.name = model_name
-        classify.model_spec.signature_name = "classify"
+        classify.model_spec.signature_name = CLASSIFY_KEY
         for serialized in serialize_examples(batch):
             classify.input.example_list.examples.add().ParseFromString(serialized)
         records.append(

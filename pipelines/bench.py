@@ -30,10 +30,11 @@ import numpy as np
 
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.formats import BY_NAME, FORMATS, SERVED
+from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
 
 log = logging.getLogger("crossport.bench")
 
-MACS_PER_EXAMPLE = 784 * 512 + 512 * 256 + 256 * 62  # 548,352 for the EMNIST MLP
+MACS_PER_EXAMPLE = INPUT_SIZE * 512 + 512 * 256 + 256 * 62  # 548,352 for the EMNIST MLP
 # PyTorch, then every published format; bench.json keeps its historical name for the ONNX one
 BENCH_NAME = {"onnx": "onnxruntime"}
 RUNTIMES = ("pytorch", *(BENCH_NAME.get(fmt.name, fmt.name) for fmt in FORMATS))
@@ -128,7 +129,7 @@ def matmul_ceiling(seconds: float) -> dict:
     import torch
 
     rng = np.random.default_rng(0)
-    shapes = [(128, 784, 512), (128, 512, 256), (128, 256, 62)]
+    shapes = [(128, INPUT_SIZE, 512), (128, 512, 256), (128, 256, 62)]
     mats = [(rng.random((m, k), dtype=np.float32), rng.random((k, n), dtype=np.float32)) for m, k, n in shapes]
     macs = sum(m * k * n for m, k, n in shapes)
     results = {}
@@ -221,7 +222,7 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
 def benchmark(version_dir: Path, quick: bool) -> dict:
     from export.serverless import build_package
 
-    manifest = json.loads((version_dir / "assets.extra" / "manifest.json").read_text())
+    manifest = json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())
     run_dir = Path(manifest.get("run_dir") or "")
     checkpoint = run_dir / "model.pt"
     if not checkpoint.is_file():
@@ -230,7 +231,8 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     seconds = 0.5 if quick else 3.0
     repeats = 1 if quick else 5
     rng = np.random.default_rng(0)
-    batch1, batch128 = rng.random((1, 784), dtype=np.float32), rng.random((128, 784), dtype=np.float32)
+    batch1, batch128 = (rng.random((1, INPUT_SIZE), dtype=np.float32),
+                        rng.random((128, INPUT_SIZE), dtype=np.float32))
     results: dict = {"version_dir": str(version_dir), "quick": quick, "macs_per_example": MACS_PER_EXAMPLE,
                      "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine()}
     log.info("matrix-multiply ceiling ...")
@@ -287,7 +289,7 @@ def _size(path: Path | None, exclude_extra: bool = False) -> int | None:
 
     if path is None or not Path(path).exists():
         return None
-    return size_path(Path(path), exclude=("assets.extra",) if exclude_extra else ())
+    return size_path(Path(path), exclude=(ASSETS_EXTRA,) if exclude_extra else ())
 
 
 def _installed_bytes(packages: tuple[str, ...]) -> int:
@@ -381,14 +383,14 @@ def _newest(model_dir: Path) -> Path:
 
 
 def results_run_dir(version_dir: Path) -> str:
-    return json.loads((version_dir / "assets.extra" / "manifest.json").read_text())["run_dir"]
+    return json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())["run_dir"]
 
 
 def _log_to_mlflow(version_dir: Path, out: Path) -> None:
     """A ``bench`` run in the version's experiment, with the numbers and the three files."""
     from pipelines.tracking import log_benchmark
 
-    manifest = json.loads((version_dir / "assets.extra" / "manifest.json").read_text())
+    manifest = json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())
     uri = (manifest.get("mlflow") or {}).get("tracking_uri")
     if uri:
         log_benchmark(uri, manifest["name"], json.loads((out / "bench.json").read_text()), out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from crossport import __version__
 from crossport.formats import BY_NAME, FORMATS
+from crossport.interface import CLASSIFY_INPUT, INPUT, INPUT_SIZE, SCORES, signature_contracts
 
 FORMAT_FILES = {fmt.name: fmt.path for fmt in FORMATS}
 PNG_RECIPE = [
@@ -13,6 +14,15 @@ PNG_RECIPE = [
     "transpose the 28x28 array (EMNIST orientation), flatten row-major to 784 values",
     "divide by 255 to get float32 values in [0, 1]; batch as [N, 784]",
 ]
+
+
+def card_signatures(num_classes: int) -> dict:
+    """The signature contract the SavedModel is built and checked against, written for people."""
+    notes = {CLASSIFY_INPUT: f" serialized tf.train.Example, feature '{INPUT}'"}
+    return {key: {"method": sig.method,
+                  "inputs": {name: t.describe() + notes.get(name, "") for name, t in sig.inputs.items()},
+                  "outputs": {name: t.describe() for name, t in sig.outputs.items()}}
+            for key, sig in signature_contracts(num_classes).items()}
 
 
 def servable_card(*, name: str, version: int, labels: list[str], report: dict, facts: dict, sizes: dict[str, int],
@@ -34,21 +44,14 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         "version": version,
         "produced_by": f"crossport {__version__}",
         "input": {
-            "name": "images", "dtype": "float32", "shape": [None, 784],
+            "name": INPUT, "dtype": "float32", "shape": [None, INPUT_SIZE],
             "scaling": "grayscale pixel value / 255, in [0, 1]; white ink on black",
             "orientation": "EMNIST: the 28x28 image transposed, then flattened row-major",
             "png_to_input": PNG_RECIPE,
         },
-        "outputs": {"scores": {"dtype": "float32", "shape": [None, len(labels)],
+        "outputs": {SCORES: {"dtype": "float32", "shape": [None, len(labels)],
                                "meaning": "softmax probability per class; class id = index into labels"}},
-        "signatures": {
-            "serving_default": {"method": "tensorflow/serving/predict", "inputs": {"images": "DT_FLOAT [-1, 784]"},
-                                "outputs": {"scores": f"DT_FLOAT [-1, {len(labels)}]"}},
-            "classify": {"method": "tensorflow/serving/classify",
-                         "inputs": {"inputs": "DT_STRING [-1] serialized tf.train.Example, feature 'images'"},
-                         "outputs": {"classes": f"DT_STRING [-1, {len(labels)}]",
-                                     "scores": f"DT_FLOAT [-1, {len(labels)}]"}},
-        },
+        "signatures": card_signatures(len(labels)),
         "labels": labels,
         "formats": formats,
         "parity": {"verdict": report["verdict"], "examples": report["examples"], "tolerances": report["tolerances"],

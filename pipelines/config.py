@@ -12,6 +12,7 @@ from pathlib import Path
 
 from crossport.errors import ConfigError
 from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
+from crossport.interface import LOGITS, SCORES
 from crossport.parity import FP32, RECORDED, HopSpec, LossyPolicy, Tolerance
 from training.data import DATASETS
 
@@ -149,9 +150,9 @@ POLICIES: dict[str, HopPolicy] = {
 
 def hop_spec(reference: str, candidate: str) -> HopSpec:
     policy = POLICIES[candidate]
-    outputs = [("scores", policy.values)]
+    outputs = [(SCORES, policy.values)]
     if {reference, candidate} <= WITH_LOGITS:
-        outputs.append(("logits", FP32_VALUES))
+        outputs.append((LOGITS, FP32_VALUES))
     return HopSpec(name=f"{reference} -> {candidate}", reference=reference, candidate=candidate,
                    outputs=tuple(outputs), lossy=policy.lossy)
 

@@ -18,57 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import CrossportError, PackageError, report
-
-PREDICT = "tensorflow/serving/predict"
-CLASSIFY = "tensorflow/serving/classify"
-
-
-def signature_problems(version_dir: Path) -> list[str]:
-    """Every way the version's SignatureDefs break TF Serving's predict/classify rules."""
-    from tensorflow.core.framework import types_pb2
-
-    from translation.servable import read_signature_defs
-
-    defs = {key: value for key, value in read_signature_defs(version_dir).items() if not key.startswith("__")}
-    problems = []
-
-    def tensors(key, side, infos):
-        for name, info in infos.items():
-            dims = [d.size for d in info.tensor_shape.dim]
-            if info.tensor_shape.unknown_rank or not dims:
-                problems.append(f"{key}: {side} {name!r} has no known rank (TF Serving batches on dimension 0)")
-            elif dims[0] != -1:
-                problems.append(f"{key}: {side} {name!r} has a fixed batch dimension {dims[0]}, expected -1")
-            if info.dtype == types_pb2.DT_INVALID:
-                problems.append(f"{key}: {side} {name!r} has no dtype")
-
-    if "serving_default" not in defs:
-        problems.append("no 'serving_default' signature: TF Serving's default for requests without a signature_name")
-    for key, signature in defs.items():
-        if signature.method_name == PREDICT:
-            if not signature.inputs or not signature.outputs:
-                problems.append(f"{key}: a predict signature needs inputs and outputs")
-        elif signature.method_name == CLASSIFY:
-            # tensorflow_serving/servables/tensorflow/classifier.cc: one DT_STRING input
-            # (serialized tf.Examples), outputs 'classes' (DT_STRING) and/or 'scores' (DT_FLOAT).
-            if list(signature.inputs) != ["inputs"] or signature.inputs["inputs"].dtype != types_pb2.DT_STRING:
-                problems.append(f"{key}: classify needs exactly one DT_STRING input 'inputs', found "
-                                f"{ {k: types_pb2.DataType.Name(v.dtype) for k, v in signature.inputs.items()} }")
-            outputs = set(signature.outputs)
-            if not outputs or outputs - {"classes", "scores"}:
-                problems.append(f"{key}: classify outputs must be 'classes' and/or 'scores', found {sorted(outputs)}")
-            if "classes" in outputs and signature.outputs["classes"].dtype != types_pb2.DT_STRING:
-                problems.append(f"{key}: classify output 'classes' must be DT_STRING")
-            if "scores" in outputs and signature.outputs["scores"].dtype != types_pb2.DT_FLOAT:
-                problems.append(f"{key}: classify output 'scores' must be DT_FLOAT")
-            for name in outputs & {"classes", "scores"}:
-                if len(signature.outputs[name].tensor_shape.dim) != 2:
-                    problems.append(f"{key}: classify output {name!r} must be [batch, classes]")
-        else:
-            problems.append(f"{key}: method {signature.method_name!r} is neither predict nor classify")
-        tensors(key, "input", signature.inputs)
-        tensors(key, "output", signature.outputs)
-    return problems
+from crossport.interface import ASSETS_EXTRA, CLASSIFY_KEY, PREDICT_KEY, SCORES
+from export.warmup import WARMUP_FILE
+from translation.servable import signature_problems  # the one SignatureDef checker; this command applies it
 
 
 def models_config_problems(models_dir: Path) -> list[str]:
@@ -76,7 +28,8 @@ def models_config_problems(models_dir: Path) -> list[str]:
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
-    from pipelines.publish import MODELS_CONFIG, versions
+    from crossport.interface import MODELS_CONFIG
+    from pipelines.publish import versions
 
     path = Path(models_dir) / MODELS_CONFIG
     if not path.is_file():
@@ -109,7 +62,7 @@ def replay_warmup(version_dir: Path) -> list[dict]:
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
-    path = Path(version_dir) / "assets.extra" / "tf_serving_warmup_requests"
+    path = Path(version_dir) / ASSETS_EXTRA / WARMUP_FILE
     if not path.is_file():
         raise PackageError(f"{path} does not exist.", hint="Re-publish the version.")
     model = tf.saved_model.load(str(version_dir))
@@ -119,13 +72,13 @@ def replay_warmup(version_dir: Path) -> list[dict]:
         kind = record.WhichOneof("log_type")
         if kind == "predict_log":
             request = record.predict_log.request
-            function = _signature(model, request.model_spec.signature_name or "serving_default", index)
+            function = _signature(model, request.model_spec.signature_name or PREDICT_KEY, index)
             inputs = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()}
             outputs = function(**inputs)
             batch = int(next(iter(inputs.values())).shape[0])
         elif kind == "classify_log":
             request = record.classify_log.request
-            function = _signature(model, request.model_spec.signature_name or "classify", index)
+            function = _signature(model, request.model_spec.signature_name or CLASSIFY_KEY, index)
             examples = [example.SerializeToString() for example in request.input.example_list.examples]
             outputs = function(inputs=tf.constant(examples))
             batch = len(examples)
@@ -134,7 +87,7 @@ def replay_warmup(version_dir: Path) -> list[dict]:
         shapes = {name: list(value.shape) for name, value in outputs.items()}
         if any(shape[0] != batch for shape in shapes.values()):
             raise PackageError(f"warmup record {index} ({kind}): batch {batch} answered with shapes {shapes}.")
-        scores = outputs["scores"].numpy()
+        scores = outputs[SCORES].numpy()
         if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
             raise PackageError(f"warmup record {index} ({kind}): scores do not sum to 1.")
         replayed.append({"record": index, "kind": kind, "batch": batch, "shapes": shapes})

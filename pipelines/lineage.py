@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def trace(version_dir: Path, tracking_uri: str | None = None) -> dict:
     """Everything known about a published version, with hashes verified now."""
-    from pipelines.publish import ASSETS_EXTRA
+    from crossport.interface import ASSETS_EXTRA
 
     manifest_path = version_dir / ASSETS_EXTRA / "manifest.json"
     if not manifest_path.is_file():

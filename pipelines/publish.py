@@ -18,11 +18,10 @@ from pathlib import Path
 
 from crossport.errors import PublishError
 from crossport.files import write_bytes_atomic
+from crossport.interface import MODELS_CONFIG
 
 log = logging.getLogger(__name__)
 
-MODELS_CONFIG = "models.config"
-ASSETS_EXTRA = "assets.extra"
 TEMP_PREFIX = ".partial-"
 
 

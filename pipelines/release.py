@@ -11,7 +11,8 @@ from crossport import __version__
 from crossport.errors import PublishError
 from crossport.files import sha256_path, size_path, write_json_atomic
 from crossport.formats import FORMATS
-from pipelines.publish import ASSETS_EXTRA, publish_version
+from crossport.interface import ASSETS_EXTRA
+from pipelines.publish import publish_version
 
 # run artifact → file name inside assets.extra/ (the published layout contract): every
 # format but the SavedModel itself, then the version's other assets.

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.interface import CLASSIFY_KEY, SCORES
+from crossport.interface import ASSETS_EXTRA, CLASSES, CLASSIFY_KEY, INPUT, INPUT_SIZE, PREDICT_KEY, SCORES
 
-INPUT_SIZE = 784
 ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>predict|classify)|"
                    r"/(?P<metadata>metadata))?$")
 
@@ -62,7 +61,7 @@ class Servable:
         self.version = version
         self.version_dir = version_dir
         self.backend = backend
-        self.labels = (version_dir / "assets.extra" / "labels.txt").read_text().splitlines()
+        self.labels = (version_dir / ASSETS_EXTRA / "labels.txt").read_text().splitlines()
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -87,8 +86,8 @@ class Servable:
     # --- verbs -----------------------------------------------------------------------------
 
     def predict(self, request: dict) -> dict:
-        signature = request.get("signature_name", "serving_default")
-        if signature != "serving_default":
+        signature = request.get("signature_name", PREDICT_KEY)
+        if signature != PREDICT_KEY:
             raise RestError(400, f"signature {signature!r} is not a predict signature; use serving_default "
                                  "(classify has its own :classify endpoint)")
         if ("instances" in request) == ("inputs" in request):
@@ -97,36 +96,36 @@ class Servable:
             instances = request["instances"]
             if not isinstance(instances, list) or not instances:
                 raise RestError(400, "'instances' must be a non-empty list")
-            rows = [item["images"] if isinstance(item, dict) and "images" in item else item for item in instances]
+            rows = [item[INPUT] if isinstance(item, dict) and INPUT in item else item for item in instances]
             return {"predictions": self._scores(rows).tolist()}
         inputs = request["inputs"]
         if isinstance(inputs, dict):
-            if set(inputs) != {"images"}:
-                raise RestError(400, f"expected the input 'images', found {sorted(inputs)}")
-            inputs = inputs["images"]
+            if set(inputs) != {INPUT}:
+                raise RestError(400, f"expected the input {INPUT!r}, found {sorted(inputs)}")
+            inputs = inputs[INPUT]
         return {"outputs": self._scores(inputs).tolist()}
 
     def classify(self, request: dict) -> dict:
-        signature = request.get("signature_name", "classify")
-        if signature != "classify":
+        signature = request.get("signature_name", CLASSIFY_KEY)
+        if signature != CLASSIFY_KEY:
             raise RestError(400, f"signature {signature!r} is not a classify signature; use classify")
         examples = request.get("examples")
         if not isinstance(examples, list) or not examples:
-            raise RestError(400, "expected 'examples': a non-empty list of {\"images\": [784 floats]}")
+            raise RestError(400, f"expected 'examples': a non-empty list of {{\"{INPUT}\": [{INPUT_SIZE} floats]}}")
         context = request.get("context") or {}
         rows = []
         for index, example in enumerate(examples):
             if not isinstance(example, dict):
-                raise RestError(400, f"example {index} is not an object with feature 'images'")
+                raise RestError(400, f"example {index} is not an object with feature {INPUT!r}")
             features = {**context, **example}
-            if "images" not in features:
-                raise RestError(400, f"example {index} has no feature 'images'")
-            rows.append(features["images"])
+            if INPUT not in features:
+                raise RestError(400, f"example {index} has no feature {INPUT!r}")
+            rows.append(features[INPUT])
         array = self._rows(rows)
         if self.backend.classify_examples is not None:
             outputs = self.backend.classify_examples(array)
-            classes = [[label.decode() for label in row] for row in outputs["classes"]]
-            scores = outputs["scores"]
+            classes = [[label.decode() for label in row] for row in outputs[CLASSES]]
+            scores = outputs[SCORES]
         else:
             scores = self.backend.predict(array)
             classes = [self.labels] * len(array)
@@ -161,11 +160,11 @@ class Servable:
         try:
             array = np.asarray(rows, dtype=np.float32)
         except (TypeError, ValueError) as error:
-            raise RestError(400, "expected 'images' as lists of 784 numbers") from error
+            raise RestError(400, f"expected {INPUT!r} as lists of {INPUT_SIZE} numbers") from error
         if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
-            raise RestError(400, f"expected 'images' of shape [batch, {INPUT_SIZE}], found {list(array.shape)}")
+            raise RestError(400, f"expected {INPUT!r} of shape [batch, {INPUT_SIZE}], found {list(array.shape)}")
         if not np.all(np.isfinite(array)):
-            raise RestError(400, "'images' contains NaN or infinity")
+            raise RestError(400, f"{INPUT!r} contains NaN or infinity")
         return array
 
     def _scores(self, rows) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.formats import FORMATS, TFLITE_FORMATS
-from crossport.interface import CLASSIFY_KEY
+from crossport.interface import CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
 from pipelines.config import (
     NOISE_FACTOR,
@@ -119,7 +119,7 @@ def locate_divergence(onnx_path: Path, tf_graph: Path, images: np.ndarray, netwo
 
     from translation.divergence import find_divergence
 
-    return find_divergence(onnx.load(str(onnx_path)), tf_graph, {"images": images}, network_gamma)
+    return find_divergence(onnx.load(str(onnx_path)), tf_graph, {INPUT: images}, network_gamma)
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
@@ -254,7 +254,7 @@ def package_stage(ctx: Context) -> StageResult:
     golden, exact, threads = golden_inputs(ctx), golden_exact(ctx), ctx.config.threads
     reference = load_onnx(onnx_path, threads)(golden)
     diagnose = lambda: locate_divergence(onnx_path, tf_graph, golden, exact.network_gamma).describe()  # noqa: E731
-    for signature, name in (("serving_default", SM_PREDICT), ("classify", SM_CLASSIFY)):
+    for signature, name in ((PREDICT_KEY, SM_PREDICT), (CLASSIFY_KEY, SM_CLASSIFY)):
         self_check(ONNX, name, reference, load_saved_model(out, signature, threads)(golden), exact, diagnose=diagnose)
     warmup = ctx.run_dir / "tf_serving_warmup_requests"
     records = write_warmup(warmup, ctx.config.name, golden)
@@ -318,7 +318,7 @@ def validate_stage(ctx: Context) -> StageResult:
     }
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
                for spec in hop_specs()]
-    _check_classes(results, outputs[SM_CLASSIFY]["classes"], labels)
+    _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
         compare_exact(name, outputs[name], exact.values, exact.bounds, outputs[REFERENCE],
                       NOISE_FACTOR if name == REFERENCE or POLICIES[name].fp32 else None)
@@ -412,7 +412,7 @@ def divergence_detail(results: list[HopResult], against_exact: list, divergence:
 
 def _scores_and_logits(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The translated graph also returns every intermediate tensor; parity needs two."""
-    return {name: outputs[name] for name in ("scores", "logits") if name in outputs}
+    return {name: outputs[name] for name in (SCORES, LOGITS) if name in outputs}
 
 
 def _check_classes(results: list[HopResult], classes: np.ndarray, labels: tuple[str, ...]) -> None:

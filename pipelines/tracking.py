@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import TrackingError
+from crossport.interface import INPUT, INPUT_SIZE, LOGITS, PREDICT_KEY, SCORES
 from pipelines.results import DatasetToLog, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class MlflowTracker:
             from training.train import load_checkpoint
 
             keep_triton_away_from_tensorflow()  # MLflow saves PyTorch models with torch.export
-            signature = infer_signature(example, load_torch(model.path)(example)["logits"])
+            signature = infer_signature(example, load_torch(model.path)(example)[LOGITS])
             mlflow.pytorch.log_model(load_checkpoint(model.path).model, name="pytorch_model", signature=signature,
                                      input_example=example, pip_requirements=[f"torch=={versions['torch']}"])
         elif model.flavor == "onnx":
@@ -200,11 +201,11 @@ class MlflowTracker:
                     super().__init__()
                     self.servable = loaded
 
-                @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name="images")])
+                @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name=INPUT)])
                 def __call__(self, images):
-                    return self.servable.signatures["serving_default"](images=images)["scores"]
+                    return self.servable.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]
 
-            signature = infer_signature(example, load_saved_model(model.path)(example)["scores"])
+            signature = infer_signature(example, load_saved_model(model.path)(example)[SCORES])
             mlflow.tensorflow.log_model(ServingDefault(), name="saved_model", signature=signature,
                                         input_example=example,
                                         pip_requirements=[f"tensorflow=={versions['tensorflow']}"])

@@ -72,3 +72,16 @@ def test_the_list_of_formats_is_declared_once():
                 if len(named) >= 3:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(named)}")
     assert offenders == []
+
+
+def test_the_input_size_is_declared_once():
+    """crossport/interface.py owns the I/O contract (the serverless handler runs without crossport and keeps
+    its own copy)."""
+    exempt = {ROOT / "crossport" / "interface.py", ROOT / "export" / "serverless_handler.py"}
+    offenders = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for package in (*LIBRARY, "pipelines") for path in (ROOT / package).rglob("*.py") if path not in exempt
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 784
+    ]
+    assert offenders == []

@@ -88,3 +88,19 @@ def test_fast_example_serialization_equals_protobuf():
         expected.features.feature["images"].float_list.value.extend(row.tolist())
         assert serialized == expected.SerializeToString()
     assert serialize_examples(images[:0]) == []
+
+
+def test_the_card_describes_the_signatures_the_saved_model_is_checked_against(tiny):
+    from tensorflow.core.framework import types_pb2
+
+    from pipelines.card import card_signatures
+
+    card = card_signatures(len(tiny.labels))
+    stored = read_signature_defs(tiny.saved_model)
+    for key, signature in card.items():
+        assert stored[key].method_name == signature["method"]
+        for side in ("inputs", "outputs"):
+            found = getattr(stored[key], side)
+            assert set(found) == set(signature[side])
+            for name, text in signature[side].items():
+                assert text.startswith(types_pb2.DataType.Name(found[name].dtype) + " [-1")

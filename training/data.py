@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import ConfigError, DataError
+from crossport.interface import INPUT_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(labels))
     n_test = round(len(labels) * test_fraction)
     test, train = order[:n_test], order[n_test:]
-    flat = images.reshape(len(images), 784)
+    flat = images.reshape(len(images), INPUT_SIZE)
     return Dataset(
         name="digits",
         source="sklearn.datasets.load_digits (8x8, upscaled to 28x28)",
@@ -140,9 +141,9 @@ def load_emnist(split: str, data_dir: Path, *, allow_download: bool = True) -> D
         name=f"emnist-{split}",
         source=f"NIST EMNIST gzip.zip ({EMNIST_URL}) via torchvision, split {split}",
         labels=tuple(classes),
-        x_train=train.data.numpy().reshape(-1, 784),
+        x_train=train.data.numpy().reshape(-1, INPUT_SIZE),
         y_train=y_train,
-        x_test=test.data.numpy().reshape(-1, 784),
+        x_test=test.data.numpy().reshape(-1, INPUT_SIZE),
         y_test=y_test,
     )
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from crossport.interface import INPUT_SIZE
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    input_size: int = 784
+    input_size: int = INPUT_SIZE
     hidden_sizes: tuple[int, ...] = (512, 256)
     num_classes: int = 62
     dropout: float = 0.2

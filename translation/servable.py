@@ -1,12 +1,8 @@
 """The SavedModel deployers get: ``serving_default`` (predict) and ``classify`` signatures.
 
-Contract (ARCHITECTURE.md, "Signatures"):
-
-- ``serving_default``: method ``tensorflow/serving/predict``; input ``images`` float32
-  [None, 784]; output ``scores`` float32 [None, C].
-- ``classify``: method ``tensorflow/serving/classify``; input ``inputs`` string [None] of
-  serialized ``tf.train.Example`` with feature ``images`` (784 floats); outputs ``classes``
-  string [None, C] (the labels) and ``scores`` float32 [None, C].
+The contract lives in :mod:`crossport.interface`; :func:`signature_problems` is the one
+checker of a SavedModel's signatures: that contract, and TF Serving's own rules for predict
+and classify SignatureDefs.
 
 TF 2.21's ``tf.saved_model.save`` writes every signature with the predict method, so the
 classify signature's ``method_name`` is set in ``saved_model.pb`` after saving and
@@ -16,48 +12,21 @@ classify signature's ``method_name`` is set in ``saved_model.pb`` after saving a
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from crossport.errors import PackageError
-
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-PREDICT_KEY = "serving_default"
-CLASSIFY_KEY = "classify"
-IMAGE_FEATURE = "images"
-INPUT_SIZE = 784
-
-
-@dataclass(frozen=True)
-class TensorContract:
-    dtype: str  # DataType enum name, e.g. "DT_FLOAT"
-    shape: tuple[int | None, ...]  # None: any size (the batch dimension)
-
-
-@dataclass(frozen=True)
-class SignatureContract:
-    method: str
-    inputs: dict[str, TensorContract]
-    outputs: dict[str, TensorContract]
-
-
-def signature_contracts(num_classes: int) -> dict[str, SignatureContract]:
-    return {
-        PREDICT_KEY: SignatureContract(
-            PREDICT_METHOD,
-            {"images": TensorContract("DT_FLOAT", (None, INPUT_SIZE))},
-            {"scores": TensorContract("DT_FLOAT", (None, num_classes))},
-        ),
-        CLASSIFY_KEY: SignatureContract(
-            CLASSIFY_METHOD,
-            {"inputs": TensorContract("DT_STRING", (None,))},
-            {
-                "classes": TensorContract("DT_STRING", (None, num_classes)),
-                "scores": TensorContract("DT_FLOAT", (None, num_classes)),
-            },
-        ),
-    }
+from crossport.interface import (
+    CLASSES,
+    CLASSIFY_INPUT,
+    CLASSIFY_KEY,
+    CLASSIFY_METHOD,
+    INPUT,
+    INPUT_SIZE,
+    PREDICT_KEY,
+    PREDICT_METHOD,
+    SCORES,
+    signature_contracts,
+)
 
 
 def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path) -> None:
@@ -65,7 +34,7 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
     import tensorflow as tf
 
     graph = tf.saved_model.load(str(tf_graph_dir))
-    if "serving_default" not in graph.signatures:
+    if PREDICT_KEY not in graph.signatures:
         raise PackageError(f"translated graph {tf_graph_dir} has no serving_default signature.",
                            hint="Re-run the translate stage.")
 
@@ -75,18 +44,16 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
             self.graph = graph
             self.labels = tf.constant(list(labels), dtype=tf.string)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name=INPUT)])
         def predict(self, images):
-            return {"scores": self.graph.signatures["serving_default"](images=images)["scores"]}
+            return {SCORES: self.graph.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]}
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)])
         def classify(self, inputs):
-            features = tf.io.parse_example(
-                inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([INPUT_SIZE], tf.float32)}
-            )
-            scores = self.predict(features[IMAGE_FEATURE])["scores"]
+            features = tf.io.parse_example(inputs, {INPUT: tf.io.FixedLenFeature([INPUT_SIZE], tf.float32)})
+            scores = self.predict(features[INPUT])[SCORES]
             classes = tf.tile(self.labels[tf.newaxis, :], [tf.shape(scores)[0], 1])
-            return {"classes": classes, "scores": scores}
+            return {CLASSES: classes, SCORES: scores}
 
     servable = Servable()
     out_dir = Path(out_dir)
@@ -137,10 +104,24 @@ def read_signature_defs(saved_model_dir: Path) -> dict:
 
 
 def check_signatures(saved_model_dir: Path, num_classes: int) -> None:
-    """Check the stored SignatureDefs against the contract; one error lists every mismatch."""
+    """Raise one error listing every way the SignatureDefs break the contract or TF Serving's rules."""
+    problems = signature_problems(saved_model_dir, num_classes)
+    if problems:
+        raise PackageError(f"SavedModel {saved_model_dir} breaks the serving contract: " + "; ".join(problems) + ".",
+                           hint="Re-run the package stage.")
+
+
+def signature_problems(saved_model_dir: Path, num_classes: int | None = None) -> list[str]:
+    """Every problem with the stored SignatureDefs: crossport's contract (for ``num_classes``
+    classes; skipped when None, as for any SavedModel TF Serving may load) and TF Serving's rules."""
+    defs = {key: value for key, value in read_signature_defs(saved_model_dir).items() if not key.startswith("__")}
+    problems = [] if num_classes is None else _contract_problems(defs, num_classes)
+    return problems + _serving_rule_problems(defs)
+
+
+def _contract_problems(defs: dict, num_classes: int) -> list[str]:
     from tensorflow.core.framework import types_pb2
 
-    defs = read_signature_defs(saved_model_dir)
     problems = []
     for key, contract in signature_contracts(num_classes).items():
         if key not in defs:
@@ -162,6 +143,50 @@ def check_signatures(saved_model_dir: Path, num_classes: int) -> None:
                 if dtype != tensor.dtype or shape != tensor.shape:
                     problems.append(f"{key}: {side} {name!r} is {dtype}{list(shape)}, "
                                     f"expected {tensor.dtype}{list(tensor.shape)}")
-    if problems:
-        raise PackageError(f"SavedModel {saved_model_dir} breaks the serving contract: " + "; ".join(problems) + ".",
-                           hint="Re-run the package stage.")
+    return problems
+
+
+def _serving_rule_problems(defs: dict) -> list[str]:
+    """TF Serving's rules for predict and classify SignatureDefs (servables/tensorflow/classifier.cc)."""
+    from tensorflow.core.framework import types_pb2
+
+    problems = []
+
+    def tensors(key, side, infos):
+        for name, info in infos.items():
+            dims = [d.size for d in info.tensor_shape.dim]
+            if info.tensor_shape.unknown_rank or not dims:
+                problems.append(f"{key}: {side} {name!r} has no known rank (TF Serving batches on dimension 0)")
+            elif dims[0] != -1:
+                problems.append(f"{key}: {side} {name!r} has a fixed batch dimension {dims[0]}, expected -1")
+            if info.dtype == types_pb2.DT_INVALID:
+                problems.append(f"{key}: {side} {name!r} has no dtype")
+
+    if PREDICT_KEY not in defs:
+        problems.append(f"no {PREDICT_KEY!r} signature: TF Serving's default for requests without a signature_name")
+    for key, signature in defs.items():
+        if signature.method_name == PREDICT_METHOD:
+            if not signature.inputs or not signature.outputs:
+                problems.append(f"{key}: a predict signature needs inputs and outputs")
+        elif signature.method_name == CLASSIFY_METHOD:
+            # one DT_STRING input (serialized tf.Examples), outputs 'classes' (DT_STRING) and/or 'scores' (DT_FLOAT)
+            inputs = signature.inputs
+            if list(inputs) != [CLASSIFY_INPUT] or inputs[CLASSIFY_INPUT].dtype != types_pb2.DT_STRING:
+                problems.append(f"{key}: classify needs exactly one DT_STRING input {CLASSIFY_INPUT!r}, found "
+                                f"{ {k: types_pb2.DataType.Name(v.dtype) for k, v in signature.inputs.items()} }")
+            outputs = set(signature.outputs)
+            if not outputs or outputs - {CLASSES, SCORES}:
+                problems.append(f"{key}: classify outputs must be {CLASSES!r} and/or {SCORES!r}, "
+                                f"found {sorted(outputs)}")
+            if CLASSES in outputs and signature.outputs[CLASSES].dtype != types_pb2.DT_STRING:
+                problems.append(f"{key}: classify output {CLASSES!r} must be DT_STRING")
+            if SCORES in outputs and signature.outputs[SCORES].dtype != types_pb2.DT_FLOAT:
+                problems.append(f"{key}: classify output {SCORES!r} must be DT_FLOAT")
+            for name in outputs & {CLASSES, SCORES}:
+                if len(signature.outputs[name].tensor_shape.dim) != 2:
+                    problems.append(f"{key}: classify output {name!r} must be [batch, classes]")
+        else:
+            problems.append(f"{key}: method {signature.method_name!r} is neither predict nor classify")
+        tensors(key, "input", signature.inputs)
+        tensors(key, "output", signature.outputs)
+    return problems

@@ -20,7 +20,7 @@ import numpy as np
 from crossport.errors import PackageError
 from crossport.files import write_bytes_atomic
 from crossport.formats import TFLITE_VARIANTS as VARIANTS
-from crossport.interface import INPUT
+from crossport.interface import INPUT, PREDICT_KEY
 
 MIN_CALIBRATION = 200
 
@@ -32,7 +32,7 @@ def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
 
     if variant not in VARIANTS:
         raise PackageError(f"unknown TFLite variant {variant!r}: expected one of {', '.join(VARIANTS)}.")
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[PREDICT_KEY])
     if variant != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "fp16":
