@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 IMAGE_SIDE = 28
 INPUT_SIZE = IMAGE_SIDE * IMAGE_SIDE  # 784: one flattened 28×28 image
 INPUT = "images"  # the input tensor of every servable, and the tf.train.Example feature
@@ -31,6 +33,11 @@ CLASSIFY_METHOD = "tensorflow/serving/classify"
 
 ASSETS_EXTRA = "assets.extra"  # everything of a version besides the SavedModel lives here
 MODELS_CONFIG = "models.config"  # TF Serving's ModelServerConfig beside the model directories
+
+
+def to_inputs(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 784] → float32 in [0, 1]: the scaling every servable expects."""
+    return images.astype(np.float32) / np.float32(255.0)
 
 
 @dataclass(frozen=True)

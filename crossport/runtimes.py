@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
+from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, PREDICT_KEY, SCORES
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 CHUNK = 4096
 
 
-def _chunked(run: Predict, chunk: int = CHUNK) -> Predict:
+def chunked(run: Predict, chunk: int = CHUNK) -> Predict:
     def predict(images: np.ndarray) -> dict[str, np.ndarray]:
         parts = [run(images[start : start + chunk]) for start in range(0, len(images), chunk)]
         if not parts:
@@ -28,23 +28,6 @@ def _chunked(run: Predict, chunk: int = CHUNK) -> Predict:
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     return predict
-
-
-def load_torch(checkpoint_path: Path, threads: int | None = None) -> Predict:
-    import torch
-
-    from training.train import load_checkpoint
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_checkpoint(checkpoint_path).model
-
-    @torch.no_grad()
-    def run(images: np.ndarray) -> dict[str, np.ndarray]:
-        logits = model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-        return {SCORES: torch.softmax(logits, dim=-1).numpy(), LOGITS: logits.numpy()}
-
-    return _chunked(run)
 
 
 def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
@@ -60,7 +43,7 @@ def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
         values = session.run(names, {session.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)})
         return dict(zip(names, values, strict=True))
 
-    return _chunked(run)
+    return chunked(run)
 
 
 def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, threads: int | None = None) -> Predict:
@@ -81,7 +64,7 @@ def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, thread
             outputs = function(**{INPUT: tf.constant(images, dtype=tf.float32)})
             return {name: value.numpy() for name, value in outputs.items()}
 
-    return _chunked(run)
+    return chunked(run)
 
 
 def serialize_examples(images: np.ndarray) -> list[bytes]:
@@ -128,7 +111,7 @@ def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
         outputs = runner(**{input_name: np.ascontiguousarray(images, dtype=np.float32)})
         return {name: np.array(value) for name, value in outputs.items()}
 
-    return _chunked(run)
+    return chunked(run)
 
 
 def load_format(fmt, path: Path, threads: int | None = None) -> Predict:

@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- loading a runtime (also run inside the cold-start child process) -----------------------
 
 def load_runtime(name: str, version_dir: Path, checkpoint: Path | None):
-    from crossport.runtimes import load_format, load_torch
+    from crossport.runtimes import load_format
+    from training.checkpoint import load_torch
 
     if name == "pytorch":
         return load_torch(checkpoint)

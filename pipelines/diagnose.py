@@ -40,9 +40,9 @@ def _diagnose(args: argparse.Namespace) -> int:
     import numpy as np
 
     from crossport.exact import Exact
+    from crossport.interface import to_inputs
     from pipelines.manifest import Manifest
     from pipelines.stages import locate_divergence
-    from training.train import to_inputs
 
     manifest = Manifest.load(args.run_dir)
     onnx_path = manifest.require("onnx", for_stage="diagnose")

@@ -82,7 +82,7 @@ def read_labels(ctx: Context) -> tuple[str, ...]:
 
 
 def golden_inputs(ctx: Context) -> np.ndarray:
-    from training.train import to_inputs
+    from crossport.interface import to_inputs
 
     with np.load(ctx.input("golden")) as arrays:
         return to_inputs(arrays["images"])
@@ -167,8 +167,9 @@ def data_stage(ctx: Context) -> StageResult:
 
 
 def train_stage(ctx: Context) -> StageResult:
+    from training.checkpoint import load_checkpoint, save_checkpoint
     from training.model import ModelConfig
-    from training.train import TrainConfig, evaluate, load_checkpoint, save_checkpoint, train
+    from training.train import TrainConfig, evaluate, train
 
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
@@ -201,9 +202,9 @@ def train_stage(ctx: Context) -> StageResult:
 
 def export_stage(ctx: Context) -> StageResult:
     from crossport.exact import Exact, exact_outputs
-    from crossport.runtimes import load_onnx, load_torch
+    from crossport.runtimes import load_onnx
     from export.onnx_export import export_onnx
-    from training.train import load_checkpoint
+    from training.checkpoint import load_checkpoint, load_torch
 
     checkpoint_path = ctx.input("checkpoint")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -266,8 +267,8 @@ def package_stage(ctx: Context) -> StageResult:
 
 def tflite_stage(ctx: Context) -> StageResult:
     from crossport.formats import TFLITE_FORMATS
+    from crossport.interface import to_inputs
     from crossport.runtimes import load_saved_model, load_tflite
-    from training.train import to_inputs
     from translation.tflite import convert_tflite
 
     saved_model = ctx.input("saved_model")
@@ -299,9 +300,10 @@ PLOTS = ("parity_errors.png", "confusion_matrix.png")
 def validate_stage(ctx: Context) -> StageResult:
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32, exact_outputs
     from crossport.files import write_json_atomic
-    from crossport.runtimes import load_format, load_saved_model, load_torch
+    from crossport.interface import to_inputs
+    from crossport.runtimes import load_format, load_saved_model
     from pipelines.reports import confusion_matrix_png, error_distribution_png
-    from training.train import load_checkpoint, to_inputs
+    from training.checkpoint import load_checkpoint, load_torch
 
     paths = {name: ctx.input(name) for name in VALIDATED}
     arrays = load_arrays(ctx)

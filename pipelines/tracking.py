@@ -168,14 +168,15 @@ class MlflowTracker:
         import mlflow
         from mlflow.models import infer_signature
 
-        from crossport.runtimes import load_onnx, load_saved_model, load_torch
+        from crossport.runtimes import load_onnx, load_saved_model
         from pipelines.provenance import package_versions
+        from training.checkpoint import load_torch
 
         example = np.asarray(model.input_example, dtype=np.float32)
         versions = package_versions(("torch", "onnxruntime", "onnx", "tensorflow"))
         if model.flavor == "pytorch":
             from crossport.frameworks import keep_triton_away_from_tensorflow
-            from training.train import load_checkpoint
+            from training.checkpoint import load_checkpoint
 
             keep_triton_away_from_tensorflow()  # MLflow saves PyTorch models with torch.export
             signature = infer_signature(example, load_torch(model.path)(example)[LOGITS])

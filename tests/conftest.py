@@ -58,7 +58,8 @@ def tiny(tmp_path_factory, tiny_model, tiny_images) -> TinyArtifacts:
     """A tiny seeded MLP taken through every converter with the library functions."""
     from crossport.files import sha256_file
     from export.onnx_export import export_onnx
-    from training.train import TrainConfig, save_checkpoint
+    from training.checkpoint import save_checkpoint
+    from training.train import TrainConfig
     from translation.onnx_to_tf import translate
     from translation.servable import build_saved_model
     from translation.tflite import convert_tflite

@@ -7,9 +7,10 @@ import pytest
 from crossport.errors import ExportError
 from crossport.files import sha256_file
 from crossport.parity import compare
-from crossport.runtimes import load_onnx, load_torch
+from crossport.runtimes import load_onnx
 from export.onnx_export import META_CHECKPOINT, META_LABELS, META_PRODUCER, check_onnx, read_metadata
 from pipelines.config import ONNX, REFERENCE, hop_spec
+from training.checkpoint import load_torch
 
 
 def test_onnx_is_one_checked_file_with_the_contract(tiny):

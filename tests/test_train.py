@@ -6,8 +6,9 @@ import torch
 
 from crossport.errors import CheckpointError
 from tests.helpers import PicklePayload
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.model import MLP, ModelConfig
-from training.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from training.train import TrainConfig, train
 
 CONFIG = ModelConfig(hidden_sizes=(16,), num_classes=3, dropout=0.1)
 

@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     from crossport.exact import exact_outputs
-    from crossport.runtimes import load_torch
+    from crossport.interface import to_inputs
     from tests.breakers import scale_hidden_unit
-    from training.train import load_checkpoint, to_inputs
+    from training.checkpoint import load_checkpoint, load_torch
 
     with np.load(args.run_dir / "data.npz") as arrays:
         images = to_inputs(arrays["x_test"][: args.examples or None])

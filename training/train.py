@@ -1,24 +1,19 @@
-"""Seeded, deterministic CPU training and self-describing checkpoints."""
+"""Seeded, deterministic CPU training (the checkpoint format is in ``training/checkpoint.py``)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from crossport.errors import CheckpointError
+from crossport.interface import to_inputs
 from training.model import MLP, ModelConfig
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "crossport-checkpoint"
-CHECKPOINT_VERSION = 1
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,20 +22,6 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    model: MLP
-    model_config: ModelConfig
-    labels: tuple[str, ...]
-    dataset_digest: str
-    metrics: dict
-
-
-def to_inputs(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 784] → float32 in [0, 1]: the scaling every servable expects."""
-    return images.astype(np.float32) / np.float32(255.0)
 
 
 def train(
@@ -107,53 +88,3 @@ def evaluate(model: MLP, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits_of(model, images), axis=1) == labels))
 
 
-def save_checkpoint(path: Path, model: MLP, labels: tuple[str, ...], dataset_digest: str, metrics: dict,
-                    train_config: TrainConfig) -> None:
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "state_dict": model.state_dict(),
-        "model_config": asdict(model.config),
-        "train_config": asdict(train_config),
-        "labels": list(labels),
-        "dataset_digest": dataset_digest,
-        "metrics": metrics,
-    }
-    torch.save(payload, path)
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint safely (``weights_only=True``: no pickled code runs) and check it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.", hint="Run the train stage first.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise CheckpointError(
-            f"checkpoint {path} could not be loaded safely ({type(error).__name__}: {str(error).splitlines()[0]}).",
-            hint="Only crossport checkpoints (tensors and plain data) are accepted; re-run the train stage.",
-        ) from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a crossport checkpoint (no format={CHECKPOINT_FORMAT!r} field).",
-                              hint="Re-run the train stage to produce one.")
-    if payload.get("format_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {payload.get('format_version')}, expected {CHECKPOINT_VERSION}.",
-            hint="Re-run the train stage with this version of crossport.",
-        )
-    config = ModelConfig.from_dict(payload["model_config"])
-    model = MLP(config)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} weights do not match its model config: {error}.") from error
-    for name, tensor in payload["state_dict"].items():
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"checkpoint {path} has non-finite values in {name!r}.",
-                                  hint="Training diverged; lower the learning rate and re-train.")
-    model.eval()
-    labels = tuple(payload["labels"])
-    if len(labels) != config.num_classes:
-        raise CheckpointError(f"checkpoint {path} has {len(labels)} labels for {config.num_classes} classes.")
-    return Checkpoint(model, config, labels, str(payload["dataset_digest"]), dict(payload["metrics"]))
