@@ -12,7 +12,7 @@ from crossport.errors import PublishError
 from crossport.files import sha256_path, size_path, write_json_atomic
 from crossport.formats import FORMATS
 from crossport.interface import ASSETS_EXTRA
-from pipelines.publish import publish_version
+from export.publish import publish_version
 
 # run artifact → file name inside assets.extra/ (the published layout contract): every
 # format but the SavedModel itself, then the version's other assets.
@@ -56,7 +56,7 @@ def publish_run(ctx) -> tuple[int, Path]:
     sources = {name: ctx.input(name) for name in ("saved_model", *extras)}
 
     def build(staging: Path) -> None:
-        from pipelines.contract import replay_warmup, signature_problems
+        from export.contract import replay_warmup, signature_problems
 
         shutil.copytree(sources["saved_model"], staging, dirs_exist_ok=True)
         extra = staging / ASSETS_EXTRA
@@ -70,7 +70,7 @@ def publish_run(ctx) -> tuple[int, Path]:
         replay_warmup(staging)
 
     def finalize(staging: Path, version: int) -> None:
-        from pipelines.card import render_markdown
+        from export.card import render_markdown
 
         extra = staging / ASSETS_EXTRA
         card = servable_card(ctx, report, version, staging)
@@ -126,8 +126,8 @@ def _mlflow_ids(ctx) -> dict | None:
 
 
 def servable_card(ctx, report: dict, version: int, staging: Path) -> dict:
-    from pipelines.card import FORMAT_FILES
-    from pipelines.card import servable_card as card
+    from export.card import FORMAT_FILES
+    from export.card import servable_card as card
 
     sizes = {fmt: size_path(staging / path, exclude=(ASSETS_EXTRA,)) for fmt, path in FORMAT_FILES.items()
              if (staging / path).exists()}

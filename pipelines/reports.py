@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on build machines
@@ -19,7 +19,7 @@ def _pyplot():
 def error_distribution_png(path: Path, errors: dict[str, np.ndarray], bounds: dict[str, float | None],
                            reference: str) -> None:
     """One histogram per candidate of the per-example max |Δ score| against ``reference``."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(errors)
     columns = 2
     rows = (len(names) + columns - 1) // columns
@@ -43,7 +43,7 @@ def error_distribution_png(path: Path, errors: dict[str, np.ndarray], bounds: di
 
 def confusion_matrix_png(path: Path, labels: tuple[str, ...], truth: np.ndarray, predicted: np.ndarray,
                          title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     count = len(labels)
     matrix = np.zeros((count, count), dtype=np.int64)
     np.add.at(matrix, (truth, predicted), 1)
@@ -66,7 +66,7 @@ def confusion_matrix_png(path: Path, labels: tuple[str, ...], truth: np.ndarray,
 
 def training_curves_png(path: Path, history: list[dict]) -> None:
     """Training loss and test accuracy per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
     loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o")

@@ -203,8 +203,8 @@ def train_stage(ctx: Context) -> StageResult:
 def export_stage(ctx: Context) -> StageResult:
     from crossport.exact import Exact, exact_outputs
     from crossport.runtimes import load_onnx
-    from export.onnx_export import export_onnx
     from training.checkpoint import load_checkpoint, load_torch
+    from translation.onnx_export import export_onnx
 
     checkpoint_path = ctx.input("checkpoint")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -227,7 +227,7 @@ def export_stage(ctx: Context) -> StageResult:
 
 def translate_stage(ctx: Context) -> StageResult:
     from crossport.runtimes import load_onnx, load_saved_model
-    from export.onnx_export import check_onnx
+    from translation.onnx_export import check_onnx
     from translation.onnx_to_tf import translate
 
     onnx_path = ctx.input("onnx")
@@ -244,8 +244,8 @@ def translate_stage(ctx: Context) -> StageResult:
 
 def package_stage(ctx: Context) -> StageResult:
     from crossport.runtimes import load_onnx, load_saved_model
+    from export.servable import build_saved_model
     from export.warmup import write_warmup
-    from translation.servable import build_saved_model
 
     tf_graph = ctx.input("tf_graph")
     onnx_path = ctx.input("onnx")
@@ -269,7 +269,7 @@ def tflite_stage(ctx: Context) -> StageResult:
     from crossport.formats import TFLITE_FORMATS
     from crossport.interface import to_inputs
     from crossport.runtimes import load_saved_model, load_tflite
-    from translation.tflite import convert_tflite
+    from export.tflite import convert_tflite
 
     saved_model = ctx.input("saved_model")
     with np.load(ctx.input("calibration")) as arrays:
@@ -494,30 +494,3 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 def stage_by_name(name: str) -> Stage:
     return next(stage for stage in STAGES if stage.name == name)
-
-
-def parity_table(report: dict) -> str:
-    rows = [f"{'hop':<52} {'scores |Δ|':>10} {'logits |Δ|':>10} {'Δ/bound':>8} {'top-1':>9} {'ties':>5} "
-            f"{'accuracy':>9}  verdict"]
-    for hop in report["hops"]:
-        by_output = {o["name"]: f"{o['max_abs']:.2e}" for o in hop["outputs"]}
-        ratios = [o["worst_ratio"] for o in hop["outputs"] if o.get("worst_ratio") is not None]
-        agreement = hop["top1_agreement"]
-        accuracy = hop["candidate_accuracy"]
-        rows.append(
-            f"{hop['hop']:<52} {by_output.get('scores', '-'):>10} {by_output.get('logits', '-'):>10} "
-            f"{f'{max(ratios):.2g}' if ratios else '-':>8} "
-            f"{f'{agreement:.4%}' if agreement is not None else '-':>9} {hop['near_ties_excluded']:>5} "
-            f"{f'{accuracy:.2%}' if accuracy is not None else '-':>9}  {hop['verdict']}"
-        )
-    rows += ["", f"{'against exact float64':<30} {'output':<7} {'max |err|':>10} {'rms':>10} {'err/bound':>9} "
-                 f"{'noise vs pytorch':>16}  verdict"]
-    for check in report.get("against_exact", []):
-        for stats in check["outputs"]:
-            judged = check["judged"]
-            rows.append(f"{check['artifact']:<30} {stats['name']:<7} {stats['max_abs']:>10.2e} {stats['rms']:>10.2e} "
-                        f"{stats['worst_ratio']:>9.2g} {stats['noise_ratio']:>15.2f}×  "
-                        f"{check['verdict'] if judged else 'recorded'}")
-    if report.get("detail"):
-        rows.append(report["detail"])
-    return "\n".join(rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from pipelines.manifest import Manifest
-from pipelines.stages import parity_table
 
 
 def peak_rss_gib() -> float:
@@ -45,3 +44,30 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
         lines += ["", f"parity on {report['examples']} test examples: {report['verdict'].upper()}",
                   parity_table(report)]
     return "\n".join(lines)
+
+
+def parity_table(report: dict) -> str:
+    rows = [f"{'hop':<52} {'scores |Δ|':>10} {'logits |Δ|':>10} {'Δ/bound':>8} {'top-1':>9} {'ties':>5} "
+            f"{'accuracy':>9}  verdict"]
+    for hop in report["hops"]:
+        by_output = {o["name"]: f"{o['max_abs']:.2e}" for o in hop["outputs"]}
+        ratios = [o["worst_ratio"] for o in hop["outputs"] if o.get("worst_ratio") is not None]
+        agreement = hop["top1_agreement"]
+        accuracy = hop["candidate_accuracy"]
+        rows.append(
+            f"{hop['hop']:<52} {by_output.get('scores', '-'):>10} {by_output.get('logits', '-'):>10} "
+            f"{f'{max(ratios):.2g}' if ratios else '-':>8} "
+            f"{f'{agreement:.4%}' if agreement is not None else '-':>9} {hop['near_ties_excluded']:>5} "
+            f"{f'{accuracy:.2%}' if accuracy is not None else '-':>9}  {hop['verdict']}"
+        )
+    rows += ["", f"{'against exact float64':<30} {'output':<7} {'max |err|':>10} {'rms':>10} {'err/bound':>9} "
+                 f"{'noise vs pytorch':>16}  verdict"]
+    for check in report.get("against_exact", []):
+        for stats in check["outputs"]:
+            judged = check["judged"]
+            rows.append(f"{check['artifact']:<30} {stats['name']:<7} {stats['max_abs']:>10.2e} {stats['rms']:>10.2e} "
+                        f"{stats['worst_ratio']:>9.2g} {stats['noise_ratio']:>15.2f}×  "
+                        f"{check['verdict'] if judged else 'recorded'}")
+    if report.get("detail"):
+        rows.append(report["detail"])
+    return "\n".join(rows)

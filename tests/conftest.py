@@ -57,12 +57,12 @@ def tiny_exact(tiny_model, tiny_images):
 def tiny(tmp_path_factory, tiny_model, tiny_images) -> TinyArtifacts:
     """A tiny seeded MLP taken through every converter with the library functions."""
     from crossport.files import sha256_file
-    from export.onnx_export import export_onnx
+    from export.servable import build_saved_model
+    from export.tflite import convert_tflite
     from training.checkpoint import save_checkpoint
     from training.train import TrainConfig
+    from translation.onnx_export import export_onnx
     from translation.onnx_to_tf import translate
-    from translation.servable import build_saved_model
-    from translation.tflite import convert_tflite
 
     root = tmp_path_factory.mktemp("tiny")
     checkpoint = root / "model.pt"

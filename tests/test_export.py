@@ -8,9 +8,9 @@ from crossport.errors import ExportError
 from crossport.files import sha256_file
 from crossport.parity import compare
 from crossport.runtimes import load_onnx
-from export.onnx_export import META_CHECKPOINT, META_LABELS, META_PRODUCER, check_onnx, read_metadata
 from pipelines.config import ONNX, REFERENCE, hop_spec
 from training.checkpoint import load_torch
+from translation.onnx_export import META_CHECKPOINT, META_LABELS, META_PRODUCER, check_onnx, read_metadata
 
 
 def test_onnx_is_one_checked_file_with_the_contract(tiny):
@@ -69,7 +69,7 @@ def test_export_works_after_tensorflow_was_imported(tmp_path):
     code = (
         "import tensorflow, torch\n"
         "from training.model import MLP, ModelConfig\n"
-        "from export.onnx_export import export_onnx, check_onnx\n"
+        "from translation.onnx_export import export_onnx, check_onnx\n"
         "model = MLP(ModelConfig(hidden_sizes=(8,), num_classes=3)).eval()\n"
         f"export_onnx(model, ('a', 'b', 'c'), '0' * 64, {str(tmp_path / 'm.onnx')!r})\n"
         f"check_onnx({str(tmp_path / 'm.onnx')!r})\n"

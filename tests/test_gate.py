@@ -63,7 +63,7 @@ def test_broken_tf_graph_stops_the_run_and_names_hop_and_node(pipeline_run, tmp_
 
 def test_validate_catches_a_drifted_saved_model_on_its_own(pipeline_run, tmp_path):
     """Even when packaging's own check is bypassed, validate refuses and locates the node."""
-    from translation.servable import build_saved_model
+    from export.servable import build_saved_model
 
     manifest, config = copy_run(pipeline_run, tmp_path)
     culprit = break_tf_graph(manifest, breakers.nudge_weight)

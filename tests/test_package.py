@@ -4,8 +4,8 @@ import pytest
 from crossport.errors import PackageError
 from crossport.parity import compare
 from crossport.runtimes import load_onnx, load_saved_model, serialize_examples
+from export.servable import check_signatures, read_signature_defs, set_method_name
 from pipelines.config import ONNX, SM_CLASSIFY, SM_PREDICT, hop_spec
-from translation.servable import check_signatures, read_signature_defs, set_method_name
 
 
 def test_signature_defs_on_disk_follow_the_serving_contract(tiny):
@@ -93,7 +93,7 @@ def test_fast_example_serialization_equals_protobuf():
 def test_the_card_describes_the_signatures_the_saved_model_is_checked_against(tiny):
     from tensorflow.core.framework import types_pb2
 
-    from pipelines.card import card_signatures
+    from export.card import card_signatures
 
     card = card_signatures(len(tiny.labels))
     stored = read_signature_defs(tiny.saved_model)

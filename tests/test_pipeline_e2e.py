@@ -57,7 +57,7 @@ def test_published_manifest_hashes_match_the_files(pipeline_run):
 
 def test_every_published_artifact_reloads_and_agrees(pipeline_run):
     from crossport.runtimes import load_onnx, load_saved_model, load_tflite
-    from translation.servable import check_signatures
+    from export.servable import check_signatures
 
     version = version_dir(pipeline_run)
     extra = version / "assets.extra"

@@ -2,7 +2,7 @@ import pytest
 
 from crossport.errors import PublishError
 from crossport.files import sha256_path
-from pipelines.publish import TEMP_PREFIX, publish_version, versions, write_models_config
+from export.publish import TEMP_PREFIX, publish_version, versions, write_models_config
 
 
 def build_with(content: str):

@@ -47,7 +47,7 @@ def digit_png(image_row: np.ndarray, invert: bool = True, scale: int = 4) -> byt
 # --- TF Serving contract ----------------------------------------------------------------------
 
 def test_warmup_records_replay_through_the_saved_model(version):
-    from pipelines.contract import replay_warmup
+    from export.contract import replay_warmup
 
     replayed = replay_warmup(version)
     assert {record["kind"] for record in replayed} == {"predict_log", "classify_log"}
@@ -56,7 +56,7 @@ def test_warmup_records_replay_through_the_saved_model(version):
 
 
 def test_contract_check_passes_on_published_versions(pipeline_run):
-    from pipelines.contract import models_config_problems
+    from export.contract import models_config_problems
 
     assert models_config_problems(pipeline_run.models_dir) == []
     result = subprocess.run([sys.executable, "-m", "pipelines.contract", str(pipeline_run.models_dir)], cwd=ROOT,
@@ -66,8 +66,8 @@ def test_contract_check_passes_on_published_versions(pipeline_run):
 
 
 def test_contract_check_names_each_broken_rule(version, tmp_path):
-    from pipelines.contract import models_config_problems, signature_problems
-    from translation.servable import set_method_name
+    from export.contract import models_config_problems, signature_problems
+    from export.servable import set_method_name
 
     copy = tmp_path / "m" / "1"
     shutil.copytree(version, copy)
@@ -91,7 +91,7 @@ def structure(value):
 @pytest.mark.parametrize("example", ["predict_instances", "predict_inputs", "classify", "metadata", "status"])
 def test_documented_rest_examples_run_against_the_saved_model(version, example):
     from crossport.runtimes import load_saved_model
-    from pipelines.rest import Servable, load_backend
+    from export.rest import Servable, load_backend
 
     documented = json.loads((DOCS / f"{example}.json").read_text())
     body = (ROOT / documented["request"]).read_bytes() if "request" in documented else None
@@ -275,7 +275,7 @@ def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
         assert server.get("/v1/models/emnist_mlp")[1]["model_version_status"][0]["state"] == "AVAILABLE"
         status, body = server.post("/v1/models/emnist_mlp:predict", {"instances": images[:3].tolist()})
         assert status == 200 and np.asarray(body["predictions"]).shape == (3, 10)
-        from pipelines.rest import load_backend
+        from export.rest import load_backend
 
         reference = load_backend(version, backend).predict(images[:3])  # the chosen runtime, in this process
         np.testing.assert_allclose(body["predictions"], reference, atol=1e-6)
@@ -304,7 +304,7 @@ def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
 
 
 def test_server_binds_loopback_by_default():
-    from pipelines.serve import build_parser
+    from export.serve import build_parser
 
     assert build_parser().parse_args(["models/x"]).host == "127.0.0.1"
 

@@ -3,8 +3,8 @@ import pytest
 from crossport.errors import PackageError
 from crossport.parity import compare
 from crossport.runtimes import load_saved_model, load_tflite
+from export.tflite import convert_tflite
 from pipelines.config import SM_PREDICT, TFLITE_FP32, hop_spec
-from translation.tflite import convert_tflite
 
 
 @pytest.mark.parametrize("batch", [1, 37])

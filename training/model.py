@@ -1,7 +1,8 @@
 """The reference network: an MLP over flattened 28×28 images that outputs logits.
 
-Softmax is not part of the network: it belongs to the exported serving graph, so the
-loss sees logits and parity can compare logits before the softmax flattens differences.
+Softmax is not part of the network: it belongs to the exported serving graph
+(``translation/onnx_export.py``), so the loss sees logits and parity can compare logits
+before the softmax flattens differences.
 """
 
 from __future__ import annotations
@@ -45,15 +46,3 @@ class MLP(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images)
-
-
-class ServingHead(nn.Module):
-    """What gets exported: the MLP plus softmax, returning (scores, logits)."""
-
-    def __init__(self, model: MLP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(images)
-        return torch.softmax(logits, dim=-1), logits

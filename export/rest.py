@@ -140,7 +140,7 @@ class Servable:
         from google.protobuf import json_format
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        from translation.servable import read_signature_defs
+        from export.servable import read_signature_defs
 
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         for key, signature in read_signature_defs(self.version_dir).items():

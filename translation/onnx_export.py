@@ -25,10 +25,8 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
     import onnx
     import torch
 
-    from training.model import ServingHead
-
     keep_triton_away_from_tensorflow()
-    head = ServingHead(model).eval()
+    head = serving_head(model).eval()
     example = torch.zeros(2, model.config.input_size)
     path = Path(path)
     try:
@@ -102,3 +100,24 @@ def read_metadata(path: Path) -> dict[str, str]:
 
     proto = onnx.load(str(path), load_external_data=False)
     return {prop.key: prop.value for prop in proto.metadata_props}
+
+
+def serving_head(model):
+    """What gets exported: the network plus softmax, returning (scores, logits).
+
+    Softmax belongs to the serving graph, not the network, so training sees logits and
+    parity can compare logits before the softmax flattens differences.
+    """
+    import torch
+    from torch import nn
+
+    class ServingHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.model(images)
+            return torch.softmax(logits, dim=-1), logits
+
+    return ServingHead()

@@ -1,0 +1,189 @@
+"""``python -m pipelines.serve``: a published version behind TF Serving's REST API, plus an upload page.
+
+    python -m pipelines.serve models/emnist_mlp [--version N] [--backend saved_model|onnx|tflite_fp32|...]
+                              [--host 127.0.0.1] [--port 8501]
+
+Routes: ``/v1/models/<name>[/versions/<N>]`` ``:predict``, ``:classify``, ``/metadata`` (as
+TF Serving answers them), ``GET /`` (drop a PNG, see the top 3 labels and the 28×28 image
+the model sees) and ``POST /v1/upload`` (a PNG body). Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import sys
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from crossport.errors import ConfigError, CrossportError, report
+from crossport.formats import SERVED
+
+log = logging.getLogger("crossport.serve")
+
+BACKENDS = SERVED
+MAX_REST_BYTES = 8 * 1024 * 1024  # ~2,000 images per predict call as JSON
+MAX_UPLOAD_BYTES = 1024 * 1024
+MAX_DRAIN_BYTES = 64 * 1024 * 1024
+PAGE = Path(__file__).with_name("upload.html")
+
+
+def pick_version(model_dir: Path, version: int | None) -> tuple[int, Path]:
+    from export.publish import versions
+
+    available = versions(model_dir)
+    if not available:
+        raise ConfigError(f"{model_dir} has no published versions (integer directories).",
+                          hint="Pass <models-dir>/<name>, e.g. models/emnist_mlp, after a run has published.")
+    chosen = available[-1] if version is None else version
+    if chosen not in available:
+        raise ConfigError(f"{model_dir} has no version {chosen}: found {available}.", hint="Pick one with --version.")
+    return chosen, model_dir / str(chosen)
+
+
+def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int) -> ThreadingHTTPServer:
+    from export.rest import Servable, load_backend
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
+    number, version_dir = pick_version(Path(model_dir), version)
+    servable = Servable(Path(model_dir).name, number, version_dir, load_backend(version_dir, backend))
+    handler = type("Handler", (RequestHandler,), {"servable": servable})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    servable = None  # set per server
+    server_version = "crossport-serve"
+    timeout = 30  # seconds a client may take to send its request: no hanging on slow bodies
+
+    def log_message(self, format: str, *args) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        if self.path in ("/", "/index.html"):
+            self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            return
+        self._rest("GET", None)
+
+    def do_POST(self) -> None:
+        limit = MAX_UPLOAD_BYTES if self.path == "/v1/upload" else MAX_REST_BYTES
+        body = self._read_body(limit)
+        if body is None:
+            return
+        if self.path == "/v1/upload":
+            self._upload(body)
+        else:
+            self._rest("POST", body)
+
+    def _read_body(self, limit: int) -> bytes | None:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
+            return None
+        if int(length) > limit:
+            # Read (and drop) a moderately oversized body so the client, still sending, gets
+            # the 413 instead of a broken pipe; past MAX_DRAIN_BYTES just hang up.
+            remaining = int(length) if int(length) <= MAX_DRAIN_BYTES else 0
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                       {"error": f"request body of {length} bytes is over the limit of {limit} bytes"})
+            self.close_connection = True
+            return None
+        return self.rfile.read(int(length))
+
+    def _rest(self, method: str, body: bytes | None) -> None:
+        from export.rest import RestError
+
+        try:
+            status, payload = self.servable.handle(method, self.path, body)
+        except RestError as error:
+            status, payload = error.status, {"error": str(error)}
+        except Exception:  # a bug must answer 500 with a message, never hang the client
+            log.exception("request failed")
+            status, payload = 500, {"error": "internal error; see the server log"}
+        self._json(status, payload)
+
+    def _upload(self, body: bytes) -> None:
+        from export.serverless_handler import BadInput, png_to_pixels, to_model_input, top_k
+
+        try:
+            upright = png_to_pixels(body)
+        except BadInput as error:
+            self._json(400, {"error": str(error)})
+            return
+        row = to_model_input(upright)
+        scores = np.asarray(self.servable.backend.predict(row[np.newaxis, :]))[0]
+        seen = row.reshape(28, 28)  # what the model sees: EMNIST orientation (transposed)
+        self._json(200, {"predictions": top_k(scores, self.servable.labels),
+                         "model_input_png": _png_data_url(seen), "upright_png": _png_data_url(upright),
+                         "backend": self.servable.backend.kind, "version": self.servable.version})
+
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(int(status), json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
+    from PIL import Image
+
+    image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    image = image.resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp")
+    parser.add_argument("--version", type=int, help="version to serve (default: the newest)")
+    parser.add_argument("--backend", default="saved_model", choices=BACKENDS, help="runtime (default: saved_model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8501, help="port (default: 8501, TF Serving's REST port)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    try:
+        server = make_server(args.model_dir, args.version, args.backend, args.host, args.port)
+    except CrossportError as error:
+        return report(error)
+    except OSError as error:
+        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{args.port}: {error.strerror}.\n")
+        return 1
+    servable = server.RequestHandlerClass.servable
+    host, port = server.server_address[:2]
+    log.info("serving %s version %d (%s) on http://%s:%d/  (REST: /v1/models/%s:predict)", servable.name,
+             servable.version, servable.backend.kind, host, port, servable.name)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

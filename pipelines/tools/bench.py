@@ -1,0 +1,401 @@
+"""``python -m pipelines.bench``: which format should a deployer ship?
+
+    python -m pipelines.bench [<models-dir>/<name>/<N>] [--quick] [--out DIR] [--no-tracking]
+
+Measures, in one run, for PyTorch eager, ONNX Runtime, the SavedModel signature and each
+TFLite variant: batch-1 latency (p50/p90/p99) and throughput, batch-128 throughput (requests
+and examples reported apart), cold start in a fresh process (and for the serverless
+package), artifact and package sizes, peak RSS, this machine's matrix-multiply ceiling at
+the model's shapes with each format's share of it, the web service under a bounded
+loopback load per backend, and the pipeline's per-stage wall time. Writes ``bench.json``,
+``bench.md`` and ``bench.png`` (default: the version's run directory) and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from crossport.errors import ConfigError, CrossportError, report
+from crossport.formats import BY_NAME, FORMATS, SERVED
+from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
+
+log = logging.getLogger("crossport.bench")
+
+MACS_PER_EXAMPLE = INPUT_SIZE * 512 + 512 * 256 + 256 * 62  # 548,352 for the EMNIST MLP
+# PyTorch, then every published format; bench.json keeps its historical name for the ONNX one
+BENCH_NAME = {"onnx": "onnxruntime"}
+RUNTIMES = ("pytorch", *(BENCH_NAME.get(fmt.name, fmt.name) for fmt in FORMATS))
+SERVE_BACKENDS = SERVED
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+
+
+# --- loading a runtime (also run inside the cold-start child process) -----------------------
+
+def load_runtime(name: str, version_dir: Path, checkpoint: Path | None):
+    from crossport.runtimes import load_format
+    from training.checkpoint import load_torch
+
+    if name == "pytorch":
+        return load_torch(checkpoint)
+    fmt = BY_NAME[next((key for key, value in BENCH_NAME.items() if value == name), name)]
+    return load_format(fmt, version_dir / fmt.path)
+
+
+# Peak RSS is read from /proc/self/status (VmHWM): it belongs to the process image and
+# restarts at exec, unlike getrusage's ru_maxrss, which keeps the forking parent's peak.
+PEAK_RSS = r"""
+def peak_rss_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+"""
+
+COLD_CHILD = PEAK_RSS + r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+import numpy as np
+from pipelines.tools.bench import load_runtime
+run = load_runtime({name!r}, Path({version!r}), {checkpoint!r} and Path({checkpoint!r}))
+run(np.zeros((1, 784), np.float32))
+first = time.time()
+for _ in range(200):
+    run(np.zeros((128, 784), np.float32))
+print(first, peak_rss_bytes())
+"""
+
+SERVERLESS_CHILD = PEAK_RSS + r"""
+import json, sys, time
+sys.path.insert(0, ".")
+import handler
+reply = handler.lambda_handler({"body": json.dumps({"pixels": [0.0] * 784})}, None)
+assert reply["statusCode"] == 200, reply
+print(time.time(), peak_rss_bytes())
+"""
+
+
+def cold_start(code: str, cwd: Path, repeats: int, isolated: bool = False) -> dict:
+    """Median seconds from process start to first prediction, and the child's peak RSS."""
+    times, rss = [], []
+    for _ in range(repeats):
+        started = time.time()
+        done = subprocess.run([sys.executable, *(["-I"] if isolated else []), "-c", code], cwd=cwd,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if done.returncode != 0:
+            raise CrossportError(f"cold-start child failed: {done.stderr.strip().splitlines()[-1:]}")
+        first, peak = done.stdout.strip().splitlines()[-1].split()
+        times.append(float(first) - started)
+        rss.append(int(peak))
+    return {"median_s": statistics.median(times), "runs": len(times), "all_s": times, "peak_rss_mb": max(rss) / 1e6}
+
+
+# --- warm latency and throughput -----------------------------------------------------------
+
+def timed(run, batch: np.ndarray, seconds: float, min_calls: int = 20) -> list[float]:
+    run(batch)  # warm
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(latencies) < min_calls:
+        started = time.perf_counter()
+        run(batch)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def summarize(latencies: list[float], batch: int) -> dict:
+    values = np.asarray(latencies)
+    return {"batch": batch, "calls": len(values), "p50_ms": float(np.percentile(values, 50) * 1e3),
+            "p90_ms": float(np.percentile(values, 90) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
+            "requests_per_s": float(len(values) / values.sum()),
+            "examples_per_s": float(len(values) * batch / values.sum())}
+
+
+def matmul_ceiling(seconds: float) -> dict:
+    """This machine's float32 matmul rate at the model's shapes (batch 128), best of numpy and torch."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    shapes = [(128, INPUT_SIZE, 512), (128, 512, 256), (128, 256, 62)]
+    mats = [(rng.random((m, k), dtype=np.float32), rng.random((k, n), dtype=np.float32)) for m, k, n in shapes]
+    macs = sum(m * k * n for m, k, n in shapes)
+    results = {}
+    for name, matmul, wrap in (("numpy", np.matmul, lambda a: a), ("torch", torch.matmul, torch.from_numpy)):
+        pairs = [(wrap(a), wrap(b)) for a, b in mats]
+        with torch.no_grad():
+            calls = timed(lambda _, matmul=matmul, pairs=pairs: [matmul(a, b) for a, b in pairs], None, seconds)
+        best = float(np.percentile(calls, 10))  # the machine's rate, not its noise
+        results[name] = macs / best
+    best_name = max(results, key=results.get)
+    return {"macs_per_s": results[best_name], "gflops": 2 * results[best_name] / 1e9, "library": best_name,
+            "by_library_gflops": {k: 2 * v / 1e9 for k, v in results.items()},
+            "examples_per_s": results[best_name] / MACS_PER_EXAMPLE, "shapes": shapes}
+
+
+# --- HTTP under load -----------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batch: int, images: np.ndarray) -> dict:
+    """Several concurrent clients for a fixed time against ``pipelines.serve``; all on 127.0.0.1."""
+    import http.client
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend,
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    body = json.dumps({"instances": images[:batch].tolist()}).encode()
+    path = f"/v1/models/{model_dir.name}:predict"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", f"/v1/models/{model_dir.name}")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise CrossportError(f"pipelines.serve --backend {backend} did not start") from None
+                time.sleep(0.3)
+        latencies: list[float] = []
+        errors = [0]
+        lock = threading.Lock()
+        stop_at = time.monotonic() + seconds
+
+        def client() -> None:
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                try:
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    connection.request("POST", path, body, {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    response.read()
+                    ok = response.status == 200
+                except OSError:
+                    ok = False
+                elapsed = time.perf_counter() - started
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                    else:
+                        errors[0] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        wall = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - wall
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    values = np.asarray(latencies or [float("nan")])
+    return {"backend": backend, "clients": clients, "batch": batch, "seconds": wall, "requests": len(latencies),
+            "errors": errors[0], "requests_per_s": len(latencies) / wall,
+            "examples_per_s": len(latencies) * batch / wall,
+            "p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3)}
+
+
+# --- the whole benchmark -------------------------------------------------------------------
+
+def benchmark(version_dir: Path, quick: bool) -> dict:
+    from export.serverless import build_package
+
+    manifest = json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())
+    run_dir = Path(manifest.get("run_dir") or "")
+    checkpoint = run_dir / "model.pt"
+    if not checkpoint.is_file():
+        raise ConfigError(f"the version's run directory {run_dir} has no model.pt (PyTorch is benchmarked from it).",
+                          hint="Benchmark a version published on this machine.")
+    seconds = 0.5 if quick else 3.0
+    repeats = 1 if quick else 5
+    rng = np.random.default_rng(0)
+    batch1, batch128 = (rng.random((1, INPUT_SIZE), dtype=np.float32),
+                        rng.random((128, INPUT_SIZE), dtype=np.float32))
+    results: dict = {"version_dir": str(version_dir), "quick": quick, "macs_per_example": MACS_PER_EXAMPLE,
+                     "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine()}
+    log.info("matrix-multiply ceiling ...")
+    results["ceiling"] = matmul_ceiling(seconds)
+    sizes = {f["name"]: (version_dir / f["path"]) for f in manifest["artifacts"]}
+    # a version published with --undecided omit lacks the lossy variants its test split could not judge
+    present = [name for name in RUNTIMES if not name.startswith("tflite_") or name in sizes]
+    runtimes = {}
+    for name in present:
+        log.info("runtime %s ...", name)
+        run = load_runtime(name, version_dir, checkpoint)
+        one, many = summarize(timed(run, batch1, seconds), 1), summarize(timed(run, batch128, seconds), 128)
+        cold_runtime = name in ("onnxruntime", "tflite_fp32", "tflite_int8_full") or not quick
+        cold = (cold_start(COLD_CHILD.format(root=str(ROOT), name=name, version=str(version_dir),
+                                             checkpoint=str(checkpoint)), ROOT, repeats) if cold_runtime else None)
+        artifact = {"pytorch": checkpoint, "onnxruntime": sizes["onnx"].resolve(),
+                    "saved_model": version_dir}.get(name, sizes.get(name))
+        runtimes[name] = {
+            "batch1": one, "batch128": many, "cold_start": cold,
+            "artifact_bytes": _size(artifact, exclude_extra=name == "saved_model"),
+            "ceiling_share": many["examples_per_s"] / results["ceiling"]["examples_per_s"],
+        }
+    results["runtimes"] = runtimes
+    with tempfile.TemporaryDirectory() as scratch:
+        packages = {}
+        for variant in (v for v in ("fp32", "int8_full") if f"tflite_{v}" in sizes):
+            directory, archive = build_package(version_dir, Path(scratch) / f"lambda_{variant}", variant)
+            packages[variant] = {
+                "unzipped_bytes": sum(p.stat().st_size for p in directory.iterdir()),
+                "zipped_bytes": archive.stat().st_size,
+                "runtime_bytes": _installed_bytes(("ai_edge_litert", "numpy", "PIL", "numpy.libs", "pillow.libs")),
+                "cold_start": cold_start(SERVERLESS_CHILD, directory, repeats, isolated=True),
+            }
+        results["serverless"] = packages
+    with np.load(run_dir / "data.npz") as data:
+        images = data["x_test"][:32].astype(np.float32) / 255.0
+    backends = [b for b in (("onnx", "tflite_fp32") if quick else SERVE_BACKENDS)
+                if not b.startswith("tflite_") or b in sizes]
+    results["http"] = [serve_load(version_dir.parent, backend, 1.0 if quick else 5.0, 4, batch, images)
+                       for backend in backends for batch in ((1,) if quick else (1, 32))]
+    stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
+    results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
+    return results
+
+
+def _machine() -> dict:
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _size(path: Path | None, exclude_extra: bool = False) -> int | None:
+    from crossport.files import size_path
+
+    if path is None or not Path(path).exists():
+        return None
+    return size_path(Path(path), exclude=(ASSETS_EXTRA,) if exclude_extra else ())
+
+
+def _installed_bytes(packages: tuple[str, ...]) -> int:
+    """What ``pip install -r requirements.txt`` puts beside a serverless handler (site-packages)."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    return sum(_size(site / name) or 0 for name in packages)
+
+
+def render_markdown(results: dict) -> str:
+    ceiling = results["ceiling"]
+    lines = [f"Benchmark of `{results['version_dir']}` on {results['date'][:10]} ({results['machine']['cpus']} CPUs"
+             f"{', quick' if results['quick'] else ''}). Ceiling: {ceiling['gflops']:.1f} GFLOP/s float32 matmul "
+             f"({ceiling['library']}) at the model's shapes = {ceiling['examples_per_s']:,.0f} examples/s.", "",
+             "| runtime | batch 1 p50 / p99 (ms) | batch 1 ex/s | batch 128 req/s | batch 128 ex/s | % of ceiling "
+             "| cold start (s) | peak RSS (MB) | artifact (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, info in results["runtimes"].items():
+        cold = info["cold_start"]
+        cold_s = f"{cold['median_s']:.2f}" if cold else "-"
+        rss = f"{cold['peak_rss_mb']:.0f}" if cold else "-"
+        lines.append(
+            f"| {name} | {info['batch1']['p50_ms']:.3f} / {info['batch1']['p99_ms']:.3f} | "
+            f"{info['batch1']['examples_per_s']:,.0f} | {info['batch128']['requests_per_s']:,.0f} | "
+            f"{info['batch128']['examples_per_s']:,.0f} | {100 * info['ceiling_share']:.0f} % | "
+            f"{cold_s} | {rss} | "
+            f"{(info['artifact_bytes'] or 0) / 1e6:.2f} |")
+    lines += ["", "| serverless package | unzipped (MB) | zipped (MB) | + runtime installed (MB) | cold start (s) |",
+              "|---|---|---|---|---|"]
+    for variant, info in results["serverless"].items():
+        lines.append(f"| {variant} | {info['unzipped_bytes'] / 1e6:.2f} | {info['zipped_bytes'] / 1e6:.2f} | "
+                     f"{info['runtime_bytes'] / 1e6:.0f} | {info['cold_start']['median_s']:.2f} |")
+    lines += ["", "| web service backend | clients | batch | req/s | ex/s | p50 (ms) | p99 (ms) | errors |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in results["http"]:
+        lines.append(f"| {row['backend']} | {row['clients']} | {row['batch']} | {row['requests_per_s']:,.0f} | "
+                     f"{row['examples_per_s']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
+    stages = results["pipeline_stage_wall_s"]
+    lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(results: dict, path: Path) -> None:
+    from pipelines.reports import pyplot
+
+    plt = pyplot()
+    names = list(results["runtimes"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.barh(names, [results["runtimes"][n]["batch128"]["examples_per_s"] for n in names], color="#3b6ea8")
+    left.axvline(results["ceiling"]["examples_per_s"], color="#c0392b", linestyle="--", label="matmul ceiling")
+    left.set_xscale("log")
+    left.set_xlabel("examples/s at batch 128 (log)")
+    left.legend(fontsize=8)
+    right.barh(names, [results["runtimes"][n]["batch1"]["p50_ms"] for n in names], color="#2e8b57")
+    right.set_xlabel("batch-1 latency p50, ms")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("version_dir", nargs="?", type=Path,
+                        help="a published version (default: the newest under models/emnist_mlp)")
+    parser.add_argument("--quick", action="store_true", help="a run under a minute (fewer repeats, fewer backends)")
+    parser.add_argument("--out", type=Path, help="where to write bench.json/.md/.png (default: the run directory)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    try:
+        version_dir = args.version_dir or _newest(Path("models") / "emnist_mlp")
+        results = benchmark(version_dir, args.quick)
+        run_dir = Path(results_run_dir(version_dir))
+        out = args.out or run_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "bench.md").write_text(render_markdown(results))
+        render_chart(results, out / "bench.png")
+        if not args.no_tracking:
+            _log_to_mlflow(version_dir, out)
+    except CrossportError as error:
+        return report(error)
+    sys.stdout.write(render_markdown(results))
+    return 0
+
+
+def _newest(model_dir: Path) -> Path:
+    from export.serve import pick_version
+
+    return pick_version(model_dir, None)[1]
+
+
+def results_run_dir(version_dir: Path) -> str:
+    return json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())["run_dir"]
+
+
+def _log_to_mlflow(version_dir: Path, out: Path) -> None:
+    """A ``bench`` run in the version's experiment, with the numbers and the three files."""
+    from pipelines.tracking import log_benchmark
+
+    manifest = json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())
+    uri = (manifest.get("mlflow") or {}).get("tracking_uri")
+    if uri:
+        log_benchmark(uri, manifest["name"], json.loads((out / "bench.json").read_text()), out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

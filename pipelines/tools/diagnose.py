@@ -1,0 +1,67 @@
+"""``python -m pipelines.diagnose <run-dir>``: where does the TensorFlow graph leave ONNX?
+
+Runs every intermediate tensor of the run's ONNX graph in ONNX Runtime and the same
+tensors in its TensorFlow translation, compares them node by node and names the first
+node whose output leaves tolerance. Exit code 0 when every node agrees, 3 when one does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crossport.errors import CrossportError, report
+
+log = logging.getLogger("crossport")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.diagnose", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory with export and translate done")
+    parser.add_argument("--examples", type=int, default=512, help="test images to run (default: 512)")
+    parser.add_argument("--json", action="store_true", help="print the full node table as JSON")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return _diagnose(args)
+    except CrossportError as error:
+        return report(error, debug=args.debug)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from crossport.exact import Exact
+    from crossport.interface import to_inputs
+    from pipelines.manifest import Manifest
+    from pipelines.stages import locate_divergence
+
+    manifest = Manifest.load(args.run_dir)
+    onnx_path = manifest.require("onnx", for_stage="diagnose")
+    tf_graph = manifest.require("tf_graph", for_stage="diagnose")
+    with np.load(manifest.require("dataset", for_stage="diagnose")) as arrays:
+        images = to_inputs(arrays["x_test"][: args.examples])
+    network_gamma = Exact.load(manifest.require("golden_exact", for_stage="diagnose")).network_gamma
+    divergence = locate_divergence(onnx_path, tf_graph, images, network_gamma)
+    if args.json:
+        sys.stdout.write(json.dumps(divergence.to_dict(), indent=2) + "\n")
+    else:
+        lines = [f"{'#':>3} {'node':<32} {'op':<12} {'max |Δ|':>10}  within tolerance"]
+        for diff in divergence.nodes:
+            lines.append(f"{diff.index:>3} {diff.node[:32]:<32} {diff.op_type:<12} {diff.max_abs:>10.2e}  "
+                         f"{'no' if diff.bound_exceeded else 'yes'}")
+        lines.append(divergence.describe())
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 3 if divergence.first else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
