@@ -70,15 +70,7 @@ def up_to_date(manifest: Manifest, config: PipelineConfig, stage: Stage) -> bool
             manifest.require(name, for_stage=stage.name)
     except ManifestError:
         return False
-    if stage.name == "publish":
-        published = manifest.facts.get("published") or {}
-        return Path(published.get("path", "")).joinpath("saved_model.pb").is_file()
-    if stage.name == "register":
-        registry = manifest.facts.get("registry") or {}
-        published = manifest.facts.get("published") or {}
-        return (registry.get("servable_version"), registry.get("servable_path")) == (
-            published.get("version"), published.get("path"))
-    return True
+    return stage.intact is None or stage.intact(manifest)
 
 
 def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, ...], tracker,

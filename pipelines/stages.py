@@ -67,6 +67,8 @@ class Stage:
     makes: tuple[str, ...]
     run: Callable[[Context], StageResult]
     reads: tuple[str, ...] = ()
+    # For a stage whose result lives outside the run directory: is it still there and current?
+    intact: Callable[[Manifest], bool] | None = None
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -442,6 +444,18 @@ def publish_stage(ctx: Context) -> StageResult:
                        metrics={"published_version": version})
 
 
+def still_published(manifest: Manifest) -> bool:
+    published = manifest.facts.get("published") or {}
+    return Path(published.get("path", "")).joinpath("saved_model.pb").is_file()
+
+
+def registered_as_published(manifest: Manifest) -> bool:
+    registry = manifest.facts.get("registry") or {}
+    published = manifest.facts.get("published") or {}
+    return (registry.get("servable_version"), registry.get("servable_path")) == (
+        published.get("version"), published.get("path"))
+
+
 def register_stage(ctx: Context) -> StageResult:
     """Make the published version a registry version (after publish; re-run to repair)."""
     from crossport.errors import PublishError
@@ -486,8 +500,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED), ("parity", "parity_errors", "confusion_matrix"),
           validate_stage),
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", *(f.name for f in FORMATS), "labels", "warmup"),
-          (), publish_stage, reads=("models_dir", "name", "undecided")),
-    Stage("register", ("parity",), (), register_stage, reads=("name", "tracking", "tracking_uri")),
+          (), publish_stage, reads=("models_dir", "name", "undecided"), intact=still_published),
+    Stage("register", ("parity",), (), register_stage, reads=("name", "tracking", "tracking_uri"),
+          intact=registered_as_published),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
