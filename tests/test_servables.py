@@ -164,7 +164,7 @@ def run_handler(package: Path, events: list[dict]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8_full"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8_full"])
 def test_serverless_package_answers_events_without_crossport(version, test_images, tmp_path, variant):
     import zipfile
 
