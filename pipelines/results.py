@@ -1,4 +1,4 @@
-"""What a stage hands back to the runner for tracking."""
+"""What a stage hands back to the runner: the artifacts it made, and what to track."""
 
 from __future__ import annotations
 
@@ -28,7 +28,20 @@ class DatasetToLog:
 
 
 @dataclass
+class Made:
+    """An artifact a stage wrote: the runner records it in the manifest (sha256, parents, stage)."""
+
+    name: str
+    path: Path
+    parents: tuple[str, ...] = ()
+
+
+@dataclass
 class StageResult:
+    made: list[Made] = field(default_factory=list)
+    # A failure the stage reports after writing what it made (validate's failing parity report,
+    # which publish must be able to read and refuse): the runner records ``made``, then raises it.
+    error: Exception | None = None
     params: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     log_artifacts: list[Path] = field(default_factory=list)

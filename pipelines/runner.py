@@ -111,6 +111,10 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 before = {name: (a.sha256, a.stage) for name, a in manifest.artifacts.items()}
                 try:
                     result = stage.run(ctx)
+                    for made in result.made:
+                        manifest.record(made.name, made.path, stage.name, parents=made.parents)
+                    if result.error is not None:
+                        raise result.error
                     check_makes(manifest, stage, before)
                 except BaseException:
                     manifest.stages[stage.name].update(status="failed", wall_s=time.perf_counter() - started)

@@ -1,8 +1,9 @@
 """The stage table. Each stage is a plain function of a :class:`Context`.
 
 A stage reads its inputs through the manifest (which checks their hashes), writes its
-outputs into the run directory, checks what it wrote by reloading it from disk, records
-the outputs in the manifest and returns params and metrics for tracking.
+outputs into the run directory, checks what it wrote by reloading it from disk, and returns
+them with their parents (the runner records them in the manifest and holds them to the
+stage's declared ``makes``) together with params and metrics for tracking.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.errors import ParityError
 from crossport.formats import FORMATS, TFLITE_FORMATS
 from crossport.interface import CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
@@ -33,7 +35,7 @@ from pipelines.config import (
     tolerance_table,
 )
 from pipelines.manifest import Manifest
-from pipelines.results import DatasetToLog, ModelToLog, StageResult
+from pipelines.results import DatasetToLog, Made, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +154,12 @@ def data_stage(ctx: Context) -> StageResult:
         "num_classes": len(dataset.labels), "train_examples": len(dataset.y_train),
         "test_examples": len(dataset.y_test),
     }
-    ctx.manifest.record("dataset", run_dir / "data.npz", "data")
-    ctx.manifest.record("labels", run_dir / "labels.txt", "data", parents=("dataset",))
-    ctx.manifest.record("golden", run_dir / "golden.npz", "data", parents=("dataset",))
-    ctx.manifest.record("calibration", run_dir / "calibration.npz", "data", parents=("dataset",))
     log.info("dataset %s: %d train, %d test, %d classes, digest %s", dataset.name, len(dataset.y_train),
              len(dataset.y_test), len(dataset.labels), digest[:12])
     return StageResult(
+        made=[Made("dataset", run_dir / "data.npz"), Made("labels", run_dir / "labels.txt", ("dataset",)),
+              Made("golden", run_dir / "golden.npz", ("dataset",)),
+              Made("calibration", run_dir / "calibration.npz", ("dataset",))],
         params={"dataset": dataset.name, "dataset_digest": digest, "dataset_source": dataset.source},
         metrics={"train_examples": len(dataset.y_train), "test_examples": len(dataset.y_test),
                  "num_classes": len(dataset.labels)},
@@ -186,13 +187,13 @@ def train_stage(ctx: Context) -> StageResult:
     reloaded = load_checkpoint(path)
     accuracy = evaluate(reloaded.model, arrays["x_test"], arrays["y_test"])
     ctx.manifest.facts["test_accuracy"] = accuracy
-    ctx.manifest.record("checkpoint", path, "train", parents=("dataset", "labels"))
     from pipelines.reports import training_curves_png
 
     curves = ctx.run_dir / "training_curves.png"
     training_curves_png(curves, metrics["history"])
     history = {f"epoch_{row['epoch']}_test_accuracy": row["test_accuracy"] for row in metrics["history"]}
     return StageResult(
+        made=[Made("checkpoint", path, ("dataset", "labels"))],
         params={"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                 "seed": config.seed, "hidden_sizes": str(model_config.hidden_sizes),
                 "dropout": model_config.dropout},
@@ -222,9 +223,9 @@ def export_stage(ctx: Context) -> StageResult:
     threads = ctx.config.threads
     self_check(REFERENCE, ONNX, load_torch(checkpoint_path, threads)(golden), load_onnx(path, threads)(golden),
                Exact.load(exact_path))
-    ctx.manifest.record("golden_exact", exact_path, "export", parents=("checkpoint", "golden"))
-    ctx.manifest.record("onnx", path, "export", parents=("checkpoint",))
-    return StageResult(metrics={"onnx_bytes": path.stat().st_size}, models=[ModelToLog("onnx", path, golden[:4])])
+    return StageResult(made=[Made("golden_exact", exact_path, ("checkpoint", "golden")),
+                             Made("onnx", path, ("checkpoint",))],
+                       metrics={"onnx_bytes": path.stat().st_size}, models=[ModelToLog("onnx", path, golden[:4])])
 
 
 def translate_stage(ctx: Context) -> StageResult:
@@ -240,8 +241,7 @@ def translate_stage(ctx: Context) -> StageResult:
     self_check(ONNX, TF_GRAPH, load_onnx(onnx_path, threads)(golden),
                _scores_and_logits(load_saved_model(out, threads=threads)(golden)), exact,
                diagnose=lambda: locate_divergence(onnx_path, out, golden, exact.network_gamma).describe())
-    ctx.manifest.record("tf_graph", out, "translate", parents=("onnx",))
-    return StageResult()
+    return StageResult(made=[Made("tf_graph", out, ("onnx",))])
 
 
 def package_stage(ctx: Context) -> StageResult:
@@ -261,9 +261,8 @@ def package_stage(ctx: Context) -> StageResult:
         self_check(ONNX, name, reference, load_saved_model(out, signature, threads)(golden), exact, diagnose=diagnose)
     warmup = ctx.run_dir / "tf_serving_warmup_requests"
     records = write_warmup(warmup, ctx.config.name, golden)
-    ctx.manifest.record("saved_model", out, "package", parents=("tf_graph", "labels"))
-    ctx.manifest.record("warmup", warmup, "package", parents=("golden",))
-    return StageResult(metrics={"warmup_records": records},
+    return StageResult(made=[Made("saved_model", out, ("tf_graph", "labels")), Made("warmup", warmup, ("golden",))],
+                       metrics={"warmup_records": records},
                        models=[ModelToLog("tensorflow", out, golden[:4])])
 
 
@@ -280,15 +279,16 @@ def tflite_stage(ctx: Context) -> StageResult:
     reference = load_saved_model(saved_model, threads=threads)(golden)
     metrics = {}
     paths = []
+    made = []
     for fmt in TFLITE_FORMATS:
         path = ctx.run_dir / Path(fmt.path).name
         convert_tflite(saved_model, path, fmt.variant, calibration=calibration)
         self_check(SM_PREDICT, fmt.runtime, reference, load_tflite(path, threads)(golden), exact)
-        ctx.manifest.record(fmt.name, path, "tflite",
-                            parents=("saved_model", "calibration") if fmt.calibrated else ("saved_model",))
+        made.append(Made(fmt.name, path, ("saved_model", "calibration") if fmt.calibrated else ("saved_model",)))
         metrics[f"{fmt.name}_bytes"] = path.stat().st_size
         paths.append(path)
-    return StageResult(params={"calibration_images": len(calibration)}, metrics=metrics, log_artifacts=paths)
+    return StageResult(made=made, params={"calibration_images": len(calibration)}, metrics=metrics,
+                       log_artifacts=paths)
 
 
 ERROR_MODEL = ("B per output element, from a float64 pass of the PyTorch network: each layer y = W·x + b of fan-in n "
@@ -356,7 +356,6 @@ def validate_stage(ctx: Context) -> StageResult:
     }
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
-    ctx.manifest.record("parity", path, "validate", parents=VALIDATED)
 
     reference_scores = outputs[REFERENCE]["scores"]
     # a candidate with the wrong output shape already failed; it has no per-example error
@@ -371,20 +370,23 @@ def validate_stage(ctx: Context) -> StageResult:
     )
     confusion_matrix_png(ctx.run_dir / PLOTS[1], labels, targets, np.argmax(reference_scores, axis=1),
                          "PyTorch reference")
-    for plot in PLOTS:
-        ctx.manifest.record(plot.removesuffix(".png"), ctx.run_dir / plot, "validate", parents=VALIDATED)
+    made = [Made("parity", path, VALIDATED),
+            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, VALIDATED) for plot in PLOTS)]
     ctx.manifest.facts["parity_verdict"] = report["verdict"]
     ctx.manifest.facts["accuracy"] = {r.candidate: r.candidate_accuracy for r in results if r.reference == REFERENCE}
     ctx.manifest.facts["accuracy"][REFERENCE] = float(np.mean(np.argmax(reference_scores, axis=1) == targets))
-    ctx.manifest.save()
     if undecided:
         log.warning("undecided on %d test examples (too few to tell): %s; --undecided %s %s them",
                     len(images), ", ".join(undecided), ctx.config.undecided,
                     "publishes (marked unverified)" if ctx.config.undecided == "publish" else "leaves out")
-    raise_on_failure([*results, *against_exact], detail=detail)
+    try:
+        raise_on_failure([*results, *against_exact], detail=detail)
+    except ParityError as error:  # the failing report is recorded, so publish can read it and refuse
+        return StageResult(made=made, error=error)
     worst = max((o.max_abs for r in results for o in r.outputs if POLICIES[r.candidate].fp32), default=0.0)
     worst_ratio = max((o.worst_ratio for c in against_exact if c.judged for o in c.outputs), default=0.0)
     return StageResult(
+        made=made,
         metrics={"parity_fp32_max_abs": worst, "parity_fp32_worst_bound_ratio": worst_ratio,
                  "parity_hops": len(results), "parity_examples": len(images),
                  "parity_undecided_variants": len(undecided),

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from crossport.formats import FORMATS
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -17,8 +18,7 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
                              str(tmp_path), "--no-tracking"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report["runtimes"]) == {"pytorch", "onnxruntime", "saved_model", "tflite_fp32", "tflite_fp16",
-                                       "tflite_int8_dynamic", "tflite_int8_full"}
+    assert set(report["runtimes"]) == {"pytorch", "onnxruntime", *(fmt.name for fmt in FORMATS if fmt.name != "onnx")}
     assert report["macs_per_example"] == 548_352
     ceiling = report["ceiling"]
     assert ceiling["examples_per_s"] == pytest.approx(ceiling["macs_per_s"] / 548_352)

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 
 from crossport.files import sha256_path
+from crossport.formats import FORMATS
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
+# The published layout is a contract (ARCHITECTURE.md): spelled out here on purpose, so that a
+# change to the formats table that would change what deployers receive fails this test.
 EXPECTED_FILES = {
     "saved_model.pb", "fingerprint.pb", "variables/variables.data-00000-of-00001", "variables/variables.index",
     "assets.extra/tf_serving_warmup_requests", "assets.extra/model.onnx", "assets.extra/model_fp32.tflite",
@@ -72,8 +75,8 @@ def test_every_published_artifact_reloads_and_agrees(pipeline_run):
     tflite = load_tflite(extra / "model_fp32.tflite")(images)["scores"]
     for scores in (predict, classify["scores"], tflite):
         np.testing.assert_allclose(scores, onnx_scores, atol=1e-5)
-    for variant in ("fp16", "int8_dynamic", "int8_full"):
-        scores = load_tflite(extra / f"model_{variant}.tflite")(images)["scores"]
+    for fmt in (fmt for fmt in FORMATS if fmt.lossy):
+        scores = load_tflite(version_dir(pipeline_run) / fmt.path)(images)["scores"]
         assert scores.shape == onnx_scores.shape and scores.dtype == np.float32  # float in, float out
     assert [c.decode() for c in classify["classes"][0]] == labels
 
@@ -83,8 +86,7 @@ def test_parity_report_and_servable_card(pipeline_run):
     report = json.loads((extra / "parity.json").read_text())
     assert report["verdict"] == "pass"
     assert report["examples"] == 359  # the whole digits test split
-    candidates = ["onnxruntime", "tf_graph", "saved_model:serving_default", "saved_model:classify", "tflite_fp32",
-                  "tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full"]
+    candidates = ["tf_graph", "saved_model:classify", *(fmt.runtime for fmt in FORMATS)]
     hops = {hop["hop"]: hop for hop in report["hops"]}
     assert {f"pytorch -> {candidate}" for candidate in candidates} <= set(hops)  # all against the reference
     assert "saved_model:serving_default -> tflite_int8_full" in hops  # and against the parent
@@ -96,7 +98,7 @@ def test_parity_report_and_servable_card(pipeline_run):
         for output in hop["outputs"]:
             if output["kind"] == "fp32":  # every fp32 element within its derived bound, and the ratio recorded
                 assert 0 <= output["worst_ratio"] <= 1 and output["violations"] == 0
-    assert undecided <= {"tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full"}  # never an fp32 artifact
+    assert undecided <= {fmt.runtime for fmt in FORMATS if fmt.lossy}  # never an fp32 artifact
     assert hops["pytorch -> tflite_fp32"]["top1_agreement"] == 1.0
     assert [o["name"] for o in hops["onnxruntime -> tf_graph"]["outputs"]] == ["scores", "logits"]
     assert hops["pytorch -> tflite_int8_full"]["accuracy_drop"]["limit"] == 0.01

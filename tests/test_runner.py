@@ -5,7 +5,7 @@ import pytest
 from crossport.errors import ManifestError
 from pipelines.config import PipelineConfig
 from pipelines.manifest import Manifest
-from pipelines.results import StageResult
+from pipelines.results import Made, StageResult
 from pipelines.runner import run_stages, stage_record
 from pipelines.stages import STAGES, Stage
 from pipelines.tracking import NullTracker
@@ -24,10 +24,9 @@ def test_a_stage_that_does_not_record_what_it_declares_is_refused(tmp_path):
         run_one(tmp_path, lazy)
 
 
-def test_a_stage_that_records_more_than_it_declares_is_refused(tmp_path):
+def test_a_stage_that_returns_more_than_it_declares_is_refused(tmp_path):
     def sneaky(ctx):
-        ctx.manifest.record("thing", ctx.run_dir / "thing.txt", "sneaky")
-        return StageResult()
+        return StageResult(made=[Made("thing", ctx.run_dir / "thing.txt")])
 
     with pytest.raises(ManifestError, match=r"declares it makes \[\] but recorded undeclared thing"):
         run_one(tmp_path, Stage("sneaky", (), (), sneaky))
@@ -35,11 +34,23 @@ def test_a_stage_that_records_more_than_it_declares_is_refused(tmp_path):
 
 def test_a_stage_that_keeps_its_contract_runs(tmp_path):
     def honest(ctx):
-        ctx.manifest.record("thing", ctx.run_dir / "thing.txt", "honest")
-        return StageResult()
+        return StageResult(made=[Made("thing", ctx.run_dir / "thing.txt", ())])
 
     manifest = run_one(tmp_path, Stage("honest", (), ("thing",), honest))
     assert manifest.stages["honest"]["status"] == "done"
+    assert manifest.artifacts["thing"].stage == "honest"  # the runner recorded it, under the stage's name
+
+
+def test_a_stage_that_fails_after_writing_a_report_has_it_recorded_then_fails(tmp_path):
+    from crossport.errors import ParityError
+
+    def reporting(ctx):
+        return StageResult(made=[Made("thing", ctx.run_dir / "thing.txt")], error=ParityError(["drifted"]))
+
+    with pytest.raises(ParityError, match="drifted"):
+        run_one(tmp_path, Stage("reporting", (), ("thing",), reporting))
+    manifest = Manifest.load(tmp_path)
+    assert manifest.stages["reporting"]["status"] == "failed" and "thing" in manifest.artifacts
 
 
 def test_resume_reads_the_config_fields_each_stage_declares():

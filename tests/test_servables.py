@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crossport.formats import FORMATS
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -124,8 +125,7 @@ def test_servable_card_describes_contract_formats_and_lineage(version):
     assert len(card["input"]["png_to_input"]) >= 4
     assert card["labels"] == (version / "assets.extra" / "labels.txt").read_text().splitlines()
     formats = card["formats"]
-    assert set(formats) == {"saved_model", "onnx", "tflite_fp32", "tflite_fp16", "tflite_int8_dynamic",
-                            "tflite_int8_full"}
+    assert set(formats) == {fmt.name for fmt in FORMATS}
     for fmt, info in formats.items():
         assert info["bytes"] > 0 and 0 < info["test_accuracy"] <= 1, fmt
         assert info["top1_agreement_with_pytorch"] >= 0.985, fmt
