@@ -48,6 +48,3 @@ TFLITE_VARIANTS = tuple(fmt.variant for fmt in TFLITE_FORMATS)
 SERVED = tuple(fmt.name for fmt in FORMATS if fmt.served)
 SERVERLESS_VARIANTS = tuple(fmt.variant for fmt in TFLITE_FORMATS if fmt.serverless)
 
-
-def tflite_filename(variant: str) -> str:
-    return BY_NAME[f"tflite_{variant}"].path.rsplit("/", 1)[-1]

@@ -79,7 +79,6 @@ TF_GRAPH = "tf_graph"  # the onnx-tf translation itself, before packaging
 SM_PREDICT = BY_NAME["saved_model"].runtime  # "saved_model:serving_default"
 SM_CLASSIFY = "saved_model:classify"
 TFLITE = {fmt.variant: fmt.runtime for fmt in TFLITE_FORMATS}  # variant → "tflite_<variant>"
-TFLITE_VARIANTS = tuple(TFLITE)
 TFLITE_FP32 = TFLITE["fp32"]
 # The artifacts that expose logits; the served ones return scores only, by contract.
 WITH_LOGITS = {REFERENCE, ONNX, TF_GRAPH}
