@@ -90,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.stage == "all":
         run_dir = args.run_dir or new_run_dir()
+        check_run_dir(run_dir)
         base = PipelineConfig()
         if (run_dir / "manifest.json").is_file():
             base = PipelineConfig.from_dict(Manifest.load(run_dir).config)
@@ -110,6 +111,18 @@ def _run(args: argparse.Namespace) -> int:
     skipped = [stage.name for stage in selected if stage.name not in walls]
     sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
     return 0
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run writes only into a new or empty directory, or into a crossport run it resumes."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, expected a directory.", hint="Pass a new --run-dir.")
+    if run_dir.is_dir() and not (run_dir / "manifest.json").is_file() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"--run-dir {run_dir} is not empty and is not a crossport run (no manifest.json): the pipeline would "
+            "write over its files.",
+            hint="Pass a new or empty --run-dir, or the directory of an earlier run to resume it.",
+        )
 
 
 OUR_PACKAGES = ("crossport", "training", "export", "translation", "pipelines")
