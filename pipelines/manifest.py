@@ -76,7 +76,25 @@ class Manifest:
         }
 
     def path(self, name: str) -> Path:
-        return self.run_dir / self.artifacts[name].path
+        return self.confined(self.artifacts[name])
+
+    def confined(self, artifact: Artifact) -> Path:
+        """The artifact's path, refused unless it and everything under it stay inside the run directory.
+
+        A manifest is a file a user can edit: ``..``, an absolute path or a symlink must not
+        make a stage read (or publish) a file from elsewhere.
+        """
+        root = self.run_dir.resolve()
+        path = self.run_dir / artifact.path
+        inside = [path] + (sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+        for entry in inside:
+            if not entry.resolve().is_relative_to(root):
+                raise ManifestError(
+                    f"artifact {artifact.name!r} path {artifact.path!r} leads outside the run directory {self.run_dir} "
+                    f"({entry} → {entry.resolve()}).",
+                    hint="A manifest may only name files inside its run directory; re-run the stage that makes it.",
+                )
+        return path
 
     def record(self, name: str, path: Path, stage: str, parents: tuple[str, ...] = ()) -> Artifact:
         """Record ``path`` (inside the run directory) as artifact ``name`` made by ``stage``."""
@@ -100,7 +118,7 @@ class Manifest:
                 f"stage {for_stage!r} needs artifact {name!r}, which {self.run_dir / MANIFEST} does not record.",
                 hint=f"Run the stage that makes it first (or --stage all) with --run-dir {self.run_dir}.",
             )
-        path = self.run_dir / artifact.path
+        path = self.confined(artifact)
         if not path.exists():
             raise ManifestError(f"artifact {name!r} ({path}) is recorded but missing on disk.",
                                 hint=f"Re-run stage {artifact.stage!r}.")

@@ -341,7 +341,8 @@ def validate_stage(ctx: Context) -> StageResult:
         "examples": len(images),
         "reference": REFERENCE,
         "dataset_digest": ctx.manifest.facts.get("dataset", {}).get("digest"),
-        "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in VALIDATED},
+        # everything validate blessed, the labels (the classify signature's classes) included
+        "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in (*VALIDATED, "labels")},
         "error_model": {"bound": ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
                         "exp_ulps": EXP_ULPS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
                         "network_gamma": exact.network_gamma, "noise_factor": NOISE_FACTOR,

@@ -226,3 +226,50 @@ def test_the_translate_stage_checks_the_tf_graph_under_its_own_name_on_scores_an
     assert "onnxruntime -> tf_graph: output 'logits'" in message
     assert "saved_model" not in message.split(". first divergent node")[0]
     assert manifest.stages["translate"]["status"] == "failed"
+
+
+# --- only files the gate checked are published ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_a_manifest_path_leading_out_of_the_run_directory_is_refused(pipeline_run, tmp_path, how):
+    from crossport.files import sha256_path
+
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    run = manifest.run_dir
+    target = tmp_path / "outside.txt"
+    target.write_text("root:x:0:0\n")
+    if how == "symlink":
+        (run / "labels_link.txt").symlink_to(target)
+    path = {"dotdot": "../" * 8 + str(target).lstrip("/"), "absolute": str(target), "symlink": "labels_link.txt"}[how]
+    raw = json.loads((run / "manifest.json").read_text())
+    raw["artifacts"]["labels"].update(path=path, sha256=sha256_path(target))
+    (run / "manifest.json").write_text(json.dumps(raw))
+    result = run_cli("--stage", "publish", "--run-dir", str(run), "--models-dir", str(tmp_path / "models"),
+                     "--no-tracking")
+    assert result.returncode == 1
+    assert "artifact 'labels' path" in result.stderr and "leads outside the run directory" in result.stderr
+    assert_nothing_published(tmp_path)
+
+
+def test_labels_changed_after_validation_are_not_published(pipeline_run, tmp_path):
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    run = manifest.run_dir
+    (run / "labels.txt").write_text("".join(f"{letter}\n" for letter in "ABCDEFGHIJ"))
+    manifest.record("labels", run / "labels.txt", "data", parents=("dataset",))  # as if re-made, after validate
+    result = run_cli("--stage", "publish", "--run-dir", str(run), "--models-dir", str(tmp_path / "models"),
+                     "--no-tracking")
+    assert result.returncode == 1
+    assert "refusing to publish: artifact 'labels' changed after it was validated" in result.stderr
+    assert_nothing_published(tmp_path)
+
+
+def test_an_onnx_model_with_external_data_is_refused_with_one_line(tiny, tmp_path):
+    from crossport.errors import ExportError
+    from translation.onnx_export import check_onnx
+
+    model = onnx.load(str(tiny.onnx))
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    with pytest.raises(ExportError, match=r"keeps \d+ weight tensor\(s\) in external data files .*self-contained"):
+        check_onnx(tmp_path / "model.onnx")

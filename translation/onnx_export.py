@@ -70,11 +70,20 @@ def check_onnx(path: Path) -> None:
     if not path.is_file():
         raise ExportError(f"ONNX model {path} does not exist.", hint="Run the export stage first.")
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf DecodeError, onnx's own errors
         raise ExportError(f"ONNX model {path} does not pass onnx.checker: it cannot be parsed "
                           f"({str(error).splitlines()[0] if str(error) else type(error).__name__}).",
                           hint="Re-run the export stage.") from error
+    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        # A published model.onnx must stand alone: its data file would not travel with it, and
+        # an external location is a path the model chooses (it may point anywhere).
+        raise ExportError(
+            f"ONNX model {path} keeps {len(external)} weight tensor(s) in external data files (first: "
+            f"{external[0]!r}); crossport publishes one self-contained model.onnx.",
+            hint="Save it with onnx.save(model, path, save_as_external_data=False), or export with "
+                 "torch.onnx.export(..., external_data=False).")
     inputs = {value.name: value for value in proto.graph.input}
     if list(inputs) != [INPUT_NAME]:
         raise ExportError(f"ONNX model {path} must have one input {INPUT_NAME!r}, found {list(inputs)}.")
