@@ -49,9 +49,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 ui: install
-	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(PORT) \
-		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
-		--default-artifact-root $(CURDIR)/mlflow/artifacts
+	$(PY) -m pipelines.ui --port $(PORT)
 
 clean:
 	rm -rf runs .pytest_cache

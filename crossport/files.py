@@ -65,3 +65,22 @@ def size_path(path: Path, exclude: tuple[str, ...] = ()) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in exclude)
+
+
+def model_repository_around(path: Path) -> Path | None:
+    """The model repository (a published version, or a folder with ``models.config``) holding ``path``."""
+    from crossport.interface import MODELS_CONFIG
+
+    resolved = Path(path).resolve()
+    for place in (resolved, *resolved.parents):
+        if (place / "saved_model.pb").is_file() or (place / MODELS_CONFIG).is_file():
+            return place
+    return None
+
+
+def foreign_entries(directory: Path, ours: frozenset[str] | set[str]) -> list[str]:
+    """Names in ``directory`` other than ``ours`` (empty when it is absent or empty)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(child.name for child in directory.iterdir() if child.name not in ours)

@@ -42,6 +42,11 @@ def publish_version(
 ) -> tuple[int, Path]:
     """Build a version with ``build(tmp)``, stamp it with ``finalize(tmp, N)``, rename to ``N``."""
     base = Path(models_dir) / name
+    problem = foreign_content(Path(models_dir), name)
+    if problem:
+        raise PublishError(f"--models-dir {models_dir} {problem}; publishing would mix crossport's versions and "
+                           "models.config with files crossport did not write.",
+                           hint="Pass a new or empty --models-dir, or one crossport publishes into.")
     try:
         base.mkdir(parents=True, exist_ok=True)
         remove_leftovers(base)
@@ -73,6 +78,43 @@ def publish_version(
                                 "--stage publish.") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+CONFIG_HEADER = "# TF Serving ModelServerConfig, rewritten by crossport on every publish: lists each model here.\n"
+DOCS = ("README.md",)  # a folder's own documentation (the checkout's models/README.md) is left alone
+
+
+def is_crossport_model(folder: Path) -> bool:
+    """Every entry is a crossport version (with its manifest) or a hidden staging directory."""
+    return folder.is_dir() and all(
+        child.name.startswith(TEMP_PREFIX)
+        or (child.name.isdigit() and (child / "assets.extra" / "manifest.json").is_file())
+        for child in folder.iterdir())
+
+
+def foreign_content(models_dir: Path, name: str) -> str | None:
+    """Why ``models_dir`` is not a repository crossport may publish ``name`` into, or None.
+
+    It may be absent or empty, or hold only crossport models, crossport's ``models.config``
+    and a README. Publishing adds ``<name>/<N>`` and rewrites ``models.config``: a model
+    folder or a config written by something else would be mixed with ours.
+    """
+    if models_dir.exists() and not models_dir.is_dir():
+        return "is a file, not a directory"
+    if not models_dir.is_dir():
+        return None
+    for child in sorted(models_dir.iterdir()):
+        if child.name in DOCS:
+            continue
+        if child.name == MODELS_CONFIG:
+            if child.is_file() and (child.read_text(errors="replace").startswith(CONFIG_HEADER)
+                                    or all(is_crossport_model(c) for c in models_dir.iterdir() if c.is_dir())):
+                continue
+            return f"holds a {MODELS_CONFIG} that crossport did not write"
+        if not is_crossport_model(child):
+            what = "a model folder" if child.name == name else "a folder" if child.is_dir() else "a file"
+            return f"holds {what} {child.name!r} that is not a crossport model"
+    return None
 
 
 def remove_leftovers(base: Path) -> list[Path]:
@@ -125,5 +167,5 @@ def write_models_config(models_dir: Path) -> Path:
             entry.base_path = str(child.resolve())
             entry.model_platform = "tensorflow"
     path = models_dir / MODELS_CONFIG
-    write_bytes_atomic(path, text_format.MessageToString(config).encode())
+    write_bytes_atomic(path, (CONFIG_HEADER + text_format.MessageToString(config)).encode())
     return path

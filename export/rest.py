@@ -12,7 +12,6 @@ Errors are ``{"error": "..."}`` with a 4xx status, as TF Serving answers them.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,10 @@ from crossport.interface import ASSETS_EXTRA, CLASSES, CLASSIFY_KEY, INPUT, INPU
 
 ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>predict|classify)|"
                    r"/(?P<metadata>metadata))?$")
+
+
+# the deepest valid request: {"instances": [{"images": [784 numbers]}]} or {"inputs": {"images": [[...]]}}
+MAX_DEPTH = 4
 
 
 class RestError(Exception):
@@ -112,7 +115,9 @@ class Servable:
         examples = request.get("examples")
         if not isinstance(examples, list) or not examples:
             raise RestError(400, f"expected 'examples': a non-empty list of {{\"{INPUT}\": [{INPUT_SIZE} floats]}}")
-        context = request.get("context") or {}
+        context = request.get("context", {})
+        if not isinstance(context, dict):
+            raise RestError(400, f"expected 'context' to be an object of features, found {type(context).__name__}")
         rows = []
         for index, example in enumerate(examples):
             if not isinstance(example, dict):
@@ -157,10 +162,12 @@ class Servable:
     # --- helpers ---------------------------------------------------------------------------
 
     def _rows(self, rows) -> np.ndarray:
+        from export.serverless_handler import BadInput, numbers
+
         try:
-            array = np.asarray(rows, dtype=np.float32)
-        except (TypeError, ValueError) as error:
-            raise RestError(400, f"expected {INPUT!r} as lists of {INPUT_SIZE} numbers") from error
+            array = numbers(rows, f"{INPUT!r} as lists of {INPUT_SIZE} numbers")
+        except BadInput as error:
+            raise RestError(400, str(error)) from error
         if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
             raise RestError(400, f"expected {INPUT!r} of shape [batch, {INPUT_SIZE}], found {list(array.shape)}")
         if not np.all(np.isfinite(array)):
@@ -172,12 +179,15 @@ class Servable:
 
 
 def parse_json(body: bytes | None) -> dict:
+    from export.serverless_handler import BadInput
+    from export.serverless_handler import parse_json as parse_checked
+
     if not body:
         raise RestError(400, "expected a JSON request body")
     try:
-        request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RestError(400, f"the request body is not valid JSON: {error}") from error
+        request = parse_checked(body, MAX_DEPTH)
+    except BadInput as error:
+        raise RestError(400, str(error)) from error
     if not isinstance(request, dict):
-        raise RestError(400, "expected a JSON object")
+        raise RestError(400, f"expected a JSON object, found {type(request).__name__}")
     return request

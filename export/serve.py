@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import ConfigError, CrossportError, report
+from crossport.cli import PORT, integer
+from crossport.errors import ConfigError, CrossportError, ManifestError, report
 from crossport.formats import SERVED
 
 log = logging.getLogger("crossport.serve")
@@ -47,12 +48,22 @@ def pick_version(model_dir: Path, version: int | None) -> tuple[int, Path]:
     return chosen, model_dir / str(chosen)
 
 
-def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int) -> ThreadingHTTPServer:
+def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int, *,
+                allow_changed: bool = False) -> ThreadingHTTPServer:
     from export.rest import Servable, load_backend
+    from export.verify import check_version
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
     number, version_dir = pick_version(Path(model_dir), version)
+    checked = check_version(version_dir)
+    if not checked.ok:
+        problems = "; ".join(checked.problems)
+        if not allow_changed:
+            raise ManifestError(f"{version_dir} no longer matches its manifest: {problems}.",
+                                hint="Check it with python -m pipelines.lineage, serve another --version, or pass "
+                                     "--allow-changed to serve it anyway.")
+        log.warning("serving %s although it no longer matches its manifest: %s", version_dir, problems)
     servable = Servable(Path(model_dir).name, number, version_dir, load_backend(version_dir, backend))
     handler = type("Handler", (RequestHandler,), {"servable": servable})
     server = ThreadingHTTPServer((host, port), handler)
@@ -86,7 +97,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _read_body(self, limit: int) -> bytes | None:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
             return None
         if int(length) > limit:
@@ -117,10 +128,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._json(status, payload)
 
     def _upload(self, body: bytes) -> None:
-        from export.serverless_handler import BadInput, png_to_pixels, to_model_input, top_k
+        from export.serverless_handler import BadInput, image_to_pixels, to_model_input, top_k
 
         try:
-            upright = png_to_pixels(body)
+            upright = image_to_pixels(body)
         except BadInput as error:
             self._json(400, {"error": str(error)})
             return
@@ -155,10 +166,12 @@ def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp")
-    parser.add_argument("--version", type=int, help="version to serve (default: the newest)")
+    parser.add_argument("--version", type=integer(1), help="version to serve (default: the newest)")
     parser.add_argument("--backend", default="saved_model", choices=BACKENDS, help="runtime (default: saved_model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8501, help="port (default: 8501, TF Serving's REST port)")
+    parser.add_argument("--port", type=PORT, default=8501, help="port (default: 8501, TF Serving's REST port)")
+    parser.add_argument("--allow-changed", action="store_true",
+                        help="serve a version whose files no longer match its manifest (logs a warning)")
     return parser
 
 
@@ -166,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     try:
-        server = make_server(args.model_dir, args.version, args.backend, args.host, args.port)
+        server = make_server(args.model_dir, args.version, args.backend, args.host, args.port,
+                             allow_changed=args.allow_changed)
     except CrossportError as error:
         return report(error)
-    except OSError as error:
-        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{args.port}: {error.strerror}.\n")
+    except (OSError, OverflowError) as error:
+        reason = getattr(error, "strerror", None) or error
+        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{args.port}: {reason}.\n")
         return 1
     servable = server.RequestHandlerClass.servable
     host, port = server.server_address[:2]

@@ -18,9 +18,9 @@ from importlib import metadata
 from pathlib import Path
 
 from crossport.errors import ConfigError, CrossportError, PackageError, report
-from crossport.files import sha256_file
+from crossport.files import model_repository_around
 from crossport.formats import BY_NAME, SERVERLESS_VARIANTS
-from crossport.interface import ASSETS_EXTRA, MODELS_CONFIG
+from crossport.interface import ASSETS_EXTRA
 
 VARIANTS = SERVERLESS_VARIANTS
 RUNTIME = ("ai-edge-litert", "numpy", "pillow")
@@ -33,19 +33,19 @@ def build_package(version_dir: Path, out: Path, variant: str = "fp32", *, force:
     """Build the package directory and its zip; returns (directory, zip path). See :func:`check_out`."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}.")
+    from export.verify import check_version
+
     extra = Path(version_dir) / ASSETS_EXTRA
-    manifest_path = extra / "manifest.json"
-    if not manifest_path.is_file():
-        raise PackageError(f"{version_dir} is not a published crossport version: no assets.extra/manifest.json.",
-                           hint="Pass a directory like models/emnist_mlp/1.")
-    manifest = json.loads(manifest_path.read_text())
+    checked = check_version(version_dir)
+    if not checked.ok:
+        raise PackageError(f"{version_dir} no longer matches its manifest: {'; '.join(checked.problems)}.",
+                           hint="Check the version with python -m pipelines.lineage, or package another version.")
+    manifest = checked.manifest
     expected = {entry["path"]: entry["sha256"] for entry in manifest["artifacts"]}
     model_file = BY_NAME[f"tflite_{variant}"].path
-    for relative in (model_file, "assets.extra/labels.txt"):
-        source = Path(version_dir) / relative
-        if not source.is_file() or sha256_file(source) != expected.get(relative):
-            raise PackageError(f"{source} is missing or differs from the version's manifest.",
-                               hint="Check the version with python -m pipelines.lineage.")
+    if model_file not in expected:
+        raise PackageError(f"{version_dir} has no {variant} TFLite file ({model_file} is not in its manifest).",
+                           hint="Pick another --variant; see the version's SERVABLE.md for what it holds.")
     out = Path(out)
     check_out(out, force=force)
     final, out = out, out.parent / f".{out.name}.partial-{os.getpid()}"  # built aside, swapped in last
@@ -76,12 +76,11 @@ def check_out(out: Path, *, force: bool = False) -> None:
     ``out`` may be absent, empty, or a package this command wrote (it is then rebuilt);
     anything else needs ``force``. Nothing inside a model repository is ever written.
     """
-    resolved = out.resolve()
-    for place in (resolved, *resolved.parents):
-        if (place / "saved_model.pb").is_file() or (place / MODELS_CONFIG).is_file():
-            raise PackageError(f"--out {out} is inside the model repository {place}: a serverless package is never "
-                               "written there, and a published version is never replaced.",
-                               hint="Pass an --out outside the models directory, e.g. dist/emnist-lambda.")
+    place = model_repository_around(out)
+    if place is not None:
+        raise PackageError(f"--out {out} is inside the model repository {place}: a serverless package is never "
+                           "written there, and a published version is never replaced.",
+                           hint="Pass an --out outside the models directory, e.g. dist/emnist-lambda.")
     if out.exists() and not out.is_dir():
         raise PackageError(f"--out {out} is a file, expected a directory to write the package into.",
                            hint="Pass a new directory.")

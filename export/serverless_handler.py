@@ -3,10 +3,10 @@
 This file is copied as ``handler.py`` into the package ``python -m export.serverless``
 builds, next to ``model.tflite`` and ``labels.txt``; it needs only ai-edge-litert, numpy
 and pillow, never crossport. crossport's web service imports the same functions, so a
-PNG becomes the same model input everywhere.
+PNG or JPEG becomes the same model input everywhere.
 
 Request (API Gateway proxy event, ``body`` JSON, optionally base64-encoded):
-    {"image": "<base64 PNG>"}                         any size; resized to 28×28
+    {"image": "<base64 PNG or JPEG>"}                 any size or mode; resized to 28×28
     {"pixels": [784 floats in [0, 1]]}                 or 28 rows of 28, EMNIST orientation
 Response body: {"predictions": [{"label": "7", "probability": 0.98}, ...]} (top 3).
 Bad input gets status 400 and {"error": "..."}.
@@ -19,6 +19,7 @@ import binascii
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 MAX_BODY_BYTES = 1_000_000  # API Gateway caps payloads at 10 MB; a 28×28 PNG is < 2 kB
 MAX_IMAGE_SIDE = 4096
+IMAGE_FORMATS = ("PNG", "JPEG")
 SIDE = 28
 TOP_K = 3
+MAX_DEPTH = 3  # the deepest request: {"pixels": [[28 numbers] × 28]}
 
 
 class BadInput(ValueError):
@@ -36,24 +39,18 @@ class BadInput(ValueError):
 
 # --- input preparation (shared with crossport's web service) ------------------------------
 
-def png_to_pixels(data: bytes) -> np.ndarray:
-    """A PNG (any size, any mode) → float32 [28, 28] in [0, 1], upright, white ink on black.
+def image_to_pixels(data: bytes) -> np.ndarray:
+    """A PNG or JPEG (any size, any mode) → float32 [28, 28] in [0, 1], upright, white ink on black.
 
-    Grayscale; inverted when the background is light (EMNIST is white ink on black);
-    the ink's bounding box is scaled to fit 20×20 and centred in 28×28, as NIST did.
+    Gray levels come from the full bit depth (16-bit PNGs too) and the palette; EXIF
+    orientation is applied. Transparent pixels are composited onto the background
+    (:func:`composite`), then the image is inverted when the background is light (EMNIST
+    is white ink on black) and the ink's bounding box is scaled to fit 20×20 and centred in
+    28×28, as NIST did.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format != "PNG":
-            raise BadInput(f"expected a PNG image, found {image.format or 'an unknown format'}")
-        if not (0 < image.width <= MAX_IMAGE_SIDE and 0 < image.height <= MAX_IMAGE_SIDE):
-            raise BadInput(f"expected an image of at most {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels, "
-                           f"found {image.width}×{image.height}")
-        gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise BadInput(f"the image could not be decoded as PNG ({error})") from error
+    gray = composite(*decode_gray_alpha(data))
     if gray.mean() > 0.5:
         gray = 1.0 - gray
     ink = np.argwhere(gray > 0.1)
@@ -70,17 +67,98 @@ def png_to_pixels(data: bytes) -> np.ndarray:
     return canvas
 
 
+def decode_gray_alpha(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``data``; gray and alpha as float32 [H, W] arrays in [0, 1]; BadInput when it is not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in IMAGE_FORMATS:
+            raise BadInput(f"expected a PNG or JPEG image, found {image.format or 'an unknown format'}")
+        if not (0 < image.width <= MAX_IMAGE_SIDE and 0 < image.height <= MAX_IMAGE_SIDE):
+            raise BadInput(f"expected an image of at most {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels, "
+                           f"found {image.width}×{image.height}")
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit (or float) grayscale: keep every level
+            values = np.asarray(image, dtype=np.float32)
+            wide = image.mode.startswith("I;16") or values.max() > 255
+            top = 1.0 if image.mode == "F" else 65535.0 if wide else 255.0
+            return np.clip(values / top, 0.0, 1.0), np.ones(values.shape, dtype=np.float32)
+        rgba = image.convert("RGBA")  # palette (with its transparency), LA, RGB, CMYK, ...
+        gray = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float32) / 255.0
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadInput(f"the image could not be decoded as PNG or JPEG ({error})") from error
+    return gray, alpha
+
+
+def composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Transparent pixels take the background's shade: the opposite of the ink's.
+
+    The ink is what is opaque; its mean gray (weighted by alpha) says whether it is dark
+    ink (composited onto white, like paper) or light ink (onto black). A fully opaque
+    image is unchanged.
+    """
+    if alpha.min() >= 1.0:
+        return gray
+    weight = float(alpha.sum())
+    ink = float((gray * alpha).sum()) / weight if weight > 0 else 0.0
+    background = 1.0 if ink < 0.5 else 0.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
 def to_model_input(upright: np.ndarray) -> np.ndarray:
     """Upright [28, 28] → the model's input row: transposed (EMNIST orientation), flattened."""
     return np.ascontiguousarray(upright.T.reshape(SIDE * SIDE), dtype=np.float32)
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_LITERAL = re.compile(rb"\b(true|false|null)\b|NaN|Infinity")
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def parse_json(raw: bytes | str, max_depth: int) -> object:
+    """JSON whose values are numbers, strings, lists and objects, nested at most ``max_depth`` deep.
+
+    Checked on the bytes before parsing, so a hostile body costs no recursion: the
+    skeleton (strings blanked) is scanned for nesting and for literals (true, false, null,
+    NaN, Infinity) that are never a valid value here.
+    """
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    skeleton = _STRING.sub(b'""', data)
+    codes = np.frombuffer(skeleton, np.uint8)
+    steps = np.isin(codes, _OPEN).astype(np.int32) - np.isin(codes, _CLOSE).astype(np.int32)
+    depth = int(np.cumsum(steps).max()) if len(steps) else 0
+    if depth > max_depth:
+        raise BadInput(f"the JSON is nested {depth} levels deep; a request here has at most {max_depth}")
+    literal = _LITERAL.search(skeleton)
+    if literal:
+        raise BadInput(f"expected numbers, found the JSON literal {literal.group().decode()}")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise BadInput(f"the body is not valid JSON ({error})") from error
+
+
+def numbers(value, what: str) -> np.ndarray:
+    """``value`` as a float32 array, refused unless every element is a JSON number."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # ragged lists
+        raise BadInput(f"expected {what}: lists of numbers of equal length") from error
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        found = "an empty list" if array.size == 0 else f"{_kind(array.dtype.kind)} values"
+        raise BadInput(f"expected {what}: numbers, found {found}")
+    return array.astype(np.float32)
+
+
+def _kind(code: str) -> str:
+    return {"U": "string", "S": "string", "b": "boolean", "O": "mixed or out-of-range"}.get(code, code)
+
+
 def pixels_to_input(pixels) -> np.ndarray:
     """784 values, or 28 rows of 28, already in EMNIST orientation and in [0, 1]."""
-    try:
-        array = np.asarray(pixels, dtype=np.float32)
-    except (TypeError, ValueError) as error:
-        raise BadInput("expected 'pixels' to be numbers: 784 values or 28 rows of 28") from error
+    array = numbers(pixels, "'pixels' as 784 values or 28 rows of 28")
     if array.shape not in ((SIDE * SIDE,), (SIDE, SIDE)):
         raise BadInput(f"expected 784 pixels or 28×28, found shape {list(array.shape)}")
     if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
@@ -125,15 +203,15 @@ def model() -> TFLiteModel:
 def parse_request(body) -> np.ndarray:
     """A decoded JSON body → one model input row; BadInput for anything else."""
     if not isinstance(body, dict):
-        raise BadInput("expected a JSON object with 'image' (base64 PNG) or 'pixels'")
+        raise BadInput("expected a JSON object with 'image' (base64 PNG or JPEG) or 'pixels'")
     if "image" in body:
         if not isinstance(body["image"], str):
-            raise BadInput("expected 'image' to be a base64 string of a PNG")
+            raise BadInput("expected 'image' to be a base64 string of a PNG or JPEG")
         try:
             data = base64.b64decode(body["image"], validate=True)
         except (binascii.Error, ValueError) as error:
             raise BadInput("'image' is not valid base64") from error
-        return to_model_input(png_to_pixels(data))
+        return to_model_input(image_to_pixels(data))
     if "pixels" in body:
         return pixels_to_input(body["pixels"])
     raise BadInput(f"expected 'image' or 'pixels', found keys {sorted(body)[:5]}")
@@ -145,25 +223,32 @@ def _response(status: int, payload: dict) -> dict:
 
 def lambda_handler(event, context=None) -> dict:
     try:
-        raw = (event or {}).get("body")
-        if raw is None:
-            raise BadInput("expected a request body")
-        if len(raw) > MAX_BODY_BYTES * 4 // 3 + 4:
-            raise BadInput(f"request body too large: at most {MAX_BODY_BYTES} bytes")
-        if event.get("isBase64Encoded"):
-            try:
-                raw = base64.b64decode(raw, validate=True)
-            except (binascii.Error, ValueError) as error:
-                raise BadInput("the body is marked base64 but does not decode") from error
-        if len(raw) > MAX_BODY_BYTES:
-            raise BadInput(f"request body too large: {len(raw)} bytes, at most {MAX_BODY_BYTES}")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BadInput(f"the body is not valid JSON ({error.__class__.__name__})") from error
-        row = parse_request(body)
+        row = parse_request(parse_json(event_body(event), MAX_DEPTH))
     except BadInput as error:
         return _response(400, {"error": str(error)})
     loaded = model()
     scores = loaded.scores(row[np.newaxis, :])[0]
     return _response(200, {"predictions": top_k(scores, loaded.labels)})
+
+
+def event_body(event) -> bytes:
+    """The raw body of an API Gateway proxy event, base64 decoded when the event says so."""
+    if not isinstance(event, dict):
+        raise BadInput(f"expected an API Gateway proxy event (an object with 'body'), found {type(event).__name__}")
+    raw = event.get("body")
+    if raw is None:
+        raise BadInput("expected a request body")
+    if not isinstance(raw, str):
+        raise BadInput(f"expected 'body' as text (API Gateway passes the request body as a string), "
+                       f"found {type(raw).__name__}")
+    if len(raw) > MAX_BODY_BYTES * 4 // 3 + 4:
+        raise BadInput(f"request body too large: at most {MAX_BODY_BYTES} bytes")
+    if event.get("isBase64Encoded") is True:
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise BadInput("the body is marked base64 but does not decode") from error
+    data = raw.encode("utf-8", errors="surrogatepass")
+    if len(data) > MAX_BODY_BYTES:
+        raise BadInput(f"request body too large: {len(data)} bytes, at most {MAX_BODY_BYTES}")
+    return data

@@ -6,10 +6,12 @@ single stage can be re-run later with exactly the settings the run started with.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from crossport.cli import C_INT_MAX
 from crossport.errors import ConfigError
 from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
 from crossport.interface import LOGITS, SCORES
@@ -18,7 +20,11 @@ from training.data import DATASETS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 UNDECIDED_POLICIES = ("publish", "omit")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: no trailing newline
+# (field, lowest, highest). The seed seeds NumPy's default_rng (no negatives) and torch.manual_seed
+# (below 2**64); counts end up in C ints inside the runtimes.
+INTEGER_BOUNDS = (("epochs", 1, C_INT_MAX), ("batch_size", 1, C_INT_MAX), ("seed", 0, 2**64 - 1),
+                  ("threads", 1, C_INT_MAX))
 
 
 @dataclass(frozen=True)
@@ -42,22 +48,28 @@ class PipelineConfig:
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}: expected one of {', '.join(DATASETS)}.",
                               hint="Pass --dataset with one of those names.")
-        if not NAME_PATTERN.match(self.name) or self.name in {".", ".."}:
+        if not (isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name)) or self.name in {".", ".."}:
             raise ConfigError(
                 f"model name {self.name!r} is not allowed: expected letters, digits, '_', '.', '-' "
                 "(no path separators, at most 64 characters).",
                 hint="Pass --name with a plain name such as emnist_mlp.",
             )
-        for field_name in ("epochs", "batch_size"):
-            if getattr(self, field_name) < 1:
-                raise ConfigError(f"--{field_name.replace('_', '-')} must be at least 1, "
-                                  f"found {getattr(self, field_name)}.")
+        for field_name, low, high in INTEGER_BOUNDS:
+            value = getattr(self, field_name)
+            if value is None and field_name == "threads":
+                continue
+            flag = f"--{field_name.replace('_', '-')}"
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{flag} must be an integer, found {value!r}.")
+            if value < low:
+                raise ConfigError(f"{flag} must be at least {low}, found {value}.")
+            if value > high:
+                raise ConfigError(f"{flag} must be at most {high}, found {value}.")
         if self.undecided not in UNDECIDED_POLICIES:
             raise ConfigError(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, found {self.undecided!r}.")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, found {self.threads}.")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning rate must be positive, found {self.learning_rate}.")
+        if not (isinstance(self.learning_rate, int | float) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ConfigError(f"learning rate must be positive and finite, found {self.learning_rate}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -58,9 +58,16 @@ class Manifest:
                 f"{path} has manifest format {found}, this crossport ({__version__}) reads format {FORMAT_VERSION}.",
                 hint="Start a new run with --stage all in a new --run-dir.",
             )
-        artifacts = {name: Artifact(**entry) for name, entry in payload.get("artifacts", {}).items()}
-        return cls(Path(run_dir), payload.get("config", {}), artifacts, payload.get("stages", {}),
-                   payload.get("facts", {}))
+        try:
+            artifacts = {name: Artifact(**entry) for name, entry in payload.get("artifacts", {}).items()}
+            parts = [payload.get(key, {}) for key in ("config", "stages", "facts")]
+            if not all(isinstance(part, dict) for part in parts) or not all(
+                    isinstance(a.path, str) and isinstance(a.sha256, str) for a in artifacts.values()):
+                raise TypeError("a section is not an object")
+        except (AttributeError, TypeError) as error:
+            raise ManifestError(f"{path} does not have a manifest's layout ({error}).",
+                                hint="Start a new run with --stage all in a new --run-dir.") from error
+        return cls(Path(run_dir), *parts[:1], artifacts, *parts[1:])
 
     def save(self) -> None:
         write_json_atomic(self.run_dir / MANIFEST, self.to_dict())

@@ -100,8 +100,15 @@ def _run(args: argparse.Namespace) -> int:
         if run_dir is None:
             raise ConfigError(f"--stage {args.stage} needs an existing run directory and none was found in runs/.",
                               hint="Pass --run-dir, or run --stage all first.")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {run_dir} is a file, expected a run directory.",
+                              hint="Pass the directory of an earlier run.")
         config = PipelineConfig.from_dict(Manifest.load(run_dir).config).override(**overrides)
 
+    if args.tracking_uri and not config.tracking:
+        raise ConfigError(f"--tracking-uri {args.tracking_uri} was given, but run {run_dir} was made with "
+                          "--no-tracking: only this stage would be tracked, without the runs before it.",
+                          hint="Drop --tracking-uri, or start a new run (a new --run-dir) to track it from the start.")
     tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
     manifest = open_run(run_dir, config, fresh=args.stage == "all")
     log.info("run directory %s", run_dir)
@@ -115,9 +122,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def check_run_dir(run_dir: Path) -> None:
     """A run writes only into a new or empty directory, or into a crossport run it resumes."""
+    from pipelines.lock import LOCK_NAME
+
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} is a file, expected a directory.", hint="Pass a new --run-dir.")
-    if run_dir.is_dir() and not (run_dir / "manifest.json").is_file() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and not (run_dir / "manifest.json").is_file() and any(
+            child.name != LOCK_NAME for child in run_dir.iterdir()):
         raise ConfigError(
             f"--run-dir {run_dir} is not empty and is not a crossport run (no manifest.json): the pipeline would "
             "write over its files.",

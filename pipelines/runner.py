@@ -31,8 +31,13 @@ def latest_run_dir(root: Path = RUNS_DIR) -> Path | None:
 
 def open_run(run_dir: Path, config: PipelineConfig, *, fresh: bool) -> Manifest:
     """A new run directory (``fresh``) or an existing one whose manifest holds the inputs."""
-    if fresh and not (run_dir / MANIFEST).is_file():
+    from pipelines.lock import lock_run_dir
+
+    if fresh:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.is_dir():
+        lock_run_dir(run_dir)  # one writer at a time; held until the process exits
+    if fresh and not (run_dir / MANIFEST).is_file():
         manifest = Manifest.create(run_dir, config.to_dict())
     else:
         manifest = Manifest.load(run_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ log = logging.getLogger(__name__)
 MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
 ALIAS = "validated"  # registry alias: the newest published (hence validated) version
 TAG_PREFIX = "crossport."
+# A server that stops answering mid-run fails the run within a stated time instead of MLflow's
+# default 7 retries with backoff factor 2 (about 4 minutes of silence per call): 2 retries,
+# backoff 1 s (waits 1 + 2 s, plus up to 1 s jitter each) and 15 s per request make any one
+# call give up within 3 × 15 + 5 = 50 s; a Retry-After header may not stretch that. Environment
+# variables set by the user win.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false"}
+PROBE_TIMEOUT_S = 5
 
 
 @dataclass
@@ -113,13 +122,24 @@ class MlflowTracker:
             return
         if not self.uri.startswith(("http://", "https://")):
             return
-        try:
-            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as error:
-            raise TrackingError(f"MLflow tracking server {self.uri} is unreachable ({error}).",
-                                hint="Start it, fix --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking.") \
-                from error
+        for name, value in HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
+        base = self.uri.rstrip("/")
+        probe = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={urllib.parse.quote(self.experiment)}"
+        for url, what in ((f"{base}/health", "is unreachable"), (probe, "answers /health but its API fails")):
+            try:
+                with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
+                    response.read()
+            except urllib.error.HTTPError as error:
+                if error.code == 404 and url == probe:  # the experiment does not exist yet: the API works
+                    continue
+                raise TrackingError(f"MLflow tracking server {self.uri} {what} (HTTP {error.code} from {url}).",
+                                    hint="Check the server's log, fix --tracking-uri / MLFLOW_TRACKING_URI, or pass "
+                                         "--no-tracking.") from error
+            except (urllib.error.URLError, OSError) as error:
+                raise TrackingError(f"MLflow tracking server {self.uri} {what} ({error}).",
+                                    hint="Start it, fix --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking.") \
+                    from error
 
     @contextmanager
     def pipeline_run(self, run_name: str, params: dict, tags: dict, environment: dict):

@@ -223,7 +223,7 @@ def test_serverless_cli_refuses_a_tampered_version(version, tmp_path):
     result = subprocess.run([sys.executable, "-m", "export.serverless", str(copy), "--out", str(tmp_path / "out")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert "differs from the version's manifest" in result.stderr
+    assert "no longer matches its manifest" in result.stderr and "model_fp32.tflite) changed" in result.stderr
 
 
 # --- the web service --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
+import struct
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -123,6 +123,7 @@ def load_emnist(split: str, data_dir: Path, *, allow_download: bool = True) -> D
         raise ConfigError(f"unknown EMNIST split {split!r}: expected one of {', '.join(EMNIST_SPLITS)}.")
     raw = data_dir / "EMNIST" / "raw"
     _ensure_raw_files(split, data_dir, raw, allow_download)
+    _check_raw_files(split, raw)
     try:
         train = EMNIST(str(data_dir), split=split, train=True, download=False)
         test = EMNIST(str(data_dir), split=split, train=False, download=False)
@@ -137,6 +138,13 @@ def load_emnist(split: str, data_dir: Path, *, allow_download: bool = True) -> D
     if split == "letters":
         # NIST labels letters 1..26 and torchvision lists an unused 'N/A' class 0.
         classes, y_train, y_test = classes[1:], y_train - 1, y_test - 1
+    for part, labels in (("train", y_train), ("test", y_test)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            bad = int(labels.min() if labels.min() < 0 else labels.max())
+            first = 1 if split == "letters" else 0
+            raise DataError(f"EMNIST {split} {part} labels in {raw} include {bad + first}, outside the split's "
+                            f"{len(classes)} classes ({first}..{len(classes) - 1 + first}).",
+                            hint="Delete that directory and run again with NIST's archive.")
     return Dataset(
         name=f"emnist-{split}",
         source=f"NIST EMNIST gzip.zip ({EMNIST_URL}) via torchvision, split {split}",
@@ -148,9 +156,54 @@ def load_emnist(split: str, data_dir: Path, *, allow_download: bool = True) -> D
     )
 
 
+# NIST's per-split image counts (train, test): a member declaring more is not NIST's archive,
+# and the declared count bounds how many bytes extraction may write.
+NIST_COUNTS = {
+    "byclass": (697_932, 116_323), "bymerge": (697_932, 116_323), "balanced": (112_800, 18_800),
+    "letters": (124_800, 20_800), "digits": (240_000, 40_000), "mnist": (60_000, 10_000),
+}
+IDX_MAGIC = {"images": (0x0803, 3), "labels": (0x0801, 1)}  # IDX type ubyte, dimension count
+SIDE = 28
+
+
+def idx_header(head: bytes, kind: str, where: str, most: int) -> tuple[int, int]:
+    """Check an IDX header (``kind`` images or labels); return (header size, payload size) in bytes."""
+    magic, dims = IDX_MAGIC[kind]
+    size = 4 + 4 * dims
+    if len(head) < size:
+        raise DataError(f"{where} is not an IDX {kind} file: {len(head)} bytes, shorter than its header.",
+                        hint=HOW_TO_GET_EMNIST)
+    found_magic, *shape = struct.unpack(f">I{dims}I", head[:size])
+    if found_magic != magic:
+        raise DataError(f"{where} is not an IDX {kind} file: magic number 0x{found_magic:08x}, expected "
+                        f"0x{magic:08x}.", hint=HOW_TO_GET_EMNIST)
+    if kind == "images" and shape[1:] != [SIDE, SIDE]:
+        raise DataError(f"{where} holds {shape[1]}×{shape[2]} images, expected {SIDE}×{SIDE}.", hint=HOW_TO_GET_EMNIST)
+    if shape[0] > most:
+        raise DataError(f"{where} declares {shape[0]:,} {kind}; NIST's file has {most:,}.", hint=HOW_TO_GET_EMNIST)
+    return size, shape[0] * (SIDE * SIDE if kind == "images" else 1)
+
+
 def _raw_names(split: str) -> list[str]:
     return [f"emnist-{split}-{part}-{kind}" for part in ("train", "test")
             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+
+
+def _check_raw_files(split: str, raw: Path) -> None:
+    """Every IDX file is what its header says, and each part has as many labels as images."""
+    for part, most in zip(("train", "test"), NIST_COUNTS[split], strict=True):
+        counts = []
+        for kind in ("images", "labels"):
+            path = raw / f"emnist-{split}-{part}-{kind}-idx{IDX_MAGIC[kind][1]}-ubyte"
+            with open(path, "rb") as handle:
+                size, payload = idx_header(handle.read(16), kind, str(path), most)
+            if path.stat().st_size != size + payload:
+                raise DataError(f"{path} has {path.stat().st_size:,} bytes; its header declares {size + payload:,}.",
+                                hint="Delete that directory and run again to re-extract it from the archive.")
+            counts.append(payload // (SIDE * SIDE if kind == "images" else 1))
+        if counts[0] != counts[1]:
+            raise DataError(f"EMNIST {split} {part} has {counts[0]:,} images but {counts[1]:,} labels in {raw}.",
+                            hint="Delete that directory and run again with NIST's archive.")
 
 
 def _ensure_raw_files(split: str, data_dir: Path, raw: Path, allow_download: bool) -> None:
@@ -218,9 +271,32 @@ def extract_split(archive: Path, split: str, raw: Path) -> None:
                         hint=HOW_TO_GET_EMNIST,
                     )
                 partial = raw / f"{name}.part"
-                with bundle.open(member) as packed, gzip.open(packed) as unpacked, open(partial, "wb") as out:
-                    shutil.copyfileobj(unpacked, out)
+                try:
+                    with bundle.open(member) as packed, gzip.open(packed) as unpacked, open(partial, "wb") as out:
+                        _copy_idx(unpacked, out, name, f"{archive}:{member}", split)
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
                 os.replace(partial, raw / name)
-    except (zipfile.BadZipFile, gzip.BadGzipFile, EOFError, OSError) as error:
+    except (zipfile.BadZipFile, gzip.BadGzipFile, EOFError, OSError, struct.error) as error:
         raise DataError(f"EMNIST archive {archive} is corrupt or unreadable: {error}.",
                         hint=HOW_TO_GET_EMNIST) from error
+
+
+def _copy_idx(unpacked, out, name: str, where: str, split: str) -> None:
+    """Copy one IDX member, writing no more than its header declares (NIST's count at most)."""
+    kind = "images" if "-images-" in name else "labels"
+    most = NIST_COUNTS[split]["-test-" in name]
+    head = unpacked.read(4 + 4 * IDX_MAGIC[kind][1])
+    _, payload = idx_header(head, kind, where, most)
+    out.write(head)
+    remaining = payload
+    while remaining:
+        chunk = unpacked.read(min(remaining, 1 << 20))
+        if not chunk:
+            raise DataError(f"{where} is truncated: {payload - remaining:,} of {payload:,} bytes its header declares.",
+                            hint=HOW_TO_GET_EMNIST)
+        out.write(chunk)
+        remaining -= len(chunk)
+    if unpacked.read(1):
+        raise DataError(f"{where} holds more than the {payload:,} bytes its header declares.", hint=HOW_TO_GET_EMNIST)

@@ -29,8 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import ConfigError, CrossportError, report
+from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
 from crossport.formats import BY_NAME, FORMATS, SERVED
 from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
+from export.verify import read_manifest
+
+BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png"})
 
 log = logging.getLogger("crossport.bench")
 
@@ -223,7 +227,7 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
 def benchmark(version_dir: Path, quick: bool) -> dict:
     from export.serverless import build_package
 
-    manifest = json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())
+    manifest = read_manifest(version_dir)
     run_dir = Path(manifest.get("run_dir") or "")
     checkpoint = run_dir / "model.pt"
     if not checkpoint.is_file():
@@ -358,16 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a run under a minute (fewer repeats, fewer backends)")
     parser.add_argument("--out", type=Path, help="where to write bench.json/.md/.png (default: the run directory)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--force", action="store_true",
+                        help="write bench.json/.md/.png into an --out holding other files (never a model repository)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     try:
         version_dir = args.version_dir or _newest(Path("models") / "emnist_mlp")
+        out = args.out or Path(results_run_dir(version_dir))
+        check_out(out, force=args.force)  # before minutes of measuring
         results = benchmark(version_dir, args.quick)
-        run_dir = Path(results_run_dir(version_dir))
-        out = args.out or run_dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "bench.md").write_text(render_markdown(results))
+        write_bytes_atomic(out / "bench.json", (json.dumps(results, indent=2) + "\n").encode())
+        write_bytes_atomic(out / "bench.md", render_markdown(results).encode())
         render_chart(results, out / "bench.png")
         if not args.no_tracking:
             _log_to_mlflow(version_dir, out)
@@ -377,6 +383,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_out(out: Path, *, force: bool = False) -> None:
+    """Write only into a new or empty folder, a crossport run directory, or an earlier benchmark's folder.
+
+    ``--force`` allows a folder holding other files (only the three bench files are written,
+    nothing else is touched); a model repository is never written into.
+    """
+    place = model_repository_around(out)
+    if place is not None:
+        raise ConfigError(f"--out {out} is inside the model repository {place}; benchmark files are never written "
+                          "there.", hint="Pass an --out outside the models directory, e.g. runs/bench.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, expected a directory.", hint="Pass a new directory.")
+    foreign = foreign_entries(out, BENCH_FILES)
+    if foreign and not force and not (out / "manifest.json").is_file():
+        raise ConfigError(f"--out {out} holds files the benchmark did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}).",
+                          hint="Pass a new or empty --out, or add --force to add the bench files beside them.")
+
+
 def _newest(model_dir: Path) -> Path:
     from export.serve import pick_version
 
@@ -384,14 +409,14 @@ def _newest(model_dir: Path) -> Path:
 
 
 def results_run_dir(version_dir: Path) -> str:
-    return json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())["run_dir"]
+    return read_manifest(version_dir)["run_dir"]
 
 
 def _log_to_mlflow(version_dir: Path, out: Path) -> None:
     """A ``bench`` run in the version's experiment, with the numbers and the three files."""
     from pipelines.tracking import log_benchmark
 
-    manifest = json.loads((version_dir / ASSETS_EXTRA / "manifest.json").read_text())
+    manifest = read_manifest(version_dir)
     uri = (manifest.get("mlflow") or {}).get("tracking_uri")
     if uri:
         log_benchmark(uri, manifest["name"], json.loads((out / "bench.json").read_text()), out)

@@ -17,8 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from crossport.errors import CrossportError, ManifestError, TrackingError, report
-from crossport.files import sha256_path
+from crossport.cli import integer
+from crossport.errors import CrossportError, TrackingError, report
 
 log = logging.getLogger("crossport")
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Trace a published servable back to its data and verify it.")
     parser.add_argument("version_dir", nargs="?", type=Path, help="a published version: <models-dir>/<name>/<N>")
     parser.add_argument("--name", help="registered model name (with --registry-version)")
-    parser.add_argument("--registry-version", type=int, help="look the servable up by MLflow registry version")
+    parser.add_argument("--registry-version", type=integer(1), help="look the servable up by MLflow registry version")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the version was tracked in)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -38,26 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def trace(version_dir: Path, tracking_uri: str | None = None) -> dict:
     """Everything known about a published version, with hashes verified now."""
-    from crossport.interface import ASSETS_EXTRA
+    from export.verify import check_version
 
-    manifest_path = version_dir / ASSETS_EXTRA / "manifest.json"
-    if not manifest_path.is_file():
-        raise ManifestError(f"{version_dir} is not a published crossport version: no {ASSETS_EXTRA}/manifest.json.",
-                            hint="Pass a directory like models/emnist_mlp/1.")
-    manifest = json.loads(manifest_path.read_text())
-    files = []
-    for entry in manifest["artifacts"]:
-        exclude = (ASSETS_EXTRA,) if entry["name"] == "saved_model" else ()
-        target = version_dir / entry["path"]
-        actual = sha256_path(target, exclude=exclude) if target.exists() else None
-        files.append({**entry, "actual_sha256": actual, "ok": actual == entry["sha256"]})
+    checked = check_version(version_dir)
+    manifest, files = checked.manifest, checked.files
     lineage = manifest.get("lineage", {})
     chain = [{"name": name, **lineage[name]} for name in CHAIN if name in lineage]
     mlflow_ids = manifest.get("mlflow")
     registry = _registry(manifest, version_dir, tracking_uri)
-    problems = [f"{f['name']} ({f['path']}) changed: sha256 {str(f['actual_sha256'])[:12]}…, "
-                f"published {f['sha256'][:12]}…" if f["actual_sha256"] else f"{f['name']} ({f['path']}) is missing"
-                for f in files if not f["ok"]]
+    problems = list(checked.problems)
     if registry["status"] == "missing":
         problems.append(f"version {manifest['version']} is published but not registered in MLflow; repair with: "
                         f"python -m pipelines.run --stage register --run-dir {manifest['run_dir']}")
