@@ -8,11 +8,12 @@ from crossport.interface import CLASSIFY_INPUT, INPUT, INPUT_SIZE, SCORES, signa
 
 FORMAT_FILES = {fmt.name: fmt.path for fmt in FORMATS}
 PNG_RECIPE = [
-    "decode the PNG and convert it to 8-bit grayscale",
-    "if the background is light (mean > 127), invert it: the model expects white ink on black",
+    "decode the PNG or JPEG to grayscale in [0, 1] (all 16 bits of a 16-bit PNG; palettes expanded)",
+    "composite transparent pixels onto the background: white under dark ink, black under light ink",
+    "if the background is light (mean > 0.5), invert it: the model expects white ink on black",
     "crop to the ink, scale the crop to fit 20x20 and centre it in a 28x28 canvas",
     "transpose the 28x28 array (EMNIST orientation), flatten row-major to 784 values",
-    "divide by 255 to get float32 values in [0, 1]; batch as [N, 784]",
+    "as float32 values in [0, 1]; batch as [N, 784]",
 ]
 
 
@@ -83,7 +84,7 @@ def render_markdown(card: dict) -> str:
              f"{card['parity']['examples']} test images.", "", "## Input", "",
              f"- `{card['input']['name']}`: {card['input']['dtype']} {card['input']['shape']}",
              f"- scaling: {card['input']['scaling']}", f"- orientation: {card['input']['orientation']}",
-             "", "From a PNG:", ""]
+             "", "From a PNG or JPEG:", ""]
     lines += [f"{i}. {step}" for i, step in enumerate(card["input"]["png_to_input"], 1)]
     lines += ["", "## Output", "", f"`scores`: {card['outputs']['scores']['meaning']} "
               f"({card['outputs']['scores']['dtype']} {card['outputs']['scores']['shape']}).", "",

@@ -42,11 +42,6 @@ def publish_version(
 ) -> tuple[int, Path]:
     """Build a version with ``build(tmp)``, stamp it with ``finalize(tmp, N)``, rename to ``N``."""
     base = Path(models_dir) / name
-    problem = foreign_content(Path(models_dir), name)
-    if problem:
-        raise PublishError(f"--models-dir {models_dir} {problem}; publishing would mix crossport's versions and "
-                           "models.config with files crossport did not write.",
-                           hint="Pass a new or empty --models-dir, or one crossport publishes into.")
     try:
         base.mkdir(parents=True, exist_ok=True)
         remove_leftovers(base)
@@ -90,6 +85,15 @@ def is_crossport_model(folder: Path) -> bool:
         child.name.startswith(TEMP_PREFIX)
         or (child.name.isdigit() and (child / "assets.extra" / "manifest.json").is_file())
         for child in folder.iterdir())
+
+
+def check_repository(models_dir: Path, name: str) -> None:
+    """Refuse a models directory crossport did not make (see :func:`foreign_content`), in one line."""
+    problem = foreign_content(Path(models_dir), name)
+    if problem:
+        raise PublishError(f"--models-dir {models_dir} {problem}; publishing would mix crossport's versions and "
+                           "models.config with files crossport did not write.",
+                           hint="Pass a new or empty --models-dir, or one crossport publishes into.")
 
 
 def foreign_content(models_dir: Path, name: str) -> str | None:

@@ -99,7 +99,12 @@ class Servable:
             instances = request["instances"]
             if not isinstance(instances, list) or not instances:
                 raise RestError(400, "'instances' must be a non-empty list")
-            rows = [item[INPUT] if isinstance(item, dict) and INPUT in item else item for item in instances]
+            rows = []
+            for index, item in enumerate(instances):
+                if isinstance(item, dict) and set(item) != {INPUT}:
+                    raise RestError(400, f"instance {index} is an object with {sorted(item)[:5]}; expected only "
+                                         f"{INPUT!r}, or the {INPUT_SIZE} numbers themselves")
+                rows.append(item[INPUT] if isinstance(item, dict) else item)
             return {"predictions": self._scores(rows).tolist()}
         inputs = request["inputs"]
         if isinstance(inputs, dict):

@@ -50,6 +50,9 @@ def published_extras(report: dict, policy: str) -> dict[str, str]:
 
 
 def publish_run(ctx) -> tuple[int, Path]:
+    from export.publish import check_repository
+
+    check_repository(Path(ctx.config.models_dir), ctx.config.name)
     report = check_blessed(ctx)
     manifest = ctx.manifest
     extras = published_extras(report, ctx.config.undecided)

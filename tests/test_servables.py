@@ -7,16 +7,14 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from crossport.formats import FORMATS
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
+from tests.helpers import Server
 
 pytestmark = pytest.mark.slow
 DOCS = ROOT / "docs" / "rest"
@@ -228,45 +226,6 @@ def test_serverless_cli_refuses_a_tampered_version(version, tmp_path):
 
 # --- the web service --------------------------------------------------------------------------
 
-class Server:
-    def __init__(self, model_dir: Path, backend: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend, "--port", str(self.port)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                self.get("/v1/models/emnist_mlp")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                if self.process.poll() is not None:
-                    raise RuntimeError(self.process.stdout.read()) from None
-                time.sleep(0.3)
-        raise RuntimeError("server did not start")
-
-    def request(self, method: str, path: str, body: bytes | None = None, content_type="application/json"):
-        request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": content_type})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def get(self, path):
-        return self.request("GET", path)
-
-    def post(self, path, payload, content_type="application/json"):
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return self.request("POST", path, body, content_type)
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
 @pytest.mark.parametrize("backend", ["saved_model", "onnx", "tflite_int8_full"])
 def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
     images, _ = test_images
@@ -352,6 +311,6 @@ def test_upload_page_in_headless_chromium(version, test_images, tmp_path):
 
 
 def to_rows(png: Path) -> np.ndarray:
-    from export.serverless_handler import png_to_pixels, to_model_input
+    from export.serverless_handler import image_to_pixels, to_model_input
 
-    return to_model_input(png_to_pixels(png.read_bytes()))[np.newaxis, :]
+    return to_model_input(image_to_pixels(png.read_bytes()))[np.newaxis, :]

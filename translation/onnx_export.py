@@ -84,6 +84,11 @@ def check_onnx(path: Path) -> None:
             f"{external[0]!r}); crossport publishes one self-contained model.onnx.",
             hint="Save it with onnx.save(model, path, save_as_external_data=False), or export with "
                  "torch.onnx.export(..., external_data=False).")
+    known = onnx.defs.onnx_opset_version()
+    declared = max((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), default=0)
+    if declared > known:
+        raise ExportError(f"ONNX model {path} declares opset {declared}; the installed onnx {onnx.__version__} knows "
+                          f"opsets up to {known}.", hint="Export it again with an opset at most that.")
     inputs = {value.name: value for value in proto.graph.input}
     if list(inputs) != [INPUT_NAME]:
         raise ExportError(f"ONNX model {path} must have one input {INPUT_NAME!r}, found {list(inputs)}.")
