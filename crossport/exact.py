@@ -69,6 +69,21 @@ class Exact:
         """Σ γ̃ over the accumulating layers: the relative float32 error any prefix of the network can build up."""
         return sum(gamma(n, self.lam) for n in self.fan_ins)
 
+    @property
+    def noise_factor(self) -> float:
+        """How much noisier than PyTorch float32 (RMS against the exact values) a correct float32 artifact may be.
+
+        Summation order is the freedom a correct float32 kernel has. A length-n reduction
+        summed as p interleaved partial sums has RMS rounding error about √p times smaller
+        than summed in one sequence (when the partial sums wander like a random walk, as
+        they do over mixed-sign products): one-lane accumulation (TFLite's reference and
+        XNNPACK convolutions) against PyTorch's wide vector lanes is measured at 3.5–6× on
+        the CNN. With p at most n, no correct order is more than √n apart: the factor is
+        √(largest fan-in), 28 for the MLP, 56 for the CNN. Reduced precision is what this
+        check exists to catch; its nearest format, TF32 (u = 2⁻¹¹), is 2¹³ times noisier.
+        """
+        return math.sqrt(max(self.fan_ins, default=1))
+
     def rows(self, index) -> Exact:
         return Exact({k: v[index] for k, v in self.values.items()}, {k: v[index] for k, v in self.bounds.items()},
                      self.lam, self.fan_ins)

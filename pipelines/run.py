@@ -21,7 +21,7 @@ log = logging.getLogger("crossport")
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
-    from pipelines.config import UNDECIDED_POLICIES
+    from pipelines.config import ARCHITECTURE_NAMES, UNDECIDED_POLICIES
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=DATASETS, help="dataset (default: auto)")
     parser.add_argument("--data-dir", help="where EMNIST's gzip.zip is or goes (default: $CROSSPORT_DATA_DIR "
                                            "or ~/.cache/crossport/data)")
+    parser.add_argument("--model", choices=ARCHITECTURE_NAMES,
+                        help="architecture to train (default: mlp); --name defaults to emnist_<model>")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 10)")
     parser.add_argument("--batch-size", type=int, help="training batch size (default: 128)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate (default: 1e-3)")
@@ -83,8 +85,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--force applies to --stage all; a single stage (--stage {args.stage}) always runs.",
                           hint="Drop --force, or use --stage all --force.")
     overrides = {
-        "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "seed": args.seed, "models_dir": args.models_dir, "name": args.name,
+        "dataset": args.dataset, "model": args.model, "data_dir": args.data_dir, "epochs": args.epochs,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
+        "models_dir": args.models_dir, "name": args.name,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
     }
@@ -94,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         base = PipelineConfig()
         if (run_dir / "manifest.json").is_file():
             base = PipelineConfig.from_dict(Manifest.load(run_dir).config)
+        if args.model and not args.name and base.model != args.model:
+            overrides["name"] = f"emnist_{args.model}"  # a new architecture is a new model in the repository
         config = base.override(**overrides)
     else:
         run_dir = args.run_dir or latest_run_dir()

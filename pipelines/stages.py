@@ -22,7 +22,6 @@ from crossport.formats import FORMATS, TFLITE_FORMATS
 from crossport.interface import CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
 from pipelines.config import (
-    NOISE_FACTOR,
     ONNX,
     POLICIES,
     REFERENCE,
@@ -171,13 +170,13 @@ def data_stage(ctx: Context) -> StageResult:
 
 def train_stage(ctx: Context) -> StageResult:
     from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.model import ModelConfig
+    from training.model import ModelConfig, macs_per_example
     from training.train import TrainConfig, evaluate, train
 
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
     config = ctx.config
-    model_config = ModelConfig(num_classes=len(labels))
+    model_config = ModelConfig(arch=config.model, num_classes=len(labels))
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
                                learning_rate=config.learning_rate, seed=config.seed)
     model, metrics = train(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
@@ -195,8 +194,10 @@ def train_stage(ctx: Context) -> StageResult:
     return StageResult(
         made=[Made("checkpoint", path, ("dataset", "labels"))],
         params={"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-                "seed": config.seed, "hidden_sizes": str(model_config.hidden_sizes),
-                "dropout": model_config.dropout},
+                "seed": config.seed, "model": config.model, "dropout": model_config.dropout,
+                **({"hidden_sizes": str(model_config.hidden_sizes)} if config.model == "mlp" else
+                   {"channels": str(model_config.channels)}),
+                "macs_per_example": macs_per_example(model)},
         metrics={"test_accuracy": accuracy, "train_loss": metrics["train_loss"], **history},
         log_artifacts=[path, curves],
         models=[ModelToLog("pytorch", path, golden_inputs(ctx)[:4])],
@@ -325,7 +326,7 @@ def validate_stage(ctx: Context) -> StageResult:
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
         compare_exact(name, outputs[name], exact.values, exact.bounds, outputs[REFERENCE],
-                      NOISE_FACTOR if name == REFERENCE or POLICIES[name].fp32 else None)
+                      exact.noise_factor if name == REFERENCE or POLICIES[name].fp32 else None)
         for name in (REFERENCE, *POLICIES)
     ]
 
@@ -345,7 +346,7 @@ def validate_stage(ctx: Context) -> StageResult:
         "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in (*VALIDATED, "labels")},
         "error_model": {"bound": ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
                         "exp_ulps": EXP_ULPS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
-                        "network_gamma": exact.network_gamma, "noise_factor": NOISE_FACTOR,
+                        "network_gamma": exact.network_gamma, "noise_factor": exact.noise_factor,
                         "bound_median": {k: float(np.median(v)) for k, v in exact.bounds.items()},
                         "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()}},
         "tolerances": tolerance_table(),
@@ -493,7 +494,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage,
           reads=("dataset", "seed", "data_dir")),
     Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage,
-          reads=("epochs", "batch_size", "learning_rate", "seed")),
+          reads=("model", "epochs", "batch_size", "learning_rate", "seed")),
     Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage),
     Stage("translate", ("onnx", "golden", "golden_exact"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden", "golden_exact"), ("saved_model", "warmup"),

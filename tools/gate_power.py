@@ -32,10 +32,10 @@ def round1_refuses(reference: dict, candidate: dict) -> bool:
 
 def derived_refuses(reference: dict, candidate: dict, exact) -> bool:
     from crossport.parity import compare, compare_exact
-    from pipelines.config import NOISE_FACTOR, ONNX, REFERENCE, hop_spec
+    from pipelines.config import ONNX, REFERENCE, hop_spec
 
     hop = compare(hop_spec(REFERENCE, ONNX), reference, candidate, bounds=exact.bounds)
-    against = compare_exact(ONNX, candidate, exact.values, exact.bounds, reference, NOISE_FACTOR)
+    against = compare_exact(ONNX, candidate, exact.values, exact.bounds, reference, exact.noise_factor)
     return not (hop.passed and against.passed)
 
 

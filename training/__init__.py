@@ -1,1 +1,1 @@
-"""Training: datasets and the PyTorch MLP. Pure library code (no pipelines, no mlflow)."""
+"""Training: datasets and the PyTorch model family (MLP, CNN). Pure library code (no pipelines, no mlflow)."""

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossport.errors import CheckpointError
+from crossport.errors import CheckpointError, CrossportError
 from crossport.interface import LOGITS, SCORES
 from crossport.runtimes import Predict, chunked
-from training.model import MLP, ModelConfig
+from training.model import ModelConfig, build_model
 
 CHECKPOINT_FORMAT = "crossport-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -23,14 +23,14 @@ CHECKPOINT_VERSION = 1
 
 @dataclass(frozen=True)
 class Checkpoint:
-    model: MLP
+    model: torch.nn.Module
     model_config: ModelConfig
     labels: tuple[str, ...]
     dataset_digest: str
     metrics: dict
 
 
-def save_checkpoint(path: Path, model: MLP, labels: tuple[str, ...], dataset_digest: str, metrics: dict,
+def save_checkpoint(path: Path, model: torch.nn.Module, labels: tuple[str, ...], dataset_digest: str, metrics: dict,
                     train_config) -> None:
     """``train_config``: the training loop's config dataclass, recorded as plain data."""
     payload = {
@@ -66,11 +66,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"checkpoint {path} has format version {payload.get('format_version')}, expected {CHECKPOINT_VERSION}.",
             hint="Re-run the train stage with this version of crossport.",
         )
-    config = ModelConfig.from_dict(payload["model_config"])
-    model = MLP(config)
     try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        model = build_model(config)
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
+    except (RuntimeError, KeyError, TypeError, ValueError, CrossportError) as error:
         raise CheckpointError(f"checkpoint {path} weights do not match its model config: {error}.") from error
     for name, tensor in payload["state_dict"].items():
         if not torch.isfinite(tensor).all():

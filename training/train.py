@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from crossport.interface import to_inputs
-from training.model import MLP, ModelConfig
+from training.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ def train(
     config: TrainConfig,
     *,
     progress: bool | None = None,
-) -> tuple[MLP, dict]:
-    """Train an MLP; same inputs and seed give the same weights on the same machine."""
+) -> tuple[nn.Module, dict]:
+    """Train the configured architecture; same inputs and seed give the same weights on the same machine."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
     generator = torch.Generator().manual_seed(config.seed)
-    model = MLP(model_config)
+    model = build_model(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     inputs = torch.from_numpy(to_inputs(x_train))
@@ -75,14 +75,14 @@ def train(
 
 
 @torch.no_grad()
-def logits_of(model: MLP, images: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+def logits_of(model: nn.Module, images: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     model.eval()
     chunks = [model(torch.from_numpy(to_inputs(images[i : i + batch_size]))).numpy()
               for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, model.config.num_classes), np.float32)
 
 
-def evaluate(model: MLP, images: np.ndarray, labels: np.ndarray) -> float:
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     if len(images) == 0:
         return float("nan")
     return float(np.mean(np.argmax(logits_of(model, images), axis=1) == labels))

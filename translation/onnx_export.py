@@ -18,6 +18,9 @@ OUTPUT_NAMES = (SCORES, LOGITS)
 META_LABELS = "crossport.labels"
 META_CHECKPOINT = "crossport.checkpoint_sha256"
 META_PRODUCER = "crossport.producer"
+# The newest opset at which onnx-tf 1.10 has a handler for every op crossport's models export:
+# from opset 19 Reshape is Reshape-19, which onnx-tf lacks (the CNN's reshape and flatten need it).
+EXPORT_OPSET = 18
 
 
 def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Path) -> None:
@@ -38,6 +41,7 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
             output_names=list(OUTPUT_NAMES),
             dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
             dynamo=True,
+            opset_version=EXPORT_OPSET,
             external_data=False,  # one file: deployers copy model.onnx alone
             verbose=False,
         )
@@ -53,7 +57,8 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
     del proto.metadata_props[:]
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = "crossport EMNIST MLP: images float32 [N,784] in [0,1] -> scores (softmax), logits"
+    proto.doc_string = (f"crossport EMNIST {getattr(model.config, 'arch', 'mlp').upper()}: images float32 [N,784] in "
+                        "[0,1] -> scores (softmax), logits")
     onnx.save(proto, str(path))
     check_onnx(path)
 

@@ -30,6 +30,11 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
             f"{onnx_path} uses ONNX op(s) onnx-tf cannot translate: {', '.join(sorted(unsupported))}.",
             hint="Change the PyTorch model to avoid them, or export with a different opset.",
         )
+    from translation.layout import same_padding
+
+    rewritten = same_padding(model)  # lets TFLite cancel the transposes between conv blocks
+    if rewritten:
+        log.info("wrote the padding of %d node(s) as auto_pad SAME_UPPER: %s", len(rewritten), ", ".join(rewritten))
     if expose_intermediates:
         from translation.divergence import instrument
 
