@@ -38,12 +38,14 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         formats[fmt] = {"path": path, "bytes": sizes.get(fmt), "test_accuracy": hop.get("candidate_accuracy"),
                         "top1_agreement_with_pytorch": hop.get("top1_agreement"),
                         "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None),
-                        "parity": "unverified" if fmt in undecided else "verified"}
+                        "parity": "unverified" if fmt in undecided else "verified",
+                        "transposes": (facts.get("layout") or {}).get(fmt, {}).get("transposes")}
     base = f"http://localhost:8501/v1/models/{name}"
     return {
         "name": name,
         "version": version,
         "produced_by": f"crossport {__version__}",
+        "model": facts.get("model"),
         "input": {
             "name": INPUT, "dtype": "float32", "shape": [None, INPUT_SIZE],
             "scaling": "grayscale pixel value / 255, in [0, 1]; white ink on black",
@@ -81,7 +83,12 @@ def render_markdown(card: dict) -> str:
     """SERVABLE.md: the same card for people."""
     lines = [f"# {card['name']} — servable version {card['version']}", "",
              f"Produced by {card['produced_by']}. Parity verdict: **{card['parity']['verdict']}** on "
-             f"{card['parity']['examples']} test images.", "", "## Input", "",
+             f"{card['parity']['examples']} test images.", ""]
+    model = card.get("model")
+    if model:
+        lines += [f"Model: **{model['arch']}** ({model['summary']}), {model['parameters']:,} parameters, "
+                  f"{model['macs_per_example']:,} multiply-accumulates per image.", ""]
+    lines += ["## Input", "",
              f"- `{card['input']['name']}`: {card['input']['dtype']} {card['input']['shape']}",
              f"- scaling: {card['input']['scaling']}", f"- orientation: {card['input']['orientation']}",
              "", "From a PNG or JPEG:", ""]
@@ -92,14 +99,17 @@ def render_markdown(card: dict) -> str:
     for key, sig in card["signatures"].items():
         lines.append(f"| `{key}` | `{sig['method']}` | " + ", ".join(f"`{k}` {v}" for k, v in sig["inputs"].items())
                      + " | " + ", ".join(f"`{k}` {v}" for k, v in sig["outputs"].items()) + " |")
-    lines += ["", "## Formats", "", "| format | file | size | test accuracy | top-1 agreement with PyTorch | parity |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Formats", "",
+              "| format | file | size | test accuracy | top-1 agreement with PyTorch | parity | Transpose ops |",
+              "|---|---|---|---|---|---|---|"]
     for fmt, info in card["formats"].items():
         size = f"{info['bytes'] / 1e6:.2f} MB" if info["bytes"] else "-"
         accuracy = f"{info['test_accuracy']:.2%}" if info["test_accuracy"] is not None else "-"
         agreement = (f"{info['top1_agreement_with_pytorch']:.2%}"
                      if info["top1_agreement_with_pytorch"] is not None else "-")
-        lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} | {info['parity']} |")
+        transposes = info.get("transposes")
+        lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} | {info['parity']} | "
+                     f"{'-' if transposes is None else transposes} |")
     parity = card["parity"]
     if parity["unverified"] or parity["omitted"]:
         unverified, omitted = ", ".join(parity["unverified"]) or "none", ", ".join(parity["omitted"]) or "none"

@@ -170,7 +170,7 @@ def data_stage(ctx: Context) -> StageResult:
 
 def train_stage(ctx: Context) -> StageResult:
     from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.model import ModelConfig, macs_per_example
+    from training.model import ARCHITECTURES, ModelConfig, macs_per_example
     from training.train import TrainConfig, evaluate, train
 
     arrays = load_arrays(ctx)
@@ -186,6 +186,9 @@ def train_stage(ctx: Context) -> StageResult:
     reloaded = load_checkpoint(path)
     accuracy = evaluate(reloaded.model, arrays["x_test"], arrays["y_test"])
     ctx.manifest.facts["test_accuracy"] = accuracy
+    ctx.manifest.facts["model"] = {"arch": model_config.arch, "summary": ARCHITECTURES[model_config.arch].summary,
+                                   "parameters": sum(p.numel() for p in model.parameters()),
+                                   "macs_per_example": macs_per_example(model)}
     from pipelines.reports import training_curves_png
 
     curves = ctx.run_dir / "training_curves.png"
@@ -271,6 +274,7 @@ def tflite_stage(ctx: Context) -> StageResult:
     from crossport.formats import TFLITE_FORMATS
     from crossport.interface import to_inputs
     from crossport.runtimes import load_saved_model, load_tflite
+    from export.layout import placement, saved_model_ops, tflite_ops
     from export.tflite import convert_tflite
 
     saved_model = ctx.input("saved_model")
@@ -278,7 +282,7 @@ def tflite_stage(ctx: Context) -> StageResult:
         calibration = to_inputs(arrays["images"])
     golden, exact, threads = golden_inputs(ctx), golden_exact(ctx), ctx.config.threads
     reference = load_saved_model(saved_model, threads=threads)(golden)
-    metrics = {}
+    metrics, layout = {}, {}
     paths = []
     made = []
     for fmt in TFLITE_FORMATS:
@@ -287,7 +291,13 @@ def tflite_stage(ctx: Context) -> StageResult:
         self_check(SM_PREDICT, fmt.runtime, reference, load_tflite(path, threads)(golden), exact)
         made.append(Made(fmt.name, path, ("saved_model", "calibration") if fmt.calibrated else ("saved_model",)))
         metrics[f"{fmt.name}_bytes"] = path.stat().st_size
+        layout[fmt.name] = placement(tflite_ops(path))
         paths.append(path)
+    layout["saved_model"] = placement(saved_model_ops(saved_model))
+    for name, counts in layout.items():
+        metrics[f"{name}_transposes"] = counts["transposes"]
+        metrics[f"{name}_transposes_between_convs"] = counts["between_convs"]
+    ctx.manifest.facts["layout"] = layout  # the card reports it
     return StageResult(made=made, params={"calibration_images": len(calibration)}, metrics=metrics,
                        log_artifacts=paths)
 
