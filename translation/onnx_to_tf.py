@@ -30,11 +30,13 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
             f"{onnx_path} uses ONNX op(s) onnx-tf cannot translate: {', '.join(sorted(unsupported))}.",
             hint="Change the PyTorch model to avoid them, or export with a different opset.",
         )
-    from translation.layout import same_padding
+    from translation.layout import flatten_channels_last, same_padding
 
-    rewritten = same_padding(model)  # lets TFLite cancel the transposes between conv blocks
-    if rewritten:
-        log.info("wrote the padding of %d node(s) as auto_pad SAME_UPPER: %s", len(rewritten), ", ".join(rewritten))
+    # layout rewrites that keep the arithmetic and let TFLite cancel onnx-tf's transposes
+    padded, flattened = same_padding(model), flatten_channels_last(model)
+    if padded or flattened:
+        log.info("layout: padding written as auto_pad SAME_UPPER on %s; channels-last flatten before %s",
+                 ", ".join(padded) or "no node", ", ".join(flattened) or "no node")
     if expose_intermediates:
         from translation.divergence import instrument
 

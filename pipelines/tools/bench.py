@@ -34,7 +34,7 @@ from crossport.formats import BY_NAME, FORMATS, SERVED
 from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
 from export.verify import read_manifest
 
-BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png"})
+BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md"})
 
 log = logging.getLogger("crossport.bench")
 
@@ -266,6 +266,16 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
             "ceiling_share": many["examples_per_s"] / results["ceiling"]["examples_per_s"],
         }
     results["runtimes"] = runtimes
+    from export.layout import placement, saved_model_ops, tflite_ops
+
+    for name, info in runtimes.items():
+        if name == "saved_model":
+            info["layout"] = placement(saved_model_ops(version_dir))
+        elif name.startswith("tflite_"):
+            info["layout"] = placement(tflite_ops(sizes[name]))
+    for name, accuracy in _accuracies(version_dir).items():
+        if name in runtimes:
+            runtimes[name]["test_accuracy"] = accuracy
     with tempfile.TemporaryDirectory() as scratch:
         packages = {}
         for variant in (v for v in ("fp32", "int8_full") if f"tflite_{v}" in sizes):
@@ -286,6 +296,41 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
     results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
     return results
+
+
+def _accuracies(version_dir: Path) -> dict[str, float]:
+    """Test accuracy per benchmarked runtime, from the parity report the version was published with."""
+    try:
+        report = json.loads((version_dir / ASSETS_EXTRA / "parity.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for hop in report.get("hops", []):
+        if hop.get("reference") == "pytorch":
+            found["pytorch"] = hop.get("reference_accuracy")
+            found[hop["candidate"].removesuffix(":serving_default")] = hop.get("candidate_accuracy")
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def render_comparison(results: list[dict]) -> str:
+    """Models side by side per format: accuracy, batch-1 latency (and its ratio to ONNX Runtime), throughput, size."""
+    lines = ["| format | " + " | ".join(
+                 f"{r['model']}: accuracy / batch-1 p50 ms (× ORT) / batch-128 ex/s / MB" for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+    names = [name for name in results[0]["runtimes"] if all(name in r["runtimes"] for r in results)]
+    for name in names:
+        cells = []
+        for r in results:
+            info, ort = r["runtimes"][name], r["runtimes"].get("onnxruntime")
+            ratio = info["batch1"]["p50_ms"] / ort["batch1"]["p50_ms"] if ort else float("nan")
+            accuracy = info.get("test_accuracy")
+            cells.append(f"{'-' if accuracy is None else f'{accuracy:.2%}'} / {info['batch1']['p50_ms']:.3f} "
+                         f"({ratio:.2f}×) / {info['batch128']['examples_per_s']:,.0f} / "
+                         f"{(info['artifact_bytes'] or 0) / 1e6:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | MACs per example | ceiling (ex/s) |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {r['macs_per_example']:,} | {r['ceiling']['examples_per_s']:,.0f} |" for r in results]
+    return "\n".join(lines) + "\n"
 
 
 def _machine() -> dict:
@@ -327,6 +372,10 @@ def render_markdown(results: dict) -> str:
             f"{info['batch128']['examples_per_s']:,.0f} | {100 * info['ceiling_share']:.0f} % | "
             f"{cold_s} | {rss} | "
             f"{(info['artifact_bytes'] or 0) / 1e6:.2f} |")
+    layouts = {name: info["layout"] for name, info in results["runtimes"].items() if info.get("layout")}
+    if layouts:
+        lines += ["", "Transpose ops (between convolutions): " + ", ".join(
+            f"{name} {layout['transposes']} ({layout['between_convs']})" for name, layout in layouts.items())]
     lines += ["", "| serverless package | unzipped (MB) | zipped (MB) | + runtime installed (MB) | cold start (s) |",
               "|---|---|---|---|---|"]
     for variant, info in results["serverless"].items():
@@ -366,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a published version (default: the newest under models/emnist_mlp)")
     parser.add_argument("--quick", action="store_true", help="a run under a minute (fewer repeats, fewer backends)")
     parser.add_argument("--out", type=Path, help="where to write bench.json/.md/.png (default: the run directory)")
+    parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="VERSION_DIR",
+                        help="also benchmark these versions (e.g. another architecture) and write compare.md: "
+                             "the models side by side per format")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--force", action="store_true",
                         help="write bench.json/.md/.png into an --out holding other files (never a model repository)")
@@ -382,9 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         render_chart(results, out / "bench.png")
         if not args.no_tracking:
             _log_to_mlflow(version_dir, out)
+        if args.compare:
+            compared = [results] + [benchmark(other, args.quick) for other in args.compare]
+            comparison = render_comparison(compared)
+            write_bytes_atomic(out / "compare.md", comparison.encode())
     except CrossportError as error:
         return report(error)
     sys.stdout.write(render_markdown(results))
+    if args.compare:
+        sys.stdout.write("\n" + comparison)
     return 0
 
 
