@@ -36,6 +36,10 @@ class ExportError(CrossportError):
     """The ONNX export failed or produced a model that does not check."""
 
 
+class ImportModelError(CrossportError):
+    """A model brought as an ONNX file is outside what crossport can take in, or cannot be normalized."""
+
+
 class TranslationError(CrossportError):
     """The ONNX → TensorFlow translation failed."""
 

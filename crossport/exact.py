@@ -13,6 +13,8 @@ order, on the same float32 inputs:
 * ReLU and max-pooling pass errors on unchanged (both are 1-Lipschitz), except through a
   ReLU unit whose exact input is below ``-e``: it is off in both computations, so it
   passes nothing;
+* ELU ``α·(eˣ − 1)`` for x < 0 is max(1, α)-Lipschitz; below zero it adds the rounding of
+  exp (2 ulp of eˣ ≤ 1), scaled by α, and of the subtraction and the product (u·|y| each);
 * softmax: ``|Δp_i| ≤ p_i·(e_i + Σ_j p_j·e_j) + p_i·u·(|t_i| + Σ_j p_j|t_j| + C + 8)``
   (propagated logit error, then the rounding of ``t = z − max z``, of exp to within 2 ulp,
   of the C-term sum and of the division), plus ``u²`` absolute: probabilities are read on
@@ -105,8 +107,10 @@ def layers_of(model) -> list:
     """The leaf modules of a network that is one chain of layers, in order."""
     from torch import nn
 
-    supported = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity,
-                 nn.BatchNorm2d, nn.BatchNorm1d)
+    from crossport.exact_onnx import Permute, Reshape
+
+    supported = (nn.Linear, nn.Conv2d, nn.ReLU, nn.ELU, nn.MaxPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
+                 nn.Identity, nn.BatchNorm2d, nn.BatchNorm1d, Reshape, Permute)
     leaves = [module for module in model.modules() if not list(module.children())]
     unknown = sorted({type(module).__name__ for module in leaves if not isinstance(module, supported)})
     if unknown:
@@ -204,6 +208,11 @@ def _forward_with_bound(layers, x, lam_):
         elif isinstance(layer, nn.ReLU):
             error = error * (x > -error)  # a unit off by more than its error is off in float32 too
             x = torch.relu(x)
+        elif isinstance(layer, nn.ELU):
+            negative = x < 0
+            rounding = layer.alpha * EXP_ULPS * U32 * torch.exp(torch.clamp(x, max=0)) + 2 * U32 * layer(x).abs()
+            error = max(1.0, layer.alpha) * error + negative * rounding
+            x = layer(x)
         elif isinstance(layer, nn.MaxPool2d):
             error = layer(error)  # |max(a + δ) − max(a)| ≤ max|δ| over the window
             x = layer(x)

@@ -29,14 +29,19 @@ def card_signatures(num_classes: int) -> dict:
 def servable_card(*, name: str, version: int, labels: list[str], report: dict, facts: dict, sizes: dict[str, int],
                   mlflow_ids: dict | None) -> dict:
     hops = {hop["hop"]: hop for hop in report["hops"]}
+    reference = report.get("reference", "pytorch")  # onnxruntime for a model brought as an ONNX file
     undecided = set(report.get("undecided", []))
     formats = {}
     for fmt, path in FORMAT_FILES.items():
         if fmt not in sizes:  # left out of this version (--undecided omit)
             continue
-        hop = hops.get(f"pytorch -> {BY_NAME[fmt].runtime}", {})
+        runtime = BY_NAME[fmt].runtime
+        # the reference itself (an imported model's ONNX) has no hop of its own: it agrees with itself
+        hop = hops.get(f"{reference} -> {runtime}") or (
+            {"candidate_accuracy": (facts.get("accuracy") or {}).get(runtime), "top1_agreement": 1.0}
+            if runtime == reference else {})
         formats[fmt] = {"path": path, "bytes": sizes.get(fmt), "test_accuracy": hop.get("candidate_accuracy"),
-                        "top1_agreement_with_pytorch": hop.get("top1_agreement"),
+                        "top1_agreement_with_reference": hop.get("top1_agreement"),
                         "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None),
                         "parity": "unverified" if fmt in undecided else "verified",
                         "transposes": (facts.get("layout") or {}).get(fmt, {}).get("transposes")}
@@ -57,11 +62,13 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         "signatures": card_signatures(len(labels)),
         "labels": labels,
         "formats": formats,
-        "parity": {"verdict": report["verdict"], "examples": report["examples"], "tolerances": report["tolerances"],
+        "parity": {"verdict": report["verdict"], "examples": report["examples"], "reference": reference,
+                   "logits": report.get("logits", "output"), "tolerances": report["tolerances"],
                    "unverified": sorted(undecided & set(formats)),
                    "omitted": sorted(undecided - set(formats))},
         "lineage": {
             "dataset": facts.get("dataset"),
+            "source": _source(facts.get("source")),
             "code": (facts.get("provenance") or {}).get("code"),
             "mlflow": mlflow_ids,
             "lineage_command": f"python -m pipelines.lineage <models-dir>/{name}/{version}",
@@ -77,6 +84,14 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
                               "scores = runner(images=batch_float32_Nx784)['scores']"),
         },
     }
+
+
+def _source(source: dict | None) -> dict | None:
+    """For a model brought as an ONNX file: the file it came from and what crossport changed to publish it."""
+    if not source:
+        return None
+    return {key: source.get(key) for key in ("path", "sha256", "producer", "opset", "ir_version", "input_shape",
+                                              "orientation", "labels_from", "logits", "normalization")}
 
 
 def render_markdown(card: dict) -> str:
@@ -100,13 +115,14 @@ def render_markdown(card: dict) -> str:
         lines.append(f"| `{key}` | `{sig['method']}` | " + ", ".join(f"`{k}` {v}" for k, v in sig["inputs"].items())
                      + " | " + ", ".join(f"`{k}` {v}" for k, v in sig["outputs"].items()) + " |")
     lines += ["", "## Formats", "",
-              "| format | file | size | test accuracy | top-1 agreement with PyTorch | parity | Transpose ops |",
+              f"| format | file | size | test accuracy | top-1 agreement with {card['parity']['reference']} | parity | "
+              "Transpose ops |",
               "|---|---|---|---|---|---|---|"]
     for fmt, info in card["formats"].items():
         size = f"{info['bytes'] / 1e6:.2f} MB" if info["bytes"] else "-"
         accuracy = f"{info['test_accuracy']:.2%}" if info["test_accuracy"] is not None else "-"
-        agreement = (f"{info['top1_agreement_with_pytorch']:.2%}"
-                     if info["top1_agreement_with_pytorch"] is not None else "-")
+        agreement = (f"{info['top1_agreement_with_reference']:.2%}"
+                     if info["top1_agreement_with_reference"] is not None else "-")
         transposes = info.get("transposes")
         lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} | {info['parity']} | "
                      f"{'-' if transposes is None else transposes} |")
@@ -129,7 +145,13 @@ def render_markdown(card: dict) -> str:
     lineage = card["lineage"]
     dataset = lineage.get("dataset") or {}
     code = lineage.get("code") or {}
-    lines += ["", "## Lineage", "", f"- dataset: {dataset.get('name')} (digest `{dataset.get('digest')}`)",
+    source = lineage.get("source")
+    lines += ["", "## Lineage", ""]
+    if source:
+        lines += [f"- brought as an ONNX file: `{source['path']}` (sha256 `{source['sha256']}`, {source['producer']}, "
+                  f"opset {source['opset']}); the model expects {source['orientation']} images; labels from "
+                  f"{source['labels_from']}", *(f"  - {step}" for step in source["normalization"])]
+    lines += [f"- dataset: {dataset.get('name')} (digest `{dataset.get('digest')}`)",
               f"- code commit: `{code.get('commit')}`{' (dirty tree)' if code.get('dirty') else ''}",
               f"- MLflow: {((lineage.get('mlflow') or {}).get('runs') or {}).get('pipeline', 'not tracked')}",
               f"- verify and trace: `{lineage['lineage_command']}`", ""]

@@ -41,7 +41,8 @@ def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
         if calibration is None or len(calibration) < MIN_CALIBRATION:
             found = 0 if calibration is None else len(calibration)
             raise PackageError(f"full int8 needs at least {MIN_CALIBRATION} calibration images, found {found}.",
-                               hint="Re-run the data stage; it samples them from the training split.")
+                               hint="Re-run the data stage; it samples them from the training split (for a model "
+                                    "brought with --onnx, from --eval-data).")
         samples = np.asarray(calibration, dtype=np.float32)
 
         def representative_dataset():

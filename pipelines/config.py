@@ -20,6 +20,7 @@ from training.data import DATASETS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 UNDECIDED_POLICIES = ("publish", "omit")
+ORIENTATION_CHOICES = ("auto", "emnist", "upright")  # translation.onnx_import.ORIENTATIONS, plus detection
 ARCHITECTURE_NAMES = ("mlp", "cnn")  # training.model.ARCHITECTURES (kept here so --help imports no torch)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: no trailing newline
 # (field, lowest, highest). The seed seeds NumPy's default_rng (no negatives) and torch.manual_seed
@@ -45,6 +46,16 @@ class PipelineConfig:
     # examples to tell): publish it marked unverified, or leave it out.
     undecided: str = "publish"
     threads: int | None = None  # threads per runtime when checking artifacts; None: each runtime's default
+    # A run from a model brought as an ONNX file (--onnx) instead of one trained here.
+    onnx: str | None = None
+    eval_data: str | None = None  # .npz, a folder of PNGs per label, or a dataset name; None: by class count
+    labels_file: str | None = None  # one label per line, used when the ONNX file carries none
+    orientation: str = "auto"  # what the imported model expects; auto: detected from the evaluation data
+
+    @property
+    def route(self) -> str:
+        """Which stages make the ONNX model: "train" (data, train, export) or "import" (the import stage)."""
+        return "import" if self.onnx else "train"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -70,6 +81,9 @@ class PipelineConfig:
                 raise ConfigError(f"{flag} must be at least {low}, found {value}.")
             if value > high:
                 raise ConfigError(f"{flag} must be at most {high}, found {value}.")
+        if self.orientation not in ORIENTATION_CHOICES:
+            raise ConfigError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}, "
+                              f"found {self.orientation!r}.")
         if self.undecided not in UNDECIDED_POLICIES:
             raise ConfigError(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, found {self.undecided!r}.")
         if not (isinstance(self.learning_rate, int | float) and math.isfinite(self.learning_rate)
@@ -174,12 +188,16 @@ def hop_spec(reference: str, candidate: str) -> HopSpec:
                    outputs=tuple(outputs), lossy=policy.lossy)
 
 
-def hop_specs() -> list[HopSpec]:
+def hop_specs(reference: str = REFERENCE) -> list[HopSpec]:
+    """Every hop to check when ``reference`` is the original: PyTorch for a model trained here, ONNX Runtime on
+    the imported graph for a model brought as an ONNX file (which then is no candidate of its own)."""
     hops = []
     for candidate, parent in PARENTS.items():
+        if candidate == reference:
+            continue
         hops.append(hop_spec(parent, candidate))
-        if parent != REFERENCE:
-            hops.append(hop_spec(REFERENCE, candidate))
+        if parent != reference:
+            hops.append(hop_spec(reference, candidate))
     return hops
 
 

@@ -110,6 +110,7 @@ def version_manifest(ctx, staging: Path, version: int, published: dict[str, str]
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_dir": str(ctx.run_dir.resolve()),
         "dataset": ctx.manifest.facts.get("dataset"),
+        "source": ctx.manifest.facts.get("source"),  # a model brought as an ONNX file: the file, what was changed
         "provenance": ctx.manifest.facts.get("provenance"),
         "mlflow": _mlflow_ids(ctx),
         "config": ctx.manifest.config,

@@ -21,7 +21,7 @@ log = logging.getLogger("crossport")
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
-    from pipelines.config import ARCHITECTURE_NAMES, UNDECIDED_POLICIES
+    from pipelines.config import ARCHITECTURE_NAMES, ORIENTATION_CHOICES, UNDECIDED_POLICIES
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="with --stage all on an existing run directory, redo every stage instead of "
                              "skipping those whose inputs, config and outputs are unchanged")
+    bring = parser.add_argument_group("bring your own model (instead of training one)")
+    bring.add_argument("--onnx", help="start the run from this ONNX file (trained anywhere): an import stage replaces "
+                                      "data, train and export")
+    bring.add_argument("--eval-data", help="evaluation and calibration data for --onnx: an .npz (images, labels; "
+                                           "EMNIST orientation), a folder with one sub-folder of images per label, or "
+                                           "a dataset name (default: the built-in dataset with as many classes)")
+    bring.add_argument("--labels", dest="labels_file",
+                       help="label file for --onnx, one per line (default: the file's metadata, else the built-in "
+                            "EMNIST split with as many classes, else class ids)")
+    bring.add_argument("--orientation", choices=ORIENTATION_CHOICES,
+                       help="which way up the --onnx model wants its images: upright (as people see them) or emnist "
+                            "(transposed, crossport's contract); default auto: detected from the evaluation data")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
 
@@ -90,7 +102,10 @@ def _run(args: argparse.Namespace) -> int:
         "models_dir": args.models_dir, "name": args.name,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
+        "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
+        "orientation": args.orientation,
     }
+    check_import_flags(args)
     if args.stage == "all":
         run_dir = args.run_dir or new_run_dir()
         check_run_dir(run_dir)
@@ -99,7 +114,13 @@ def _run(args: argparse.Namespace) -> int:
             base = PipelineConfig.from_dict(Manifest.load(run_dir).config)
         if args.model and not args.name and base.model != args.model:
             overrides["name"] = f"emnist_{args.model}"  # a new architecture is a new model in the repository
+        if args.onnx and not args.name and base.onnx != args.onnx:
+            overrides["name"] = name_from_file(Path(args.onnx))
         config = base.override(**overrides)
+        if (run_dir / "manifest.json").is_file() and base.route != config.route:
+            kinds = {"import": "from an ONNX file", "train": "trained here"}
+            raise ConfigError(f"--run-dir {run_dir} holds a run {kinds[base.route]}; this one is "
+                              f"{kinds[config.route]}.", hint="Pass a new --run-dir.")
     else:
         run_dir = args.run_dir or latest_run_dir()
         if run_dir is None:
@@ -118,11 +139,41 @@ def _run(args: argparse.Namespace) -> int:
     manifest = open_run(run_dir, config, fresh=args.stage == "all")
     log.info("run directory %s", run_dir)
     resume = args.stage == "all" and not args.force
-    selected = select(args.stage)
+    selected = select(args.stage, config)
     walls = run_stages(manifest, config, selected, tracker, resume=resume)
     skipped = [stage.name for stage in selected if stage.name not in walls]
     sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
     return 0
+
+
+TRAINING_FLAGS = ("model", "epochs", "batch_size", "learning_rate")
+IMPORT_FLAGS = ("eval_data", "labels_file", "orientation")
+
+
+def check_import_flags(args: argparse.Namespace) -> None:
+    """Training flags mean nothing for a model brought as a file, and import flags nothing without one."""
+    if args.onnx and args.stage != "all":
+        raise ConfigError(f"--onnx starts a run (--stage all); --stage {args.stage} re-runs a stage of an existing "
+                          "run.", hint="Drop --onnx to re-run the stage, or use --stage all.")
+    if args.onnx:
+        given = [f"--{flag.replace('_', '-')}" for flag in TRAINING_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} configure training, and a model brought with --onnx is not trained "
+                              "here.", hint="Drop them, or drop --onnx to train a model.")
+    elif args.stage == "all":
+        given = [f"--{'labels' if flag == 'labels_file' else flag.replace('_', '-')}" for flag in IMPORT_FLAGS
+                 if getattr(args, flag) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to a model brought with --onnx.",
+                              hint="Add --onnx PATH, or drop them.")
+
+
+def name_from_file(path: Path) -> str:
+    """The model name an imported file gets by default: its stem, in the characters names allow."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip("._-")[:64]
+    return stem or "imported"
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -12,7 +12,7 @@ from crossport import __version__
 from crossport.files import write_json_atomic
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
-from pipelines.stages import STAGES, Context, Stage
+from pipelines.stages import Context, Stage
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,29 @@ def open_run(run_dir: Path, config: PipelineConfig, *, fresh: bool) -> Manifest:
     return manifest
 
 
-def select(stage: str) -> tuple[Stage, ...]:
-    return STAGES if stage == "all" else tuple(s for s in STAGES if s.name == stage)
+def select(stage: str, config: PipelineConfig) -> tuple[Stage, ...]:
+    """The stages of the run's route: ``all`` of them, or the one named (which must be on the route)."""
+    from crossport.errors import ConfigError
+    from pipelines.stages import stages_on
+
+    route = stages_on(config.route)
+    if stage == "all":
+        return route
+    chosen = tuple(s for s in route if s.name == stage)
+    if not chosen:
+        raise ConfigError(
+            f"stage {stage!r} is not part of this run: it was "
+            f"{'made from an ONNX file (--onnx)' if config.route == 'import' else 'trained here'}, whose stages "
+            f"are {', '.join(s.name for s in route)}.", hint="Run one of those stages.")
+    return chosen
 
 
 def stage_record(manifest: Manifest, config: PipelineConfig, stage: Stage) -> dict:
     """What a stage's result depends on: its inputs' sha256 and the config fields it reads."""
     settings = config.to_dict()
     return {
-        "inputs": {need: manifest.artifacts[need].sha256 for need in stage.needs if need in manifest.artifacts},
+        "inputs": {need: manifest.artifacts[need].sha256 for need in stage.needs_on(config.route)
+                   if need in manifest.artifacts},
         "config": {key: settings[key] for key in stage.reads},
     }
 
@@ -104,7 +118,7 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
                 continue
             resume = False
-            inputs = {need: manifest.require(need, for_stage=stage.name) for need in stage.needs}
+            inputs = {need: manifest.require(need, for_stage=stage.name) for need in stage.needs_on(config.route)}
             ctx = Context(config, manifest, inputs, tracker)
             record = stage_record(manifest, config, stage)
             log.info("stage %s ...", stage.name)

@@ -33,6 +33,7 @@ from pipelines.config import (
     hop_specs,
     tolerance_table,
 )
+from pipelines.importing import import_stage
 from pipelines.manifest import Manifest
 from pipelines.results import DatasetToLog, Made, ModelToLog, StageResult
 
@@ -70,6 +71,13 @@ class Stage:
     reads: tuple[str, ...] = ()
     # For a stage whose result lives outside the run directory: is it still there and current?
     intact: Callable[[Manifest], bool] | None = None
+    # The run route (PipelineConfig.route) the stage belongs to; None: every route.
+    route: str | None = None
+
+    def needs_on(self, route: str) -> tuple[str, ...]:
+        """The needs some stage of ``route`` makes: validate reads the checkpoint only where one is trained."""
+        made = {name for stage in STAGES if stage.route in (None, route) for name in stage.makes}
+        return tuple(need for need in self.needs if need in made)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -134,11 +142,9 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
 # --- stages ----------------------------------------------------------------------------
 
 
-def data_stage(ctx: Context) -> StageResult:
-    from training.data import data_dir_from, load_dataset
-
+def write_data(ctx: Context, dataset) -> StageResult:
+    """A dataset's files in the run directory: arrays, labels, the golden batch, the calibration images."""
     config = ctx.config
-    dataset = load_dataset(config.dataset, data_dir_from(config.data_dir), seed=config.seed)
     run_dir = ctx.run_dir
     save_npz_atomic(run_dir / "data.npz", x_train=dataset.x_train, y_train=dataset.y_train,
                     x_test=dataset.x_test, y_test=dataset.y_test)
@@ -166,6 +172,13 @@ def data_stage(ctx: Context) -> StageResult:
         dataset=DatasetToLog(dataset.name, digest, dataset.source, run_dir / "data.npz",
                              dataset.x_test, dataset.y_test),
     )
+
+
+def data_stage(ctx: Context) -> StageResult:
+    from training.data import data_dir_from, load_dataset
+
+    config = ctx.config
+    return write_data(ctx, load_dataset(config.dataset, data_dir_from(config.data_dir), seed=config.seed))
 
 
 def train_stage(ctx: Context) -> StageResult:
@@ -312,32 +325,37 @@ PLOTS = ("parity_errors.png", "confusion_matrix.png")
 
 def validate_stage(ctx: Context) -> StageResult:
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32, exact_outputs
+    from crossport.exact_onnx import exact_from_onnx
     from crossport.files import write_json_atomic
     from crossport.interface import to_inputs
     from crossport.runtimes import load_format, load_saved_model
     from pipelines.reports import confusion_matrix_png, error_distribution_png
     from training.checkpoint import load_checkpoint, load_torch
 
-    paths = {name: ctx.input(name) for name in VALIDATED}
+    paths = {name: ctx.input(name) for name in VALIDATED if name in ctx.inputs}
+    # The original: the PyTorch checkpoint when the model was trained here; the ONNX graph itself when it was
+    # brought as an ONNX file (its exact values then come from the graph, crossport/exact_onnx.py).
+    reference = REFERENCE if "checkpoint" in paths else ONNX
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
     images, targets = to_inputs(arrays["x_test"]), arrays["y_test"]
     threads = ctx.config.threads
-    exact = exact_outputs(load_checkpoint(paths["checkpoint"]).model, images)
+    exact = (exact_outputs(load_checkpoint(paths["checkpoint"]).model, images) if reference == REFERENCE
+             else exact_from_onnx(paths["onnx"], images))
     outputs = {
-        REFERENCE: load_torch(paths["checkpoint"], threads)(images),
+        **({REFERENCE: load_torch(paths["checkpoint"], threads)(images)} if reference == REFERENCE else {}),
         TF_GRAPH: _scores_and_logits(load_saved_model(ctx.input("tf_graph"), threads=threads)(images)),
         SM_CLASSIFY: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads)(images),
         # every published format, from the run directory's copy of it
         **{fmt.runtime: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
     }
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
-               for spec in hop_specs()]
+               for spec in hop_specs(reference)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
-        compare_exact(name, outputs[name], exact.values, exact.bounds, outputs[REFERENCE],
-                      exact.noise_factor if name == REFERENCE or POLICIES[name].fp32 else None)
-        for name in (REFERENCE, *POLICIES)
+        compare_exact(name, outputs[name], exact.values, exact.bounds, outputs[reference],
+                      exact.noise_factor if name == reference or POLICIES[name].fp32 else None)
+        for name in (reference, *(name for name in POLICIES if name != reference))
     ]
 
     divergence = None
@@ -350,10 +368,12 @@ def validate_stage(ctx: Context) -> StageResult:
     report = {
         "verdict": "pass" if passed else "fail",
         "examples": len(images),
-        "reference": REFERENCE,
+        "reference": reference,
+        # a model brought without logits has them exposed from its Softmax's input (or computed): said here
+        "logits": (ctx.manifest.facts.get("source") or {}).get("logits", "output"),
         "dataset_digest": ctx.manifest.facts.get("dataset", {}).get("digest"),
         # everything validate blessed, the labels (the classify signature's classes) included
-        "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in (*VALIDATED, "labels")},
+        "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in (*paths, "labels")},
         "error_model": {"bound": ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
                         "exp_ulps": EXP_ULPS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
                         "network_gamma": exact.network_gamma, "noise_factor": exact.noise_factor,
@@ -369,24 +389,24 @@ def validate_stage(ctx: Context) -> StageResult:
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
 
-    reference_scores = outputs[REFERENCE]["scores"]
+    reference_scores = outputs[reference]["scores"]
     # a candidate with the wrong output shape already failed; it has no per-example error
     candidates = [name for name in outputs
-                  if name != REFERENCE and outputs[name].get("scores", np.empty(0)).shape == reference_scores.shape]
+                  if name != reference and outputs[name].get("scores", np.empty(0)).shape == reference_scores.shape]
     error_distribution_png(
         ctx.run_dir / PLOTS[0],
         {name: np.max(np.abs(outputs[name]["scores"] - reference_scores), axis=1) for name in candidates},
         # the fp32 rows' bound is per element; the plot marks the median allowed |Δ| (2·B)
         {name: float(np.median(2 * exact.bounds["scores"])) if POLICIES[name].fp32 else None for name in candidates},
-        REFERENCE,
+        reference,
     )
     confusion_matrix_png(ctx.run_dir / PLOTS[1], labels, targets, np.argmax(reference_scores, axis=1),
-                         "PyTorch reference")
-    made = [Made("parity", path, VALIDATED),
-            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, VALIDATED) for plot in PLOTS)]
+                         "PyTorch reference" if reference == REFERENCE else "ONNX Runtime reference (imported model)")
+    made = [Made("parity", path, tuple(paths)),
+            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, tuple(paths)) for plot in PLOTS)]
     ctx.manifest.facts["parity_verdict"] = report["verdict"]
-    ctx.manifest.facts["accuracy"] = {r.candidate: r.candidate_accuracy for r in results if r.reference == REFERENCE}
-    ctx.manifest.facts["accuracy"][REFERENCE] = float(np.mean(np.argmax(reference_scores, axis=1) == targets))
+    ctx.manifest.facts["accuracy"] = {r.candidate: r.candidate_accuracy for r in results if r.reference == reference}
+    ctx.manifest.facts["accuracy"][reference] = float(np.mean(np.argmax(reference_scores, axis=1) == targets))
     if undecided:
         log.warning("undecided on %d test examples (too few to tell): %s; --undecided %s %s them",
                     len(images), ", ".join(undecided), ctx.config.undecided,
@@ -416,7 +436,7 @@ def divergence_detail(results: list[HopResult], against_exact: list, divergence:
     if failing:
         first = failing[0]  # hop_specs() lists the hops in conversion order
         lines = [f"first failing hop: {first.hop}"]
-        if first.candidate == ONNX:
+        if first.candidate == ONNX and first.reference == REFERENCE:
             lines.append("that is the PyTorch → ONNX export, which the node-by-node comparison (ONNX Runtime vs "
                          "the TensorFlow translation) does not cover; compare model.pt with model.onnx")
     else:
@@ -502,10 +522,14 @@ def register_stage(ctx: Context) -> StageResult:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage,
-          reads=("dataset", "seed", "data_dir")),
+          reads=("dataset", "seed", "data_dir"), route="train"),
     Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage,
-          reads=("model", "epochs", "batch_size", "learning_rate", "seed")),
-    Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage),
+          reads=("model", "epochs", "batch_size", "learning_rate", "seed"), route="train"),
+    Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage, route="train"),
+    # A model brought as an ONNX file (--onnx): its file, labels and evaluation data instead of the three above.
+    Stage("import", (), ("source_onnx", "dataset", "labels", "golden", "calibration", "onnx", "golden_exact"),
+          import_stage, reads=("onnx", "eval_data", "labels_file", "orientation", "seed", "data_dir"),
+          route="import"),
     Stage("translate", ("onnx", "golden", "golden_exact"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden", "golden_exact"), ("saved_model", "warmup"),
           package_stage, reads=("name",)),  # the warmup records name the model
@@ -519,6 +543,10 @@ STAGES: tuple[Stage, ...] = (
           intact=registered_as_published),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def stages_on(route: str) -> tuple[Stage, ...]:
+    return tuple(stage for stage in STAGES if stage.route in (None, route))
 
 
 def stage_by_name(name: str) -> Stage:

@@ -61,7 +61,7 @@ def parity_table(report: dict) -> str:
             f"{f'{accuracy:.2%}' if accuracy is not None else '-':>9}  {hop['verdict']}"
         )
     rows += ["", f"{'against exact float64':<30} {'output':<7} {'max |err|':>10} {'rms':>10} {'err/bound':>9} "
-                 f"{'noise vs pytorch':>16}  verdict"]
+                 f"{'noise vs ' + report.get('reference', 'pytorch'):>16}  verdict"]
     for check in report.get("against_exact", []):
         for stats in check["outputs"]:
             judged = check["judged"]

@@ -46,7 +46,8 @@ def same_padding(model) -> list[str]:
 
 
 def flatten_channels_last(model) -> list[str]:
-    """Rewrite, in place, ``Reshape([-1, C·H·W]) → Gemm`` on a 4-D [N, C, H, W] tensor to flatten channels-last.
+    """Rewrite, in place, ``Reshape([-1, C·H·W]) → Gemm`` (or ``Flatten(axis=1) → Gemm``, as other exporters
+    write it) on a 4-D [N, C, H, W] tensor to flatten channels-last.
 
     onnx-tf hands every pooled or convolved tensor back in NCHW, so flattening it in
     PyTorch's (channel-major) order costs TFLite a Transpose after the last convolution.
@@ -70,13 +71,15 @@ def flatten_channels_last(model) -> list[str]:
             consumers.setdefault(name, []).append(node)
     rewritten = []
     for node in list(model.graph.node):
-        if node.op_type != "Reshape" or node.input[1] not in inits:
-            continue
         source = shapes.get(node.input[0])
-        target = numpy_helper.to_array(inits[node.input[1]])
+        if not source or len(source) != 4 or None in source[1:]:
+            continue
+        if node.op_type == "Reshape" and node.input[1] in inits:
+            flattens = numpy_helper.to_array(inits[node.input[1]]).tolist() == [-1, int(np.prod(source[1:]))]
+        else:
+            flattens = node.op_type == "Flatten" and all(a.i == 1 for a in node.attribute if a.name == "axis")
         users = consumers.get(node.output[0], [])
-        if (not source or len(source) != 4 or None in source[1:] or target.tolist() != [-1, int(np.prod(source[1:]))]
-                or len(users) != 1 or users[0].op_type != "Gemm" or users[0].input[0] != node.output[0]
+        if (not flattens or len(users) != 1 or users[0].op_type != "Gemm" or users[0].input[0] != node.output[0]
                 or users[0].input[1] not in inits or len(consumers.get(users[0].input[1], [])) != 1):
             continue
         gemm = users[0]

@@ -71,29 +71,7 @@ def check_onnx(path: Path) -> None:
     """
     import onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX model {path} does not exist.", hint="Run the export stage first.")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf DecodeError, onnx's own errors
-        raise ExportError(f"ONNX model {path} does not pass onnx.checker: it cannot be parsed "
-                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__}).",
-                          hint="Re-run the export stage.") from error
-    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        # A published model.onnx must stand alone: its data file would not travel with it, and
-        # an external location is a path the model chooses (it may point anywhere).
-        raise ExportError(
-            f"ONNX model {path} keeps {len(external)} weight tensor(s) in external data files (first: "
-            f"{external[0]!r}); crossport publishes one self-contained model.onnx.",
-            hint="Save it with onnx.save(model, path, save_as_external_data=False), or export with "
-                 "torch.onnx.export(..., external_data=False).")
-    known = onnx.defs.onnx_opset_version()
-    declared = max((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), default=0)
-    if declared > known:
-        raise ExportError(f"ONNX model {path} declares opset {declared}; the installed onnx {onnx.__version__} knows "
-                          f"opsets up to {known}.", hint="Export it again with an opset at most that.")
+    proto = read_onnx(path, ExportError, missing="Run the export stage first.", redo="Re-run the export stage.")
     inputs = {value.name: value for value in proto.graph.input}
     if list(inputs) != [INPUT_NAME]:
         raise ExportError(f"ONNX model {path} must have one input {INPUT_NAME!r}, found {list(inputs)}.")
@@ -112,6 +90,36 @@ def check_onnx(path: Path) -> None:
     except Exception as error:  # onnx raises ValidationError, InferenceError, ...
         raise ExportError(f"ONNX model {path} does not pass onnx.checker: {str(error).splitlines()[0]}.",
                           hint="Re-run the export stage.") from error
+
+
+def read_onnx(path: Path, error=ExportError, *, missing: str, redo: str):
+    """Parse an ONNX file without its weights' external data; one line (``error``) for a missing, corrupt,
+    external-data or future-opset file. ``missing`` and ``redo`` say what to do about the first two."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"ONNX model {path} does not exist.", hint=missing)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as cause:  # protobuf DecodeError, onnx's own errors
+        raise error(f"ONNX model {path} does not pass onnx.checker: it cannot be parsed "
+                    f"({str(cause).splitlines()[0] if str(cause) else type(cause).__name__}).", hint=redo) from cause
+    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        # A published model.onnx must stand alone: its data file would not travel with it, and
+        # an external location is a path the model chooses (it may point anywhere).
+        raise error(
+            f"ONNX model {path} keeps {len(external)} weight tensor(s) in external data files (first: "
+            f"{external[0]!r}); crossport publishes one self-contained model.onnx.",
+            hint="Save it with onnx.save(model, path, save_as_external_data=False), or export with "
+                 "torch.onnx.export(..., external_data=False).")
+    known = onnx.defs.onnx_opset_version()
+    declared = max((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), default=0)
+    if declared > known:
+        raise error(f"ONNX model {path} declares opset {declared}; the installed onnx {onnx.__version__} knows "
+                    f"opsets up to {known}.", hint="Export it again with an opset at most that.")
+    return proto
 
 
 def read_metadata(path: Path) -> dict[str, str]:

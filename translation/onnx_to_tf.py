@@ -24,12 +24,7 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
     from onnx_tf.backend import prepare
 
     model = onnx.load(str(onnx_path))
-    unsupported = unsupported_ops(model)
-    if unsupported:
-        raise TranslationError(
-            f"{onnx_path} uses ONNX op(s) onnx-tf cannot translate: {', '.join(sorted(unsupported))}.",
-            hint="Change the PyTorch model to avoid them, or export with a different opset.",
-        )
+    refuse_unsupported(model, onnx_path)
     from translation.layout import flatten_channels_last, same_padding
 
     # layout rewrites that keep the arithmetic and let TFLite cancel onnx-tf's transposes
@@ -51,8 +46,21 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
         raise TranslationError(f"onnx-tf could not translate {onnx_path}: {error}.") from error
 
 
-def unsupported_ops(model) -> set[str]:
-    """Ops in ``model``'s main graph that onnx-tf cannot translate at the model's opset.
+def refuse_unsupported(model, path) -> None:
+    """One line naming every op (with its version) onnx-tf cannot translate, and a node using it."""
+    unsupported = unsupported_ops(model)
+    if unsupported:
+        opset = max((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), default=0)
+        found = ", ".join(f"{op} (node {node!r})" for op, node in sorted(unsupported.items()))
+        raise TranslationError(
+            f"{path} uses ONNX op(s) onnx-tf cannot translate: {found}; the model declares opset {opset}.",
+            hint="Change the model to avoid them, or export with an opset whose version of the op onnx-tf "
+                 "implements (onnx-tf 1.10 covers ONNX opsets up to 15 fully; crossport exports at 18).",
+        )
+
+
+def unsupported_ops(model) -> dict[str, str]:
+    """Ops in ``model``'s main graph that onnx-tf cannot translate at the model's opset → the first node using one.
 
     onnx-tf has a handler class per op with one ``version_<N>`` method per ONNX op version
     it implements; an op whose version at this opset has no method fails mid-translation.
@@ -62,12 +70,13 @@ def unsupported_ops(model) -> set[str]:
 
     opset = {entry.domain or "": entry.version for entry in model.opset_import}
     handlers = get_all_backend_handlers(opset)
-    missing = set()
-    for node in model.graph.node:
+    missing: dict[str, str] = {}
+    # name a node of the model's own before one crossport added (translation.onnx_import's "crossport_" nodes)
+    for node in sorted(model.graph.node, key=lambda node: node.name.startswith("crossport_")):
         name = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
         handler = handlers.get(node.domain or "", {}).get(node.op_type)
         if handler is None:
-            missing.add(name)
+            missing.setdefault(name, node.name or node.output[0])
         elif not hasattr(handler, f"version_{handler.SINCE_VERSION}"):
-            missing.add(f"{name} (version {handler.SINCE_VERSION})")
+            missing.setdefault(f"{name} version {handler.SINCE_VERSION}", node.name or node.output[0])
     return missing

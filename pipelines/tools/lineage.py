@@ -22,7 +22,8 @@ from crossport.errors import CrossportError, TrackingError, report
 
 log = logging.getLogger("crossport")
 
-CHAIN = ("saved_model", "tf_graph", "onnx", "checkpoint", "dataset")
+# A model trained here: ... onnx ← checkpoint ← dataset; one brought as an ONNX file: ... onnx ← source_onnx.
+CHAIN = ("saved_model", "tf_graph", "onnx", "checkpoint", "source_onnx", "dataset")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def trace(version_dir: Path, tracking_uri: str | None = None) -> dict:
     return {
         "servable": str(version_dir), "name": manifest["name"], "version": manifest["version"],
         "created": manifest.get("created"), "run_dir": manifest.get("run_dir"),
-        "dataset": manifest.get("dataset"), "provenance": manifest.get("provenance"),
+        "dataset": manifest.get("dataset"), "source": manifest.get("source"), "provenance": manifest.get("provenance"),
         "files": files, "chain": chain, "mlflow": mlflow_ids, "registry": registry,
         "verified": not problems, "problems": problems,
     }
@@ -99,6 +100,11 @@ def render(report: dict) -> str:
     for link in report["chain"]:
         parents = ", ".join(f"{name} {sha[:12]}" for name, sha in link.get("parents", {}).items()) or "-"
         lines.append(f"  {link['name']:<12} {link['sha256'][:16]}  stage {link['stage']:<10} ← {parents}")
+    source = report.get("source")
+    if source:
+        lines.append(f"  brought as ONNX file {source['path']} (sha256 {source['sha256'][:16]}, {source['producer']}, "
+                     f"opset {source['opset']}, IR {source['ir_version']}), {len(source['normalization'])} "
+                     "normalization step(s)")
     dataset = report.get("dataset") or {}
     lines.append(f"  dataset digest {dataset.get('digest')}  ({dataset.get('name')}: {dataset.get('source')})")
     code = (report.get("provenance") or {}).get("code") or {}

@@ -1,0 +1,136 @@
+"""ONNX files as other tools made them, built with onnx.helper (no downloads): seeded, tiny, legacy shapes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def _weights(rng, fan_in: int, fan_out: int) -> tuple[np.ndarray, np.ndarray]:
+    bound = 1.0 / np.sqrt(fan_in)
+    return (rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32),
+            rng.uniform(-bound, bound, fan_out).astype(np.float32))
+
+
+def legacy_mlp(*, opset: int = 7, classes: int = 10, hidden: tuple[int, ...] = (32,), batch: int | str = 1,
+               input_shape: tuple[int, ...] = (784,), input_name: str = "0", activation: str = "Elu",
+               head: str = "Softmax", initializers_as_inputs: bool = True, ir_version: int = 3, seed: int = 0,
+               weights: list | None = None):
+    """An MLP as PyTorch 0.3 exported it: Gemm/Elu/Softmax, weights also graph inputs, batch fixed at 1.
+
+    ``head``: "Softmax" (probabilities only), "none" (logits only) or "LogSoftmax". A model whose input is
+    [N, 1, 28, 28] or [N, 28, 28] starts with a Flatten. ``weights`` replaces the random (W, b) pairs.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    sizes = (784, *hidden, classes)
+    pairs = weights or [_weights(rng, a, b) for a, b in itertools.pairwise(sizes)]
+    nodes, inits, current = [], [], input_name
+    if len(input_shape) > 1:
+        nodes.append(helper.make_node("Flatten", [current], ["flat"], axis=1, name="flatten"))
+        current = "flat"
+    for i, (w, b) in enumerate(pairs):
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = f"gemm{i}"
+        attrs = {"transB": 1} if opset >= 7 else {"transB": 1, "broadcast": 1}
+        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"b{i}"], [out], name=f"Gemm_{i}", **attrs))
+        current = out
+        if i < len(pairs) - 1:
+            nodes.append(helper.make_node(activation, [current], [f"act{i}"], name=f"{activation}_{i}"))
+            current = f"act{i}"
+    output = "probs"
+    if head == "none":
+        output = current
+    else:
+        nodes.append(helper.make_node(head, [current], [output], axis=1, name=head))
+    inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, *input_shape])]
+    if initializers_as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "legacy_mlp", inputs,
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch",
+                              producer_version="0.3")
+    model.ir_version = ir_version
+    return model
+
+
+def nchw_cnn(*, opset: int = 11, classes: int = 10, channels: int = 4, seed: int = 0):
+    """A channels-first CNN: input [N, 1, 28, 28], Conv 3x3 → BatchNorm → Relu → MaxPool → Flatten → Gemm → Softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    conv = rng.normal(0, 1 / 3, (channels, 1, 3, 3)).astype(np.float32)
+    gemm_w, gemm_b = _weights(rng, channels * 14 * 14, classes)
+    inits = [numpy_helper.from_array(conv, "conv_w"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "bn_scale"),
+             numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bn_bias"),
+             numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bn_mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "bn_var"),
+             numpy_helper.from_array(gemm_w, "fc_w"), numpy_helper.from_array(gemm_b, "fc_b")]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn"],
+                         epsilon=1e-5, name="bn"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits_out"], transB=1, name="fc"),
+        helper.make_node("Softmax", ["logits_out"], ["prob"], axis=1, name="softmax"),
+    ]
+    graph = helper.make_graph(nodes, "nchw_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def with_op(op_type: str, *, opset: int = 18, domain: str = ""):
+    """An MLP with one ``op_type`` node (an op onnx-tf cannot translate) before its Softmax."""
+    from onnx import helper
+
+    model = legacy_mlp(opset=opset, batch="N", input_name="images", activation="Relu", initializers_as_inputs=False,
+                       ir_version=8)
+    graph = model.graph
+    softmax = next(node for node in graph.node if node.op_type == "Softmax")
+    graph.node.insert(len(graph.node) - 1, helper.make_node(op_type, [softmax.input[0]], ["odd"], name="odd_node",
+                                                            domain=domain))
+    softmax.input[0] = "odd"
+    return model
+
+
+def two_inputs():
+    """A model with a second input beside the image."""
+    from onnx import TensorProto, helper
+
+    model = legacy_mlp(opset=13, batch="N", input_name="images", activation="Relu", initializers_as_inputs=False,
+                       ir_version=7)
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [1]))
+    softmax = next(node for node in graph.node if node.op_type == "Softmax")
+    graph.node.insert(len(graph.node) - 1, helper.make_node("Div", [softmax.input[0], "temperature"], ["scaled"],
+                                                            name="scale"))
+    softmax.input[0] = "scaled"
+    return model
+
+
+def upright(images: np.ndarray) -> np.ndarray:
+    """[N, 784] images transposed picture by picture: crossport's EMNIST orientation ↔ upright."""
+    return images.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, 784)
+
+
+def upright_digits_weights(hidden: int = 64, epochs: int = 3):
+    """(W, b) pairs of an MLP trained on upright digits, as the 2018 model was on upright EMNIST; and the data."""
+    import torch
+
+    from training.data import load_digits
+    from training.model import ModelConfig
+    from training.train import TrainConfig, train
+
+    data = load_digits(seed=0)
+    model, _ = train(upright(data.x_train), data.y_train, upright(data.x_test), data.y_test,
+                     ModelConfig(arch="mlp", num_classes=10, hidden_sizes=(hidden,)),
+                     TrainConfig(epochs=epochs, batch_size=64, learning_rate=1e-3, seed=0))
+    weights = [(layer.weight.detach().numpy(), layer.bias.detach().numpy())
+               for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+    return weights, data

@@ -1,0 +1,316 @@
+"""Models brought as ONNX files: normalization, the exact reference read from the graph, labels, data, orientation.
+
+Every model here is built with onnx.helper (tests/onnx_models.py): the legacy shapes of a
+2018 PyTorch 0.3 export, a channels-first CNN, and the refusals. The end-to-end runs are in
+tests/test_import_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from crossport.errors import CrossportError, DataError, ImportModelError, TranslationError
+from crossport.exact import exact_outputs
+from crossport.exact_onnx import chain_from_onnx, check_chain
+from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
+from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright_digits_weights, with_op
+from translation.onnx_export import EXPORT_OPSET
+from translation.onnx_import import normalize
+
+
+def normalized(model, orientation="emnist"):
+    return normalize(model, orientation=orientation, target_opset=EXPORT_OPSET)
+
+
+def run(model, images: np.ndarray, names=(SCORES, LOGITS)) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(list(names), {INPUT: images}), strict=True))
+
+
+def run_original(model, images: np.ndarray) -> np.ndarray:
+    """The file as it came, one image at a time when its batch is fixed at 1, fed in its own input shape."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else -1 for d in feed.shape]
+    rows = [session.run(None, {feed.name: image.reshape([1, *shape[1:]])})[0] for image in images]
+    return np.concatenate(rows)
+
+
+def transposed(images: np.ndarray) -> np.ndarray:
+    return images.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(7).random((24, INPUT_SIZE), dtype=np.float32)
+
+
+def within_exact_bounds(outputs: dict[str, np.ndarray], exact) -> None:
+    """The gate's own rule: a correct float32 evaluation is within B of the exact value, element by element."""
+    for name, values in outputs.items():
+        assert np.all(np.abs(values - exact.values[name]) <= exact.bounds[name]), name
+
+
+@pytest.mark.parametrize("opset", [6, 7, 9, 11, 13])
+@pytest.mark.parametrize("shape", [(784,), (1, 28, 28), (28, 28)])
+def test_legacy_models_normalize_to_the_contract_and_compute_the_same(opset, shape, images):
+    original = legacy_mlp(opset=opset, input_shape=shape)  # weights as inputs, IR 3, batch 1, Elu, Softmax only
+    result = normalized(legacy_mlp(opset=opset, input_shape=shape))
+    graph = result.model.graph
+    assert [v.name for v in graph.input] == [INPUT] and [v.name for v in graph.output] == [SCORES, LOGITS]
+    assert result.model.ir_version >= 8 and max(e.version for e in result.model.opset_import) == EXPORT_OPSET
+    onnx.checker.check_model(result.model, full_check=True)
+    steps = "\n".join(result.steps)
+    assert "initializer(s) listed as graph inputs removed" in steps
+    assert "IR version 3 raised to 8" in steps
+    assert f"opset {opset} upgraded to {EXPORT_OPSET}" in steps
+    assert "fixed batch dimension made dynamic" in steps
+    assert "Softmax's input is exposed as 'logits'" in steps and result.logits == "exposed"
+    outputs = run(result.model, images)  # a batch of 24 through a model that was fixed at batch 1
+    exact = exact_outputs(chain_from_onnx(result.model), images)
+    within_exact_bounds(outputs, exact)
+    if opset >= 7:
+        within_exact_bounds({SCORES: run_original(original, images)}, exact)  # the file as given agrees
+    else:  # today's ONNX Runtime cannot run the 2018 file at all: normalization is what makes it usable
+        from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+        with pytest.raises(OrtNotImplemented, match=r"Gemm\(6\)"):
+            run_original(original, images)
+
+
+def test_opsets_before_6_are_refused_with_the_converters_reason():
+    with pytest.raises(ImportModelError, match=r"version converter could not upgrade the model from opset 5 to 18"):
+        normalized(legacy_mlp(opset=5))
+
+
+def test_upright_models_get_the_transpose_inside_the_graph(images):
+    for shape in ((784,), (1, 28, 28), (28, 28)):
+        original = legacy_mlp(opset=9, input_shape=shape)
+        result = normalized(legacy_mlp(opset=9, input_shape=shape), "upright")
+        assert any("transposed inside the graph" in step for step in result.steps)
+        # the published input is EMNIST orientation; the model sees it upright
+        np.testing.assert_allclose(run(result.model, images)[SCORES], run_original(original, transposed(images)),
+                                   rtol=0, atol=1e-6)
+
+
+def test_logits_only_and_log_softmax_heads_get_scores_computed(images):
+    for head, logits in (("none", "computed"), ("LogSoftmax", "exposed")):
+        result = normalized(legacy_mlp(opset=13, head=head, activation="Relu"))
+        assert result.logits == logits
+        outputs = run(result.model, images)
+        np.testing.assert_allclose(outputs[SCORES].sum(axis=1), 1.0, atol=1e-6)
+        within_exact_bounds(outputs, exact_outputs(chain_from_onnx(result.model), images))
+
+
+def test_names_are_mapped_even_when_the_model_uses_ours_for_something_else(images):
+    model = legacy_mlp(opset=13, input_name=INPUT, input_shape=(1, 28, 28), batch="N", activation="Relu")
+    result = normalized(model)
+    assert [v.name for v in result.model.graph.input] == [INPUT]
+    assert run(result.model, images)[SCORES].shape == (24, 10)
+
+
+def test_a_constant_reshape_to_batch_1_is_made_dynamic(images):
+    from onnx import helper, numpy_helper
+
+    model = legacy_mlp(opset=9, input_shape=(1, 28, 28), activation="Relu")
+    flatten = next(node for node in model.graph.node if node.op_type == "Flatten")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 784], np.int64), "fixed_shape"))
+    model.graph.node.remove(flatten)
+    model.graph.node.insert(0, helper.make_node("Reshape", ["0", "fixed_shape"], ["flat"], name="view"))
+    result = normalized(model)
+    assert any("Reshape 'view': constant batch 1" in step for step in result.steps)
+    assert run(result.model, images)[SCORES].shape == (24, 10)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    (two_inputs(), r"the model has 2 inputs \(images, temperature\); crossport supports one image input"),
+    (legacy_mlp(opset=13, input_shape=(100,), batch="N"), r"input '0' is FLOAT\['N', 100\]; crossport supports"),
+    (legacy_mlp(opset=13, input_shape=(3, 28, 28), batch="N"), r"input '0' is FLOAT\['N', 3, 28, 28\]"),
+])
+def test_inputs_crossport_cannot_take_are_refused_in_one_line(model, message):
+    with pytest.raises(ImportModelError, match=message):
+        normalized(model)
+
+
+def test_outputs_that_are_not_a_class_distribution_are_refused():
+    from onnx import TensorProto, helper
+
+    several = legacy_mlp(opset=13, batch="N")
+    several.graph.output.append(helper.make_tensor_value_info("gemm0", TensorProto.FLOAT, ["N", 32]))
+    with pytest.raises(ImportModelError, match=r"the model has 2 outputs \(probs, gemm0\); crossport supports one"):
+        normalized(several)
+    image_out = legacy_mlp(opset=13, batch="N")
+    image_out.graph.output[0].type.tensor_type.shape.dim.add().dim_value = 1
+    with pytest.raises(ImportModelError, match=r"output 'probs' is FLOAT\['N', 10, 1\]; crossport supports a class"):
+        normalized(image_out)
+
+
+def test_an_op_onnx_tf_lacks_is_named_with_its_node():
+    from translation.onnx_to_tf import refuse_unsupported
+
+    result = normalized(with_op("Mish"))
+    with pytest.raises(TranslationError, match=r"onnx-tf cannot translate: Mish \(node 'odd_node'\); the model "
+                                               r"declares opset 18"):
+        refuse_unsupported(result.model, "mish.onnx")
+
+
+def test_an_op_version_onnx_tf_lacks_is_named_with_its_version():
+    from onnx import helper, numpy_helper
+
+    from translation.onnx_to_tf import refuse_unsupported
+
+    model = legacy_mlp(opset=19, input_shape=(1, 28, 28), batch="N", activation="Relu", initializers_as_inputs=False,
+                       ir_version=9)
+    flatten = next(node for node in model.graph.node if node.op_type == "Flatten")
+    model.graph.node.remove(flatten)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 784], np.int64), "flat_shape"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["0", "flat_shape"], ["flat"], name="view"))
+    result = normalized(model)  # opset 19 is newer than crossport's export opset: kept as it is
+    with pytest.raises(TranslationError, match=r"Reshape version 19 \(node 'view'\)"):
+        refuse_unsupported(result.model, "new.onnx")
+
+
+def test_the_exact_chain_reads_the_graph_as_onnx_reference_does(images):
+    for model in (legacy_mlp(opset=7, hidden=(64, 32)), legacy_mlp(opset=11, activation="Relu"), nchw_cnn()):
+        result = normalized(model, "upright")
+        exact = exact_outputs(chain_from_onnx(result.model), images)
+        assert check_chain(result.model, images, exact) <= 1.0
+        within_exact_bounds(run(result.model, images), exact)
+
+
+def test_the_exact_chain_notices_a_misread_graph(images):
+    """check_chain must fail when the chain computes something else than the graph: here a weight read wrong."""
+    result = normalized(legacy_mlp(opset=13, activation="Relu"))
+    chain = chain_from_onnx(result.model)
+    exact = exact_outputs(chain, images)
+    weight = next(init for init in result.model.graph.initializer if init.name == "W0")
+    changed = onnx.numpy_helper.to_array(weight).copy()
+    changed[0, 0] += 1e-3
+    weight.CopyFrom(onnx.numpy_helper.from_array(changed, "W0"))
+    with pytest.raises(CrossportError, match="disagrees with onnx.reference in float64"):
+        check_chain(result.model, images, exact)
+
+
+def test_the_gate_refuses_drift_against_the_graphs_exact_values(images):
+    """The derived bounds keep their power with an ONNX reference: one weight off by 1e-4 relative is caught."""
+    from crossport.parity import compare_exact
+
+    result = normalized(legacy_mlp(opset=13, activation="Relu"))
+    exact = exact_outputs(chain_from_onnx(result.model), images)
+    reference = run(result.model, images)
+    drifted = onnx.ModelProto()
+    drifted.CopyFrom(result.model)
+    weight = next(init for init in drifted.graph.initializer if init.name == "W1")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[3, :] *= 1 + 1e-4
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, "W1"))
+    honest = compare_exact("onnxruntime", reference, exact.values, exact.bounds, reference, exact.noise_factor)
+    caught = compare_exact("drifted", run(drifted, images), exact.values, exact.bounds, reference, exact.noise_factor)
+    assert honest.passed and not caught.passed
+
+
+def test_a_graph_the_exact_reference_cannot_follow_is_named(images):
+    from onnx import helper
+
+    model = normalized(legacy_mlp(opset=13, activation="Relu")).model
+    relu = next(node for node in model.graph.node if node.op_type == "Relu")
+    relu.op_type = "Sigmoid"
+    relu.name = "squash"
+    with pytest.raises(CrossportError, match=r"no float32 error model for node 'squash' \(Sigmoid\)"):
+        chain_from_onnx(model)
+    branched = normalized(legacy_mlp(opset=13, activation="Relu")).model
+    branched.graph.node.append(helper.make_node("Relu", ["gemm0"], ["side"], name="side"))
+    with pytest.raises(CrossportError, match=r"tensor 'gemm0' feeds 2 computing nodes"):
+        chain_from_onnx(branched)
+
+
+# --- labels, evaluation data, orientation --------------------------------------------------
+
+
+def test_labels_come_from_metadata_then_file_then_builtin_then_ids(tmp_path):
+    from pipelines.eval_data import resolve_labels
+
+    letters = [chr(ord("A") + i) for i in range(10)]
+    assert resolve_labels({"crossport.labels": json.dumps(letters)}, None, 10) == (
+        tuple(letters), "the ONNX file's metadata_props 'crossport.labels'")
+    file = tmp_path / "labels.txt"
+    file.write_text("\n".join(letters[::-1]) + "\n")
+    assert resolve_labels({}, str(file), 10)[0] == tuple(letters[::-1])
+    labels, where = resolve_labels({}, None, 62)
+    assert len(labels) == 62 and labels[:3] == ("0", "1", "2") and labels[-1] == "z" and "emnist-byclass" in where
+    assert resolve_labels({}, None, 7) == (tuple("0123456"), "class ids 0..6 (no label map given)")
+    with pytest.raises(DataError, match="lists 10 labels; the model outputs 12 classes"):
+        resolve_labels({}, str(file), 12)
+    with pytest.raises(DataError, match="is not a JSON list of labels"):
+        resolve_labels({"labels": "a,b"}, None, 2)
+
+
+def test_eval_data_from_npz_in_every_accepted_form(tmp_path):
+    from pipelines.eval_data import load_eval_data
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    targets = rng.integers(0, 10, 12)
+    labels = tuple(str(i) for i in range(10))
+    for name, arrays in (("u8.npz", {"images": pixels, "labels": targets}),
+                         ("float.npz", {"images": pixels.astype(np.float32) / 255, "labels": targets}),
+                         ("ours.npz", {"x_test": pixels.reshape(12, 784), "y_test": targets})):
+        np.savez(tmp_path / name, **arrays)
+        data = load_eval_data(str(tmp_path / name), labels=labels, data_dir=tmp_path, seed=0)
+        np.testing.assert_array_equal(data.x_test, pixels.reshape(12, 784))
+        np.testing.assert_array_equal(data.y_test, targets)
+    np.savez(tmp_path / "bad.npz", images=pixels, labels=targets + 5)
+    with pytest.raises(DataError, match=r"has class ids \d+\.\.1[0-4]; the model outputs 10 classes"):
+        load_eval_data(str(tmp_path / "bad.npz"), labels=labels, data_dir=tmp_path, seed=0)
+    np.savez(tmp_path / "odd.npz", pictures=pixels)
+    with pytest.raises(DataError, match=r"holds \['pictures'\]; expected 'images' and 'labels'"):
+        load_eval_data(str(tmp_path / "odd.npz"), labels=labels, data_dir=tmp_path, seed=0)
+    with pytest.raises(DataError, match="is neither a file, a folder nor a dataset"):
+        load_eval_data(str(tmp_path / "absent"), labels=labels, data_dir=tmp_path, seed=0)
+
+
+def test_eval_data_from_a_folder_of_upright_images_per_label(tmp_path):
+    from PIL import Image
+
+    from pipelines.eval_data import load_eval_data
+
+    glyph = np.zeros((28, 28), np.uint8)
+    glyph[4:24, 12:16] = 255  # a vertical bar, upright
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.fromarray(255 - glyph).save(tmp_path / "data" / label / "one.png")  # dark ink on white, as drawn
+    data = load_eval_data(str(tmp_path / "data"), labels=("a", "b", "c"), data_dir=tmp_path, seed=0)
+    assert data.y_test.tolist() == [0, 1] and data.x_test.shape == (2, 784)
+    stored = data.x_test[0].reshape(28, 28)
+    assert stored[14, 4:24].mean() > 128 > stored[4:24, 14].mean()  # transposed: EMNIST orientation
+    (tmp_path / "data" / "zz").mkdir()
+    with pytest.raises(DataError, match="must hold one sub-folder per label named as the labels .*unknown: zz"):
+        load_eval_data(str(tmp_path / "data"), labels=("a", "b", "c"), data_dir=tmp_path, seed=0)
+
+
+@pytest.fixture(scope="module")
+def upright_weights():
+    return upright_digits_weights()
+
+
+def test_orientation_is_detected_from_accuracy_and_refused_when_unclear(upright_weights):
+    from pipelines.importing import detect_orientation
+
+    weights, data = upright_weights
+    upright = legacy_mlp(opset=7, hidden=(64,), weights=weights, activation="Relu").SerializeToString()
+    found = detect_orientation(upright, data.x_test, data.y_test)
+    assert found["chosen"] == "upright" and found["accuracy_upright"] > found["accuracy_emnist"]
+    # the same model fed upright data is one that expects crossport's orientation
+    assert detect_orientation(upright, transposed(data.x_test), data.y_test)["chosen"] == "emnist"
+    untrained = legacy_mlp(opset=7, hidden=(64,), activation="Relu", seed=3).SerializeToString()
+    with pytest.raises(ImportModelError, match=r"cannot tell which way up the model wants its images: on 40 "
+                                               r"evaluation images it is .* \(sign test p = .*\)"):
+        detect_orientation(untrained, data.x_test[:40], data.y_test[:40])
