@@ -23,8 +23,9 @@ from export.servable import signature_problems  # the one SignatureDef checker; 
 from export.warmup import WARMUP_FILE
 
 
-def models_config_problems(models_dir: Path) -> list[str]:
-    """``models.config`` parsed with TF Serving's own ``ModelServerConfig`` proto, and checked."""
+def models_config_problems(models_dir: Path, *, signatures: bool = True) -> list[str]:
+    """``models.config`` parsed with TF Serving's own ``ModelServerConfig`` proto, and checked (with every listed
+    version's signatures unless ``signatures`` is False)."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -43,10 +44,14 @@ def models_config_problems(models_dir: Path) -> list[str]:
         base = Path(entry.base_path)
         if entry.model_platform != "tensorflow":
             problems.append(f"{entry.name}: model_platform {entry.model_platform!r}, expected 'tensorflow'")
-        if not base.is_absolute() or not versions(base):
-            problems.append(f"{entry.name}: base_path {base} must be absolute and hold integer version directories")
+        if not base.is_absolute():
+            problems.append(f"{entry.name}: base_path {base} is relative; crossport writes absolute paths (TF "
+                            "Serving would resolve it against its own working directory)")
             continue
-        for number in versions(base):
+        if not versions(base):
+            problems.append(f"{entry.name}: base_path {base} holds no integer version directories")
+            continue
+        for number in versions(base) if signatures else ():
             problems += [f"{entry.name}/{number}: {p}" for p in signature_problems(base / str(number))]
     if not config.model_config_list.config:
         problems.append(f"{path} lists no models")
@@ -102,29 +107,93 @@ def _signature(model, key: str, index: int):
     return model.signatures[key]
 
 
+def class_count(version_dir: Path) -> int | None:
+    """How many classes a version answers: its labels.txt, else its predict signature's ``scores`` width."""
+    labels = Path(version_dir) / ASSETS_EXTRA / "labels.txt"
+    if labels.is_file():
+        return len(labels.read_text().splitlines())
+    from export.servable import read_signature_defs
+
+    predict = read_signature_defs(version_dir).get(PREDICT_KEY)
+    if predict is not None and SCORES in predict.outputs:
+        dims = [d.size for d in predict.outputs[SCORES].tensor_shape.dim]
+        if len(dims) == 2 and dims[1] > 0:
+            return dims[1]
+    return None
+
+
+def judge_version(version_dir: Path) -> list[tuple[str, str]]:
+    """(who objects, what) for one version, crossport's or not: ``TF_SERVING_REFUSES``, ``CROSSPORT_ONLY`` or
+    ``WARNING`` (TF Serving and crossport both accept it, but a deployer should know)."""
+    from export.servable import CROSSPORT_ONLY, TF_SERVING_REFUSES, signature_findings
+
+    version_dir = Path(version_dir)
+    if not (version_dir / "saved_model.pb").is_file():
+        return [(TF_SERVING_REFUSES, f"{version_dir} has no saved_model.pb")]
+    classes = class_count(version_dir)
+    findings = list(signature_findings(version_dir, classes))
+    if classes is None:
+        findings.append((CROSSPORT_ONLY, f"no labels.txt and no '{PREDICT_KEY}' {SCORES!r} output [batch, classes]: "
+                                         "the class count crossport's contract is checked against is unknown"))
+    if not (version_dir / ASSETS_EXTRA / WARMUP_FILE).is_file():
+        findings.append((WARNING, f"no {ASSETS_EXTRA}/{WARMUP_FILE}: TF Serving does not require one, but without "
+                                  "it the first requests after each load pay the model's warm-up"))
+    elif not any(who == TF_SERVING_REFUSES for who, _ in findings):
+        try:
+            replay_warmup(version_dir)
+        except PackageError as error:  # TF Serving fails the load when a warmup record fails
+            findings.append((TF_SERVING_REFUSES, f"warmup: {error.message}"))
+    return findings
+
+
+WARNING = "warning"
+
+
+def judge(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Findings per version for a model repository (with models.config), one model's directory, or one version."""
+    from crossport.interface import MODELS_CONFIG
+    from export.publish import versions
+    from export.servable import CROSSPORT_ONLY, TF_SERVING_REFUSES
+
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return {path.name: judge_version(path)}
+    if (path / MODELS_CONFIG).is_file():
+        found: dict[str, list[tuple[str, str]]] = {}
+        problems = models_config_problems(path, signatures=False)
+        if problems:  # TF Serving refuses a config it cannot parse, or a model with no version to load
+            found[MODELS_CONFIG] = [(CROSSPORT_ONLY if "is relative" in p else TF_SERVING_REFUSES, p)
+                                    for p in problems]
+        for model in sorted(child for child in path.iterdir() if child.is_dir() and versions(child)):
+            for number in versions(model):
+                found[f"{model.name}/{number}"] = judge_version(model / str(number))
+        return found
+    if path.is_dir() and versions(path):
+        return {f"{path.name}/{number}": judge_version(path / str(number)) for number in versions(path)}
+    raise CrossportError(f"{path} is neither a SavedModel version (saved_model.pb), a model directory of integer "
+                         f"versions, nor a model repository with {MODELS_CONFIG}.",
+                         hint="Pass a model repository, a model's directory or one version directory.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.contract",
-                                     description="Check published versions against TF Serving's rules.")
-    parser.add_argument("models_dir", type=Path, help="the model repository holding models.config")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.contract", allow_abbrev=False,
+        description="Check servables against TF Serving's rules and crossport's contract, offline: a model "
+                    "repository (models.config), one model's directory or one version, crossport's or not.")
+    parser.add_argument("path", type=Path, help="model repository, model directory or version directory")
     args = parser.parse_args(argv)
     try:
-        problems = models_config_problems(args.models_dir)
-        if not problems:
-            from google.protobuf import text_format
-            from tensorflow_serving.config import model_server_config_pb2
-
-            config = text_format.Parse((args.models_dir / "models.config").read_text(),
-                                       model_server_config_pb2.ModelServerConfig())
-            for entry in config.model_config_list.config:
-                from export.publish import versions
-
-                for number in versions(Path(entry.base_path)):
-                    records = replay_warmup(Path(entry.base_path) / str(number))
-                    sys.stdout.write(f"{entry.name}/{number}: signatures ok, {len(records)} warmup records replayed\n")
+        found = judge(args.path)
     except CrossportError as error:
         return report(error)
-    for problem in problems:
-        sys.stdout.write(f"PROBLEM: {problem}\n")
+    problems = 0
+    for where, findings in found.items():
+        if not findings:
+            sys.stdout.write(f"{where}: ok (TF Serving's rules and crossport's contract)\n")
+        for who, text in findings:
+            label = "WARNING" if who == WARNING else f"PROBLEM ({who})"
+            problems += who != WARNING
+            sys.stdout.write(f"{label}: {where}: {text}\n")
     return 1 if problems else 0
 
 

@@ -114,9 +114,20 @@ def check_signatures(saved_model_dir: Path, num_classes: int) -> None:
 def signature_problems(saved_model_dir: Path, num_classes: int | None = None) -> list[str]:
     """Every problem with the stored SignatureDefs: crossport's contract (for ``num_classes``
     classes; skipped when None, as for any SavedModel TF Serving may load) and TF Serving's rules."""
+    return [text for _, text in signature_findings(saved_model_dir, num_classes)]
+
+
+TF_SERVING_REFUSES = "TF Serving would refuse"  # to load the version, or to answer its requests
+CROSSPORT_ONLY = "crossport's contract only"  # TF Serving serves it; crossport's stricter contract objects
+
+
+def signature_findings(saved_model_dir: Path, num_classes: int | None = None) -> list[tuple[str, str]]:
+    """:func:`signature_problems`, each with who objects: TF Serving itself, or only crossport's contract."""
     defs = {key: value for key, value in read_signature_defs(saved_model_dir).items() if not key.startswith("__")}
-    problems = [] if num_classes is None else _contract_problems(defs, num_classes)
-    return problems + _serving_rule_problems(defs)
+    contract = [] if num_classes is None else _contract_problems(defs, num_classes)
+    return ([(CROSSPORT_ONLY, text) for text in contract]
+            + [(TF_SERVING_REFUSES, text) for text in _serving_rule_problems(defs)]
+            + [(CROSSPORT_ONLY, text) for text in _batching_problems(defs)])
 
 
 def _contract_problems(defs: dict, num_classes: int) -> list[str]:
@@ -151,17 +162,6 @@ def _serving_rule_problems(defs: dict) -> list[str]:
     from tensorflow.core.framework import types_pb2
 
     problems = []
-
-    def tensors(key, side, infos):
-        for name, info in infos.items():
-            dims = [d.size for d in info.tensor_shape.dim]
-            if info.tensor_shape.unknown_rank or not dims:
-                problems.append(f"{key}: {side} {name!r} has no known rank (TF Serving batches on dimension 0)")
-            elif dims[0] != -1:
-                problems.append(f"{key}: {side} {name!r} has a fixed batch dimension {dims[0]}, expected -1")
-            if info.dtype == types_pb2.DT_INVALID:
-                problems.append(f"{key}: {side} {name!r} has no dtype")
-
     if PREDICT_KEY not in defs:
         problems.append(f"no {PREDICT_KEY!r} signature: TF Serving's default for requests without a signature_name")
     for key, signature in defs.items():
@@ -187,6 +187,21 @@ def _serving_rule_problems(defs: dict) -> list[str]:
                     problems.append(f"{key}: classify output {name!r} must be [batch, classes]")
         else:
             problems.append(f"{key}: method {signature.method_name!r} is neither predict nor classify")
-        tensors(key, "input", signature.inputs)
-        tensors(key, "output", signature.outputs)
+        problems += [f"{key}: {side} {name!r} has no dtype" for side, infos in (("input", signature.inputs),
+                                                                                ("output", signature.outputs))
+                     for name, info in infos.items() if info.dtype == types_pb2.DT_INVALID]
+    return problems
+
+
+def _batching_problems(defs: dict) -> list[str]:
+    """Tensors TF Serving serves but cannot batch: crossport publishes every tensor with a dynamic dimension 0."""
+    problems = []
+    for key, signature in defs.items():
+        for side, infos in (("input", signature.inputs), ("output", signature.outputs)):
+            for name, info in infos.items():
+                dims = [d.size for d in info.tensor_shape.dim]
+                if info.tensor_shape.unknown_rank or not dims:
+                    problems.append(f"{key}: {side} {name!r} has no known rank (batches are stacked on dimension 0)")
+                elif dims[0] != -1:
+                    problems.append(f"{key}: {side} {name!r} has a fixed batch dimension {dims[0]}, expected -1")
     return problems

@@ -61,7 +61,7 @@ def test_contract_check_passes_on_published_versions(pipeline_run):
     result = subprocess.run([sys.executable, "-m", "pipelines.contract", str(pipeline_run.models_dir)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "emnist_mlp/1: signatures ok" in result.stdout
+    assert "emnist_mlp/1: ok (TF Serving's rules and crossport's contract)" in result.stdout
 
 
 def test_contract_check_names_each_broken_rule(version, tmp_path):
