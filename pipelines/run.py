@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.run",
-        description="Train an EMNIST MLP in PyTorch and publish parity-checked TensorFlow servables "
+        description="Train an EMNIST model in PyTorch (or bring one as an ONNX file with --onnx) and publish "
+                    "parity-checked TensorFlow servables "
                     "(ONNX, SavedModel with predict/classify signatures, TFLite).",
     )
     parser.add_argument("--stage", default="all", choices=("all", *STAGE_NAMES),

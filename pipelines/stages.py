@@ -507,6 +507,7 @@ def register_stage(ctx: Context) -> StageResult:
     registration = ctx.tracker.register_servable(
         name=ctx.config.name, servable_version=published["version"], path=path,
         saved_model_sha256=sha256_file(path / "saved_model.pb"), verdict=report["verdict"],
+        source_sha256=(ctx.manifest.facts.get("source") or {}).get("sha256"),
     )
     ctx.manifest.facts["registry"] = {
         "model": registration.model, "version": registration.version, "alias": registration.alias,

@@ -236,7 +236,7 @@ class MlflowTracker:
     # --- registry ------------------------------------------------------------------------
 
     def register_servable(self, *, name: str, servable_version: int, path: Path, saved_model_sha256: str,
-                          verdict: str) -> Registration:
+                          verdict: str, source_sha256: str | None = None) -> Registration:
         """Make published version N a registry version (idempotent: repairs a missing one).
 
         A copy of the published directory is logged under ``servable/`` in the active
@@ -254,6 +254,8 @@ class MlflowTracker:
             f"{TAG_PREFIX}servable_path": str(Path(path).resolve()),
             f"{TAG_PREFIX}saved_model_sha256": saved_model_sha256,
             f"{TAG_PREFIX}parity_verdict": verdict,
+            # a model brought as an ONNX file: the file's sha256, the lineage root
+            **({f"{TAG_PREFIX}source_onnx_sha256": source_sha256} if source_sha256 else {}),
         }
         try:
             try:

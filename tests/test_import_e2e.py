@@ -91,6 +91,18 @@ def test_mlflow_records_the_files_hash_and_registers_the_version(legacy_run, mlf
     assert len(runs) == 1 and runs[0].data.params["orientation"] == "upright"
     versions = client.search_model_versions("name = 'emnist_2018'")
     assert len(versions) == 1 and versions[0].tags["crossport.parity_verdict"] == "pass"
+    assert versions[0].tags["crossport.source_onnx_sha256"] == sha256_file(path)
+
+
+def test_opset_9_with_weights_as_inputs_and_a_fixed_batch_publishes(tmp_path):
+    from export.contract import judge
+
+    path = tmp_path / "opset9.onnx"
+    onnx.save(legacy_mlp(opset=9, hidden=(48,), activation="Elu"), str(path))  # Softmax only, IR 3, batch 1
+    result = run_cli("--onnx", str(path), "--orientation", "emnist", "--run-dir", str(tmp_path / "run"),
+                     "--models-dir", str(tmp_path / "models"), "--no-tracking")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert judge(tmp_path / "models") == {"opset9/1": []}  # TF Serving's rules and crossport's contract
 
 
 def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path):
@@ -144,6 +156,12 @@ def test_too_few_images_for_calibration_are_refused_before_any_translation(tmp_p
                      "--run-dir", str(tmp_path / "run"), "--no-tracking")
     one_line_error(result, 1, "holds 50 calibration images; full int8 calibration needs at least 200")
     assert not (tmp_path / "run" / "tf_graph").exists()
+
+
+def test_a_missing_file_gets_one_line(tmp_path):
+    result = run_cli("--onnx", str(tmp_path / "absent.onnx"), "--run-dir", str(tmp_path / "run"), "--no-tracking")
+    one_line_error(result, 1, f"ONNX model {tmp_path / 'absent.onnx'} does not exist",
+                   "Pass --onnx with the path of an ONNX file")
 
 
 def test_training_flags_with_onnx_are_refused(tmp_path):
