@@ -24,6 +24,13 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
                      f"digest {dataset['digest'][:12]})")
     if "test_accuracy" in facts:
         lines.append(f"  test accuracy  {facts['test_accuracy']:.2%} (PyTorch)")
+    source = facts.get("source")
+    if source:
+        lines.append(f"  imported       {source['path']} (sha256 {source['sha256'][:12]}, opset {source['opset']}, "
+                     f"{source['orientation']} images, {len(source['normalization'])} normalization step(s))")
+        accuracy = (facts.get("accuracy") or {}).get("onnxruntime")
+        if accuracy is not None:
+            lines.append(f"  test accuracy  {accuracy:.2%} (ONNX Runtime, the imported model)")
     published = facts.get("published")
     if published and "publish" in walls:
         lines.append(f"  published      version {published['version']} at {published['path']}")

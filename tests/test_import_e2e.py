@@ -34,9 +34,10 @@ def test_a_legacy_file_publishes_the_same_contract_as_a_trained_model(legacy_run
     from export.contract import replay_warmup
     from export.servable import check_signatures
 
-    root, _path, _, result = legacy_run
+    root, path, _, result = legacy_run
     version = root / "models" / "emnist_2018" / "1"
     assert "published      version 1 at" in result.stdout and "onnxruntime -> tflite_fp32" in result.stdout
+    assert f"imported       {path.resolve()}" in result.stdout and "upright images" in result.stdout
     assert {p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()} == EXPECTED_FILES
     check_signatures(version, 10)
     assert replay_warmup(version)
