@@ -28,6 +28,10 @@ class DataError(CrossportError):
     """A dataset cannot be found, downloaded or read."""
 
 
+class TrainingError(CrossportError):
+    """Training failed: a process of a distributed run died or could not start."""
+
+
 class CheckpointError(CrossportError):
     """A checkpoint is missing, corrupt, unsafe or inconsistent."""
 

@@ -26,7 +26,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullm
 # (field, lowest, highest). The seed seeds NumPy's default_rng (no negatives) and torch.manual_seed
 # (below 2**64); counts end up in C ints inside the runtimes.
 INTEGER_BOUNDS = (("epochs", 1, C_INT_MAX), ("batch_size", 1, C_INT_MAX), ("seed", 0, 2**64 - 1),
-                  ("threads", 1, C_INT_MAX))
+                  ("threads", 1, C_INT_MAX), ("nproc", 1, C_INT_MAX), ("nnodes", 1, C_INT_MAX),
+                  ("node_rank", 0, C_INT_MAX))
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class PipelineConfig:
     eval_data: str | None = None  # .npz, a folder of PNGs per label, or a dataset name; None: by class count
     labels_file: str | None = None  # one label per line, used when the ONNX file carries none
     orientation: str = "auto"  # what the imported model expects; auto: detected from the evaluation data
+    # Distributed training (torchrun): processes on this machine, machines, this machine's rank, node 0's address.
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
 
     @property
     def route(self) -> str:
@@ -81,6 +87,15 @@ class PipelineConfig:
                 raise ConfigError(f"{flag} must be at least {low}, found {value}.")
             if value > high:
                 raise ConfigError(f"{flag} must be at most {high}, found {value}.")
+        world = self.nproc * self.nnodes
+        if self.batch_size % world:
+            raise ConfigError(f"--batch-size {self.batch_size} is the global batch and must divide evenly over the "
+                              f"{world} training processes (--nproc x --nnodes).",
+                              hint=f"Pass a --batch-size that is a multiple of {world}.")
+        if self.node_rank >= self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}.")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address).")
         if self.orientation not in ORIENTATION_CHOICES:
             raise ConfigError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}, "
                               f"found {self.orientation!r}.")

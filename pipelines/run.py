@@ -53,10 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a lossy TFLite variant the test split is too small to judge: 'publish' it marked "
                              "unverified, or 'omit' it from the published version (default: publish)")
     parser.add_argument("--threads", type=int,
-                        help="threads per runtime when checking artifacts (default: each runtime's own)")
+                        help="threads per runtime when checking artifacts, and per training process with --nproc "
+                             "(default: each runtime's own; for training, the cores shared out between the processes)")
     parser.add_argument("--force", action="store_true",
                         help="with --stage all on an existing run directory, redo every stage instead of "
                              "skipping those whose inputs, config and outputs are unchanged")
+    dist = parser.add_argument_group("distributed training (torchrun, DistributedDataParallel)")
+    dist.add_argument("--nproc", type=int, help="training processes on this machine (default: 1, in-process)")
+    dist.add_argument("--nnodes", type=int, help="machines taking part (default: 1)")
+    dist.add_argument("--node-rank", type=int, help="this machine's rank, 0..nnodes-1 (default: 0: the one that "
+                                                    "runs the pipeline and records the checkpoint)")
+    dist.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, where the nodes meet (needed with --nnodes > 1)")
     bring = parser.add_argument_group("bring your own model (instead of training one)")
     bring.add_argument("--onnx", help="start the run from this ONNX file (trained anywhere): an import stage replaces "
                                       "data, train and export")
@@ -104,7 +111,8 @@ def _run(args: argparse.Namespace) -> int:
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
-        "orientation": args.orientation,
+        "orientation": args.orientation, "nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
+        "rdzv_endpoint": args.rdzv_endpoint,
     }
     check_import_flags(args)
     if args.stage == "all":
@@ -136,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tracking-uri {args.tracking_uri} was given, but run {run_dir} was made with "
                           "--no-tracking: only this stage would be tracked, without the runs before it.",
                           hint="Drop --tracking-uri, or start a new run (a new --run-dir) to track it from the start.")
+    if config.node_rank != 0:
+        return train_on_other_node(run_dir, config, args.stage)
     tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
     manifest = open_run(run_dir, config, fresh=args.stage == "all")
     log.info("run directory %s", run_dir)
@@ -144,6 +154,41 @@ def _run(args: argparse.Namespace) -> int:
     walls = run_stages(manifest, config, selected, tracker, resume=resume)
     skipped = [stage.name for stage in selected if stage.name not in walls]
     sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
+    return 0
+
+
+def train_on_other_node(run_dir: Path, config, stage: str) -> int:
+    """Node R > 0 of a multi-machine run: start this machine's ranks and wait for them; node 0 records.
+
+    It reads the run directory (shared, or a copy made after the data stage) and writes nothing there:
+    no lock, no manifest change, its ranks' logs in a temporary folder.
+    """
+    import tempfile
+
+    from pipelines.manifest import Manifest
+    from training.launch import Launch, launch_command, run_distributed
+    from training.model import ModelConfig
+    from training.train import TrainConfig
+
+    if stage != "train":
+        raise ConfigError(f"--node-rank {config.node_rank} runs this machine's share of --stage train; node 0 runs "
+                          "the rest of the pipeline.", hint="Pass --stage train on this machine.")
+    manifest = Manifest.load(run_dir)
+    data, labels = manifest.require("dataset", for_stage="train"), manifest.require("labels", for_stage="train")
+    launch = Launch(config.nproc, config.nnodes, config.node_rank, config.rdzv_endpoint)
+    model_config = ModelConfig(arch=config.model, num_classes=len(labels.read_text().splitlines()))
+    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
+                               learning_rate=config.learning_rate, seed=config.seed)
+    with tempfile.TemporaryDirectory(prefix="crossport-node-") as scratch:
+        command = launch_command(launch, data=data, labels=labels, out=Path(scratch) / "ddp",
+                                 log_dir=Path(scratch) / "torchrun", model_config=model_config,
+                                 train_config=train_config, dataset_sha256=manifest.artifacts["dataset"].sha256,
+                                 threads=config.threads)
+        log.info("node %d of %d: starting %d rank(s)", config.node_rank, config.nnodes, config.nproc)
+        run_distributed(command, log_dir=Path(scratch) / "torchrun", out=Path(scratch) / "ddp",
+                        world_size=launch.world_size, lead=False)
+    sys.stdout.write(f"node {config.node_rank} of {config.nnodes}: its {config.nproc} rank(s) finished; node 0 "
+                     "records the checkpoint\n")
     return 0
 
 

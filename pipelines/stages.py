@@ -192,11 +192,15 @@ def train_stage(ctx: Context) -> StageResult:
     model_config = ModelConfig(arch=config.model, num_classes=len(labels))
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
                                learning_rate=config.learning_rate, seed=config.seed)
-    model, metrics = train(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                           model_config, train_config)
     path = ctx.run_dir / "model.pt"
-    save_checkpoint(path, model, labels, ctx.manifest.artifacts["dataset"].sha256, metrics, train_config)
+    if config.nproc * config.nnodes == 1:
+        model, metrics = train(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+                               model_config, train_config)
+        save_checkpoint(path, model, labels, ctx.manifest.artifacts["dataset"].sha256, metrics, train_config)
+    else:
+        metrics = train_distributed(ctx, model_config, train_config, path)
     reloaded = load_checkpoint(path)
+    model = reloaded.model
     accuracy = evaluate(reloaded.model, arrays["x_test"], arrays["y_test"])
     ctx.manifest.facts["test_accuracy"] = accuracy
     ctx.manifest.facts["model"] = {"arch": model_config.arch, "summary": ARCHITECTURES[model_config.arch].summary,
@@ -211,6 +215,7 @@ def train_stage(ctx: Context) -> StageResult:
         made=[Made("checkpoint", path, ("dataset", "labels"))],
         params={"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                 "seed": config.seed, "model": config.model, "dropout": model_config.dropout,
+                "world_size": config.nproc * config.nnodes,
                 **({"hidden_sizes": str(model_config.hidden_sizes)} if config.model == "mlp" else
                    {"channels": str(model_config.channels)}),
                 "macs_per_example": macs_per_example(model)},
@@ -218,6 +223,33 @@ def train_stage(ctx: Context) -> StageResult:
         log_artifacts=[path, curves],
         models=[ModelToLog("pytorch", path, golden_inputs(ctx)[:4])],
     )
+
+
+def train_distributed(ctx: Context, model_config, train_config, path: Path) -> dict:
+    """The train stage across processes: torchrun starts training.distributed per rank; rank 0's checkpoint
+    becomes the run's model.pt. Its output (``ddp/``) and every rank's log (``torchrun/``) are the stage's own."""
+    import shlex
+    import shutil
+
+    from training.launch import Launch, launch_command, run_distributed
+
+    config = ctx.config
+    launch = Launch(config.nproc, config.nnodes, config.node_rank, config.rdzv_endpoint)
+    out, log_dir = ctx.run_dir / "ddp", ctx.run_dir / "torchrun"
+    for own in (out, log_dir):  # written by this stage only: a re-run starts clean
+        shutil.rmtree(own, ignore_errors=True)
+    command = launch_command(launch, data=ctx.input("dataset"), labels=ctx.input("labels"), out=out,
+                             log_dir=log_dir, model_config=model_config, train_config=train_config,
+                             dataset_sha256=ctx.manifest.artifacts["dataset"].sha256, threads=config.threads)
+    log.info("training on %d processes (%d per node, %d node%s): %s", launch.world_size, launch.nproc,
+             launch.nnodes, "s" if launch.nnodes > 1 else "", shlex.join(command))
+    if launch.nnodes > 1:
+        log.info("on node R of the others, with this run directory shared or copied: python -m pipelines.run "
+                 "--stage train --run-dir %s --nproc %d --nnodes %d --node-rank R --rdzv-endpoint %s", ctx.run_dir,
+                 launch.nproc, launch.nnodes, launch.rdzv_endpoint)
+    metrics = run_distributed(command, log_dir=log_dir, out=out, world_size=launch.world_size)
+    os.replace(out / "model.pt", path)
+    return metrics
 
 
 def export_stage(ctx: Context) -> StageResult:
@@ -525,7 +557,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage,
           reads=("dataset", "seed", "data_dir"), route="train"),
     Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage,
-          reads=("model", "epochs", "batch_size", "learning_rate", "seed"), route="train"),
+          reads=("model", "epochs", "batch_size", "learning_rate", "seed", "nproc", "nnodes"), route="train"),
     Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage, route="train"),
     # A model brought as an ONNX file (--onnx): its file, labels and evaluation data instead of the three above.
     Stage("import", (), ("source_onnx", "dataset", "labels", "golden", "calibration", "onnx", "golden_exact"),

@@ -1,4 +1,13 @@
-"""Seeded, deterministic CPU training (the checkpoint format is in ``training/checkpoint.py``)."""
+"""Seeded, deterministic training, in one process or as one rank of a DistributedDataParallel run.
+
+One loop serves every world size (:mod:`training.distributed` starts it under torchrun):
+each epoch's order comes from a ``DistributedSampler`` (seed + epoch, ``set_epoch``), each
+rank takes its interleaved share, and the global batch stays ``batch_size``: a rank steps on
+``batch_size / world_size`` examples and DDP averages the gradients, so step k of every
+world size sees the same examples, ``order[k·B : (k+1)·B]``. Dropout masks are drawn per
+rank (seed + rank), so runs of different world sizes agree statistically, not bit for bit.
+The checkpoint format is in ``training/checkpoint.py``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,31 @@ from crossport.interface import to_inputs
 from training.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a distributed run (torchrun's RANK and WORLD_SIZE)."""
+
+    rank: int = 0
+    size: int = 1
+
+
+def rank_batches(n: int, batch_size: int, seed: int, epoch: int, world: World) -> list[torch.Tensor]:
+    """This rank's batches of epoch ``epoch``: its share of each global batch of ``batch_size``.
+
+    DistributedSampler deals the seeded permutation out round-robin (rank r gets positions
+    r, r + W, ...; padded by repeating its start when W does not divide n), so this rank's
+    k-th slice of ``batch_size / W`` is its share of positions [k·B, (k+1)·B).
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+    order = torch.tensor(list(sampler), dtype=torch.int64)
+    share = batch_size // world.size
+    return [order[start : start + share] for start in range(0, len(order), share)]
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -33,45 +67,74 @@ def train(
     config: TrainConfig,
     *,
     progress: bool | None = None,
+    world: World = World(),
+    on_epoch=None,
 ) -> tuple[nn.Module, dict]:
-    """Train the configured architecture; same inputs and seed give the same weights on the same machine."""
+    """Train the configured architecture; same inputs, seed and world size give the same weights on the same machine.
+
+    With ``world.size`` > 1 the process group must be initialised: the model is wrapped in
+    DistributedDataParallel and the returned model is the unwrapped module (its state_dict
+    has no ``module.`` prefix). Rank 0 evaluates and reports; ``on_epoch(row)`` is called on
+    every rank after each epoch.
+    """
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = build_model(model_config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    model = build_model(model_config)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(config.seed + world.rank)  # dropout masks: independent per rank, rank 0 as one process
+    trained = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     inputs = torch.from_numpy(to_inputs(x_train))
     targets = torch.from_numpy(y_train.astype(np.int64))
     steps = math.ceil(len(inputs) / config.batch_size)
+    lead = world.rank == 0
     history = []
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(inputs), generator=generator)
-        total_loss = 0.0
-        with tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=progress is False,
-                  leave=False) as bar:
-            for start in range(0, len(inputs), config.batch_size):
-                batch = order[start : start + config.batch_size]
+        trained.train()
+        total_loss, seen = 0.0, 0
+        with tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                  disable=progress is False or not lead, leave=False) as bar:
+            for batch in rank_batches(len(inputs), config.batch_size, config.seed, epoch - 1, world):
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs[batch]), targets[batch])
-                loss.backward()
+                loss = loss_fn(trained(inputs[batch]), targets[batch])
+                loss.backward()  # DDP: gradients averaged over the ranks here
                 optimizer.step()
                 total_loss += loss.item() * len(batch)
+                seen += len(batch)
                 bar.update(1)
-        epoch_loss = total_loss / len(inputs)
-        accuracy = evaluate(model, x_test, y_test)
-        history.append({"epoch": epoch, "train_loss": epoch_loss, "test_accuracy": accuracy})
-        log.info("epoch %d/%d  loss %.4f  test accuracy %.4f", epoch, config.epochs, epoch_loss, accuracy)
+        row = {"epoch": epoch, "train_loss": _mean_over_ranks(total_loss, seen, world)}
+        if lead:
+            row["test_accuracy"] = evaluate(model, x_test, y_test)
+            history.append(row)
+            log.info("epoch %d/%d  loss %.4f  test accuracy %.4f", epoch, config.epochs, row["train_loss"],
+                     row["test_accuracy"])
+        if on_epoch is not None:
+            on_epoch(row)
     model.eval()
     metrics = {
         "train_loss": history[-1]["train_loss"] if history else float("nan"),
-        "test_accuracy": evaluate(model, x_test, y_test),
+        "test_accuracy": evaluate(model, x_test, y_test) if lead else float("nan"),
         "history": history,
+        "world_size": world.size,
     }
     return model, metrics
+
+
+def _mean_over_ranks(total: float, count: int, world: World) -> float:
+    """The epoch's mean training loss over every example every rank saw."""
+    if world.size == 1:
+        return total / max(count, 1)
+    import torch.distributed as dist
+
+    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    dist.all_reduce(sums)
+    return float(sums[0] / max(sums[1], 1.0))
 
 
 @torch.no_grad()

@@ -1,0 +1,173 @@
+"""Training on several processes with the real torchrun: same batches, same checkpoint format, same lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from crossport.errors import ConfigError
+from crossport.files import sha256_file
+from tests.conftest import ROOT, free_port, run_cli
+from tests.test_bad_input import one_line_error
+from training.train import World, rank_batches
+
+CONFIDENCE = 0.99  # pipelines.config.CONFIDENCE: the one level of every statistical call
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_each_step_of_every_world_size_sees_the_same_examples(size):
+    n, batch = 960, 24  # n divisible by the world size: no padding
+    single = rank_batches(n, batch, seed=5, epoch=2, world=World(0, 1))
+    shares = [rank_batches(n, batch, seed=5, epoch=2, world=World(rank, size)) for rank in range(size)]
+    assert all(len(s) == len(single) for s in shares)
+    for step, expected in enumerate(single):
+        together = torch.cat([share[step] for share in shares])
+        assert len(together) == batch and sorted(together.tolist()) == sorted(expected.tolist())
+
+
+def test_the_order_changes_every_epoch_and_pads_only_the_last_step():
+    first = torch.cat(rank_batches(1000, 10, seed=0, epoch=0, world=World(0, 1)))
+    second = torch.cat(rank_batches(1000, 10, seed=0, epoch=1, world=World(0, 1)))
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(1000)) and not torch.equal(first, second)
+    shares = [torch.cat(rank_batches(1001, 10, seed=0, epoch=0, world=World(r, 2))) for r in range(2)]
+    seen = torch.cat(shares).tolist()
+    assert len(seen) == 1002 and set(seen) == set(range(1001))  # one example repeated to even the ranks
+
+
+def test_world_settings_are_checked_where_they_are_parsed():
+    from pipelines.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"--batch-size 100 is the global batch and must divide evenly over the 3"):
+        PipelineConfig(batch_size=100, nproc=3)
+    with pytest.raises(ConfigError, match=r"--nnodes 2 needs --rdzv-endpoint HOST:PORT"):
+        PipelineConfig(nnodes=2)
+    with pytest.raises(ConfigError, match=r"--node-rank 2 must be below --nnodes 2"):
+        PipelineConfig(nnodes=2, node_rank=2, rdzv_endpoint="127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"--nproc must be at least 1, found 0"):
+        PipelineConfig(nproc=0)
+
+
+def test_threads_are_shared_out_between_the_ranks_of_a_machine():
+    from training.distributed import threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_rank(1) == cores and threads_per_rank(cores * 4) == 1
+    assert threads_per_rank(2) == max(1, cores // 2)
+
+
+# --- the real torchrun --------------------------------------------------------------------------
+
+def pipeline(root, name, *extra):
+    result = run_cli("--stage", "all", "--dataset", "digits", "--epochs", "3", "--seed", "0", "--run-dir",
+                     str(root / name), "--models-dir", str(root / f"{name}-models"), "--no-tracking", *extra)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    # one thread per rank, stated: float sums in PyTorch's kernels may depend on the thread count
+    return {"ddp": pipeline(root, "ddp", "--nproc", "2", "--threads", "1"),
+            "again": pipeline(root, "again", "--nproc", "2", "--threads", "1"), "single": pipeline(root, "single")}
+
+
+@pytest.mark.slow
+def test_two_processes_publish_like_one_and_record_the_world_size(runs):
+    from training.checkpoint import load_checkpoint
+
+    run = runs["ddp"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["nproc"] == 2 and manifest["stages"]["publish"]["status"] == "done"
+    payload = torch.load(run / "model.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in payload["state_dict"])  # rank 0 saved the bare module
+    assert payload["metrics"]["world_size"] == 2
+    assert load_checkpoint(run / "model.pt").model_config.arch == "mlp"
+    assert manifest["artifacts"]["onnx"]["parents"] == {"checkpoint": manifest["artifacts"]["checkpoint"]["sha256"]}
+    assert (run.parent / "ddp-models" / "emnist_mlp" / "1" / "saved_model.pb").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_training_is_deterministic(runs):
+    assert sha256_file(runs["ddp"] / "model.pt") == sha256_file(runs["again"] / "model.pt")
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_well_as_one(runs):
+    """Same seed, same global batch, the same examples at every step (tested above); only dropout's masks (drawn
+    per rank) and the gradient sums' rounding differ. On the test split, neither the two models' accuracy (exact
+    McNemar test on the examples one gets right and the other wrong) nor their per-example loss (paired t-test)
+    may differ significantly at the 1 % level."""
+    from scipy.stats import binomtest, ttest_rel
+
+    from training.checkpoint import load_checkpoint
+    from training.train import logits_of
+
+    with np.load(runs["single"] / "data.npz") as arrays:
+        images, labels = arrays["x_test"], arrays["y_test"]
+    outputs = {name: logits_of(load_checkpoint(runs[name] / "model.pt").model, images) for name in ("single", "ddp")}
+    right = {name: np.argmax(out, axis=1) == labels for name, out in outputs.items()}
+    only_single, only_ddp = int(np.sum(right["single"] & ~right["ddp"])), int(np.sum(right["ddp"] & ~right["single"]))
+    discordant = only_single + only_ddp
+    assert discordant == 0 or binomtest(only_single, discordant, 0.5).pvalue >= 1 - CONFIDENCE
+    losses = {name: -torch.log_softmax(torch.from_numpy(out), dim=1)[np.arange(len(labels)), labels].numpy()
+              for name, out in outputs.items()}
+    assert ttest_rel(losses["single"], losses["ddp"]).pvalue >= 1 - CONFIDENCE
+    final = {name: json.loads((runs[name] / "manifest.json").read_text())["facts"]["test_accuracy"] for name in runs}
+    assert final["ddp"] == final["again"]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_stage_in_one_line_and_train_reruns(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.run", "--dataset", "digits", "--epochs", "400",
+                                "--run-dir", str(run), "--models-dir", str(tmp_path / "models"), "--no-tracking",
+                                "--nproc", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + 240, None
+    while killed is None and time.monotonic() < deadline and process.poll() is None:
+        for log in run.glob("torchrun/*/attempt_0/1/stdout.log"):
+            lines = log.read_text().splitlines()
+            if any("epoch 3 done" in line for line in lines):  # rank 1 is in its fourth epoch or later
+                killed = int(lines[0].split(" pid ")[1].split()[0])
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    out, err = process.communicate(timeout=240)
+    assert killed is not None, err[-3000:]
+    result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    one_line_error(result, 1, "training rank 1 of 2 failed (killed by signal SIGKILL); its last lines:",
+                   f"rank 1 pid {killed}", "Nothing was recorded or published", "re-run --stage train")
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("saved_model.pb"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "failed" and "checkpoint" not in manifest["artifacts"]
+    again = run_cli("--stage", "train", "--run-dir", str(run), "--epochs", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["status"] == "done"
+    assert manifest["artifacts"]["checkpoint"]["sha256"] == sha256_file(run / "model.pt")
+
+
+@pytest.mark.slow
+def test_two_machines_give_the_same_checkpoint_as_two_processes_on_one(runs, tmp_path):
+    """The README's two-node commands, both nodes on this machine (the static rendezvous fixes the ranks)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["ddp"], run, ignore=shutil.ignore_patterns(".lock"))
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--stage", "train", "--run-dir", str(run), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+              "--threads", "1"]
+    env = {**os.environ}
+    nodes = [subprocess.Popen([sys.executable, "-m", "pipelines.run", *common, "--node-rank", str(rank)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in results]
+    assert "node 1 of 2: its 1 rank(s) finished; node 0 records the checkpoint" in results[1][0]
+    assert sha256_file(run / "model.pt") == sha256_file(runs["ddp"] / "model.pt")
