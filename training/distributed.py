@@ -64,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
     torch.set_num_threads(args.threads or threads_per_rank(local_size))
     cuda = torch.cuda.is_available()
+    device = None
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # deterministic cuBLAS needs a fixed workspace (torch.use_deterministic_algorithms refuses otherwise)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         with np.load(args.data) as arrays:
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("started: world size %d, %d threads, backend %s", size, torch.get_num_threads(),
                  dist.get_backend())
         model, metrics = train(x_train, y_train, x_test, y_test, model_config, train_config, progress=False,
-                               world=World(rank, size),
+                               world=World(rank, size), device=device,
                                on_epoch=lambda row: log.info("epoch %d done", row["epoch"]))
         if rank == 0:
             args.out.mkdir(parents=True, exist_ok=True)

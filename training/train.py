@@ -69,13 +69,15 @@ def train(
     progress: bool | None = None,
     world: World = World(),
     on_epoch=None,
+    device: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train the configured architecture; same inputs, seed and world size give the same weights on the same machine.
 
     With ``world.size`` > 1 the process group must be initialised: the model is wrapped in
     DistributedDataParallel and the returned model is the unwrapped module (its state_dict
     has no ``module.`` prefix). Rank 0 evaluates and reports; ``on_epoch(row)`` is called on
-    every rank after each epoch.
+    every rank after each epoch. ``device`` (a rank's GPU, e.g. ``cuda:1``) holds the model and each batch; the
+    returned model is on the CPU.
     """
     from tqdm import tqdm
 
@@ -83,11 +85,13 @@ def train(
     torch.use_deterministic_algorithms(True)
     model = build_model(model_config)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(config.seed + world.rank)  # dropout masks: independent per rank, rank 0 as one process
+    device = torch.device(device or "cpu")
+    model.to(device)
     trained = model
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model)
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     inputs = torch.from_numpy(to_inputs(x_train))
@@ -102,7 +106,7 @@ def train(
                   disable=progress is False or not lead, leave=False) as bar:
             for batch in rank_batches(len(inputs), config.batch_size, config.seed, epoch - 1, world):
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(trained(inputs[batch]), targets[batch])
+                loss = loss_fn(trained(inputs[batch].to(device)), targets[batch].to(device))
                 loss.backward()  # DDP: gradients averaged over the ranks here
                 optimizer.step()
                 total_loss += loss.item() * len(batch)
@@ -116,7 +120,7 @@ def train(
                      row["test_accuracy"])
         if on_epoch is not None:
             on_epoch(row)
-    model.eval()
+    model.eval().cpu()
     metrics = {
         "train_loss": history[-1]["train_loss"] if history else float("nan"),
         "test_accuracy": evaluate(model, x_test, y_test) if lead else float("nan"),
@@ -140,7 +144,8 @@ def _mean_over_ranks(total: float, count: int, world: World) -> float:
 @torch.no_grad()
 def logits_of(model: nn.Module, images: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     model.eval()
-    chunks = [model(torch.from_numpy(to_inputs(images[i : i + batch_size]))).numpy()
+    device = next(model.parameters()).device
+    chunks = [model(torch.from_numpy(to_inputs(images[i : i + batch_size])).to(device)).cpu().numpy()
               for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, model.config.num_classes), np.float32)
 
