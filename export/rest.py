@@ -43,16 +43,17 @@ class Backend:
     classify_examples: object | None  # SavedModel: serialized tf.Examples → (classes, scores)
 
 
-def load_backend(version_dir: Path, kind: str) -> Backend:
+def load_backend(version_dir: Path, kind: str, threads: int | None = None) -> Backend:
+    """``threads``: intra-op threads of the runtime (TFLite interpreter, ONNX Runtime session, TensorFlow)."""
     from crossport.formats import BY_NAME
     from crossport.runtimes import load_format, load_saved_model
 
     if kind not in BY_NAME or not BY_NAME[kind].served:
         raise ValueError(f"unknown backend {kind!r}")
     fmt = BY_NAME[kind]
-    run = load_format(fmt, version_dir / fmt.path)
+    run = load_format(fmt, version_dir / fmt.path, threads)
     # only the SavedModel has TF Serving's classify signature
-    classify = load_saved_model(version_dir, CLASSIFY_KEY) if fmt.loader == "saved_model" else None
+    classify = load_saved_model(version_dir, CLASSIFY_KEY, threads) if fmt.loader == "saved_model" else None
     return Backend(kind, lambda rows: run(rows)[SCORES], classify)
 
 
@@ -131,16 +132,16 @@ class Servable:
             if INPUT not in features:
                 raise RestError(400, f"example {index} has no feature {INPUT!r}")
             rows.append(features[INPUT])
-        array = self._rows(rows)
-        if self.backend.classify_examples is not None:
-            outputs = self.backend.classify_examples(array)
-            classes = [[label.decode() for label in row] for row in outputs[CLASSES]]
-            scores = outputs[SCORES]
-        else:
-            scores = self.backend.predict(array)
-            classes = [self.labels] * len(array)
+        classes, scores = self.classify_array(self._rows(rows))
         return {"results": [[[label, float(score)] for label, score in zip(row_classes, row_scores, strict=True)]
                             for row_classes, row_scores in zip(classes, scores, strict=True)]}
+
+    def classify_array(self, array: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
+        """Labels and scores per row: the SavedModel's classify signature, or any backend's scores with the labels."""
+        if self.backend.classify_examples is not None:
+            outputs = self.backend.classify_examples(array)
+            return [[label.decode() for label in row] for row in outputs[CLASSES]], outputs[SCORES]
+        return [self.labels] * len(array), np.asarray(self.backend.predict(array))
 
     def status(self) -> dict:
         return {"model_version_status": [{"version": str(self.version), "state": "AVAILABLE",

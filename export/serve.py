@@ -1,11 +1,13 @@
-"""``python -m pipelines.serve``: a published version behind TF Serving's REST API, plus an upload page.
+"""``python -m pipelines.serve``: a published version behind TF Serving's REST and gRPC APIs, plus an upload page.
 
     python -m pipelines.serve models/emnist_mlp [--version N] [--backend saved_model|onnx|tflite_fp32|...]
-                              [--host 127.0.0.1] [--port 8501]
+                              [--host 127.0.0.1] [--port 8501] [--grpc-port 8500] [--threads N]
 
 Routes: ``/v1/models/<name>[/versions/<N>]`` ``:predict``, ``:classify``, ``/metadata`` (as
 TF Serving answers them), ``GET /`` (drop a PNG, see the top 3 labels and the 28×28 image
-the model sees) and ``POST /v1/upload`` (a PNG body). Binds 127.0.0.1 unless told otherwise.
+the model sees) and ``POST /v1/upload`` (a PNG body). With ``--grpc-port`` the same version also
+answers TF Serving's gRPC ``PredictionService`` and ``ModelService`` (:mod:`export.grpc_service`).
+Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -48,8 +50,15 @@ def pick_version(model_dir: Path, version: int | None) -> tuple[int, Path]:
     return chosen, model_dir / str(chosen)
 
 
-def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int, *,
-                allow_changed: bool = False) -> ThreadingHTTPServer:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or taskset limits it)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_servable(model_dir: Path, version: int | None, backend: str, *, threads: int | None = None,
+                  allow_changed: bool = False):
     from export.rest import Servable, load_backend
     from export.verify import check_version
 
@@ -64,7 +73,13 @@ def make_server(model_dir: Path, version: int | None, backend: str, host: str, p
                                 hint="Check it with python -m pipelines.lineage, serve another --version, or pass "
                                      "--allow-changed to serve it anyway.")
         log.warning("serving %s although it no longer matches its manifest: %s", version_dir, problems)
-    servable = Servable(Path(model_dir).name, number, version_dir, load_backend(version_dir, backend))
+    return Servable(Path(model_dir).name, number, version_dir,
+                    load_backend(version_dir, backend, threads or available_cores()))
+
+
+def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int, *,
+                allow_changed: bool = False, threads: int | None = None, servable=None) -> ThreadingHTTPServer:
+    servable = servable or make_servable(model_dir, version, backend, threads=threads, allow_changed=allow_changed)
     handler = type("Handler", (RequestHandler,), {"servable": servable})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
@@ -170,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="saved_model", choices=BACKENDS, help="runtime (default: saved_model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=8501, help="port (default: 8501, TF Serving's REST port)")
+    parser.add_argument("--grpc-port", type=PORT, help="also serve TF Serving's gRPC API on this port (TF Serving's "
+                                                       "is 8500; default: no gRPC)")
+    parser.add_argument("--threads", type=integer(1), help="runtime threads (default: the cores available)")
     parser.add_argument("--allow-changed", action="store_true",
                         help="serve a version whose files no longer match its manifest (logs a warning)")
     return parser
@@ -178,25 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    grpc_server, port = None, args.port
     try:
-        server = make_server(args.model_dir, args.version, args.backend, args.host, args.port,
-                             allow_changed=args.allow_changed)
+        servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,
+                                 allow_changed=args.allow_changed)
+        server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable)
+        if args.grpc_port is not None:
+            from export.grpc_service import make_grpc_server
+
+            port = args.grpc_port
+            grpc_server = make_grpc_server(servable, args.host, port)
     except CrossportError as error:
         return report(error)
-    except (OSError, OverflowError) as error:
+    except (OSError, OverflowError, RuntimeError) as error:  # grpc raises RuntimeError for a port in use
         reason = getattr(error, "strerror", None) or error
-        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{args.port}: {reason}.\n")
+        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{port}: {reason}.\n")
         return 1
-    servable = server.RequestHandlerClass.servable
     host, port = server.server_address[:2]
     log.info("serving %s version %d (%s) on http://%s:%d/  (REST: /v1/models/%s:predict)", servable.name,
              servable.version, servable.backend.kind, host, port, servable.name)
+    if grpc_server is not None:
+        grpc_server.start()
+        log.info("gRPC (TF Serving's PredictionService and ModelService) on %s:%d", args.host,
+                 grpc_server.crossport_port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if grpc_server is not None:
+            grpc_server.stop(grace=1)
     return 0
 
 

@@ -1,0 +1,234 @@
+"""TF Serving's gRPC API over any crossport backend, built on the ``tensorflow-serving-api`` protos.
+
+Serves ``tensorflow.serving.PredictionService`` (``Predict``, ``Classify``,
+``GetModelMetadata``) and ``tensorflow.serving.ModelService`` (``GetModelStatus``) for the
+one version a ``pipelines.serve`` process holds, so a client written against TF Serving —
+``prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request)`` — works
+unchanged. Tensors travel as ``TensorProto`` in either encoding TF Serving accepts
+(``tensor_content`` bytes or ``float_val``) and answers come back as ``tensor_content``.
+Mistakes get the status TF Serving gives them: an unknown model or version is
+``NOT_FOUND``; a wrong signature, input name, dtype or shape is ``INVALID_ARGUMENT``.
+Tensors are read and written with NumPy, not ``tf.make_ndarray``: a request costs the
+backend's time and the protos' (which do import TensorFlow's package, once, at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import numpy as np
+
+from crossport.interface import CLASSIFY_KEY, INPUT, INPUT_SIZE, PREDICT_KEY, SCORES
+
+log = logging.getLogger("crossport.serve")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # about 20,000 images per Predict as float32 tensor_content
+SIGNATURE_DEF = "signature_def"  # the one metadata field TF Serving answers
+
+
+class ServingError(Exception):
+    """A request TF Serving would refuse: ``code`` is the grpc.StatusCode name it answers with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_spec(servable, spec) -> None:
+    """The request's model_spec names this server's model (and version, when it pins one)."""
+    if spec.name != servable.name:
+        raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({spec.name})")
+    if spec.HasField("version") and spec.version.value != servable.version:
+        raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({spec.name}, "
+                                        f"{spec.version.value})")
+    if spec.version_label:
+        raise ServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {spec.version_label}")
+
+
+def tensor_to_array(proto, name: str) -> np.ndarray:
+    """A DT_FLOAT TensorProto (``tensor_content`` or ``float_val``) as float32, TF's rules for each encoding."""
+    from tensorflow.core.framework import types_pb2
+
+    if proto.dtype != types_pb2.DT_FLOAT:
+        raise ServingError("INVALID_ARGUMENT", f"Expects arg[0] ({name}) to be float but "
+                                               f"{types_pb2.DataType.Name(proto.dtype)} is provided")
+    shape = [dim.size for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in shape):
+        raise ServingError("INVALID_ARGUMENT", f"input {name!r} has an unknown dimension in shape {shape}")
+    count = int(np.prod(shape)) if shape else 1
+    if proto.tensor_content:
+        if len(proto.tensor_content) != 4 * count:
+            raise ServingError("INVALID_ARGUMENT", f"input {name!r}: tensor_content holds {len(proto.tensor_content)} "
+                                                   f"bytes; shape {shape} needs {4 * count}")
+        values = np.frombuffer(proto.tensor_content, dtype="<f4")
+    else:
+        values = np.asarray(proto.float_val, dtype=np.float32)
+        if len(values) == 1 and count > 1:  # TF repeats a single value over the whole shape
+            values = np.full(count, values[0], np.float32)
+        elif len(values) != count:
+            raise ServingError("INVALID_ARGUMENT", f"input {name!r}: {len(values)} float_val values for shape "
+                                                   f"{shape} ({count} elements)")
+    return values.reshape(shape).astype(np.float32, copy=False)
+
+
+def array_to_tensor(array: np.ndarray):
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_content=array.tobytes(),
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s)
+                                                            for s in array.shape]))
+
+
+def images_of(array: np.ndarray) -> np.ndarray:
+    if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
+        raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} must be [batch, {INPUT_SIZE}], found "
+                                               f"{list(array.shape)}")
+    if not np.all(np.isfinite(array)):
+        raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} contains NaN or infinity")
+    return array
+
+
+def predict(servable, request):
+    from tensorflow_serving.apis import predict_pb2
+
+    check_spec(servable, request.model_spec)
+    signature = request.model_spec.signature_name or PREDICT_KEY
+    if signature == CLASSIFY_KEY:
+        raise ServingError("INVALID_ARGUMENT", f"signature {CLASSIFY_KEY!r} is a classify signature: call Classify")
+    if signature != PREDICT_KEY:
+        raise ServingError("INVALID_ARGUMENT", f"Serving signature key \"{signature}\" not found.")
+    names = sorted(request.inputs)
+    if names != [INPUT]:
+        raise ServingError("INVALID_ARGUMENT", f"input tensor alias not found in signature: "
+                                               f"{', '.join(n for n in names if n != INPUT) or '(none)'}. Inputs "
+                                               f"expected to be in the set {{{INPUT}}}.")
+    unknown = [name for name in request.output_filter if name != SCORES]
+    if unknown:
+        raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: {unknown[0]} "
+                                               f"Outputs expected to be in the set {{{SCORES}}}.")
+    images = images_of(tensor_to_array(request.inputs[INPUT], INPUT))
+    scores = np.asarray(servable.backend.predict(images))
+    response = predict_pb2.PredictResponse()
+    _answer_spec(response.model_spec, servable, PREDICT_KEY)
+    response.outputs[SCORES].CopyFrom(array_to_tensor(scores))
+    return response
+
+
+def classify(servable, request):
+    from tensorflow_serving.apis import classification_pb2
+
+    check_spec(servable, request.model_spec)
+    signature = request.model_spec.signature_name or PREDICT_KEY
+    if signature == PREDICT_KEY:
+        raise ServingError("INVALID_ARGUMENT", "Expected classification signature method_name to be "
+                                               "tensorflow/serving/classify. Was: tensorflow/serving/predict "
+                                               f"(name the signature: signature_name {CLASSIFY_KEY!r})")
+    if signature != CLASSIFY_KEY:
+        raise ServingError("INVALID_ARGUMENT", f"Serving signature key \"{signature}\" not found.")
+    kind = request.input.WhichOneof("kind")
+    if kind == "example_list":
+        examples, context = request.input.example_list.examples, None
+    elif kind == "example_list_with_context":
+        examples = request.input.example_list_with_context.examples
+        context = request.input.example_list_with_context.context
+    else:
+        raise ServingError("INVALID_ARGUMENT", "Input is empty")
+    if not examples:
+        raise ServingError("INVALID_ARGUMENT", "Input is empty")
+    rows = []
+    for index, example in enumerate(examples):
+        feature = example.features.feature.get(INPUT)
+        if feature is None and context is not None:
+            feature = context.features.feature.get(INPUT)
+        if feature is None or feature.WhichOneof("kind") != "float_list":
+            raise ServingError("INVALID_ARGUMENT", f"example {index} has no float feature {INPUT!r} "
+                                                   f"({INPUT_SIZE} values)")
+        if len(feature.float_list.value) != INPUT_SIZE:
+            raise ServingError("INVALID_ARGUMENT", f"example {index}: feature {INPUT!r} has "
+                                                   f"{len(feature.float_list.value)} values, expected {INPUT_SIZE}")
+        rows.append(np.asarray(feature.float_list.value, dtype=np.float32))
+    classes, scores = servable.classify_array(images_of(np.stack(rows)))
+    response = classification_pb2.ClassificationResponse()
+    _answer_spec(response.model_spec, servable, CLASSIFY_KEY)
+    for row_classes, row_scores in zip(classes, scores, strict=True):
+        result = response.result.classifications.add()
+        for label, score in zip(row_classes, row_scores, strict=True):
+            result.classes.add(label=label, score=float(score))
+    return response
+
+
+def metadata(servable, request):
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    from export.servable import read_signature_defs
+
+    check_spec(servable, request.model_spec)
+    fields = list(request.metadata_field)
+    if fields != [SIGNATURE_DEF]:
+        raise ServingError("INVALID_ARGUMENT", f"Metadata field {(fields or [''])[0]} is not supported" if fields
+                           else "GetModelMetadataRequest must specify at least one metadata_field")
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature in read_signature_defs(servable.version_dir).items():
+        if not key.startswith("__"):
+            signature_map.signature_def[key].CopyFrom(signature)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    _answer_spec(response.model_spec, servable, "")
+    response.metadata[SIGNATURE_DEF].Pack(signature_map)
+    return response
+
+
+def status(servable, request):
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    check_spec(servable, request.model_spec)
+    response = get_model_status_pb2.GetModelStatusResponse()
+    entry = response.model_version_status.add(version=servable.version)
+    entry.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    return response
+
+
+def _answer_spec(spec, servable, signature: str) -> None:
+    spec.name = servable.name
+    spec.version.value = servable.version
+    spec.signature_name = signature
+
+
+def make_grpc_server(servable, host: str, port: int, *, workers: int = 8):
+    """A started-on-demand ``grpc.Server`` answering for ``servable``; call ``.start()``. Port 0 picks a free one
+    (``server.crossport_port`` tells which)."""
+    import grpc
+    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+    def call(handler):
+        def method(request, context):
+            try:
+                return handler(servable, request)
+            except ServingError as error:
+                context.abort(getattr(grpc.StatusCode, error.code), str(error))
+            except Exception:  # a bug answers INTERNAL with a message, never hangs the client
+                log.exception("gRPC request failed")
+                context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        return method
+
+    class Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+        Predict = staticmethod(call(predict))
+        Classify = staticmethod(call(classify))
+        GetModelMetadata = staticmethod(call(metadata))
+
+    class Models(model_service_pb2_grpc.ModelServiceServicer):
+        GetModelStatus = staticmethod(call(status))
+
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(Models(), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} for gRPC")
+    server.crossport_port = bound
+    return server
+

@@ -1,0 +1,151 @@
+"""TF Serving's gRPC API from `pipelines.serve --grpc-port`, called with the official client stubs as TF Serving's
+clients call them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crossport.interface import INPUT, SCORES
+from tests.conftest import free_port
+from tests.helpers import Server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["saved_model", "tflite_fp32"])
+def served(request, pipeline_run):
+    """A real server process per backend with REST and gRPC; the gRPC channel and the stubs."""
+    import grpc
+    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+    port = free_port()
+    server = Server(pipeline_run.models_dir / "emnist_mlp", request.param, "--grpc-port", str(port))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=60)
+    yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+           model_service_pb2_grpc.ModelServiceStub(channel), server, request.param)
+    channel.close()
+    server.stop()
+
+
+def images(count: int = 3) -> np.ndarray:
+    return np.random.default_rng(count).random((count, 784), dtype=np.float32)
+
+
+def predict_request(batch: np.ndarray, *, encoding: str = "content", signature: str = "", version: int | None = None,
+                    name: str = "emnist_mlp"):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if signature:
+        request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if encoding == "content":  # tf.make_tensor_proto writes tensor_content bytes
+        request.inputs[INPUT].CopyFrom(tf.make_tensor_proto(batch))
+    else:  # float_val, as clients that build the proto by hand do
+        tensor = request.inputs[INPUT]
+        tensor.dtype = tf.float32.as_datatype_enum
+        tensor.tensor_shape.dim.add(size=batch.shape[0])
+        tensor.tensor_shape.dim.add(size=batch.shape[1])
+        tensor.float_val.extend(batch.ravel().tolist())
+    return request
+
+
+def rest_scores(server, batch: np.ndarray) -> np.ndarray:
+    status, body = server.post("/v1/models/emnist_mlp:predict", {"instances": batch.tolist()})
+    assert status == 200
+    return np.asarray(body["predictions"], dtype=np.float32)
+
+
+@pytest.mark.parametrize("encoding", ["content", "float_val"])
+def test_predict_answers_as_rest_does_in_either_tensor_encoding(served, encoding):
+    import tensorflow as tf
+
+    prediction, _, server, _ = served
+    batch = images(5)
+    response = prediction.Predict(predict_request(batch, encoding=encoding, signature="serving_default",
+                                                  version=1), timeout=60)
+    scores = tf.make_ndarray(response.outputs[SCORES])
+    assert scores.shape == (5, 10) and response.model_spec.version.value == 1
+    np.testing.assert_array_equal(scores, rest_scores(server, batch))  # same backend, same bytes
+
+
+def test_classify_names_its_signature_and_returns_labels(served):
+    from tensorflow_serving.apis import classification_pb2
+
+    prediction, _, server, _ = served
+    batch = images(2)
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "emnist_mlp"
+    request.model_spec.signature_name = "classify"
+    for row in batch:
+        request.input.example_list.examples.add().features.feature[INPUT].float_list.value.extend(row.tolist())
+    response = prediction.Classify(request, timeout=60)
+    status, rest = server.post("/v1/models/emnist_mlp:classify",
+                               {"signature_name": "classify", "examples": [{INPUT: row.tolist()} for row in batch]})
+    assert status == 200
+    got = [[(c.label, pytest.approx(c.score, abs=1e-7)) for c in result.classes]
+           for result in response.result.classifications]
+    assert got == [[(label, score) for label, score in row] for row in rest["results"]]
+    assert [c.label for c in response.result.classifications[0].classes] == [str(d) for d in range(10)]
+
+
+def test_metadata_and_status_as_tf_serving_reports_them(served):
+    from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+
+    prediction, models, _, _ = served
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "emnist_mlp"
+    request.metadata_field.append("signature_def")
+    response = prediction.GetModelMetadata(request, timeout=60)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    assert set(signatures.signature_def) == {"serving_default", "classify"}
+    assert signatures.signature_def["classify"].method_name == "tensorflow/serving/classify"
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "emnist_mlp"
+    (entry,) = models.GetModelStatus(status_request, timeout=60).model_version_status
+    assert entry.version == 1 and entry.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+def mistakes():
+    import tensorflow as tf
+    from tensorflow_serving.apis import classification_pb2
+
+    wrong_shape = predict_request(images(2))
+    wrong_shape.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.zeros((2, 100), np.float32)))
+    wrong_dtype = predict_request(images(2))
+    wrong_dtype.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.zeros((2, 784), np.float64)))
+    wrong_name = predict_request(images(2))
+    wrong_name.inputs["pixels"].CopyFrom(wrong_name.inputs.pop(INPUT))
+    classify_default = classification_pb2.ClassificationRequest()
+    classify_default.model_spec.name = "emnist_mlp"  # no signature_name: TF Serving's default is a predict one
+    classify_default.input.example_list.examples.add().features.feature[INPUT].float_list.value.extend([0.0] * 784)
+    return [
+        ("Predict", predict_request(images(1), name="other"), "NOT_FOUND", "Servable not found for request: "
+                                                                            "Latest(other)"),
+        ("Predict", predict_request(images(1), version=7), "NOT_FOUND", "Specific(emnist_mlp, 7)"),
+        ("Predict", predict_request(images(1), signature="nope"), "INVALID_ARGUMENT",
+         'Serving signature key "nope" not found.'),
+        ("Predict", wrong_shape, "INVALID_ARGUMENT", "must be [batch, 784], found [2, 100]"),
+        ("Predict", wrong_dtype, "INVALID_ARGUMENT", "to be float but DT_DOUBLE is provided"),
+        ("Predict", wrong_name, "INVALID_ARGUMENT", "input tensor alias not found in signature: pixels"),
+        ("Classify", classify_default, "INVALID_ARGUMENT", "Expected classification signature method_name to be "
+                                                           "tensorflow/serving/classify"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_mistakes_get_the_status_tf_serving_returns(served, case):
+    import grpc
+
+    prediction, _, _, _ = served
+    method, request, code, message = mistakes()[case]
+    with pytest.raises(grpc.RpcError) as raised:
+        getattr(prediction, method)(request, timeout=60)
+    assert raised.value.code() == getattr(grpc.StatusCode, code)
+    assert message in raised.value.details()
