@@ -114,7 +114,7 @@ def to_model_input(upright: np.ndarray) -> np.ndarray:
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _LITERAL = re.compile(rb"\b(true|false|null)\b|NaN|Infinity")
-_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+_NUMERIC_JSON = b'0123456789+-.eE,:[]{}" \t\r\n'  # every byte of a skeleton holding only numbers
 
 
 def parse_json(raw: bytes | str, max_depth: int) -> object:
@@ -127,13 +127,16 @@ def parse_json(raw: bytes | str, max_depth: int) -> object:
     data = raw.encode() if isinstance(raw, str) else bytes(raw)
     skeleton = _STRING.sub(b'""', data)
     codes = np.frombuffer(skeleton, np.uint8)
-    steps = np.isin(codes, _OPEN).astype(np.int32) - np.isin(codes, _CLOSE).astype(np.int32)
-    depth = int(np.cumsum(steps).max()) if len(steps) else 0
+    # one vectorised pass each (np.isin and a word-boundary regex cost 10x more on a 500 kB batch)
+    steps = ((codes == ord("[")) | (codes == ord("{"))).astype(np.int8) - (
+        (codes == ord("]")) | (codes == ord("}"))).astype(np.int8)
+    depth = int(np.cumsum(steps, dtype=np.int64).max()) if len(steps) else 0
     if depth > max_depth:
         raise BadInput(f"the JSON is nested {depth} levels deep; a request here has at most {max_depth}")
-    literal = _LITERAL.search(skeleton)
-    if literal:
-        raise BadInput(f"expected numbers, found the JSON literal {literal.group().decode()}")
+    if skeleton.translate(None, _NUMERIC_JSON):  # something besides numbers and punctuation: look for literals
+        literal = _LITERAL.search(skeleton)
+        if literal:
+            raise BadInput(f"expected numbers, found the JSON literal {literal.group().decode()}")
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -177,7 +180,10 @@ class TFLiteModel:
     def __init__(self, model_path: Path, labels_path: Path) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=str(model_path))
+        # every core the function has (Lambda's vCPUs grow with its memory); TFLITE_THREADS overrides
+        threads = int(os.environ.get("TFLITE_THREADS") or 0) or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads)
         self.runner = self.interpreter.get_signature_runner("serving_default")
         self.input_name = next(iter(self.runner.get_input_details()))
         self.labels = labels_path.read_text().splitlines()
@@ -223,12 +229,26 @@ def _response(status: int, payload: dict) -> dict:
 
 def lambda_handler(event, context=None) -> dict:
     try:
-        row = parse_request(parse_json(event_body(event), MAX_DEPTH))
+        body = event_body(event)
+        if content_type(event).startswith("image/"):  # a binary media type: the body is the image itself
+            row = to_model_input(image_to_pixels(body))
+        else:
+            row = parse_request(parse_json(body, MAX_DEPTH))
     except BadInput as error:
         return _response(400, {"error": str(error)})
     loaded = model()
     scores = loaded.scores(row[np.newaxis, :])[0]
     return _response(200, {"predictions": top_k(scores, loaded.labels)})
+
+
+def content_type(event: dict) -> str:
+    """The request's media type, lower case: API Gateway's REST API keeps the header's case, the HTTP API
+    lower-cases it."""
+    headers = event.get("headers") if isinstance(event, dict) else None
+    if not isinstance(headers, dict):
+        return ""
+    value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == "content-type"), "")
+    return value.split(";")[0].strip().lower() if isinstance(value, str) else ""
 
 
 def event_body(event) -> bytes:

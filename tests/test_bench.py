@@ -47,6 +47,14 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
         package = report["serverless"][variant]
         assert package["zipped_bytes"] <= package["unzipped_bytes"] and package["cold_start"]["median_s"] > 0
     assert all(row["errors"] == 0 and row["requests"] > 0 for row in report["http"])
+    assert {row["protocol"] for row in report["http"]} == {"rest", "grpc"}  # the same backends over both APIs
+    for row in report["http"]:
+        runtime = report["runtimes"][{"onnx": "onnxruntime"}.get(row["backend"], row["backend"])]
+        assert row["in_process_share"] == pytest.approx(row["examples_per_s"] / runtime["batch1"]["examples_per_s"])
+    for name in ("onnxruntime", "tflite_fp32"):  # one thread against every core, at batch 128
+        single = report["runtimes"][name]["batch128_one_thread"]
+        assert single["batch"] == 128 and single["examples_per_s"] > 0
+        assert report["runtimes"][name]["threads"] >= 1
     assert set(report["pipeline_stage_wall_s"]) >= {"data", "train", "export", "translate", "validate"}
     assert (tmp_path / "bench.png").stat().st_size > 0
     markdown = (tmp_path / "bench.md").read_text()

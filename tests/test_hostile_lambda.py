@@ -118,6 +118,20 @@ def test_handler_reads_alpha_16_bit_palette_and_jpeg_as_the_same_glyph(package):
             assert predictions == reference, name
 
 
+def test_a_raw_png_body_as_api_gateway_sends_a_binary_media_type(package):
+    """isBase64Encoded with Content-Type image/png: the body is the PNG itself, answered as the JSON form is."""
+    data = stroke_images()["white"]
+    expected = package.lambda_handler(image_event(data), None)
+    for header in ("Content-Type", "content-type"):  # REST API keeps the case, HTTP API lower-cases it
+        raw = {"body": base64.b64encode(data).decode(), "isBase64Encoded": True, "headers": {header: "image/png"}}
+        response = package.lambda_handler(raw, None)
+        assert response["statusCode"] == 200 and response["body"] == expected["body"]
+    broken = {"body": base64.b64encode(b"not a png").decode(), "isBase64Encoded": True,
+              "headers": {"Content-Type": "image/png"}}
+    response = package.lambda_handler(broken, None)
+    assert response["statusCode"] == 400 and "error" in json.loads(response["body"])
+
+
 def test_service_and_handler_prepare_images_with_the_same_function():
     """The web service imports the handler's preparation; a copy could drift."""
     import export.serve as serve

@@ -31,7 +31,7 @@ import numpy as np
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
 from crossport.formats import BY_NAME, FORMATS, SERVED
-from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
+from crossport.interface import ASSETS_EXTRA, INPUT, INPUT_SIZE
 from export.verify import read_manifest
 
 BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md"})
@@ -47,15 +47,22 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 # --- loading a runtime (also run inside the cold-start child process) -----------------------
 
-def load_runtime(name: str, version_dir: Path, checkpoint: Path | None):
+def load_runtime(name: str, version_dir: Path, checkpoint: Path | None, threads: int | None = None):
+    """``threads``: the runtime's intra-op threads (None: the cores available, as pipelines.serve runs it)."""
     from crossport.runtimes import load_format
+    from export.serve import available_cores
 
+    threads = threads or available_cores()
     if name == "pytorch":
         from training.checkpoint import load_torch  # only here: a cold start measures its own runtime's imports
 
-        return load_torch(checkpoint)
+        return load_torch(checkpoint, threads)
     fmt = BY_NAME[next((key for key, value in BENCH_NAME.items() if value == name), name)]
-    return load_format(fmt, version_dir / fmt.path)
+    return load_format(fmt, version_dir / fmt.path, threads)
+
+
+# the runtimes whose thread count the benchmark varies (one thread against every core)
+THREADED = ("onnxruntime", "tflite_fp32", "tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full")
 
 
 # Peak RSS is read from /proc/self/status (VmHWM): it belongs to the process image and
@@ -160,16 +167,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batch: int, images: np.ndarray) -> dict:
-    """Several concurrent clients for a fixed time against ``pipelines.serve``; all on 127.0.0.1."""
+def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batch: int, images: np.ndarray,
+               protocol: str = "rest") -> dict:
+    """Several concurrent clients for a fixed time against ``pipelines.serve``, over REST (JSON) or gRPC
+    (TF Serving's PredictionService, tensor_content); all on 127.0.0.1, the clients in this process."""
     import http.client
 
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend,
-                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               "--port", str(port), "--grpc-port", str(grpc_port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     body = json.dumps({"instances": images[:batch].tolist()}).encode()
     path = f"/v1/models/{model_dir.name}:predict"
+    call = _grpc_caller(grpc_port, model_dir.name, images[:batch]) if protocol == "grpc" else None
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -191,11 +202,14 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
             while time.monotonic() < stop_at:
                 started = time.perf_counter()
                 try:
-                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                    connection.request("POST", path, body, {"Content-Type": "application/json"})
-                    response = connection.getresponse()
-                    response.read()
-                    ok = response.status == 200
+                    if call is not None:
+                        ok = call()
+                    else:
+                        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                        connection.request("POST", path, body, {"Content-Type": "application/json"})
+                        response = connection.getresponse()
+                        response.read()
+                        ok = response.status == 200
                 except OSError:
                     ok = False
                 elapsed = time.perf_counter() - started
@@ -216,15 +230,41 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
         server.terminate()
         server.wait(timeout=30)
     values = np.asarray(latencies or [float("nan")])
-    return {"backend": backend, "clients": clients, "batch": batch, "seconds": wall, "requests": len(latencies),
+    return {"backend": backend, "protocol": protocol, "clients": clients, "batch": batch, "seconds": wall,
+            "requests": len(latencies),
             "errors": errors[0], "requests_per_s": len(latencies) / wall,
             "examples_per_s": len(latencies) * batch / wall,
             "p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3)}
 
 
+def _grpc_caller(port: int, name: str, batch: np.ndarray):
+    """One PredictRequest built once (tensor_content), sent by every client over one channel; True when answered."""
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from export.grpc_service import array_to_tensor
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=120)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.inputs[INPUT].CopyFrom(array_to_tensor(batch))
+
+    def call() -> bool:
+        try:
+            stub.Predict(request, timeout=30)
+            return True
+        except grpc.RpcError:
+            return False
+
+    return call
+
+
 # --- the whole benchmark -------------------------------------------------------------------
 
 def benchmark(version_dir: Path, quick: bool) -> dict:
+    from export.serve import available_cores
     from export.serverless import build_package
 
     manifest = read_manifest(version_dir)
@@ -271,8 +311,11 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
                                              checkpoint=str(checkpoint)), ROOT, repeats) if cold_runtime else None)
         artifact = {"pytorch": checkpoint, "onnxruntime": sizes["onnx"].resolve(),
                     "saved_model": version_dir}.get(name, sizes.get(name))
+        single = (summarize(timed(load_runtime(name, version_dir, checkpoint, threads=1), batch128, seconds), 128)
+                  if name in THREADED else None)
         runtimes[name] = {
-            "batch1": one, "batch128": many, "cold_start": cold,
+            "batch1": one, "batch128": many, "batch128_one_thread": single, "threads": available_cores(),
+            "cold_start": cold,
             "artifact_bytes": _size(artifact, exclude_extra=name == "saved_model"),
             "ceiling_share": many["examples_per_s"] / results["ceiling"]["examples_per_s"],
         }
@@ -299,11 +342,19 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
             }
         results["serverless"] = packages
     with np.load(run_dir / "data.npz") as data:
-        images = data["x_test"][:32].astype(np.float32) / 255.0
+        images = data["x_test"][:128].astype(np.float32) / 255.0
     backends = [b for b in (("onnx", "tflite_fp32") if quick else SERVE_BACKENDS)
                 if not b.startswith("tflite_") or b in sizes]
-    results["http"] = [serve_load(version_dir.parent, backend, 1.0 if quick else 5.0, 4, batch, images)
-                       for backend in backends for batch in ((1,) if quick else (1, 32))]
+    results["http"] = [serve_load(version_dir.parent, backend, 1.0 if quick else 5.0, 4, batch, images, protocol)
+                       for backend in backends
+                       for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
+                       for batch in (batches[:1] if quick else batches)]
+    in_process = {"onnx": "onnxruntime"}
+    for row in results["http"]:  # the service against the same backend called in this process, same batch
+        runtime = runtimes.get(in_process.get(row["backend"], row["backend"]))
+        key = {1: "batch1", 128: "batch128"}.get(row["batch"])
+        if runtime and key:
+            row["in_process_share"] = row["examples_per_s"] / runtime[key]["examples_per_s"]
     stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
     results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
     return results
@@ -373,16 +424,19 @@ def render_markdown(results: dict) -> str:
              f"{', quick' if results['quick'] else ''}). Ceiling: {ceiling['gflops']:.1f} GFLOP/s float32 matmul "
              f"({ceiling['library']}) at the model's shapes = {ceiling['examples_per_s']:,.0f} examples/s.", "",
              "| runtime | batch 1 p50 / p99 (ms) | batch 1 ex/s | batch 128 req/s | batch 128 ex/s | % of ceiling "
-             "| cold start (s) | peak RSS (MB) | artifact (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| batch 128 ex/s, 1 thread | cold start (s) | peak RSS (MB) | artifact (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, info in results["runtimes"].items():
         cold = info["cold_start"]
         cold_s = f"{cold['median_s']:.2f}" if cold else "-"
         rss = f"{cold['peak_rss_mb']:.0f}" if cold else "-"
+        one_thread = info.get("batch128_one_thread")
+        single = f"{one_thread['examples_per_s']:,.0f}" if one_thread else "-"
         lines.append(
             f"| {name} | {info['batch1']['p50_ms']:.3f} / {info['batch1']['p99_ms']:.3f} | "
             f"{info['batch1']['examples_per_s']:,.0f} | {info['batch128']['requests_per_s']:,.0f} | "
             f"{info['batch128']['examples_per_s']:,.0f} | {100 * info['ceiling_share']:.0f} % | "
-            f"{cold_s} | {rss} | "
+            f"{single} | {cold_s} | {rss} | "
             f"{(info['artifact_bytes'] or 0) / 1e6:.2f} |")
     layouts = {name: info["layout"] for name, info in results["runtimes"].items() if info.get("layout")}
     if layouts:
@@ -393,11 +447,13 @@ def render_markdown(results: dict) -> str:
     for variant, info in results["serverless"].items():
         lines.append(f"| {variant} | {info['unzipped_bytes'] / 1e6:.2f} | {info['zipped_bytes'] / 1e6:.2f} | "
                      f"{info['runtime_bytes'] / 1e6:.0f} | {info['cold_start']['median_s']:.2f} |")
-    lines += ["", "| web service backend | clients | batch | req/s | ex/s | p50 (ms) | p99 (ms) | errors |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| web service backend | protocol | clients | batch | req/s | ex/s | % of in process | p50 (ms) | "
+                  "p99 (ms) | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["http"]:
-        lines.append(f"| {row['backend']} | {row['clients']} | {row['batch']} | {row['requests_per_s']:,.0f} | "
-                     f"{row['examples_per_s']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
+        share = f"{100 * row['in_process_share']:.0f} %" if row.get("in_process_share") is not None else "-"
+        lines.append(f"| {row['backend']} | {row.get('protocol', 'rest')} | {row['clients']} | {row['batch']} | "
+                     f"{row['requests_per_s']:,.0f} | {row['examples_per_s']:,.0f} | {share} | {row['p50_ms']:.1f} | "
+                     f"{row['p99_ms']:.1f} | {row['errors']} |")
     stages = results["pipeline_stage_wall_s"]
     lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
     return "\n".join(lines) + "\n"
