@@ -179,7 +179,8 @@ def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp")
     parser.add_argument("--version", type=integer(1), help="version to serve (default: the newest)")
     parser.add_argument("--backend", default="saved_model", choices=BACKENDS, help="runtime (default: saved_model)")

@@ -116,7 +116,8 @@ def _is_package_zip(archive: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.serverless", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m export.serverless", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("version_dir", type=Path, help="a published version: <models-dir>/<name>/<N>")
     parser.add_argument("--out", type=Path, required=True, help="package directory to write (DIR and DIR.zip)")
     parser.add_argument("--variant", default="fp32", choices=VARIANTS, help="TFLite variant (default: fp32)")

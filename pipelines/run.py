@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False,
         prog="python -m pipelines.run",
         description="Train an EMNIST model in PyTorch (or bring one as an ONNX file with --onnx) and publish "
                     "parity-checked TensorFlow servables "

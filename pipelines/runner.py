@@ -25,8 +25,19 @@ def new_run_dir(root: Path = RUNS_DIR) -> Path:
 
 
 def latest_run_dir(root: Path = RUNS_DIR) -> Path | None:
+    """The newest run whose stages all succeeded: a failed or unreadable run is never picked by default."""
+    import json
+
     candidates = sorted(p for p in root.glob("*") if (p / MANIFEST).is_file()) if root.is_dir() else []
-    return candidates[-1] if candidates else None
+    for candidate in reversed(candidates):
+        try:
+            stages = json.loads((candidate / MANIFEST).read_text()).get("stages", {})
+            if all(isinstance(info, dict) and info.get("status") == "done" for info in stages.values()):
+                return candidate
+        except (OSError, ValueError, AttributeError):
+            continue
+        log.info("run %s has a stage that did not finish; not picked as the latest run", candidate)
+    return None
 
 
 def open_run(run_dir: Path, config: PipelineConfig, *, fresh: bool) -> Manifest:

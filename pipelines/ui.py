@@ -46,7 +46,8 @@ def check_store(store: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ui", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.ui", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=STORE, help="the tracking store folder (default: mlflow/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=5000, help="port (default: 5000)")

@@ -59,3 +59,19 @@ def test_resume_reads_the_config_fields_each_stage_declares():
     package = next(stage for stage in STAGES if stage.name == "package")
     assert stage_record(manifest, config, package)["config"] == {"name": "emnist_mlp"}
     assert all(set(stage.reads) <= set(config.to_dict()) for stage in STAGES)
+
+
+def test_a_failed_run_is_never_picked_as_the_latest(tmp_path):
+    import json
+
+    from pipelines.runner import latest_run_dir
+
+    for name, status in (("20260101T000000Z-aaaaaa", "done"), ("20260102T000000Z-bbbbbb", "failed"),
+                         ("20260103T000000Z-cccccc", "running")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"stages": {"data": {"status": "done"},
+                                                                              "train": {"status": status}}}))
+    (tmp_path / "20260104T000000Z-dddddd").mkdir()
+    (tmp_path / "20260104T000000Z-dddddd" / "manifest.json").write_text("{truncated")
+    assert latest_run_dir(tmp_path) == tmp_path / "20260101T000000Z-aaaaaa"
+    assert latest_run_dir(tmp_path / "absent") is None

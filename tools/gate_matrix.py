@@ -40,7 +40,8 @@ def summarize(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.gate_matrix", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gate_matrix", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, required=True, help="where the runs go (one directory per run)")

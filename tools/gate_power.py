@@ -53,7 +53,8 @@ def smallest_refused(refuses, low: float = 1e-8, high: float = 1e-1, steps: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.gate_power", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gate_power", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--examples", type=int, default=0, help="test images to use (default: all)")
     args = parser.parse_args(argv)

@@ -136,7 +136,8 @@ def write_archive(out: Path, splits: tuple[str, ...] = ("byclass",), scale: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.standin", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.standin", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for gzip.zip (a crossport --data-dir)")
     parser.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=["byclass"],
                         help="splits to write (default: byclass)")

@@ -71,7 +71,8 @@ def run_distributed(command: list[str], *, log_dir: Path, out: Path, world_size:
     raise TrainingError(
         f"training rank {rank} of {world_size} failed ({how}); its last lines: "
         + (" | ".join(lines) if lines else "(none)") + ". Nothing was recorded or published.",
-        hint=f"Fix the cause and re-run --stage train; every rank's output is in {log_dir}.")
+        hint=f"Fix the cause and re-run --stage train --run-dir {Path(log_dir).parent}; every rank's output is in "
+             f"{log_dir}.")
 
 
 def failed_rank(stderr: str) -> tuple[int | None, str]:

@@ -478,7 +478,8 @@ def render_chart(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("version_dir", nargs="?", type=Path,
                         help="a published version (default: the newest under models/emnist_mlp)")
     parser.add_argument("--quick", action="store_true", help="a run under a minute (fewer repeats, fewer backends)")

@@ -27,7 +27,7 @@ CHAIN = ("saved_model", "tf_graph", "onnx", "checkpoint", "source_onnx", "datase
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.lineage",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m pipelines.lineage",
                                      description="Trace a published servable back to its data and verify it.")
     parser.add_argument("version_dir", nargs="?", type=Path, help="a published version: <models-dir>/<name>/<N>")
     parser.add_argument("--name", help="registered model name (with --registry-version)")
