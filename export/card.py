@@ -76,7 +76,8 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         "example_requests": {
             "rest_predict_rows": f"curl -d '{{\"instances\": [[0.0, ... 784 values ...]]}}' {base}:predict",
             "rest_predict_columns": f"curl -d '{{\"inputs\": {{\"images\": [[0.0, ...]]}}}}' {base}:predict",
-            "rest_classify": f"curl -d '{{\"examples\": [{{\"images\": [0.0, ...]}}]}}' {base}:classify",
+            "rest_classify": f"curl -d '{{\"signature_name\": \"classify\", \"examples\": [{{\"images\": "
+                             f"[0.0, ...]}}]}}' {base}:classify",
             "rest_metadata": f"curl {base}/versions/{version}/metadata",
             "tflite_python": ("from ai_edge_litert.interpreter import Interpreter; "
                               "runner = Interpreter(model_path='model_fp32.tflite')"

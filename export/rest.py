@@ -115,9 +115,12 @@ class Servable:
         return {"outputs": self._scores(inputs).tolist()}
 
     def classify(self, request: dict) -> dict:
-        signature = request.get("signature_name", CLASSIFY_KEY)
+        # TF Serving's default signature is serving_default, a predict one: classify must name its signature
+        signature = request.get("signature_name", PREDICT_KEY)
         if signature != CLASSIFY_KEY:
-            raise RestError(400, f"signature {signature!r} is not a classify signature; use classify")
+            raise RestError(400, f"signature {signature!r} is not a classify signature: expected classification "
+                                 "signature method_name to be tensorflow/serving/classify (TF Serving defaults to "
+                                 f"serving_default); send \"signature_name\": \"{CLASSIFY_KEY}\"")
         examples = request.get("examples")
         if not isinstance(examples, list) or not examples:
             raise RestError(400, f"expected 'examples': a non-empty list of {{\"{INPUT}\": [{INPUT_SIZE} floats]}}")

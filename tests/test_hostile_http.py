@@ -14,6 +14,11 @@ from tests.helpers import Server
 pytestmark = pytest.mark.slow
 MODEL = "/v1/models/emnist_mlp"
 PREDICT, CLASSIFY = f"{MODEL}:predict", f"{MODEL}:classify"
+
+
+def named(request: dict) -> bytes:
+    """A classify request naming its signature, as TF Serving requires (its default is a predict one)."""
+    return json.dumps({"signature_name": "classify", **request}).encode()
 ROW = [0.5] * 784
 
 
@@ -81,19 +86,21 @@ BODIES = [
      "instance 0 is an object with ['pixels']; expected only 'images'"),
     ("predict-with-classify-signature", PREDICT,
      json.dumps({"signature_name": "classify", "instances": [ROW]}).encode(), 400, "'classify' is not a predict"),
-    ("classify-context-string", CLASSIFY, json.dumps({"context": "x", "examples": [{"images": ROW}]}).encode(), 400,
+    ("classify-context-string", CLASSIFY, named({"context": "x", "examples": [{"images": ROW}]}), 400,
      "expected 'context' to be an object of features, found str"),
-    ("classify-context-list", CLASSIFY, json.dumps({"context": [1], "examples": [{"images": ROW}]}).encode(), 400,
+    ("classify-context-list", CLASSIFY, named({"context": [1], "examples": [{"images": ROW}]}), 400,
      "found list"),
-    ("classify-examples-object", CLASSIFY, b'{"examples": {"images": 1}}', 400,
+    ("classify-examples-object", CLASSIFY, named({"examples": {"images": 1}}), 400,
      "expected 'examples': a non-empty list"),
-    ("classify-example-number", CLASSIFY, b'{"examples": [7]}', 400, "example 0 is not an object"),
-    ("classify-example-without-images", CLASSIFY, b'{"examples": [{"pixels": [1]}]}', 400,
+    ("classify-example-number", CLASSIFY, named({"examples": [7]}), 400, "example 0 is not an object"),
+    ("classify-example-without-images", CLASSIFY, named({"examples": [{"pixels": [1]}]}), 400,
      "example 0 has no feature 'images'"),
+    ("classify-without-signature", CLASSIFY, json.dumps({"examples": [{"images": ROW}]}).encode(), 400,
+     "expected classification signature method_name to be tensorflow/serving/classify"),
     ("classify-with-predict-signature", CLASSIFY,
      json.dumps({"signature_name": "serving_default", "examples": [{"images": ROW}]}).encode(), 400,
      "is not a classify signature"),
-    ("classify-string-pixels", CLASSIFY, json.dumps({"examples": [{"images": ["1"] * 784}]}).encode(), 400,
+    ("classify-string-pixels", CLASSIFY, named({"examples": [{"images": ["1"] * 784}]}), 400,
      "found string values"),
     ("unknown-model", "/v1/models/other:predict", json.dumps({"instances": [ROW]}).encode(), 404,
      "Servable not found for request: other"),

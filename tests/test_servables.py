@@ -241,7 +241,8 @@ def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
         columnar = {"inputs": {"images": images[:2].tolist()}}
         status, body = server.post("/v1/models/emnist_mlp/versions/1:predict", columnar)
         assert status == 200 and len(body["outputs"]) == 2
-        status, body = server.post("/v1/models/emnist_mlp:classify", {"examples": [{"images": images[0].tolist()}]})
+        status, body = server.post("/v1/models/emnist_mlp:classify",
+                                   {"signature_name": "classify", "examples": [{"images": images[0].tolist()}]})
         assert status == 200 and [label for label, _ in body["results"][0]] == [str(d) for d in range(10)]
         status, body = server.get("/v1/models/emnist_mlp/metadata")
         signature_defs = body["metadata"]["signature_def"]["signature_def"]
