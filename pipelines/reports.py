@@ -65,16 +65,20 @@ def confusion_matrix_png(path: Path, labels: tuple[str, ...], truth: np.ndarray,
 
 
 def training_curves_png(path: Path, history: list[dict]) -> None:
-    """Training loss and test accuracy per epoch."""
+    """Training loss and validation accuracy per epoch (the test split is evaluated once, after training)."""
     plt = pyplot()
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
     loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o")
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("training loss (cross-entropy)")
-    accuracy_axis.plot(epochs, [row["test_accuracy"] for row in history], marker="o", color="#2e8b57")
+    accuracy_axis.plot(epochs, [row["val_accuracy"] for row in history], marker="o", color="#2e8b57")
+    best = max(history, key=lambda row: row["val_accuracy"], default=None)
+    if best is not None:
+        accuracy_axis.axvline(best["epoch"], color="#999999", linestyle="--", label=f"kept: epoch {best['epoch']}")
+        accuracy_axis.legend(loc="lower right")
     accuracy_axis.set_xlabel("epoch")
-    accuracy_axis.set_ylabel("test accuracy")
+    accuracy_axis.set_ylabel("validation accuracy")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

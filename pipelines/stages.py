@@ -184,7 +184,7 @@ def data_stage(ctx: Context) -> StageResult:
 def train_stage(ctx: Context) -> StageResult:
     from training.checkpoint import load_checkpoint, save_checkpoint
     from training.model import ARCHITECTURES, ModelConfig, macs_per_example
-    from training.train import TrainConfig, evaluate, train
+    from training.train import TrainConfig, evaluate, split_validation, train
 
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
@@ -194,8 +194,9 @@ def train_stage(ctx: Context) -> StageResult:
                                learning_rate=config.learning_rate, seed=config.seed)
     path = ctx.run_dir / "model.pt"
     if config.nproc * config.nnodes == 1:
-        model, metrics = train(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                               model_config, train_config)
+        x_fit, y_fit, x_val, y_val = split_validation(arrays["x_train"], arrays["y_train"], config.seed)
+        model, metrics = train(x_fit, y_fit, x_val, y_val, model_config, train_config)
+        metrics["test_accuracy"] = evaluate(model, arrays["x_test"], arrays["y_test"])  # once, at the end
         save_checkpoint(path, model, labels, ctx.manifest.artifacts["dataset"].sha256, metrics, train_config)
     else:
         metrics = train_distributed(ctx, model_config, train_config, path)
@@ -210,7 +211,8 @@ def train_stage(ctx: Context) -> StageResult:
 
     curves = ctx.run_dir / "training_curves.png"
     training_curves_png(curves, metrics["history"])
-    history = {f"epoch_{row['epoch']}_test_accuracy": row["test_accuracy"] for row in metrics["history"]}
+    history = {f"epoch_{row['epoch']}_val_accuracy": row["val_accuracy"] for row in metrics["history"]}
+    ctx.manifest.facts["best_epoch"] = metrics.get("best_epoch")
     return StageResult(
         made=[Made("checkpoint", path, ("dataset", "labels"))],
         params={"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
@@ -219,7 +221,8 @@ def train_stage(ctx: Context) -> StageResult:
                 **({"hidden_sizes": str(model_config.hidden_sizes)} if config.model == "mlp" else
                    {"channels": str(model_config.channels)}),
                 "macs_per_example": macs_per_example(model)},
-        metrics={"test_accuracy": accuracy, "train_loss": metrics["train_loss"], **history},
+        metrics={"test_accuracy": accuracy, "train_loss": metrics["train_loss"],
+                 "val_accuracy": metrics["val_accuracy"], "best_epoch": metrics["best_epoch"], **history},
         log_artifacts=[path, curves],
         models=[ModelToLog("pytorch", path, golden_inputs(ctx)[:4])],
     )

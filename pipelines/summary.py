@@ -23,7 +23,8 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
                      f"{dataset['test_examples']} test, {dataset['num_classes']} classes, "
                      f"digest {dataset['digest'][:12]})")
     if "test_accuracy" in facts:
-        lines.append(f"  test accuracy  {facts['test_accuracy']:.2%} (PyTorch)")
+        kept = f", epoch {facts['best_epoch']} kept for its validation accuracy" if facts.get("best_epoch") else ""
+        lines.append(f"  test accuracy  {facts['test_accuracy']:.2%} (PyTorch{kept})")
     source = facts.get("source")
     if source:
         lines.append(f"  imported       {source['path']} (sha256 {source['sha256'][:12]}, opset {source['opset']}, "

@@ -101,3 +101,29 @@ def test_labels_must_match_class_count(tmp_path):
     path, _ = save(tmp_path, labels=("x", "y"))
     with pytest.raises(CheckpointError, match="has 2 labels for 3 classes"):
         load_checkpoint(path)
+
+
+def test_the_validation_split_is_seeded_disjoint_and_a_tenth():
+    from training.train import split_validation
+
+    x = np.arange(1000)[:, None].repeat(2, axis=1)
+    y = np.arange(1000)
+    x_fit, y_fit, x_val, y_val = split_validation(x, y, seed=1)
+    assert len(y_val) == 100 and len(y_fit) == 900 and not set(y_fit) & set(y_val)
+    assert np.array_equal(split_validation(x, y, seed=1)[3], y_val)
+    assert not np.array_equal(split_validation(x, y, seed=2)[3], y_val)
+    assert np.array_equal(x_val[:, 0], y_val)  # images and labels stay paired
+
+
+def test_the_epoch_kept_is_the_one_with_the_best_validation_accuracy():
+    from training.train import evaluate
+
+    x_train, y_train, x_val, y_val = tiny_data()
+    model, metrics = train(x_train, y_train, x_val, y_val, CONFIG,
+                           TrainConfig(epochs=8, batch_size=8, learning_rate=3e-2, seed=0), progress=False)
+    accuracies = [row["val_accuracy"] for row in metrics["history"]]
+    best = int(np.argmax(accuracies)) + 1  # the earliest of equals
+    assert best < len(accuracies) and accuracies[-1] < max(accuracies)  # this seed's last epoch is not the best
+    assert metrics["best_epoch"] == best and metrics["val_accuracy"] == max(accuracies)
+    assert evaluate(model, x_val, y_val) == max(accuracies)  # the model returned is that epoch's
+    assert "test_accuracy" not in metrics  # the test split is the caller's, evaluated once

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.checkpoint import save_checkpoint
     from training.model import ModelConfig
-    from training.train import TrainConfig, World, train
+    from training.train import TrainConfig, World, evaluate, split_validation, train
 
     args = build_parser().parse_args(argv)
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         train_config = TrainConfig(**json.loads(args.train_config))
         log.info("started: world size %d, %d threads, backend %s", size, torch.get_num_threads(),
                  dist.get_backend())
-        model, metrics = train(x_train, y_train, x_test, y_test, model_config, train_config, progress=False,
+        x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train, train_config.seed)
+        model, metrics = train(x_fit, y_fit, x_val, y_val, model_config, train_config, progress=False,
                                world=World(rank, size), device=device,
                                on_epoch=lambda row: log.info("epoch %d done", row["epoch"]))
         if rank == 0:
+            metrics["test_accuracy"] = evaluate(model, x_test, y_test)  # the test split, once, at the end
             args.out.mkdir(parents=True, exist_ok=True)
             partial = args.out / f"{CHECKPOINT}.partial"
             save_checkpoint(partial, model, labels, args.dataset_sha256, metrics, train_config)

@@ -25,6 +25,20 @@ from training.model import ModelConfig, build_model
 log = logging.getLogger(__name__)
 
 
+# One tenth of the training split is held out, seeded, for per-epoch reporting and for choosing the
+# epoch to keep: the test split is touched once, at the end (a conventional holdout share, not tuned).
+VALIDATION_FRACTION = 0.1
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                       np.ndarray]:
+    """(x_fit, y_fit, x_val, y_val): a seeded random tenth of the training split held out (at least one image)."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    held = max(1, round(len(y) * VALIDATION_FRACTION)) if len(y) > 1 else 0
+    fit, val = np.sort(order[held:]), np.sort(order[:held])
+    return x[fit], y[fit], x[val], y[val]
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in a distributed run (torchrun's RANK and WORLD_SIZE)."""
@@ -61,8 +75,8 @@ class TrainConfig:
 def train(
     x_train: np.ndarray,
     y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
     model_config: ModelConfig,
     config: TrainConfig,
     *,
@@ -72,6 +86,9 @@ def train(
     device: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train the configured architecture; same inputs, seed and world size give the same weights on the same machine.
+
+    ``x_val``/``y_val`` (:func:`split_validation`) are evaluated after every epoch and choose the model kept:
+    the epoch with the best validation accuracy (the earliest of equals), not the last one.
 
     With ``world.size`` > 1 the process group must be initialised: the model is wrapped in
     DistributedDataParallel and the returned model is the unwrapped module (its state_dict
@@ -99,6 +116,7 @@ def train(
     steps = math.ceil(len(inputs) / config.batch_size)
     lead = world.rank == 0
     history = []
+    best: tuple[float, int, dict] | None = None  # (validation accuracy, epoch, weights) of the epoch kept
     for epoch in range(1, config.epochs + 1):
         trained.train()
         total_loss, seen = 0.0, 0
@@ -114,16 +132,22 @@ def train(
                 bar.update(1)
         row = {"epoch": epoch, "train_loss": _mean_over_ranks(total_loss, seen, world)}
         if lead:
-            row["test_accuracy"] = evaluate(model, x_test, y_test)
+            row["val_accuracy"] = evaluate(model, x_val, y_val)
             history.append(row)
-            log.info("epoch %d/%d  loss %.4f  test accuracy %.4f", epoch, config.epochs, row["train_loss"],
-                     row["test_accuracy"])
+            log.info("epoch %d/%d  loss %.4f  validation accuracy %.4f", epoch, config.epochs, row["train_loss"],
+                     row["val_accuracy"])
+            if best is None or row["val_accuracy"] > best[0]:
+                best = (row["val_accuracy"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if on_epoch is not None:
             on_epoch(row)
+    if best is not None:
+        model.load_state_dict(best[2])
     model.eval().cpu()
+    kept = history[best[1] - 1] if best is not None else {}
     metrics = {
-        "train_loss": history[-1]["train_loss"] if history else float("nan"),
-        "test_accuracy": evaluate(model, x_test, y_test) if lead else float("nan"),
+        "train_loss": kept.get("train_loss", float("nan")),
+        "val_accuracy": kept.get("val_accuracy", float("nan")),
+        "best_epoch": best[1] if best is not None else None,
         "history": history,
         "world_size": world.size,
     }
