@@ -23,9 +23,10 @@ from export.servable import signature_problems  # the one SignatureDef checker; 
 from export.warmup import WARMUP_FILE
 
 
-def models_config_problems(models_dir: Path, *, signatures: bool = True) -> list[str]:
+def models_config_problems(models_dir: Path, *, signatures: bool = True, serving_root: str = "/models") -> list[str]:
     """``models.config`` parsed with TF Serving's own ``ModelServerConfig`` proto, and checked (with every listed
-    version's signatures unless ``signatures`` is False)."""
+    version's signatures unless ``signatures`` is False). A base path under ``serving_root`` (where TF Serving
+    mounts the repository) is checked in ``models_dir``; any other must exist on this machine."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -40,8 +41,11 @@ def models_config_problems(models_dir: Path, *, signatures: bool = True) -> list
     except text_format.ParseError as error:
         return [f"{path} is not a ModelServerConfig: {error}"]
     problems = []
+    root = serving_root.rstrip("/") + "/"
     for entry in config.model_config_list.config:
         base = Path(entry.base_path)
+        if entry.base_path.startswith(root):  # as TF Serving sees it in its container: here, the repository
+            base = Path(models_dir) / entry.base_path[len(root):]
         if entry.model_platform != "tensorflow":
             problems.append(f"{entry.name}: model_platform {entry.model_platform!r}, expected 'tensorflow'")
         if not base.is_absolute():
@@ -51,6 +55,9 @@ def models_config_problems(models_dir: Path, *, signatures: bool = True) -> list
         if not versions(base):
             problems.append(f"{entry.name}: base_path {base} holds no integer version directories")
             continue
+        problems += [f"{entry.name}: version label {label!r} points at version {number}, which {base} does not hold "
+                     "(TF Serving refuses labels of versions it does not serve)"
+                     for label, number in entry.version_labels.items() if number not in versions(base)]
         for number in versions(base) if signatures else ():
             problems += [f"{entry.name}/{number}: {p}" for p in signature_problems(base / str(number))]
     if not config.model_config_list.config:
@@ -149,7 +156,7 @@ def judge_version(version_dir: Path) -> list[tuple[str, str]]:
 WARNING = "warning"
 
 
-def judge(path: Path) -> dict[str, list[tuple[str, str]]]:
+def judge(path: Path, serving_root: str = "/models") -> dict[str, list[tuple[str, str]]]:
     """Findings per version for a model repository (with models.config), one model's directory, or one version."""
     from crossport.interface import MODELS_CONFIG
     from export.publish import versions
@@ -160,7 +167,7 @@ def judge(path: Path) -> dict[str, list[tuple[str, str]]]:
         return {path.name: judge_version(path)}
     if (path / MODELS_CONFIG).is_file():
         found: dict[str, list[tuple[str, str]]] = {}
-        problems = models_config_problems(path, signatures=False)
+        problems = models_config_problems(path, signatures=False, serving_root=serving_root)
         if problems:  # TF Serving refuses a config it cannot parse, or a model with no version to load
             found[MODELS_CONFIG] = [(CROSSPORT_ONLY if "is relative" in p else TF_SERVING_REFUSES, p)
                                     for p in problems]
@@ -181,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Check servables against TF Serving's rules and crossport's contract, offline: a model "
                     "repository (models.config), one model's directory or one version, crossport's or not.")
     parser.add_argument("path", type=Path, help="model repository, model directory or version directory")
+    parser.add_argument("--serving-root", default="/models",
+                        help="where TF Serving mounts the repository: models.config base paths under it are checked "
+                             "in PATH (default: /models)")
     args = parser.parse_args(argv)
     try:
-        found = judge(args.path)
+        found = judge(args.path, args.serving_root)
     except CrossportError as error:
         return report(error)
     problems = 0

@@ -32,6 +32,12 @@ def versions(base: Path) -> list[int]:
     return sorted(int(child.name) for child in base.iterdir() if child.is_dir() and child.name.isdigit())
 
 
+# Where TF Serving sees the model repository: the path the usual container mount gives it
+# (docker run -v "$PWD/models:/models" tensorflow/serving --model_config_file=/models/models.config).
+SERVING_ROOT = "/models"
+VALIDATED_LABEL = "validated"  # the registry alias, mirrored as a TF Serving version label
+
+
 def publish_version(
     models_dir: Path,
     name: str,
@@ -39,6 +45,7 @@ def publish_version(
     finalize: Callable[[Path, int], None],
     *,
     attempts: int = 20,
+    serving_root: str | None = SERVING_ROOT,
 ) -> tuple[int, Path]:
     """Build a version with ``build(tmp)``, stamp it with ``finalize(tmp, N)``, rename to ``N``."""
     base = Path(models_dir) / name
@@ -63,7 +70,7 @@ def publish_version(
                     continue
                 raise
             _fsync_dir(base)
-            write_models_config(Path(models_dir))
+            write_models_config(Path(models_dir), serving_root)
             return version, target
         raise PublishError(f"could not claim a free version number under {base} in {attempts} attempts.",
                            hint="Another process keeps publishing there; try again.")
@@ -158,8 +165,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_models_config(models_dir: Path) -> Path:
-    """Rewrite ``models.config`` (TF Serving ``ModelServerConfig`` text) listing every published model."""
+def write_models_config(models_dir: Path, serving_root: str | None = SERVING_ROOT) -> Path:
+    """Rewrite ``models.config`` (TF Serving ``ModelServerConfig`` text) listing every published model.
+
+    Base paths are ``<serving_root>/<name>``, where TF Serving finds the repository (None: this machine's
+    absolute paths). Each model's newest version — every published version passed the gate — carries the
+    version label ``validated``."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -168,8 +179,9 @@ def write_models_config(models_dir: Path) -> Path:
         if child.is_dir() and not child.name.startswith(".") and versions(child):
             entry = config.model_config_list.config.add()
             entry.name = child.name
-            entry.base_path = str(child.resolve())
+            entry.base_path = f"{serving_root.rstrip('/')}/{child.name}" if serving_root else str(child.resolve())
             entry.model_platform = "tensorflow"
+            entry.version_labels[VALIDATED_LABEL] = versions(child)[-1]
     path = models_dir / MODELS_CONFIG
     write_bytes_atomic(path, (CONFIG_HEADER + text_format.MessageToString(config)).encode())
     return path

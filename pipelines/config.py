@@ -40,6 +40,7 @@ class PipelineConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     models_dir: str = "models"
+    serving_root: str = "/models"  # where TF Serving mounts the models directory (models.config's base paths)
     name: str = "emnist_mlp"
     tracking_uri: str | None = None
     tracking: bool = True

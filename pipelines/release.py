@@ -81,7 +81,8 @@ def publish_run(ctx) -> tuple[int, Path]:
         (extra / "SERVABLE.md").write_text(render_markdown(card))
         write_json_atomic(extra / "manifest.json", version_manifest(ctx, staging, version, extras))
 
-    version, path = publish_version(Path(ctx.config.models_dir), ctx.config.name, build, finalize)
+    version, path = publish_version(Path(ctx.config.models_dir), ctx.config.name, build, finalize,
+                                    serving_root=ctx.config.serving_root or None)
     manifest.facts["published"] = {"version": version, "path": str(path)}
     manifest.save()
     return version, path

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--seed", type=int, help="random seed for data split and training (default: 0)")
     parser.add_argument("--models-dir", help="published model repository (default: models)")
+    parser.add_argument("--serving-root", help="where TF Serving sees --models-dir: models.config's base paths are "
+                                               "<serving-root>/<name> (default: /models, the usual container "
+                                               "mount; '' for this machine's absolute paths)")
     parser.add_argument("--name", help="model name under the models directory (default: emnist_mlp)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                "sqlite:///<repo>/mlflow/mlflow.db)")
@@ -107,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {
         "dataset": args.dataset, "model": args.model, "data_dir": args.data_dir, "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
-        "models_dir": args.models_dir, "name": args.name,
+        "models_dir": args.models_dir, "name": args.name, "serving_root": args.serving_root,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,

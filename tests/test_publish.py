@@ -81,7 +81,25 @@ def test_models_config_is_a_tf_serving_model_server_config(tmp_path):
     publish_version(tmp_path, "alpha", build_with("x"), stamp)
     (tmp_path / "empty_model").mkdir()  # no versions: not listed
     config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
-    entries = [(c.name, c.base_path, c.model_platform) for c in config.model_config_list.config]
-    assert entries == [("alpha", str((tmp_path / "alpha").resolve()), "tensorflow"),
-                       ("beta", str((tmp_path / "beta").resolve()), "tensorflow")]
+    entries = [(c.name, c.base_path, c.model_platform, dict(c.version_labels)) for c in config.model_config_list.config]
+    # base paths as TF Serving sees them under the usual container mount; the newest version labelled validated
+    assert entries == [("alpha", "/models/alpha", "tensorflow", {"validated": 1}),
+                       ("beta", "/models/beta", "tensorflow", {"validated": 1})]
     assert write_models_config(tmp_path).read_text() == (tmp_path / "models.config").read_text()
+    publish_version(tmp_path, "alpha", build_with("y"), stamp, serving_root="/srv/tf/")
+    config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    assert [(c.base_path, c.version_labels["validated"]) for c in config.model_config_list.config] == [
+        ("/srv/tf/alpha", 2), ("/srv/tf/beta", 1)]
+    write_models_config(tmp_path, serving_root=None)  # this machine's own absolute paths
+    config = text_format.Parse((tmp_path / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    assert config.model_config_list.config[0].base_path == str((tmp_path / "alpha").resolve())
+
+
+def test_the_contract_check_reads_container_paths_in_the_repository(tmp_path):
+    from export.contract import models_config_problems
+
+    publish_version(tmp_path, "alpha", build_with("x"), stamp)
+    problems = models_config_problems(tmp_path, signatures=False)
+    assert problems == []  # /models/alpha is checked as tmp_path/alpha
+    assert models_config_problems(tmp_path, signatures=False, serving_root="/elsewhere") == [
+        "alpha: base_path /models/alpha holds no integer version directories"]

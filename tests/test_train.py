@@ -108,7 +108,7 @@ def test_the_validation_split_is_seeded_disjoint_and_a_tenth():
 
     x = np.arange(1000)[:, None].repeat(2, axis=1)
     y = np.arange(1000)
-    x_fit, y_fit, x_val, y_val = split_validation(x, y, seed=1)
+    _, y_fit, x_val, y_val = split_validation(x, y, seed=1)
     assert len(y_val) == 100 and len(y_fit) == 900 and not set(y_fit) & set(y_val)
     assert np.array_equal(split_validation(x, y, seed=1)[3], y_val)
     assert not np.array_equal(split_validation(x, y, seed=2)[3], y_val)
