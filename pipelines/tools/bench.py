@@ -30,7 +30,7 @@ import numpy as np
 
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
-from crossport.formats import BY_NAME, FORMATS, SERVED
+from crossport.formats import BY_NAME, FORMATS, SERVED, TFLITE_FORMATS
 from crossport.interface import ASSETS_EXTRA, INPUT, INPUT_SIZE
 from export.verify import read_manifest
 
@@ -62,7 +62,7 @@ def load_runtime(name: str, version_dir: Path, checkpoint: Path | None, threads:
 
 
 # the runtimes whose thread count the benchmark varies (one thread against every core)
-THREADED = ("onnxruntime", "tflite_fp32", "tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full")
+THREADED = ("onnxruntime", *(fmt.name for fmt in TFLITE_FORMATS))
 
 
 # Peak RSS is read from /proc/self/status (VmHWM): it belongs to the process image and
