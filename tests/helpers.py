@@ -62,10 +62,10 @@ class PicklePayload:
 class Server:
     """``python -m pipelines.serve`` in its own process, with a small JSON client."""
 
-    def __init__(self, model_dir: Path, backend: str, *extra: str) -> None:
+    def __init__(self, model_dir: Path, backend: str, *extra: str, port: int | None = None) -> None:
         from tests.conftest import ROOT, free_port
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend, "--port", str(self.port),

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from crossport.interface import INPUT, SCORES
-from tests.conftest import free_port
 from tests.helpers import Server
 
 pytestmark = pytest.mark.slow
@@ -19,8 +18,10 @@ def served(request, pipeline_run):
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-    port = free_port()
-    server = Server(pipeline_run.models_dir / "emnist_mlp", request.param, "--grpc-port", str(port))
+    from pipelines.tools.bench import _free_ports
+
+    rest_port, port = _free_ports(2)  # distinct: two ports chosen one after the other may be the same
+    server = Server(pipeline_run.models_dir / "emnist_mlp", request.param, "--grpc-port", str(port), port=rest_port)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=60)
     yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),

@@ -159,12 +159,16 @@ def matmul_ceiling(seconds: float, shapes: list[tuple[int, int, int]], macs_per_
 
 # --- HTTP under load -----------------------------------------------------------------------
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while choosing, so the kernel cannot hand one out twice)."""
+    import contextlib
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batch: int, images: np.ndarray,
@@ -173,14 +177,14 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
     (TF Serving's PredictionService, tensor_content); all on 127.0.0.1, the clients in this process."""
     import http.client
 
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = _free_ports(2)
     server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend,
                                "--port", str(port), "--grpc-port", str(grpc_port)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     body = json.dumps({"instances": images[:batch].tolist()}).encode()
     path = f"/v1/models/{model_dir.name}:predict"
-    call = _grpc_caller(grpc_port, model_dir.name, images[:batch]) if protocol == "grpc" else None
+    call = None
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -193,6 +197,8 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise CrossportError(f"pipelines.serve --backend {backend} did not start") from None
                 time.sleep(0.3)
+        if protocol == "grpc":  # the server answers REST once both of its listeners are up
+            call = _grpc_caller(grpc_port, model_dir.name, images[:batch])
         latencies: list[float] = []
         errors = [0]
         lock = threading.Lock()
