@@ -24,3 +24,8 @@ def integer(low: int, high: int = C_INT_MAX):
 
 
 PORT = integer(0, 65535)  # 0: any free port
+
+
+def summary_line(doc: str | None) -> str:
+    """A module docstring's first line as help text: reST's ``literals`` shown as plain text."""
+    return (doc or "").strip().splitlines()[0].replace("``", "") if doc and doc.strip() else ""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.cli import PORT, integer
+from crossport.cli import PORT, integer, summary_line
 from crossport.errors import ConfigError, CrossportError, ManifestError, report
 from crossport.formats import SERVED
 
@@ -61,6 +61,13 @@ def make_servable(model_dir: Path, version: int | None, backend: str, *, threads
                   allow_changed: bool = False):
     from export.rest import Servable, load_backend
     from export.verify import check_version
+
+    model_dir = Path(model_dir)
+    if (model_dir / "saved_model.pb").is_file() and model_dir.name.isdigit():  # a version directory was given
+        if version is not None and version != int(model_dir.name):
+            raise ConfigError(f"{model_dir} is version {model_dir.name}, but --version {version} was given.",
+                              hint="Pass the model directory with --version, or the version directory alone.")
+        model_dir, version = model_dir.parent, int(model_dir.name)
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
@@ -180,8 +187,9 @@ def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp")
+                                     description=summary_line(__doc__))
+    parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp, or one version "
+                                                     "directory, e.g. models/emnist_mlp/1")
     parser.add_argument("--version", type=integer(1), help="version to serve (default: the newest)")
     parser.add_argument("--backend", default="saved_model", choices=BACKENDS, help="runtime (default: saved_model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")

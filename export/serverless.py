@@ -17,6 +17,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from crossport.cli import summary_line
 from crossport.errors import ConfigError, CrossportError, PackageError, report
 from crossport.files import model_repository_around
 from crossport.formats import BY_NAME, SERVERLESS_VARIANTS
@@ -117,7 +118,7 @@ def _is_package_zip(archive: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.serverless", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("version_dir", type=Path, help="a published version: <models-dir>/<name>/<N>")
     parser.add_argument("--out", type=Path, required=True, help="package directory to write (DIR and DIR.zip)")
     parser.add_argument("--variant", default="fp32", choices=VARIANTS, help="TFLite variant (default: fp32)")
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in directory.iterdir()) / 1e6
     zipped = archive.stat().st_size / 1e6
     sys.stdout.write(f"package {directory} ({size:.2f} MB), zip {archive} ({zipped:.2f} MB)\n"
-                     f"handler: handler.lambda_handler; install: pip install -r {directory / 'requirements.txt'}\n")
+                     f"handler: handler.lambda_handler; its runtime (requirements.txt) as a Lambda layer or container "
+                     f"image, or vendored: pip install -r {directory / 'requirements.txt'} --target {directory}, "
+                     "then zip the folder again\n")
     return 0
 
 

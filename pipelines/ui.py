@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from crossport.cli import PORT
+from crossport.cli import PORT, summary_line
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries
 
@@ -47,7 +47,7 @@ def check_store(store: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.ui", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("--store", type=Path, default=STORE, help="the tracking store folder (default: mlflow/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=5000, help="port (default: 5000)")

@@ -150,3 +150,14 @@ def test_mistakes_get_the_status_tf_serving_returns(served, case):
         getattr(prediction, method)(request, timeout=60)
     assert raised.value.code() == getattr(grpc.StatusCode, code)
     assert message in raised.value.details()
+
+
+def test_serve_takes_a_version_directory_as_export_serverless_does(pipeline_run):
+    from crossport.errors import ConfigError
+    from export.serve import make_servable
+
+    version = pipeline_run.models_dir / "emnist_mlp" / "1"
+    servable = make_servable(version, None, "onnx")
+    assert (servable.name, servable.version) == ("emnist_mlp", 1)
+    with pytest.raises(ConfigError, match=r"is version 1, but --version 2 was given"):
+        make_servable(version, 2, "onnx")

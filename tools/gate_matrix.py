@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from crossport.cli import summary_line
+
 LOSSY = ("tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full")
 
 
@@ -41,7 +43,7 @@ def summarize(report: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.gate_matrix", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, required=True, help="where the runs go (one directory per run)")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.cli import summary_line
+
 
 def round1_refuses(reference: dict, candidate: dict) -> bool:
     scores = np.abs(candidate["scores"] - reference["scores"]) > 1e-5
@@ -54,7 +56,7 @@ def smallest_refused(refuses, low: float = 1e-8, high: float = 1e-1, steps: int 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.gate_power", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--examples", type=int, default=0, help="test images to use (default: all)")
     args = parser.parse_args(argv)

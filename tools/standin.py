@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.cli import summary_line
+
 log = logging.getLogger("crossport.standin")
 
 DIGITS = string.digits
@@ -137,7 +139,7 @@ def write_archive(out: Path, splits: tuple[str, ...] = ("byclass",), scale: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.standin", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("--out", type=Path, required=True, help="directory for gzip.zip (a crossport --data-dir)")
     parser.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=["byclass"],
                         help="splits to write (default: byclass)")

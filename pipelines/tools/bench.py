@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.cli import summary_line
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
 from crossport.formats import BY_NAME, FORMATS, SERVED, TFLITE_FORMATS
@@ -485,7 +486,7 @@ def render_chart(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("version_dir", nargs="?", type=Path,
                         help="a published version (default: the newest under models/emnist_mlp)")
     parser.add_argument("--quick", action="store_true", help="a run under a minute (fewer repeats, fewer backends)")

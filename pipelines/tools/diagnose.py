@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from crossport.cli import integer
+from crossport.cli import integer, summary_line
 from crossport.errors import CrossportError, report
 
 log = logging.getLogger("crossport")
@@ -21,7 +21,7 @@ log = logging.getLogger("crossport")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.diagnose", allow_abbrev=False,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary_line(__doc__))
     parser.add_argument("run_dir", type=Path, help="a run directory with export and translate done")
     parser.add_argument("--examples", type=integer(1), default=512, help="test images to run (default: 512)")
     parser.add_argument("--json", action="store_true", help="print the full node table as JSON")
