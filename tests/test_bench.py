@@ -60,3 +60,10 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     markdown = (tmp_path / "bench.md").read_text()
     assert "% of ceiling" in markdown and "serverless package" in markdown and "web service backend" in markdown
     assert markdown in result.stdout
+    assert f"wrote bench.json, bench.md, bench.png to {tmp_path}; not tracked" in result.stdout
+    advice = markdown.split("Recommendation on this machine")[1]
+    served = {n: info for n, info in report["runtimes"].items() if n != "pytorch"}
+    fastest = min(served, key=lambda n: served[n]["batch1"]["p50_ms"])
+    busiest = max(served, key=lambda n: served[n]["batch128"]["examples_per_s"])
+    assert f"- lowest latency: {fastest} (" in advice and f"- highest throughput: {busiest} (" in advice
+    assert "- smallest: " in advice

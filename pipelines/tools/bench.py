@@ -463,6 +463,9 @@ def render_markdown(results: dict) -> str:
                      f"{row['p99_ms']:.1f} | {row['errors']} |")
     stages = results["pipeline_stage_wall_s"]
     lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
+    advice = recommendations(results)
+    if advice:
+        lines += ["", "Recommendation on this machine (every format listed passed the parity gate):", *advice]
     return "\n".join(lines) + "\n"
 
 
@@ -508,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         write_bytes_atomic(out / "bench.json", (json.dumps(results, indent=2) + "\n").encode())
         write_bytes_atomic(out / "bench.md", render_markdown(results).encode())
         render_chart(results, out / "bench.png")
-        if not args.no_tracking:
-            _log_to_mlflow(version_dir, out)
+        tracked = None if args.no_tracking else _log_to_mlflow(version_dir, out)
         if args.compare:
             compared = [results] + [benchmark(other, args.quick) for other in args.compare]
             comparison = render_comparison(compared)
@@ -519,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(render_markdown(results))
     if args.compare:
         sys.stdout.write("\n" + comparison)
+    names = ("bench.json", "bench.md", "bench.png", *(("compare.md",) if args.compare else ()))
+    written = ", ".join(names)
+    sys.stdout.write(f"\nwrote {written} to {out}" + (f"; {tracked}" if tracked else "; not tracked") + "\n")
     return 0
 
 
@@ -551,14 +556,36 @@ def results_run_dir(version_dir: Path) -> str:
     return read_manifest(version_dir)["run_dir"]
 
 
-def _log_to_mlflow(version_dir: Path, out: Path) -> None:
-    """A ``bench`` run in the version's experiment, with the numbers and the three files."""
+def _log_to_mlflow(version_dir: Path, out: Path) -> str | None:
+    """A ``bench`` run in the version's experiment, with the numbers and the three files: where it went."""
     from pipelines.tracking import log_benchmark
 
     manifest = read_manifest(version_dir)
     uri = (manifest.get("mlflow") or {}).get("tracking_uri")
     if uri:
-        log_benchmark(uri, manifest["name"], json.loads((out / "bench.json").read_text()), out)
+        run_id = log_benchmark(uri, manifest["name"], json.loads((out / "bench.json").read_text()), out)
+        return f"MLflow run {run_id} in {uri}, experiment {manifest['name']!r}"
+    return None
+
+
+def recommendations(results: dict) -> list[str]:
+    """One line per goal: the format that serves it best here, with what it costs in accuracy."""
+    runtimes = {name: info for name, info in results["runtimes"].items() if name != "pytorch"}
+    if not runtimes:
+        return []
+
+    def accuracy(name: str) -> str:
+        value = runtimes[name].get("test_accuracy")
+        return f", test accuracy {value:.2%}" if value is not None else ""
+
+    fastest = min(runtimes, key=lambda n: runtimes[n]["batch1"]["p50_ms"])
+    busiest = max(runtimes, key=lambda n: runtimes[n]["batch128"]["examples_per_s"])
+    smallest = min(runtimes, key=lambda n: runtimes[n]["artifact_bytes"] or float("inf"))
+    return [f"- lowest latency: {fastest} ({runtimes[fastest]['batch1']['p50_ms']:.3f} ms p50 at batch 1"
+            f"{accuracy(fastest)})",
+            f"- highest throughput: {busiest} ({runtimes[busiest]['batch128']['examples_per_s']:,.0f} ex/s at "
+            f"batch 128{accuracy(busiest)})",
+            f"- smallest: {smallest} ({(runtimes[smallest]['artifact_bytes'] or 0) / 1e6:.2f} MB{accuracy(smallest)})"]
 
 
 if __name__ == "__main__":
