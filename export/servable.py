@@ -79,9 +79,28 @@ def set_method_name(saved_model_dir: Path, signature_key: str, method_name: str)
     proto = saved_model_pb2.SavedModel.FromString(pb_path.read_bytes())
     for meta_graph in proto.meta_graphs:
         meta_graph.signature_def[signature_key].method_name = method_name
-    pb_path.write_bytes(proto.SerializeToString())
+    # deterministic: protobuf writes map fields (signature defs, function attributes) in any order, so the
+    # same model would otherwise get other bytes, another hash and another published version each time
+    pb_path.write_bytes(proto.SerializeToString(deterministic=True))
     # The fingerprint hashes saved_model.pb; TF Serving and tf.saved_model tooling read it.
     fingerprinting_utils.write_fingerprint(str(saved_model_dir))
+    _derive_fingerprint_uuid(Path(saved_model_dir) / "fingerprint.pb")
+
+
+def _derive_fingerprint_uuid(path: Path) -> None:
+    """TensorFlow stamps each fingerprint with a random ``uuid``; here it is derived from the fingerprint's own
+    hashes (the same model, the same uuid), so an identical build is byte-identical."""
+    import hashlib
+
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    if not fingerprint.uuid:
+        return
+    fingerprint.uuid = ""
+    digest = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).digest()
+    fingerprint.uuid = str(int.from_bytes(digest[:16], "big"))  # TF writes a 128-bit integer in decimal
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 def read_signature_defs(saved_model_dir: Path) -> dict:

@@ -104,3 +104,25 @@ def test_the_card_describes_the_signatures_the_saved_model_is_checked_against(ti
             assert set(found) == set(signature[side])
             for name, text in signature[side].items():
                 assert text.startswith(types_pb2.DataType.Name(found[name].dtype) + " [-1")
+
+
+def test_the_same_graph_packages_to_the_same_bytes(tmp_path, tiny):
+    """The same inputs give a byte-identical SavedModel (and so the same published hash): protobuf's map order and
+    TensorFlow's random fingerprint uuid are both fixed."""
+    import subprocess
+    import sys
+
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    from crossport.files import sha256_path
+    from tests.conftest import ROOT
+
+    builds = []
+    for name in ("a", "b"):  # one process each, as each run is (TF numbers functions per process)
+        code = (f"from export.servable import build_saved_model; "
+                f"build_saved_model({str(tiny.tf_graph)!r}, {tuple(tiny.labels)!r}, {str(tmp_path / name)!r})")
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=300)
+        builds.append(tmp_path / name)
+    assert sha256_path(builds[0]) == sha256_path(builds[1])
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString((builds[0] / "fingerprint.pb").read_bytes())
+    assert fingerprint.uuid and fingerprint.saved_model_checksum  # still a complete fingerprint
