@@ -149,14 +149,19 @@ def _run(args: argparse.Namespace) -> int:
                           hint="Drop --tracking-uri, or start a new run (a new --run-dir) to track it from the start.")
     if config.node_rank != 0:
         return train_on_other_node(run_dir, config, args.stage)
-    tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
-    manifest = open_run(run_dir, config, fresh=args.stage == "all")
-    log.info("run directory %s", run_dir)
-    resume = args.stage == "all" and not args.force
+    from crossport.console import LOG_NAME, QuietConsole
+
     selected = select(args.stage, config)
-    walls = run_stages(manifest, config, selected, tracker, resume=resume)
-    skipped = [stage.name for stage in selected if stage.name not in walls]
-    sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # the frameworks' output (native code included) goes to run.log; crossport's own lines stay on the terminal
+    with QuietConsole(run_dir / LOG_NAME, OUR_PACKAGES, enabled=not args.debug):
+        tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
+        manifest = open_run(run_dir, config, fresh=args.stage == "all")
+        log.info("run directory %s (library output in %s)", run_dir, run_dir / LOG_NAME)
+        resume = args.stage == "all" and not args.force
+        walls = run_stages(manifest, config, selected, tracker, resume=resume)
+        skipped = [stage.name for stage in selected if stage.name not in walls]
+        sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
     return 0
 
 
@@ -227,12 +232,13 @@ def name_from_file(path: Path) -> str:
 
 def check_run_dir(run_dir: Path) -> None:
     """A run writes only into a new or empty directory, or into a crossport run it resumes."""
+    from crossport.console import LOG_NAME
     from pipelines.lock import LOCK_NAME
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} is a file, expected a directory.", hint="Pass a new --run-dir.")
     if run_dir.is_dir() and not (run_dir / "manifest.json").is_file() and any(
-            child.name != LOCK_NAME for child in run_dir.iterdir()):
+            child.name not in (LOCK_NAME, LOG_NAME) for child in run_dir.iterdir()):  # a run that stopped early
         raise ConfigError(
             f"--run-dir {run_dir} is not empty and is not a crossport run (no manifest.json): the pipeline would "
             "write over its files.",

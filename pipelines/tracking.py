@@ -89,6 +89,17 @@ class NullTracker:
         return None
 
 
+def _route_mlflow_logging() -> None:
+    """MLflow's loggers print through a handler of their own ("Creating initial MLflow database tables...");
+    without it their records go where every library's do: the root handler (run.log while a run is quiet)."""
+    import logging
+
+    logger = logging.getLogger("mlflow")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+
+
 class MlflowTracker:
     enabled = True
 
@@ -100,6 +111,7 @@ class MlflowTracker:
         self._check_reachable()
         import mlflow
 
+        _route_mlflow_logging()
         mlflow.set_tracking_uri(uri)
         try:
             found = mlflow.get_experiment_by_name(experiment)
@@ -208,7 +220,9 @@ class MlflowTracker:
             outputs = load_onnx(model.path)(example)
             signature = infer_signature(example, outputs)
             mlflow.onnx.log_model(onnx.load(str(model.path)), name="onnx_model", signature=signature,
-                                  input_example=example, pip_requirements=[
+                                  input_example=example,
+                                  # the CPU build crossport runs; MLflow's default lists CUDA and warns it is absent
+                                  onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=[
                                       f"onnx=={versions['onnx']}", f"onnxruntime=={versions['onnxruntime']}"])
         elif model.flavor == "tensorflow":
             import tensorflow as tf

@@ -35,6 +35,20 @@ def test_run_prints_a_summary(pipeline_run):
     assert "PASS" in out and "pytorch -> tflite_fp32" in out
 
 
+def test_the_console_shows_only_crossports_own_lines(pipeline_run):
+    """Without --debug, what TensorFlow, LiteRT, absl, ONNX Runtime and MLflow print (native code included) goes to
+    run.log; the terminal gets crossport's log lines (no progress bars: the output is not a terminal)."""
+    import re
+
+    ours = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
+    foreign = [line for line in pipeline_run.result.stderr.splitlines() if line.strip() and not ours.match(line)]
+    assert foreign == []
+    assert not any(ours.match(line) for line in pipeline_run.result.stdout.splitlines())  # stdout: the summary
+    log = (pipeline_run.run_dir / "run.log").read_text(errors="replace")
+    assert "stage validate done" in log  # crossport's lines are kept there too
+    assert re.search(r"oneDNN|XNNPACK|absl|cuda|tensorflow", log, re.IGNORECASE), log[-2000:]
+
+
 def test_published_layout_is_exactly_the_contract(pipeline_run):
     version = version_dir(pipeline_run)
     files = {p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()}

@@ -120,8 +120,9 @@ def train(
     for epoch in range(1, config.epochs + 1):
         trained.train()
         total_loss, seen = 0.0, 0
+        # progress None: a bar only on a terminal (tqdm's own check), never in a redirected log
         with tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                  disable=progress is False or not lead, leave=False) as bar:
+                  disable=(None if progress is None else not progress) if lead else True, leave=False) as bar:
             for batch in rank_batches(len(inputs), config.batch_size, config.seed, epoch - 1, world):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(trained(inputs[batch].to(device)), targets[batch].to(device))

@@ -1,0 +1,74 @@
+"""A quiet console: crossport's own lines on the terminal, everything the frameworks print in a log file.
+
+TensorFlow, LiteRT, absl, ONNX Runtime and MLflow write to the process's file descriptors
+1 and 2 from native code (``oneDNN custom operations are on``, ``failed call to cuInit``,
+``fully_quantize: 0 ...``), through Python's ``warnings`` and through their own loggers.
+:class:`QuietConsole` points descriptors 1 and 2 at the log file for its duration, so all
+of that lands there, while Python's ``sys.stdout`` / ``sys.stderr`` — crossport's log lines,
+progress bars, the summary, the one-line errors — keep writing to the terminal. Every
+line, crossport's included, also goes to the log file. ``--debug`` leaves the console
+alone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOG_NAME = "run.log"
+
+
+class QuietConsole:
+    def __init__(self, log_path: Path, packages: tuple[str, ...], *, enabled: bool = True) -> None:
+        self.log_path = Path(log_path)
+        self.packages = packages
+        self.enabled = enabled
+        self._saved: tuple[int, int] | None = None
+
+    def __enter__(self) -> QuietConsole:
+        if not self.enabled:
+            return self
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._log = open(self.log_path, "ab", buffering=0)
+        self._saved = (os.dup(1), os.dup(2))
+        self._streams = (sys.stdout, sys.stderr)
+        # Python's own streams keep the terminal: they write to copies of the original descriptors
+        terminal_out = io.TextIOWrapper(io.FileIO(os.dup(self._saved[0]), "w"), line_buffering=True)
+        terminal_err = io.TextIOWrapper(io.FileIO(os.dup(self._saved[1]), "w"), line_buffering=True)
+        os.dup2(self._log.fileno(), 1)
+        os.dup2(self._log.fileno(), 2)
+        sys.stdout, sys.stderr = terminal_out, terminal_err
+        # logging: the root handler writes to the original sys.stderr, whose descriptor 2 is now the log, so
+        # library loggers and warnings land there; crossport's loggers also get a handler on the terminal
+        logging.captureWarnings(True)
+        root = logging.getLogger()
+        template = next((h for h in root.handlers if isinstance(h, logging.StreamHandler)), None)
+        self._handler = logging.StreamHandler(terminal_err)
+        if template is not None and template.formatter is not None:
+            self._handler.setFormatter(template.formatter)
+        for name in self.packages:
+            logging.getLogger(name).addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is None:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for name in self.packages:
+            logging.getLogger(name).removeHandler(self._handler)
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+        for fd in self._saved:
+            os.close(fd)
+        terminal = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = self._streams
+        for stream in terminal:
+            stream.close()
+        logging.captureWarnings(False)
+        self._log.close()
+        self._saved = None
