@@ -292,9 +292,13 @@ def test_upload_page_in_headless_chromium(version, test_images, tmp_path):
     try:
         driver.get(server.url + "/")
         assert "Handwritten character" in driver.find_element(By.TAG_NAME, "h1").text
+        # before the first upload there is no picture to show: no broken-image placeholders
+        assert not any(img.is_displayed() for img in driver.find_elements(By.TAG_NAME, "img"))
         driver.find_element(By.ID, "file").send_keys(str(png))
         WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Top label:"))
         status = driver.find_element(By.ID, "status").text
+        WebDriverWait(driver, 30).until(
+            lambda d: all(img.is_displayed() for img in d.find_elements(By.TAG_NAME, "img")))
         rows = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "#top tbody tr")]
         screenshot = tmp_path / "upload.png"
         driver.save_screenshot(str(screenshot))
