@@ -152,10 +152,17 @@ def _run(args: argparse.Namespace) -> int:
     from crossport.console import LOG_NAME, QuietConsole
 
     selected = select(args.stage, config)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     # the frameworks' output (native code included) goes to run.log; crossport's own lines stay on the terminal
     with QuietConsole(run_dir / LOG_NAME, OUR_PACKAGES, enabled=not args.debug):
-        tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
+        try:
+            tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
+        except CrossportError:
+            if created:  # stopped before any work: leave no run directory behind, only the one line
+                (run_dir / LOG_NAME).unlink(missing_ok=True)
+                run_dir.rmdir()
+            raise
         manifest = open_run(run_dir, config, fresh=args.stage == "all")
         log.info("run directory %s (library output in %s)", run_dir, run_dir / LOG_NAME)
         resume = args.stage == "all" and not args.force
