@@ -89,6 +89,9 @@ class NullTracker:
         return None
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def _route_mlflow_logging() -> None:
     """MLflow's loggers print through a handler of their own ("Creating initial MLflow database tables...");
     without it their records go where every library's do: the root handler (run.log while a run is quiet)."""
@@ -110,6 +113,7 @@ class MlflowTracker:
         self.run_ids: dict[str, str] = {}
         self._check_reachable()
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         _route_mlflow_logging()
         mlflow.set_tracking_uri(uri)
@@ -123,6 +127,9 @@ class MlflowTracker:
             else:
                 self.experiment_id = found.experiment_id
             mlflow.set_experiment(experiment_id=self.experiment_id)
+            # the UI opens an experiment in model-training mode, not GenAI mode (its own tag for the choice)
+            MlflowClient(tracking_uri=uri).set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
+                                                              EXPERIMENT_KIND)
         except Exception as error:  # mlflow raises MlflowException, sqlalchemy errors, ...
             raise TrackingError(f"MLflow tracking store {uri} cannot be used: {str(error).splitlines()[0]}.",
                                 hint="Check --tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking.") from error

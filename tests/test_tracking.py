@@ -35,6 +35,11 @@ def test_one_parent_run_with_a_child_per_stage(runs):
     assert parent.data.params["dataset"] == "digits" and parent.data.params["epochs"] == "3"
 
 
+def test_the_experiment_opens_in_model_training_mode(client):
+    experiment = client.get_experiment_by_name("emnist_mlp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the UI's GenAI mode
+
+
 def test_provenance_is_on_the_parent_run(client, runs):
     parent, _ = runs
     tags = parent.data.tags
