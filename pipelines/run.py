@@ -181,19 +181,16 @@ def train_on_other_node(run_dir: Path, config, stage: str) -> int:
     import tempfile
 
     from pipelines.manifest import Manifest
-    from training.launch import Launch, launch_command, run_distributed
-    from training.model import ModelConfig
-    from training.train import TrainConfig
+    from pipelines.stages import launch_of, training_configs
+    from training.launch import launch_command, run_distributed
 
     if stage != "train":
         raise ConfigError(f"--node-rank {config.node_rank} runs this machine's share of --stage train; node 0 runs "
                           "the rest of the pipeline.", hint="Pass --stage train on this machine.")
     manifest = Manifest.load(run_dir)
     data, labels = manifest.require("dataset", for_stage="train"), manifest.require("labels", for_stage="train")
-    launch = Launch(config.nproc, config.nnodes, config.node_rank, config.rdzv_endpoint)
-    model_config = ModelConfig(arch=config.model, num_classes=len(labels.read_text().splitlines()))
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
-                               learning_rate=config.learning_rate, seed=config.seed)
+    launch = launch_of(config)
+    model_config, train_config = training_configs(config, len(labels.read_text().splitlines()))
     with tempfile.TemporaryDirectory(prefix="crossport-node-") as scratch:
         command = launch_command(launch, data=data, labels=labels, out=Path(scratch) / "ddp",
                                  log_dir=Path(scratch) / "torchrun", model_config=model_config,

@@ -181,17 +181,33 @@ def data_stage(ctx: Context) -> StageResult:
     return write_data(ctx, load_dataset(config.dataset, data_dir_from(config.data_dir), seed=config.seed))
 
 
+def training_configs(config, num_classes: int):
+    """The model and training-loop configs a run's settings give (the train stage and every node of a
+    distributed run build them the same way)."""
+    from training.model import ModelConfig
+    from training.train import TrainConfig
+
+    return (ModelConfig(arch=config.model, num_classes=num_classes),
+            TrainConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                        seed=config.seed))
+
+
+def launch_of(config):
+    """This machine's share of a distributed run (training.launch.Launch)."""
+    from training.launch import Launch
+
+    return Launch(config.nproc, config.nnodes, config.node_rank, config.rdzv_endpoint)
+
+
 def train_stage(ctx: Context) -> StageResult:
     from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.model import ARCHITECTURES, ModelConfig, macs_per_example
-    from training.train import TrainConfig, evaluate, split_validation, train
+    from training.model import ARCHITECTURES, macs_per_example
+    from training.train import evaluate, split_validation, train
 
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
     config = ctx.config
-    model_config = ModelConfig(arch=config.model, num_classes=len(labels))
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
-                               learning_rate=config.learning_rate, seed=config.seed)
+    model_config, train_config = training_configs(config, len(labels))
     path = ctx.run_dir / "model.pt"
     if config.nproc * config.nnodes == 1:
         x_fit, y_fit, x_val, y_val = split_validation(arrays["x_train"], arrays["y_train"], config.seed)
@@ -234,10 +250,10 @@ def train_distributed(ctx: Context, model_config, train_config, path: Path) -> d
     import shlex
     import shutil
 
-    from training.launch import Launch, launch_command, run_distributed
+    from training.launch import launch_command, run_distributed
 
     config = ctx.config
-    launch = Launch(config.nproc, config.nnodes, config.node_rank, config.rdzv_endpoint)
+    launch = launch_of(config)
     out, log_dir = ctx.run_dir / "ddp", ctx.run_dir / "torchrun"
     for own in (out, log_dir):  # written by this stage only: a re-run starts clean
         shutil.rmtree(own, ignore_errors=True)
