@@ -24,12 +24,13 @@ class Format:
     served: bool = True  # a backend of pipelines.serve
     serverless: bool = False  # can be packaged by export.serverless
     calibrated: bool = False  # converted with the calibration images too
+    arithmetic: str = "float32"  # what its matrix products run in on a CPU (the benchmark's ceiling is float32's)
 
 
-def _tflite(variant: str, *, lossy: bool, calibrated: bool = False) -> Format:
+def _tflite(variant: str, *, lossy: bool, calibrated: bool = False, arithmetic: str = "float32") -> Format:
     return Format(f"tflite_{variant}", f"{ASSETS_EXTRA}/model_{variant}.tflite", f"tflite_{variant}",
                   "saved_model:serving_default", "tflite", variant=variant, lossy=lossy, serverless=True,
-                  calibrated=calibrated)
+                  calibrated=calibrated, arithmetic=arithmetic)
 
 
 # In conversion order: each format's parent comes before it.
@@ -37,9 +38,9 @@ FORMATS: tuple[Format, ...] = (
     Format("onnx", f"{ASSETS_EXTRA}/model.onnx", "onnxruntime", "pytorch", "onnx"),
     Format("saved_model", ".", "saved_model:serving_default", "onnxruntime", "saved_model"),
     _tflite("fp32", lossy=False),
-    _tflite("fp16", lossy=True),
-    _tflite("int8_dynamic", lossy=True),
-    _tflite("int8_full", lossy=True, calibrated=True),
+    _tflite("fp16", lossy=True),  # float16 weights, widened to float32 on CPUs
+    _tflite("int8_dynamic", lossy=True, arithmetic="int8"),
+    _tflite("int8_full", lossy=True, calibrated=True, arithmetic="int8"),
 )
 BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 BY_RUNTIME = {fmt.runtime: fmt for fmt in FORMATS}

@@ -94,7 +94,16 @@ def _example_bytes(row: np.ndarray) -> bytes:
     return example.SerializeToString()
 
 
-def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
+def load_tflite(tflite_path: Path, threads: int | None = None, instances: int = 1) -> Predict:
+    """A TFLite file as a Predict that any number of threads may call at once.
+
+    An interpreter holds its input and output buffers, so two threads in one interpreter
+    overwrite each other's batch (LiteRT says it is not thread-safe; crossport measured wrong
+    scores and XNNPACK errors under 4 threads). Each call takes one of ``instances``
+    interpreters (``threads`` each) from a pool and waits when all are busy.
+    """
+    import queue
+
     from ai_edge_litert.interpreter import Interpreter
 
     from crossport.errors import CrossportError
@@ -103,24 +112,33 @@ def load_tflite(tflite_path: Path, threads: int | None = None) -> Predict:
         raise CrossportError(f"TFLite file {tflite_path} does not exist.",
                              hint="A version published with --undecided omit leaves out the lossy variants its "
                                   "test split could not judge; its servable.json lists them. Use another variant.")
-    interpreter = Interpreter(model_path=str(tflite_path), num_threads=threads)
-    runner = interpreter.get_signature_runner(PREDICT_KEY)
-    input_name = next(iter(runner.get_input_details()))
+    runners = [Interpreter(model_path=str(tflite_path), num_threads=threads).get_signature_runner(PREDICT_KEY)
+               for _ in range(max(1, instances))]
+    input_name = next(iter(runners[0].get_input_details()))
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    for runner in runners:
+        idle.put(runner)
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = runner(**{input_name: np.ascontiguousarray(images, dtype=np.float32)})
-        return {name: np.array(value) for name, value in outputs.items()}
+        runner = idle.get()
+        try:
+            outputs = runner(**{input_name: np.ascontiguousarray(images, dtype=np.float32)})
+            return {name: np.array(value) for name, value in outputs.items()}  # copies: the buffers are reused
+        finally:
+            idle.put(runner)
 
     return chunked(run)
 
 
-def load_format(fmt, path: Path, threads: int | None = None) -> Predict:
+def load_format(fmt, path: Path, threads: int | None = None, instances: int = 1) -> Predict:
     """Run the artifact at ``path`` as format ``fmt`` (a row of :data:`crossport.formats.FORMATS`).
 
-    In a published version the artifact is at ``version_dir / fmt.path``.
+    In a published version the artifact is at ``version_dir / fmt.path``. Every Predict may be
+    called from several threads at once; ``instances`` is how many TFLite calls run at once
+    (ONNX Runtime sessions and TensorFlow functions are thread-safe and run concurrent calls).
     """
     if fmt.loader == "saved_model":
         return load_saved_model(path, threads=threads)
     if fmt.loader == "onnx":
         return load_onnx(path, threads)
-    return load_tflite(path, threads)
+    return load_tflite(path, threads, instances)

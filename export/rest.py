@@ -43,15 +43,16 @@ class Backend:
     classify_examples: object | None  # SavedModel: serialized tf.Examples → (classes, scores)
 
 
-def load_backend(version_dir: Path, kind: str, threads: int | None = None) -> Backend:
-    """``threads``: intra-op threads of the runtime (TFLite interpreter, ONNX Runtime session, TensorFlow)."""
+def load_backend(version_dir: Path, kind: str, threads: int | None = None, instances: int = 1) -> Backend:
+    """``threads``: intra-op threads of the runtime (TFLite interpreter, ONNX Runtime session, TensorFlow);
+    ``instances``: TFLite interpreters answering at once (the other runtimes run concurrent calls themselves)."""
     from crossport.formats import BY_NAME
     from crossport.runtimes import load_format, load_saved_model
 
     if kind not in BY_NAME or not BY_NAME[kind].served:
         raise ValueError(f"unknown backend {kind!r}")
     fmt = BY_NAME[kind]
-    run = load_format(fmt, version_dir / fmt.path, threads)
+    run = load_format(fmt, version_dir / fmt.path, threads, instances)
     # only the SavedModel has TF Serving's classify signature
     classify = load_saved_model(version_dir, CLASSIFY_KEY, threads) if fmt.loader == "saved_model" else None
     return Backend(kind, lambda rows: run(rows)[SCORES], classify)

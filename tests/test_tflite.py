@@ -59,3 +59,35 @@ def test_full_int8_needs_enough_calibration_images(tiny, tmp_path, calibration):
 def test_unknown_variant_is_refused(tmp_path, tiny):
     with pytest.raises(PackageError, match="unknown TFLite variant 'int3'"):
         convert_tflite(tiny.saved_model, tmp_path / "x.tflite", "int3")
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_tflite_answers_concurrent_callers_each_with_its_own_batch(tiny, instances):
+    """An interpreter holds its own input and output buffers: callers in several threads (the web service's and
+    gRPC's workers) must each get their own batch's scores, never a neighbour's, never an XNNPACK error."""
+    import threading
+
+    import numpy as np
+
+    run = load_tflite(tiny.tflite, threads=1, instances=instances)
+    rng = np.random.default_rng(5)
+    batches = [rng.random((size, 784), dtype=np.float32) for size in (1, 3, 700, 1500)]
+    expected = [run(batch)["scores"] for batch in batches]
+    wrong: list[str] = []
+
+    def caller(index: int) -> None:
+        for _ in range(60):
+            try:
+                scores = run(batches[index])["scores"]
+            except RuntimeError as error:
+                wrong.append(f"batch {index}: {error}")
+                return
+            if scores.shape != expected[index].shape or not np.array_equal(scores, expected[index]):
+                wrong.append(f"batch {index}: another caller's scores")
+
+    threads = [threading.Thread(target=caller, args=(index,)) for index in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong, wrong[:3]

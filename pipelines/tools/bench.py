@@ -118,8 +118,15 @@ def cold_start(code: str, cwd: Path, repeats: int, isolated: bool = False) -> di
 
 # --- warm latency and throughput -----------------------------------------------------------
 
-def timed(run, batch: np.ndarray, seconds: float, min_calls: int = 20) -> list[float]:
-    run(batch)  # warm
+def timed(run, batch: np.ndarray, seconds: float, rounds: int = 5, min_calls: int = 10) -> list[list[float]]:
+    """Per-call seconds in ``rounds`` rounds of ``seconds / rounds`` each, after a warm-up round of the same length
+    (first-call allocations, thread pools spinning up and caches are the warm-up's, not the first round's)."""
+    per_round = seconds / rounds
+    _calls(run, batch, per_round, min_calls)  # warm-up, discarded
+    return [_calls(run, batch, per_round, min_calls) for _ in range(rounds)]
+
+
+def _calls(run, batch, seconds: float, min_calls: int) -> list[float]:
     latencies = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(latencies) < min_calls:
@@ -129,32 +136,42 @@ def timed(run, batch: np.ndarray, seconds: float, min_calls: int = 20) -> list[f
     return latencies
 
 
-def summarize(latencies: list[float], batch: int) -> dict:
-    values = np.asarray(latencies)
-    return {"batch": batch, "calls": len(values), "p50_ms": float(np.percentile(values, 50) * 1e3),
-            "p90_ms": float(np.percentile(values, 90) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
-            "requests_per_s": float(len(values) / values.sum()),
-            "examples_per_s": float(len(values) * batch / values.sum())}
+def summarize(rounds: list[list[float]], batch: int) -> dict:
+    """Latency percentiles over every call; throughput as the median round's, with the rounds' spread
+    ((max - min) / median of the round rates): repeated benchmarks are compared by the median, not by luck."""
+    values = np.concatenate([np.asarray(r) for r in rounds])
+    rates = np.asarray([len(r) / float(np.sum(r)) for r in rounds])
+    median = float(np.median(rates))
+    return {"batch": batch, "calls": len(values), "rounds": len(rounds),
+            "p50_ms": float(np.percentile(values, 50) * 1e3), "p90_ms": float(np.percentile(values, 90) * 1e3),
+            "p99_ms": float(np.percentile(values, 99) * 1e3),
+            "requests_per_s": median, "examples_per_s": median * batch,
+            "spread": float((rates.max() - rates.min()) / median)}
 
 
-def matmul_ceiling(seconds: float, shapes: list[tuple[int, int, int]], macs_per_example: int) -> dict:
+def matmul_ceiling(seconds: float, shapes: list[tuple[int, int, int]], macs_per_example: int,
+                   rounds: int = 5) -> dict:
     """This machine's float32 matmul rate at the model's own products (``shapes`` at batch 128, convolutions as
-    their im2col products), best of numpy and torch; in examples/s for a model of ``macs_per_example``."""
+    their im2col products), best of numpy and torch; in examples/s for a model of ``macs_per_example``.
+
+    Measured exactly as the runtimes are (:func:`timed`, median round), so a runtime's share of it compares like
+    with like. It is the float32 ceiling only: int8 kernels do four times the multiply-adds per instruction (VNNI), so
+    formats whose arithmetic is int8 get no share of it."""
     import torch
 
     rng = np.random.default_rng(0)
     mats = [(rng.random((m, k), dtype=np.float32), rng.random((k, n), dtype=np.float32)) for m, k, n in shapes]
     macs = sum(m * k * n for m, k, n in shapes)
-    results = {}
+    results, spreads = {}, {}
     for name, matmul, wrap in (("numpy", np.matmul, lambda a: a), ("torch", torch.matmul, torch.from_numpy)):
         pairs = [(wrap(a), wrap(b)) for a, b in mats]
         with torch.no_grad():
-            calls = timed(lambda _, matmul=matmul, pairs=pairs: [matmul(a, b) for a, b in pairs], None, seconds)
-        best = float(np.percentile(calls, 10))  # the machine's rate, not its noise
-        results[name] = macs / best
+            summary = summarize(timed(lambda _, matmul=matmul, pairs=pairs: [matmul(a, b) for a, b in pairs], None,
+                                      seconds, rounds), 1)
+        results[name], spreads[name] = macs * summary["requests_per_s"], summary["spread"]
     best_name = max(results, key=results.get)
     return {"macs_per_s": results[best_name], "gflops": 2 * results[best_name] / 1e9, "library": best_name,
-            "by_library_gflops": {k: 2 * v / 1e9 for k, v in results.items()},
+            "by_library_gflops": {k: 2 * v / 1e9 for k, v in results.items()}, "spread": spreads[best_name],
             "examples_per_s": results[best_name] / macs_per_example, "shapes": shapes}
 
 
@@ -284,6 +301,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
                           hint="Benchmark a version published on this machine.")
     seconds = 0.5 if quick else 3.0
     repeats = 1 if quick else 5
+    rounds = 3 if quick else 5  # timed rounds per measurement, after a warm-up round
     rng = np.random.default_rng(0)
     batch1, batch128 = (rng.random((1, INPUT_SIZE), dtype=np.float32),
                         rng.random((128, INPUT_SIZE), dtype=np.float32))
@@ -303,7 +321,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
                      "macs_per_example": macs, "date": datetime.now(UTC).isoformat(timespec="seconds"),
                      "machine": _machine()}
     log.info("matrix-multiply ceiling ...")
-    results["ceiling"] = matmul_ceiling(seconds, gemm_shapes(network, 128), macs)
+    results["ceiling"] = matmul_ceiling(seconds, gemm_shapes(network, 128), macs, rounds)
     sizes = {f["name"]: (version_dir / f["path"]) for f in manifest["artifacts"]}
     # a version published with --undecided omit lacks the lossy variants its test split could not judge
     present = [name for name in RUNTIMES if (not name.startswith("tflite_") or name in sizes)
@@ -312,19 +330,23 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     for name in present:
         log.info("runtime %s ...", name)
         run = load_runtime(name, version_dir, checkpoint)
-        one, many = summarize(timed(run, batch1, seconds), 1), summarize(timed(run, batch128, seconds), 128)
+        one, many = (summarize(timed(run, batch1, seconds, rounds), 1),
+                     summarize(timed(run, batch128, seconds, rounds), 128))
         cold_runtime = name in ("onnxruntime", "tflite_fp32", "tflite_int8_full") or not quick
         cold = (cold_start(COLD_CHILD.format(root=str(ROOT), name=name, version=str(version_dir),
                                              checkpoint=str(checkpoint)), ROOT, repeats) if cold_runtime else None)
         artifact = {"pytorch": checkpoint, "onnxruntime": sizes["onnx"].resolve(),
                     "saved_model": version_dir}.get(name, sizes.get(name))
-        single = (summarize(timed(load_runtime(name, version_dir, checkpoint, threads=1), batch128, seconds), 128)
+        single = (summarize(timed(load_runtime(name, version_dir, checkpoint, threads=1), batch128, seconds, rounds),
+                            128)
                   if name in THREADED else None)
         runtimes[name] = {
             "batch1": one, "batch128": many, "batch128_one_thread": single, "threads": available_cores(),
             "cold_start": cold,
             "artifact_bytes": _size(artifact, exclude_extra=name == "saved_model"),
-            "ceiling_share": many["examples_per_s"] / results["ceiling"]["examples_per_s"],
+            "arithmetic": _arithmetic(name),
+            "ceiling_share": (many["examples_per_s"] / results["ceiling"]["examples_per_s"]
+                              if _arithmetic(name) == "float32" else None),
         }
     results["runtimes"] = runtimes
     from export.layout import placement, saved_model_ops, tflite_ops
@@ -365,6 +387,11 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
     results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
     return results
+
+
+def _arithmetic(name: str) -> str:
+    fmt = BY_NAME.get(next((key for key, value in BENCH_NAME.items() if value == name), name))
+    return fmt.arithmetic if fmt else "float32"  # PyTorch eager runs the float32 model
 
 
 def _accuracies(version_dir: Path) -> dict[str, float]:
@@ -429,20 +456,25 @@ def render_markdown(results: dict) -> str:
     ceiling = results["ceiling"]
     lines = [f"Benchmark of `{results['version_dir']}` on {results['date'][:10]} ({results['machine']['cpus']} CPUs"
              f"{', quick' if results['quick'] else ''}). Ceiling: {ceiling['gflops']:.1f} GFLOP/s float32 matmul "
-             f"({ceiling['library']}) at the model's shapes = {ceiling['examples_per_s']:,.0f} examples/s.", "",
-             "| runtime | batch 1 p50 / p99 (ms) | batch 1 ex/s | batch 128 req/s | batch 128 ex/s | % of ceiling "
-             "| batch 128 ex/s, 1 thread | cold start (s) | peak RSS (MB) | artifact (MB) |",
+             f"({ceiling['library']}) at the model's shapes = {ceiling['examples_per_s']:,.0f} examples/s "
+             f"(spread {100 * ceiling.get('spread', 0):.0f} %). Throughput is the median of "
+             f"{next(iter(results['runtimes'].values()))['batch128'].get('rounds', 1)} timed rounds after a warm-up; "
+             "spread: (max - min) / median of the rounds.", "",
+             "| runtime | batch 1 p50 / p99 (ms) | batch 1 ex/s | batch 128 req/s | batch 128 ex/s (spread) "
+             "| % of ceiling | batch 128 ex/s, 1 thread | cold start (s) | peak RSS (MB) | artifact (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, info in results["runtimes"].items():
         cold = info["cold_start"]
         cold_s = f"{cold['median_s']:.2f}" if cold else "-"
         rss = f"{cold['peak_rss_mb']:.0f}" if cold else "-"
+        share = (f"{100 * info['ceiling_share']:.0f} %" if info.get("ceiling_share") is not None
+                 else f"({info.get('arithmetic', 'int8')}: not comparable)")
         one_thread = info.get("batch128_one_thread")
         single = f"{one_thread['examples_per_s']:,.0f}" if one_thread else "-"
         lines.append(
             f"| {name} | {info['batch1']['p50_ms']:.3f} / {info['batch1']['p99_ms']:.3f} | "
             f"{info['batch1']['examples_per_s']:,.0f} | {info['batch128']['requests_per_s']:,.0f} | "
-            f"{info['batch128']['examples_per_s']:,.0f} | {100 * info['ceiling_share']:.0f} % | "
+            f"{info['batch128']['examples_per_s']:,.0f} ± {100 * info['batch128']['spread']:.0f} % | {share} | "
             f"{single} | {cold_s} | {rss} | "
             f"{(info['artifact_bytes'] or 0) / 1e6:.2f} |")
     layouts = {name: info["layout"] for name, info in results["runtimes"].items() if info.get("layout")}
