@@ -19,7 +19,7 @@ import numpy as np
 
 from crossport.errors import ParityError
 from crossport.formats import FORMATS, TFLITE_FORMATS
-from crossport.interface import CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
+from crossport.interface import ASSETS_EXTRA, CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
 from pipelines.config import (
     ONNX,
@@ -541,6 +541,18 @@ def registered_as_published(manifest: Manifest) -> bool:
         published.get("version"), published.get("path"))
 
 
+def headline_metrics(facts: dict, version_dir: Path) -> dict[str, float]:
+    """What the pipeline's parent run shows first: test accuracy per runtime and each published file's size."""
+    from crossport.files import size_path
+
+    metrics = {f"accuracy_{name.replace(':', '_')}": value for name, value in (facts.get("accuracy") or {}).items()}
+    for fmt in FORMATS:
+        target = version_dir / fmt.path
+        if target.exists():
+            metrics[f"{fmt.name}_bytes"] = size_path(target, exclude=(ASSETS_EXTRA,) if fmt.path == "." else ())
+    return metrics
+
+
 def register_stage(ctx: Context) -> StageResult:
     """Make the published version a registry version (after publish; re-run to repair)."""
     from crossport.errors import PublishError
@@ -558,8 +570,10 @@ def register_stage(ctx: Context) -> StageResult:
     registration = ctx.tracker.register_servable(
         name=ctx.config.name, servable_version=published["version"], path=path,
         saved_model_sha256=sha256_file(path / "saved_model.pb"), verdict=report["verdict"],
-        source_sha256=(ctx.manifest.facts.get("source") or {}).get("sha256"),
+        example=golden_inputs(ctx)[:2], source_sha256=(ctx.manifest.facts.get("source") or {}).get("sha256"),
     )
+    ctx.tracker.log_headline(headline_metrics(ctx.manifest.facts, path), {"parity_verdict": report["verdict"]},
+                             [ctx.input("parity"), *(ctx.run_dir / plot for plot in PLOTS)])
     ctx.manifest.facts["registry"] = {
         "model": registration.model, "version": registration.version, "alias": registration.alias,
         "servable_version": registration.servable_version, "servable_path": str(path),
@@ -591,7 +605,7 @@ STAGES: tuple[Stage, ...] = (
           validate_stage),
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", *(f.name for f in FORMATS), "labels", "warmup"),
           (), publish_stage, reads=("models_dir", "name", "undecided", "serving_root"), intact=still_published),
-    Stage("register", ("parity",), (), register_stage, reads=("name", "tracking", "tracking_uri"),
+    Stage("register", ("parity", "golden"), (), register_stage, reads=("name", "tracking", "tracking_uri"),
           intact=registered_as_published),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

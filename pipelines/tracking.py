@@ -88,6 +88,9 @@ class NullTracker:
     def register_servable(self, **_) -> Registration | None:
         return None
 
+    def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path]) -> None:
+        pass
+
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
@@ -191,16 +194,24 @@ class MlflowTracker:
             elif path.is_file():
                 mlflow.log_artifact(str(path))
         if result.dataset is not None:
-            self._log_dataset(result.dataset)
+            self._log_dataset(result.dataset, self.run_ids.get("pipeline"))
         for model in result.models:
             self._log_model(model)
 
-    def _log_dataset(self, dataset: DatasetToLog) -> None:
+    def _log_dataset(self, dataset: DatasetToLog, parent_run_id: str | None) -> None:
+        """The dataset as an input of the stage's run and of the pipeline's parent run."""
         import mlflow
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.tracking import MlflowClient
 
         logged = mlflow.data.from_numpy(dataset.features, targets=dataset.targets, source=str(dataset.path),
                                         name=dataset.name, digest=dataset.digest[:36])
-        mlflow.log_input(logged, context="training", tags={"source": dataset.source, "sha256": dataset.digest})
+        tags = {"source": dataset.source, "sha256": dataset.digest}
+        mlflow.log_input(logged, context="training", tags=tags)
+        if parent_run_id is not None:
+            MlflowClient(tracking_uri=self.uri).log_inputs(parent_run_id, datasets=[DatasetInput(
+                logged._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training"),
+                                                  *(InputTag(k, v) for k, v in tags.items())])])
 
     def _log_model(self, model: ModelToLog) -> None:
         """Log an artifact as an MLflow model, loaded from the file the stage wrote."""
@@ -254,15 +265,34 @@ class MlflowTracker:
         else:
             raise ValueError(f"unknown model flavor {model.flavor!r}")
 
+    def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path]) -> None:
+        """The pipeline's parent run: its headline metrics and tags, and the parity report under ``parity/``
+        (the registry version's source run, so the version page leads straight to them)."""
+        from mlflow.tracking import MlflowClient
+
+        run_id = self.run_ids.get("pipeline")
+        if run_id is None:
+            return
+        client = MlflowClient(tracking_uri=self.uri)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value))
+        for key, value in tags.items():
+            client.set_tag(run_id, f"{TAG_PREFIX}{key}", str(value))
+        for path in artifacts:
+            if Path(path).is_file():
+                client.log_artifact(run_id, str(path), artifact_path="parity")
+
     # --- registry ------------------------------------------------------------------------
 
     def register_servable(self, *, name: str, servable_version: int, path: Path, saved_model_sha256: str,
-                          verdict: str, source_sha256: str | None = None) -> Registration:
+                          verdict: str, example: np.ndarray, source_sha256: str | None = None) -> Registration:
         """Make published version N a registry version (idempotent: repairs a missing one).
 
-        A copy of the published directory is logged under ``servable/`` in the active
-        (register) run and becomes the registry version's source: tracking servers accept
-        run artifacts as sources, not paths on the publishing machine. The tags name the
+        The version is an MLflow model: a pyfunc (:mod:`export.mlflow_model`) logged in the
+        active (register) run, holding a byte-identical copy of the published directory as its
+        artifact ``servable``, with the signature ``images`` [N, 784] → ``scores`` [N, C] and
+        ``example`` as its input example. Its source run is the pipeline's parent run, which
+        carries the headline metrics, the dataset and the parity report. The tags name the
         published path, its version number and the sha256 of its ``saved_model.pb``.
         """
         import mlflow
@@ -286,10 +316,12 @@ class MlflowTracker:
             existing = find_registry_version(client, name, servable_version, str(Path(path).resolve()))
             created = existing is None
             if created:
-                mlflow.log_artifacts(str(path), artifact_path="servable")
+                logged = _log_servable_model(Path(path), saved_model_sha256, example)
                 version = client.create_model_version(
-                    name, source=mlflow.get_artifact_uri("servable"), run_id=mlflow.active_run().info.run_id,
-                    tags=tags, description=f"crossport servable version {servable_version} ({path})")
+                    name, source=logged.model_uri, run_id=self.run_ids.get("pipeline", mlflow.active_run().info.run_id),
+                    model_id=logged.model_id, tags=tags,
+                    description=f"crossport servable version {servable_version} ({path}): a TF Serving SavedModel; "
+                                f"load it with mlflow.pyfunc.load_model('models:/{name}@{ALIAS}')")
                 number = int(version.version)
             else:
                 number = int(existing.version)
@@ -305,6 +337,27 @@ class MlflowTracker:
                                 f"{str(error).splitlines()[0]}.",
                                 hint="The servable is published; re-run --stage register to register it.") from error
         return Registration(name, number, alias, servable_version, created)
+
+
+def _log_servable_model(path: Path, saved_model_sha256: str, example: np.ndarray):
+    """The published version directory as a pyfunc model in the active run (MLflow's models from code)."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import export.mlflow_model as code
+    from crossport.interface import ASSETS_EXTRA
+    from pipelines.provenance import package_versions
+
+    classes = len((path / ASSETS_EXTRA / "labels.txt").read_text().splitlines())
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_SIZE), INPUT)]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), SCORES)]))
+    versions = package_versions(("tensorflow", "numpy", "mlflow"))
+    return mlflow.pyfunc.log_model(
+        name=code.SERVABLE, python_model=code.__file__, artifacts={code.SERVABLE: str(path)}, signature=signature,
+        input_example={INPUT: np.asarray(example, dtype=np.float32)},
+        model_config={code.SHA256_KEY: saved_model_sha256},
+        pip_requirements=[f"{package}=={version}" for package, version in versions.items()])
 
 
 def find_registry_version(client, name: str, servable_version: int, path: str):

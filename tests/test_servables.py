@@ -171,7 +171,7 @@ def test_serverless_package_answers_events_without_crossport(version, test_image
     images, _ = test_images
     directory, archive = build_package(version, tmp_path / "lambda", variant)
     assert sorted(p.name for p in directory.iterdir()) == ["handler.py", "labels.txt", "model.tflite",
-                                                         "requirements.txt", "servable.json"]
+                                                         "requirements.txt", "servable.json", "template.yaml"]
     assert sorted(zipfile.ZipFile(archive).namelist()) == sorted(p.name for p in directory.iterdir())
     requirements = (directory / "requirements.txt").read_text().splitlines()
     assert [line.split("==")[0] for line in requirements] == ["ai-edge-litert", "numpy", "pillow"]
@@ -206,6 +206,54 @@ def test_serverless_package_answers_events_without_crossport(version, test_image
     for result, message in zip(results[3:], expected, strict=True):
         assert result["statusCode"] == 400
         assert message in json.loads(result["body"])["error"]
+
+
+def test_serverless_template_deploys_the_handler_behind_api_gateway(version, tmp_path):
+    """template.yaml is an AWS SAM template for this package: its handler, the Python it was built with, PNG and
+    JPEG as binary media types (so API Gateway passes an image body base64-encoded, as the handler expects)."""
+    import yaml
+
+    from export.serverless import build_package
+
+    directory, _ = build_package(version, tmp_path / "lambda", "int8_full")
+    template = yaml.safe_load((directory / "template.yaml").read_text())
+    assert template["Transform"] == "AWS::Serverless-2016-10-31"
+    function = template["Resources"]["PredictFunction"]
+    assert function["Type"] == "AWS::Serverless::Function"
+    properties = function["Properties"]
+    module, name = properties["Handler"].split(".")
+    assert (directory / f"{module}.py").is_file() and f"def {name}(" in (directory / f"{module}.py").read_text()
+    assert properties["Runtime"] == f"python{sys.version_info.major}.{sys.version_info.minor}"
+    assert properties["CodeUri"] == "."
+    assert properties["Events"]["Predict"]["Properties"] == {"Path": "/predict", "Method": "post"}
+    assert set(template["Globals"]["Api"]["BinaryMediaTypes"]) == {"image~1png", "image~1jpeg"}
+
+
+def test_serverless_with_deps_runs_with_no_site_packages_at_all(version, test_images, tmp_path):
+    """--with-deps vendors the runtime: the handler answers from the package folder alone (-I -S: no
+    site-packages, no repository), and the zip holds the same tree."""
+    import zipfile
+
+    from export.serverless import build_package, instructions
+
+    images, _ = test_images
+    directory, archive = build_package(version, tmp_path / "lambda", "fp32", with_deps=True)
+    card = json.loads((directory / "servable.json").read_text())
+    assert {"numpy", "PIL", "ai_edge_litert"} <= set(card["vendored"])
+    names = {name.split("/")[0] for name in zipfile.ZipFile(archive).namelist()}
+    assert names == {p.name for p in directory.iterdir()}
+    png = base64.b64encode(digit_png(images[0])).decode()
+    script = ("import sys, json; sys.path.insert(0, '.'); import handler; "
+              "print(json.dumps(handler.lambda_handler(json.loads(sys.stdin.read()), None)))")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=directory, capture_output=True,
+                            text=True, timeout=300, input=json.dumps({"body": json.dumps({"image": png})}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reply["statusCode"] == 200 and len(json.loads(reply["body"])["predictions"]) == 3
+    text = instructions(directory, archive)
+    assert "deploys as it is" in text and f"fileb://{archive}" in text and "pip install" not in text
+    bare, bare_zip = build_package(version, tmp_path / "bare", "fp32")
+    assert "sam build" in instructions(bare, bare_zip) and "pip install" not in instructions(bare, bare_zip)
 
 
 def _scores(version, rows):

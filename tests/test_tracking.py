@@ -1,5 +1,7 @@
 """What the pipeline recorded on a real MLflow server, checked through MlflowClient."""
 
+from pathlib import Path
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -121,5 +123,56 @@ def test_published_version_is_a_registry_version_with_alias(client, pipeline_run
     facts = json.loads((pipeline_run.run_dir / "manifest.json").read_text())["facts"]
     assert facts["registry"]["version"] == int(version.version)  # recorded both ways
     assert facts["registry"]["servable_version"] == 1
-    files = {a.path for a in client.list_artifacts(runs[1]["register"].info.run_id, "servable")}
-    assert "servable/saved_model.pb" in files  # the registry source is a copy of the servable
+    assert version.run_id == runs[0].info.run_id  # the version page's run is the parent, with the headline
+
+
+def _mine(client, pipeline_run):
+    path = str((pipeline_run.models_dir / "emnist_mlp" / "1").resolve())
+    return next(v for v in client.search_model_versions("name = 'emnist_mlp'")
+                if v.tags.get("crossport.servable_path") == path)
+
+
+def test_the_registry_version_is_an_mlflow_model_with_the_published_scores(client, pipeline_run, tmp_path):
+    """``mlflow.pyfunc.load_model`` of the registry version predicts what the published servable predicts, from a
+    byte-identical copy of it, with a named signature and an input example."""
+    import mlflow
+    import numpy as np
+
+    from crossport.files import sha256_file
+    from crossport.runtimes import load_saved_model
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    version = _mine(client, pipeline_run)
+    published = pipeline_run.models_dir / "emnist_mlp" / "1"
+    uri = f"models:/emnist_mlp/{version.version}"
+    info = mlflow.models.get_model_info(uri)
+    assert [spec["name"] for spec in info.signature.inputs.to_dict()] == ["images"]
+    assert [spec["name"] for spec in info.signature.outputs.to_dict()] == ["scores"]
+    assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 10)
+    assert info.saved_input_example_info is not None
+    with np.load(pipeline_run.run_dir / "golden.npz") as arrays:
+        images = arrays["images"][:16].reshape(16, 784).astype(np.float32)
+    scores = mlflow.pyfunc.load_model(uri).predict({"images": images})["scores"]
+    np.testing.assert_array_equal(scores, load_saved_model(published)(images)["scores"])
+    alias = client.get_model_version_by_alias("emnist_mlp", "validated")
+    assert mlflow.pyfunc.load_model("models:/emnist_mlp@validated").predict(images)["scores"].shape == (16, 10), alias
+    copy = Path(mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path / "model")))
+    servable = copy / "artifacts" / "servable"
+    listed = sorted(p.relative_to(published) for p in published.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(servable) for p in servable.rglob("*") if p.is_file()) == listed
+    assert all(sha256_file(servable / name) == sha256_file(published / name) for name in listed)  # byte-identical
+    (servable / "saved_model.pb").write_bytes((servable / "saved_model.pb").read_bytes() + b"\0")
+    with pytest.raises(Exception, match="changed after registration"):
+        mlflow.pyfunc.load_model(str(copy))
+
+
+def test_the_parent_run_carries_headline_metrics_dataset_and_parity_report(client, runs):
+    parent, _ = runs
+    parent = client.get_run(parent.info.run_id)
+    metrics = parent.data.metrics
+    assert 0.0 < metrics["accuracy_pytorch"] <= 1.0 and 0.0 < metrics["accuracy_tflite_int8_full"] <= 1.0
+    assert metrics["tflite_fp32_bytes"] > metrics["tflite_int8_full_bytes"] > 0
+    assert parent.data.tags["crossport.parity_verdict"] == "pass"
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["digits"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "parity")} >= {
+        "parity/parity.json", "parity/parity_errors.png", "parity/confusion_matrix.png"}
