@@ -4,7 +4,8 @@ MLflow copies this file into the logged model ("models from code"), so it import
 loading needs (NumPy, TensorFlow, MLflow), never crossport:
 ``mlflow.pyfunc.load_model("models:/<name>@validated")`` works on any machine with
 TensorFlow. The published version directory travels inside the model as the artifact
-``servable``, byte for byte (TF Serving can serve that copy as it is); loading refuses it
+``servable``, byte for byte, at ``artifacts/<N>/`` (so the model's ``artifacts/`` folder is a
+TF Serving model base path with that one version); loading refuses it
 when its ``saved_model.pb`` no longer has the sha256 recorded at registration.
 ``predict`` takes float32 ``images`` [N, 784] (an array, or ``{"images": array}``) and returns
 ``{"scores": [N, C]}`` from the SavedModel's ``serving_default`` signature.
@@ -32,7 +33,9 @@ class PublishedServable(mlflow.pyfunc.PythonModel):
                              "the servable in this model changed after registration; re-register it")
         self._signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
 
-    def predict(self, context, model_input, params=None) -> dict:
+    # the hint is one MLflow infers no schema from: the logged signature (images [N, 784]) validates the input,
+    # which arrives as that array or as {"images": array}
+    def predict(self, context, model_input: np.ndarray, params=None) -> dict:
         import tensorflow as tf
 
         images = model_input["images"] if isinstance(model_input, dict) else model_input

@@ -157,7 +157,7 @@ def test_the_registry_version_is_an_mlflow_model_with_the_published_scores(clien
     alias = client.get_model_version_by_alias("emnist_mlp", "validated")
     assert mlflow.pyfunc.load_model("models:/emnist_mlp@validated").predict(images)["scores"].shape == (16, 10), alias
     copy = Path(mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path / "model")))
-    servable = copy / "artifacts" / "servable"
+    servable = copy / "artifacts" / "1"  # the version directory as published: artifacts/ is a TF Serving base path
     listed = sorted(p.relative_to(published) for p in published.rglob("*") if p.is_file())
     assert sorted(p.relative_to(servable) for p in servable.rglob("*") if p.is_file()) == listed
     assert all(sha256_file(servable / name) == sha256_file(published / name) for name in listed)  # byte-identical
