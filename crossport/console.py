@@ -19,6 +19,22 @@ import sys
 from pathlib import Path
 
 LOG_NAME = "run.log"
+OUR_PACKAGES = ("crossport", "training", "export", "translation", "pipelines")
+
+
+def configure_logging(debug: bool) -> None:
+    """Our INFO lines; the libraries' warnings only (their INFO chatter drowns the run); everything with --debug."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    for name in OUR_PACKAGES:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def quiet_console(log_path: Path, debug: bool) -> QuietConsole:
+    """The console every crossport command runs under: quiet unless ``--debug``."""
+    return QuietConsole(log_path, OUR_PACKAGES, enabled=not debug)
 
 
 class QuietConsole:

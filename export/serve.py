@@ -213,12 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
                              "under concurrent load)")
     parser.add_argument("--allow-changed", action="store_true",
                         help="serve a version whose files no longer match its manifest (logs a warning)")
+    parser.add_argument("--log-file", type=Path,
+                        help="where TensorFlow's, LiteRT's and gRPC's own output goes (default: "
+                             "crossport-serve-<pid>.log in the system's temporary folder)")
+    parser.add_argument("--debug", action="store_true", help="leave the libraries' output on the console")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import tempfile
+
+    from crossport.console import configure_logging, quiet_console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.debug)
+    log_file = args.log_file or Path(tempfile.gettempdir()) / f"crossport-serve-{os.getpid()}.log"
+    try:
+        log_file.open("ab").close()
+    except OSError as error:
+        return report(ConfigError(f"--log-file {log_file} cannot be written ({error.strerror or error}).",
+                                  hint="Pass a --log-file in a folder you can write to."))
+    with quiet_console(log_file, args.debug):
+        if not args.debug:
+            log.info("library output in %s", log_file)
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     grpc_server, port = None, args.port
     try:
         servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,

@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.debug)
+    from crossport.console import configure_logging
+
+    configure_logging(args.debug)
     try:
         return _run(args)
     except CrossportError as error:
@@ -149,13 +151,13 @@ def _run(args: argparse.Namespace) -> int:
                           hint="Drop --tracking-uri, or start a new run (a new --run-dir) to track it from the start.")
     if config.node_rank != 0:
         return train_on_other_node(run_dir, config, args.stage)
-    from crossport.console import LOG_NAME, QuietConsole
+    from crossport.console import LOG_NAME, quiet_console
 
     selected = select(args.stage, config)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     # the frameworks' output (native code included) goes to run.log; crossport's own lines stay on the terminal
-    with QuietConsole(run_dir / LOG_NAME, OUR_PACKAGES, enabled=not args.debug):
+    with quiet_console(run_dir / LOG_NAME, args.debug):
         try:
             tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
         except CrossportError:
@@ -248,21 +250,6 @@ def check_run_dir(run_dir: Path) -> None:
             "write over its files.",
             hint="Pass a new or empty --run-dir, or the directory of an earlier run to resume it.",
         )
-
-
-OUR_PACKAGES = ("crossport", "training", "export", "translation", "pipelines")
-
-
-def _configure_logging(debug: bool) -> None:
-    """Our INFO lines; the libraries' warnings only (their INFO chatter drowns the run)."""
-    import os
-
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-    for name in OUR_PACKAGES:
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,13 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     assert "(int8: not comparable)" in markdown
     assert "% of ceiling" in markdown and "serverless package" in markdown and "web service backend" in markdown
     assert markdown in result.stdout
-    assert f"wrote bench.json, bench.md, bench.png to {tmp_path}; not tracked" in result.stdout
+    assert f"wrote bench.json, bench.md, bench.png, bench.log to {tmp_path}; not tracked" in result.stdout
+    import re
+
+    ours = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")  # the libraries' output is in bench.log
+    assert [line for line in result.stderr.splitlines() if line.strip() and not ours.match(line)] == []
+    assert re.search(r"oneDNN|XNNPACK|absl|cuda|tensorflow", (tmp_path / "bench.log").read_text(errors="replace"),
+                     re.IGNORECASE)
     advice = markdown.split("Recommendation on this machine")[1]
     served = {n: info for n, info in report["runtimes"].items() if n != "pytorch"}
     fastest = min(served, key=lambda n: served[n]["batch1"]["p50_ms"])

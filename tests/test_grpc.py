@@ -161,3 +161,26 @@ def test_serve_takes_a_version_directory_as_export_serverless_does(pipeline_run)
     assert (servable.name, servable.version) == ("emnist_mlp", 1)
     with pytest.raises(ConfigError, match=r"is version 1, but --version 2 was given"):
         make_servable(version, 2, "onnx")
+
+
+def test_serve_console_shows_only_its_own_lines(pipeline_run, tmp_path):
+    """Without --debug, TensorFlow's, LiteRT's and gRPC's own output (native code included) goes to --log-file; the
+    console gets crossport's lines: where that log is, what is served, one line per request."""
+    import re
+
+    from pipelines.tools.bench import _free_ports
+
+    rest_port, port = _free_ports(2)
+    log_file = tmp_path / "serve.log"
+    server = Server(pipeline_run.models_dir / "emnist_mlp", "tflite_fp32", "--grpc-port", str(port), "--log-file",
+                    str(log_file), port=rest_port)
+    try:
+        status, _ = server.post("/v1/models/emnist_mlp:predict", {"instances": images(2).tolist()})
+        assert status == 200
+    finally:
+        server.stop()
+    output = server.process.stdout.read()
+    ours = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
+    assert [line for line in output.splitlines() if line.strip() and not ours.match(line)] == []
+    assert f"library output in {log_file}" in output and "POST /v1/models/emnist_mlp:predict" in output
+    assert re.search(r"oneDNN|XNNPACK|absl|cuda|tensorflow", log_file.read_text(errors="replace"), re.IGNORECASE)

@@ -35,7 +35,7 @@ from crossport.formats import BY_NAME, FORMATS, SERVED, TFLITE_FORMATS
 from crossport.interface import ASSETS_EXTRA, INPUT, INPUT_SIZE
 from export.verify import read_manifest
 
-BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md"})
+BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log"})
 
 log = logging.getLogger("crossport.bench")
 
@@ -532,14 +532,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--force", action="store_true",
                         help="write bench.json/.md/.png into an --out holding other files (never a model repository)")
+    parser.add_argument("--debug", action="store_true",
+                        help="leave the libraries' output on the console (default: in bench.log beside bench.json)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    from crossport.console import configure_logging, quiet_console
+
+    configure_logging(args.debug)
     try:
         version_dir = args.version_dir or _newest(Path("models") / "emnist_mlp")
         out = args.out or Path(results_run_dir(version_dir))
         check_out(out, force=args.force)  # before minutes of measuring
-        results = benchmark(version_dir, args.quick)
         out.mkdir(parents=True, exist_ok=True)
+    except CrossportError as error:
+        return report(error)
+    with quiet_console(out / "bench.log", args.debug):
+        return _bench(args, version_dir, out)
+
+
+def _bench(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
+    try:
+        results = benchmark(version_dir, args.quick)
         write_bytes_atomic(out / "bench.json", (json.dumps(results, indent=2) + "\n").encode())
         write_bytes_atomic(out / "bench.md", render_markdown(results).encode())
         render_chart(results, out / "bench.png")
@@ -553,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(render_markdown(results))
     if args.compare:
         sys.stdout.write("\n" + comparison)
-    names = ("bench.json", "bench.md", "bench.png", *(("compare.md",) if args.compare else ()))
+    names = ("bench.json", "bench.md", "bench.png", *(("compare.md",) if args.compare else ()),
+             *(() if args.debug else ("bench.log",)))
     written = ", ".join(names)
     sys.stdout.write(f"\nwrote {written} to {out}" + (f"; {tracked}" if tracked else "; not tracked") + "\n")
     return 0
