@@ -47,6 +47,7 @@ class PipelineConfig:
     # What publish does with a lossy variant whose verdict is "undecided" (too few test
     # examples to tell): publish it marked unverified, or leave it out.
     undecided: str = "publish"
+    republish: bool = False  # publish even when the newest version already holds exactly these model files
     threads: int | None = None  # threads per runtime when checking artifacts; None: each runtime's default
     # A run from a model brought as an ONNX file (--onnx) instead of one trained here.
     onnx: str | None = None

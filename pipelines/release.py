@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,8 @@ from crossport.files import sha256_path, size_path, write_json_atomic
 from crossport.formats import FORMATS
 from crossport.interface import ASSETS_EXTRA
 from export.publish import publish_version
+
+log = logging.getLogger(__name__)
 
 # run artifact → file name inside assets.extra/ (the published layout contract): every
 # format but the SavedModel itself, then the version's other assets.
@@ -49,6 +52,30 @@ def published_extras(report: dict, policy: str) -> dict[str, str]:
     return {name: filename for name, filename in EXTRA_FILES.items() if name not in omitted}
 
 
+# what a deployer runs: a version holding exactly these files (by sha256) is the same servable; the reports
+# (parity, plots) and the card describe a run and may differ without changing what is served
+REPORTS = frozenset({"parity", "parity_errors", "confusion_matrix", "servable_card", "servable_card_md"})
+
+
+def identical_version(ctx, names: list[str]) -> tuple[int, Path] | None:
+    """The newest published version, if it holds exactly the model files ``names`` with this run's sha256s (and
+    still matches its own manifest); else None."""
+    from export.publish import versions
+    from export.verify import check_version
+
+    base = Path(ctx.config.models_dir) / ctx.config.name
+    numbers = versions(base)
+    if not numbers:
+        return None
+    newest = base / str(numbers[-1])
+    checked = check_version(newest)
+    if not checked.ok:
+        return None
+    theirs = {entry["name"]: entry["sha256"] for entry in checked.manifest["artifacts"] if entry["name"] not in REPORTS}
+    mine = {name: ctx.manifest.artifacts[name].sha256 for name in names if name not in REPORTS}
+    return (numbers[-1], newest) if theirs == mine else None
+
+
 def publish_run(ctx) -> tuple[int, Path]:
     from export.publish import check_repository
 
@@ -57,6 +84,14 @@ def publish_run(ctx) -> tuple[int, Path]:
     manifest = ctx.manifest
     extras = published_extras(report, ctx.config.undecided)
     sources = {name: ctx.input(name) for name in ("saved_model", *extras)}
+    same = None if ctx.config.republish else identical_version(ctx, list(sources))
+    if same is not None:
+        version, path = same
+        log.info("version %d already holds exactly these model files (the same sha256 for each): not published "
+                 "again; --republish publishes a new version anyway", version)
+        manifest.facts["published"] = {"version": version, "path": str(path), "identical": True}
+        manifest.save()
+        return version, path
 
     def build(staging: Path) -> None:
         from export.contract import replay_warmup, signature_problems

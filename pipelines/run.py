@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                "sqlite:///<repo>/mlflow/mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="run without MLflow")
+    parser.add_argument("--republish", action="store_true",
+                        help="publish a new version even when the newest one already holds exactly these model "
+                             "files (default: report it and publish nothing)")
     parser.add_argument("--undecided", choices=UNDECIDED_POLICIES,
                         help="a lossy TFLite variant the test split is too small to judge: 'publish' it marked "
                              "unverified, or 'omit' it from the published version (default: publish)")
@@ -117,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         "undecided": args.undecided, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
         "orientation": args.orientation, "nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
-        "rdzv_endpoint": args.rdzv_endpoint,
+        "rdzv_endpoint": args.rdzv_endpoint, "republish": args.republish,  # per invocation: never inherited
     }
     check_import_flags(args)
     if args.stage == "all":

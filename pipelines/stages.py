@@ -604,7 +604,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED), ("parity", "parity_errors", "confusion_matrix"),
           validate_stage),
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", *(f.name for f in FORMATS), "labels", "warmup"),
-          (), publish_stage, reads=("models_dir", "name", "undecided", "serving_root"), intact=still_published),
+          (), publish_stage, reads=("models_dir", "name", "undecided", "serving_root", "republish"),
+          intact=still_published),
     Stage("register", ("parity", "golden"), (), register_stage, reads=("name", "tracking", "tracking_uri"),
           intact=registered_as_published),
 )

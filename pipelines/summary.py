@@ -34,7 +34,9 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
             lines.append(f"  test accuracy  {accuracy:.2%} (ONNX Runtime, the imported model)")
     published = facts.get("published")
     if published and "publish" in walls:
-        lines.append(f"  published      version {published['version']} at {published['path']}")
+        lines.append(f"  published      version {published['version']} at {published['path']}" if not
+                     published.get("identical") else f"  not published  identical to version {published['version']} "
+                     f"at {published['path']} (--republish publishes it again)")
     registry = facts.get("registry")
     if registry and "register" in walls:
         alias = f", alias {registry['alias']!r}" if registry.get("alias") else ""

@@ -111,6 +111,7 @@ class MlflowTracker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm on the console otherwise
         self.uri = uri
         self.experiment = experiment
         self.run_ids: dict[str, str] = {}

@@ -141,13 +141,20 @@ def test_warmup_file_holds_prediction_logs(pipeline_run):
 
 
 def test_single_stage_reruns_from_the_manifest_and_publishes_a_new_version(pipeline_run, tmp_path):
+    """Publishing the same model files again is reported and skipped (no version churn); --republish publishes."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
     models = tmp_path / "models"
     shutil.copytree(pipeline_run.models_dir, models)
     first = models / "emnist_mlp" / "1"
     before = sha256_path(first)
-    result = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models))
+    same = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models))
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert f"not published  identical to version 1 at {first}" in same.stdout
+    assert "version 1 already holds exactly these model files" in same.stderr
+    assert sorted(p.name for p in (models / "emnist_mlp").iterdir()) == ["1"]
+    result = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models),
+                     "--republish")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "published      version 2" in result.stdout
     assert sha256_path(first) == before  # version 1 untouched
