@@ -41,6 +41,10 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
     if registry and "register" in walls:
         alias = f", alias {registry['alias']!r}" if registry.get("alias") else ""
         lines.append(f"  registered     {registry['model']} version {registry['version']} in MLflow{alias}")
+        page = f"#/models/{registry['model']}/versions/{registry['version']}"
+        uri = registry.get("tracking_uri") or ""
+        lines.append(f"  version page   {uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else
+                     f"  version page   make ui, then http://127.0.0.1:5000/{page}")
     if walls:
         lines.append("  wall time      " + ", ".join(f"{name} {wall:.1f}s" for name, wall in walls.items())
                      + f" (total {sum(walls.values()):.1f}s)")

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                "--default-artifact-root", str(store / "artifacts")]
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    sys.stdout.write(f"MLflow UI on http://{args.host}:{args.port}/#/models (registered versions; a run's summary "
+                     "prints its version page). MLflow 3.17 opens in its GenAI view: the sidebar's 'Model training' "
+                     "switch shows runs, metrics and datasets, and the browser remembers it.\n")
+    sys.stdout.flush()
     os.execv(command[0], command)
     return 0  # not reached
 

@@ -33,6 +33,7 @@ def test_run_prints_a_summary(pipeline_run):
     assert "published      version 1 at" in out
     assert "test accuracy" in out
     assert "PASS" in out and "pytorch -> tflite_fp32" in out
+    assert f"version page   {pipeline_run.tracking_uri}/#/models/emnist_mlp/versions/" in out
 
 
 def test_the_console_shows_only_crossports_own_lines(pipeline_run):
