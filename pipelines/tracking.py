@@ -289,7 +289,7 @@ class MlflowTracker:
                           verdict: str, example: np.ndarray, source_sha256: str | None = None) -> Registration:
         """Make published version N a registry version (idempotent: repairs a missing one).
 
-        The version is an MLflow model: a pyfunc (:mod:`export.mlflow_model`) logged in the
+        The version is an MLflow model: a pyfunc (:mod:`pipelines.mlflow_model`) logged in the
         active (register) run, holding a byte-identical copy of the published directory as its
         artifact ``servable``, with the signature ``images`` [N, 784] → ``scores`` [N, C] and
         ``example`` as its input example. Its source run is the pipeline's parent run, which
@@ -346,7 +346,7 @@ def _log_servable_model(path: Path, saved_model_sha256: str, example: np.ndarray
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    import export.mlflow_model as code
+    import pipelines.mlflow_model as code
     from crossport.interface import ASSETS_EXTRA
     from pipelines.provenance import package_versions
 
