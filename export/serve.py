@@ -96,7 +96,10 @@ def make_server(model_dir: Path, version: int | None, backend: str, host: str, p
 class RequestHandler(BaseHTTPRequestHandler):
     servable = None  # set per server
     server_version = "crossport-serve"
-    timeout = 30  # seconds a client may take to send its request: no hanging on slow bodies
+    # keep-alive, as TF Serving's REST server: a client's next request reuses its connection (and this thread);
+    # every answer has a Content-Length, and a request whose body length is unknown closes the connection
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a client may take to send its request (or an idle connection stays): no hanging
 
     def log_message(self, format: str, *args) -> None:
         log.info("%s %s", self.address_string(), format % args)
@@ -120,6 +123,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _read_body(self, limit: int) -> bytes | None:
         length = self.headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()):
+            self.close_connection = True  # where its body ends is unknown: the next request cannot be found
             self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
             return None
         if int(length) > limit:
@@ -131,9 +135,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                 if not chunk:
                     break
                 remaining -= len(chunk)
+            self.close_connection = True
             self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                        {"error": f"request body of {length} bytes is over the limit of {limit} bytes"})
-            self.close_connection = True
             return None
         return self.rfile.read(int(length))
 
@@ -171,6 +175,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

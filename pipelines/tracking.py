@@ -47,6 +47,7 @@ class Registration:
     alias: str | None
     servable_version: int
     created: bool
+    model_id: str | None = None  # the MLflow LoggedModel the version was made from
 
 
 def default_tracking_uri() -> str:
@@ -88,7 +89,7 @@ class NullTracker:
     def register_servable(self, **_) -> Registration | None:
         return None
 
-    def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path]) -> None:
+    def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path], **_) -> None:
         pass
 
 
@@ -266,9 +267,12 @@ class MlflowTracker:
         else:
             raise ValueError(f"unknown model flavor {model.flavor!r}")
 
-    def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path]) -> None:
+    def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path], *, model_id: str | None = None,
+                     dataset: dict | None = None) -> None:
         """The pipeline's parent run: its headline metrics and tags, and the parity report under ``parity/``
-        (the registry version's source run, so the version page leads straight to them)."""
+        (the registry version's source run, so the version page leads straight to them). The accuracies are
+        also the registered model's own metrics, measured on ``dataset`` (its test split)."""
+        import mlflow
         from mlflow.tracking import MlflowClient
 
         run_id = self.run_ids.get("pipeline")
@@ -277,6 +281,12 @@ class MlflowTracker:
         client = MlflowClient(tracking_uri=self.uri)
         for key, value in metrics.items():
             client.log_metric(run_id, key, float(value))
+        active = mlflow.active_run()
+        if model_id and active is not None:
+            linked = {"dataset_name": dataset["name"], "dataset_digest": dataset["digest"][:36]} if dataset else {}
+            for key, value in metrics.items():
+                if key.startswith("accuracy_"):
+                    client.log_metric(active.info.run_id, key, float(value), model_id=model_id, **linked)
         for key, value in tags.items():
             client.set_tag(run_id, f"{TAG_PREFIX}{key}", str(value))
         for path in artifacts:
@@ -323,9 +333,9 @@ class MlflowTracker:
                     model_id=logged.model_id, tags=tags,
                     description=f"crossport servable version {servable_version} ({path}): a TF Serving SavedModel; "
                                 f"load it with mlflow.pyfunc.load_model('models:/{name}@{ALIAS}')")
-                number = int(version.version)
+                number, model_id = int(version.version), logged.model_id
             else:
-                number = int(existing.version)
+                number, model_id = int(existing.version), getattr(existing, "model_id", None)
                 for key, value in tags.items():
                     client.set_model_version_tag(name, str(number), key, value)
             newest = max(servable_versions_registered(client, name), default=servable_version)
@@ -337,7 +347,7 @@ class MlflowTracker:
             raise TrackingError(f"registering {path} as a version of {name!r} in {self.uri} failed: "
                                 f"{str(error).splitlines()[0]}.",
                                 hint="The servable is published; re-run --stage register to register it.") from error
-        return Registration(name, number, alias, servable_version, created)
+        return Registration(name, number, alias, servable_version, created, model_id)
 
 
 def _log_servable_model(path: Path, saved_model_sha256: str, example: np.ndarray):

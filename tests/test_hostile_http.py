@@ -139,6 +139,28 @@ def test_hostile_headers(server, header, status, fragment):
     assert found == status and fragment in payload["error"], payload
 
 
+def test_connections_are_kept_alive_and_closed_when_the_body_length_is_unknown(server):
+    """HTTP/1.1 keep-alive, as TF Serving's REST server: requests reuse one connection. A request without a
+    Content-Length is answered 411 and the connection closed: its body must never be read as the next request."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"instances": [ROW]}).encode()
+    sockets = []
+    for _ in range(3):
+        connection.request("POST", PREDICT, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["predictions"]) == 1
+        sockets.append(connection.sock)
+    connection.close()
+    assert sockets[0] is not None and all(sock is sockets[0] for sock in sockets)  # one connection throughout
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST " + PREDICT.encode() + b' HTTP/1.1\r\nHost: x\r\n\r\n{"instances": []}')
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 411 and response.getheader("Connection") == "close"
+        response.read()
+        assert sock.recv(1) == b""  # closed by the server
+
+
 def test_get_on_a_verb_and_unknown_paths(server):
     assert server.get(PREDICT)[0] == 405
     status, payload = server.get("/v1/models/emnist_mlp/versions/1/labels%00")

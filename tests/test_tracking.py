@@ -150,6 +150,9 @@ def test_the_registry_version_is_an_mlflow_model_with_the_published_scores(clien
     assert [spec["name"] for spec in info.signature.outputs.to_dict()] == ["scores"]
     assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 10)
     assert info.saved_input_example_info is not None
+    logged = client.get_logged_model(info.model_id)  # its own metrics, on the dataset they were measured on
+    linked = {metric.key: metric.dataset_name for metric in logged.metrics or []}
+    assert linked["accuracy_saved_model_serving_default"] == linked["accuracy_tflite_int8_full"] == "digits"
     with np.load(pipeline_run.run_dir / "golden.npz") as arrays:
         images = arrays["images"][:16].reshape(16, 784).astype(np.float32)
     scores = mlflow.pyfunc.load_model(uri).predict({"images": images})["scores"]

@@ -32,7 +32,7 @@ from crossport.cli import summary_line
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
 from crossport.formats import BY_NAME, FORMATS, SERVED, TFLITE_FORMATS
-from crossport.interface import ASSETS_EXTRA, INPUT, INPUT_SIZE
+from crossport.interface import ASSETS_EXTRA, INPUT, INPUT_SIZE, SCORES
 from export.verify import read_manifest
 
 BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log"})
@@ -191,8 +191,9 @@ def _free_ports(count: int) -> list[int]:
 
 def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batch: int, images: np.ndarray,
                protocol: str = "rest") -> dict:
-    """Several concurrent clients for a fixed time against ``pipelines.serve``, over REST (JSON) or gRPC
-    (TF Serving's PredictionService, tensor_content); all on 127.0.0.1, the clients in this process."""
+    """Several concurrent clients for a fixed time against ``pipelines.serve``, over REST (JSON, one kept-alive
+    connection per client) or gRPC (TF Serving's PredictionService, tensor_content); all on 127.0.0.1, the clients
+    in this process."""
     import http.client
 
     port, grpc_port = _free_ports(2)
@@ -223,18 +224,19 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
         stop_at = time.monotonic() + seconds
 
         def client() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # kept alive, as clients do
             while time.monotonic() < stop_at:
                 started = time.perf_counter()
                 try:
                     if call is not None:
                         ok = call()
                     else:
-                        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
                         connection.request("POST", path, body, {"Content-Type": "application/json"})
                         response = connection.getresponse()
                         response.read()
                         ok = response.status == 200
-                except OSError:
+                except (OSError, http.client.HTTPException):
+                    connection.close()  # the next request opens a new connection
                     ok = False
                 elapsed = time.perf_counter() - started
                 with lock:
@@ -262,22 +264,29 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
 
 
 def _grpc_caller(port: int, name: str, batch: np.ndarray):
-    """One PredictRequest built once (tensor_content), sent by every client over one channel; True when answered."""
+    """``Predict`` with one PredictRequest (tensor_content) serialized once, sent as bytes by every client over one
+    channel, its answers left undecoded: a load generator costs the two cores little, as a C one would (the first
+    answer is decoded and checked). True when answered."""
     import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import predict_pb2
 
     from export.grpc_service import array_to_tensor
 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=120)
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
     request.inputs[INPUT].CopyFrom(array_to_tensor(batch))
+    payload = request.SerializeToString()
+    predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes in, bytes out
+    answer = predict_pb2.PredictResponse.FromString(predict(payload, timeout=60))
+    shape = [dim.size for dim in answer.outputs[SCORES].tensor_shape.dim]
+    if shape[:1] != [len(batch)]:
+        raise CrossportError(f"gRPC Predict answered scores of shape {shape} for a batch of {len(batch)}")
 
     def call() -> bool:
         try:
-            stub.Predict(request, timeout=30)
+            predict(payload, timeout=30)
             return True
         except grpc.RpcError:
             return False
