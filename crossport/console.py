@@ -22,14 +22,44 @@ LOG_NAME = "run.log"
 OUR_PACKAGES = ("crossport", "training", "export", "translation", "pipelines")
 
 
+class BarSafeHandler(logging.StreamHandler):
+    """Writes each record with ``tqdm.write``: on a terminal it prints above a running progress bar, not through
+    it (elsewhere there are no bars and it is a plain write)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A progress bar on a terminal only (tqdm's own check: none when stderr is redirected, as in CI), erased when
+    done; crossport's log lines print above it."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, leave=False)
+
+
 def configure_logging(debug: bool) -> None:
     """Our INFO lines; the libraries' warnings only (their INFO chatter drowns the run); everything with --debug."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    handler = BarSafeHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     for name in OUR_PACKAGES:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def command_log(command: str) -> Path:
+    """Where a command with no run directory of its own sends the libraries' output: ``crossport-<command>-<pid>.log``
+    in the system's temporary folder."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"crossport-{command}-{os.getpid()}.log"
 
 
 def quiet_console(log_path: Path, debug: bool) -> QuietConsole:
@@ -63,7 +93,7 @@ class QuietConsole:
         logging.captureWarnings(True)
         root = logging.getLogger()
         template = next((h for h in root.handlers if isinstance(h, logging.StreamHandler)), None)
-        self._handler = logging.StreamHandler(terminal_err)
+        self._handler = BarSafeHandler(terminal_err)
         if template is not None and template.formatter is not None:
             self._handler.setFormatter(template.formatter)
         for name in self.packages:

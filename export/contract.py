@@ -45,7 +45,7 @@ def models_config_problems(models_dir: Path, *, signatures: bool = True, serving
     for entry in config.model_config_list.config:
         base = Path(entry.base_path)
         if entry.base_path.startswith(root):  # as TF Serving sees it in its container: here, the repository
-            base = Path(models_dir) / entry.base_path[len(root):]
+            base = Path(models_dir).resolve() / entry.base_path[len(root):]
         if entry.model_platform != "tensorflow":
             problems.append(f"{entry.name}: model_platform {entry.model_platform!r}, expected 'tensorflow'")
         if not base.is_absolute():
@@ -191,9 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serving-root", default="/models",
                         help="where TF Serving mounts the repository: models.config base paths under it are checked "
                              "in PATH (default: /models)")
+    parser.add_argument("--debug", action="store_true",
+                        help="leave TensorFlow's own output on the console (default: crossport-contract-<pid>.log "
+                             "in the temporary folder)")
     args = parser.parse_args(argv)
+    from crossport.console import command_log, configure_logging, quiet_console
+
+    configure_logging(args.debug)
     try:
-        found = judge(args.path, args.serving_root)
+        with quiet_console(command_log("contract"), args.debug):  # replaying the warmup records imports TensorFlow
+            found = judge(args.path, args.serving_root)
     except CrossportError as error:
         return report(error)
     problems = 0

@@ -46,7 +46,9 @@ def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
         samples = np.asarray(calibration, dtype=np.float32)
 
         def representative_dataset():
-            for index in range(len(samples)):
+            from crossport.console import progress
+
+            for index in progress(range(len(samples)), desc="int8 calibration", unit="image"):
                 yield {INPUT: samples[index : index + 1]}
 
         converter.representative_dataset = representative_dataset

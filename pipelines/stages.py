@@ -375,6 +375,7 @@ PLOTS = ("parity_errors.png", "confusion_matrix.png")
 
 
 def validate_stage(ctx: Context) -> StageResult:
+    from crossport.console import progress
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32, exact_outputs
     from crossport.exact_onnx import exact_from_onnx
     from crossport.files import write_json_atomic
@@ -393,13 +394,19 @@ def validate_stage(ctx: Context) -> StageResult:
     threads = ctx.config.threads
     exact = (exact_outputs(load_checkpoint(paths["checkpoint"]).model, images) if reference == REFERENCE
              else exact_from_onnx(paths["onnx"], images))
-    outputs = {
-        **({REFERENCE: load_torch(paths["checkpoint"], threads)(images)} if reference == REFERENCE else {}),
-        TF_GRAPH: _scores_and_logits(load_saved_model(ctx.input("tf_graph"), threads=threads)(images)),
-        SM_CLASSIFY: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads)(images),
+    runs = {
+        **({REFERENCE: lambda: load_torch(paths["checkpoint"], threads)(images)} if reference == REFERENCE else {}),
+        TF_GRAPH: lambda: _scores_and_logits(load_saved_model(ctx.input("tf_graph"), threads=threads)(images)),
+        SM_CLASSIFY: lambda: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads)(images),
         # every published format, from the run directory's copy of it
-        **{fmt.runtime: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
+        **{fmt.runtime: lambda fmt=fmt: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
     }
+    outputs = {}
+    with progress(total=len(runs), desc=f"validate on {len(images):,} test images", unit="runtime") as bar:
+        for name, run in runs.items():
+            bar.set_postfix_str(name)
+            outputs[name] = run()
+            bar.update()
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
                for spec in hop_specs(reference)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,16 @@ def test_crossports_own_servable_has_no_finding(pipeline_run):
     from export.contract import judge
 
     assert all(findings == [] for findings in judge(pipeline_run.models_dir).values())
+
+
+@pytest.mark.slow
+def test_a_repository_given_as_a_relative_path_has_no_finding(pipeline_run, monkeypatch):
+    """`python -m pipelines.contract models`, as the README runs it: /models/<name> is read in ./models."""
+    from export.contract import judge
+
+    monkeypatch.chdir(pipeline_run.models_dir.parent)
+    found = judge(Path(pipeline_run.models_dir.name))
+    assert found and all(findings == [] for findings in found.values()), found
+    result = contract(pipeline_run.models_dir)
+    assert result.returncode == 0 and "emnist_mlp/1: ok" in result.stdout
+    assert result.stderr.strip() == ""  # TensorFlow's output (replaying the warmup) goes to the command's log

@@ -103,6 +103,7 @@ def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path):
     clean = diagnose(pipeline_run.run_dir)
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "agree at all 6 intermediate tensors" in clean.stdout
+    assert clean.stderr.strip() == ""  # onnx-tf's and TensorFlow's output goes to crossport-diagnose-<pid>.log
 
     manifest, _ = copy_run(pipeline_run, tmp_path)
     culprit = break_tf_graph(manifest, breakers.swap_classes)

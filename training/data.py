@@ -261,8 +261,10 @@ def extract_split(archive: Path, split: str, raw: Path) -> None:
     raw.mkdir(parents=True, exist_ok=True)
     try:
         with zipfile.ZipFile(archive) as bundle:
+            from crossport.console import progress
+
             members = {Path(member).name: member for member in bundle.namelist()}
-            for name in _raw_names(split):
+            for name in progress(_raw_names(split), desc=f"extracting EMNIST {split}", unit="file"):
                 member = members.get(f"{name}.gz")
                 if member is None:
                     raise DataError(

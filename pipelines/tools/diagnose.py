@@ -25,15 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", type=Path, help="a run directory with export and translate done")
     parser.add_argument("--examples", type=integer(1), default=512, help="test images to run (default: 512)")
     parser.add_argument("--json", action="store_true", help="print the full node table as JSON")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and the libraries' output (default: crossport-diagnose-<pid>.log in "
+                             "the temporary folder)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crossport.console import command_log, configure_logging, quiet_console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    configure_logging(args.debug)
     try:
-        return _diagnose(args)
+        with quiet_console(command_log("diagnose"), args.debug):  # onnx-tf and TensorFlow print as they load
+            return _diagnose(args)
     except CrossportError as error:
         return report(error, debug=args.debug)
 
