@@ -27,7 +27,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullm
 # (below 2**64); counts end up in C ints inside the runtimes.
 INTEGER_BOUNDS = (("epochs", 1, C_INT_MAX), ("batch_size", 1, C_INT_MAX), ("seed", 0, 2**64 - 1),
                   ("threads", 1, C_INT_MAX), ("nproc", 1, C_INT_MAX), ("nnodes", 1, C_INT_MAX),
-                  ("node_rank", 0, C_INT_MAX))
+                  ("node_rank", 0, C_INT_MAX), ("patience", 1, C_INT_MAX))
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class PipelineConfig:
     model: str = "mlp"  # an architecture in training.model.ARCHITECTURES
     data_dir: str | None = None
     epochs: int = 10
+    patience: int | None = None  # early stopping: epochs without a better validation accuracy (None: off)
     batch_size: int = 128
     learning_rate: float = 1e-3
     seed: int = 0
@@ -80,7 +81,7 @@ class PipelineConfig:
             )
         for field_name, low, high in INTEGER_BOUNDS:
             value = getattr(self, field_name)
-            if value is None and field_name == "threads":
+            if value is None and field_name in ("threads", "patience"):  # optional: None means off / default
                 continue
             flag = f"--{field_name.replace('_', '-')}"
             if not isinstance(value, int) or isinstance(value, bool):

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=ARCHITECTURE_NAMES,
                         help="architecture to train (default: mlp); --name defaults to emnist_<model>")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 10)")
+    parser.add_argument("--patience", type=int,
+                        help="stop training after N epochs without a better validation accuracy (default: run every "
+                             "epoch); the best epoch is kept either way")
     parser.add_argument("--batch-size", type=int, help="training batch size (default: 128)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--seed", type=int, help="random seed for data split and training (default: 0)")
@@ -114,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
                           hint="Drop --force, or use --stage all --force.")
     overrides = {
         "dataset": args.dataset, "model": args.model, "data_dir": args.data_dir, "epochs": args.epochs,
-        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
+        "patience": args.patience, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "seed": args.seed,
         "models_dir": args.models_dir, "name": args.name, "serving_root": args.serving_root,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
@@ -209,7 +213,7 @@ def train_on_other_node(run_dir: Path, config, stage: str) -> int:
     return 0
 
 
-TRAINING_FLAGS = ("model", "epochs", "batch_size", "learning_rate")
+TRAINING_FLAGS = ("model", "epochs", "patience", "batch_size", "learning_rate")
 IMPORT_FLAGS = ("eval_data", "labels_file", "orientation")
 
 

@@ -189,7 +189,7 @@ def training_configs(config, num_classes: int):
 
     return (ModelConfig(arch=config.model, num_classes=num_classes),
             TrainConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                        seed=config.seed))
+                        seed=config.seed, patience=config.patience))
 
 
 def launch_of(config):
@@ -231,8 +231,9 @@ def train_stage(ctx: Context) -> StageResult:
     ctx.manifest.facts["best_epoch"] = metrics.get("best_epoch")
     return StageResult(
         made=[Made("checkpoint", path, ("dataset", "labels"))],
-        params={"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-                "seed": config.seed, "model": config.model, "dropout": model_config.dropout,
+        params={"epochs": config.epochs, "patience": config.patience, "batch_size": config.batch_size,
+                "learning_rate": config.learning_rate, "seed": config.seed, "model": config.model,
+                "dropout": model_config.dropout,
                 "world_size": config.nproc * config.nnodes,
                 **({"hidden_sizes": str(model_config.hidden_sizes)} if config.model == "mlp" else
                    {"channels": str(model_config.channels)}),
@@ -598,7 +599,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", (), ("dataset", "labels", "golden", "calibration"), data_stage,
           reads=("dataset", "seed", "data_dir"), route="train"),
     Stage("train", ("dataset", "labels", "golden"), ("checkpoint",), train_stage,
-          reads=("model", "epochs", "batch_size", "learning_rate", "seed", "nproc", "nnodes"), route="train"),
+          reads=("model", "epochs", "batch_size", "learning_rate", "seed", "patience", "nproc", "nnodes"),
+          route="train"),
     Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage, route="train"),
     # A model brought as an ONNX file (--onnx): its file, labels and evaluation data instead of the three above.
     Stage("import", (), ("source_onnx", "dataset", "labels", "golden", "calibration", "onnx", "golden_exact"),

@@ -78,6 +78,7 @@ def world(pipeline_run, tmp_path):
     ("--epochs", str(2**31), "--epochs must be at most 2147483647"),
     ("--batch-size", "0", "--batch-size must be at least 1, found 0"),
     ("--threads", "0", "--threads must be at least 1, found 0"),
+    ("--patience", "0", "--patience must be at least 1, found 0"),
     ("--learning-rate", "nan", "learning rate must be positive and finite, found nan"),
     ("--learning-rate", "inf", "learning rate must be positive and finite, found inf"),
     ("--name", "emnist\n", "model name 'emnist\\n' is not allowed"),

@@ -127,3 +127,13 @@ def test_the_epoch_kept_is_the_one_with_the_best_validation_accuracy():
     assert metrics["best_epoch"] == best and metrics["val_accuracy"] == max(accuracies)
     assert evaluate(model, x_val, y_val) == max(accuracies)  # the model returned is that epoch's
     assert "test_accuracy" not in metrics  # the test split is the caller's, evaluated once
+
+
+def test_early_stopping_ends_after_patience_epochs_without_improvement():
+    """A learning rate of 0 never improves on epoch 1: with patience 2 the loop stops after epoch 3, keeps epoch 1;
+    without patience every epoch runs."""
+    stopped = train(*tiny_data(), CONFIG, TrainConfig(epochs=10, batch_size=8, learning_rate=0.0, patience=2),
+                    progress=False)[1]
+    assert [row["epoch"] for row in stopped["history"]] == [1, 2, 3] and stopped["best_epoch"] == 1
+    full = train(*tiny_data(), CONFIG, TrainConfig(epochs=4, batch_size=8, learning_rate=0.0), progress=False)[1]
+    assert len(full["history"]) == 4

@@ -70,6 +70,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    patience: int | None = None  # stop after this many epochs without a better validation accuracy (None: never)
 
 
 def train(
@@ -141,6 +142,12 @@ def train(
                 best = (row["val_accuracy"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if on_epoch is not None:
             on_epoch(row)
+        if _stop_early(lead and config.patience is not None and best is not None
+                       and epoch - best[1] >= config.patience, world, device):
+            if lead:
+                log.info("early stop after epoch %d: no better validation accuracy for %d epochs (best: epoch %d)",
+                         epoch, config.patience, best[1])
+            break
     if best is not None:
         model.load_state_dict(best[2])
     model.eval().cpu()
@@ -153,6 +160,17 @@ def train(
         "world_size": world.size,
     }
     return model, metrics
+
+
+def _stop_early(decided: bool, world: World, device) -> bool:
+    """Rank 0's decision (it alone evaluates), the same on every rank: they must leave the loop together."""
+    if world.size == 1:
+        return decided
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if decided else 0], dtype=torch.int64, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _mean_over_ranks(total: float, count: int, world: World) -> float:
