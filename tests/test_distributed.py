@@ -175,3 +175,42 @@ def test_two_machines_give_the_same_checkpoint_as_two_processes_on_one(runs, tmp
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in results]
     assert "node 1 of 2: its 1 rank(s) finished; node 0 records the checkpoint" in results[1][0]
     assert sha256_file(run / "model.pt") == sha256_file(runs["ddp"] / "model.pt")
+
+
+def _early_stopping_rank(rank: int, size: int, init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from tests.test_train import CONFIG, tiny_data
+    from training.train import TrainConfig, World, train
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        _, metrics = train(*tiny_data(), CONFIG, TrainConfig(epochs=10, batch_size=8, learning_rate=0.0, patience=2),
+                           world=World(rank, size), progress=False)
+        epochs = [row["epoch"] for row in metrics["history"]] if rank == 0 else None
+        with open(f"{out}/rank{rank}.json", "w") as handle:
+            json.dump({"epochs": epochs, "done": True}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_early_when_rank_0_decides(tmp_path):
+    """Only rank 0 evaluates; the others learn its decision, so both leave the loop after the same epoch (a rank
+    left in the loop would wait forever in its next all-reduce)."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    context = mp.spawn(_early_stopping_rank, args=(2, init, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank is still training: the ranks did not stop together")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert results[0]["epochs"] == [1, 2, 3] and results[1]["done"]
