@@ -143,3 +143,20 @@ def blank_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (112, 112), 255).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def headless_chromium(profile: Path, window: str):
+    """Debian's chromium through its chromedriver, headless, offline, with a throwaway profile."""
+    import pytest
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not Path("/usr/bin/chromium").exists() or not Path("/usr/bin/chromedriver").exists():
+        pytest.fail("Debian's chromium and chromium-driver are not installed: run `make browser` (CI does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", f"--window-size={window}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)

@@ -14,18 +14,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def browser(tmp_path):
-    if not Path("/usr/bin/chromium").exists() or not Path("/usr/bin/chromedriver").exists():
-        pytest.fail("Debian's chromium and chromium-driver are not installed: run `make browser` (CI does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from tests.helpers import headless_chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = headless_chromium(tmp_path / "profile", "1400,1000")
     yield driver
     driver.quit()
 

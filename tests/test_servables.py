@@ -14,7 +14,7 @@ import pytest
 
 from crossport.formats import FORMATS
 from tests.conftest import ROOT
-from tests.helpers import Server
+from tests.helpers import Server, headless_chromium
 
 pytestmark = pytest.mark.slow
 DOCS = ROOT / "docs" / "rest"
@@ -318,10 +318,6 @@ def test_server_binds_loopback_by_default():
 
 
 def test_upload_page_in_headless_chromium(version, test_images, tmp_path):
-    if not Path("/usr/bin/chromium").exists() or not Path("/usr/bin/chromedriver").exists():
-        pytest.fail("Debian's chromium and chromium-driver are not installed: run `make browser` (CI does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -330,13 +326,7 @@ def test_upload_page_in_headless_chromium(version, test_images, tmp_path):
     png.write_bytes(digit_png(images[0]))
     expected = str(int(np.argmax(_scores(version, to_rows(png))[0])))
     server = Server(version.parent, "tflite_fp32")
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,700"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = headless_chromium(tmp_path / "profile", "900,700")
     try:
         driver.get(server.url + "/")
         assert "Handwritten character" in driver.find_element(By.TAG_NAME, "h1").text
