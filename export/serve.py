@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.debug)
     log_file = args.log_file or command_log("serve")
     try:
-        log_file.open("ab").close()
+        if not args.debug:  # with --debug nothing goes there: no file is made
+            log_file.open("ab").close()
     except OSError as error:
         return report(ConfigError(f"--log-file {log_file} cannot be written ({error.strerror or error}).",
                                   hint="Pass a --log-file in a folder you can write to."))

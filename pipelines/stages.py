@@ -550,14 +550,12 @@ def registered_as_published(manifest: Manifest) -> bool:
 
 
 def headline_metrics(facts: dict, version_dir: Path) -> dict[str, float]:
-    """What the pipeline's parent run shows first: test accuracy per runtime and each published file's size."""
-    from crossport.files import size_path
-
+    """What the pipeline's parent run shows first: test accuracy per runtime, and each published format's size as
+    the version's card (servable.json) records it."""
+    card = json.loads((version_dir / ASSETS_EXTRA / "servable.json").read_text())
     metrics = {f"accuracy_{name.replace(':', '_')}": value for name, value in (facts.get("accuracy") or {}).items()}
-    for fmt in FORMATS:
-        target = version_dir / fmt.path
-        if target.exists():
-            metrics[f"{fmt.name}_bytes"] = size_path(target, exclude=(ASSETS_EXTRA,) if fmt.path == "." else ())
+    metrics.update({f"{name}_bytes": info["bytes"] for name, info in card["formats"].items()
+                    if info.get("bytes") is not None})
     return metrics
 
 

@@ -272,23 +272,25 @@ class MlflowTracker:
         """The pipeline's parent run: its headline metrics and tags, and the parity report under ``parity/``
         (the registry version's source run, so the version page leads straight to them). The accuracies are
         also the registered model's own metrics, measured on ``dataset`` (its test split)."""
+        import time
+
         import mlflow
+        from mlflow.entities import Metric, RunTag
         from mlflow.tracking import MlflowClient
 
         run_id = self.run_ids.get("pipeline")
         if run_id is None:
             return
         client = MlflowClient(tracking_uri=self.uri)
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, float(value))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                         tags=[RunTag(f"{TAG_PREFIX}{key}", str(value)) for key, value in tags.items()])
         active = mlflow.active_run()
         if model_id and active is not None:
             linked = {"dataset_name": dataset["name"], "dataset_digest": dataset["digest"][:36]} if dataset else {}
-            for key, value in metrics.items():
-                if key.startswith("accuracy_"):
-                    client.log_metric(active.info.run_id, key, float(value), model_id=model_id, **linked)
-        for key, value in tags.items():
-            client.set_tag(run_id, f"{TAG_PREFIX}{key}", str(value))
+            client.log_batch(active.info.run_id, metrics=[
+                Metric(key, float(value), now, 0, model_id=model_id, **linked)
+                for key, value in metrics.items() if key.startswith("accuracy_")])
         for path in artifacts:
             if Path(path).is_file():
                 client.log_artifact(run_id, str(path), artifact_path="parity")

@@ -58,8 +58,13 @@ def load_runtime(name: str, version_dir: Path, checkpoint: Path | None, threads:
         from training.checkpoint import load_torch  # only here: a cold start measures its own runtime's imports
 
         return load_torch(checkpoint, threads)
-    fmt = BY_NAME[next((key for key, value in BENCH_NAME.items() if value == name), name)]
+    fmt = bench_format(name)
     return load_format(fmt, version_dir / fmt.path, threads)
+
+
+def bench_format(name: str):
+    """The published format a benchmark runtime name stands for (None for PyTorch eager)."""
+    return BY_NAME.get(next((key for key, value in BENCH_NAME.items() if value == name), name))
 
 
 # the runtimes whose thread count the benchmark varies (one thread against every core)
@@ -349,13 +354,15 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
         single = (summarize(timed(load_runtime(name, version_dir, checkpoint, threads=1), batch128, seconds, rounds),
                             128)
                   if name in THREADED else None)
+        fmt = bench_format(name)
+        arithmetic = fmt.arithmetic if fmt else "float32"  # PyTorch eager runs the float32 model
         runtimes[name] = {
             "batch1": one, "batch128": many, "batch128_one_thread": single, "threads": available_cores(),
             "cold_start": cold,
             "artifact_bytes": _size(artifact, exclude_extra=name == "saved_model"),
-            "arithmetic": _arithmetic(name),
+            "arithmetic": arithmetic,
             "ceiling_share": (many["examples_per_s"] / results["ceiling"]["examples_per_s"]
-                              if _arithmetic(name) == "float32" else None),
+                              if arithmetic == "float32" else None),
         }
     results["runtimes"] = runtimes
     from export.layout import placement, saved_model_ops, tflite_ops
@@ -396,11 +403,6 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
     results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
     return results
-
-
-def _arithmetic(name: str) -> str:
-    fmt = BY_NAME.get(next((key for key, value in BENCH_NAME.items() if value == name), name))
-    return fmt.arithmetic if fmt else "float32"  # PyTorch eager runs the float32 model
 
 
 def _accuracies(version_dir: Path) -> dict[str, float]:
