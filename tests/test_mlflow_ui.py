@@ -83,7 +83,11 @@ def test_models_to_version_to_run_to_dataset_and_parity_report(pipeline_run, bro
     shots = [walk.shot("1-models.png")]
 
     walk.press("//a[normalize-space()='emnist_mlp']")
-    walk.press(f"//a[normalize-space()='Version {version.version}']")
+    # the list also links each model's latest version ("Version 1" for every model other tests registered): wait
+    # for this model's page, then press the link to this version by where it leads, not by its text
+    walk.until(lambda: browser.current_url.endswith("/models/emnist_mlp"))
+    walk.press(f"//a[contains(@href, '/models/emnist_mlp/versions/{version.version}')]")
+    walk.until(lambda: browser.current_url.endswith(f"/models/emnist_mlp/versions/{version.version}"))
     page = walk.shows("Source Run", "Source Model", "Inputs (1)", "Outputs (1)", "crossport.saved_model_sha256")
     assert "mlflow.pyfunc.load_model('models:/emnist_mlp@validated')" in page
     assert version.tags["crossport.saved_model_sha256"] in page
