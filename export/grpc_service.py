@@ -196,9 +196,10 @@ def _answer_spec(spec, servable, signature: str) -> None:
     spec.signature_name = signature
 
 
-def make_grpc_server(servable, host: str, port: int, *, workers: int = 8):
+def make_grpc_server(servable, host: str, port: int, *, workers: int = 8, reuse_port: bool = False):
     """A started-on-demand ``grpc.Server`` answering for ``servable``; call ``.start()``. Port 0 picks a free one
-    (``server.crossport_port`` tells which)."""
+    (``server.crossport_port`` tells which). ``reuse_port``: share the port with the other ``--workers`` (gRPC's
+    Linux default, which would also share it with a stale server: off otherwise)."""
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -222,7 +223,7 @@ def make_grpc_server(servable, host: str, port: int, *, workers: int = 8):
         GetModelStatus = staticmethod(call(status))
 
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", int(reuse_port))]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(Models(), server)

@@ -60,6 +60,15 @@ def available_cores() -> int:
 def make_servable(model_dir: Path, version: int | None, backend: str, *, threads: int | None = None,
                   instances: int = 1, allow_changed: bool = False):
     from export.rest import Servable, load_backend
+
+    name, number, version_dir = resolve_version(model_dir, version, backend, allow_changed=allow_changed)
+    return Servable(name, number, version_dir,
+                    load_backend(version_dir, backend, threads or available_cores(), instances))
+
+
+def resolve_version(model_dir: Path, version: int | None, backend: str, *,
+                    allow_changed: bool = False) -> tuple[str, int, Path]:
+    """The model's name, the version's number and directory, checked against its manifest; nothing is loaded."""
     from export.verify import check_version
 
     model_dir = Path(model_dir)
@@ -80,21 +89,23 @@ def make_servable(model_dir: Path, version: int | None, backend: str, *, threads
                                 hint="Check it with python -m pipelines.lineage, serve another --version, or pass "
                                      "--allow-changed to serve it anyway.")
         log.warning("serving %s although it no longer matches its manifest: %s", version_dir, problems)
-    return Servable(Path(model_dir).name, number, version_dir,
-                    load_backend(version_dir, backend, threads or available_cores(), instances))
+    return Path(model_dir).name, number, version_dir
 
 
 def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int, *,
-                allow_changed: bool = False, threads: int | None = None, servable=None) -> ThreadingHTTPServer:
+                allow_changed: bool = False, threads: int | None = None, servable=None,
+                worker: int | None = None) -> ThreadingHTTPServer:
+    """The REST server; a ``worker`` (its index under ``--workers``) is left unbound for the supervisor's socket."""
     servable = servable or make_servable(model_dir, version, backend, threads=threads, allow_changed=allow_changed)
-    handler = type("Handler", (RequestHandler,), {"servable": servable})
-    server = ThreadingHTTPServer((host, port), handler)
+    handler = type("Handler", (RequestHandler,), {"servable": servable, "worker": worker})
+    server = ThreadingHTTPServer((host, port), handler, bind_and_activate=worker is None)
     server.daemon_threads = True
     return server
 
 
 class RequestHandler(BaseHTTPRequestHandler):
     servable = None  # set per server
+    worker = None  # the worker's index under --workers, named in each request's log line
     server_version = "crossport-serve"
     # keep-alive, as TF Serving's REST server: a client's next request reuses its connection (and this thread);
     # every answer has a Content-Length, and a request whose body length is unknown closes the connection
@@ -105,7 +116,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a client may take to send its request (or an idle connection stays): no hanging
 
     def log_message(self, format: str, *args) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+        log.info("%s%s %s", f"worker {self.worker}: " if self.worker else "", self.address_string(), format % args)
 
     def do_GET(self) -> None:
         if self.path in ("/", "/index.html"):
@@ -220,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TFLite backends: interpreters answering at once, each with --threads threads "
                              "(default: 1; e.g. --instances 2 --threads 1 trades batch-1 latency for throughput "
                              "under concurrent load)")
+    parser.add_argument("--workers", type=integer(1), default=1,
+                        help="server processes sharing the ports, each loading the version (default: 1; one "
+                             "process parses JSON on one core: --workers 2 on two cores about doubles REST "
+                             "throughput). Runtime threads default to the cores available divided by the workers")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # index,listen,ready,control: set by the supervisor
     parser.add_argument("--allow-changed", action="store_true",
                         help="serve a version whose files no longer match its manifest (logs a warning)")
     parser.add_argument("--log-file", type=Path,
@@ -232,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from crossport.console import command_log, configure_logging, quiet_console
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     configure_logging(args.debug)
     log_file = args.log_file or command_log("serve")
@@ -242,22 +259,57 @@ def main(argv: list[str] | None = None) -> int:
         return report(ConfigError(f"--log-file {log_file} cannot be written ({error.strerror or error}).",
                                   hint="Pass a --log-file in a folder you can write to."))
     with quiet_console(log_file, args.debug):
-        if not args.debug:
+        if not args.debug and not args.worker:
             log.info("library output in %s", log_file)
+        if args.workers > 1 and not args.worker:
+            return _supervise(args, argv, None if args.debug else log_file)
         return _serve(args)
 
 
+def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None) -> int:
+    from export.workers import free_grpc_port, listening_socket, supervise
+
+    port = args.port
+    try:
+        name, number, _ = resolve_version(args.model_dir, args.version, args.backend,
+                                          allow_changed=args.allow_changed)
+        sock = listening_socket(args.host, port)
+        if args.grpc_port is not None:
+            port = args.grpc_port
+            grpc_port = free_grpc_port(args.host, port)
+    except CrossportError as error:
+        return report(error)
+    except (OSError, OverflowError) as error:
+        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{port}: "
+                         f"{getattr(error, 'strerror', None) or error}.\n")
+        return 1
+    host, rest_port = sock.getsockname()[:2]
+    ready = [f"serving {name} version {number} ({args.backend}) on http://{host}:{rest_port}/  "
+             f"(REST: /v1/models/{name}:predict)"]
+    if args.grpc_port is not None:
+        ready.append(f"gRPC (TF Serving's PredictionService and ModelService) on {args.host}:{grpc_port}")
+    threads = args.threads or max(1, available_cores() // args.workers)
+    return supervise(argv, args.workers, sock, threads, grpc_port if args.grpc_port is not None else None,
+                     str(log_file) if log_file else None, ready)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from export.workers import adopt, parse_worker, serve_as_worker
+
     grpc_server, port = None, args.port
+    worker = parse_worker(args.worker) if args.worker else None
     try:
         servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,
                                  instances=args.instances, allow_changed=args.allow_changed)
-        server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable)
+        server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable,
+                             worker=worker[0] if worker else None)
+        if worker:
+            adopt(server, worker[1])
         if args.grpc_port is not None:
             from export.grpc_service import make_grpc_server
 
             port = args.grpc_port
-            grpc_server = make_grpc_server(servable, args.host, port)
+            grpc_server = make_grpc_server(servable, args.host, port, reuse_port=worker is not None)
     except CrossportError as error:
         return report(error)
     except (OSError, OverflowError, RuntimeError) as error:  # grpc raises RuntimeError for a port in use
@@ -265,14 +317,19 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{port}: {reason}.\n")
         return 1
     host, port = server.server_address[:2]
-    log.info("serving %s version %d (%s) on http://%s:%d/  (REST: /v1/models/%s:predict)", servable.name,
-             servable.version, servable.backend.kind, host, port, servable.name)
+    if not worker:
+        log.info("serving %s version %d (%s) on http://%s:%d/  (REST: /v1/models/%s:predict)", servable.name,
+                 servable.version, servable.backend.kind, host, port, servable.name)
     if grpc_server is not None:
         grpc_server.start()
-        log.info("gRPC (TF Serving's PredictionService and ModelService) on %s:%d", args.host,
-                 grpc_server.crossport_port)
+        if not worker:
+            log.info("gRPC (TF Serving's PredictionService and ModelService) on %s:%d", args.host,
+                     grpc_server.crossport_port)
     try:
-        server.serve_forever()
+        if worker:
+            serve_as_worker(server, worker[2], worker[3])
+        else:
+            server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

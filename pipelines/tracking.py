@@ -425,6 +425,7 @@ def log_benchmark(uri: str, experiment: str, results: dict, out: Path) -> str:
     for name, info in results["runtimes"].items():
         metrics[f"{name}_batch1_p50_ms"] = info["batch1"]["p50_ms"]
         metrics[f"{name}_batch128_examples_per_s"] = info["batch128"]["examples_per_s"]
+        metrics[f"{name}_batch128_all_cores_examples_per_s"] = info["batch128_all_cores"]
         if info["cold_start"]:
             metrics[f"{name}_cold_start_s"] = info["cold_start"]["median_s"]
     for variant, info in results["serverless"].items():
