@@ -1,12 +1,13 @@
 """``python -m pipelines.serve``: a published version behind TF Serving's REST and gRPC APIs, plus an upload page.
 
     python -m pipelines.serve models/emnist_mlp [--version N] [--backend saved_model|onnx|tflite_fp32|...]
-                              [--host 127.0.0.1] [--port 8501] [--grpc-port 8500] [--threads N]
+                              [--host 127.0.0.1] [--port 8501] [--grpc-port 8500] [--threads N] [--workers N]
 
 Routes: ``/v1/models/<name>[/versions/<N>]`` ``:predict``, ``:classify``, ``/metadata`` (as
 TF Serving answers them), ``GET /`` (drop a PNG, see the top 3 labels and the 28×28 image
 the model sees) and ``POST /v1/upload`` (a PNG body). With ``--grpc-port`` the same version also
 answers TF Serving's gRPC ``PredictionService`` and ``ModelService`` (:mod:`export.grpc_service`).
+``--workers N`` runs N such processes behind the same ports (:mod:`export.workers`).
 Binds 127.0.0.1 unless told otherwise.
 """
 

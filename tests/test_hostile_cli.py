@@ -94,6 +94,7 @@ def test_out_of_range_settings(world, flag, value, fragment):
     ("pipelines.serve", ("MODELS", "--port", "-1"), "expected an integer from 0 to 65535, found -1"),
     ("pipelines.serve", ("MODELS", "--version", "0"), "expected an integer from 1 to"),
     ("pipelines.serve", ("MODELS", "--port", "http"), "found 'http'"),
+    ("pipelines.serve", ("MODELS", "--workers", "0"), "--workers: expected an integer from 1 to"),
     ("pipelines.diagnose", ("RUN", "--examples", "0"), "--examples: expected an integer from 1 to"),
     ("pipelines.lineage", ("--name", "x", "--registry-version", "-3"), "expected an integer from 1 to"),
     ("pipelines.ui", ("--port", "70000"), "expected an integer from 0 to 65535, found 70000"),

@@ -185,6 +185,9 @@ def test_workers_leave_when_their_supervisor_is_killed(pipeline_run):
 @pytest.mark.parametrize(("extra", "fragment"), [
     (("--version", "9"), "has no version 9"),
     (("--backend", "tflite_fp32", "--port", "PORT_IN_USE"), "cannot listen on 127.0.0.1:"),
+    # checked with a plain socket: gRPC's own SO_REUSEPORT bind would share a port held by the same user
+    (("--port", "0", "--grpc-port", "PORT_IN_USE"), "cannot listen on 127.0.0.1:"),
+    (("--host", "no-such-host.invalid"), "cannot listen on no-such-host.invalid:"),
 ])
 def test_bad_input_is_refused_before_any_worker_starts(pipeline_run, extra, fragment):
     with socket.socket() as taken:
