@@ -201,3 +201,19 @@ def test_bad_input_is_refused_before_any_worker_starts(pipeline_run, extra, frag
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and fragment in errors[0], result.stderr
     assert "workers (pids" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_grpc_port_held_by_another_server_is_refused_not_shared(pipeline_run, workers):
+    """gRPC binds with SO_REUSEPORT on Linux by default: a second server would share a stale one's port and get half
+    its connections. Only the workers of one server share theirs."""
+    with socket.socket() as stale:
+        stale.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        stale.bind(("127.0.0.1", 0))
+        stale.listen()
+        result = subprocess.run([sys.executable, "-m", "pipelines.serve", str(pipeline_run.models_dir / "emnist_mlp"),
+                                 "--backend", "onnx", "--port", "0", "--grpc-port", str(stale.getsockname()[1]),
+                                 "--workers", workers], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "cannot listen on 127.0.0.1:" in errors[0], result.stderr
