@@ -101,7 +101,7 @@ class Servable:
         if "instances" in request:
             instances = request["instances"]
             if isinstance(instances, np.ndarray):  # rows read_batch has read
-                return {"predictions": self._scores(instances).tolist()}
+                return {"predictions": as_json_numbers(self._scores(instances))}
             if not isinstance(instances, list) or not instances:
                 raise RestError(400, "'instances' must be a non-empty list")
             rows = []
@@ -110,13 +110,13 @@ class Servable:
                     raise RestError(400, f"instance {index} is an object with {sorted(item)[:5]}; expected only "
                                          f"{INPUT!r}, or the {INPUT_SIZE} numbers themselves")
                 rows.append(item[INPUT] if isinstance(item, dict) else item)
-            return {"predictions": self._scores(rows).tolist()}
+            return {"predictions": as_json_numbers(self._scores(rows))}
         inputs = request["inputs"]
         if isinstance(inputs, dict):
             if set(inputs) != {INPUT}:
                 raise RestError(400, f"expected the input {INPUT!r}, found {sorted(inputs)}")
             inputs = inputs[INPUT]
-        return {"outputs": self._scores(inputs).tolist()}
+        return {"outputs": as_json_numbers(self._scores(inputs))}
 
     def classify(self, request: dict) -> dict:
         # TF Serving's default signature is serving_default, a predict one: classify must name its signature
@@ -189,6 +189,13 @@ class Servable:
 
     def _scores(self, rows) -> np.ndarray:
         return np.asarray(self.backend.predict(self._rows(rows)))
+
+
+def as_json_numbers(scores: np.ndarray) -> np.ndarray:
+    """Scores as the answer carries them: float64 (each float32 score exactly), C-contiguous, so the encoder writes
+    the array itself with no Python float per score, each as the shortest decimal that reads back as that float64
+    (the same bytes ``.tolist()`` would give)."""
+    return np.ascontiguousarray(scores, dtype=np.float64)
 
 
 def parse_json(body: bytes | None) -> dict:

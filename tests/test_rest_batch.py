@@ -96,3 +96,23 @@ def test_the_fast_path_keeps_no_document_alive_between_requests():
     np.testing.assert_array_equal(first["instances"], second["instances"])
     assert read_batch(b'{"instances": [[true]]}') is None
     assert read_batch(body) is not None
+
+
+def test_scores_are_written_as_the_same_bytes_as_their_python_floats(monkeypatch):
+    """The answer's scores go to orjson as a float64 array (no Python float each): byte for byte what the list of
+    Python floats gave; without orjson, json writes the same numbers."""
+    import sys
+
+    import orjson
+
+    from export.rest import as_json_numbers
+    from export.serve import encode_json
+
+    rng = np.random.default_rng(1)
+    wide = rng.standard_normal((64, 62)) * 10.0 ** rng.integers(-40, 38, (64, 62))
+    scores = np.concatenate([rng.random((64, 62), dtype=np.float32), wide.astype(np.float32)])
+    scores[0, :4] = [0.0, 1.0, np.float32(1e-45), np.finfo(np.float32).max]
+    answer = {"predictions": as_json_numbers(scores[::-1])}  # reversed: a view that is not C-contiguous
+    assert encode_json(answer) == orjson.dumps({"predictions": scores[::-1].tolist()})
+    monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson now raises ImportError
+    assert encode_json(answer) == json.dumps({"predictions": scores[::-1].tolist()}).encode()

@@ -91,11 +91,13 @@ def structure(value):
 def test_documented_rest_examples_run_against_the_saved_model(version, example):
     from crossport.runtimes import load_saved_model
     from export.rest import Servable, load_backend
+    from export.serve import encode_json
 
     documented = json.loads((DOCS / f"{example}.json").read_text())
     body = (ROOT / documented["request"]).read_bytes() if "request" in documented else None
     servable = Servable("emnist_mlp", 1, version, load_backend(version, "saved_model"))
     status, response = servable.handle(documented["method"], documented["path"], body)
+    response = json.loads(encode_json(response))  # as it goes over the wire
     assert status == documented["status"]
     assert structure(response) == structure(documented["response"])  # same keys, nesting, labels, lengths
     if body is not None:  # and the numbers are this model's, exactly as the signature computes them
