@@ -229,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=PORT, help="also serve TF Serving's gRPC API on this port (TF Serving's "
                                                        "is 8500; default: no gRPC)")
     parser.add_argument("--threads", type=integer(1), help="runtime threads (default: the cores available)")
-    parser.add_argument("--instances", type=integer(1), default=1,
+    parser.add_argument("--instances", type=integer(1),
                         help="TFLite backends: interpreters answering at once, each with --threads threads "
-                             "(default: 1; e.g. --instances 2 --threads 1 trades batch-1 latency for throughput "
-                             "under concurrent load)")
+                             "(default: 1, or with --workers the cores divided by --threads, so a worker holding "
+                             "more than its share of connections still uses every core; e.g. --instances 2 "
+                             "--threads 1 trades batch-1 latency for throughput under concurrent load)")
     parser.add_argument("--workers", type=integer(1), default=1,
                         help="server processes sharing the ports, each loading the version (default: 1; one "
                              "process parses JSON on one core: --workers 2 on two cores about doubles REST "
@@ -291,7 +292,9 @@ def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None)
     if args.grpc_port is not None:
         ready.append(f"gRPC (TF Serving's PredictionService and ModelService) on {args.host}:{grpc_port}")
     threads = args.threads or max(1, available_cores() // args.workers)
-    return supervise(argv, args.workers, sock, threads, grpc_port if args.grpc_port is not None else None,
+    # gRPC connections stay on the worker the kernel gave them: one holding more than its share runs them at once
+    instances = args.instances or max(1, available_cores() // threads)
+    return supervise(argv, args.workers, sock, threads, instances, grpc_port if args.grpc_port is not None else None,
                      str(log_file) if log_file else None, ready)
 
 
@@ -302,7 +305,7 @@ def _serve(args: argparse.Namespace) -> int:
     worker = parse_worker(args.worker) if args.worker else None
     try:
         servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,
-                                 instances=args.instances, allow_changed=args.allow_changed)
+                                 instances=args.instances or 1, allow_changed=args.allow_changed)
         server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable,
                              worker=worker[0] if worker else None)
         if worker:

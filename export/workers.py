@@ -52,8 +52,8 @@ def free_grpc_port(host: str, port: int) -> int:
         return probe.getsockname()[1]
 
 
-def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, grpc_port: int | None,
-              log_file: str | None, ready_lines: list[str]) -> int:
+def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, instances: int,
+              grpc_port: int | None, log_file: str | None, ready_lines: list[str]) -> int:
     """Start ``workers`` copies of ``pipelines.serve argv`` on ``sock``, log ``ready_lines`` once all listen, and
     serve until stopped. The exit code."""
     children: list[tuple[subprocess.Popen, int, int]] = []  # process, ready pipe (read end), control (write end)
@@ -66,7 +66,7 @@ def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         for index in range(1, workers + 1):
-            children.append(_start(argv, index, sock, threads, grpc_port, log_file))
+            children.append(_start(argv, index, sock, threads, instances, grpc_port, log_file))
         for index, (process, ready, _control) in enumerate(children, start=1):
             if not _wait_ready(process, ready):
                 code = process.poll()
@@ -80,6 +80,7 @@ def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, 
             log.info("%s", line)
         log.info("%d workers (pids %s), %d runtime thread%s each", workers,
                  ", ".join(str(process.pid) for process, _, _ in children), threads, "" if threads == 1 else "s")
+        log.debug("TFLite backends: %d interpreters per worker", instances)
         while True:
             for index, (process, _ready, _control) in enumerate(children, start=1):
                 code = process.poll()
@@ -96,11 +97,11 @@ def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, 
         sock.close()
 
 
-def _start(argv, index, sock, threads, grpc_port, log_file):
+def _start(argv, index, sock, threads, instances, grpc_port, log_file):
     ready_read, ready_write = os.pipe()
     control_read, control_write = os.pipe()
     command = [sys.executable, "-m", "pipelines.serve", *argv, "--workers", "1", "--threads", str(threads),
-               "--worker", f"{index},{sock.fileno()},{ready_write},{control_read}"]
+               "--instances", str(instances), "--worker", f"{index},{sock.fileno()},{ready_write},{control_read}"]
     if grpc_port is not None:
         command += ["--grpc-port", str(grpc_port)]
     if log_file is not None:

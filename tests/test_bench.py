@@ -88,3 +88,13 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     busiest = max(served, key=lambda n: served[n]["batch128_all_cores"])
     assert f"- lowest latency: {fastest} (" in advice and f"- highest throughput: {busiest} (" in advice
     assert "- smallest: " in advice
+    # and tracked: the bench run in MLflow carries both batch-128 figures per runtime
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import log_benchmark
+
+    run_id = log_benchmark(pipeline_run.tracking_uri, "bench-test", report, tmp_path)
+    logged = MlflowClient(pipeline_run.tracking_uri).get_run(run_id).data.metrics
+    for name, info in report["runtimes"].items():
+        assert logged[f"{name}_batch128_examples_per_s"] == pytest.approx(info["batch128"]["examples_per_s"])
+        assert logged[f"{name}_batch128_all_cores_examples_per_s"] == pytest.approx(info["batch128_all_cores"])

@@ -45,6 +45,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def option(argv: list[str], flag: str) -> str:
+    """The value argparse takes for ``flag``: the one after its last occurrence."""
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
+
 def wait_until(condition, seconds: float = 30) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -79,6 +84,12 @@ def test_connections_are_spread_over_the_workers_in_turn_and_answer_alike(served
 
     server, _ = served
     assert len(worker_pids(server.process.pid)) == 2
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // 2)
+    for pid in worker_pids(server.process.pid):  # cores split over the workers; interpreters to use all of them
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert option(argv, "--threads") == str(threads)
+        assert option(argv, "--instances") == str(max(1, cores // threads))
     rows = np.random.default_rng(0).random((3, 784), dtype=np.float32)
     connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in range(4)]
     answers = [predict(connection, rows) for connection in connections for _ in range(2)]  # kept alive
