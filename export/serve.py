@@ -59,17 +59,20 @@ def available_cores() -> int:
 
 
 def make_servable(model_dir: Path, version: int | None, backend: str, *, threads: int | None = None,
-                  instances: int = 1, allow_changed: bool = False):
+                  instances: int = 1, allow_changed: bool = False, verify: bool = True):
+    """``verify``: check the version against its manifest first (a --workers worker's supervisor has)."""
     from export.rest import Servable, load_backend
 
-    name, number, version_dir = resolve_version(model_dir, version, backend, allow_changed=allow_changed)
+    name, number, version_dir = resolve_version(model_dir, version, backend, allow_changed=allow_changed,
+                                                verify=verify)
     return Servable(name, number, version_dir,
                     load_backend(version_dir, backend, threads or available_cores(), instances))
 
 
-def resolve_version(model_dir: Path, version: int | None, backend: str, *,
-                    allow_changed: bool = False) -> tuple[str, int, Path]:
-    """The model's name, the version's number and directory, checked against its manifest; nothing is loaded."""
+def resolve_version(model_dir: Path, version: int | None, backend: str, *, allow_changed: bool = False,
+                    verify: bool = True) -> tuple[str, int, Path]:
+    """The model's name, the version's number and directory, checked against its manifest (unless not ``verify``);
+    nothing is loaded."""
     from export.verify import check_version
 
     model_dir = Path(model_dir)
@@ -82,8 +85,8 @@ def resolve_version(model_dir: Path, version: int | None, backend: str, *,
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
     number, version_dir = pick_version(Path(model_dir), version)
-    checked = check_version(version_dir)
-    if not checked.ok:
+    checked = check_version(version_dir) if verify else None
+    if checked is not None and not checked.ok:
         problems = "; ".join(checked.problems)
         if not allow_changed:
             raise ManifestError(f"{version_dir} no longer matches its manifest: {problems}.",
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None) -> int:
     from export.workers import free_grpc_port, listening_socket, supervise
 
-    port = args.port
+    port, grpc_port = args.port, None
     try:
         name, number, _ = resolve_version(args.model_dir, args.version, args.backend,
                                           allow_changed=args.allow_changed)
@@ -287,15 +290,21 @@ def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None)
                          f"{getattr(error, 'strerror', None) or error}.\n")
         return 1
     host, rest_port = sock.getsockname()[:2]
-    ready = [f"serving {name} version {number} ({args.backend}) on http://{host}:{rest_port}/  "
-             f"(REST: /v1/models/{name}:predict)"]
-    if args.grpc_port is not None:
-        ready.append(f"gRPC (TF Serving's PredictionService and ModelService) on {args.host}:{grpc_port}")
+    ready = banner(name, number, args.backend, host, rest_port, args.host, grpc_port)
     threads = args.threads or max(1, available_cores() // args.workers)
     # gRPC connections stay on the worker the kernel gave them: one holding more than its share runs them at once
     instances = args.instances or max(1, available_cores() // threads)
-    return supervise(argv, args.workers, sock, threads, instances, grpc_port if args.grpc_port is not None else None,
-                     str(log_file) if log_file else None, ready)
+    return supervise(argv, args.workers, sock, threads, instances, grpc_port, str(log_file) if log_file else None,
+                     ready)
+
+
+def banner(name: str, number: int, backend: str, host: str, port: int, grpc_host: str,
+           grpc_port: int | None) -> list[str]:
+    """What the console says once the server listens."""
+    lines = [f"serving {name} version {number} ({backend}) on http://{host}:{port}/  (REST: /v1/models/{name}:predict)"]
+    if grpc_port is not None:
+        lines.append(f"gRPC (TF Serving's PredictionService and ModelService) on {grpc_host}:{grpc_port}")
+    return lines
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -305,7 +314,8 @@ def _serve(args: argparse.Namespace) -> int:
     worker = parse_worker(args.worker) if args.worker else None
     try:
         servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,
-                                 instances=args.instances or 1, allow_changed=args.allow_changed)
+                                 instances=args.instances or 1, allow_changed=args.allow_changed,
+                                 verify=worker is None)
         server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable,
                              worker=worker[0] if worker else None)
         if worker:
@@ -321,15 +331,13 @@ def _serve(args: argparse.Namespace) -> int:
         reason = getattr(error, "strerror", None) or error
         sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{port}: {reason}.\n")
         return 1
-    host, port = server.server_address[:2]
-    if not worker:
-        log.info("serving %s version %d (%s) on http://%s:%d/  (REST: /v1/models/%s:predict)", servable.name,
-                 servable.version, servable.backend.kind, host, port, servable.name)
     if grpc_server is not None:
         grpc_server.start()
-        if not worker:
-            log.info("gRPC (TF Serving's PredictionService and ModelService) on %s:%d", args.host,
-                     grpc_server.crossport_port)
+    if not worker:  # a worker's supervisor says it, once
+        host, port = server.server_address[:2]
+        for line in banner(servable.name, servable.version, servable.backend.kind, host, port, args.host,
+                           grpc_server.crossport_port if grpc_server is not None else None):
+            log.info("%s", line)
     try:
         if worker:
             serve_as_worker(server, worker[2], worker[3])

@@ -57,10 +57,8 @@ def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, 
     """Start ``workers`` copies of ``pipelines.serve argv`` on ``sock``, log ``ready_lines`` once all listen, and
     serve until stopped. The exit code."""
     children: list[tuple[subprocess.Popen, int, int]] = []  # process, ready pipe (read end), control (write end)
-    stopping = threading.Event()
 
     def stop(signum, frame):
-        stopping.set()
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)

@@ -142,8 +142,9 @@ def train(
                 best = (row["val_accuracy"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if on_epoch is not None:
             on_epoch(row)
-        if _stop_early(lead and config.patience is not None and best is not None
-                       and epoch - best[1] >= config.patience, world, device):
+        # every rank has the same config: without patience no rank asks, and no epoch pays for a broadcast
+        if config.patience is not None and _stop_early(lead and best is not None and epoch - best[1] >= config.patience,
+                                                       world, device):
             if lead:
                 log.info("early stop after epoch %d: no better validation accuracy for %d epochs (best: epoch %d)",
                          epoch, config.patience, best[1])
