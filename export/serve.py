@@ -221,6 +221,8 @@ def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export.workers import parse_worker
+
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", allow_abbrev=False,
                                      description=summary_line(__doc__))
     parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp, or one version "
@@ -241,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="server processes sharing the ports, each loading the version (default: 1; one "
                              "process parses JSON on one core: --workers 2 on two cores about doubles REST "
                              "throughput). Runtime threads default to the cores available divided by the workers")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # index,listen,ready,control: set by the supervisor
+    parser.add_argument("--worker", type=parse_worker, help=argparse.SUPPRESS)  # set by the --workers supervisor
     parser.add_argument("--allow-changed", action="store_true",
                         help="serve a version whose files no longer match its manifest (logs a warning)")
     parser.add_argument("--log-file", type=Path,
@@ -308,10 +310,10 @@ def banner(name: str, number: int, backend: str, host: str, port: int, grpc_host
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from export.workers import adopt, parse_worker, serve_as_worker
+    from export.workers import adopt, serve_as_worker
 
     grpc_server, port = None, args.port
-    worker = parse_worker(args.worker) if args.worker else None
+    worker = args.worker
     try:
         servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,
                                  instances=args.instances or 1, allow_changed=args.allow_changed,

@@ -141,7 +141,15 @@ def _stop(children) -> None:
 # --- in a worker ---------------------------------------------------------------------------
 
 def parse_worker(value: str) -> tuple[int, int, int, int]:
-    index, listen_fd, ready_fd, control_fd = (int(part) for part in value.split(","))
+    """An argparse ``type`` for the hidden ``--worker index,listen,ready,control`` its supervisor passes."""
+    import argparse
+
+    parts = value.split(",")
+    if len(parts) != 4 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected index,listen,ready,control (four integers, which a --workers "
+                                         f"supervisor passes its workers; start the server with --workers N "
+                                         f"instead), found {value!r}")
+    index, listen_fd, ready_fd, control_fd = (int(part) for part in parts)
     return index, listen_fd, ready_fd, control_fd
 
 

@@ -228,3 +228,12 @@ def test_a_grpc_port_held_by_another_server_is_refused_not_shared(pipeline_run, 
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "cannot listen on 127.0.0.1:" in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("value", ["1,2,3", "a,b,c,d", "1,2,3,-4", ""])
+def test_a_hand_typed_worker_option_is_refused_in_one_line(pipeline_run, value):
+    result = subprocess.run([sys.executable, "-m", "pipelines.serve", str(pipeline_run.models_dir / "emnist_mlp"),
+                             f"--worker={value}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "start the server with --workers N" in errors[0], result.stderr
