@@ -204,14 +204,22 @@ def top_k(scores: np.ndarray, labels: list[str], k: int = TOP_K) -> list[dict]:
 
 # --- the model, loaded once per process ----------------------------------------------------
 
+def interpreter_threads() -> int:
+    """Every core the function has (Lambda's vCPUs grow with its memory), or ``TFLITE_THREADS`` when it is set."""
+    text = os.environ.get("TFLITE_THREADS", "").strip()
+    if not text:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"TFLITE_THREADS must be a whole number of interpreter threads, 1 or more, found {text!r}; "
+                         f"fix it in the function's environment, or unset it to use every core")
+    return int(text)
+
+
 class TFLiteModel:
     def __init__(self, model_path: Path, labels_path: Path) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        # every core the function has (Lambda's vCPUs grow with its memory); TFLITE_THREADS overrides
-        threads = int(os.environ.get("TFLITE_THREADS") or 0) or (
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-        self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads)
+        self.interpreter = Interpreter(model_path=str(model_path), num_threads=interpreter_threads())
         self.runner = self.interpreter.get_signature_runner("serving_default")
         self.input_name = next(iter(self.runner.get_input_details()))
         self.labels = labels_path.read_text().splitlines()

@@ -132,6 +132,21 @@ def test_a_raw_png_body_as_api_gateway_sends_a_binary_media_type(package):
     assert response["statusCode"] == 400 and "error" in json.loads(response["body"])
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", "2 cores"])
+def test_a_bad_thread_count_in_the_environment_names_the_variable(package, monkeypatch, value):
+    monkeypatch.setenv("TFLITE_THREADS", value)
+    with pytest.raises(ValueError, match=f"TFLITE_THREADS must be a whole number .*found {value!r}"):
+        package.TFLiteModel(package.HERE / "model.tflite", package.HERE / "labels.txt")
+
+
+@pytest.mark.parametrize(("value", "threads"), [("", None), ("  ", None), ("1", 1), ("3", 3)])
+def test_the_thread_count_is_every_core_unless_the_environment_sets_one(package, monkeypatch, value, threads):
+    import os
+
+    monkeypatch.setenv("TFLITE_THREADS", value)
+    assert package.interpreter_threads() == (threads or len(os.sched_getaffinity(0)))
+
+
 def test_service_and_handler_prepare_images_with_the_same_function():
     """The web service imports the handler's preparation; a copy could drift."""
     import export.serve as serve
