@@ -1,6 +1,7 @@
 """The benchmark command produces a complete, self-consistent report (numbers are not asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,9 +55,16 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
         assert package["zipped_bytes"] <= package["unzipped_bytes"] and package["cold_start"]["median_s"] > 0
     assert all(row["errors"] == 0 and row["requests"] > 0 for row in report["http"])
     assert {row["protocol"] for row in report["http"]} == {"rest", "grpc"}  # the same backends over both APIs
+    ticks = 1 / os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in clock ticks, per process
     for row in report["http"]:
         runtime = report["runtimes"][{"onnx": "onnxruntime"}.get(row["backend"], row["backend"])]
         assert row["in_process_share"] == pytest.approx(row["examples_per_s"] / runtime["batch1"]["examples_per_s"])
+        # The server's CPU covers its workers: no request costs it less than the model call alone takes in process
+        # (its workers' one thread does that call's work), and all of it fits in every core for the load's time.
+        server_cpu = row["server_cpu_ms_per_request"] * row["requests"] / 1e3
+        assert row["server_cpu_ms_per_request"] >= runtime["batch1"]["p50_ms"], row
+        assert server_cpu <= os.cpu_count() * row["seconds"] + (row["workers"] + 1) * 2 * ticks, row
+        assert 0 < row["client_cpu_ms_per_request"] * row["requests"] / 1e3 <= os.cpu_count() * row["seconds"], row
     for name in ("onnxruntime", "tflite_fp32"):  # one thread against every core, at batch 128
         single = report["runtimes"][name]["batch128_one_thread"]
         assert single["batch"] == 128 and single["examples_per_s"] > 0

@@ -306,22 +306,57 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
                         errors[0] += 1
 
         threads = [threading.Thread(target=client, args=(call,)) for call in callers]
-        wall = time.perf_counter()
+        server_cpu, client_cpu, wall = _tree_cpu_s(server.pid), time.process_time(), time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - wall
+        client_cpu = time.process_time() - client_cpu  # this process runs nothing but the clients meanwhile
+        after = _tree_cpu_s(server.pid)
+        server_cpu = after - server_cpu if after is not None and server_cpu is not None else None
     finally:
         server.terminate()
         server.wait(timeout=30)
     values = np.asarray(latencies or [float("nan")])
+
+    def per_request(cpu_s: float | None) -> float | None:
+        return cpu_s / len(latencies) * 1e3 if cpu_s is not None and latencies else None
+
     return {"backend": backend, "protocol": protocol, "clients": clients, "workers": workers, "batch": batch,
             "seconds": wall,
             "requests": len(latencies),
             "errors": errors[0], "requests_per_s": len(latencies) / wall,
             "examples_per_s": len(latencies) * batch / wall,
-            "p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3)}
+            "p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
+            # what a deployer sizes machines by: one core serves 1000 / server_cpu_ms_per_request requests/s
+            "server_cpu_ms_per_request": per_request(server_cpu), "client_cpu_ms_per_request": per_request(client_cpu)}
+
+
+def _tree_cpu_s(root: int) -> float | None:
+    """CPU seconds (user + system) used so far by process ``root`` and every process below it (a --workers
+    supervisor and its workers), from /proc; None where there is no /proc."""
+    proc = Path("/proc")
+    ticks, parents = {}, {}
+    try:
+        entries = [entry for entry in proc.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:  # after the command's closing parenthesis: state, ppid, ..., utime (12th), stime (13th)
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        parents[int(entry.name)] = int(fields[1])
+    if root not in ticks:
+        return None
+    tree, grown = {root}, True
+    while grown:
+        below = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grown = bool(below)
+    return sum(ticks[pid] for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def _grpc_caller(port: int, name: str, batch: np.ndarray):
@@ -569,13 +604,19 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {variant} | {info['unzipped_bytes'] / 1e6:.2f} | {info['zipped_bytes'] / 1e6:.2f} | "
                      f"{info['runtime_bytes'] / 1e6:.0f} | {info['cold_start']['median_s']:.2f} |")
     lines += ["", "| web service backend | protocol | workers | clients | batch | req/s | ex/s | % of in process | "
-                  "p50 (ms) | p99 (ms) | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "p50 (ms) | p99 (ms) | server CPU per request (ms) | clients' CPU per request (ms) | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cpu(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     for row in results["http"]:
         share = f"{100 * row['in_process_share']:.0f} %" if row.get("in_process_share") is not None else "-"
         lines.append(f"| {row['backend']} | {row.get('protocol', 'rest')} | {row.get('workers', 1)} | "
                      f"{row['clients']} | {row['batch']} | "
                      f"{row['requests_per_s']:,.0f} | {row['examples_per_s']:,.0f} | {share} | {row['p50_ms']:.1f} | "
-                     f"{row['p99_ms']:.1f} | {row['errors']} |")
+                     f"{row['p99_ms']:.1f} | {cpu(row.get('server_cpu_ms_per_request'))} | "
+                     f"{cpu(row.get('client_cpu_ms_per_request'))} | {row['errors']} |")
     stages = results["pipeline_stage_wall_s"]
     lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
     advice = recommendations(results)
