@@ -288,9 +288,7 @@ def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None)
     except CrossportError as error:
         return report(error)
     except (OSError, OverflowError) as error:
-        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{port}: "
-                         f"{getattr(error, 'strerror', None) or error}.\n")
-        return 1
+        return _cannot_listen(args.host, port, error)
     host, rest_port = sock.getsockname()[:2]
     ready = banner(name, number, args.backend, host, rest_port, args.host, grpc_port)
     threads = args.threads or max(1, available_cores() // args.workers)
@@ -298,6 +296,12 @@ def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None)
     instances = args.instances or max(1, available_cores() // threads)
     return supervise(argv, args.workers, sock, threads, instances, grpc_port, str(log_file) if log_file else None,
                      ready)
+
+
+def _cannot_listen(host: str, port: int, error: Exception) -> int:
+    reason = getattr(error, "strerror", None) or error
+    sys.stderr.write(f"crossport: error: cannot listen on {host}:{port}: {reason}.\n")
+    return 1
 
 
 def banner(name: str, number: int, backend: str, host: str, port: int, grpc_host: str,
@@ -330,9 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
     except CrossportError as error:
         return report(error)
     except (OSError, OverflowError, RuntimeError) as error:  # grpc raises RuntimeError for a port in use
-        reason = getattr(error, "strerror", None) or error
-        sys.stderr.write(f"crossport: error: cannot listen on {args.host}:{port}: {reason}.\n")
-        return 1
+        return _cannot_listen(args.host, port, error)
     if grpc_server is not None:
         grpc_server.start()
     if not worker:  # a worker's supervisor says it, once
