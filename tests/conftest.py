@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -11,13 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-# Importing triton (PyTorch's compiler backend, which torch.use_deterministic_algorithms and torch._dynamo load)
-# after TensorFlow kills the process with a segmentation fault: `python -c "import tensorflow, triton"` exits 139,
-# `import triton, tensorflow` works. The tests share one process, so whether training ran before or after a test
-# that imported TensorFlow would decide the run; importing it first makes the order irrelevant.
-with contextlib.suppress(ImportError):
-    import triton  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
