@@ -192,6 +192,10 @@ def _early_stopping_rank(rank: int, size: int, init: str, out: str) -> None:
         epochs = [row["epoch"] for row in metrics["history"]] if rank == 0 else None
         with open(f"{out}/rank{rank}.json", "w") as handle:
             json.dump({"epochs": epochs, "done": True}, handle)
+        # as training/distributed.py does: rank 0 leaves the last broadcast as soon as it has sent it, and closing
+        # the group then could cut rank 1 off while it still reads it (a rank left in the loop still fails: its next
+        # collective is not this barrier)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
