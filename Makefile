@@ -8,7 +8,7 @@ ARGS   ?=
 
 STANDIN ?= $(HOME)/.cache/crossport/standin
 
-.PHONY: install run test lint ui clean browser bench scale matrix
+.PHONY: install run test test-fast coverage lint ui clean browser bench scale matrix
 
 install: $(STAMP)
 
@@ -24,6 +24,17 @@ run: install
 
 test: install browser
 	$(PY) -m pytest $(ARGS)
+
+# The edit-run loop: every test that needs no pipeline run, no server and no subprocess (about a minute).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+# Statement coverage of the whole suite, the processes it starts included ([tool.coverage] in pyproject.toml).
+coverage: install browser
+	rm -f .coverage .coverage.*
+	$(VENV)/bin/coverage run -m pytest $(ARGS)
+	$(VENV)/bin/coverage combine --quiet
+	$(VENV)/bin/coverage report
 
 # Debian's Chromium and its driver, for the upload-page test (root or sudo needed once).
 browser:

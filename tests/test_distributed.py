@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossport.errors import ConfigError
+from crossport.errors import ConfigError, TrainingError
 from crossport.files import sha256_file
 from tests.conftest import ROOT, free_port, run_cli
 from tests.test_bad_input import one_line_error
@@ -218,3 +218,70 @@ def test_every_rank_stops_early_when_rank_0_decides(tmp_path):
             pytest.fail("a rank is still training: the ranks did not stop together")
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert results[0]["epochs"] == [1, 2, 3] and results[1]["done"]
+
+
+@pytest.mark.slow
+def test_the_rank_killed_from_outside_is_blamed_not_the_peer_that_aborted_after_it(tmp_path, monkeypatch):
+    """The race torchrun loses: rank 1 is killed, rank 0 aborts a moment later, torchrun sees both in one poll and
+    calls rank 0 the root cause (both stamped with the same second; the lower rank wins the tie). The stage must
+    name rank 1, killed by SIGKILL, and still mention rank 0."""
+    from training.launch import run_distributed
+
+    log_dir = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0",
+               "--standalone", "--monitor-interval", "2", "--log-dir", str(log_dir), "--redirects", "3",
+               "-m", "tests.fault_ranks", str(tmp_path)]
+    seen = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: seen.append(real_run(*a, **k)) or seen[-1])
+    with pytest.raises(TrainingError) as caught:
+        run_distributed(command, log_dir=log_dir, out=tmp_path / "out", world_size=2)
+    root_cause = seen[0].stderr.split("Root Cause", 1)[1]
+    assert "rank      : 0" in root_cause.split("[", 2)[1], root_cause  # torchrun's own blame: the old mis-blame
+    message = str(caught.value)
+    assert message.startswith("training rank 1 of 2 failed (killed by signal SIGKILL); its last lines:"), message
+    assert "rank 1 pid" in message and "Rank 0 ended too (killed by signal SIGABRT)" in message, message
+
+
+def test_torchruns_summary_is_read_for_every_failed_rank():
+    """torchrun's own summary (the format of torch.distributed.elastic's ChildFailedError), root cause first."""
+    from training.launch import blame, rank_failures
+
+    summary = """
+    ============================================================
+    training.distributed FAILED
+    ------------------------------------------------------------
+    Failures:
+    [1]:
+      time      : 2026-12-04_20:41:07
+      host      : build-7
+      rank      : 1 (local_rank: 1)
+      exitcode  : -9 (pid: 4243) (SIGKILL)
+      error_file: <N/A>
+      traceback : Signal 9 (SIGKILL) received by PID 4243
+    ------------------------------------------------------------
+    Root Cause (first observed failure):
+    [0]:
+      time      : 2026-12-04_20:41:07
+      host      : build-7
+      rank      : 0 (local_rank: 0)
+      exitcode  : -6 (pid: 4242) (SIGABRT)
+      error_file: <N/A>
+      traceback : Signal 6 (SIGABRT) received by PID 4242
+    ============================================================
+    """
+    failures = rank_failures(summary)
+    assert [(f.rank, f.exitcode, f.signal, f.error_file) for f in failures] == [
+        (0, -6, "SIGABRT", False), (1, -9, "SIGKILL", False)]
+    assert [f.rank for f in blame(failures, {})] == [1, 0]
+    # a rank that failed on its own (an exception, with an error file) beats one whose peer vanished
+    own = summary.replace("-9 (pid: 4243) (SIGKILL)", "1 (pid: 4243)").replace(
+        "error_file: <N/A>\n      traceback : Signal 9", "error_file: /tmp/x/error.json\n      traceback : Signal 9")
+    failures = rank_failures(own)
+    assert [f.rank for f in blame(failures, {0: ["RuntimeError: Connection reset by peer"], 1: []})] == [1, 0]
+    # two ranks failing on their own: the error files' timestamps say which was first
+    both = own.replace("-6 (pid: 4242) (SIGABRT)\n      error_file: <N/A>",
+                       "1 (pid: 4242)\n      error_file: /tmp/x/0.json").replace(
+        "2026-12-04_20:41:07\n      host      : build-7\n      rank      : 0",
+        "2026-12-04_20:41:09\n      host      : build-7\n      rank      : 0")
+    assert [f.rank for f in blame(rank_failures(both), {})] == [1, 0]

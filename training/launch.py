@@ -54,7 +54,7 @@ def launch_command(launch: Launch, *, data: Path, labels: Path, out: Path, log_d
 
 def run_distributed(command: list[str], *, log_dir: Path, out: Path, world_size: int, lead: bool = True) -> dict:
     """Run ``command``; return rank 0's metrics (``lead``: rank 0 runs here), or raise one TrainingError naming
-    the failed rank."""
+    the rank that failed first."""
     from training.distributed import CHECKPOINT, METRICS
 
     result = subprocess.run(command, capture_output=True, text=True)
@@ -62,34 +62,93 @@ def run_distributed(command: list[str], *, log_dir: Path, out: Path, world_size:
         return {}
     if result.returncode == 0 and (out / CHECKPOINT).is_file() and (out / METRICS).is_file():
         return json.loads((out / METRICS).read_text())
-    rank, how = failed_rank(result.stderr)
-    if rank is None:
+    failures = rank_failures(result.stderr)
+    if not failures:
         tail = "; ".join(result.stderr.strip().splitlines()[-3:]) or "no output"
         raise TrainingError(f"torchrun exited with code {result.returncode} before any rank reported: {tail}.",
                             hint="Check --nproc, --nnodes and --rdzv-endpoint; run with --debug for the details.")
-    lines = rank_output(log_dir, rank)
+    outputs = {failure.rank: rank_output(log_dir, failure.rank) for failure in failures}
+    first, *others = blame(failures, outputs)
+    lines = outputs[first.rank]
+    after = "".join(f" Rank {other.rank} ended too ({other.how})." for other in others)
     raise TrainingError(
-        f"training rank {rank} of {world_size} failed ({how}); its last lines: "
-        + (" | ".join(lines) if lines else "(none)") + ". Nothing was recorded or published.",
+        f"training rank {first.rank} of {world_size} failed ({first.how}); its last lines: "
+        + (" | ".join(lines) if lines else "(none)") + f".{after} Nothing was recorded or published.",
         hint=f"Fix the cause and re-run --stage train --run-dir {Path(log_dir).parent}; every rank's output is in "
              f"{log_dir}.")
 
 
-def failed_rank(stderr: str) -> tuple[int | None, str]:
-    """The first failed rank and how it ended, from torchrun's failure summary ("Root Cause")."""
-    root = stderr.split("Root Cause", 1)[-1] if "Root Cause" in stderr else stderr
-    match = re.search(r"rank\s*:\s*(\d+)", root)
-    if not match:
-        return None, ""
-    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
-    signal = re.search(r"Signal (\d+) \((\w+)\)", root)
-    if signal:
-        how = f"killed by signal {signal.group(2)}"
-    elif code and int(code.group(1)) < 0:
-        how = f"killed by signal {-int(code.group(1))}"
-    else:
-        how = f"exit code {code.group(1)}" if code else "failed"
-    return int(match.group(1)), how
+# Signals a rank does not send itself: an operator, a scheduler or the kernel's OOM killer ended it.
+OUTSIDE_SIGNALS = frozenset({"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"})
+# What a rank prints when the rank it was talking to vanished (gloo, c10d's store, the socket layer).
+PEER_VANISHED = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|"
+                           r"connection closed|peer closed", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """One entry of torchrun's failure summary."""
+
+    rank: int
+    exitcode: int
+    signal: str | None  # e.g. "SIGKILL", when a signal ended the rank
+    error_file: bool  # the rank wrote torchrun's error file: its timestamp is when it failed, not when seen
+    timestamp: str  # ISO time, comparable as text
+
+    @property
+    def how(self) -> str:
+        if self.signal:
+            return f"killed by signal {self.signal}"
+        return f"killed by signal {-self.exitcode}" if self.exitcode < 0 else f"exit code {self.exitcode}"
+
+
+ENTRY = re.compile(r"^\s*\[\d+\]:", re.MULTILINE)  # each failure of torchrun's summary starts "[i]:"
+
+
+def rank_failures(stderr: str) -> list[RankFailure]:
+    """Every failed rank of torchrun's failure summary, the one torchrun calls the root cause first.
+
+    Each entry reads ``time : ISO``, ``rank : R (local_rank: L)``, ``exitcode : C (pid: P) (SIGNAME)``,
+    ``error_file: PATH or <N/A>``.
+    """
+    summary = stderr[stderr.rfind("Failures:"):] if "Failures:" in stderr else stderr
+    others, _, root = summary.partition("Root Cause")
+    found: dict[int, RankFailure] = {}
+    for block in ENTRY.split(root) + ENTRY.split(others):
+        rank = re.search(r"rank\s*:\s*(\d+)", block)
+        if not rank or int(rank.group(1)) in found:
+            continue
+        code = re.search(r"exitcode\s*:\s*(-?\d+)", block)
+        signal = re.search(r"\((SIG[A-Z0-9]+)\)", block)
+        error_file = re.search(r"error_file\s*:\s*(\S+)", block)
+        time = re.search(r"time\s*:\s*(\S+)", block)
+        found[int(rank.group(1))] = RankFailure(
+            rank=int(rank.group(1)), exitcode=int(code.group(1)) if code else 1,
+            signal=signal.group(1) if signal else None,
+            error_file=bool(error_file) and error_file.group(1) != "<N/A>", timestamp=time.group(1) if time else "")
+    return list(found.values())
+
+
+def blame(failures: list[RankFailure], outputs: dict[int, list[str]]) -> list[RankFailure]:
+    """The failed ranks, the one that failed first in front.
+
+    torchrun names as root cause the failure with the smallest timestamp, in whole seconds; a rank that wrote no
+    error file (one killed by a signal, or aborted from native code) gets the second torchrun noticed it, so two
+    ranks seen in one poll tie and the lower rank wins — the one that aborted because its peer vanished, not the
+    peer. So: a rank ended by an outside signal comes first; then one that failed on its own; a rank that aborted
+    (SIGABRT) or reported that its peer vanished last. Within a class, error-file timestamps (when the rank failed)
+    decide, then torchrun's order.
+    """
+
+    def cause(failure: RankFailure) -> int:
+        if failure.signal in OUTSIDE_SIGNALS:
+            return 0
+        if failure.signal == "SIGABRT" or any(PEER_VANISHED.search(line) for line in outputs.get(failure.rank, [])):
+            return 2
+        return 1
+
+    order = {failure.rank: index for index, failure in enumerate(failures)}
+    return sorted(failures, key=lambda f: (cause(f), f.timestamp if f.error_file else "~", order[f.rank]))
 
 
 def rank_output(log_dir: Path, rank: int) -> list[str]:

@@ -1,0 +1,55 @@
+"""A rank program for torchrun that fails the way a real run did: rank 1 is killed from outside, and rank 0,
+whose peer has vanished, aborts a moment later — both inside one of torchrun's monitor intervals.
+
+    python -m torch.distributed.run --nproc-per-node 2 --monitor-interval 2 ... -m tests.fault_ranks MEETING_DIR
+
+Rank 1 publishes its pid and waits to be killed; rank 0 kills it (SIGKILL), waits until the kernel says it is dead,
+then calls abort() as a rank does on a gloo "Connection reset by peer". torchrun then sees both failures in one
+poll, stamps both with the same second, and names the lower rank — rank 0 — as the root cause.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def dead(pid: int) -> bool:
+    """Killed and not yet reaped by torchrun (a zombie), or already reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_for(condition, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            sys.exit(f"rank 0 gave up waiting: {what}")
+        time.sleep(0.005)
+
+
+def main() -> None:
+    rank, meeting = int(os.environ["RANK"]), Path(sys.argv[1])
+    print(f"rank {rank} pid {os.getpid()} started", flush=True)
+    pid_file = meeting / "rank1.pid"
+    if rank == 1:
+        partial = pid_file.with_suffix(".partial")
+        partial.write_text(str(os.getpid()))
+        partial.replace(pid_file)  # whole, or not there
+        while True:
+            signal.pause()
+    wait_for(pid_file.is_file, "rank 1's pid file")
+    peer = int(pid_file.read_text())
+    os.kill(peer, signal.SIGKILL)
+    wait_for(lambda: dead(peer), "rank 1 to die")
+    print("rank 0: peer vanished (Connection reset by peer); aborting", flush=True)
+    os.abort()
+
+
+if __name__ == "__main__":
+    main()
