@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crossport.errors import ConfigError, CrossportError, report
 
-log = logging.getLogger("crossport")
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
 
+log = logging.getLogger("crossport")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,13 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class Invocation:
+    """What a command line asks for, checked: the stage, the run directory and the resolved config."""
+
+    stage: str
+    run_dir: Path
+    config: PipelineConfig
+    force: bool = False
+    debug: bool = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from crossport.console import configure_logging
 
     configure_logging(args.debug)
     try:
-        return _run(args)
+        return execute(resolve(args))
     except CrossportError as error:
         return report(error, debug=args.debug)
     except KeyboardInterrupt:
@@ -103,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace) -> int:
+def resolve_config(argv: list[str]) -> Invocation:
+    """The command line ``argv`` checked and resolved, touching nothing: every flag's range, every combination, and
+    what an existing run directory's manifest says. Raises the ``CrossportError`` the command would report (argparse's
+    own refusals exit 2, as on the command line)."""
+    return resolve(build_parser().parse_args(argv))
+
+
+def resolve(args: argparse.Namespace) -> Invocation:
     from pipelines.config import PipelineConfig
     from pipelines.manifest import Manifest
-    from pipelines.runner import latest_run_dir, new_run_dir, open_run, run_stages, select
-    from pipelines.summary import summary
-    from pipelines.tracking import make_tracker
+    from pipelines.runner import latest_run_dir, new_run_dir
 
     if args.no_tracking and args.tracking_uri:
         raise ConfigError("--no-tracking and --tracking-uri contradict each other.", hint="Pass only one of them.")
@@ -156,15 +176,25 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tracking-uri {args.tracking_uri} was given, but run {run_dir} was made with "
                           "--no-tracking: only this stage would be tracked, without the runs before it.",
                           hint="Drop --tracking-uri, or start a new run (a new --run-dir) to track it from the start.")
+    return Invocation(args.stage, run_dir, config, force=args.force, debug=args.debug)
+
+
+def execute(invocation: Invocation) -> int:
+    """Run what :func:`resolve` checked: this machine's ranks on a node other than 0, else the stages."""
+    from pipelines.runner import open_run, run_stages, select
+    from pipelines.summary import summary
+    from pipelines.tracking import make_tracker
+
+    config, run_dir, stage, debug = invocation.config, invocation.run_dir, invocation.stage, invocation.debug
     if config.node_rank != 0:
-        return train_on_other_node(run_dir, config, args.stage)
+        return train_on_other_node(run_dir, config, stage)
     from crossport.console import LOG_NAME, quiet_console
 
-    selected = select(args.stage, config)
+    selected = select(stage, config)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     # the frameworks' output (native code included) goes to run.log; crossport's own lines stay on the terminal
-    with quiet_console(run_dir / LOG_NAME, args.debug):
+    with quiet_console(run_dir / LOG_NAME, debug):
         try:
             tracker = make_tracker(config.tracking, config.tracking_uri, config.name)  # fails fast when unreachable
         except CrossportError:
@@ -172,11 +202,11 @@ def _run(args: argparse.Namespace) -> int:
                 (run_dir / LOG_NAME).unlink(missing_ok=True)
                 run_dir.rmdir()
             raise
-        manifest = open_run(run_dir, config, fresh=args.stage == "all")
+        manifest = open_run(run_dir, config, fresh=stage == "all")
         log.info("run directory %s (library output in %s)", run_dir, run_dir / LOG_NAME)
-        resume = args.stage == "all" and not args.force
+        resume = stage == "all" and not invocation.force
         walls = run_stages(manifest, config, selected, tracker, resume=resume)
-        skipped = [stage.name for stage in selected if stage.name not in walls]
+        skipped = [chosen.name for chosen in selected if chosen.name not in walls]
         sys.stdout.write(summary(manifest, walls, tracker.uri, skipped) + "\n")
     return 0
 

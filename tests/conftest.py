@@ -11,11 +11,44 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import free_port, run_cli, wait_until
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TINY_LABELS = ("a", "b", "c", "d", "e")
+
+
+# Fixtures that start processes (a pipeline run, an MLflow server): every test using one is slow, by this rule.
+PROCESS_FIXTURES = frozenset({"pipeline_run", "mlflow_server"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request, monkeypatch):
+    """The fast tier (``make test-fast``: ``-m "not slow"``) is every test that starts no process: a test that does
+    (a command line, a server, torchrun, a spawned rank) must say so with ``@pytest.mark.slow``, or it fails here."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    real = subprocess.Popen._execute_child
+
+    def refuse(popen, args, *rest, **kwargs):
+        if isinstance(args, list | tuple) and args and args[0] == "git":  # provenance's few milliseconds
+            return real(popen, args, *rest, **kwargs)
+        raise AssertionError(f"{request.node.nodeid} starts a process but is not marked slow: add "
+                             "@pytest.mark.slow (the fast tier starts no process)")
+
+    import multiprocessing.util
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", lambda *a, **k: refuse(None, None))
+    monkeypatch.setattr(os, "fork", lambda: refuse(None, None))
 
 
 @dataclass(frozen=True)
@@ -76,25 +109,9 @@ def tiny(tmp_path_factory, tiny_model, tiny_images) -> TinyArtifacts:
                          root / "model_fp32.tflite", TINY_LABELS, tiny_images)
 
 
-def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m pipelines.run`` in a fresh process, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipelines.run", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` (SQLite backend, local artifact store) on 127.0.0.1."""
-    import time
     import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -107,18 +124,19 @@ def mlflow_server(tmp_path_factory):
         cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
+                return response.status == 200
         except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+            return False
+
+    try:
+        wait_until(healthy, f"mlflow server's /health on {uri}", process=server, interval=0.2)
+    except AssertionError as error:
+        server.kill()
+        pytest.fail(f"{error}: {(root / 'server.log').read_text()[-2000:]}")
     yield uri
     server.terminate()
     try:

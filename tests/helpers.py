@@ -1,10 +1,12 @@
-"""Builders for tiny test inputs in the real formats crossport reads."""
+"""What the tests share: running crossport's commands, waiting for what they do, reading their one-line errors,
+and builders for tiny inputs in the real formats crossport reads. No test module imports another."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -12,9 +14,110 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The published layout is a contract (docs and README): spelled out here on purpose, so that a change to the formats
+# table that would change what deployers receive fails the tests that compare against it.
+EXPECTED_FILES = {
+    "saved_model.pb", "fingerprint.pb", "variables/variables.data-00000-of-00001", "variables/variables.index",
+    "assets.extra/tf_serving_warmup_requests", "assets.extra/model.onnx", "assets.extra/model_fp32.tflite",
+    "assets.extra/model_fp16.tflite", "assets.extra/model_int8_dynamic.tflite", "assets.extra/model_int8_full.tflite",
+    "assets.extra/labels.txt", "assets.extra/parity.json", "assets.extra/manifest.json",
+    "assets.extra/servable.json", "assets.extra/SERVABLE.md", "assets.extra/parity_errors.png",
+    "assets.extra/confusion_matrix.png",
+}
+
+
+def tiny_model_config():
+    """The smallest MLP the training tests train: 784 → 16 → 3."""
+    from training.model import ModelConfig
+
+    return ModelConfig(hidden_sizes=(16,), num_classes=3, dropout=0.1)
+
+
+def tiny_data(seed: int = 0):
+    """60 random images whose class is a function of their pixels (learnable), split 45 / 15."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (60, 784), dtype=np.uint8)
+    y = (x[:, :10].sum(axis=1) % 3).astype(np.int64)
+    return x[:45], y[:45], x[45:], y[45:]
+
+
+# --- commands and their errors -------------------------------------------------------------------
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m pipelines.run`` in a fresh process, as a user would."""
+    return run_module("pipelines.run", *args, cwd=cwd, env=env, timeout=timeout)
+
+
+def run_module(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <name>`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", name, *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result, code: int, *fragments: str) -> str:
+    """A crossport command's failure as the README promises it: exactly one ``crossport: error:`` line holding every
+    fragment, exit code ``code``, no traceback. ``result`` is a CompletedProcess or a :func:`call` result."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("crossport: error:")]
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def usage_error(result, *fragments: str) -> str:
+    """argparse's refusal: exit 2, no traceback, an ``error:`` line holding every fragment."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = next((line for line in result.stderr.splitlines() if "error:" in line), "")
+    for fragment in fragments:
+        assert fragment in line, result.stderr[-2000:]
+    return line
+
+
+def call(main: Callable[[list[str]], int], *argv: str, capsys) -> subprocess.CompletedProcess:
+    """A command's ``main(argv)`` in this process, ending as the process would (argparse's exit included), with what
+    it wrote to stdout and stderr: for checks that end before any framework is loaded."""
+    try:
+        code = main(list(argv))
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, out, err)
+
+
+# --- waiting for what a process does ---------------------------------------------------------------
+
+def wait_until(condition: Callable[[], object], what: str, *, timeout: float = 120.0,
+               process: subprocess.Popen | None = None, interval: float = 0.02):
+    """Poll ``condition`` until it returns something true, and return that. Fails naming ``what`` was awaited
+    when ``timeout`` passes or ``process`` ends first: every wait in the tests is for an observable event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = condition()
+        if found:
+            return found
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (exit {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def idx_images(images: np.ndarray) -> bytes:
@@ -63,24 +166,26 @@ class Server:
     """``python -m pipelines.serve`` in its own process, with a small JSON client."""
 
     def __init__(self, model_dir: Path, backend: str, *extra: str, port: int | None = None) -> None:
-        from tests.conftest import ROOT, free_port
-
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend, "--port", str(self.port),
              *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             try:
                 self.get("/v1/models/emnist_mlp")
-                return
+                return True
             except (urllib.error.URLError, ConnectionError):
-                if self.process.poll() is not None:
-                    raise RuntimeError(self.process.stdout.read()) from None
-                time.sleep(0.3)
-        raise RuntimeError("server did not start")
+                return False
+
+        try:
+            wait_until(answers, f"the server to answer on port {self.port}", process=self.process, interval=0.1)
+        except AssertionError as error:
+            if self.process.poll() is None:
+                self.process.kill()
+            raise RuntimeError(f"{error}: {self.process.stdout.read()}") from None
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type="application/json"):
         request = urllib.request.Request(self.url + path, data=body, method=method,

@@ -1,7 +1,6 @@
 """The bad-input corpus: each case gets one clear line, a non-zero exit code, and nothing
 is written to the models directory."""
 
-import json
 import pickle
 import resource
 import shutil
@@ -14,25 +13,7 @@ import pytest
 import torch
 
 from pipelines.manifest import Manifest
-from tests.conftest import ROOT, run_cli
-from tests.helpers import PicklePayload, make_emnist_archive
-
-pytestmark = pytest.mark.slow
-
-
-def one_line_error(result, code: int, *fragments: str) -> None:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("crossport: error:")]
-    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    assert len(errors) == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def argparse_error(result, *fragments: str) -> None:
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr
+from tests.helpers import ROOT, PicklePayload, make_emnist_archive, one_line_error, run_cli
 
 
 @pytest.fixture
@@ -150,11 +131,6 @@ def test_wrong_format_emnist_archive(case):
     one_line_error(result, 1, "not NIST's EMNIST archive", "gzip/emnist-balanced-train-images-idx3-ubyte.gz")
 
 
-def test_unknown_dataset_and_stage_names(case):
-    argparse_error(case.cli("--dataset", "imagenet"), "invalid choice: 'imagenet'")
-    argparse_error(case.cli("--stage", "deploy"), "invalid choice: 'deploy'")
-
-
 # --- the models directory --------------------------------------------------------------------
 
 def test_unwritable_models_directory(case):
@@ -177,11 +153,6 @@ def test_full_disk_while_publishing(case):
     assert not list((case.models / "emnist_mlp").iterdir())  # staging removed too
 
 
-def test_model_name_with_path_traversal(case):
-    one_line_error(case.cli("--stage", "publish", "--name", "../escape"), 2, "model name '../escape' is not allowed")
-    assert not (case.tmp / "escape").exists()
-
-
 # --- tracking, flags, run directories --------------------------------------------------------
 
 def test_unreachable_tracking_server(case):
@@ -191,19 +162,6 @@ def test_unreachable_tracking_server(case):
     result = run_cli("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(case.models),
                      "--tracking-uri", f"http://127.0.0.1:{port}")
     one_line_error(result, 1, "is unreachable", "--no-tracking")
-
-
-def test_contradictory_flags(case):
-    result = run_cli("--no-tracking", "--tracking-uri", "http://127.0.0.1:1", "--run-dir", str(case.run))
-    one_line_error(result, 2, "contradict each other")
-    one_line_error(case.cli("--stage", "validate", "--force"), 2, "--force applies to --stage all")
-
-
-def test_run_directory_from_an_incompatible_version(case):
-    manifest = json.loads((case.run / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (case.run / "manifest.json").write_text(json.dumps(manifest))
-    one_line_error(case.cli("--stage", "publish"), 1, "manifest format 99", "reads format 1", "new --run-dir")
 
 
 def test_directory_that_is_not_a_run(case):
@@ -217,6 +175,3 @@ def test_changed_artifact_is_refused_before_the_stage(case):
     one_line_error(case.cli("--stage", "validate"), 1, "artifact 'tflite_fp16'", "changed since stage 'tflite'")
 
 
-def test_invalid_numbers(case):
-    one_line_error(case.cli("--stage", "train", "--epochs", "0"), 2, "--epochs must be at least 1, found 0")
-    one_line_error(case.cli("--stage", "train", "--learning-rate", "-1"), 2, "learning rate must be positive")

@@ -8,9 +8,7 @@ import sys
 import pytest
 
 from crossport.formats import BY_NAME, FORMATS
-from tests.conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT
 
 
 def mlp_macs(classes: int) -> int:

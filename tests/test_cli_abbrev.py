@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.helpers import ROOT
 
 PACKAGES = ("crossport", "training", "translation", "export", "pipelines", "tools")
 
@@ -23,6 +25,7 @@ def test_every_parser_turns_abbreviations_off():
     assert len(parsers) >= 10 and all(ok for _, ok in parsers), [path for path, ok in parsers if not ok]
 
 
+@pytest.mark.slow
 def test_a_prefix_is_refused_not_guessed():
     result = subprocess.run([sys.executable, "-m", "pipelines.run", "--mod", "cnn", "--no-tracking"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

@@ -203,7 +203,7 @@ def test_checkpoints_record_the_architecture_and_old_ones_load_as_mlp(cnn, tmp_p
 
 @pytest.mark.slow
 def test_model_cnn_end_to_end_on_digits(tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     result = run_cli("--stage", "all", "--dataset", "digits", "--model", "cnn", "--epochs", "2", "--run-dir",
                      str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"), "--no-tracking")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def foreign_saved_model(path, *, key="serving_default", input_name="x", batch=None):
@@ -32,6 +32,7 @@ def contract(path):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_foreign_servable_is_judged_finding_by_finding(tmp_path):
     from export.contract import WARNING, judge_version
     from export.servable import CROSSPORT_ONLY, TF_SERVING_REFUSES
@@ -50,6 +51,7 @@ def test_a_foreign_servable_is_judged_finding_by_finding(tmp_path):
     assert "TF Serving would refuse" not in result.stdout
 
 
+@pytest.mark.slow
 def test_what_tf_serving_itself_refuses_is_said_so(tmp_path):
     from export.contract import judge_version
     from export.servable import CROSSPORT_ONLY, TF_SERVING_REFUSES
@@ -63,6 +65,7 @@ def test_what_tf_serving_itself_refuses_is_said_so(tmp_path):
     assert result.returncode == 1 and "PROBLEM (TF Serving would refuse): 1: no 'serving_default'" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_path_that_is_no_servable_gets_one_line(tmp_path):
     result = contract(tmp_path)
     assert result.returncode == 1 and result.stdout == ""

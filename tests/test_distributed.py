@@ -15,8 +15,7 @@ import torch
 
 from crossport.errors import ConfigError, TrainingError
 from crossport.files import sha256_file
-from tests.conftest import ROOT, free_port, run_cli
-from tests.test_bad_input import one_line_error
+from tests.helpers import ROOT, free_port, one_line_error, run_cli, wait_until
 from training.train import World, rank_batches
 
 CONFIDENCE = 0.99  # pipelines.config.CONFIDENCE: the one level of every statistical call
@@ -135,16 +134,22 @@ def test_a_killed_rank_fails_the_stage_in_one_line_and_train_reruns(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "pipelines.run", "--dataset", "digits", "--epochs", "400",
                                 "--run-dir", str(run), "--models-dir", str(tmp_path / "models"), "--no-tracking",
                                 "--nproc", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, killed = time.monotonic() + 240, None
-    while killed is None and time.monotonic() < deadline and process.poll() is None:
+
+    def rank_1_in_its_fourth_epoch():
         for log in run.glob("torchrun/*/attempt_0/1/stdout.log"):
             lines = log.read_text().splitlines()
-            if any("epoch 3 done" in line for line in lines):  # rank 1 is in its fourth epoch or later
-                killed = int(lines[0].split(" pid ")[1].split()[0])
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
+            if any("epoch 3 done" in line for line in lines):
+                return int(lines[0].split(" pid ")[1].split()[0])
+        return None
+
+    try:
+        killed = wait_until(rank_1_in_its_fourth_epoch, "rank 1's line 'epoch 3 done'", timeout=240,
+                            process=process, interval=0.05)
+    except AssertionError:
+        process.kill()
+        raise
+    os.kill(killed, signal.SIGKILL)
     out, err = process.communicate(timeout=240)
-    assert killed is not None, err[-3000:]
     result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
     one_line_error(result, 1, "training rank 1 of 2 failed (killed by signal SIGKILL); its last lines:",
                    f"rank 1 pid {killed}", "Nothing was recorded or published", "re-run --stage train")
@@ -182,13 +187,14 @@ def _early_stopping_rank(rank: int, size: int, init: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    from tests.test_train import CONFIG, tiny_data
+    from tests.helpers import tiny_data, tiny_model_config
     from training.train import TrainConfig, World, train
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
-        _, metrics = train(*tiny_data(), CONFIG, TrainConfig(epochs=10, batch_size=8, learning_rate=0.0, patience=2),
-                           world=World(rank, size), progress=False)
+        _, metrics = train(*tiny_data(), tiny_model_config(),
+                           TrainConfig(epochs=10, batch_size=8, learning_rate=0.0, patience=2), world=World(rank, size),
+                           progress=False)
         epochs = [row["epoch"] for row in metrics["history"]] if rank == 0 else None
         with open(f"{out}/rank{rank}.json", "w") as handle:
             json.dump({"epochs": epochs, "done": True}, handle)
@@ -200,11 +206,11 @@ def _early_stopping_rank(rank: int, size: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_stops_early_when_rank_0_decides(tmp_path):
     """Only rank 0 evaluates; the others learn its decision, so both leave the loop after the same epoch (a rank
     left in the loop would wait forever in its next all-reduce)."""
     import json
-    import time
 
     import torch.multiprocessing as mp
 

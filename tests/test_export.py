@@ -59,12 +59,13 @@ def test_onnx_breaking_the_input_contract_is_refused(tmp_path, tiny):
         check_onnx(path)
 
 
+@pytest.mark.slow
 def test_export_works_after_tensorflow_was_imported(tmp_path):
     """Without the triton guard this process dies with a segmentation fault."""
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     code = (
         "import tensorflow, torch\n"

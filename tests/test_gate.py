@@ -16,10 +16,8 @@ from pipelines.runner import run_stages
 from pipelines.stages import STAGES, stage_by_name
 from pipelines.tracking import NullTracker
 from tests import breakers
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 from translation.onnx_to_tf import translate
-
-pytestmark = pytest.mark.slow
 
 
 def copy_run(pipeline_run, tmp_path):

@@ -9,8 +9,6 @@ import pytest
 from crossport.interface import INPUT, SCORES
 from tests.helpers import Server
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module", params=["saved_model", "tflite_fp32"])
 def served(request, pipeline_run):

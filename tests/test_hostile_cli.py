@@ -14,29 +14,7 @@ import onnx
 import pytest
 
 from crossport.files import sha256_path
-from tests.conftest import ROOT, run_cli
-
-pytestmark = pytest.mark.slow
-
-
-def module(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", name, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_line(result, code: int, *fragments: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("crossport: error:")]
-    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def usage_error(result, *fragments: str) -> None:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    line = next(line for line in result.stderr.splitlines() if "error:" in line)
-    for fragment in fragments:
-        assert fragment in line, line
+from tests.helpers import ROOT, one_line_error, run_cli, run_module, wait_until
 
 
 @pytest.fixture
@@ -70,68 +48,12 @@ def world(pipeline_run, tmp_path):
         assert (sha256_path(path) if path.exists() else None) == before, f"{path} changed"
 
 
-# --- flags and numbers ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("flag", "value", "fragment"), [
-    ("--seed", "-1", "--seed must be at least 0, found -1"),
-    ("--seed", str(2**64), f"--seed must be at most {2**64 - 1}, found {2**64}"),
-    ("--epochs", str(2**31), "--epochs must be at most 2147483647"),
-    ("--batch-size", "0", "--batch-size must be at least 1, found 0"),
-    ("--threads", "0", "--threads must be at least 1, found 0"),
-    ("--patience", "0", "--patience must be at least 1, found 0"),
-    ("--learning-rate", "nan", "learning rate must be positive and finite, found nan"),
-    ("--learning-rate", "inf", "learning rate must be positive and finite, found inf"),
-    ("--name", "emnist\n", "model name 'emnist\\n' is not allowed"),
-    ("--name", "", "model name '' is not allowed"),
-    ("--name", "a" * 65, "at most 64 characters"),
-])
-def test_out_of_range_settings(world, flag, value, fragment):
-    one_line(world.cli("--stage", "publish", "--run-dir", str(world.run), flag, value), 2, fragment)
-
-
-@pytest.mark.parametrize(("command", "args", "fragment"), [
-    ("pipelines.serve", ("MODELS", "--port", "99999"), "expected an integer from 0 to 65535, found 99999"),
-    ("pipelines.serve", ("MODELS", "--port", "-1"), "expected an integer from 0 to 65535, found -1"),
-    ("pipelines.serve", ("MODELS", "--version", "0"), "expected an integer from 1 to"),
-    ("pipelines.serve", ("MODELS", "--port", "http"), "found 'http'"),
-    ("pipelines.serve", ("MODELS", "--workers", "0"), "--workers: expected an integer from 1 to"),
-    ("pipelines.diagnose", ("RUN", "--examples", "0"), "--examples: expected an integer from 1 to"),
-    ("pipelines.lineage", ("--name", "x", "--registry-version", "-3"), "expected an integer from 1 to"),
-    ("pipelines.ui", ("--port", "70000"), "expected an integer from 0 to 65535, found 70000"),
-])
-def test_out_of_range_command_integers(world, command, args, fragment):
-    args = [str(world.models / "emnist_mlp") if a == "MODELS" else str(world.run) if a == "RUN" else a for a in args]
-    usage_error(module(command, *args), fragment)
-
-
 def test_serve_on_an_address_it_cannot_bind(world):
-    result = module("pipelines.serve", str(world.models / "emnist_mlp"), "--host", "no-such-host.invalid")
-    one_line(result, 1, "cannot listen on no-such-host.invalid:8501")
+    result = run_module("pipelines.serve", str(world.models / "emnist_mlp"), "--host", "no-such-host.invalid")
+    one_line_error(result, 1, "cannot listen on no-such-host.invalid:8501")
 
 
 # --- run directories -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("stage", ["all", "validate"])
-def test_run_dir_that_is_a_file(world, stage):
-    path = world.tmp / "a-file"
-    path.write_text("not a run")
-    one_line(world.cli("--stage", stage, "--run-dir", str(path)), 2, f"--run-dir {path} is a file")
-    assert path.read_text() == "not a run"
-
-
-@pytest.mark.parametrize(("edit", "fragment"), [
-    (lambda text: text[: len(text) // 2], "is unreadable"),
-    (lambda text: "[]", "manifest format list"),
-    (lambda text: json.dumps({**json.loads(text), "artifacts": {"onnx": {"name": "onnx"}}}), "manifest's layout"),
-    (lambda text: json.dumps({**json.loads(text), "artifacts": []}), "manifest's layout"),
-    (lambda text: json.dumps({**json.loads(text), "config": "x"}), "manifest's layout"),
-])
-def test_broken_run_manifest(world, edit, fragment):
-    path = world.run / "manifest.json"
-    path.write_text(edit(path.read_text()))
-    world.watch(world.run)
-    one_line(world.cli("--stage", "validate", "--run-dir", str(world.run)), 1, fragment)
-
 
 def test_a_second_writer_on_one_run_directory_is_refused_naming_the_holder(world):
     import fcntl
@@ -147,7 +69,7 @@ def test_a_second_writer_on_one_run_directory_is_refused_naming_the_holder(world
         handle.flush()
         before = sha256_path(world.run)
         result = world.cli("--stage", "validate", "--run-dir", str(world.run))
-        one_line(result, 1, f"run directory {world.run} is in use by another crossport process",
+        one_line_error(result, 1, f"run directory {world.run} is in use by another crossport process",
                  "pid 4242 on build-7 since 2026-11-25T10:00:00+00:00")
         assert sha256_path(world.run) == before
     world.unwatch(world.run)
@@ -161,27 +83,15 @@ def test_two_concurrent_runs_into_one_run_directory(world):
     first = subprocess.Popen([sys.executable, "-m", "pipelines.run", *common], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        while first.poll() is None and not (run / "manifest.json").is_file():
-            threading.Event().wait(0.05)
+        wait_until((run / "manifest.json").is_file, "the first run's manifest", process=first)
         second = run_cli(*common)
     finally:
         _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    one_line(second, 1, "is in use by another crossport process", f"pid {first.pid}")
+    one_line_error(second, 1, "is in use by another crossport process", f"pid {first.pid}")
 
 
 # --- tracking --------------------------------------------------------------------------------------
-
-def test_tracking_uri_for_a_run_made_without_tracking(world):
-    path = world.run / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["config"]["tracking"] = False  # as --stage all --no-tracking records it
-    path.write_text(json.dumps(manifest))
-    world.watch(world.run)
-    result = run_cli("--stage", "publish", "--run-dir", str(world.run), "--models-dir", str(world.models),
-                     "--tracking-uri", "http://127.0.0.1:9")
-    one_line(result, 2, "was made with --no-tracking", "start a new run")
-
 
 class _Unhealthy(BaseHTTPRequestHandler):
     """/health says OK; the API answers 503, as a server whose database is down does."""
@@ -213,7 +123,7 @@ def test_a_server_that_answers_health_but_not_its_api_fails_fast(world):
                          timeout=120)  # MLflow's default retries would take about 4 minutes
     finally:
         server.shutdown()
-    one_line(result, 1, f"MLflow tracking server {uri} answers /health but its API fails (HTTP 503")
+    one_line_error(result, 1, f"MLflow tracking server {uri} answers /health but its API fails (HTTP 503")
     assert not (world.tmp / "new").exists()
 
 
@@ -229,13 +139,13 @@ def test_onnx_declaring_an_opset_from_the_future(world):
     manifest = Manifest.load(world.run)
     manifest.record("onnx", world.run / "model.onnx", "export", parents=("checkpoint",))
     assert manifest.artifacts["onnx"].sha256 == sha256_file(world.run / "model.onnx")
-    one_line(world.cli("--stage", "translate", "--run-dir", str(world.run)), 1, "model.onnx", "opset")
+    one_line_error(world.cli("--stage", "translate", "--run-dir", str(world.run)), 1, "model.onnx", "opset")
 
 
 # --- published versions ----------------------------------------------------------------------------
 
 def lineage(version):
-    return module("pipelines.lineage", str(version))
+    return run_module("pipelines.lineage", str(version))
 
 
 @pytest.mark.parametrize(("edit", "fragment"), [
@@ -247,7 +157,7 @@ def test_lineage_on_a_broken_version_manifest(world, edit, fragment):
     path = world.version / "assets.extra" / "manifest.json"
     path.write_text(edit(path.read_text()))
     world.unwatch(world.models)
-    one_line(lineage(world.version), 1, fragment)
+    one_line_error(lineage(world.version), 1, fragment)
 
 
 def test_lineage_flags_files_the_manifest_does_not_list(world):
@@ -279,8 +189,9 @@ def test_lineage_flags_a_manifest_path_leading_out(world):
 def test_serve_refuses_a_version_whose_files_changed(world):
     world.unwatch(world.models)
     (world.version / "assets.extra" / "model.onnx").write_bytes(b"swapped")
-    result = module("pipelines.serve", str(world.models / "emnist_mlp"), "--backend", "onnx", "--port", "0")
-    one_line(result, 1, "no longer matches its manifest", "onnx (assets.extra/model.onnx) changed", "--allow-changed")
+    result = run_module("pipelines.serve", str(world.models / "emnist_mlp"), "--backend", "onnx", "--port", "0")
+    one_line_error(result, 1, "no longer matches its manifest", "onnx (assets.extra/model.onnx) changed",
+                   "--allow-changed")
 
 
 def test_serve_with_allow_changed_serves_and_warns(world):
@@ -317,7 +228,7 @@ def test_models_dir_that_is_not_a_crossport_repository(world, setup, fragment):
     setup(models)
     world.watch(models)
     result = run_cli("--stage", "publish", "--run-dir", str(world.run), "--models-dir", str(models), "--no-tracking")
-    one_line(result, 1, f"--models-dir {models} {fragment}", "Pass a new or empty --models-dir")
+    one_line_error(result, 1, f"--models-dir {models} {fragment}", "Pass a new or empty --models-dir")
 
 
 def test_models_dir_written_by_crossport_takes_the_next_version(world):
@@ -332,34 +243,12 @@ def test_models_dir_written_by_crossport_takes_the_next_version(world):
 def test_bench_out_holding_the_users_files(world):
     out = users_folder(world.tmp / "report")
     world.watch(out)
-    one_line(module("pipelines.bench", str(world.version), "--quick", "--out", str(out), "--no-tracking"), 2,
+    one_line_error(run_module("pipelines.bench", str(world.version), "--quick", "--out", str(out), "--no-tracking"), 2,
              f"--out {out} holds files the benchmark did not write (thesis.tex)", "--force")
 
 
 def test_bench_out_inside_the_model_repository(world):
     out = world.models / "emnist_mlp" / "bench"
-    one_line(module("pipelines.bench", str(world.version), "--quick", "--out", str(out), "--no-tracking"), 2,
+    one_line_error(run_module("pipelines.bench", str(world.version), "--quick", "--out", str(out), "--no-tracking"), 2,
              "is inside the model repository")
     assert not out.exists()
-
-
-@pytest.mark.parametrize(("setup", "fragment"), [
-    (lambda store: users_folder(store), "holds files MLflow's store does not (thesis.tex)"),
-    (lambda store: (store.mkdir(), (store / "mlflow.db").write_bytes(b"my notes, not a database" * 50)),
-     "is not an SQLite database"),
-    (lambda store: (store.mkdir(), _sqlite_without_mlflow(store / "mlflow.db")), "without MLflow's tables"),
-    (lambda store: store.write_text("a file"), "is a file"),
-])
-def test_ui_store_that_is_not_mlflows(world, setup, fragment):
-    store = world.tmp / "store"
-    setup(store)
-    world.watch(store)
-    one_line(module("pipelines.ui", "--store", str(store), "--port", "0"), 2, fragment)
-
-
-def _sqlite_without_mlflow(path):
-    import sqlite3
-
-    with sqlite3.connect(path) as connection:
-        connection.execute("create table recipes (name text)")
-

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from crossport.errors import DataError
-from tests.conftest import run_cli
-from tests.helpers import idx_images, idx_labels, make_emnist_archive
+from tests.helpers import idx_images, idx_labels, make_emnist_archive, run_cli
 
 
 def member(data: bytes) -> bytes:

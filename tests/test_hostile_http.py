@@ -11,7 +11,6 @@ import pytest
 from crossport.files import sha256_path
 from tests.helpers import Server
 
-pytestmark = pytest.mark.slow
 MODEL = "/v1/models/emnist_mlp"
 PREDICT, CLASSIFY = f"{MODEL}:predict", f"{MODEL}:classify"
 

@@ -11,8 +11,6 @@ import pytest
 from crossport.files import sha256_path
 from tests.helpers import blank_png, stroke_images
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def package(pipeline_run, tmp_path_factory):

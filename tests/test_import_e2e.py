@@ -9,12 +9,8 @@ import onnx
 import pytest
 
 from crossport.files import sha256_file
-from tests.conftest import ROOT, run_cli
+from tests.helpers import EXPECTED_FILES, ROOT, one_line_error, run_cli
 from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright, upright_digits_weights, with_op
-from tests.test_bad_input import one_line_error
-from tests.test_pipeline_e2e import EXPECTED_FILES
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +77,7 @@ def test_the_published_servable_reads_crossports_orientation(legacy_run):
     assert np.mean(np.argmax(served, axis=1) == data.y_test) > 0.8
 
 
+@pytest.mark.slow
 def test_mlflow_records_the_files_hash_and_registers_the_version(legacy_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
@@ -95,6 +92,7 @@ def test_mlflow_records_the_files_hash_and_registers_the_version(legacy_run, mlf
     assert versions[0].tags["crossport.source_onnx_sha256"] == sha256_file(path)
 
 
+@pytest.mark.slow
 def test_opset_9_with_weights_as_inputs_and_a_fixed_batch_publishes(tmp_path):
     from export.contract import judge
 
@@ -106,6 +104,7 @@ def test_opset_9_with_weights_as_inputs_and_a_fixed_batch_publishes(tmp_path):
     assert judge(tmp_path / "models") == {"opset9/1": []}  # TF Serving's rules and crossport's contract
 
 
+@pytest.mark.slow
 def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path):
     from PIL import Image
 
@@ -133,6 +132,7 @@ def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path):
     assert all(info["transposes"] <= 1 for name, info in card["formats"].items() if name.startswith("tflite_"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "fragments"), [
     (two_inputs(), ("the model has 2 inputs (images, temperature)", "crossport supports one image input")),
     (with_op("Mish"), ("onnx-tf cannot translate: Mish (node 'odd_node')",)),
@@ -146,6 +146,7 @@ def test_models_crossport_cannot_take_get_one_line_and_publish_nothing(tmp_path,
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("saved_model.pb"))
 
 
+@pytest.mark.slow
 def test_too_few_images_for_calibration_are_refused_before_any_translation(tmp_path):
     from training.data import load_digits
 
@@ -159,14 +160,8 @@ def test_too_few_images_for_calibration_are_refused_before_any_translation(tmp_p
     assert not (tmp_path / "run" / "tf_graph").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_file_gets_one_line(tmp_path):
     result = run_cli("--onnx", str(tmp_path / "absent.onnx"), "--run-dir", str(tmp_path / "run"), "--no-tracking")
     one_line_error(result, 1, f"ONNX model {tmp_path / 'absent.onnx'} does not exist",
                    "Pass --onnx with the path of an ONNX file")
-
-
-def test_training_flags_with_onnx_are_refused(tmp_path):
-    result = run_cli("--onnx", str(tmp_path / "x.onnx"), "--epochs", "3", "--no-tracking")
-    one_line_error(result, 2, "--epochs configure training, and a model brought with --onnx is not trained here")
-    result = run_cli("--orientation", "upright", "--no-tracking", "--run-dir", str(tmp_path / "r"))
-    one_line_error(result, 2, "--orientation apply to a model brought with --onnx")

@@ -3,18 +3,14 @@
 import json
 import shutil
 
-import pytest
-
-from tests.conftest import free_port, run_cli
-
-pytestmark = pytest.mark.slow
+from tests.helpers import call, free_port, run_cli
 
 
 def lineage(*args):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     return subprocess.run([sys.executable, "-m", "pipelines.lineage", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -91,8 +87,10 @@ def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pip
     assert json.loads(lineage(str(version), "--json").stdout)["registry"]["version"] == report["registry"]["version"]
 
 
-def test_a_missing_version_directory_gets_one_line_not_a_traceback(tmp_path):
-    result = lineage(str(tmp_path / "no" / "such" / "dir"))
+def test_a_missing_version_directory_gets_one_line_not_a_traceback(tmp_path, capsys):
+    from pipelines.tools.lineage import main
+
+    result = call(main, str(tmp_path / "no" / "such" / "dir"), capsys=capsys)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [

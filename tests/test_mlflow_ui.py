@@ -4,12 +4,9 @@ and in $CROSSPORT_UI_SCREENSHOTS when set: README's walk shows them)."""
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -61,7 +58,13 @@ class Walk:
         self.until(attempt)
 
     def shot(self, name: str) -> Path:
-        time.sleep(0.5)  # let the last render settle
+        """A screenshot once the page has settled: loaded, and the same page in two successive animation frames."""
+        self.until(lambda: self.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "const html = () => document.body.innerHTML;"
+            "const first = html();"
+            "requestAnimationFrame(() => requestAnimationFrame(() => "
+            "done(document.readyState === 'complete' && html() === first)));"))
         path = self.shots / name
         self.driver.save_screenshot(str(path))
         return path

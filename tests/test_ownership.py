@@ -6,9 +6,7 @@ import sys
 import pytest
 
 from crossport.files import sha256_path
-from tests.conftest import ROOT, run_cli
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT, call
 
 
 def serverless(version, out, *extra):
@@ -64,14 +62,16 @@ def test_serverless_never_writes_into_the_model_repository_even_forced(pipeline_
     assert sha256_path(models) == before
 
 
-def test_a_run_dir_that_is_not_a_crossport_run_is_left_alone(tmp_path):
+def test_a_run_dir_that_is_not_a_crossport_run_is_left_alone(tmp_path, capsys):
+    from pipelines.run import main
+
     run = tmp_path / "project"
     before = user_files(run)
     (run / "saved_model").mkdir()
     (run / "saved_model" / "keep.txt").write_text("the user's own SavedModel notes")
     before = sha256_path(run)
-    result = run_cli("--stage", "all", "--dataset", "digits", "--epochs", "1", "--run-dir", str(run),
-                     "--models-dir", str(tmp_path / "models"), "--no-tracking")
+    result = call(main, "--stage", "all", "--dataset", "digits", "--epochs", "1", "--run-dir", str(run),
+                  "--models-dir", str(tmp_path / "models"), "--no-tracking", capsys=capsys)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"crossport: error: --run-dir {run} is not empty and is not a crossport run (no manifest.json): the pipeline "

@@ -106,6 +106,7 @@ def test_the_card_describes_the_signatures_the_saved_model_is_checked_against(ti
                 assert text.startswith(types_pb2.DataType.Name(found[name].dtype) + " [-1")
 
 
+@pytest.mark.slow
 def test_the_same_graph_packages_to_the_same_bytes(tmp_path, tiny):
     """The same inputs give a byte-identical SavedModel (and so the same published hash): protobuf's map order and
     TensorFlow's random fingerprint uuid are both fixed."""
@@ -115,7 +116,7 @@ def test_the_same_graph_packages_to_the_same_bytes(tmp_path, tiny):
     from tensorflow.core.protobuf import fingerprint_pb2
 
     from crossport.files import sha256_path
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     builds = []
     for name in ("a", "b"):  # one process each, as each run is (TF numbers functions per process)

@@ -4,24 +4,10 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 
 from crossport.files import sha256_path
 from crossport.formats import FORMATS
-from tests.conftest import run_cli
-
-pytestmark = pytest.mark.slow
-
-# The published layout is a contract (ARCHITECTURE.md): spelled out here on purpose, so that a
-# change to the formats table that would change what deployers receive fails this test.
-EXPECTED_FILES = {
-    "saved_model.pb", "fingerprint.pb", "variables/variables.data-00000-of-00001", "variables/variables.index",
-    "assets.extra/tf_serving_warmup_requests", "assets.extra/model.onnx", "assets.extra/model_fp32.tflite",
-    "assets.extra/model_fp16.tflite", "assets.extra/model_int8_dynamic.tflite", "assets.extra/model_int8_full.tflite",
-    "assets.extra/labels.txt", "assets.extra/parity.json", "assets.extra/manifest.json",
-    "assets.extra/servable.json", "assets.extra/SERVABLE.md", "assets.extra/parity_errors.png",
-    "assets.extra/confusion_matrix.png",
-}
+from tests.helpers import EXPECTED_FILES, run_cli
 
 
 def version_dir(pipeline_run, version=1):

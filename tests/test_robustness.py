@@ -7,16 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from crossport.files import sha256_path
-from tests.conftest import ROOT, run_cli
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT, run_cli, wait_until
 
 
 def copy_run(pipeline_run, tmp_path, name="run") -> Path:
@@ -56,15 +52,6 @@ def stage_running(run: Path, stage: str, since: str) -> bool:
     return record.get("status") == "running" and record.get("started", "") >= since
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return False
-
-
 def test_sigkill_during_package_and_publish_never_leaves_half_a_version(pipeline_run, tmp_path):
     run = copy_run(pipeline_run, tmp_path)
     models = tmp_path / "models"
@@ -84,11 +71,14 @@ def test_sigkill_during_package_and_publish_never_leaves_half_a_version(pipeline
         # is running, and for publish the staging directory exists. Both stages then still import
         # TensorFlow (seconds) before they can finish, so a kill within 0.3 s lands mid-stage on
         # any machine, at a different point each time.
-        started = wait_for(lambda stage=stage, since=since: stage_running(run, stage, since), process)
-        if started and stage == "publish":
-            started = wait_for(lambda: any(base.glob(".partial-*")), process)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if started and process.poll() is None:
+        wait_until(lambda stage=stage, since=since: stage_running(run, stage, since), f"stage {stage} to start",
+                   process=process, interval=0.005)
+        if stage == "publish":
+            wait_until(lambda: any(base.glob(".partial-*")), "the staging directory", process=process,
+                       interval=0.005)
+        # not a wait: a random point inside the stage's remaining seconds, so the kills land all over it
+        threading.Event().wait(rng.uniform(0.0, 0.3))
+        if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1
         process.wait(timeout=120)

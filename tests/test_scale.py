@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tools.standin import SPLITS, write_archive
 from training.data import load_dataset
 

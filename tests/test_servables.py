@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from crossport.formats import FORMATS
-from tests.conftest import ROOT
-from tests.helpers import Server, headless_chromium
+from tests.helpers import ROOT, Server, headless_chromium
 
-pytestmark = pytest.mark.slow
 DOCS = ROOT / "docs" / "rest"
 
 

@@ -4,8 +4,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 STAGES = {"data", "train", "export", "translate", "package", "tflite", "validate", "publish", "register"}
 
 

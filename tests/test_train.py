@@ -8,19 +8,12 @@ import pytest
 import torch
 
 from crossport.errors import CheckpointError
-from tests.helpers import PicklePayload
+from tests.helpers import PicklePayload, tiny_data, tiny_model_config
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.model import MLP, ModelConfig
+from training.model import MLP
 from training.train import TrainConfig, train
 
-CONFIG = ModelConfig(hidden_sizes=(16,), num_classes=3, dropout=0.1)
-
-
-def tiny_data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (60, 784), dtype=np.uint8)
-    y = (x[:, :10].sum(axis=1) % 3).astype(np.int64)
-    return x[:45], y[:45], x[45:], y[45:]
+CONFIG = tiny_model_config()
 
 
 def test_training_is_deterministic_for_a_seed():
@@ -142,6 +135,7 @@ def test_early_stopping_ends_after_patience_epochs_without_improvement():
     assert len(full["history"]) == 4
 
 
+@pytest.mark.slow
 def test_training_in_a_process_that_already_loaded_tensorflow():
     # torch.use_deterministic_algorithms loads triton, and triton loaded after TensorFlow segfaults the process
     # (exit -11): a command that translates and then trains must survive. Its own process, which has loaded neither

@@ -11,16 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers import Server
+from tests.helpers import ROOT, Server, wait_until
 
-pytestmark = pytest.mark.slow
 PREDICT = "/v1/models/emnist_mlp:predict"
 
 
@@ -48,15 +45,6 @@ def alive(pid: int) -> bool:
 def option(argv: list[str], flag: str) -> str:
     """The value argparse takes for ``flag``: the one after its last occurrence."""
     return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
-
-
-def wait_until(condition, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def predict(connection: http.client.HTTPConnection, rows: np.ndarray) -> np.ndarray:
@@ -169,7 +157,7 @@ def test_stopping_the_supervisor_stops_every_worker(pipeline_run):
     assert len(workers) == 2
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0
-    assert wait_until(lambda: not any(alive(pid) for pid in workers))
+    wait_until(lambda: not any(alive(pid) for pid in workers), "every worker to exit")
     with socket.socket() as sock:  # the port is free again
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", server.port))
@@ -180,7 +168,7 @@ def test_a_dead_worker_stops_the_server_with_one_line(pipeline_run):
     first, second = sorted(worker_pids(server.process.pid))
     os.kill(first, signal.SIGKILL)
     assert server.process.wait(timeout=30) == 1
-    assert wait_until(lambda: not alive(second))
+    wait_until(lambda: not alive(second), "the other worker to exit")
     output = server.process.stdout.read()
     assert re.search(rf"worker \d \(pid {first}\) exited with code -9; stopping the others", output), output
 
@@ -190,7 +178,7 @@ def test_workers_leave_when_their_supervisor_is_killed(pipeline_run):
     workers = worker_pids(server.process.pid)
     server.process.kill()  # no chance to stop them: they must notice on their own
     server.process.wait(timeout=30)
-    assert wait_until(lambda: not any(alive(pid) for pid in workers)), "orphaned workers kept serving"
+    wait_until(lambda: not any(alive(pid) for pid in workers), "the orphaned workers to exit")
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [
