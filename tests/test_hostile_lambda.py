@@ -143,11 +143,3 @@ def test_the_thread_count_is_every_core_unless_the_environment_sets_one(package,
 
     monkeypatch.setenv("TFLITE_THREADS", value)
     assert package.interpreter_threads() == (threads or len(os.sched_getaffinity(0)))
-
-
-def test_service_and_handler_prepare_images_with_the_same_function():
-    """The web service imports the handler's preparation; a copy could drift."""
-    import export.serve as serve
-
-    source = serve.RequestHandler._upload.__code__.co_names
-    assert "image_to_pixels" in source and "to_model_input" in source

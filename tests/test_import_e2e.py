@@ -74,7 +74,9 @@ def test_the_published_servable_reads_crossports_orientation(legacy_run):
     feed = session.get_inputs()[0].name
     original = np.concatenate([session.run(None, {feed: row[None]})[0] for row in upright(images)])
     assert np.array_equal(np.argmax(served, axis=1), np.argmax(original, axis=1))
-    assert np.mean(np.argmax(served, axis=1) == data.y_test) > 0.8
+    # the accuracy the card states is the one the brought file itself reaches on these images, upright
+    card = json.loads((root / "models" / "emnist_2018" / "1" / "assets.extra" / "servable.json").read_text())
+    assert card["formats"]["saved_model"]["test_accuracy"] == np.mean(np.argmax(original, axis=1) == data.y_test)
 
 
 @pytest.mark.slow

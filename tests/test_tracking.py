@@ -8,6 +8,25 @@ STAGES = {"data", "train", "export", "translate", "package", "tflite", "validate
 
 
 @pytest.fixture(scope="module")
+def measured(pipeline_run):
+    """The accuracies measured again here, outside the pipeline: the run's checkpoint in PyTorch and its published
+    full-int8 file in LiteRT, on the run's own test split. The tracked figures must be these numbers."""
+    import numpy as np
+
+    from crossport.interface import SCORES, to_inputs
+    from crossport.runtimes import load_tflite
+    from training.checkpoint import load_checkpoint
+    from training.train import logits_of
+
+    with np.load(pipeline_run.run_dir / "data.npz") as arrays:
+        images, labels = arrays["x_test"], arrays["y_test"]
+    pytorch = np.argmax(logits_of(load_checkpoint(pipeline_run.run_dir / "model.pt").model, images), axis=1)
+    int8 = load_tflite(pipeline_run.models_dir / "emnist_mlp" / "1" / "assets.extra" / "model_int8_full.tflite")
+    int8_top1 = np.argmax(int8(to_inputs(images.reshape(len(images), -1)))[SCORES], axis=1)
+    return {"pytorch": float(np.mean(pytorch == labels)), "tflite_int8_full": float(np.mean(int8_top1 == labels))}
+
+
+@pytest.fixture(scope="module")
 def client(pipeline_run):
     from mlflow.tracking import MlflowClient
 
@@ -26,11 +45,11 @@ def runs(client, pipeline_run):
     return parents[0], children
 
 
-def test_one_parent_run_with_a_child_per_stage(runs):
+def test_one_parent_run_with_a_child_per_stage(runs, measured):
     parent, children = runs
     assert set(children) == STAGES
     assert all("wall_s" in child.data.metrics for child in children.values())
-    assert 0.0 < children["train"].data.metrics["test_accuracy"] <= 1.0
+    assert children["train"].data.metrics["test_accuracy"] == pytest.approx(measured["pytorch"], abs=1e-12)
     assert children["data"].data.params["dataset"] == "digits"
     assert parent.data.params["dataset"] == "digits" and parent.data.params["epochs"] == "3"
 
@@ -167,11 +186,12 @@ def test_the_registry_version_is_an_mlflow_model_with_the_published_scores(clien
         mlflow.pyfunc.load_model(str(copy))
 
 
-def test_the_parent_run_carries_headline_metrics_dataset_and_parity_report(client, runs):
+def test_the_parent_run_carries_headline_metrics_dataset_and_parity_report(client, runs, measured):
     parent, _ = runs
     parent = client.get_run(parent.info.run_id)
     metrics = parent.data.metrics
-    assert 0.0 < metrics["accuracy_pytorch"] <= 1.0 and 0.0 < metrics["accuracy_tflite_int8_full"] <= 1.0
+    assert metrics["accuracy_pytorch"] == pytest.approx(measured["pytorch"], abs=1e-12)
+    assert metrics["accuracy_tflite_int8_full"] == pytest.approx(measured["tflite_int8_full"], abs=1e-12)
     assert metrics["tflite_fp32_bytes"] > metrics["tflite_int8_full_bytes"] > 0
     assert parent.data.tags["crossport.parity_verdict"] == "pass"
     assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["digits"]
