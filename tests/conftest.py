@@ -21,12 +21,26 @@ TINY_LABELS = ("a", "b", "c", "d", "e")
 
 # Fixtures that start processes (a pipeline run, an MLflow server): every test using one is slow, by this rule.
 PROCESS_FIXTURES = frozenset({"pipeline_run", "mlflow_server"})
+# Programs a run asks something of in a few milliseconds (provenance: git; platform.processor(): uname).
+QUICK_TOOLS = frozenset({"git", "uname"})
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _release_run_locks():
+    """A command line run in this process (tests.helpers.pipeline_here) keeps its run directory's lock, as a process
+    does until it exits: each test's locks are released after it."""
+    from pipelines import lock
+
+    before = set(lock._HELD)
+    yield
+    for key in set(lock._HELD) - before:
+        os.close(lock._HELD.pop(key))
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +53,7 @@ def _fast_tests_start_no_process(request, monkeypatch):
     real = subprocess.Popen._execute_child
 
     def refuse(popen, args, *rest, **kwargs):
-        if isinstance(args, list | tuple) and args and args[0] == "git":  # provenance's few milliseconds
+        if isinstance(args, list | tuple) and args and Path(str(args[0])).name in QUICK_TOOLS:
             return real(popen, args, *rest, **kwargs)
         raise AssertionError(f"{request.node.nodeid} starts a process but is not marked slow: add "
                              "@pytest.mark.slow (the fast tier starts no process)")

@@ -94,6 +94,17 @@ def call(main: Callable[[list[str]], int], *argv: str, capsys) -> subprocess.Com
     return subprocess.CompletedProcess(list(argv), code, out, err)
 
 
+def pipeline_here(*argv: str, capsys, env: dict | None = None, monkeypatch=None) -> subprocess.CompletedProcess:
+    """``python -m pipelines.run ARGV`` run in this process (its frameworks loaded once for every case of a test
+    session), ending as the process would: the one-line errors and exit codes are :func:`pipelines.run.main`'s.
+    ``env`` is set for the call through ``monkeypatch``."""
+    from pipelines.run import main
+
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    return call(main, *argv, capsys=capsys)
+
+
 # --- waiting for what a process does ---------------------------------------------------------------
 
 def wait_until(condition: Callable[[], object], what: str, *, timeout: float = 120.0,

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pipelines.manifest import Manifest
-from tests.helpers import ROOT, PicklePayload, make_emnist_archive, one_line_error, run_cli
+from tests.helpers import ROOT, PicklePayload, make_emnist_archive, one_line_error, pipeline_here
 
 
 @pytest.fixture
-def case(pipeline_run, tmp_path):
+def case(pipeline_run, tmp_path, capsys, monkeypatch):
     """A copy of a finished run, an empty models directory, and a helper to swap artifacts."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
@@ -25,7 +25,7 @@ def case(pipeline_run, tmp_path):
 
     class Case:
         def __init__(self):
-            self.run, self.models, self.tmp = run, models, tmp_path
+            self.run, self.models, self.tmp, self.capsys = run, models, tmp_path, capsys
 
         def replace(self, name: str, data: bytes, stage: str, parents=()):
             manifest = Manifest.load(run)
@@ -33,8 +33,10 @@ def case(pipeline_run, tmp_path):
             path.write_bytes(data)
             manifest.record(name, path, stage, parents=parents)  # recorded as if a stage made it
 
-        def cli(self, *args, **kwargs):
-            return run_cli(*args, "--run-dir", str(run), "--models-dir", str(models), "--no-tracking", **kwargs)
+        def cli(self, *args, env=None):
+            """The command line, in this process."""
+            return pipeline_here(*args, "--run-dir", str(run), "--models-dir", str(models), "--no-tracking",
+                                 capsys=capsys, env=env, monkeypatch=monkeypatch)
 
     yield Case()
     assert not models.exists() or not any(models.rglob("saved_model.pb")), "nothing may be published"
@@ -106,29 +108,34 @@ def test_checkpoint_carrying_a_pickle_payload_is_never_executed(case):
 
 # --- datasets ------------------------------------------------------------------------------
 
-def emnist_env(case):
-    return {"HOME": str(case.tmp / "home"), "CROSSPORT_EMNIST_URL": (case.tmp / "none.zip").as_uri()}
+@pytest.fixture
+def fresh(tmp_path, capsys, monkeypatch):
+    """A new run in this process with EMNIST downloads pointed at a file that is not there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CROSSPORT_EMNIST_URL", (tmp_path / "none.zip").as_uri())
+
+    def cli(*args):
+        return pipeline_here(*args, "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "new"),
+                             "--models-dir", str(tmp_path / "models"), "--no-tracking", capsys=capsys)
+
+    yield cli
+    assert not (tmp_path / "models").exists(), "nothing may be published"
 
 
-def test_missing_emnist_archive(case):
-    result = run_cli("--dataset", "emnist-letters", "--data-dir", str(case.tmp / "data"), "--run-dir",
-                     str(case.tmp / "new"), "--models-dir", str(case.models), "--no-tracking", env=emnist_env(case))
-    one_line_error(result, 1, "EMNIST download from", "To use EMNIST")
+def test_missing_emnist_archive(fresh):
+    one_line_error(fresh("--dataset", "emnist-letters"), 1, "EMNIST download from", "To use EMNIST")
 
 
-def test_corrupt_emnist_archive(case):
-    (case.tmp / "data").mkdir()
-    (case.tmp / "data" / "gzip.zip").write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    result = run_cli("--dataset", "emnist-byclass", "--data-dir", str(case.tmp / "data"), "--run-dir",
-                     str(case.tmp / "new"), "--models-dir", str(case.models), "--no-tracking", env=emnist_env(case))
-    one_line_error(result, 1, "corrupt or unreadable")
+def test_corrupt_emnist_archive(fresh, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "gzip.zip").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    one_line_error(fresh("--dataset", "emnist-byclass"), 1, "corrupt or unreadable")
 
 
-def test_wrong_format_emnist_archive(case):
-    make_emnist_archive(case.tmp / "data" / "gzip.zip", split="digits", num_classes=10)
-    result = run_cli("--dataset", "emnist-balanced", "--data-dir", str(case.tmp / "data"), "--run-dir",
-                     str(case.tmp / "new"), "--models-dir", str(case.models), "--no-tracking", env=emnist_env(case))
-    one_line_error(result, 1, "not NIST's EMNIST archive", "gzip/emnist-balanced-train-images-idx3-ubyte.gz")
+def test_wrong_format_emnist_archive(fresh, tmp_path):
+    make_emnist_archive(tmp_path / "data" / "gzip.zip", split="digits", num_classes=10)
+    one_line_error(fresh("--dataset", "emnist-balanced"), 1, "not NIST's EMNIST archive",
+                   "gzip/emnist-balanced-train-images-idx3-ubyte.gz")
 
 
 # --- the models directory --------------------------------------------------------------------
@@ -136,8 +143,8 @@ def test_wrong_format_emnist_archive(case):
 def test_unwritable_models_directory(case):
     blocker = case.tmp / "blocker"
     blocker.write_text("a file where a directory should be")
-    result = run_cli("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(blocker / "models"),
-                     "--no-tracking")
+    result = pipeline_here("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(blocker / "models"),
+                           "--no-tracking", capsys=case.capsys)
     one_line_error(result, 1, "cannot write to models directory", "Check its permissions")
 
 
@@ -159,14 +166,14 @@ def test_unreachable_tracking_server(case):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = run_cli("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(case.models),
-                     "--tracking-uri", f"http://127.0.0.1:{port}")
+    result = pipeline_here("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(case.models),
+                           "--tracking-uri", f"http://127.0.0.1:{port}", capsys=case.capsys)
     one_line_error(result, 1, "is unreachable", "--no-tracking")
 
 
-def test_directory_that_is_not_a_run(case):
-    (case.tmp / "empty").mkdir()
-    result = run_cli("--stage", "validate", "--run-dir", str(case.tmp / "empty"), "--no-tracking")
+def test_directory_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    result = pipeline_here("--stage", "validate", "--run-dir", str(tmp_path / "empty"), "--no-tracking", capsys=capsys)
     one_line_error(result, 1, "is not a crossport run directory")
 
 

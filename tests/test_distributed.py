@@ -71,12 +71,24 @@ def pipeline(root, name, *extra):
     return root / name
 
 
+def retrain(root, name, source, *extra):
+    """``--stage train`` again on a copy of ``source`` (its data stage's output): a second training of the same data
+    without the stages after it, which these tests do not read."""
+    import shutil
+
+    run = root / name
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns(".lock", "model.pt"))  # a checkpoint of its own
+    result = run_cli("--stage", "train", "--run-dir", str(run), *extra)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     # one thread per rank, stated: float sums in PyTorch's kernels may depend on the thread count
-    return {"ddp": pipeline(root, "ddp", "--nproc", "2", "--threads", "1"),
-            "again": pipeline(root, "again", "--nproc", "2", "--threads", "1"), "single": pipeline(root, "single")}
+    ddp = pipeline(root, "ddp", "--nproc", "2", "--threads", "1")
+    return {"ddp": ddp, "again": retrain(root, "again", ddp), "single": retrain(root, "single", ddp, "--nproc", "1")}
 
 
 @pytest.mark.slow

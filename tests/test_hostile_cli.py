@@ -14,11 +14,11 @@ import onnx
 import pytest
 
 from crossport.files import sha256_path
-from tests.helpers import ROOT, one_line_error, run_cli, run_module, wait_until
+from tests.helpers import ROOT, one_line_error, pipeline_here, run_cli, run_module, wait_until
 
 
 @pytest.fixture
-def world(pipeline_run, tmp_path):
+def world(pipeline_run, tmp_path, capsys):
     """A copy of a finished run, a copy of its model repository, and their hashes to compare at the end."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
@@ -38,8 +38,9 @@ def world(pipeline_run, tmp_path):
             """For cases that edit a published version on purpose, as an attacker or an accident would."""
             del self.watched[path]
 
-        def cli(self, *args):
-            return run_cli(*args, "--models-dir", str(models), "--no-tracking")
+        def cli(self, *args, models_dir=None):
+            """The command line, in this process."""
+            return pipeline_here(*args, "--models-dir", str(models_dir or models), "--no-tracking", capsys=capsys)
 
     world = World()
     world.watch(models)
@@ -227,14 +228,14 @@ def test_models_dir_that_is_not_a_crossport_repository(world, setup, fragment):
     models = world.tmp / "theirs"
     setup(models)
     world.watch(models)
-    result = run_cli("--stage", "publish", "--run-dir", str(world.run), "--models-dir", str(models), "--no-tracking")
+    result = world.cli("--stage", "publish", "--run-dir", str(world.run), models_dir=models)
     one_line_error(result, 1, f"--models-dir {models} {fragment}", "Pass a new or empty --models-dir")
 
 
 def test_models_dir_written_by_crossport_takes_the_next_version(world):
     world.unwatch(world.models)
-    result = run_cli("--stage", "publish", "--run-dir", str(world.run), "--models-dir", str(world.models),
-                     "--no-tracking", "--republish")  # the same files as version 1: published again only when asked
+    result = world.cli("--stage", "publish", "--run-dir", str(world.run),
+                       "--republish")  # the same files as version 1: published again only when asked
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (world.models / "emnist_mlp").iterdir()) == ["1", "2"]
     assert (world.models / "models.config").read_text().startswith("# TF Serving ModelServerConfig")
