@@ -22,8 +22,11 @@ $(STAMP): requirements.txt pyproject.toml
 run: install
 	$(PY) -m pipelines.run --stage all $(ARGS)
 
+# Two test processes: most of the suite's time is single-threaded (imports, graph conversion, subprocesses).
+TEST_WORKERS ?= 2
+
 test: install browser
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 # The edit-run loop: every test that needs no pipeline run, no server and no subprocess (about a minute).
 test-fast: install
@@ -32,7 +35,7 @@ test-fast: install
 # Statement coverage of the whole suite, the processes it starts included ([tool.coverage] in pyproject.toml).
 coverage: install browser
 	rm -f .coverage .coverage.*
-	$(VENV)/bin/coverage run -m pytest $(ARGS)
+	$(VENV)/bin/coverage run -m pytest -n $(TEST_WORKERS) $(ARGS)
 	$(VENV)/bin/coverage combine --quiet
 	$(VENV)/bin/coverage report
 

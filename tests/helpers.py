@@ -97,7 +97,8 @@ def call(main: Callable[[list[str]], int], *argv: str, capsys) -> subprocess.Com
 def pipeline_here(*argv: str, capsys, env: dict | None = None, monkeypatch=None) -> subprocess.CompletedProcess:
     """``python -m pipelines.run ARGV`` run in this process (its frameworks loaded once for every case of a test
     session), ending as the process would: the one-line errors and exit codes are :func:`pipelines.run.main`'s.
-    ``env`` is set for the call through ``monkeypatch``."""
+    Pass pytest's ``capfd`` as ``capsys`` where stages run: they write the summary to the terminal's descriptor, as
+    the process does. ``env`` is set for the call through ``monkeypatch``."""
     from pipelines.run import main
 
     for name, value in (env or {}).items():

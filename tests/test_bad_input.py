@@ -17,7 +17,7 @@ from tests.helpers import ROOT, PicklePayload, make_emnist_archive, one_line_err
 
 
 @pytest.fixture
-def case(pipeline_run, tmp_path, capsys, monkeypatch):
+def case(pipeline_run, tmp_path, capfd, monkeypatch):
     """A copy of a finished run, an empty models directory, and a helper to swap artifacts."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
@@ -25,7 +25,7 @@ def case(pipeline_run, tmp_path, capsys, monkeypatch):
 
     class Case:
         def __init__(self):
-            self.run, self.models, self.tmp, self.capsys = run, models, tmp_path, capsys
+            self.run, self.models, self.tmp, self.capfd = run, models, tmp_path, capfd
 
         def replace(self, name: str, data: bytes, stage: str, parents=()):
             manifest = Manifest.load(run)
@@ -36,7 +36,7 @@ def case(pipeline_run, tmp_path, capsys, monkeypatch):
         def cli(self, *args, env=None):
             """The command line, in this process."""
             return pipeline_here(*args, "--run-dir", str(run), "--models-dir", str(models), "--no-tracking",
-                                 capsys=capsys, env=env, monkeypatch=monkeypatch)
+                                 capsys=capfd, env=env, monkeypatch=monkeypatch)
 
     yield Case()
     assert not models.exists() or not any(models.rglob("saved_model.pb")), "nothing may be published"
@@ -109,14 +109,14 @@ def test_checkpoint_carrying_a_pickle_payload_is_never_executed(case):
 # --- datasets ------------------------------------------------------------------------------
 
 @pytest.fixture
-def fresh(tmp_path, capsys, monkeypatch):
+def fresh(tmp_path, capfd, monkeypatch):
     """A new run in this process with EMNIST downloads pointed at a file that is not there."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CROSSPORT_EMNIST_URL", (tmp_path / "none.zip").as_uri())
 
     def cli(*args):
         return pipeline_here(*args, "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "new"),
-                             "--models-dir", str(tmp_path / "models"), "--no-tracking", capsys=capsys)
+                             "--models-dir", str(tmp_path / "models"), "--no-tracking", capsys=capfd)
 
     yield cli
     assert not (tmp_path / "models").exists(), "nothing may be published"
@@ -144,7 +144,7 @@ def test_unwritable_models_directory(case):
     blocker = case.tmp / "blocker"
     blocker.write_text("a file where a directory should be")
     result = pipeline_here("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(blocker / "models"),
-                           "--no-tracking", capsys=case.capsys)
+                           "--no-tracking", capsys=case.capfd)
     one_line_error(result, 1, "cannot write to models directory", "Check its permissions")
 
 
@@ -167,13 +167,13 @@ def test_unreachable_tracking_server(case):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result = pipeline_here("--stage", "publish", "--run-dir", str(case.run), "--models-dir", str(case.models),
-                           "--tracking-uri", f"http://127.0.0.1:{port}", capsys=case.capsys)
+                           "--tracking-uri", f"http://127.0.0.1:{port}", capsys=case.capfd)
     one_line_error(result, 1, "is unreachable", "--no-tracking")
 
 
-def test_directory_that_is_not_a_run(tmp_path, capsys):
+def test_directory_that_is_not_a_run(tmp_path, capfd):
     (tmp_path / "empty").mkdir()
-    result = pipeline_here("--stage", "validate", "--run-dir", str(tmp_path / "empty"), "--no-tracking", capsys=capsys)
+    result = pipeline_here("--stage", "validate", "--run-dir", str(tmp_path / "empty"), "--no-tracking", capsys=capfd)
     one_line_error(result, 1, "is not a crossport run directory")
 
 

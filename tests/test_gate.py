@@ -78,16 +78,16 @@ def test_validate_catches_a_drifted_saved_model_on_its_own(pipeline_run, tmp_pat
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8_full"])
-def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_path, variant, capsys):
+def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_path, variant, capfd):
     manifest, _ = copy_run(pipeline_run, tmp_path)
     run = manifest.run_dir
     shutil.copy(tiny.tflite, run / f"model_{variant}.tflite")
     manifest.record(f"tflite_{variant}", run / f"model_{variant}.tflite", "tflite", parents=("saved_model",))
     manifest.save()
-    result = pipeline_here("--stage", "validate", "--run-dir", str(run), "--no-tracking", capsys=capsys)
+    result = pipeline_here("--stage", "validate", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 3, result.stderr[-2000:]
     assert f"pytorch -> tflite_{variant}: output 'scores' expected float32[359, 10]" in result.stderr
-    result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--no-tracking", capsys=capsys)
+    result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 1 and "refusing to publish: parity verdict is 'fail'" in result.stderr
     assert f"tflite_{variant}" in result.stderr
     assert_nothing_published(tmp_path)
@@ -145,13 +145,13 @@ def test_a_class_bias_shift_of_1e_4_is_caught_by_the_noise_check(pipeline_run, t
 
 
 @pytest.mark.parametrize("impostor", ["fp16", "int8_dynamic"])
-def test_a_lossy_file_posing_as_fp32_tflite_is_refused(pipeline_run, tmp_path, impostor, capsys):
+def test_a_lossy_file_posing_as_fp32_tflite_is_refused(pipeline_run, tmp_path, impostor, capfd):
     manifest, _ = copy_run(pipeline_run, tmp_path)
     run = manifest.run_dir
     shutil.copy(run / f"model_{impostor}.tflite", run / "model_fp32.tflite")
     manifest.record("tflite_fp32", run / "model_fp32.tflite", "tflite", parents=("saved_model",))
     manifest.save()
-    result = pipeline_here("--stage", "validate", "--run-dir", str(run), "--no-tracking", capsys=capsys)
+    result = pipeline_here("--stage", "validate", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "tflite_fp32: output 'scores'" in result.stderr and "noisier than PyTorch float32" in result.stderr
     assert_nothing_published(tmp_path)
@@ -161,7 +161,7 @@ def test_a_lossy_file_posing_as_fp32_tflite_is_refused(pipeline_run, tmp_path, i
 
 
 @pytest.mark.parametrize("policy", ["publish", "omit"])
-def test_undecided_variants_are_published_unverified_or_left_out(pipeline_run, tmp_path, policy, capsys):
+def test_undecided_variants_are_published_unverified_or_left_out(pipeline_run, tmp_path, policy, capfd):
     manifest, _ = copy_run(pipeline_run, tmp_path)
     run = manifest.run_dir
     report = json.loads((run / "parity.json").read_text())
@@ -171,7 +171,7 @@ def test_undecided_variants_are_published_unverified_or_left_out(pipeline_run, t
     manifest.save()
     models = tmp_path / "models"
     result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--models-dir", str(models), "--no-tracking",
-                     "--undecided", policy, capsys=capsys)
+                     "--undecided", policy, capsys=capfd)
     assert result.returncode == 0, result.stderr[-2000:]
     extra = models / "emnist_mlp" / "1" / "assets.extra"
     card = json.loads((extra / "servable.json").read_text())
@@ -231,7 +231,7 @@ def test_the_translate_stage_checks_the_tf_graph_under_its_own_name_on_scores_an
 
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
-def test_a_manifest_path_leading_out_of_the_run_directory_is_refused(pipeline_run, tmp_path, how, capsys):
+def test_a_manifest_path_leading_out_of_the_run_directory_is_refused(pipeline_run, tmp_path, how, capfd):
     from crossport.files import sha256_path
 
     manifest, _ = copy_run(pipeline_run, tmp_path)
@@ -245,19 +245,19 @@ def test_a_manifest_path_leading_out_of_the_run_directory_is_refused(pipeline_ru
     raw["artifacts"]["labels"].update(path=path, sha256=sha256_path(target))
     (run / "manifest.json").write_text(json.dumps(raw))
     result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--models-dir", str(tmp_path / "models"),
-                     "--no-tracking", capsys=capsys)
+                     "--no-tracking", capsys=capfd)
     assert result.returncode == 1
     assert "artifact 'labels' path" in result.stderr and "leads outside the run directory" in result.stderr
     assert_nothing_published(tmp_path)
 
 
-def test_labels_changed_after_validation_are_not_published(pipeline_run, tmp_path, capsys):
+def test_labels_changed_after_validation_are_not_published(pipeline_run, tmp_path, capfd):
     manifest, _ = copy_run(pipeline_run, tmp_path)
     run = manifest.run_dir
     (run / "labels.txt").write_text("".join(f"{letter}\n" for letter in "ABCDEFGHIJ"))
     manifest.record("labels", run / "labels.txt", "data", parents=("dataset",))  # as if re-made, after validate
     result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--models-dir", str(tmp_path / "models"),
-                     "--no-tracking", capsys=capsys)
+                     "--no-tracking", capsys=capfd)
     assert result.returncode == 1
     assert "refusing to publish: artifact 'labels' changed after it was validated" in result.stderr
     assert_nothing_published(tmp_path)

@@ -14,11 +14,11 @@ import onnx
 import pytest
 
 from crossport.files import sha256_path
-from tests.helpers import ROOT, one_line_error, pipeline_here, run_cli, run_module, wait_until
+from tests.helpers import ROOT, call, one_line_error, pipeline_here, run_cli, run_module, wait_until
 
 
 @pytest.fixture
-def world(pipeline_run, tmp_path, capsys):
+def world(pipeline_run, tmp_path, capfd):
     """A copy of a finished run, a copy of its model repository, and their hashes to compare at the end."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
@@ -40,7 +40,7 @@ def world(pipeline_run, tmp_path, capsys):
 
         def cli(self, *args, models_dir=None):
             """The command line, in this process."""
-            return pipeline_here(*args, "--models-dir", str(models_dir or models), "--no-tracking", capsys=capsys)
+            return pipeline_here(*args, "--models-dir", str(models_dir or models), "--no-tracking", capsys=capfd)
 
     world = World()
     world.watch(models)
@@ -145,8 +145,12 @@ def test_onnx_declaring_an_opset_from_the_future(world):
 
 # --- published versions ----------------------------------------------------------------------------
 
-def lineage(version):
-    return run_module("pipelines.lineage", str(version))
+@pytest.fixture
+def lineage(capfd):
+    """``python -m pipelines.lineage VERSION``, in this process (it only reads)."""
+    from pipelines.tools.lineage import main
+
+    return lambda version: call(main, str(version), capsys=capfd)
 
 
 @pytest.mark.parametrize(("edit", "fragment"), [
@@ -154,14 +158,14 @@ def lineage(version):
     (lambda text: json.dumps({**json.loads(text), "artifacts": "x"}), "'artifacts' is not a list"),
     (lambda text: json.dumps({key: v for key, v in json.loads(text).items() if key != "version"}), "KeyError"),
 ])
-def test_lineage_on_a_broken_version_manifest(world, edit, fragment):
+def test_lineage_on_a_broken_version_manifest(world, edit, fragment, lineage):
     path = world.version / "assets.extra" / "manifest.json"
     path.write_text(edit(path.read_text()))
     world.unwatch(world.models)
     one_line_error(lineage(world.version), 1, fragment)
 
 
-def test_lineage_flags_files_the_manifest_does_not_list(world):
+def test_lineage_flags_files_the_manifest_does_not_list(world, lineage):
     world.unwatch(world.models)
     (world.version / "assets.extra" / "notes.txt").write_text("added after publishing")
     result = lineage(world.version)
@@ -169,14 +173,14 @@ def test_lineage_flags_files_the_manifest_does_not_list(world):
         in result.stdout
 
 
-def test_lineage_flags_a_link_leading_out_of_the_version(world):
+def test_lineage_flags_a_link_leading_out_of_the_version(world, lineage):
     world.unwatch(world.models)
     (world.version / "assets.extra" / "outside").symlink_to("/etc")
     result = lineage(world.version)
     assert result.returncode == 1 and "assets.extra/outside is a link leading outside the version" in result.stdout
 
 
-def test_lineage_flags_a_manifest_path_leading_out(world):
+def test_lineage_flags_a_manifest_path_leading_out(world, lineage):
     world.unwatch(world.models)
     path = world.version / "assets.extra" / "manifest.json"
     manifest = json.loads(path.read_text())

@@ -3,20 +3,20 @@
 import json
 import shutil
 
+import pytest
+
 from tests.helpers import call, free_port, run_cli
 
 
-def lineage(*args):
-    import subprocess
-    import sys
+@pytest.fixture
+def lineage(capfd):
+    """``python -m pipelines.lineage ARGS``, in this process (it only reads)."""
+    from pipelines.tools.lineage import main
 
-    from tests.helpers import ROOT
-
-    return subprocess.run([sys.executable, "-m", "pipelines.lineage", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return lambda *args: call(main, *map(str, args), capsys=capfd)
 
 
-def test_lineage_traces_the_servable_back_to_the_data(pipeline_run):
+def test_lineage_traces_the_servable_back_to_the_data(pipeline_run, lineage):
     version = pipeline_run.models_dir / "emnist_mlp" / "1"
     result = lineage(str(version), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -35,7 +35,7 @@ def test_lineage_traces_the_servable_back_to_the_data(pipeline_run):
     assert "verified: every hash matches" in text.stdout and "code commit" in text.stdout
 
 
-def test_lineage_by_registry_version(pipeline_run):
+def test_lineage_by_registry_version(pipeline_run, lineage):
     registry = json.loads((pipeline_run.run_dir / "manifest.json").read_text())["facts"]["registry"]
     result = lineage("--name", "emnist_mlp", "--registry-version", str(registry["version"]),
                      "--tracking-uri", pipeline_run.tracking_uri, "--json")
@@ -45,7 +45,7 @@ def test_lineage_by_registry_version(pipeline_run):
     assert missing.returncode == 1 and "has no version 999" in missing.stderr
 
 
-def test_lineage_says_which_artifact_changed(pipeline_run, tmp_path):
+def test_lineage_says_which_artifact_changed(pipeline_run, tmp_path, lineage):
     copy = tmp_path / "emnist_mlp" / "1"
     shutil.copytree(pipeline_run.models_dir / "emnist_mlp" / "1", copy)
     (copy / "assets.extra" / "model_int8_full.tflite").write_bytes(b"tampered")
@@ -55,7 +55,7 @@ def test_lineage_says_which_artifact_changed(pipeline_run, tmp_path):
     assert "PROBLEM: tflite_int8_full (assets.extra/model_int8_full.tflite) changed" in result.stdout
 
 
-def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pipeline_run, tmp_path):
+def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pipeline_run, tmp_path, lineage):
     """Order: publish (atomic, on disk) first, then register. If registering fails, the
     version stays published, lineage flags it, and re-running the register step repairs it."""
     run = tmp_path / "run"
@@ -87,10 +87,10 @@ def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pip
     assert json.loads(lineage(str(version), "--json").stdout)["registry"]["version"] == report["registry"]["version"]
 
 
-def test_a_missing_version_directory_gets_one_line_not_a_traceback(tmp_path, capsys):
+def test_a_missing_version_directory_gets_one_line_not_a_traceback(tmp_path, capfd):
     from pipelines.tools.lineage import main
 
-    result = call(main, str(tmp_path / "no" / "such" / "dir"), capsys=capsys)
+    result = call(main, str(tmp_path / "no" / "such" / "dir"), capsys=capfd)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [

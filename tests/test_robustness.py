@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from crossport.files import sha256_path
-from tests.helpers import ROOT, run_cli, wait_until
+from tests.helpers import ROOT, pipeline_here, run_cli, wait_until
 
 
 def copy_run(pipeline_run, tmp_path, name="run") -> Path:
@@ -28,14 +28,14 @@ def start_cli(*args: str) -> subprocess.Popen:
 
 def complete_versions(base: Path) -> dict[int, str]:
     """Every integer directory must be a complete version whose files match its manifest."""
+    from pipelines.tools.lineage import trace
+
     found = {}
     for child in sorted(base.iterdir()) if base.is_dir() else []:
         if not child.name.isdigit():
             assert child.name.startswith(".partial-"), child  # only hidden staging leftovers besides versions
             continue
-        result = subprocess.run([sys.executable, "-m", "pipelines.lineage", str(child), "--json"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
-        report = json.loads(result.stdout)
+        report = trace(child, None)  # what `python -m pipelines.lineage VERSION --json` reports
         assert not [f for f in report["files"] if not f["ok"]], f"version {child.name} is incomplete or changed"
         found[int(child.name)] = sha256_path(child)
     return found
@@ -148,18 +148,18 @@ def test_resume_skips_unchanged_stages_and_redoes_what_changed(pipeline_run, tmp
     assert ran_stages(forced.stdout)[:3] == ["data", "train", "export"]
 
 
-def test_a_changed_config_reruns_the_stages_that_read_it(pipeline_run, tmp_path):
+def test_a_changed_config_reruns_the_stages_that_read_it(pipeline_run, tmp_path, capfd):
     run = copy_run(pipeline_run, tmp_path)
-    result = run_cli("--stage", "all", "--run-dir", str(run), "--models-dir", str(tmp_path / "m"), "--no-tracking",
-                     "--epochs", "1")
+    result = pipeline_here("--stage", "all", "--run-dir", str(run), "--models-dir", str(tmp_path / "m"),
+                           "--no-tracking", "--epochs", "1", capsys=capfd)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ran_stages(result.stdout)[:2] == ["train", "export"]  # data unchanged, training redone
 
 
-def test_a_new_name_reruns_package_whose_warmup_records_carry_it(pipeline_run, tmp_path):
+def test_a_new_name_reruns_package_whose_warmup_records_carry_it(pipeline_run, tmp_path, capfd):
     run = copy_run(pipeline_run, tmp_path)
-    result = run_cli("--stage", "all", "--run-dir", str(run), "--models-dir", str(tmp_path / "m"), "--no-tracking",
-                     "--name", "renamed_model")
+    result = pipeline_here("--stage", "all", "--run-dir", str(run), "--models-dir", str(tmp_path / "m"),
+                           "--no-tracking", "--name", "renamed_model", capsys=capfd)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ran_stages(result.stdout)[:2] == ["package", "tflite"]  # and everything after it
     import tensorflow as tf
