@@ -33,9 +33,26 @@ def wait_for(condition, what: str, seconds: float = 60) -> None:
         time.sleep(0.005)
 
 
+def finish_then_abort(rank: int, out: Path) -> None:
+    """The teardown race: both ranks finish (rank 0's files written, each logs "done" as after the final barrier),
+    then rank 1 aborts, as gloo aborts a rank whose peer closed the process group first."""
+    import json
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.pt").write_bytes(b"a checkpoint")
+        (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    print(f"rank {rank} pid {os.getpid()} done", flush=True)
+    if rank == 1:
+        os.abort()
+
+
 def main() -> None:
     rank, meeting = int(os.environ["RANK"]), Path(sys.argv[1])
     print(f"rank {rank} pid {os.getpid()} started", flush=True)
+    if len(sys.argv) > 2 and sys.argv[2] == "teardown":
+        finish_then_abort(rank, meeting / "out")
+        return
     pid_file = meeting / "rank1.pid"
     if rank == 1:
         partial = pid_file.with_suffix(".partial")

@@ -10,6 +10,7 @@ rank that failed, how it ended, and its last lines of output.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crossport.errors import TrainingError
+
+log = logging.getLogger(__name__)
 
 TAIL_LINES = 8
 RDZV_ID = "crossport"  # the rendezvous id every node of one run shares
@@ -63,11 +66,18 @@ def run_distributed(command: list[str], *, log_dir: Path, out: Path, world_size:
     if result.returncode == 0 and (out / CHECKPOINT).is_file() and (out / METRICS).is_file():
         return json.loads((out / METRICS).read_text())
     failures = rank_failures(result.stderr)
+    outputs = {failure.rank: rank_output(log_dir, failure.rank) for failure in failures}
+    if failures and all(finished(log_dir, f.rank) for f in failures) and (
+            not lead or ((out / CHECKPOINT).is_file() and (out / METRICS).is_file())):
+        # every failed rank had passed the final barrier (rank 0's files were whole by then) and logged "done": it
+        # died closing its process group (gloo aborts a rank whose peer closed first), after the work was complete
+        log.warning("training finished, then rank(s) %s ended while closing the process group (%s); the checkpoint "
+                    "is complete", ", ".join(str(f.rank) for f in failures), "; ".join(f.how for f in failures))
+        return json.loads((out / METRICS).read_text()) if lead else {}
     if not failures:
         tail = "; ".join(result.stderr.strip().splitlines()[-3:]) or "no output"
         raise TrainingError(f"torchrun exited with code {result.returncode} before any rank reported: {tail}.",
                             hint="Check --nproc, --nnodes and --rdzv-endpoint; run with --debug for the details.")
-    outputs = {failure.rank: rank_output(log_dir, failure.rank) for failure in failures}
     first, *others = blame(failures, outputs)
     lines = outputs[first.rank]
     after = "".join(f" Rank {other.rank} ended too ({other.how})." for other in others)
@@ -78,8 +88,10 @@ def run_distributed(command: list[str], *, log_dir: Path, out: Path, world_size:
              f"{log_dir}.")
 
 
-# Signals a rank does not send itself: an operator, a scheduler or the kernel's OOM killer ended it.
-OUTSIDE_SIGNALS = frozenset({"SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"})
+# Signals a rank does not send itself: an operator, a scheduler or the kernel's OOM killer ended it. Not SIGTERM:
+# torchrun itself stops the ranks still running with it once one has failed, so a SIGTERM beside another failure
+# is most likely torchrun's own (it is blamed last).
+OUTSIDE_SIGNALS = frozenset({"SIGKILL", "SIGINT", "SIGHUP", "SIGQUIT"})
 # What a rank prints when the rank it was talking to vanished (gloo, c10d's store, the socket layer).
 PEER_VANISHED = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|"
                            r"connection closed|peer closed", re.IGNORECASE)
@@ -135,20 +147,29 @@ def blame(failures: list[RankFailure], outputs: dict[int, list[str]]) -> list[Ra
     torchrun names as root cause the failure with the smallest timestamp, in whole seconds; a rank that wrote no
     error file (one killed by a signal, or aborted from native code) gets the second torchrun noticed it, so two
     ranks seen in one poll tie and the lower rank wins — the one that aborted because its peer vanished, not the
-    peer. So: a rank ended by an outside signal comes first; then one that failed on its own; a rank that aborted
-    (SIGABRT) or reported that its peer vanished last. Within a class, error-file timestamps (when the rank failed)
-    decide, then torchrun's order.
+    peer. So: a rank ended by an outside signal comes first; then one that failed on its own; then a rank that
+    aborted (SIGABRT) or reported that its peer vanished; a rank stopped by SIGTERM (torchrun's way of stopping the
+    others) last. Within a class, error-file timestamps (when the rank failed) decide, then torchrun's order.
     """
 
     def cause(failure: RankFailure) -> int:
         if failure.signal in OUTSIDE_SIGNALS:
             return 0
+        if failure.signal == "SIGTERM":
+            return 3
         if failure.signal == "SIGABRT" or any(PEER_VANISHED.search(line) for line in outputs.get(failure.rank, [])):
             return 2
         return 1
 
     order = {failure.rank: index for index, failure in enumerate(failures)}
     return sorted(failures, key=lambda f: (cause(f), f.timestamp if f.error_file else "~", order[f.rank]))
+
+
+def finished(log_dir: Path, rank: int) -> bool:
+    """The rank's last line of output is its "done", which it logs after the final barrier."""
+    lines = [line for path in Path(log_dir).glob(f"**/attempt_*/{rank}/stdout.log")
+             for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return bool(lines) and lines[-1].endswith(" done")
 
 
 def rank_output(log_dir: Path, rank: int) -> list[str]:
