@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
+
+from tests.helpers import wait_until
 
 
 def dead(pid: int) -> bool:
@@ -23,14 +24,6 @@ def dead(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def wait_for(condition, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            sys.exit(f"rank 0 gave up waiting: {what}")
-        time.sleep(0.005)
 
 
 def finish_then_abort(rank: int, out: Path) -> None:
@@ -60,10 +53,10 @@ def main() -> None:
         partial.replace(pid_file)  # whole, or not there
         while True:
             signal.pause()
-    wait_for(pid_file.is_file, "rank 1's pid file")
+    wait_until(pid_file.is_file, "rank 1's pid file", timeout=60, interval=0.005)
     peer = int(pid_file.read_text())
     os.kill(peer, signal.SIGKILL)
-    wait_for(lambda: dead(peer), "rank 1 to die")
+    wait_until(lambda: dead(peer), "rank 1 to die", timeout=60, interval=0.005)
     print("rank 0: peer vanished (Connection reset by peer); aborting", flush=True)
     os.abort()
 

@@ -164,6 +164,13 @@ def make_emnist_archive(path: Path, split: str = "byclass", n_train: int = 40, n
     return arrays
 
 
+def users_folder(path: Path) -> Path:
+    """A folder holding a file of the user's own (``thesis.tex``): what crossport must never write over."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "thesis.tex").write_text("mine")
+    return path
+
+
 class PicklePayload:
     """Unpickling this calls open(marker, "w"): proof a pickle ran if the file appears."""
 

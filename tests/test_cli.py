@@ -9,7 +9,7 @@ import json
 import pytest
 
 from crossport.files import sha256_path
-from tests.helpers import call, one_line_error, run_cli, run_module, usage_error
+from tests.helpers import call, one_line_error, pipeline_here, run_cli, run_module, usage_error, users_folder
 
 
 @pytest.fixture
@@ -22,12 +22,6 @@ def made_run(tmp_path):
     run.mkdir()
     Manifest.create(run, PipelineConfig(dataset="digits", epochs=3, tracking=False).to_dict()).save()
     return run
-
-
-def pipeline(*argv, capsys):
-    from pipelines.run import main
-
-    return call(main, *argv, capsys=capsys)
 
 
 # --- the wiring, once per entry point ------------------------------------------------------------
@@ -84,13 +78,13 @@ def test_each_commands_refusals_reach_the_shell(tmp_path, command, args, fragmen
 ])
 def test_out_of_range_settings(made_run, capsys, flag, value, fragment):
     before = sha256_path(made_run)
-    one_line_error(pipeline("--stage", "publish", "--run-dir", str(made_run), flag, value, capsys=capsys), 2,
+    one_line_error(pipeline_here("--stage", "publish", "--run-dir", str(made_run), flag, value, capsys=capsys), 2,
                    fragment)
     assert sha256_path(made_run) == before
 
 
 def test_a_new_run_with_a_bad_setting_leaves_no_run_directory(tmp_path, capsys):
-    one_line_error(pipeline("--name", "../escape", "--run-dir", str(tmp_path / "run"), "--no-tracking",
+    one_line_error(pipeline_here("--name", "../escape", "--run-dir", str(tmp_path / "run"), "--no-tracking",
                             capsys=capsys), 2, "model name '../escape' is not allowed")
     assert not (tmp_path / "run").exists()
 
@@ -101,7 +95,7 @@ def test_a_new_run_with_a_bad_setting_leaves_no_run_directory(tmp_path, capsys):
     (("--dataset", "imagenet"), "invalid choice: 'imagenet'"),
 ])
 def test_unknown_names_are_refused_by_the_parser(capsys, argv, fragment):
-    usage_error(pipeline(*argv, capsys=capsys), fragment)
+    usage_error(pipeline_here(*argv, capsys=capsys), fragment)
 
 
 @pytest.mark.parametrize(("argv", "code", "fragment"), [
@@ -113,13 +107,13 @@ def test_unknown_names_are_refused_by_the_parser(capsys, argv, fragment):
     (("--orientation", "upright"), 2, "--orientation apply to a model brought with --onnx"),
 ])
 def test_contradictory_flags(made_run, capsys, argv, code, fragment):
-    one_line_error(pipeline(*argv, "--run-dir", str(made_run), capsys=capsys), code, fragment)
+    one_line_error(pipeline_here(*argv, "--run-dir", str(made_run), capsys=capsys), code, fragment)
 
 
 # --- pipelines.run: run directories --------------------------------------------------------------
 
 def test_single_stage_without_a_run_directory_says_what_to_do(tmp_path, capsys):
-    one_line_error(pipeline("--stage", "train", "--run-dir", str(tmp_path / "nothing"), capsys=capsys), 1,
+    one_line_error(pipeline_here("--stage", "train", "--run-dir", str(tmp_path / "nothing"), capsys=capsys), 1,
                    "is not a crossport run directory: no manifest.json. Run --stage all first")
 
 
@@ -127,7 +121,8 @@ def test_single_stage_without_a_run_directory_says_what_to_do(tmp_path, capsys):
 def test_run_dir_that_is_a_file(tmp_path, capsys, stage):
     path = tmp_path / "a-file"
     path.write_text("not a run")
-    one_line_error(pipeline("--stage", stage, "--run-dir", str(path), capsys=capsys), 2, f"--run-dir {path} is a file")
+    one_line_error(pipeline_here("--stage", stage, "--run-dir", str(path), capsys=capsys), 2,
+                   f"--run-dir {path} is a file")
     assert path.read_text() == "not a run"
 
 
@@ -143,7 +138,7 @@ def test_broken_run_manifest(made_run, capsys, edit, fragment):
     path = made_run / "manifest.json"
     path.write_text(edit(path.read_text()))
     before = sha256_path(made_run)
-    one_line_error(pipeline("--stage", "validate", "--run-dir", str(made_run), capsys=capsys), 1, fragment)
+    one_line_error(pipeline_here("--stage", "validate", "--run-dir", str(made_run), capsys=capsys), 1, fragment)
     assert sha256_path(made_run) == before
 
 
@@ -151,7 +146,7 @@ def test_a_folder_that_is_not_a_run_is_not_written_over(tmp_path, capsys):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("mine")
-    one_line_error(pipeline("--run-dir", str(theirs), "--no-tracking", capsys=capsys), 2,
+    one_line_error(pipeline_here("--run-dir", str(theirs), "--no-tracking", capsys=capsys), 2,
                    f"--run-dir {theirs} is not empty and is not a crossport run")
     assert [p.name for p in theirs.iterdir()] == ["thesis.tex"]
 
@@ -161,7 +156,7 @@ def test_tracking_uri_for_a_run_made_without_tracking(made_run, capsys):
     manifest = json.loads(path.read_text())
     manifest["config"]["tracking"] = False  # as --stage all --no-tracking records it
     path.write_text(json.dumps(manifest))
-    one_line_error(pipeline("--stage", "publish", "--run-dir", str(made_run), "--tracking-uri", "http://127.0.0.1:9",
+    one_line_error(pipeline_here("--stage", "publish", "--run-dir", str(made_run), "--tracking-uri", "http://127.0.0.1:9",
                             capsys=capsys), 2, "was made with --no-tracking", "start a new run")
 
 
@@ -169,7 +164,7 @@ def test_tracking_uri_for_a_run_made_without_tracking(made_run, capsys):
 def test_a_made_run_that_passes_every_check_is_refused_at_its_first_stage(made_run, capsys):
     """The fixture's run is sound, so the checks above are refusals of the flags, not of the run: it gets past
     every check and stops only at the stage's missing input."""
-    one_line_error(pipeline("--stage", "validate", "--run-dir", str(made_run), capsys=capsys), 1,
+    one_line_error(pipeline_here("--stage", "validate", "--run-dir", str(made_run), capsys=capsys), 1,
                    "stage 'validate' needs artifact 'dataset'")
 
 
@@ -209,12 +204,6 @@ def _main(command):
 def test_out_of_range_command_integers(tmp_path, capsys, command, args, fragment):
     args = [str(tmp_path) if a in ("MODELS", "RUN") else a for a in args]
     usage_error(call(_main(command), *args, capsys=capsys), fragment)
-
-
-def users_folder(path):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "thesis.tex").write_text("mine")
-    return path
 
 
 def _sqlite_without_mlflow(path):

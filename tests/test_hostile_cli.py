@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from crossport.files import sha256_path
-from tests.helpers import ROOT, call, one_line_error, pipeline_here, run_cli, run_module, wait_until
+from tests.helpers import ROOT, call, one_line_error, pipeline_here, run_cli, run_module, users_folder, wait_until
 
 
 @pytest.fixture
@@ -213,12 +213,6 @@ def test_serve_with_allow_changed_serves_and_warns(world):
 
 
 # --- model repositories and output folders the user owns -------------------------------------------
-
-def users_folder(path):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "thesis.tex").write_text("mine")
-    return path
-
 
 @pytest.mark.parametrize(("setup", "fragment"), [
     (lambda models: users_folder(models), "holds a file 'thesis.tex' that is not a crossport model"),
