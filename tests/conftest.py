@@ -25,6 +25,76 @@ PROCESS_FIXTURES = frozenset({"pipeline_run", "mlflow_server"})
 QUICK_TOOLS = frozenset({"git", "uname"})
 
 
+# What the session makes once for all its processes (pytest-xdist workers): a folder every process can reach.
+SHARED = "CROSSPORT_TEST_SESSION"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or the only process): its workers inherit the folder
+        os.environ[SHARED] = str(config._tmp_path_factory.getbasetemp())
+        return
+    # Test processes share the cores as distributed ranks do (training.distributed.threads_per_rank): two
+    # processes each spinning two OpenMP threads on two cores made one run's training 3.6x slower.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
+def pytest_unconfigure(config):
+    """The controller stops the processes the session's fixtures left running, once every worker is done."""
+    if hasattr(config, "workerinput") or SHARED not in os.environ:
+        return
+    for record in (Path(os.environ[SHARED]) / "processes").glob("*.pid"):
+        _stop_group(int(record.read_text()))
+
+
+def _stop_group(pid: int) -> None:
+    import signal
+
+    def ended() -> bool:
+        try:  # reaped here when this process started it (no pytest-xdist), else by init
+            return os.waitpid(pid, os.WNOHANG)[0] == pid
+        except ChildProcessError:
+            return not Path(f"/proc/{pid}").exists()
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            wait_until(ended, f"process group {pid} to end", timeout=20)
+            return
+        except AssertionError:
+            continue
+
+
+def owned(pid: int) -> None:
+    """A process (and its group) the session stops at its end, whichever worker started it."""
+    folder = Path(os.environ[SHARED]) / "processes"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{pid}.pid").write_text(str(pid))
+
+
+def once(name: str, make) -> dict:
+    """``make(folder)``'s record, made by whichever process asks first; the others wait for it and read it. A
+    failed ``make`` records nothing, so every process that asks sees the failure itself."""
+    import fcntl
+    import json
+    import tempfile
+
+    root = Path(os.environ[SHARED])
+    record = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.is_file():
+            made = make(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))
+            partial = record.with_suffix(".partial")
+            partial.write_text(json.dumps(made))
+            os.replace(partial, record)
+        return json.loads(record.read_text())
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -124,19 +194,24 @@ def tiny(tmp_path_factory, tiny_model, tiny_images) -> TinyArtifacts:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (SQLite backend, local artifact store) on 127.0.0.1."""
+def mlflow_server():
+    """A real ``mlflow server`` (SQLite backend, local artifact store) on 127.0.0.1, one for the whole session."""
+    return once("mlflow_server", _start_mlflow_server)["uri"]
+
+
+def _start_mlflow_server(root: Path) -> dict:
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed after the server stops
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+    owned(server.pid)
     uri = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -149,15 +224,8 @@ def mlflow_server(tmp_path_factory):
     try:
         wait_until(healthy, f"mlflow server's /health on {uri}", process=server, interval=0.2)
     except AssertionError as error:
-        server.kill()
         pytest.fail(f"{error}: {(root / 'server.log').read_text()[-2000:]}")
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    return {"uri": uri}
 
 
 @dataclass(frozen=True)
@@ -169,11 +237,16 @@ class PipelineRun:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, mlflow_server) -> PipelineRun:
-    """One real ``--stage all`` on the bundled digits, tracked by a real MLflow server over HTTP."""
-    root = tmp_path_factory.mktemp("e2e")
-    uri = mlflow_server
-    result = run_cli("--stage", "all", "--dataset", "digits", "--epochs", "3", "--run-dir", str(root / "run"),
-                     "--models-dir", str(root / "models"), "--tracking-uri", uri)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return PipelineRun(result, root / "run", root / "models", uri)
+def pipeline_run(mlflow_server) -> PipelineRun:
+    """One real ``--stage all`` on the bundled digits, tracked by a real MLflow server over HTTP; one per session."""
+
+    def make(root: Path) -> dict:
+        result = run_cli("--stage", "all", "--dataset", "digits", "--epochs", "3", "--run-dir", str(root / "run"),
+                         "--models-dir", str(root / "models"), "--tracking-uri", mlflow_server)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return {"root": str(root), "stdout": result.stdout, "stderr": result.stderr}
+
+    made = once("pipeline_run", make)
+    root = Path(made["root"])
+    result = subprocess.CompletedProcess(["pipelines.run"], 0, made["stdout"], made["stderr"])
+    return PipelineRun(result, root / "run", root / "models", mlflow_server)

@@ -14,6 +14,7 @@ loopback load per backend, and the pipeline's per-stage wall time. Writes ``benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -248,11 +250,19 @@ def _free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batch: int, images: np.ndarray,
-               protocol: str = "rest", workers: int = 1) -> dict:
-    """Several concurrent clients for a fixed time against ``pipelines.serve --workers workers``, over REST (JSON,
-    one kept-alive connection per client) or gRPC (TF Serving's PredictionService, tensor_content, one channel per
-    client); all on 127.0.0.1, the clients in this process."""
+@dataclass(frozen=True)
+class Served:
+    process: subprocess.Popen
+    port: int
+    grpc_port: int
+    backend: str
+    workers: int
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, backend: str, workers: int = 1):
+    """``pipelines.serve --workers workers`` on 127.0.0.1 with REST and gRPC, answering once both listeners are up
+    (:class:`Served`); stopped after. Every load of one backend goes to one server, as to a deployed one."""
     import http.client
 
     port, grpc_port = _free_ports(2)
@@ -261,9 +271,6 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
                               cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    body = json.dumps({"instances": images[:batch].tolist()}).encode()
-    path = f"/v1/models/{model_dir.name}:predict"
-    callers: list = [None] * clients
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -276,54 +283,69 @@ def serve_load(model_dir: Path, backend: str, seconds: float, clients: int, batc
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise CrossportError(f"pipelines.serve --backend {backend} did not start") from None
                 time.sleep(0.3)
-        if protocol == "grpc":  # the server answers REST once both of its listeners are up
-            callers = [_grpc_caller(grpc_port, model_dir.name, images[:batch]) for _ in range(clients)]
-        latencies: list[float] = []
-        errors = [0]
-        lock = threading.Lock()
-        stop_at = time.monotonic() + seconds
-
-        def client(call) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # kept alive, as clients do
-            while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                try:
-                    if call is not None:
-                        ok = call()
-                    else:
-                        connection.request("POST", path, body, {"Content-Type": "application/json"})
-                        response = connection.getresponse()
-                        response.read()
-                        ok = response.status == 200
-                except (OSError, http.client.HTTPException):
-                    connection.close()  # the next request opens a new connection
-                    ok = False
-                elapsed = time.perf_counter() - started
-                with lock:
-                    if ok:
-                        latencies.append(elapsed)
-                    else:
-                        errors[0] += 1
-
-        threads = [threading.Thread(target=client, args=(call,)) for call in callers]
-        server_cpu, client_cpu, wall = _tree_cpu_s(server.pid), time.process_time(), time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - wall
-        client_cpu = time.process_time() - client_cpu  # this process runs nothing but the clients meanwhile
-        after = _tree_cpu_s(server.pid)
-        server_cpu = after - server_cpu if after is not None and server_cpu is not None else None
+        yield Served(server, port, grpc_port, backend, workers)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def serve_load(served: Served, model_dir: Path, seconds: float, clients: int, batch: int, images: np.ndarray,
+               protocol: str = "rest") -> dict:
+    """Several concurrent clients for a fixed time against a server :func:`serving` started, over REST (JSON,
+    one kept-alive connection per client) or gRPC (TF Serving's PredictionService, tensor_content, one channel per
+    client); the clients in this process."""
+    import http.client
+
+    server, port, grpc_port = served.process, served.port, served.grpc_port
+    body = json.dumps({"instances": images[:batch].tolist()}).encode()
+    path = f"/v1/models/{model_dir.name}:predict"
+    callers: list = [None] * clients
+    if protocol == "grpc":
+        callers = [_grpc_caller(grpc_port, model_dir.name, images[:batch]) for _ in range(clients)]
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(call) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # kept alive, as clients do
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            try:
+                if call is not None:
+                    ok = call()
+                else:
+                    connection.request("POST", path, body, {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    response.read()
+                    ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                connection.close()  # the next request opens a new connection
+                ok = False
+            elapsed = time.perf_counter() - started
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                else:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=client, args=(call,)) for call in callers]
+    server_cpu, client_cpu, wall = _tree_cpu_s(server.pid), time.process_time(), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - wall
+    client_cpu = time.process_time() - client_cpu  # this process runs nothing but the clients meanwhile
+    after = _tree_cpu_s(server.pid)
+    server_cpu = after - server_cpu if after is not None and server_cpu is not None else None
     values = np.asarray(latencies or [float("nan")])
 
     def per_request(cpu_s: float | None) -> float | None:
         return cpu_s / len(latencies) * 1e3 if cpu_s is not None and latencies else None
 
-    return {"backend": backend, "protocol": protocol, "clients": clients, "workers": workers, "batch": batch,
+    return {"backend": served.backend, "protocol": protocol, "clients": clients, "workers": served.workers,
+            "batch": batch,
             "seconds": wall,
             "requests": len(latencies),
             "errors": errors[0], "requests_per_s": len(latencies) / wall,
@@ -419,7 +441,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
 
         from crossport.exact_onnx import chain_from_onnx
 
-        network = chain_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path)))
+        network = chain_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path), load_external_data=False))
     else:
         network = load_checkpoint(checkpoint).model
     macs = macs_per_example(network)
@@ -491,11 +513,13 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     backends = [b for b in (("onnx", "tflite_fp32") if quick else SERVE_BACKENDS)
                 if not b.startswith("tflite_") or b in sizes]
     workers = cores  # one server process per core: the GIL limits each to about one
-    results["http"] = [serve_load(version_dir.parent, backend, 1.0 if quick else 5.0, 4, batch, images, protocol,
-                                  workers)
-                       for backend in backends
-                       for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
-                       for batch in (batches[:1] if quick else batches)]
+    results["http"] = []
+    for backend in backends:
+        with serving(version_dir.parent, backend, workers) as served:
+            results["http"] += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images,
+                                           protocol)
+                                for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
+                                for batch in (batches[:1] if quick else batches)]
     in_process = {"onnx": "onnxruntime"}
     for row in results["http"]:  # the service against the same backend called in this process, same batch
         runtime = runtimes.get(in_process.get(row["backend"], row["backend"]))
