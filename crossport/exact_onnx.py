@@ -189,7 +189,7 @@ def exact_from_onnx(path, images):
 
     from crossport.exact import exact_outputs
 
-    return exact_outputs(chain_from_onnx(onnx.load(str(path))), images)
+    return exact_outputs(chain_from_onnx(onnx.load(str(path), load_external_data=False)), images)
 
 
 def float64_model(model):

@@ -109,7 +109,7 @@ def import_stage(ctx) -> StageResult:
     from pipelines.eval_data import load_eval_data, resolve_labels
     from pipelines.stages import GOLDEN_SIZE, write_data
     from training.data import data_dir_from
-    from translation.onnx_export import check_onnx, read_onnx
+    from translation.onnx_export import check_onnx, onnx_hints, read_onnx
     from translation.onnx_to_tf import refuse_unsupported
 
     config, run_dir = ctx.config, ctx.run_dir
@@ -147,7 +147,7 @@ def import_stage(ctx) -> StageResult:
     partial = path.with_name("model.partial.onnx")
     onnx.save(result.model, str(partial))
     os.replace(partial, path)
-    check_onnx(path)  # the same contract and onnx.checker as crossport's own export
+    check_onnx(path, **onnx_hints(given))  # the same contract and onnx.checker as crossport's own export
     refuse_unsupported(result.model, given)  # one line naming the node, before translate would fail on it
     batch_check(session(result.model), given)
     for step in result.steps:
@@ -201,5 +201,5 @@ def _macs(path: Path) -> int | None:
     from crossport.exact_onnx import chain_from_onnx
     from training.model import macs_per_example
 
-    return macs_per_example(chain_from_onnx(onnx.load(str(path))))
+    return macs_per_example(chain_from_onnx(onnx.load(str(path), load_external_data=False)))
 

@@ -126,11 +126,11 @@ def self_check(reference: str, candidate: str, ref_out: dict, cand_out: dict, ex
 
 def locate_divergence(onnx_path: Path, tf_graph: Path, images: np.ndarray, network_gamma: float):
     """Run the divergence finder (ONNX Runtime vs the TF translation, node by node)."""
-    import onnx
-
     from translation.divergence import find_divergence
+    from translation.onnx_export import read_onnx
 
-    return find_divergence(onnx.load(str(onnx_path)), tf_graph, {INPUT: images}, network_gamma)
+    proto = read_onnx(onnx_path, missing="Run the export or import stage first.", redo="Re-run the stage that made it.")
+    return find_divergence(proto, tf_graph, {INPUT: images}, network_gamma)
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
@@ -299,11 +299,11 @@ def export_stage(ctx: Context) -> StageResult:
 
 def translate_stage(ctx: Context) -> StageResult:
     from crossport.runtimes import load_onnx, load_saved_model
-    from translation.onnx_export import check_onnx
+    from translation.onnx_export import check_onnx, onnx_hints
     from translation.onnx_to_tf import translate
 
     onnx_path = ctx.input("onnx")
-    check_onnx(onnx_path)  # a file we did not make gets one clear line, not a parser traceback
+    check_onnx(onnx_path, **onnx_hints(ctx.config.onnx))  # one clear line, not a parser traceback
     out = ctx.run_dir / "tf_graph"
     translate(onnx_path, out)
     golden, exact, threads = golden_inputs(ctx), golden_exact(ctx), ctx.config.threads

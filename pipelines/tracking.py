@@ -239,8 +239,8 @@ class MlflowTracker:
 
             outputs = load_onnx(model.path)(example)
             signature = infer_signature(example, outputs)
-            mlflow.onnx.log_model(onnx.load(str(model.path)), name="onnx_model", signature=signature,
-                                  input_example=example,
+            mlflow.onnx.log_model(onnx.load(str(model.path), load_external_data=False), name="onnx_model",
+                                  signature=signature, input_example=example,
                                   # the CPU build crossport runs; MLflow's default lists CUDA and warns it is absent
                                   onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=[
                                       f"onnx=={versions['onnx']}", f"onnxruntime=={versions['onnxruntime']}"])

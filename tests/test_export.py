@@ -25,6 +25,16 @@ def test_onnx_is_one_checked_file_with_the_contract(tiny):
     assert [output.name for output in model.graph.output] == ["scores", "logits"]
 
 
+def test_the_file_names_nothing_of_the_machine_that_made_it(tiny):
+    """The exporter records each node's Python stack (paths, line numbers): the same checkpoint exported from
+    another checkout, or after an edit elsewhere in a source file, must give the same bytes."""
+    from tests.helpers import ROOT
+
+    data = tiny.onnx.read_bytes()
+    assert str(ROOT).encode() not in data and b"site-packages" not in data
+    assert not any(node.metadata_props for node in onnx.load(str(tiny.onnx)).graph.node)
+
+
 def test_metadata_carries_labels_checkpoint_hash_and_producer(tiny):
     metadata = read_metadata(tiny.onnx)
     assert json.loads(metadata[META_LABELS]) == list(tiny.labels)

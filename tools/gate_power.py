@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         images = to_inputs(arrays["x_test"][: args.examples or None])
     reference = load_torch(args.run_dir / "model.pt")(images)
     exact = exact_outputs(load_checkpoint(args.run_dir / "model.pt").model, images)
-    model = onnx.load(str(args.run_dir / "model.onnx"))
+    model = onnx.load(str(args.run_dir / "model.onnx"), load_external_data=False)
 
     cache: dict[float, dict] = {}
 

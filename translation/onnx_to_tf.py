@@ -23,7 +23,7 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
     import_onnx_tf()
     from onnx_tf.backend import prepare
 
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(onnx_path), load_external_data=False)
     refuse_unsupported(model, onnx_path)
     from translation.layout import flatten_channels_last, same_padding
 
