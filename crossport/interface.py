@@ -35,6 +35,28 @@ ASSETS_EXTRA = "assets.extra"  # everything of a version besides the SavedModel 
 MODELS_CONFIG = "models.config"  # TF Serving's ModelServerConfig beside the model directories
 
 
+def label_problem(labels, classes: int | None = None) -> str | None:
+    """What makes ``labels`` unfit to be a version's labels.txt (one label per line, in class-id order) and
+    classify's ``classes`` strings, or None: each a non-empty string with no control character (a newline would
+    become a line of its own), no label twice, and ``classes`` of them where the model's class count is known."""
+    import unicodedata
+
+    if classes is not None and len(labels) != classes:
+        return f"lists {len(labels)} labels; the model outputs {classes} classes"
+    for index, label in enumerate(labels):
+        if not isinstance(label, str) or not label.strip():
+            return f"label {index} is {label!r}, not a non-empty string"
+        if label != label.strip():
+            return f"label {index} ({label!r}) starts or ends with white space"
+        bad = next((c for c in label if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+        if bad is not None:
+            return f"label {index} ({label!r}) holds the control character {bad!r}"
+    if len(set(labels)) != len(labels):
+        twice = next(label for label in labels if list(labels).count(label) > 1)
+        return f"lists the label {twice!r} twice"
+    return None
+
+
 def to_inputs(images: np.ndarray) -> np.ndarray:
     """uint8 [N, 784] → float32 in [0, 1]: the scaling every servable expects."""
     return images.astype(np.float32) / np.float32(255.0)

@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import logging
+import socket
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -98,13 +99,19 @@ def resolve_version(model_dir: Path, version: int | None, backend: str, *, allow
 
 def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int, *,
                 allow_changed: bool = False, threads: int | None = None, servable=None,
-                worker: int | None = None) -> ThreadingHTTPServer:
+                worker: int | None = None) -> RestServer:
     """The REST server; a ``worker`` (its index under ``--workers``) is left unbound for the supervisor's socket."""
     servable = servable or make_servable(model_dir, version, backend, threads=threads, allow_changed=allow_changed)
     handler = type("Handler", (RequestHandler,), {"servable": servable, "worker": worker})
-    server = ThreadingHTTPServer((host, port), handler, bind_and_activate=worker is None)
-    server.daemon_threads = True
-    return server
+    return RestServer((host, port), handler, bind_and_activate=worker is None)
+
+
+class RestServer(ThreadingHTTPServer):
+    """A thread per connection, and a listen backlog as deep as the system allows (``socket.SOMAXCONN``): a burst
+    of new connections waits to be accepted; socketserver's default backlog of 5 reset them."""
+
+    request_queue_size = socket.SOMAXCONN
+    daemon_threads = True
 
 
 class RequestHandler(BaseHTTPRequestHandler):

@@ -21,7 +21,6 @@ import os
 import select
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
@@ -71,7 +70,7 @@ def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, 
                 log.error("worker %d did not start (%s); stopping", index,
                           f"exit code {code}" if code is not None else f"not ready after {READY_TIMEOUT_S} s")
                 return code or 1
-        sock.listen(socketserver.TCPServer.request_queue_size)
+        sock.listen(socket.SOMAXCONN)  # as export.serve.RestServer: a burst waits, it is not reset
         for _process, _ready, control in children:
             os.write(control, b"g")  # go: the control pipe stays open while the supervisor lives
         for line in ready_lines:

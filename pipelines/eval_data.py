@@ -52,33 +52,46 @@ def builtin_labels(classes: int) -> tuple[tuple[str, ...], str] | None:
 
 
 def resolve_labels(metadata: dict[str, str], labels_file: str | None, classes: int) -> tuple[tuple[str, ...], str]:
-    """(labels, where they came from)."""
+    """(labels, where they came from), each checked where it enters (:func:`crossport.interface.label_problem`)."""
     for key in META_LABEL_KEYS:
         if key in metadata:
             try:
-                labels = tuple(str(label) for label in json.loads(metadata[key]))
-            except (ValueError, TypeError) as error:
+                labels = json.loads(metadata[key])
+            except ValueError as error:
                 raise DataError(f"the ONNX file's metadata {key!r} is not a JSON list of labels: {error}.",
                                 hint="Pass --labels FILE (one label per line) instead.") from error
-            return _check_count(labels, classes, f"metadata_props[{key!r}]"), f"the ONNX file's metadata_props {key!r}"
+            if not isinstance(labels, list):
+                raise DataError(f"the ONNX file's metadata {key!r} is not a JSON list of labels: found "
+                                f"{type(labels).__name__}.", hint="Pass --labels FILE (one label per line) instead.")
+            where = f"the ONNX file's metadata_props {key!r}"
+            numbered = (str(label) if isinstance(label, int) and not isinstance(label, bool) else label
+                        for label in labels)  # [0, 1, ...] names classes as well as ["0", "1", ...]
+            return _checked(tuple(numbered), classes, where), where
     if labels_file:
         path = Path(labels_file)
         if not path.is_file():
             raise DataError(f"--labels {path} does not exist.", hint="Pass a text file with one label per line.")
-        labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-        return _check_count(labels, classes, f"--labels {path}"), f"--labels {path}"
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"--labels {path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset "
+                            f"{error.start}.", hint="Save the file as UTF-8, one label per line.") from None
+        labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+        return _checked(labels, classes, f"--labels {path}"), f"--labels {path}"
     builtin = builtin_labels(classes)
     if builtin is not None:
         return builtin[0], f"the built-in {builtin[1]} label map ({classes} classes)"
     return tuple(str(i) for i in range(classes)), f"class ids 0..{classes - 1} (no label map given)"
 
 
-def _check_count(labels: tuple[str, ...], classes: int, where: str) -> tuple[str, ...]:
-    if len(labels) != classes:
-        raise DataError(f"{where} lists {len(labels)} labels; the model outputs {classes} classes.",
-                        hint="Give one label per class, in class-id order.")
-    if len(set(labels)) != len(labels):
-        raise DataError(f"{where} lists a label twice.", hint="Give each class its own label.")
+def _checked(labels: tuple, classes: int, where: str) -> tuple[str, ...]:
+    from crossport.interface import label_problem
+
+    problem = label_problem(labels, classes)
+    if problem:
+        raise DataError(f"{where} {problem}.", hint="Give one label per class in class-id order, each a line of "
+                                                    "printable text, none twice.")
     return labels
 
 

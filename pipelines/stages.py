@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import ParityError
+from crossport.errors import DataError, ParityError
 from crossport.formats import FORMATS, TFLITE_FORMATS
 from crossport.interface import ASSETS_EXTRA, CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
@@ -89,7 +89,15 @@ def load_arrays(ctx: Context) -> dict[str, np.ndarray]:
 
 
 def read_labels(ctx: Context) -> tuple[str, ...]:
-    return tuple(ctx.input("labels").read_text().splitlines())
+    from crossport.interface import label_problem
+
+    path = ctx.input("labels")
+    labels = tuple(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    problem = label_problem(labels)
+    if problem:
+        raise DataError(f"the run's {path} {problem}.",
+                        hint=f"Re-run the {'import' if ctx.config.onnx else 'data'} stage.")
+    return labels
 
 
 def golden_inputs(ctx: Context) -> np.ndarray:

@@ -182,15 +182,19 @@ class PicklePayload:
 
 
 class Server:
-    """``python -m pipelines.serve`` in its own process, with a small JSON client."""
+    """``python -m pipelines.serve`` in its own process, with a small JSON client. Its output goes to a file (a pipe
+    nobody reads fills after some 800 request log lines and stalls the server): :meth:`output` reads it."""
 
     def __init__(self, model_dir: Path, backend: str, *extra: str, port: int | None = None) -> None:
+        import tempfile
+
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read by output(), closed with the object
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend, "--port", str(self.port),
              *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
         def answers() -> bool:
             try:
@@ -204,7 +208,7 @@ class Server:
         except AssertionError as error:
             if self.process.poll() is None:
                 self.process.kill()
-            raise RuntimeError(f"{error}: {self.process.stdout.read()}") from None
+            raise RuntimeError(f"{error}: {self.output()}") from None
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type="application/json"):
         request = urllib.request.Request(self.url + path, data=body, method=method,
@@ -225,6 +229,42 @@ class Server:
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=30)
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        self.log.seek(0)
+        return self.log.read()
+
+
+def burst(port: int, path: str, body: bytes, count: int) -> list:
+    """``count`` clients at once, each on a new connection with one POST: each one's HTTP status, or the exception
+    its connection ended with (a reset, a refusal, a timeout). Bounded: every client waits at most 120 s."""
+    import http.client
+    import socket
+    import threading
+
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    start, outcomes = threading.Barrier(count), [None] * count
+
+    def client(index: int) -> None:
+        start.wait()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+                sock.sendall(request)
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                response.read()
+                outcomes[index] = response.status
+        except OSError as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=client, args=(index,), daemon=True) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
 
 
 def stroke_images() -> dict[str, bytes]:

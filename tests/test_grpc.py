@@ -177,7 +177,7 @@ def test_serve_console_shows_only_its_own_lines(pipeline_run, tmp_path):
         assert status == 200
     finally:
         server.stop()
-    output = server.process.stdout.read()
+    output = server.output()
     ours = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
     assert [line for line in output.splitlines() if line.strip() and not ours.match(line)] == []
     assert f"library output in {log_file}" in output and "POST /v1/models/emnist_mlp:predict" in output

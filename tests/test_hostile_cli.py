@@ -209,7 +209,7 @@ def test_serve_with_allow_changed_serves_and_warns(world):
         assert server.post("/v1/models/emnist_mlp:predict", {"instances": [[0.0] * 784]})[0] == 200
     finally:
         server.stop()
-    assert "no longer matches its manifest" in server.process.stdout.read()
+    assert "no longer matches its manifest" in server.output()
 
 
 # --- model repositories and output folders the user owns -------------------------------------------

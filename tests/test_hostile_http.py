@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from crossport.files import sha256_path
-from tests.helpers import Server
+from tests.helpers import Server, burst
 
 MODEL = "/v1/models/emnist_mlp"
 PREDICT, CLASSIFY = f"{MODEL}:predict", f"{MODEL}:classify"
@@ -191,3 +191,12 @@ def test_upload_reads_alpha_16_bit_palette_and_jpeg_as_the_same_glyph(server):
         assert labels[0] == reference_labels[0], (name, labels, reference_labels)
         if not name.startswith("jpeg"):  # lossless encodings of the same pixels: the same input, the same answer
             assert top == reference_top, (name, top, reference_top)
+
+
+
+def test_a_burst_of_new_connections_is_answered_never_reset(server):
+    """1,000 clients connect at once: every one is answered, none reset. The listen backlog (socketserver's default
+    of 5) was what dropped them."""
+    outcomes = burst(server.port, PREDICT, json.dumps({"instances": [ROW]}).encode(), 1000)
+    assert outcomes == [200] * 1000, sorted(set(map(repr, outcomes)))[:5]
+    assert server.post(PREDICT, {"instances": [ROW]})[0] == 200  # and the server still answers

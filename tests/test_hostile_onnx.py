@@ -2,6 +2,8 @@
 sparse initializer, a Constant's or any node's attribute, a subgraph, a function) before any runtime or checker reads
 it; and no hint names a stage the route does not have."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -157,3 +159,24 @@ def test_hints_name_only_stages_the_route_has(tmp_path):
     assert "does not pass onnx.checker" in str(imported.value)
     assert imported.value.hint.startswith("Re-run the import stage (--onnx brought.onnx)")
     assert "export" not in imported.value.hint
+
+
+@pytest.mark.slow  # the run loads its frameworks
+@pytest.mark.parametrize("case", ["newline in metadata", "latin-1 label file"])
+def test_labels_that_cannot_be_labels_stop_the_import_in_one_line(case, tmp_path, capfd):
+    model = legacy_mlp(opset=13, initializers_as_inputs=False, ir_version=8, batch="N")
+    extra = []
+    if case == "newline in metadata":
+        labels = [str(digit) for digit in range(9)] + ["9\nEVIL"]
+        model.metadata_props.add(key="labels", value=json.dumps(labels))
+        fragments = ["the ONNX file's metadata_props 'labels' label 9 ('9\\nEVIL') holds the control character"]
+    else:
+        (tmp_path / "labels.txt").write_bytes("\n".join(["zéro", *map(str, range(1, 10))]).encode("latin-1"))
+        extra = ["--labels", str(tmp_path / "labels.txt")]
+        fragments = [f"--labels {tmp_path / 'labels.txt'} is not UTF-8 text: byte 0xe9 at offset 1"]
+    path = tmp_path / "brought.onnx"
+    onnx.save(model, str(path))
+    result = pipeline_here("--onnx", str(path), *extra, "--run-dir", str(tmp_path / "run"), "--models-dir",
+                           str(tmp_path / "models"), "--no-tracking", capsys=capfd)
+    one_line_error(result, 1, *fragments)
+    assert not (tmp_path / "run" / "labels.txt").exists() and not (tmp_path / "models").exists()

@@ -253,6 +253,38 @@ def test_labels_come_from_metadata_then_file_then_builtin_then_ids(tmp_path):
         resolve_labels({"labels": "a,b"}, None, 2)
 
 
+@pytest.mark.parametrize(("labels", "found"), [
+    (["0", "1", "2\nEVIL"], r"label 2 \('2\\nEVIL'\) holds the control character '\\n'"),
+    (["0", "1", "a\u2028b"], r"label 2 .* holds the control character '\\u2028'"),
+    (["0", "", "2"], r"label 1 is '', not a non-empty string"),
+    (["0", " 1", "2"], r"label 1 \(' 1'\) starts or ends with white space"),
+    (["0", None, "2"], r"label 1 is None, not a non-empty string"),
+    (["0", "1", "0"], r"lists the label '0' twice"),
+    (["0", "1"], r"lists 2 labels; the model outputs 3 classes"),
+])
+def test_labels_that_cannot_be_labels_are_refused_where_they_enter(labels, found):
+    from pipelines.eval_data import resolve_labels
+
+    with pytest.raises(DataError, match=f"the ONNX file's metadata_props 'labels' {found}"):
+        resolve_labels({"labels": json.dumps(labels)}, None, 3)
+
+
+def test_numbered_labels_name_classes_and_a_label_file_must_be_utf8(tmp_path):
+    from pipelines.eval_data import resolve_labels
+
+    assert resolve_labels({"labels": "[0, 1, 2]"}, None, 3)[0] == ("0", "1", "2")
+    with pytest.raises(DataError, match=r"is not a JSON list of labels: found dict"):
+        resolve_labels({"labels": '{"a": 1}'}, None, 3)
+    latin = tmp_path / "labels.txt"
+    latin.write_bytes("zéro\nun\ndeux\n".encode("latin-1"))
+    with pytest.raises(DataError) as error:
+        resolve_labels({}, str(latin), 3)
+    assert str(error.value) == (f"--labels {latin} is not UTF-8 text: byte 0xe9 at offset 1. Save the file as "
+                                "UTF-8, one label per line.")
+    latin.write_text("zéro\nun\ndeux\n", encoding="utf-8")
+    assert resolve_labels({}, str(latin), 3)[0] == ("zéro", "un", "deux")
+
+
 def test_eval_data_from_npz_in_every_accepted_form(tmp_path):
     from pipelines.eval_data import load_eval_data
 

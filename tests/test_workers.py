@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, Server, wait_until
+from tests.helpers import ROOT, Server, burst, wait_until
 
 PREDICT = "/v1/models/emnist_mlp:predict"
 
@@ -88,7 +88,7 @@ def test_connections_are_spread_over_the_workers_in_turn_and_answer_alike(served
     for answer in answers:
         np.testing.assert_array_equal(answer, expected.astype(np.float64))
     server.stop()
-    output = server.process.stdout.read()
+    output = server.output()
     workers = re.findall(r"worker (\d): 127\.0\.0\.1 \"POST /v1/models/emnist_mlp:predict", output)
     # four connections, each kept by the worker that accepted it: two each, in turn
     assert sorted(workers) == ["1"] * 4 + ["2"] * 4, output
@@ -169,7 +169,7 @@ def test_a_dead_worker_stops_the_server_with_one_line(pipeline_run):
     os.kill(first, signal.SIGKILL)
     assert server.process.wait(timeout=30) == 1
     wait_until(lambda: not alive(second), "the other worker to exit")
-    output = server.process.stdout.read()
+    output = server.output()
     assert re.search(rf"worker \d \(pid {first}\) exited with code -9; stopping the others", output), output
 
 
@@ -225,3 +225,11 @@ def test_a_hand_typed_worker_option_is_refused_in_one_line(pipeline_run, value):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "start the server with --workers N" in errors[0], result.stderr
+
+
+def test_a_burst_of_new_connections_is_answered_by_the_workers_never_reset(served):
+    """The supervisor's socket has the same deep backlog as one process's: 1,000 clients at once, all answered."""
+    server, _ = served
+    outcomes = burst(server.port, "/v1/models/emnist_mlp:predict", json.dumps({"instances": [[0.5] * 784]}).encode(),
+                     1000)
+    assert outcomes == [200] * 1000, sorted(set(map(repr, outcomes)))[:5]

@@ -77,9 +77,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"checkpoint {path} has non-finite values in {name!r}.",
                                   hint="Training diverged; lower the learning rate and re-train.")
     model.eval()
+    from crossport.interface import label_problem
+
     labels = tuple(payload["labels"])
-    if len(labels) != config.num_classes:
-        raise CheckpointError(f"checkpoint {path} has {len(labels)} labels for {config.num_classes} classes.")
+    problem = label_problem(labels, config.num_classes)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}.", hint="Re-run the train stage to produce one.")
     return Checkpoint(model, config, labels, str(payload["dataset_digest"]), dict(payload["metrics"]))
 
 
