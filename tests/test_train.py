@@ -95,7 +95,7 @@ def test_missing_truncated_and_foreign_checkpoints_are_refused(tmp_path):
 
 def test_labels_must_match_class_count(tmp_path):
     path, _ = save(tmp_path, labels=("x", "y"))
-    with pytest.raises(CheckpointError, match="has 2 labels for 3 classes"):
+    with pytest.raises(CheckpointError, match="lists 2 labels; the model outputs 3 classes"):
         load_checkpoint(path)
 
 
