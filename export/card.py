@@ -17,6 +17,12 @@ PNG_RECIPE = [
 ]
 
 
+# The one rule REST, gRPC, the Lambda handler and the upload page keep (export.serverless_handler.pixel_problem).
+VALUES_REFUSED = ("any value outside [0, 1], NaN or infinity: REST answers 400, gRPC INVALID_ARGUMENT, the Lambda "
+                  "handler 400, each naming the first such value and its index (TF Serving itself would compute "
+                  "an answer)")
+
+
 def card_signatures(num_classes: int) -> dict:
     """The signature contract the SavedModel is built and checked against, written for people."""
     notes = {CLASSIFY_INPUT: f" serialized tf.train.Example, feature '{INPUT}'"}
@@ -55,6 +61,7 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
             "name": INPUT, "dtype": "float32", "shape": [None, INPUT_SIZE],
             "scaling": "grayscale pixel value / 255, in [0, 1]; white ink on black",
             "orientation": "EMNIST: the 28x28 image transposed, then flattened row-major",
+            "refused": VALUES_REFUSED,
             "png_to_input": PNG_RECIPE,
         },
         "outputs": {SCORES: {"dtype": "float32", "shape": [None, len(labels)],
@@ -107,6 +114,7 @@ def render_markdown(card: dict) -> str:
     lines += ["## Input", "",
              f"- `{card['input']['name']}`: {card['input']['dtype']} {card['input']['shape']}",
              f"- scaling: {card['input']['scaling']}", f"- orientation: {card['input']['orientation']}",
+             f"- refused: {card['input']['refused']}",
              "", "From a PNG or JPEG:", ""]
     lines += [f"{i}. {step}" for i, step in enumerate(card["input"]["png_to_input"], 1)]
     lines += ["", "## Output", "", f"`scores`: {card['outputs']['scores']['meaning']} "

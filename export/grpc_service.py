@@ -86,8 +86,11 @@ def images_of(array: np.ndarray) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
         raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} must be [batch, {INPUT_SIZE}], found "
                                                f"{list(array.shape)}")
-    if not np.all(np.isfinite(array)):
-        raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} contains NaN or infinity")
+    from export.serverless_handler import pixel_problem
+
+    problem = pixel_problem(array)
+    if problem:
+        raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r}: {problem}")
     return array
 
 

@@ -175,7 +175,7 @@ class Servable:
     # --- helpers ---------------------------------------------------------------------------
 
     def _rows(self, rows) -> np.ndarray:
-        from export.serverless_handler import BadInput, numbers
+        from export.serverless_handler import BadInput, numbers, pixel_problem
 
         try:
             array = numbers(rows, f"{INPUT!r} as lists of {INPUT_SIZE} numbers")
@@ -183,8 +183,9 @@ class Servable:
             raise RestError(400, str(error)) from error
         if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
             raise RestError(400, f"expected {INPUT!r} of shape [batch, {INPUT_SIZE}], found {list(array.shape)}")
-        if not np.all(np.isfinite(array)):
-            raise RestError(400, f"{INPUT!r} contains NaN or infinity")
+        problem = pixel_problem(array)
+        if problem:
+            raise RestError(400, f"{INPUT!r}: {problem}")
         return array
 
     def _scores(self, rows) -> np.ndarray:

@@ -187,13 +187,25 @@ def _kind(code: str) -> str:
     return {"U": "string", "S": "string", "b": "boolean", "O": "mixed or out-of-range"}.get(code, code)
 
 
+def pixel_problem(array: np.ndarray) -> str | None:
+    """The one rule every serving path keeps (REST, gRPC, this handler, the upload page): each value a pixel in
+    [0, 1] (grayscale / 255), as the model was trained and checked; NaN, infinity or any value outside is refused."""
+    bad = ~(np.isfinite(array) & (array >= 0.0) & (array <= 1.0))
+    if not bad.any():
+        return None
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (f"expected pixel values in [0, 1] (grayscale / 255), found {float(array[where]):.7g} at index "
+            f"{list(where)}{f' and {int(bad.sum()) - 1} more' if bad.sum() > 1 else ''}")
+
+
 def pixels_to_input(pixels) -> np.ndarray:
     """784 values, or 28 rows of 28, already in EMNIST orientation and in [0, 1]."""
     array = numbers(pixels, "'pixels' as 784 values or 28 rows of 28")
     if array.shape not in ((SIDE * SIDE,), (SIDE, SIDE)):
         raise BadInput(f"expected 784 pixels or 28×28, found shape {list(array.shape)}")
-    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
-        raise BadInput("expected pixel values in [0, 1] (grayscale / 255)")
+    problem = pixel_problem(array)
+    if problem:
+        raise BadInput(problem)
     return array.reshape(SIDE * SIDE)
 
 

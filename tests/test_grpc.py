@@ -121,6 +121,10 @@ def mistakes():
     wrong_dtype.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.zeros((2, 784), np.float64)))
     wrong_name = predict_request(images(2))
     wrong_name.inputs["pixels"].CopyFrom(wrong_name.inputs.pop(INPUT))
+    out_of_range = predict_request(images(2))
+    out_of_range.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.full((2, 784), -1e30, np.float32)))
+    not_a_number = predict_request(images(2))
+    not_a_number.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.full((2, 784), np.nan, np.float32)))
     classify_default = classification_pb2.ClassificationRequest()
     classify_default.model_spec.name = "emnist_mlp"  # no signature_name: TF Serving's default is a predict one
     classify_default.input.example_list.examples.add().features.feature[INPUT].float_list.value.extend([0.0] * 784)
@@ -133,12 +137,15 @@ def mistakes():
         ("Predict", wrong_shape, "INVALID_ARGUMENT", "must be [batch, 784], found [2, 100]"),
         ("Predict", wrong_dtype, "INVALID_ARGUMENT", "to be float but DT_DOUBLE is provided"),
         ("Predict", wrong_name, "INVALID_ARGUMENT", "input tensor alias not found in signature: pixels"),
+        ("Predict", out_of_range, "INVALID_ARGUMENT", "input 'images': expected pixel values in [0, 1] (grayscale "
+                                                      "/ 255), found -1e+30 at index [0, 0] and 1567 more"),
+        ("Predict", not_a_number, "INVALID_ARGUMENT", "found nan at index [0, 0]"),
         ("Classify", classify_default, "INVALID_ARGUMENT", "Expected classification signature method_name to be "
                                                            "tensorflow/serving/classify"),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_mistakes_get_the_status_tf_serving_returns(served, case):
     import grpc
 

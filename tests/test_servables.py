@@ -121,6 +121,7 @@ def test_servable_card_describes_contract_formats_and_lineage(version):
     card = json.loads((version / "assets.extra" / "servable.json").read_text())
     assert card["input"]["shape"] == [None, 784] and "transposed" in card["input"]["orientation"]
     assert len(card["input"]["png_to_input"]) >= 4
+    assert card["input"]["refused"].startswith("any value outside [0, 1], NaN or infinity")  # every path keeps it
     assert card["labels"] == (version / "assets.extra" / "labels.txt").read_text().splitlines()
     formats = card["formats"]
     assert set(formats) == {fmt.name for fmt in FORMATS}
