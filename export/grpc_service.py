@@ -15,6 +15,7 @@ backend's time and the protos' (which do import TensorFlow's package, once, at s
 from __future__ import annotations
 
 import logging
+import math
 from concurrent import futures
 
 import numpy as np
@@ -24,6 +25,7 @@ from crossport.interface import CLASSIFY_KEY, INPUT, INPUT_SIZE, PREDICT_KEY, SC
 log = logging.getLogger("crossport.serve")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # about 20,000 images per Predict as float32 tensor_content
+MAX_ELEMENTS = MAX_MESSAGE_BYTES // 4  # the most float32 values a message may carry, however they are encoded
 SIGNATURE_DEF = "signature_def"  # the one metadata field TF Serving answers
 
 
@@ -56,7 +58,11 @@ def tensor_to_array(proto, name: str) -> np.ndarray:
     shape = [dim.size for dim in proto.tensor_shape.dim]
     if any(size < 0 for size in shape):
         raise ServingError("INVALID_ARGUMENT", f"input {name!r} has an unknown dimension in shape {shape}")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # exact: numpy's product of 2**62 and 4 wraps to 0
+    if count > MAX_ELEMENTS:  # before anything is allocated: a single float_val may describe any shape
+        raise ServingError("INVALID_ARGUMENT", f"input {name!r} of shape {shape} holds {count} values; a request "
+                                               f"may carry at most {MAX_ELEMENTS} ({MAX_MESSAGE_BYTES} bytes of "
+                                               "float32)")
     if proto.tensor_content:
         if len(proto.tensor_content) != 4 * count:
             raise ServingError("INVALID_ARGUMENT", f"input {name!r}: tensor_content holds {len(proto.tensor_content)} "

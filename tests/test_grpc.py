@@ -125,6 +125,15 @@ def mistakes():
     out_of_range.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.full((2, 784), -1e30, np.float32)))
     not_a_number = predict_request(images(2))
     not_a_number.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.full((2, 784), np.nan, np.float32)))
+    huge = predict_request(images(1))  # one float_val repeated over 2**40 rows: 3 PiB if allocated
+    huge.inputs[INPUT].tensor_shape.dim[0].size = 2**40
+    huge.inputs[INPUT].ClearField("tensor_content")
+    huge.inputs[INPUT].float_val.append(0.5)
+    wrapping = predict_request(images(1))  # 2**62 x 4 elements: numpy's product wraps to 0
+    wrapping.inputs[INPUT].ClearField("tensor_content")
+    del wrapping.inputs[INPUT].tensor_shape.dim[:]
+    wrapping.inputs[INPUT].tensor_shape.dim.add().size = 2**62
+    wrapping.inputs[INPUT].tensor_shape.dim.add().size = 4
     classify_default = classification_pb2.ClassificationRequest()
     classify_default.model_spec.name = "emnist_mlp"  # no signature_name: TF Serving's default is a predict one
     classify_default.input.example_list.examples.add().features.feature[INPUT].float_list.value.extend([0.0] * 784)
@@ -140,12 +149,15 @@ def mistakes():
         ("Predict", out_of_range, "INVALID_ARGUMENT", "input 'images': expected pixel values in [0, 1] (grayscale "
                                                       "/ 255), found -1e+30 at index [0, 0] and 1567 more"),
         ("Predict", not_a_number, "INVALID_ARGUMENT", "found nan at index [0, 0]"),
+        ("Predict", huge, "INVALID_ARGUMENT", f"input 'images' of shape [{2**40}, 784] holds {2**40 * 784} values; "
+                                              "a request may carry at most 16777216 (67108864 bytes of float32)"),
+        ("Predict", wrapping, "INVALID_ARGUMENT", f"of shape [{2**62}, 4] holds {2**64} values"),
         ("Classify", classify_default, "INVALID_ARGUMENT", "Expected classification signature method_name to be "
                                                            "tensorflow/serving/classify"),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_mistakes_get_the_status_tf_serving_returns(served, case):
     import grpc
 
