@@ -131,8 +131,9 @@ def _json_loads():
 _loads = _json_loads()
 
 
-def parse_json(raw: bytes | str, max_depth: int) -> object:
-    """JSON whose values are numbers, strings, lists and objects, nested at most ``max_depth`` deep.
+def parse_json(raw: bytes | str, max_depth: int, expected: str | None = None) -> object:
+    """JSON whose values are numbers, strings, lists and objects, nested at most ``max_depth`` deep, and (given
+    ``expected``, what the caller wants, e.g. "a JSON object with 'image'") an object at the top.
 
     Checked on the bytes before parsing, so a hostile body costs no recursion: the
     skeleton (strings blanked) is scanned for nesting and for literals (true, false, null,
@@ -143,6 +144,12 @@ def parse_json(raw: bytes | str, max_depth: int) -> object:
     depth = _max_depth(np.frombuffer(skeleton, np.uint8))
     if depth > max_depth:
         raise BadInput(f"the JSON is nested {depth} levels deep; a request here has at most {max_depth}")
+    top, literal = skeleton.strip()[:1], _LITERAL.match(skeleton.strip())
+    found = ({b"[": "a list", b'"': "a string", b"": "nothing"}.get(top)
+             or (f"the JSON literal {literal.group().decode()}" if literal else None)
+             or ("a number" if top in b"-0123456789" else None))
+    if expected and found:  # the whole body is one other value: say what was wanted, not what is wrong inside it
+        raise BadInput(f"expected {expected}, found {found}")
     if skeleton.translate(None, _NUMERIC_JSON):  # something besides numbers and punctuation: look for literals
         literal = _LITERAL.search(skeleton)
         if literal:
@@ -254,10 +261,13 @@ def model() -> TFLiteModel:
 
 # --- the handler ---------------------------------------------------------------------------
 
+REQUEST_SHAPE = "a JSON object with 'image' (base64 PNG or JPEG) or 'pixels'"
+
+
 def parse_request(body) -> np.ndarray:
     """A decoded JSON body → one model input row; BadInput for anything else."""
     if not isinstance(body, dict):
-        raise BadInput("expected a JSON object with 'image' (base64 PNG or JPEG) or 'pixels'")
+        raise BadInput(f"expected {REQUEST_SHAPE}")
     if "image" in body:
         if not isinstance(body["image"], str):
             raise BadInput("expected 'image' to be a base64 string of a PNG or JPEG")
@@ -281,7 +291,7 @@ def lambda_handler(event, context=None) -> dict:
         if content_type(event).startswith("image/"):  # a binary media type: the body is the image itself
             row = to_model_input(image_to_pixels(body))
         else:
-            row = parse_request(parse_json(body, MAX_DEPTH))
+            row = parse_request(parse_json(body, MAX_DEPTH, REQUEST_SHAPE))
     except BadInput as error:
         return _response(400, {"error": str(error)})
     loaded = model()

@@ -49,6 +49,12 @@ CASES = [
     ("body-json-list", event([1, 2]), "expected a JSON object with 'image'"),
     ("body-json-int", event(3), "expected a JSON object"),
     ("body-json-string", event('"pixels"'), "expected a JSON object"),
+    ("body-json-null", event("null"), "expected a JSON object with 'image' (base64 PNG or JPEG) or 'pixels', found "
+                                      "the JSON literal null"),
+    ("body-json-true", event(" true "), "or 'pixels', found the JSON literal true"),
+    ("body-json-negative", event("-1"), "or 'pixels', found a number"),
+    ("body-empty", event(""), "or 'pixels', found nothing"),
+    ("body-words", event("hello"), "the body is not valid JSON"),
     ("nested-100000", event("{\"pixels\": " + "[" * 100_000 + "]" * 100_000 + "}"), "nested 100001 levels deep"),
     ("nested-4", event({"pixels": [[[0.5] * 28] * 28]}), "nested 4 levels deep; a request here has at most 3"),
     ("neither-key", event({"img": "x"}), "expected 'image' or 'pixels', found keys ['img']"),
