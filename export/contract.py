@@ -102,7 +102,8 @@ def replay_warmup(version_dir: Path) -> list[dict]:
         scores = outputs[SCORES].numpy()
         if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
             raise PackageError(f"warmup record {index} ({kind}): scores do not sum to 1.")
-        replayed.append({"record": index, "kind": kind, "batch": batch, "shapes": shapes})
+        replayed.append({"record": index, "kind": kind, "batch": batch, "shapes": shapes,
+                         "model": request.model_spec.name})
     if not replayed:
         raise PackageError(f"{path} holds no records.")
     return replayed
@@ -147,9 +148,15 @@ def judge_version(version_dir: Path) -> list[tuple[str, str]]:
                                   "it the first requests after each load pay the model's warm-up"))
     elif not any(who == TF_SERVING_REFUSES for who, _ in findings):
         try:
-            replay_warmup(version_dir)
+            replayed = replay_warmup(version_dir)
         except PackageError as error:  # TF Serving fails the load when a warmup record fails
             findings.append((TF_SERVING_REFUSES, f"warmup: {error.message}"))
+        else:  # TF Serving replays a record whatever model it names; a deployer reading them would be misled
+            name = version_dir.parent.name if version_dir.name.isdigit() else None
+            other = next((r for r in replayed if name and r["model"] and r["model"] != name), None)
+            if other is not None:
+                findings.append((CROSSPORT_ONLY, f"warmup record {other['record']} names model {other['model']!r}; "
+                                                 f"the version is published as {name!r}"))
     return findings
 
 

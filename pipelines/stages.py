@@ -538,8 +538,15 @@ def _diagnose_batch(images: np.ndarray, results: list[HopResult]) -> np.ndarray:
 
 
 def publish_stage(ctx: Context) -> StageResult:
+    from crossport.errors import ConfigError
     from pipelines.release import publish_run
 
+    packaged = (ctx.manifest.stages.get("package") or {}).get("config", {}).get("name")
+    if packaged and packaged != ctx.config.name:  # the warmup records carry the name they were packaged under
+        raise ConfigError(f"--name {ctx.config.name} differs from the name this run was packaged as ({packaged}), "
+                          "which its warmup records carry.",
+                          hint=f"Run --stage all --name {ctx.config.name} (package and the stages after it re-run "
+                               "under the new name), or publish as " + packaged + ".")
     version, path = publish_run(ctx)
     return StageResult(params={"published_version": version, "published_path": str(path)},
                        metrics={"published_version": version})

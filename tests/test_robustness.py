@@ -168,3 +168,27 @@ def test_a_new_name_reruns_package_whose_warmup_records_carry_it(pipeline_run, t
     record = next(iter(tf.data.TFRecordDataset(str(run / "tf_serving_warmup_requests")))).numpy()
     log = prediction_log_pb2.PredictionLog.FromString(record)
     assert log.predict_log.request.model_spec.name == "renamed_model"
+
+
+def test_publishing_under_another_name_than_packaged_is_refused(pipeline_run, tmp_path, capfd):
+    """The warmup records name the model they were packaged for: publishing them as another would serve records
+    naming a model that is not there."""
+    from tests.helpers import one_line_error
+
+    run = copy_run(pipeline_run, tmp_path)
+    result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--models-dir", str(tmp_path / "m"),
+                           "--no-tracking", "--name", "other_model", capsys=capfd)
+    one_line_error(result, 2, "--name other_model differs from the name this run was packaged as (emnist_mlp)",
+                   "Run --stage all --name other_model")
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_contract_checker_compares_each_warmup_records_model_with_the_directory(pipeline_run, tmp_path):
+    from export.contract import judge_version
+    from export.servable import CROSSPORT_ONLY
+
+    renamed = tmp_path / "other_model" / "1"
+    shutil.copytree(pipeline_run.models_dir / "emnist_mlp" / "1", renamed)
+    assert (CROSSPORT_ONLY, "warmup record 0 names model 'emnist_mlp'; the version is published as "
+                            "'other_model'") in judge_version(renamed)
+    assert judge_version(pipeline_run.models_dir / "emnist_mlp" / "1") == []
