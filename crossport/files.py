@@ -59,6 +59,30 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_npz(path: Path, *, redo: str, need: tuple[str, ...] = ()) -> dict:
+    """Every array of an ``.npz`` crossport wrote, read whole; one DataError line for a file that is not one (a
+    truncated zip, a pickled object array, which is never unpickled, a missing array in ``need``). ``redo``: the
+    stage that makes it, for the hint."""
+    import zipfile
+
+    import numpy as np
+
+    from crossport.errors import DataError
+
+    hint = f"Re-run the {redo} stage; crossport writes plain numeric arrays and never loads pickled objects."
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {key: arrays[key] for key in arrays.files}
+    except ValueError as error:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise DataError(f"{path} holds an array of Python objects ({error}).", hint=hint) from None
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"{path} is not a readable .npz file ({error}).", hint=hint) from None
+    missing = [key for key in need if key not in found]
+    if missing:
+        raise DataError(f"{path} lacks the array(s) {missing}; it holds {sorted(found)}.", hint=hint)
+    return found
+
+
 def size_path(path: Path, exclude: tuple[str, ...] = ()) -> int:
     """Bytes of a file, or of a directory tree less the top-level entries named in ``exclude``."""
     path = Path(path)

@@ -46,6 +46,22 @@ def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
     return chunked(run)
 
 
+def open_saved_model(saved_model_dir: Path):
+    """``tf.saved_model.load``, with one PackageError line for a directory TensorFlow cannot load (a variables file
+    whose checksum fails, a truncated graph, a missing file) instead of TensorFlow's traceback."""
+    import tensorflow as tf
+
+    from crossport.errors import PackageError
+
+    try:
+        return tf.saved_model.load(str(saved_model_dir))
+    except (tf.errors.OpError, OSError, ValueError) as error:
+        first = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+        raise PackageError(f"TensorFlow cannot load the SavedModel {saved_model_dir}: {first}.",
+                           hint="Re-run the stage that wrote it (translate for tf_graph, package for saved_model), "
+                                "or re-publish the version.") from None
+
+
 def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, threads: int | None = None) -> Predict:
     import tensorflow as tf
 
@@ -53,7 +69,7 @@ def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, thread
         # TensorFlow that already ran something in this process keeps its threads (RuntimeError)
         with contextlib.suppress(RuntimeError):
             tf.config.threading.set_intra_op_parallelism_threads(threads)
-    function = tf.saved_model.load(str(saved_model_dir)).signatures[signature]
+    function = open_saved_model(saved_model_dir).signatures[signature]
 
     if signature == CLASSIFY_KEY:
         def run(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -84,8 +84,10 @@ class Stage:
 
 
 def load_arrays(ctx: Context) -> dict[str, np.ndarray]:
-    with np.load(ctx.input("dataset")) as arrays:
-        return {key: arrays[key] for key in arrays.files}
+    from crossport.files import read_npz
+
+    return read_npz(ctx.input("dataset"), redo="import" if ctx.config.onnx else "data",
+                    need=("x_train", "y_train", "x_test", "y_test"))
 
 
 def read_labels(ctx: Context) -> tuple[str, ...]:
@@ -101,10 +103,11 @@ def read_labels(ctx: Context) -> tuple[str, ...]:
 
 
 def golden_inputs(ctx: Context) -> np.ndarray:
+    from crossport.files import read_npz
     from crossport.interface import to_inputs
 
-    with np.load(ctx.input("golden")) as arrays:
-        return to_inputs(arrays["images"])
+    return to_inputs(read_npz(ctx.input("golden"), redo="import" if ctx.config.onnx else "data",
+                              need=("images",))["images"])
 
 
 def golden_exact(ctx: Context):
@@ -351,8 +354,10 @@ def tflite_stage(ctx: Context) -> StageResult:
     from export.tflite import convert_tflite
 
     saved_model = ctx.input("saved_model")
-    with np.load(ctx.input("calibration")) as arrays:
-        calibration = to_inputs(arrays["images"])
+    from crossport.files import read_npz
+
+    calibration = to_inputs(read_npz(ctx.input("calibration"), redo="import" if ctx.config.onnx else "data",
+                                     need=("images",))["images"])
     golden, exact, threads = golden_inputs(ctx), golden_exact(ctx), ctx.config.threads
     reference = load_saved_model(saved_model, threads=threads)(golden)
     metrics, layout = {}, {}

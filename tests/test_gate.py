@@ -5,7 +5,9 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -16,7 +18,7 @@ from pipelines.runner import run_stages
 from pipelines.stages import STAGES, stage_by_name
 from pipelines.tracking import NullTracker
 from tests import breakers
-from tests.helpers import ROOT, pipeline_here
+from tests.helpers import ROOT, call, one_line_error, pipeline_here
 from translation.onnx_to_tf import translate
 
 
@@ -273,3 +275,47 @@ def test_an_onnx_model_with_external_data_is_refused_with_one_line(tiny, tmp_pat
     with pytest.raises(ExportError,
                        match=r"keeps \d+ tensor\(s\) in external data files \(first: initializer .*self-contained"):
         check_onnx(tmp_path / "model.onnx")
+
+
+# --- hostile run directories: a re-recorded hash does not make a file readable -------------------------------
+
+
+def test_a_data_file_with_pickled_objects_is_refused_in_one_line_and_never_unpickled(pipeline_run, tmp_path, capfd):
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    run = manifest.run_dir
+    marker = tmp_path / "unpickled"
+    with np.load(run / "data.npz") as arrays:
+        kept = {key: arrays[key] for key in arrays.files}
+    kept["x_train"] = np.array([Unpickled(str(marker))], dtype=object)  # would create the marker if unpickled
+    np.savez(run / "data.npz", **kept)
+    manifest.record("dataset", run / "data.npz", "data")
+    manifest.save()
+    result = pipeline_here("--stage", "train", "--run-dir", str(run), "--no-tracking", capsys=capfd)
+    one_line_error(result, 1, f"{run / 'data.npz'} holds an array of Python objects",
+                   "Re-run the data stage; crossport writes plain numeric arrays and never loads pickled objects")
+    assert not marker.exists()
+
+
+class Unpickled:
+    """An object whose unpickling leaves a file behind: proof that it was (or was not) unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_diagnose_on_a_tf_graph_tensorflow_cannot_load_gets_one_line(pipeline_run, tmp_path, capfd):
+    from pipelines.tools.diagnose import main
+
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    variables = next((manifest.run_dir / "tf_graph" / "variables").glob("variables.data-*"))
+    data = bytearray(variables.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: TensorFlow's checksum catches it
+    variables.write_bytes(bytes(data))
+    manifest.record("tf_graph", manifest.run_dir / "tf_graph", "translate", parents=("onnx",))
+    manifest.save()
+    result = call(main, str(manifest.run_dir), "--examples", "8", capsys=capfd)
+    one_line_error(result, 1, f"TensorFlow cannot load the SavedModel {manifest.run_dir / 'tf_graph'}",
+                   "Re-run the stage that wrote it (translate for tf_graph")

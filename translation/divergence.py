@@ -99,7 +99,9 @@ def onnx_intermediates(instrumented, images: dict[str, np.ndarray]) -> dict[str,
 def tf_intermediates(tf_graph_dir: Path, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    function = tf.saved_model.load(str(tf_graph_dir)).signatures[PREDICT_KEY]
+    from crossport.runtimes import open_saved_model
+
+    function = open_saved_model(tf_graph_dir).signatures[PREDICT_KEY]
     outputs = function(**{name: tf.constant(value) for name, value in images.items()})
     return {name: value.numpy() for name, value in outputs.items()}
 

@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from crossport.exact import Exact
     from crossport.interface import to_inputs
@@ -54,8 +53,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.run_dir)
     onnx_path = manifest.require("onnx", for_stage="diagnose")
     tf_graph = manifest.require("tf_graph", for_stage="diagnose")
-    with np.load(manifest.require("dataset", for_stage="diagnose")) as arrays:
-        images = to_inputs(arrays["x_test"][: args.examples])
+    from crossport.files import read_npz
+
+    arrays = read_npz(manifest.require("dataset", for_stage="diagnose"), redo="data", need=("x_test",))
+    images = to_inputs(arrays["x_test"][: args.examples])
     network_gamma = Exact.load(manifest.require("golden_exact", for_stage="diagnose")).network_gamma
     divergence = locate_divergence(onnx_path, tf_graph, images, network_gamma)
     if args.json:
