@@ -153,8 +153,17 @@ def load_format(fmt, path: Path, threads: int | None = None, instances: int = 1)
     called from several threads at once; ``instances`` is how many TFLite calls run at once
     (ONNX Runtime sessions and TensorFlow functions are thread-safe and run concurrent calls).
     """
-    if fmt.loader == "saved_model":
-        return load_saved_model(path, threads=threads)
-    if fmt.loader == "onnx":
-        return load_onnx(path, threads)
-    return load_tflite(path, threads, instances)
+    from crossport.errors import CrossportError, PackageError
+
+    try:
+        if fmt.loader == "saved_model":
+            return load_saved_model(path, threads=threads)
+        if fmt.loader == "onnx":
+            return load_onnx(path, threads)
+        return load_tflite(path, threads, instances)
+    except CrossportError:
+        raise
+    except Exception as error:  # each runtime has its own types: "not a valid Flatbuffer", ORT's InvalidProtobuf...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PackageError(f"{fmt.name} cannot load {path}: {first}.",
+                           hint="Re-make or re-publish it, or use another format.") from None

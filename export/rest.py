@@ -59,6 +59,22 @@ def load_backend(version_dir: Path, kind: str, threads: int | None = None, insta
     return Backend(kind, lambda rows: run(rows)[SCORES], classify)
 
 
+def served_labels(version_dir: Path, backend: Backend) -> list[str]:
+    """The version's labels, checked against what the loaded model answers: a version edited after publishing (and
+    served with --allow-changed) whose labels cannot name its classes is refused at start, not per request."""
+    from crossport.errors import PackageError
+    from crossport.interface import label_problem
+
+    path = version_dir / ASSETS_EXTRA / "labels.txt"
+    labels = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    classes = int(np.asarray(backend.predict(np.zeros((1, INPUT_SIZE), np.float32))).shape[-1])
+    problem = label_problem(labels, classes)
+    if problem:
+        raise PackageError(f"{path} {problem}; this version cannot be served.",
+                           hint="Serve another --version, or re-publish this one.")
+    return labels
+
+
 class Servable:
     """One published version behind TF Serving's REST semantics."""
 
@@ -67,7 +83,7 @@ class Servable:
         self.version = version
         self.version_dir = version_dir
         self.backend = backend
-        self.labels = (version_dir / ASSETS_EXTRA / "labels.txt").read_text().splitlines()
+        self.labels = served_labels(version_dir, backend)
 
     # --- routing ---------------------------------------------------------------------------
 

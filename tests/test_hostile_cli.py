@@ -212,6 +212,22 @@ def test_serve_with_allow_changed_serves_and_warns(world):
     assert "no longer matches its manifest" in server.output()
 
 
+@pytest.mark.parametrize(("backend", "edit", "fragments"), [
+    ("saved_model", lambda version: (version / "assets.extra" / "labels.txt").write_text(
+        "\n".join("ABCDEFGHI") + "\n"), ["labels.txt lists 9 labels; the model outputs 10 classes; this version "
+                                        "cannot be served"]),
+    ("tflite_fp32", lambda version: (version / "assets.extra" / "model_fp32.tflite").write_bytes(
+        (version / "assets.extra" / "model_fp32.tflite").read_bytes()[:1000]), ["tflite_fp32 cannot load",
+                                                                                "model_fp32.tflite"]),
+], ids=["labels-cut-to-9", "truncated-tflite"])
+def test_serve_with_allow_changed_refuses_at_start_what_cannot_be_served(world, backend, edit, fragments):
+    world.unwatch(world.models)
+    edit(world.version)
+    result = run_module("pipelines.serve", str(world.models / "emnist_mlp"), "--backend", backend, "--port", "0",
+                        "--allow-changed")
+    one_line_error(result, 1, *fragments)
+
+
 # --- model repositories and output folders the user owns -------------------------------------------
 
 @pytest.mark.parametrize(("setup", "fragment"), [
