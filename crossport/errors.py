@@ -29,7 +29,7 @@ class DataError(CrossportError):
 
 
 class TrainingError(CrossportError):
-    """Training failed: a process of a distributed run died or could not start."""
+    """Training failed: it diverged, or a process of a distributed run died or could not start."""
 
 
 class CheckpointError(CrossportError):

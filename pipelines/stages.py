@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import DataError, ParityError
+from crossport.errors import DataError, ParityError, TrainingError
 from crossport.formats import FORMATS, TFLITE_FORMATS
 from crossport.interface import ASSETS_EXTRA, CLASSES, CLASSIFY_KEY, INPUT, LOGITS, PREDICT_KEY, SCORES
 from crossport.parity import HopResult, LossyPolicy, compare, compare_exact, raise_on_failure
@@ -223,6 +223,7 @@ def train_stage(ctx: Context) -> StageResult:
     if config.nproc * config.nnodes == 1:
         x_fit, y_fit, x_val, y_val = split_validation(arrays["x_train"], arrays["y_train"], config.seed)
         model, metrics = train(x_fit, y_fit, x_val, y_val, model_config, train_config)
+        refuse_diverged(metrics, train_config)
         metrics["test_accuracy"] = evaluate(model, arrays["x_test"], arrays["y_test"])  # once, at the end
         save_checkpoint(path, model, labels, ctx.manifest.artifacts["dataset"].sha256, metrics, train_config)
     else:
@@ -256,6 +257,15 @@ def train_stage(ctx: Context) -> StageResult:
     )
 
 
+def refuse_diverged(metrics: dict, train_config) -> None:
+    """Stop at train, before a checkpoint is kept, when the model kept is a diverged one."""
+    from training.train import divergence
+
+    reason = divergence(metrics, train_config.learning_rate)
+    if reason is not None:
+        raise TrainingError(reason)
+
+
 def train_distributed(ctx: Context, model_config, train_config, path: Path) -> dict:
     """The train stage across processes: torchrun starts training.distributed per rank; rank 0's checkpoint
     becomes the run's model.pt. Its output (``ddp/``) and every rank's log (``torchrun/``) are the stage's own."""
@@ -279,6 +289,7 @@ def train_distributed(ctx: Context, model_config, train_config, path: Path) -> d
                  "--stage train --run-dir %s --nproc %d --nnodes %d --node-rank R --rdzv-endpoint %s", ctx.run_dir,
                  launch.nproc, launch.nnodes, launch.rdzv_endpoint)
     metrics = run_distributed(command, log_dir=log_dir, out=out, world_size=launch.world_size)
+    refuse_diverged(metrics, train_config)
     os.replace(out / "model.pt", path)
     return metrics
 

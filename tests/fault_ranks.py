@@ -27,17 +27,23 @@ def dead(pid: int) -> bool:
 
 
 def finish_then_abort(rank: int, out: Path) -> None:
-    """The teardown race: both ranks finish (rank 0's files written, each logs "done" as after the final barrier),
-    then rank 1 aborts, as gloo aborts a rank whose peer closed the process group first."""
+    """The teardown race, in the order it was seen: both ranks finish (rank 0's files written, each logs "done" as
+    after the final barrier), then rank 1 aborts, as gloo aborts a rank whose peer closed the process group first,
+    while rank 0 is still closing, so torchrun stops it (SIGTERM). Each step waits for the one before it."""
     import json
 
+    done = out.parent / "rank0.done"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.pt").write_bytes(b"a checkpoint")
         (out / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
     print(f"rank {rank} pid {os.getpid()} done", flush=True)
-    if rank == 1:
-        os.abort()
+    if rank == 0:
+        done.touch()
+        while True:  # still closing its group when torchrun stops it
+            signal.pause()
+    wait_until(done.is_file, "rank 0 to finish", timeout=60, interval=0.005)
+    os.abort()
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Proof the parity gate works: deliberately broken hops fail the run, name the hop (and,
 for the fp32 TensorFlow graph, the node) and publish nothing."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -294,6 +295,22 @@ def test_a_data_file_with_pickled_objects_is_refused_in_one_line_and_never_unpic
     one_line_error(result, 1, f"{run / 'data.npz'} holds an array of Python objects",
                    "Re-run the data stage; crossport writes plain numeric arrays and never loads pickled objects")
     assert not marker.exists()
+
+
+def test_training_that_diverged_stops_at_train_and_says_so(pipeline_run, tmp_path, capfd):
+    manifest, _ = copy_run(pipeline_run, tmp_path)
+    manifest.save()
+    run = manifest.run_dir
+    kept = (run / "model.pt").read_bytes()
+    result = pipeline_here("--stage", "train", "--run-dir", str(run), "--learning-rate", "1e6", "--no-tracking",
+                           capsys=capfd)
+    one_line_error(result, 1, "training diverged: the kept epoch's mean training loss is",
+                   "lower --learning-rate (now 1e+06) and run --stage train again")
+    after = Manifest.load(run)
+    assert after.stages["train"]["status"] == "failed"
+    # the diverged model was never written: the checkpoint recorded before is the one on disk
+    assert (run / "model.pt").read_bytes() == kept
+    assert after.artifacts["checkpoint"].sha256 == hashlib.sha256(kept).hexdigest()
 
 
 class Unpickled:

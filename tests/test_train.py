@@ -11,7 +11,7 @@ from crossport.errors import CheckpointError
 from tests.helpers import PicklePayload, tiny_data, tiny_model_config
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.model import MLP
-from training.train import TrainConfig, train
+from training.train import TrainConfig, divergence, train
 
 CONFIG = tiny_model_config()
 
@@ -31,6 +31,27 @@ def test_training_reduces_loss():
     _, metrics = train(*tiny_data(), CONFIG, TrainConfig(epochs=8, batch_size=8, learning_rate=3e-3), progress=False)
     history = metrics["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_a_diverging_learning_rate_is_told_apart_from_one_that_trains():
+    """lr 1e6 sends the loss far above the untrained model's; lr 3e-3 brings it below: only the first is refused."""
+    for rate, refused in ((1e6, True), (3e-3, False)):
+        _, metrics = train(*tiny_data(), CONFIG, TrainConfig(epochs=3, batch_size=8, learning_rate=rate),
+                           progress=False)
+        assert metrics["start_loss"]["n"] == 8
+        reason = divergence(metrics, rate)
+        assert (reason is not None) == refused, (rate, metrics["train_loss"], metrics["start_loss"])
+
+
+def test_divergence_is_measured_against_the_untrained_models_upper_bound():
+    start = {"mean": 2.0, "std": 0.4, "n": 16}  # one-sided 99 % bound: 2.0 + 2.326 * 0.4 / 4 = 2.233
+    assert divergence({"train_loss": 2.2, "start_loss": start}, 1e-3) is None  # worse, but within the bound
+    reason = divergence({"train_loss": 2.3, "start_loss": start}, 1e-3)
+    assert reason.startswith("training diverged: the kept epoch's mean training loss is 2.3")
+    assert "bound 2.233" in reason and "lower --learning-rate (now 0.001)" in reason
+    assert divergence({"train_loss": float("nan"), "start_loss": start}, 1.0) is not None
+    assert divergence({"train_loss": float("inf"), "start_loss": start}, 1.0) is not None
+    assert divergence({"train_loss": float("nan"), "start_loss": None}, 1.0) is None  # not rank 0: nothing measured
 
 
 def test_network_outputs_logits_not_probabilities():

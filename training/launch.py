@@ -71,8 +71,9 @@ def run_distributed(command: list[str], *, log_dir: Path, out: Path, world_size:
             not lead or ((out / CHECKPOINT).is_file() and (out / METRICS).is_file())):
         # every failed rank had passed the final barrier (rank 0's files were whole by then) and logged "done": it
         # died closing its process group (gloo aborts a rank whose peer closed first), after the work was complete
+        ended = blame(failures, outputs)  # the first to end in front, as in a failure's message
         log.warning("training finished, then rank(s) %s ended while closing the process group (%s); the checkpoint "
-                    "is complete", ", ".join(str(f.rank) for f in failures), "; ".join(f.how for f in failures))
+                    "is complete", ", ".join(str(f.rank) for f in ended), "; ".join(f.how for f in ended))
         return json.loads((out / METRICS).read_text()) if lead else {}
     if not failures:
         tail = "; ".join(result.stderr.strip().splitlines()[-3:]) or "no output"

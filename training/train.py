@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # epoch to keep: the test split is touched once, at the end (a conventional holdout share, not tuned).
 VALIDATION_FRACTION = 0.1
 
+# pipelines.config.CONFIDENCE: one level for every statistical call the project makes.
+DIVERGENCE_CONFIDENCE = 0.99
+
 
 def split_validation(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                        np.ndarray]:
@@ -114,12 +117,13 @@ def train(
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
     inputs = torch.from_numpy(to_inputs(x_train))
     targets = torch.from_numpy(y_train.astype(np.int64))
     steps = math.ceil(len(inputs) / config.batch_size)
     lead = world.rank == 0
     history = []
+    start: dict | None = None
     best: tuple[float, int, dict] | None = None  # (validation accuracy, epoch, weights) of the epoch kept
     for epoch in range(1, config.epochs + 1):
         trained.train()
@@ -129,7 +133,10 @@ def train(
                   disable=(None if progress is None else not progress) if lead else True, leave=False) as bar:
             for batch in rank_batches(len(inputs), config.batch_size, config.seed, epoch - 1, world):
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(trained(inputs[batch].to(device)), targets[batch].to(device))
+                losses = loss_fn(trained(inputs[batch].to(device)), targets[batch].to(device))
+                loss = losses.mean()
+                if start is None:  # the untrained model's loss, per example: what divergence is measured against
+                    start = _spread(losses.detach())
                 loss.backward()  # DDP: gradients averaged over the ranks here
                 optimizer.step()
                 total_loss += loss.item() * len(batch)
@@ -162,8 +169,37 @@ def train(
         "best_epoch": best[1] if best is not None else None,
         "history": history,
         "world_size": world.size,
+        "start_loss": start if lead else None,
     }
     return model, metrics
+
+
+def _spread(losses: torch.Tensor) -> dict:
+    values = losses.double().cpu()
+    return {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def divergence(metrics: dict, learning_rate: float) -> str | None:
+    """Why the kept model is a diverged one (None if it is not): a one-line refusal for the train stage.
+
+    Training diverged when the kept epoch's mean training loss is not finite, or is above the untrained
+    model's loss on the first batch by more than its one-sided :data:`DIVERGENCE_CONFIDENCE` bound
+    (mean + z·std/√n over that batch's per-example losses): every update made the model worse than
+    where it started, which no learning rate that trains does.
+    """
+    from statistics import NormalDist
+
+    kept, start = metrics.get("train_loss"), metrics.get("start_loss")
+    if kept is None or start is None:
+        return None
+    bound = start["mean"] + NormalDist().inv_cdf(DIVERGENCE_CONFIDENCE) * start["std"] / math.sqrt(start["n"])
+    if math.isfinite(kept) and kept <= bound:
+        return None
+    return (f"training diverged: the kept epoch's mean training loss is {kept:.4g}, against {start['mean']:.4g} "
+            f"for the untrained model on its first batch of {start['n']} (above its "
+            f"{DIVERGENCE_CONFIDENCE:.0%} bound {bound:.4g}); lower --learning-rate (now {learning_rate:g}) and "
+            f"run --stage train again.")
 
 
 def _stop_early(decided: bool, world: World, device) -> bool:
