@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +39,40 @@ def sha256_path(path: Path, exclude: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+@contextmanager
+def replace_atomic(path: Path) -> Iterator[Path]:
+    """The one way crossport writes a file: yields a new temporary path beside ``path`` for any writer to fill; when
+    the block ends, the file is flushed to disk (fsync) and renamed over ``path``, so readers see the old file or
+    the new one, never half; on an error it is removed. The temporary name ends in ``path``'s suffix, for writers
+    that add one when it is missing (numpy's ``savez``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        # mkstemp creates 0600 files; published files must be readable by TF Serving's user.
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; published files must be readable by TF Serving's user
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    with replace_atomic(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_npz_atomic(path: Path, **arrays) -> None:
+    """``numpy.savez`` of ``arrays`` to ``path``, atomically."""
+    import numpy as np
+
+    with replace_atomic(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

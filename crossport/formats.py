@@ -22,7 +22,7 @@ class Format:
     variant: str | None = None  # the TFLite variant
     lossy: bool = False  # judged by agreement and accuracy statistics instead of float32 error bounds
     served: bool = True  # a backend of pipelines.serve
-    serverless: bool = False  # can be packaged by export.serverless
+    serverless: bool = False  # can be packaged by serving.serverless
     calibrated: bool = False  # converted with the calibration images too
     arithmetic: str = "float32"  # what its matrix products run in on a CPU (the benchmark's ceiling is float32's)
 

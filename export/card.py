@@ -17,7 +17,7 @@ PNG_RECIPE = [
 ]
 
 
-# The one rule REST, gRPC, the Lambda handler and the upload page keep (export.serverless_handler.pixel_problem).
+# The one rule REST, gRPC, the Lambda handler and the upload page keep (serving.serverless_handler.pixel_problem).
 VALUES_REFUSED = ("any value outside [0, 1], NaN or infinity: REST answers 400, gRPC INVALID_ARGUMENT, the Lambda "
                   "handler 400, each naming the first such value and its index (TF Serving itself would compute "
                   "an answer)")

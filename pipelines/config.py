@@ -135,7 +135,7 @@ WITH_LOGITS = {REFERENCE, ONNX, TF_GRAPH}
 FP32_VALUES = Tolerance(
     kind=FP32,
     reason="both sides evaluate the same network in float32, so each may be off from the exact value by its "
-           "float32 error bound B (crossport/exact.py: running error analysis, Higham & Mary's probabilistic "
+           "float32 error bound B (crossport/exact/: running error analysis, Higham & Mary's probabilistic "
            "constant, false-alarm chance below 1e-6 per run); they may differ by 2·B",
 )
 LOSSY_VALUES = Tolerance(

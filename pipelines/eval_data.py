@@ -168,7 +168,7 @@ def _read_npz(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _read_folder(root: Path, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    from export.serverless_handler import BadInput, image_to_pixels
+    from serving.serverless_handler import BadInput, image_to_pixels
 
     folders = sorted(child for child in root.iterdir() if child.is_dir())
     unknown = [folder.name for folder in folders if folder.name not in labels]

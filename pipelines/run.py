@@ -220,7 +220,7 @@ def train_on_other_node(run_dir: Path, config, stage: str) -> int:
     import tempfile
 
     from pipelines.manifest import Manifest
-    from pipelines.stages import launch_of, training_configs
+    from pipelines.stages.train import launch_of, training_configs
     from training.launch import launch_command, run_distributed
 
     if stage != "train":

@@ -12,7 +12,7 @@ from crossport import __version__
 from crossport.files import write_json_atomic
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
-from pipelines.stages import Context, Stage
+from pipelines.stages import Context, Stage, needs_on
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def stage_record(manifest: Manifest, config: PipelineConfig, stage: Stage) -> di
     """What a stage's result depends on: its inputs' sha256 and the config fields it reads."""
     settings = config.to_dict()
     return {
-        "inputs": {need: manifest.artifacts[need].sha256 for need in stage.needs_on(config.route)
+        "inputs": {need: manifest.artifacts[need].sha256 for need in needs_on(stage, config.route)
                    if need in manifest.artifacts},
         "config": {key: settings[key] for key in stage.reads},
     }
@@ -129,7 +129,7 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
                 log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
                 continue
             resume = False
-            inputs = {need: manifest.require(need, for_stage=stage.name) for need in stage.needs_on(config.route)}
+            inputs = {need: manifest.require(need, for_stage=stage.name) for need in needs_on(stage, config.route)}
             ctx = Context(config, manifest, inputs, tracker)
             record = stage_record(manifest, config, stage)
             log.info("stage %s ...", stage.name)
@@ -173,7 +173,7 @@ def check_makes(manifest: Manifest, stage: Stage, before: dict[str, tuple[str, s
             f"stage {stage.name!r} declares it makes {list(stage.makes)} but recorded "
             f"{'no ' + ', '.join(missing) if missing else ''}{'; ' if missing and undeclared else ''}"
             f"{'undeclared ' + ', '.join(undeclared) if undeclared else ''}.",
-            hint="This is a bug in the stage table (pipelines/stages.py): make the declaration and the stage agree.",
+            hint="This is a bug in the stage table (pipelines/stages/__init__.py): make the declaration and the stage agree.",
         )
 
 

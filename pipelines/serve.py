@@ -1,8 +1,8 @@
-"""``python -m pipelines.serve``: the web service (TF Serving REST routes, upload page), in ``export.serve``."""
+"""``python -m pipelines.serve``: the web service (TF Serving REST routes, upload page), in ``serving.serve``."""
 
 import sys
 
-from export.serve import main
+from serving.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -187,7 +187,7 @@ def test_resolve_config_reports_what_the_run_will_use(made_run):
 def _main(command):
     from importlib import import_module
 
-    return import_module({"pipelines.serve": "export.serve", "pipelines.diagnose": "pipelines.tools.diagnose",
+    return import_module({"pipelines.serve": "serving.serve", "pipelines.diagnose": "pipelines.tools.diagnose",
                           "pipelines.lineage": "pipelines.tools.lineage", "pipelines.ui": "pipelines.ui"}[command]).main
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-PACKAGES = ("crossport", "training", "translation", "export", "pipelines", "tools")
+PACKAGES = ("crossport", "training", "translation", "export", "serving", "pipelines", "tools")
 
 
 def test_every_parser_turns_abbreviations_off():

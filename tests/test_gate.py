@@ -196,7 +196,7 @@ def test_undecided_variants_are_published_unverified_or_left_out(pipeline_run, t
 
 def test_the_failure_detail_names_the_first_failing_hop_and_what_the_finder_covers():
     from crossport.parity import HopResult
-    from pipelines.stages import divergence_detail
+    from pipelines.stages.validate import divergence_detail
 
     export = HopResult("pytorch -> onnxruntime", "pytorch", "onnxruntime", 10, failures=["drift"])
     later = HopResult("saved_model:serving_default -> tflite_fp32", "saved_model:serving_default", "tflite_fp32", 10,

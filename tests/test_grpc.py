@@ -171,7 +171,7 @@ def test_mistakes_get_the_status_tf_serving_returns(served, case):
 
 def test_serve_takes_a_version_directory_as_export_serverless_does(pipeline_run):
     from crossport.errors import ConfigError
-    from export.serve import make_servable
+    from serving.serve import make_servable
 
     version = pipeline_run.models_dir / "emnist_mlp" / "1"
     servable = make_servable(version, None, "onnx")

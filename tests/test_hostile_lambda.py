@@ -14,7 +14,7 @@ from tests.helpers import blank_png, stroke_images
 
 @pytest.fixture(scope="module")
 def package(pipeline_run, tmp_path_factory):
-    from export.serverless import build_package
+    from serving.serverless import build_package
 
     directory, _ = build_package(pipeline_run.models_dir / "emnist_mlp" / "1", tmp_path_factory.mktemp("pkg") / "fn")
     spec = importlib.util.spec_from_file_location("lambda_package_handler", directory / "handler.py")

@@ -15,7 +15,7 @@ import pytest
 
 from crossport.errors import CrossportError, DataError, ImportModelError, TranslationError
 from crossport.exact import exact_outputs
-from crossport.exact_onnx import chain_from_onnx, check_chain
+from crossport.exact.graph import chain_from_onnx, check_chain
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
 from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright_digits_weights, with_op
 from translation.onnx_export import EXPORT_OPSET
@@ -334,7 +334,7 @@ def upright_weights():
 
 
 def test_orientation_is_detected_from_accuracy_and_refused_when_unclear(upright_weights):
-    from pipelines.importing import detect_orientation
+    from pipelines.stages.importing import detect_orientation
 
     weights, data = upright_weights
     upright = legacy_mlp(opset=7, hidden=(64,), weights=weights, activation="Relu").SerializeToString()

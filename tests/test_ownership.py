@@ -10,7 +10,7 @@ from tests.helpers import ROOT, call
 
 
 def serverless(version, out, *extra):
-    return subprocess.run([sys.executable, "-m", "export.serverless", str(version), "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "pipelines.serverless", str(version), "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

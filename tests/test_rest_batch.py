@@ -1,4 +1,4 @@
-"""The REST fast path (``export.rest.read_batch``): a predict batch read by simdjson is the same float64 array the
+"""The REST fast path (``serving.rest.read_batch``): a predict batch read by simdjson is the same float64 array the
 checked path reads, bit for bit, and every body of another shape is left to the checked path."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from export.rest import parse_json, read_batch
-from export.serverless_handler import parse_json as parse_checked
+from serving.rest import parse_json, read_batch
+from serving.serverless_handler import parse_json as parse_checked
 
 
 def checked_rows(body: bytes, key: str) -> np.ndarray:
@@ -105,8 +105,8 @@ def test_scores_are_written_as_the_same_bytes_as_their_python_floats(monkeypatch
 
     import orjson
 
-    from export.rest import as_json_numbers
-    from export.serve import encode_json
+    from serving.rest import as_json_numbers
+    from serving.serve import encode_json
 
     rng = np.random.default_rng(1)
     wide = rng.standard_normal((64, 62)) * 10.0 ** rng.integers(-40, 38, (64, 62))

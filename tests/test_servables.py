@@ -88,8 +88,8 @@ def structure(value):
 @pytest.mark.parametrize("example", ["predict_instances", "predict_inputs", "classify", "metadata", "status"])
 def test_documented_rest_examples_run_against_the_saved_model(version, example):
     from crossport.runtimes import load_saved_model
-    from export.rest import Servable, load_backend
-    from export.serve import encode_json
+    from serving.rest import Servable, load_backend
+    from serving.serve import encode_json
 
     documented = json.loads((DOCS / f"{example}.json").read_text())
     body = (ROOT / documented["request"]).read_bytes() if "request" in documented else None
@@ -174,7 +174,7 @@ def run_handler(package: Path, events: list[dict]) -> dict:
 def test_serverless_package_answers_events_without_crossport(version, test_images, tmp_path, variant):
     import zipfile
 
-    from export.serverless import build_package
+    from serving.serverless import build_package
 
     images, _ = test_images
     directory, archive = build_package(version, tmp_path / "lambda", variant)
@@ -221,7 +221,7 @@ def test_serverless_template_deploys_the_handler_behind_api_gateway(version, tmp
     JPEG as binary media types (so API Gateway passes an image body base64-encoded, as the handler expects)."""
     import yaml
 
-    from export.serverless import build_package
+    from serving.serverless import build_package
 
     directory, _ = build_package(version, tmp_path / "lambda", "int8_full")
     template = yaml.safe_load((directory / "template.yaml").read_text())
@@ -242,7 +242,7 @@ def test_serverless_with_deps_runs_with_no_site_packages_at_all(version, test_im
     site-packages, no repository), and the zip holds the same tree."""
     import zipfile
 
-    from export.serverless import build_package, instructions
+    from serving.serverless import build_package, instructions
 
     images, _ = test_images
     directory, archive = build_package(version, tmp_path / "lambda", "fp32", with_deps=True)
@@ -274,6 +274,7 @@ def test_serverless_cli_refuses_a_tampered_version(version, tmp_path):
     copy = tmp_path / "v"
     shutil.copytree(version, copy)
     (copy / "assets.extra" / "model_fp32.tflite").write_bytes(b"tampered")
+    # the command's earlier name (export.serverless), which deploy scripts may still use, forwards to the same code
     result = subprocess.run([sys.executable, "-m", "export.serverless", str(copy), "--out", str(tmp_path / "out")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
@@ -290,7 +291,7 @@ def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
         assert server.get("/v1/models/emnist_mlp")[1]["model_version_status"][0]["state"] == "AVAILABLE"
         status, body = server.post("/v1/models/emnist_mlp:predict", {"instances": images[:3].tolist()})
         assert status == 200 and np.asarray(body["predictions"]).shape == (3, 10)
-        from export.rest import load_backend
+        from serving.rest import load_backend
 
         reference = load_backend(version, backend).predict(images[:3])  # the chosen runtime, in this process
         np.testing.assert_allclose(body["predictions"], reference, atol=1e-6)
@@ -319,7 +320,7 @@ def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
         # top-k answer from the chosen runtime
         from PIL import Image
 
-        from export.serverless_handler import image_to_pixels, to_model_input, top_k
+        from serving.serverless_handler import image_to_pixels, to_model_input, top_k
 
         row = to_model_input(image_to_pixels(upload))
         shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["model_input_png"].split(",", 1)[1]))))
@@ -333,7 +334,7 @@ def test_web_service_speaks_tf_serving_rest(version, test_images, backend):
 
 
 def test_server_binds_loopback_by_default():
-    from export.serve import build_parser
+    from serving.serve import build_parser
 
     assert build_parser().parse_args(["models/x"]).host == "127.0.0.1"
 
@@ -375,6 +376,6 @@ def test_upload_page_in_headless_chromium(version, test_images, tmp_path):
 
 
 def to_rows(png: Path) -> np.ndarray:
-    from export.serverless_handler import image_to_pixels, to_model_input
+    from serving.serverless_handler import image_to_pixels, to_model_input
 
     return to_model_input(image_to_pixels(png.read_bytes()))[np.newaxis, :]

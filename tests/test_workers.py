@@ -100,8 +100,8 @@ def test_every_worker_answers_grpc_on_the_one_port(pipeline_run):
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from export.grpc_service import array_to_tensor
     from pipelines.tools.bench import _free_ports
+    from serving.grpc_service import array_to_tensor
 
     rest, grpc_port = _free_ports(2)
     server = Server(pipeline_run.models_dir / "emnist_mlp", "onnx", "--workers", "2", "--grpc-port", str(grpc_port),

@@ -125,15 +125,14 @@ def write_split(bundle: zipfile.ZipFile, split: str, scale: float, seed: int) ->
 
 
 def write_archive(out: Path, splits: tuple[str, ...] = ("byclass",), scale: float = 1.0, seed: int = 0) -> Path:
-    """Write ``out/gzip.zip`` (atomically: a ``.part`` file renamed into place) and return its path."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``out/gzip.zip`` (atomically: crossport.files.replace_atomic) and return its path."""
+    from crossport.files import replace_atomic
+
     target = out / "gzip.zip"
-    partial = out / "gzip.zip.part"
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as bundle:
+    with replace_atomic(target) as partial, zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as bundle:
         for split in splits:
             counts = write_split(bundle, split, scale, seed)
             log.info("emnist-%s: %d train, %d test", split, counts["train"], counts["test"])
-    partial.replace(target)
     return target
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from crossport.errors import CheckpointError, CrossportError
+from crossport.files import replace_atomic
 from crossport.interface import LOGITS, SCORES
 from crossport.runtimes import Predict, chunked
 from training.model import ModelConfig, build_model
@@ -43,7 +44,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, labels: tuple[str, ...],
         "dataset_digest": dataset_digest,
         "metrics": metrics,
     }
-    torch.save(payload, path)
+    with replace_atomic(path) as partial:
+        torch.save(payload, partial)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

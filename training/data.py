@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import ConfigError, DataError
+from crossport.files import replace_atomic
 from crossport.interface import INPUT_SIZE
 
 log = logging.getLogger(__name__)
@@ -243,19 +244,17 @@ def download_archive(target: Path) -> Path:
 
     url = os.environ.get("CROSSPORT_EMNIST_URL", EMNIST_URL)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".zip.part")
     log.info("downloading EMNIST from %s", url)
     try:
-        with urllib.request.urlopen(url, timeout=15) as response, open(partial, "wb") as out:
+        with (replace_atomic(target) as partial, urllib.request.urlopen(url, timeout=15) as response,
+              open(partial, "wb") as out):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="EMNIST gzip.zip") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as error:
-        partial.unlink(missing_ok=True)
         raise DataError(f"EMNIST download from {url} failed: {error}.", hint=HOW_TO_GET_EMNIST) from error
-    os.replace(partial, target)
     return target
 
 
@@ -275,14 +274,9 @@ def extract_split(archive: Path, split: str, raw: Path) -> None:
                         f"found {len(members)} other members.",
                         hint=HOW_TO_GET_EMNIST,
                     )
-                partial = raw / f"{name}.part"
-                try:
-                    with bundle.open(member) as packed, gzip.open(packed) as unpacked, open(partial, "wb") as out:
-                        _copy_idx(unpacked, out, name, f"{archive}:{member}", split)
-                except BaseException:
-                    partial.unlink(missing_ok=True)
-                    raise
-                os.replace(partial, raw / name)
+                with (replace_atomic(raw / name) as partial, bundle.open(member) as packed,
+                      gzip.open(packed) as unpacked, open(partial, "wb") as out):
+                    _copy_idx(unpacked, out, name, f"{archive}:{member}", split)
     except (zipfile.BadZipFile, gzip.BadGzipFile, EOFError, OSError, struct.error) as error:
         raise DataError(f"EMNIST archive {archive} is corrupt or unreadable: {error}.",
                         hint=HOW_TO_GET_EMNIST) from error

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    from crossport.files import write_json_atomic
     from training.checkpoint import save_checkpoint
     from training.model import ModelConfig
     from training.train import TrainConfig, World, evaluate, split_validation, train
@@ -86,11 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             metrics["test_accuracy"] = evaluate(model, x_test, y_test)  # the test split, once, at the end
             args.out.mkdir(parents=True, exist_ok=True)
-            partial = args.out / f"{CHECKPOINT}.partial"
-            save_checkpoint(partial, model, labels, args.dataset_sha256, metrics, train_config)
-            os.replace(partial, args.out / CHECKPOINT)
-            (args.out / f"{METRICS}.partial").write_text(json.dumps(metrics))
-            os.replace(args.out / f"{METRICS}.partial", args.out / METRICS)
+            save_checkpoint(args.out / CHECKPOINT, model, labels, args.dataset_sha256, metrics, train_config)
+            write_json_atomic(args.out / METRICS, metrics)
         dist.barrier()  # nobody leaves before rank 0 has written
         log.info("done")
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from crossport import __version__
 from crossport.errors import ExportError
+from crossport.files import replace_atomic
 from crossport.frameworks import keep_triton_away_from_tensorflow
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
 
@@ -61,7 +62,8 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = (f"crossport EMNIST {getattr(model.config, 'arch', 'mlp').upper()}: images float32 [N,784] in "
                         "[0,1] -> scores (softmax), logits")
-    onnx.save(proto, str(path))
+    with replace_atomic(path) as partial:
+        onnx.save(proto, str(partial))
     check_onnx(path)
 
 

@@ -55,7 +55,7 @@ def load_runtime(name: str, version_dir: Path, checkpoint: Path | None, threads:
     """``threads``: the runtime's intra-op threads (None: the cores available, as pipelines.serve runs it);
     ``instances``: TFLite interpreters that concurrent callers share (the other runtimes run concurrent calls)."""
     from crossport.runtimes import load_format
-    from export.serve import available_cores
+    from serving.serve import available_cores
 
     threads = threads or available_cores()
     if name == "pytorch":
@@ -389,7 +389,7 @@ def _grpc_caller(port: int, name: str, batch: np.ndarray):
     import grpc
     from tensorflow_serving.apis import predict_pb2
 
-    from export.grpc_service import array_to_tensor
+    from serving.grpc_service import array_to_tensor
 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
     grpc.channel_ready_future(channel).result(timeout=120)
@@ -416,8 +416,8 @@ def _grpc_caller(port: int, name: str, batch: np.ndarray):
 # --- the whole benchmark -------------------------------------------------------------------
 
 def benchmark(version_dir: Path, quick: bool) -> dict:
-    from export.serve import available_cores
-    from export.serverless import build_package
+    from serving.serve import available_cores
+    from serving.serverless import build_package
 
     manifest = read_manifest(version_dir)
     run_dir = Path(manifest.get("run_dir") or "")
@@ -439,7 +439,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     if imported:
         import onnx
 
-        from crossport.exact_onnx import chain_from_onnx
+        from crossport.exact.graph import chain_from_onnx
 
         network = chain_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path), load_external_data=False))
     else:
@@ -740,7 +740,7 @@ def check_out(out: Path, *, force: bool = False) -> None:
 
 
 def _newest(model_dir: Path) -> Path:
-    from export.serve import pick_version
+    from serving.serve import pick_version
 
     return pick_version(model_dir, None)[1]
 

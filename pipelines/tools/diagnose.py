@@ -48,7 +48,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     from crossport.exact import Exact
     from crossport.interface import to_inputs
     from pipelines.manifest import Manifest
-    from pipelines.stages import locate_divergence
+    from pipelines.stages.context import locate_divergence
 
     manifest = Manifest.load(args.run_dir)
     onnx_path = manifest.require("onnx", for_stage="diagnose")

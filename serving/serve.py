@@ -6,8 +6,8 @@
 Routes: ``/v1/models/<name>[/versions/<N>]`` ``:predict``, ``:classify``, ``/metadata`` (as
 TF Serving answers them), ``GET /`` (drop a PNG, see the top 3 labels and the 28×28 image
 the model sees) and ``POST /v1/upload`` (a PNG body). With ``--grpc-port`` the same version also
-answers TF Serving's gRPC ``PredictionService`` and ``ModelService`` (:mod:`export.grpc_service`).
-``--workers N`` runs N such processes behind the same ports (:mod:`export.workers`).
+answers TF Serving's gRPC ``PredictionService`` and ``ModelService`` (:mod:`serving.grpc_service`).
+``--workers N`` runs N such processes behind the same ports (:mod:`serving.workers`).
 Binds 127.0.0.1 unless told otherwise.
 """
 
@@ -62,7 +62,7 @@ def available_cores() -> int:
 def make_servable(model_dir: Path, version: int | None, backend: str, *, threads: int | None = None,
                   instances: int = 1, allow_changed: bool = False, verify: bool = True):
     """``verify``: check the version against its manifest first (a --workers worker's supervisor has)."""
-    from export.rest import Servable, load_backend
+    from serving.rest import Servable, load_backend
 
     name, number, version_dir = resolve_version(model_dir, version, backend, allow_changed=allow_changed,
                                                 verify=verify)
@@ -167,7 +167,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
     def _rest(self, method: str, body: bytes | None) -> None:
-        from export.rest import RestError
+        from serving.rest import RestError
 
         try:
             status, payload = self.servable.handle(method, self.path, body)
@@ -179,7 +179,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._json(status, payload)
 
     def _upload(self, body: bytes) -> None:
-        from export.serverless_handler import BadInput, image_to_pixels, to_model_input, top_k
+        from serving.serverless_handler import BadInput, image_to_pixels, to_model_input, top_k
 
         try:
             upright = image_to_pixels(body)
@@ -228,7 +228,7 @@ def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.workers import parse_worker
+    from serving.workers import parse_worker
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", allow_abbrev=False,
                                      description=summary_line(__doc__))
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None) -> int:
-    from export.workers import free_grpc_port, listening_socket, supervise
+    from serving.workers import free_grpc_port, listening_socket, supervise
 
     port, grpc_port = args.port, None
     try:
@@ -321,7 +321,7 @@ def banner(name: str, number: int, backend: str, host: str, port: int, grpc_host
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from export.workers import adopt, serve_as_worker
+    from serving.workers import adopt, serve_as_worker
 
     grpc_server, port = None, args.port
     worker = args.worker
@@ -334,7 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
         if worker:
             adopt(server, worker[1])
         if args.grpc_port is not None:
-            from export.grpc_service import make_grpc_server
+            from serving.grpc_service import make_grpc_server
 
             port = args.grpc_port
             grpc_server = make_grpc_server(servable, args.host, port, reuse_port=worker is not None)

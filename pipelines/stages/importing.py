@@ -4,14 +4,13 @@ It keeps the file as the run's lineage root (``source.onnx``, hash-checked like 
 artifact), resolves labels and evaluation data (:mod:`pipelines.eval_data`), finds out
 which way up the model wants its images, normalizes the graph to crossport's contract
 (:mod:`translation.onnx_import`) and writes ``model.onnx`` with the golden batch's exact
-values read from that graph (:mod:`crossport.exact_onnx`). From there translate, package,
+values read from that graph (:mod:`crossport.exact.graph`). From there translate, package,
 tflite, validate, publish and register run as for a model trained here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -103,11 +102,12 @@ def batch_check(sess, path: Path) -> None:
 def import_stage(ctx) -> StageResult:
     import onnx
 
-    from crossport.exact_onnx import check_chain, exact_from_onnx
-    from crossport.files import sha256_file
+    from crossport.exact.graph import check_chain, exact_from_onnx
+    from crossport.files import replace_atomic, sha256_file
     from crossport.interface import to_inputs
     from pipelines.eval_data import load_eval_data, resolve_labels
-    from pipelines.stages import GOLDEN_SIZE, write_data
+    from pipelines.stages.context import GOLDEN_SIZE
+    from pipelines.stages.data import write_data
     from training.data import data_dir_from
     from translation.onnx_export import check_onnx, onnx_hints, read_onnx
     from translation.onnx_to_tf import refuse_unsupported
@@ -118,9 +118,8 @@ def import_stage(ctx) -> StageResult:
                       redo="Pass a complete ONNX file (onnx.checker.check_model should accept it).")
     # The file as given is the lineage root: kept beside the run, hash-recorded, never changed.
     source = run_dir / SOURCE
-    partial = source.with_name(SOURCE + ".partial")
-    shutil.copyfile(given, partial)
-    os.replace(partial, source)
+    with replace_atomic(source) as partial:
+        shutil.copyfile(given, partial)
     data = source.read_bytes()
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
 
@@ -144,9 +143,8 @@ def import_stage(ctx) -> StageResult:
                  100 * detected["accuracy_emnist"], 100 * detected["accuracy_upright"], detected["p_value"])
     result = normalized(data, orientation)
     path = run_dir / "model.onnx"
-    partial = path.with_name("model.partial.onnx")
-    onnx.save(result.model, str(partial))
-    os.replace(partial, path)
+    with replace_atomic(path) as partial:
+        onnx.save(result.model, str(partial))
     check_onnx(path, **onnx_hints(given))  # the same contract and onnx.checker as crossport's own export
     refuse_unsupported(result.model, given)  # one line naming the node, before translate would fail on it
     batch_check(session(result.model), given)
@@ -158,9 +156,8 @@ def import_stage(ctx) -> StageResult:
     exact = exact_from_onnx(path, golden)
     chain_ratio = check_chain(result.model, golden, exact)  # the chain read the graph as onnx.reference does
     exact_path = run_dir / "golden_exact.npz"
-    partial = exact_path.with_name("golden_exact.partial.npz")
-    exact.save(partial)
-    os.replace(partial, exact_path)
+    with replace_atomic(exact_path) as partial:
+        exact.save(partial)
 
     ctx.manifest.facts["source"] = {
         "path": str(given.resolve()), "sha256": sha256_file(source), "bytes": source.stat().st_size,
@@ -198,7 +195,7 @@ def _summary(model) -> str:
 def _macs(path: Path) -> int | None:
     import onnx
 
-    from crossport.exact_onnx import chain_from_onnx
+    from crossport.exact.graph import chain_from_onnx
     from training.model import macs_per_example
 
     return macs_per_example(chain_from_onnx(onnx.load(str(path), load_external_data=False)))

@@ -191,7 +191,7 @@ class Servable:
     # --- helpers ---------------------------------------------------------------------------
 
     def _rows(self, rows) -> np.ndarray:
-        from export.serverless_handler import BadInput, numbers, pixel_problem
+        from serving.serverless_handler import BadInput, numbers, pixel_problem
 
         try:
             array = numbers(rows, f"{INPUT!r} as lists of {INPUT_SIZE} numbers")
@@ -219,8 +219,8 @@ def parse_json(body: bytes | None) -> dict:
     """The request object. A batch of number rows under ``instances`` or ``inputs`` (the bulk of a predict body)
     is read by :func:`read_batch` straight into a float64 array; anything else, and every malformed body, takes
     the checked path, which answers each mistake with its own message."""
-    from export.serverless_handler import BadInput
-    from export.serverless_handler import parse_json as parse_checked
+    from serving.serverless_handler import BadInput
+    from serving.serverless_handler import parse_json as parse_checked
 
     if not body:
         raise RestError(400, "expected a JSON request body")

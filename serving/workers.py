@@ -70,7 +70,7 @@ def supervise(argv: list[str], workers: int, sock: socket.socket, threads: int, 
                 log.error("worker %d did not start (%s); stopping", index,
                           f"exit code {code}" if code is not None else f"not ready after {READY_TIMEOUT_S} s")
                 return code or 1
-        sock.listen(socket.SOMAXCONN)  # as export.serve.RestServer: a burst waits, it is not reset
+        sock.listen(socket.SOMAXCONN)  # as serving.serve.RestServer: a burst waits, it is not reset
         for _process, _ready, control in children:
             os.write(control, b"g")  # go: the control pipe stays open while the supervisor lives
         for line in ready_lines:

@@ -39,22 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from crossport.errors import CrossportError
+from crossport.exact.rounding import EXP_ULPS, FALSE_ALARM, FLOAT32_TINY, SCORE_FLOOR, U32, gamma, lam
 
-U32 = 2.0**-24  # float32 unit roundoff
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the flush-to-zero floor of logits
-SCORE_FLOOR = U32 * U32  # absolute resolution of probabilities (see the module docstring)
-FALSE_ALARM = 1e-6  # chance that any element of a run leaves its bound through rounding alone
-EXP_ULPS = 2  # vectorised exp in MLAS, Eigen, XNNPack, MKL is accurate to within 2 ulp
-
-
-def lam(bounds: int, terms: int, false_alarm: float = FALSE_ALARM) -> float:
-    """λ such that ``bounds`` dot products of ``terms`` roundings each all hold with probability ≥ 1 − false_alarm."""
-    return math.sqrt(2.0 * math.log(2.0 * max(bounds, 1) * max(terms, 1) / false_alarm)) / (1.0 - U32)
-
-
-def gamma(n: int, lam_: float) -> float:
-    """Higham & Mary's probabilistic γ̃(n) for float32."""
-    return math.expm1(lam_ * math.sqrt(n) * U32 + n * U32 * U32 / (1.0 - U32))
+__all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "exact_outputs", "fan_ins",
+           "gamma", "lam", "layers_of"]
 
 
 @dataclass(frozen=True)
@@ -104,38 +92,25 @@ class Exact:
 
 
 def layers_of(model) -> list:
-    """The leaf modules of a network that is one chain of layers, in order."""
-    from torch import nn
+    """The leaf modules of a network that is one chain of layers, in order; each must have an error rule."""
+    from crossport.exact.rules import RULES, rule_of
 
-    from crossport.exact_onnx import Permute, Reshape
-
-    supported = (nn.Linear, nn.Conv2d, nn.ReLU, nn.ELU, nn.MaxPool2d, nn.Flatten, nn.Unflatten, nn.Dropout,
-                 nn.Identity, nn.BatchNorm2d, nn.BatchNorm1d, Reshape, Permute)
     leaves = [module for module in model.modules() if not list(module.children())]
-    unknown = sorted({type(module).__name__ for module in leaves if not isinstance(module, supported)})
+    unknown = sorted({type(module).__name__ for module in leaves if rule_of(module) is None})
     if unknown:
         raise CrossportError(
             f"no float32 error model for layer type(s) {', '.join(unknown)}: the parity gate's exact reference "
-            f"covers chains of {', '.join(t.__name__ for t in supported)}.",
-            hint="Add a rule for the layer to crossport/exact.py (how it adds and passes on rounding error).",
+            f"covers chains of {', '.join(t.__name__ for t in RULES)}.",
+            hint="Add the layer's rule to crossport/exact/rules.py (how it adds and passes on rounding error).",
         )
     return leaves
 
 
 def fan_ins(model) -> tuple[int, ...]:
     """Rounded multiply-adds behind one output of each accumulating layer (fan-in, +1 for a bias)."""
-    from torch import nn
+    from crossport.exact.rules import rule_of
 
-    counts = []
-    for layer in layers_of(model):
-        if isinstance(layer, nn.Linear):
-            counts.append(layer.in_features + (layer.bias is not None))
-        elif isinstance(layer, nn.Conv2d):
-            kernel = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-            counts.append(kernel + (layer.bias is not None))
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            counts.append(2)  # one multiply, one add
-    return tuple(counts)
+    return tuple(rule.terms(layer) for layer in layers_of(model) if (rule := rule_of(layer)).terms is not None)
 
 
 def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
@@ -167,57 +142,24 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
 
 def _dot_products_per_example(layers, sample) -> int:
     """How many dot products (rounded bounds that must all hold) one example's forward pass computes."""
-    from torch import nn
+    from crossport.exact.rules import rule_of
 
     count = 0
     for layer in layers:
         sample = layer(sample)
-        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+        if rule_of(layer).terms is not None:
             count += sample[:1].numel()
     return max(count, 1)
 
 
 def _forward_with_bound(layers, x, lam_):
     import torch
-    from torch import nn
-    from torch.nn import functional as F
+
+    from crossport.exact.rules import rule_of
 
     error = torch.zeros_like(x)
     for layer in layers:
-        if isinstance(layer, nn.Linear):
-            g = gamma(layer.in_features + 1, lam_)
-            weight = layer.weight.abs()
-            bias = layer.bias.abs() if layer.bias is not None else 0.0
-            error = F.linear(error, weight) + g * (F.linear(x.abs(), weight) + bias)
-            x = layer(x)
-        elif isinstance(layer, nn.Conv2d):
-            g = gamma(layer.in_channels // layer.groups * math.prod(layer.kernel_size) + 1, lam_)
-            weight = layer.weight.abs()
-            conv = lambda value, bias=None, _l=layer, _w=weight: F.conv2d(  # noqa: E731
-                value, _w, bias, _l.stride, _l.padding, _l.dilation, _l.groups)
-            bias = layer.bias.abs() if layer.bias is not None else None
-            error = conv(error) + g * conv(x.abs(), bias)
-            x = layer(x)
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
-            shift = layer.bias - layer.running_mean * scale
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            scale, shift = scale.view(shape), shift.view(shape)
-            error = scale.abs() * error + gamma(2, lam_) * (scale.abs() * x.abs() + shift.abs())
-            x = x * scale + shift
-        elif isinstance(layer, nn.ReLU):
-            error = error * (x > -error)  # a unit off by more than its error is off in float32 too
-            x = torch.relu(x)
-        elif isinstance(layer, nn.ELU):
-            negative = x < 0
-            rounding = layer.alpha * EXP_ULPS * U32 * torch.exp(torch.clamp(x, max=0)) + 2 * U32 * layer(x).abs()
-            error = max(1.0, layer.alpha) * error + negative * rounding
-            x = layer(x)
-        elif isinstance(layer, nn.MaxPool2d):
-            error = layer(error)  # |max(a + δ) − max(a)| ≤ max|δ| over the window
-            x = layer(x)
-        else:  # Flatten, Unflatten, Dropout (eval), Identity: no arithmetic
-            error, x = layer(error), layer(x)
+        x, error = rule_of(layer).propagate(layer, x, error, lam_)
     return x, error + FLOAT32_TINY  # kernels may flush subnormal results to zero
 
 

@@ -92,7 +92,7 @@ def images_of(array: np.ndarray) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
         raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} must be [batch, {INPUT_SIZE}], found "
                                                f"{list(array.shape)}")
-    from export.serverless_handler import pixel_problem
+    from serving.serverless_handler import pixel_problem
 
     problem = pixel_problem(array)
     if problem:

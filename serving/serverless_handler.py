@@ -1,6 +1,6 @@
 """AWS-Lambda-style handler for a crossport TFLite servable. Self-contained on purpose.
 
-This file is copied as ``handler.py`` into the package ``python -m export.serverless``
+This file is copied as ``handler.py`` into the package ``python -m pipelines.serverless``
 builds, next to ``model.tflite`` and ``labels.txt``; it needs only ai-edge-litert, numpy
 and pillow, never crossport. crossport's web service imports the same functions, so a
 PNG or JPEG becomes the same model input everywhere.
