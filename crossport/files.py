@@ -41,24 +41,24 @@ def sha256_path(path: Path, exclude: tuple[str, ...] = ()) -> str:
 
 @contextmanager
 def replace_atomic(path: Path) -> Iterator[Path]:
-    """The one way crossport writes a file: yields a new temporary path beside ``path`` for any writer to fill; when
-    the block ends, the file is flushed to disk (fsync) and renamed over ``path``, so readers see the old file or
-    the new one, never half; on an error it is removed. The temporary name ends in ``path``'s suffix, for writers
-    that add one when it is missing (numpy's ``savez``)."""
+    """The one way crossport writes a file: yields a temporary path for any writer to fill; when the block ends, the
+    file is flushed to disk (fsync) and renamed over ``path``, so readers see the old file or the new one, never
+    half; on an error it is removed. The temporary file has ``path``'s own name, in a new hidden directory beside
+    it, so writers that record the file's name in its bytes (``torch.save``'s archive) write the same bytes."""
+    import shutil
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp = staging / path.name
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; published files must be readable by TF Serving's user
+        os.chmod(tmp, 0o644)  # whatever mode the writer chose: published files are read by TF Serving's user
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

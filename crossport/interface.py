@@ -1,4 +1,4 @@
-"""The input/output contract every servable crossport publishes keeps (ARCHITECTURE.md, "Signatures").
+"""The input/output contract every servable crossport publishes keeps (README.md, "What a run produces").
 
 One place for the names, sizes and signature definitions: the ONNX export, the SavedModel
 builder and its checker, TFLite conversion, the warmup records, the servable card, the

@@ -220,7 +220,7 @@ def hop_specs(reference: str = REFERENCE) -> list[HopSpec]:
 
 
 def tolerance_table() -> list[dict]:
-    """The tolerance table as data: what the README shows and parity.json carries."""
+    """The tolerance table as data: what docs/parity.md shows and parity.json carries."""
     rows = []
     for candidate, policy in POLICIES.items():
         lossy = policy.lossy

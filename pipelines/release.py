@@ -157,7 +157,7 @@ def version_manifest(ctx, staging: Path, version: int, published: dict[str, str]
 
 def _mlflow_ids(ctx) -> dict | None:
     """Where this version's runs are tracked. The registry version is not known yet: the
-    register stage runs after publish (README: publish, then register) and records it in
+    register stage runs after publish (docs/tracking.md: publish, then register) and records it in
     the run's manifest and in the registry version's tags."""
     facts = ctx.manifest.facts.get("mlflow")
     if not facts or not ctx.config.tracking:

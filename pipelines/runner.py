@@ -173,7 +173,8 @@ def check_makes(manifest: Manifest, stage: Stage, before: dict[str, tuple[str, s
             f"stage {stage.name!r} declares it makes {list(stage.makes)} but recorded "
             f"{'no ' + ', '.join(missing) if missing else ''}{'; ' if missing and undeclared else ''}"
             f"{'undeclared ' + ', '.join(undeclared) if undeclared else ''}.",
-            hint="This is a bug in the stage table (pipelines/stages/__init__.py): make the declaration and the stage agree.",
+            hint="This is a bug in the stage table (pipelines/stages/__init__.py): make the declaration and the "
+                 "stage agree.",
         )
 
 

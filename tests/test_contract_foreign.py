@@ -81,7 +81,7 @@ def test_crossports_own_servable_has_no_finding(pipeline_run):
 
 @pytest.mark.slow
 def test_a_repository_given_as_a_relative_path_has_no_finding(pipeline_run, monkeypatch):
-    """`python -m pipelines.contract models`, as the README runs it: /models/<name> is read in ./models."""
+    """`python -m pipelines.contract models`, as docs/serving.md runs it: /models/<name> is read in ./models."""
     from export.contract import judge
 
     monkeypatch.chdir(pipeline_run.models_dir.parent)

@@ -177,7 +177,7 @@ def test_a_killed_rank_fails_the_stage_in_one_line_and_train_reruns(tmp_path):
 
 @pytest.mark.slow
 def test_two_machines_give_the_same_checkpoint_as_two_processes_on_one(runs, tmp_path):
-    """The README's two-node commands, both nodes on this machine (the static rendezvous fixes the ranks)."""
+    """docs/training.md's two-node commands, both nodes on this machine (the static rendezvous fixes the ranks)."""
     import shutil
 
     run = tmp_path / "run"

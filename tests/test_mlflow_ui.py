@@ -1,6 +1,6 @@
 """The MLflow UI, driven in headless Chromium as a user walks it: Models → the registered version → its run →
 the dataset and the parity report. Each page's text is checked; the screenshots are kept (in the test's folder,
-and in $CROSSPORT_UI_SCREENSHOTS when set: README's walk shows them)."""
+and in $CROSSPORT_UI_SCREENSHOTS when set: docs/tracking.md's walk shows them)."""
 
 import os
 import shutil

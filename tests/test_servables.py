@@ -74,7 +74,7 @@ def test_contract_check_names_each_broken_rule(version, tmp_path):
     assert "is not a ModelServerConfig" in models_config_problems(tmp_path)[0]
 
 
-# --- REST examples in the README (docs/rest) --------------------------------------------------
+# --- REST examples in docs/serving.md (docs/rest) --------------------------------------------------
 
 def structure(value):
     """The shape of a JSON value: keys, list lengths and strings, numbers as a type."""
@@ -108,8 +108,8 @@ def test_documented_rest_examples_run_against_the_saved_model(version, example):
         np.testing.assert_allclose(np.asarray(values), expected, atol=1e-6)
 
 
-def test_readme_shows_every_documented_example():
-    readme = (ROOT / "README.md").read_text()
+def test_the_serving_document_shows_every_documented_example():
+    readme = (ROOT / "docs" / "serving.md").read_text()
     for path in DOCS.glob("*.json"):
         if not path.name.endswith(".request.json"):
             assert f"docs/rest/{path.name}" in readme, path.name

@@ -1,6 +1,6 @@
 """Everything onnx-tf 1.10 (its last release, 2022) needs to run on TensorFlow 2.21.
 
-Three facts, verified on the pinned stack (see the README's "Stack notes"):
+Three facts, verified on the pinned stack (docs/stack.md):
 
 1. onnx-tf imports ``onnx.mapping``, which onnx 1.19 removed: onnx stays pinned to 1.18.
 2. onnx-tf imports ``tensorflow_probability`` at import time without declaring it; TFP 0.25
