@@ -2,7 +2,7 @@
 
 Validate, publish, the servable card, the web service, the benchmark, the serverless
 builder and the TFLite converter read :data:`FORMATS`; adding a format is one row here
-plus its converter (and, for a lossy one, its policy in ``pipelines/config.py``).
+plus its converter (and, for a lossy one, its policy in ``pipelines/gate.py``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from crossport.formats import TFLITE_FORMATS
 from crossport.parity import compare, compare_exact
 from crossport.runtimes import load_onnx, load_saved_model, load_tflite
-from pipelines.config import ONNX, REFERENCE, SM_CLASSIFY, SM_PREDICT, TF_GRAPH, TFLITE_FP32, hop_spec
+from pipelines.gate import ONNX, REFERENCE, SM_CLASSIFY, SM_PREDICT, TF_GRAPH, TFLITE_FP32, hop_spec
 
 LABELS = ("a", "b", "c", "d", "e")
 

@@ -18,7 +18,7 @@ from crossport.files import sha256_file
 from tests.helpers import ROOT, free_port, one_line_error, run_cli, wait_until
 from training.train import World, rank_batches
 
-CONFIDENCE = 0.99  # pipelines.config.CONFIDENCE: the one level of every statistical call
+CONFIDENCE = 0.99  # pipelines.gate.CONFIDENCE: the one level of every statistical call
 
 
 @pytest.mark.parametrize("size", [2, 3, 4])

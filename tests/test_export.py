@@ -8,7 +8,7 @@ from crossport.errors import ExportError
 from crossport.files import sha256_file
 from crossport.parity import compare
 from crossport.runtimes import load_onnx
-from pipelines.config import ONNX, REFERENCE, hop_spec
+from pipelines.gate import ONNX, REFERENCE, hop_spec
 from training.checkpoint import load_torch
 from translation.onnx_export import META_CHECKPOINT, META_LABELS, META_PRODUCER, check_onnx, read_metadata
 

@@ -5,7 +5,7 @@ from crossport.errors import PackageError
 from crossport.parity import compare
 from crossport.runtimes import load_onnx, load_saved_model, serialize_examples
 from export.servable import check_signatures, read_signature_defs, set_method_name
-from pipelines.config import ONNX, SM_CLASSIFY, SM_PREDICT, hop_spec
+from pipelines.gate import ONNX, SM_CLASSIFY, SM_PREDICT, hop_spec
 
 
 def test_signature_defs_on_disk_follow_the_serving_contract(tiny):

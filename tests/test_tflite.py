@@ -5,7 +5,7 @@ from crossport.formats import TFLITE_FORMATS
 from crossport.parity import compare
 from crossport.runtimes import load_saved_model, load_tflite
 from export.tflite import convert_tflite
-from pipelines.config import SM_PREDICT, TFLITE_FP32, hop_spec
+from pipelines.gate import SM_PREDICT, TFLITE_FP32, hop_spec
 
 
 @pytest.mark.parametrize("batch", [1, 37])

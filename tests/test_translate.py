@@ -6,7 +6,7 @@ from onnx import TensorProto, helper
 from crossport.errors import TranslationError
 from crossport.parity import compare
 from crossport.runtimes import load_onnx, load_saved_model
-from pipelines.config import ONNX, SM_PREDICT, hop_spec
+from pipelines.gate import ONNX, SM_PREDICT, hop_spec
 from translation import compat
 from translation.onnx_to_tf import translate, unsupported_ops
 

@@ -34,7 +34,7 @@ def round1_refuses(reference: dict, candidate: dict) -> bool:
 
 def derived_refuses(reference: dict, candidate: dict, exact) -> bool:
     from crossport.parity import compare, compare_exact
-    from pipelines.config import ONNX, REFERENCE, hop_spec
+    from pipelines.gate import ONNX, REFERENCE, hop_spec
 
     hop = compare(hop_spec(REFERENCE, ONNX), reference, candidate, bounds=exact.bounds)
     against = compare_exact(ONNX, candidate, exact.values, exact.bounds, reference, exact.noise_factor)

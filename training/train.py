@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # epoch to keep: the test split is touched once, at the end (a conventional holdout share, not tuned).
 VALIDATION_FRACTION = 0.1
 
-# pipelines.config.CONFIDENCE: one level for every statistical call the project makes.
+# pipelines.gate.CONFIDENCE: one level for every statistical call the project makes.
 DIVERGENCE_CONFIDENCE = 0.99
 
 

@@ -13,7 +13,8 @@ import numpy as np
 from crossport.errors import DataError
 from crossport.interface import INPUT, LOGITS, SCORES
 from crossport.parity import LossyPolicy, compare, raise_on_failure
-from pipelines.config import PipelineConfig, hop_spec
+from pipelines.config import PipelineConfig
+from pipelines.gate import hop_spec
 from pipelines.manifest import Manifest
 from pipelines.results import StageResult
 

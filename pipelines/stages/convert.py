@@ -8,7 +8,7 @@ from pathlib import Path
 
 from crossport.files import replace_atomic
 from crossport.interface import CLASSIFY_KEY, PREDICT_KEY
-from pipelines.config import ONNX, REFERENCE, SM_CLASSIFY, SM_PREDICT, TF_GRAPH
+from pipelines.gate import ONNX, REFERENCE, SM_CLASSIFY, SM_PREDICT, TF_GRAPH
 from pipelines.results import Made, ModelToLog, StageResult
 from pipelines.stages.context import (
     Context,

@@ -23,7 +23,7 @@ from pipelines.results import Made, ModelToLog, StageResult
 log = logging.getLogger(__name__)
 
 SOURCE = "source.onnx"
-ORIENTATION_CONFIDENCE = 0.99  # pipelines.config.CONFIDENCE: one level for every statistical call
+ORIENTATION_CONFIDENCE = 0.99  # pipelines.gate.CONFIDENCE: one level for every statistical call
 
 
 def transposed(images: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from crossport.errors import ParityError
 from crossport.formats import FORMATS
 from crossport.interface import CLASSES, CLASSIFY_KEY
 from crossport.parity import HopResult, compare, compare_exact, raise_on_failure
-from pipelines.config import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
+from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
 from pipelines.results import Made, StageResult
 from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels, scores_and_logits
 

@@ -1,0 +1,130 @@
+"""The parity gate's policy: every runtime crossport checks, the parent it is checked against, and the tolerance
+each hop is held to, every row with its reason (docs/parity.md). The statistics and verdicts themselves are
+:mod:`crossport.parity`; the error bounds the fp32 rows use are :mod:`crossport.exact`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
+from crossport.interface import LOGITS, SCORES
+from crossport.parity import FP32, RECORDED, HopSpec, LossyPolicy, Tolerance
+
+REFERENCE = "pytorch"
+ONNX = BY_NAME["onnx"].runtime  # "onnxruntime"
+TF_GRAPH = "tf_graph"  # the onnx-tf translation itself, before packaging
+SM_PREDICT = BY_NAME["saved_model"].runtime  # "saved_model:serving_default"
+SM_CLASSIFY = "saved_model:classify"
+TFLITE = {fmt.variant: fmt.runtime for fmt in TFLITE_FORMATS}  # variant → "tflite_<variant>"
+TFLITE_FP32 = TFLITE["fp32"]
+# The artifacts that expose logits; the served ones return scores only, by contract.
+WITH_LOGITS = {REFERENCE, ONNX, TF_GRAPH}
+
+FP32_VALUES = Tolerance(
+    kind=FP32,
+    reason="both sides evaluate the same network in float32, so each may be off from the exact value by its "
+           "float32 error bound B (crossport/exact/: running error analysis, Higham & Mary's probabilistic "
+           "constant, false-alarm chance below 1e-6 per run); they may differ by 2·B",
+)
+LOSSY_VALUES = Tolerance(
+    kind=RECORDED,
+    reason="float16 and int8 change values by design; the error is recorded and the variant is judged by how "
+           "often its answer changes and how much accuracy moves",
+)
+# How much noisier than PyTorch float32 an fp32 artifact may be against the exact values:
+# derived per model from its fan-ins (crossport.exact.Exact.noise_factor).
+NOISE_FACTOR_RULE = "sqrt(largest fan-in)"
+NOISE_FACTOR_REASON = (
+    "summation order is the freedom a correct float32 kernel has; a length-n sum kept as p interleaved partial "
+    "sums has about sqrt(p) times less RMS rounding error than one summed in sequence (one-lane kernels such as "
+    "TFLite's reference and XNNPACK convolutions measure 3.5-6x PyTorch's on the CNN), and p <= n, so a correct "
+    "artifact stays within sqrt(n) of PyTorch's; reduced precision, which this catches, is >= 2^13 times noisier"
+)
+CONFIDENCE = 0.99  # one-sided level of every confidence bound the lossy verdicts use
+
+
+@dataclass(frozen=True)
+class HopPolicy:
+    """How a candidate runtime is judged against any reference. ``lossy`` None: fp32 rules."""
+
+    values: Tolerance
+    lossy: LossyPolicy | None = None
+
+    @property
+    def fp32(self) -> bool:
+        return self.lossy is None
+
+
+FP32_POLICY = HopPolicy(values=FP32_VALUES)
+# What a deployer accepts from each lossy format (crossport/formats.py marks which are lossy).
+LOSSY_POLICIES: dict[str, LossyPolicy] = {
+    TFLITE["fp16"]: LossyPolicy(
+        max_disagreement=0.001, max_accuracy_drop=0.001, confidence=CONFIDENCE,
+        reason="float16 weights keep about 3 significant digits: a deployer accepts at most 1 changed answer "
+               "in 1,000 and 0.1 accuracy points"),
+    TFLITE["int8_dynamic"]: LossyPolicy(
+        max_disagreement=0.01, max_accuracy_drop=0.005, confidence=CONFIDENCE,
+        reason="int8 weights with float activations: at most 1 changed answer in 100, costing at most "
+               "0.5 accuracy points"),
+    TFLITE["int8_full"]: LossyPolicy(
+        max_disagreement=0.015, max_accuracy_drop=0.01, confidence=CONFIDENCE,
+        reason="int8 weights and activations calibrated on training images: at most 1.5 changed answers in "
+               "100, costing at most 1 accuracy point"),
+}
+# Checks that are not a published format of their own: the TF graph before packaging, and the
+# SavedModel's second signature.
+INTERMEDIATE = {TF_GRAPH: ONNX, SM_CLASSIFY: ONNX}
+# Every candidate in conversion order → its parent in the chain. Every candidate is checked
+# against its parent and against the PyTorch reference, so drift cannot accumulate unseen.
+PARENTS = {ONNX: BY_RUNTIME[ONNX].parent, TF_GRAPH: INTERMEDIATE[TF_GRAPH], SM_PREDICT: BY_RUNTIME[SM_PREDICT].parent,
+           SM_CLASSIFY: INTERMEDIATE[SM_CLASSIFY], **{fmt.runtime: fmt.parent for fmt in TFLITE_FORMATS}}
+POLICIES: dict[str, HopPolicy] = {
+    name: HopPolicy(LOSSY_VALUES, LOSSY_POLICIES[name]) if name in BY_RUNTIME and BY_RUNTIME[name].lossy
+    else FP32_POLICY
+    for name in PARENTS
+}
+
+
+def hop_spec(reference: str, candidate: str) -> HopSpec:
+    policy = POLICIES[candidate]
+    outputs = [(SCORES, policy.values)]
+    if {reference, candidate} <= WITH_LOGITS:
+        outputs.append((LOGITS, FP32_VALUES))
+    return HopSpec(name=f"{reference} -> {candidate}", reference=reference, candidate=candidate,
+                   outputs=tuple(outputs), lossy=policy.lossy)
+
+
+def hop_specs(reference: str = REFERENCE) -> list[HopSpec]:
+    """Every hop to check when ``reference`` is the original: PyTorch for a model trained here, ONNX Runtime on
+    the imported graph for a model brought as an ONNX file (which then is no candidate of its own)."""
+    hops = []
+    for candidate, parent in PARENTS.items():
+        if candidate == reference:
+            continue
+        hops.append(hop_spec(parent, candidate))
+        if parent != reference:
+            hops.append(hop_spec(reference, candidate))
+    return hops
+
+
+def tolerance_table() -> list[dict]:
+    """The tolerance table as data: what docs/parity.md shows and parity.json carries."""
+    rows = []
+    for candidate, policy in POLICIES.items():
+        lossy = policy.lossy
+        rows.append({
+            "candidate": candidate,
+            "values": "|Δ| <= 2·B per element" if policy.fp32 else "recorded",
+            "against_exact": f"|error| <= B; RMS per class <= {NOISE_FACTOR_RULE} x PyTorch float32's"
+                             if policy.fp32 else "recorded",
+            "top1": "every decisive example unchanged" if policy.fp32 else
+                    f"disagreement <= {lossy.max_disagreement:.2%} (not applied when as accurate as the reference)",
+            "max_accuracy_drop_points": None if policy.fp32 or lossy.max_accuracy_drop is None
+                                        else 100 * lossy.max_accuracy_drop,
+            "confidence": None if policy.fp32 else lossy.confidence,
+            "why": policy.values.reason if policy.fp32 else f"{lossy.reason}; {policy.values.reason}",
+        })
+    rows.append({"candidate": "(every fp32 artifact)", "values": "noise factor", "against_exact": NOISE_FACTOR_RULE,
+                 "top1": None, "max_accuracy_drop_points": None, "confidence": None, "why": NOISE_FACTOR_REASON})
+    return rows
