@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 LOG_NAME = "run.log"
-OUR_PACKAGES = ("crossport", "training", "export", "translation", "pipelines")
+OUR_PACKAGES = ("crossport", "training", "export", "serving", "translation", "pipelines")
 
 
 class BarSafeHandler(logging.StreamHandler):
