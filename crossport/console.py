@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 LOG_NAME = "run.log"
@@ -52,6 +53,25 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run_command(body: Callable[[], int], *, debug: bool = False, log_file: Path | None = None) -> int:
+    """Every crossport command's scaffold, after its flags are parsed: logging configured (:func:`configure_logging`),
+    ``body`` run under the quiet console when ``log_file`` names its file, a :class:`CrossportError` ended as one
+    line and its exit code (with the traceback under ``--debug``), Ctrl-C as exit 130."""
+    from crossport.errors import CrossportError, report
+
+    configure_logging(debug)
+    try:
+        if log_file is None:
+            return body()
+        with quiet_console(log_file, debug):
+            return body()
+    except CrossportError as error:
+        return report(error, debug=debug)
+    except KeyboardInterrupt:
+        sys.stderr.write("crossport: interrupted\n")
+        return 130
 
 
 def command_log(command: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.errors import CrossportError, PackageError, report
+from crossport.errors import CrossportError, PackageError
 from crossport.interface import ASSETS_EXTRA, CLASSIFY_KEY, PREDICT_KEY, SCORES
 from export.servable import signature_problems  # the one SignatureDef checker; this command applies it
 from export.warmup import WARMUP_FILE
@@ -202,14 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave TensorFlow's own output on the console (default: crossport-contract-<pid>.log "
                              "in the temporary folder)")
     args = parser.parse_args(argv)
-    from crossport.console import command_log, configure_logging, quiet_console
+    from crossport.console import command_log, run_command
 
-    configure_logging(args.debug)
-    try:
-        with quiet_console(command_log("contract"), args.debug):  # replaying the warmup records imports TensorFlow
-            found = judge(args.path, args.serving_root)
-    except CrossportError as error:
-        return report(error)
+    # replaying the warmup records imports TensorFlow, whose output goes to the command's log
+    return run_command(lambda: show(judge(args.path, args.serving_root)), debug=args.debug,
+                       log_file=command_log("contract"))
+
+
+def show(found: dict) -> int:
+    """The findings, one line each; exit 1 when any is a problem."""
     problems = 0
     for where, findings in found.items():
         if not findings:

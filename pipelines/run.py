@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crossport.errors import ConfigError, CrossportError, report
+from crossport.errors import ConfigError, CrossportError
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -105,17 +105,10 @@ class Invocation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from crossport.console import configure_logging
+    from crossport.console import run_command
 
-    configure_logging(args.debug)
-    try:
-        return execute(resolve(args))
-    except CrossportError as error:
-        return report(error, debug=args.debug)
-    except KeyboardInterrupt:
-        sys.stderr.write("crossport: interrupted\n")
-        return 130
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: execute(resolve(args)), debug=args.debug)
 
 
 def resolve_config(argv: list[str]) -> Invocation:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from crossport.cli import PORT, summary_line
-from crossport.errors import ConfigError, CrossportError, report
+from crossport.errors import ConfigError
 from crossport.files import foreign_entries
 
 STORE = Path(__file__).resolve().parents[1] / "mlflow"
@@ -52,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=5000, help="port (default: 5000)")
     args = parser.parse_args(argv)
-    try:
-        check_store(args.store)
-    except CrossportError as error:
-        return report(error)
+    from crossport.console import run_command
+
+    return run_command(lambda: open_ui(args))
+
+
+def open_ui(args: argparse.Namespace) -> int:
+    """Replace this process with ``mlflow ui`` on the checked store."""
+    check_store(args.store)
     store = args.store.resolve()
     mlflow = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow), "ui", "--host", args.host, "--port", str(args.port),

@@ -261,24 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crossport.console import command_log, configure_logging, quiet_console
+    from crossport.console import command_log, quiet_console, run_command
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    configure_logging(args.debug)
     log_file = args.log_file or command_log("serve")
-    try:
-        if not args.debug:  # with --debug nothing goes there: no file is made
-            log_file.open("ab").close()
-    except OSError as error:
-        return report(ConfigError(f"--log-file {log_file} cannot be written ({error.strerror or error}).",
-                                  hint="Pass a --log-file in a folder you can write to."))
-    with quiet_console(log_file, args.debug):
-        if not args.debug and not args.worker:
-            log.info("library output in %s", log_file)
-        if args.workers > 1 and not args.worker:
-            return _supervise(args, argv, None if args.debug else log_file)
-        return _serve(args)
+
+    def body() -> int:
+        try:
+            if not args.debug:  # with --debug nothing goes there: no file is made
+                log_file.open("ab").close()
+        except OSError as error:
+            raise ConfigError(f"--log-file {log_file} cannot be written ({error.strerror or error}).",
+                              hint="Pass a --log-file in a folder you can write to.") from None
+        with quiet_console(log_file, args.debug):
+            if not args.debug and not args.worker:
+                log.info("library output in %s", log_file)
+            if args.workers > 1 and not args.worker:
+                return _supervise(args, argv, None if args.debug else log_file)
+            return _serve(args)
+
+    return run_command(body, debug=args.debug)
 
 
 def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None) -> int:

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from crossport.cli import summary_line
-from crossport.errors import ConfigError, CrossportError, PackageError, report
+from crossport.errors import ConfigError, PackageError
 from crossport.files import model_repository_around
 from crossport.formats import BY_NAME, SERVERLESS_VARIANTS
 from crossport.interface import ASSETS_EXTRA
@@ -219,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                              "so the zip deploys as it is (Linux only; the Lambda's Python and architecture must "
                              "match this machine's)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         directory, archive = build_package(args.version_dir, args.out, args.variant, force=args.force,
                                            with_deps=args.with_deps)
-    except CrossportError as error:
-        return report(error)
-    sys.stdout.write(instructions(directory, archive) + "\n")
-    return 0
+        sys.stdout.write(instructions(directory, archive) + "\n")
+        return 0
+
+    from crossport.console import run_command
+
+    return run_command(body)
 
 
 def instructions(directory: Path, archive: Path) -> str:

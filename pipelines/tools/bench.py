@@ -683,18 +683,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true",
                         help="leave the libraries' output on the console (default: in bench.log beside bench.json)")
     args = parser.parse_args(argv)
-    from crossport.console import configure_logging, quiet_console
+    from crossport.console import quiet_console, run_command
 
-    configure_logging(args.debug)
-    try:
+    def body() -> int:
         version_dir = args.version_dir or _newest(Path("models") / "emnist_mlp")
         out = args.out or Path(results_run_dir(version_dir))
         check_out(out, force=args.force)  # before minutes of measuring
         out.mkdir(parents=True, exist_ok=True)
-    except CrossportError as error:
-        return report(error)
-    with quiet_console(out / "bench.log", args.debug):
-        return _bench(args, version_dir, out)
+        with quiet_console(out / "bench.log", args.debug):  # in its output folder, known only now
+            return _bench(args, version_dir, out)
+
+    return run_command(body, debug=args.debug)
 
 
 def _bench(args: argparse.Namespace, version_dir: Path, out: Path) -> int:

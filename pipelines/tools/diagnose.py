@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from crossport.cli import integer, summary_line
-from crossport.errors import CrossportError, report
 
 log = logging.getLogger("crossport")
 
@@ -32,15 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from crossport.console import command_log, configure_logging, quiet_console
+    from crossport.console import command_log, run_command
 
     args = build_parser().parse_args(argv)
-    configure_logging(args.debug)
-    try:
-        with quiet_console(command_log("diagnose"), args.debug):  # onnx-tf and TensorFlow print as they load
-            return _diagnose(args)
-    except CrossportError as error:
-        return report(error, debug=args.debug)
+    # onnx-tf and TensorFlow print as they load: into the command's log
+    return run_command(lambda: _diagnose(args), debug=args.debug, log_file=command_log("diagnose"))
 
 
 def _diagnose(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from crossport.cli import integer
-from crossport.errors import CrossportError, TrackingError, report
+from crossport.errors import CrossportError, TrackingError
 
 log = logging.getLogger("crossport")
 
@@ -125,21 +125,23 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crossport.console import run_command
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        if args.registry_version is not None:
-            if not args.name:
-                raise CrossportError("--registry-version needs --name (the registered model).")
-            version_dir = resolve_registry_version(args.name, args.registry_version, args.tracking_uri)
-        elif args.version_dir is not None:
-            version_dir = args.version_dir
-        else:
-            raise CrossportError("expected a version directory or --name with --registry-version.",
-                                 hint="Example: python -m pipelines.lineage models/emnist_mlp/1")
-        traced = trace(version_dir, args.tracking_uri)
-    except CrossportError as error:
-        return report(error)
+    return run_command(lambda: _lineage(args))
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    if args.registry_version is not None:
+        if not args.name:
+            raise CrossportError("--registry-version needs --name (the registered model).")
+        version_dir = resolve_registry_version(args.name, args.registry_version, args.tracking_uri)
+    elif args.version_dir is not None:
+        version_dir = args.version_dir
+    else:
+        raise CrossportError("expected a version directory or --name with --registry-version.",
+                             hint="Example: python -m pipelines.lineage models/emnist_mlp/1")
+    traced = trace(version_dir, args.tracking_uri)
     sys.stdout.write((json.dumps(traced, indent=2) if args.json else render(traced)) + "\n")
     return 0 if traced["verified"] else 1
 
