@@ -18,7 +18,7 @@ class Format:
     path: str  # where it lives inside a published version
     runtime: str  # the name validate checks it under (its parity candidate)
     parent: str  # the runtime it is converted from, which validate also checks it against
-    loader: str  # how crossport.runtimes runs it: "saved_model", "onnx" or "tflite"
+    loader: str  # its runtime: a key of crossport.runtimes.LOADERS ("saved_model", "onnx" or "tflite")
     variant: str | None = None  # the TFLite variant
     lossy: bool = False  # judged by agreement and accuracy statistics instead of float32 error bounds
     served: bool = True  # a backend of pipelines.serve

@@ -1,4 +1,4 @@
-"""Run every artifact crossport makes on the same float32 [N, 784] inputs.
+"""Run every artifact crossport makes on the same float32 [N, 784] inputs: one loader per runtime (:data:`LOADERS`).
 
 Each loader reads the artifact from disk and returns a callable mapping inputs to a dict
 of named float32 outputs; heavy runtimes are imported only by the loader that needs them.
@@ -146,21 +146,27 @@ def load_tflite(tflite_path: Path, threads: int | None = None, instances: int = 
     return chunked(run)
 
 
+# One loader per runtime, each returning a Predict any number of threads may call: ``(path, threads, instances)``
+# (``instances``: TFLite interpreters answering at once; the other runtimes run concurrent calls themselves). A row of
+# crossport.formats.FORMATS names its loader; a new runtime is one entry here. PyTorch, the reference, is loaded from a
+# checkpoint by training.checkpoint.load_torch.
+LOADERS: dict[str, Callable[..., Predict]] = {
+    "saved_model": lambda path, threads, instances: load_saved_model(path, threads=threads),
+    "onnx": lambda path, threads, instances: load_onnx(path, threads),
+    "tflite": load_tflite,
+}
+
+
 def load_format(fmt, path: Path, threads: int | None = None, instances: int = 1) -> Predict:
     """Run the artifact at ``path`` as format ``fmt`` (a row of :data:`crossport.formats.FORMATS`).
 
-    In a published version the artifact is at ``version_dir / fmt.path``. Every Predict may be
-    called from several threads at once; ``instances`` is how many TFLite calls run at once
-    (ONNX Runtime sessions and TensorFlow functions are thread-safe and run concurrent calls).
+    In a published version the artifact is at ``version_dir / fmt.path``. A file its runtime cannot load gets one
+    PackageError line naming the format and the file.
     """
     from crossport.errors import CrossportError, PackageError
 
     try:
-        if fmt.loader == "saved_model":
-            return load_saved_model(path, threads=threads)
-        if fmt.loader == "onnx":
-            return load_onnx(path, threads)
-        return load_tflite(path, threads, instances)
+        return LOADERS[fmt.loader](path, threads, instances)
     except CrossportError:
         raise
     except Exception as error:  # each runtime has its own types: "not a valid Flatbuffer", ORT's InvalidProtobuf...

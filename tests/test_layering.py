@@ -82,3 +82,10 @@ def test_the_input_size_is_declared_once():
         if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 784
     ]
     assert offenders == []
+
+
+def test_every_format_names_a_runtime_of_the_one_loader_table():
+    from crossport.formats import FORMATS
+    from crossport.runtimes import LOADERS
+
+    assert {fmt.loader for fmt in FORMATS} == set(LOADERS)
