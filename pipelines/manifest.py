@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from crossport import __version__
 from crossport.errors import ManifestError
@@ -17,6 +18,71 @@ from crossport.files import sha256_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+
+class DatasetFacts(TypedDict):
+    """Written by the data (or import) stage."""
+
+    name: str
+    source: str
+    digest: str  # sha256 of the arrays, the dataset's identity in lineage and MLflow
+    num_classes: int
+    train_examples: int
+    test_examples: int
+
+
+class ModelFacts(TypedDict):
+    """Written by the train (or import) stage."""
+
+    arch: str  # "mlp", "cnn" or "onnx"
+    summary: str
+    parameters: int
+    macs_per_example: int
+
+
+class PublishedFacts(TypedDict, total=False):
+    """Written by publish: the version this run's files are (``identical``: an existing one already held them)."""
+
+    version: int
+    path: str
+    identical: bool
+
+
+class RegistryFacts(TypedDict):
+    """Written by register."""
+
+    model: str
+    version: int
+    alias: str | None
+    servable_version: int
+    servable_path: str
+    tracking_uri: str
+
+
+class MlflowFacts(TypedDict, total=False):
+    """Written by the runner when tracking: where the run's MLflow runs are."""
+
+    tracking_uri: str
+    experiment_id: str
+    runs: dict[str, str]  # stage (and "parent") -> MLflow run id
+
+
+class Facts(TypedDict, total=False):
+    """What a run learned about itself, for the summary, the card, tracking and lineage (``manifest.json``'s
+    ``facts``): each key is written by one stage and read by the ones after it."""
+
+    dataset: DatasetFacts
+    source: dict  # import: the ONNX file as brought (path, sha256, producer, opset, normalization, labels_from...)
+    model: ModelFacts
+    test_accuracy: float  # train: PyTorch on the test split
+    best_epoch: int | None  # train: the epoch kept
+    layout: dict[str, dict[str, int]]  # tflite: per format, Transposes and where (export.layout.placement)
+    parity_verdict: str  # validate: "pass" or "fail"
+    accuracy: dict[str, float]  # validate: test accuracy per runtime
+    published: PublishedFacts
+    registry: RegistryFacts
+    provenance: dict  # runner: code commit, packages, machine (pipelines.provenance)
+    mlflow: MlflowFacts
 
 
 @dataclass
@@ -34,7 +100,7 @@ class Manifest:
     config: dict
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)
-    facts: dict[str, object] = field(default_factory=dict)  # dataset digest, accuracy, version...
+    facts: Facts = field(default_factory=dict)
 
     @classmethod
     def create(cls, run_dir: Path, config: dict) -> Manifest:

@@ -16,7 +16,7 @@ def served(request, pipeline_run):
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-    from pipelines.tools.bench import _free_ports
+    from pipelines.tools.bench.load import _free_ports
 
     rest_port, port = _free_ports(2)  # distinct: two ports chosen one after the other may be the same
     server = Server(pipeline_run.models_dir / "emnist_mlp", request.param, "--grpc-port", str(port), port=rest_port)
@@ -185,7 +185,7 @@ def test_serve_console_shows_only_its_own_lines(pipeline_run, tmp_path):
     console gets crossport's lines: where that log is, what is served, one line per request."""
     import re
 
-    from pipelines.tools.bench import _free_ports
+    from pipelines.tools.bench.load import _free_ports
 
     rest_port, port = _free_ports(2)
     log_file = tmp_path / "serve.log"

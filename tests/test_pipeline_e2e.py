@@ -116,6 +116,22 @@ def test_parity_report_and_servable_card(pipeline_run):
     assert card["parity"]["verdict"] == "pass" and len(card["labels"]) == 10
 
 
+def test_every_fact_the_run_recorded_is_declared(pipeline_run):
+    """manifest.json's facts are typed (pipelines.manifest.Facts): a key, or a field of a typed fact, that no
+    declaration names is a fact some stage writes and no reader can look up."""
+    from typing import get_type_hints, is_typeddict
+
+    from pipelines.manifest import Facts, Manifest
+
+    facts = Manifest.load(pipeline_run.run_dir).facts
+    declared = get_type_hints(Facts)
+    assert {"dataset", "model", "accuracy", "published", "registry", "provenance", "mlflow"} <= set(facts)
+    assert set(facts) <= set(declared)
+    for key, value in facts.items():
+        if is_typeddict(declared[key]):
+            assert set(value) <= set(get_type_hints(declared[key])), key
+
+
 def test_warmup_file_holds_prediction_logs(pipeline_run):
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2

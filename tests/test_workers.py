@@ -56,7 +56,7 @@ def predict(connection: http.client.HTTPConnection, rows: np.ndarray) -> np.ndar
 
 @pytest.fixture(scope="module")
 def served(pipeline_run):
-    from pipelines.tools.bench import _free_ports
+    from pipelines.tools.bench.load import _free_ports
 
     rest, grpc_port = _free_ports(2)
     server = Server(pipeline_run.models_dir / "emnist_mlp", "tflite_fp32", "--workers", "2", "--grpc-port",
@@ -100,7 +100,7 @@ def test_every_worker_answers_grpc_on_the_one_port(pipeline_run):
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from pipelines.tools.bench import _free_ports
+    from pipelines.tools.bench.load import _free_ports
     from serving.grpc_service import array_to_tensor
 
     rest, grpc_port = _free_ports(2)

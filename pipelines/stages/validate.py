@@ -27,14 +27,9 @@ PLOTS = ("parity_errors.png", "confusion_matrix.png")
 
 
 def validate_stage(ctx: Context) -> StageResult:
-    from crossport.console import progress
-    from crossport.exact import EXP_ULPS, FALSE_ALARM, U32, exact_outputs
-    from crossport.exact.graph import exact_from_onnx
+    """Run every runtime on the test split, judge every hop and artifact, write the report and its plots."""
     from crossport.files import write_json_atomic
     from crossport.interface import to_inputs
-    from crossport.runtimes import load_format, load_saved_model
-    from pipelines.reports import confusion_matrix_png, error_distribution_png
-    from training.checkpoint import load_checkpoint, load_torch
 
     paths = {name: ctx.input(name) for name in VALIDATED if name in ctx.inputs}
     # The original: the PyTorch checkpoint when the model was trained here; the ONNX graph itself when it was
@@ -43,14 +38,68 @@ def validate_stage(ctx: Context) -> StageResult:
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
     images, targets = to_inputs(arrays["x_test"]), arrays["y_test"]
+    exact = exact_values(paths, reference, images)
+    outputs = run_runtimes(ctx, paths, reference, images)
+    results, against_exact = judge(outputs, reference, targets, exact, labels)
+    divergence = None
+    if any(not r.passed and r.candidate != ONNX and POLICIES[r.candidate].fp32 for r in results):
+        divergence = locate_divergence(paths["onnx"], ctx.input("tf_graph"), _diagnose_batch(images, results),
+                                       exact.network_gamma).to_dict()
+    report = parity_report(ctx, paths, reference, exact, results, against_exact, divergence, len(images))
+    path = ctx.run_dir / "parity.json"
+    write_json_atomic(path, report)
+    plot(ctx.run_dir, outputs, reference, exact, labels, targets)
+
+    made = [Made("parity", path, tuple(paths)),
+            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, tuple(paths)) for plot in PLOTS)]
+    reference_scores = outputs[reference]["scores"]
+    ctx.manifest.facts["parity_verdict"] = report["verdict"]
+    ctx.manifest.facts["accuracy"] = {r.candidate: r.candidate_accuracy for r in results if r.reference == reference}
+    ctx.manifest.facts["accuracy"][reference] = float(np.mean(np.argmax(reference_scores, axis=1) == targets))
+    undecided = report["undecided"]
+    if undecided:
+        log.warning("undecided on %d test examples (too few to tell): %s; --undecided %s %s them",
+                    len(images), ", ".join(undecided), ctx.config.undecided,
+                    "publishes (marked unverified)" if ctx.config.undecided == "publish" else "leaves out")
+    try:
+        raise_on_failure([*results, *against_exact], detail=report["detail"])
+    except ParityError as error:  # the failing report is recorded, so publish can read it and refuse
+        return StageResult(made=made, error=error)
+    worst = max((o.max_abs for r in results for o in r.outputs if POLICIES[r.candidate].fp32), default=0.0)
+    worst_ratio = max((o.worst_ratio for c in against_exact if c.judged for o in c.outputs), default=0.0)
+    return StageResult(
+        made=made,
+        metrics={"parity_fp32_max_abs": worst, "parity_fp32_worst_bound_ratio": worst_ratio,
+                 "parity_hops": len(results), "parity_examples": len(images),
+                 "parity_undecided_variants": len(undecided),
+                 **{f"accuracy_{name.replace(':', '_')}": value
+                    for name, value in ctx.manifest.facts["accuracy"].items()}},
+        log_artifacts=[path, *(ctx.run_dir / plot for plot in PLOTS)],
+    )
+
+
+def exact_values(paths: dict, reference: str, images: np.ndarray):
+    """The exact float64 values and float32 bounds of the original: the checkpoint, or the ONNX graph brought."""
+    from crossport.exact import exact_outputs
+    from crossport.exact.graph import exact_from_onnx
+    from training.checkpoint import load_checkpoint
+
+    if reference == REFERENCE:
+        return exact_outputs(load_checkpoint(paths["checkpoint"]).model, images)
+    return exact_from_onnx(paths["onnx"], images)
+
+
+def run_runtimes(ctx: Context, paths: dict, reference: str, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Every runtime's outputs on ``images``, each artifact loaded from the run directory's copy of it."""
+    from crossport.console import progress
+    from crossport.runtimes import load_format, load_saved_model
+    from training.checkpoint import load_torch
+
     threads = ctx.config.threads
-    exact = (exact_outputs(load_checkpoint(paths["checkpoint"]).model, images) if reference == REFERENCE
-             else exact_from_onnx(paths["onnx"], images))
     runs = {
         **({REFERENCE: lambda: load_torch(paths["checkpoint"], threads)(images)} if reference == REFERENCE else {}),
         TF_GRAPH: lambda: scores_and_logits(load_saved_model(ctx.input("tf_graph"), threads=threads)(images)),
         SM_CLASSIFY: lambda: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads)(images),
-        # every published format, from the run directory's copy of it
         **{fmt.runtime: lambda fmt=fmt: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
     }
     outputs = {}
@@ -59,6 +108,11 @@ def validate_stage(ctx: Context) -> StageResult:
             bar.set_postfix_str(name)
             outputs[name] = run()
             bar.update()
+    return outputs
+
+
+def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tuple[str, ...]) -> tuple[list, list]:
+    """Every hop of the chain (pipelines.gate.hop_specs), and every artifact against the exact values."""
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
                for spec in hop_specs(reference)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
@@ -67,17 +121,18 @@ def validate_stage(ctx: Context) -> StageResult:
                       exact.noise_factor if name == reference or POLICIES[name].fp32 else None)
         for name in (reference, *(name for name in POLICIES if name != reference))
     ]
+    return results, against_exact
 
-    divergence = None
-    if any(not r.passed and r.candidate != ONNX and POLICIES[r.candidate].fp32 for r in results):
-        divergence = locate_divergence(paths["onnx"], ctx.input("tf_graph"), _diagnose_batch(images, results),
-                                       exact.network_gamma).to_dict()
-    detail = divergence_detail(results, against_exact, divergence)
+
+def parity_report(ctx: Context, paths: dict, reference: str, exact, results: list, against_exact: list,
+                  divergence: dict | None, examples: int) -> dict:
+    """``parity.json``: the verdict, every check, the error model by name with this run's figures, the lineage."""
+    from crossport.exact import EXP_ULPS, FALSE_ALARM, U32
+
     passed = all(check.passed for check in (*results, *against_exact))
-    undecided = sorted({r.candidate for r in results if r.undecided and r.passed})
-    report = {
+    return {
         "verdict": "pass" if passed else "fail",
-        "examples": len(images),
+        "examples": examples,
         "reference": reference,
         # a model brought without logits has them exposed from its Softmax's input (or computed): said here
         "logits": (ctx.manifest.facts.get("source") or {}).get("logits", "output"),
@@ -92,50 +147,29 @@ def validate_stage(ctx: Context) -> StageResult:
         "tolerances": tolerance_table(),
         "hops": [result.to_dict() for result in results],
         "against_exact": [check.to_dict() for check in against_exact],
-        "undecided": undecided,
+        "undecided": sorted({r.candidate for r in results if r.undecided and r.passed}),
         "divergence": divergence,
-        "detail": detail,
+        "detail": divergence_detail(results, against_exact, divergence),
     }
-    path = ctx.run_dir / "parity.json"
-    write_json_atomic(path, report)
+
+
+def plot(run_dir, outputs: dict, reference: str, exact, labels: tuple[str, ...], targets: np.ndarray) -> None:
+    """The error distributions against the reference and the reference's confusion matrix (PLOTS)."""
+    from pipelines.reports import confusion_matrix_png, error_distribution_png
 
     reference_scores = outputs[reference]["scores"]
     # a candidate with the wrong output shape already failed; it has no per-example error
     candidates = [name for name in outputs
                   if name != reference and outputs[name].get("scores", np.empty(0)).shape == reference_scores.shape]
     error_distribution_png(
-        ctx.run_dir / PLOTS[0],
+        run_dir / PLOTS[0],
         {name: np.max(np.abs(outputs[name]["scores"] - reference_scores), axis=1) for name in candidates},
         # the fp32 rows' bound is per element; the plot marks the median allowed |Δ| (2·B)
         {name: float(np.median(2 * exact.bounds["scores"])) if POLICIES[name].fp32 else None for name in candidates},
         reference,
     )
-    confusion_matrix_png(ctx.run_dir / PLOTS[1], labels, targets, np.argmax(reference_scores, axis=1),
+    confusion_matrix_png(run_dir / PLOTS[1], labels, targets, np.argmax(reference_scores, axis=1),
                          "PyTorch reference" if reference == REFERENCE else "ONNX Runtime reference (imported model)")
-    made = [Made("parity", path, tuple(paths)),
-            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, tuple(paths)) for plot in PLOTS)]
-    ctx.manifest.facts["parity_verdict"] = report["verdict"]
-    ctx.manifest.facts["accuracy"] = {r.candidate: r.candidate_accuracy for r in results if r.reference == reference}
-    ctx.manifest.facts["accuracy"][reference] = float(np.mean(np.argmax(reference_scores, axis=1) == targets))
-    if undecided:
-        log.warning("undecided on %d test examples (too few to tell): %s; --undecided %s %s them",
-                    len(images), ", ".join(undecided), ctx.config.undecided,
-                    "publishes (marked unverified)" if ctx.config.undecided == "publish" else "leaves out")
-    try:
-        raise_on_failure([*results, *against_exact], detail=detail)
-    except ParityError as error:  # the failing report is recorded, so publish can read it and refuse
-        return StageResult(made=made, error=error)
-    worst = max((o.max_abs for r in results for o in r.outputs if POLICIES[r.candidate].fp32), default=0.0)
-    worst_ratio = max((o.worst_ratio for c in against_exact if c.judged for o in c.outputs), default=0.0)
-    return StageResult(
-        made=made,
-        metrics={"parity_fp32_max_abs": worst, "parity_fp32_worst_bound_ratio": worst_ratio,
-                 "parity_hops": len(results), "parity_examples": len(images),
-                 "parity_undecided_variants": len(undecided),
-                 **{f"accuracy_{name.replace(':', '_')}": value
-                    for name, value in ctx.manifest.facts["accuracy"].items()}},
-        log_artifacts=[path, *(ctx.run_dir / plot for plot in PLOTS)],
-    )
 
 
 def divergence_detail(results: list[HopResult], against_exact: list, divergence: dict | None) -> str | None:
