@@ -1,34 +1,12 @@
 """The exact answer and how far a correct float32 computation may be from it.
 
-A float64 pass of the reference network gives each output's exact value (float64's own
-rounding is 2^29 times smaller than float32's and is ignored). The same pass carries a
-running forward error bound (Wilkinson's running error analysis with Higham & Mary's
-probabilistic constant) for a float32 evaluation of the same network, in any summation
-order, on the same float32 inputs:
-
-* a layer ``y = W·x + b`` with fan-in ``n`` (``n + 1`` rounded multiply-adds per output)
-  adds at most ``γ̃(n+1)·(|W|·|x| + |b|)`` of its own rounding and passes on
-  ``|W|·e_in`` of the error already in its inputs, where
-  ``γ̃(n) = expm1(λ·√n·u + n·u²/(1 − u))`` and ``u = 2⁻²⁴`` (float32's unit roundoff);
-* ReLU and max-pooling pass errors on unchanged (both are 1-Lipschitz), except through a
-  ReLU unit whose exact input is below ``-e``: it is off in both computations, so it
-  passes nothing;
-* ELU ``α·(eˣ − 1)`` for x < 0 is max(1, α)-Lipschitz; below zero it adds the rounding of
-  exp (2 ulp of eˣ ≤ 1), scaled by α, and of the subtraction and the product (u·|y| each);
-* softmax: ``|Δp_i| ≤ p_i·(e_i + Σ_j p_j·e_j) + p_i·u·(|t_i| + Σ_j p_j|t_j| + C + 8)``
-  (propagated logit error, then the rounding of ``t = z − max z``, of exp to within 2 ulp,
-  of the C-term sum and of the division), plus ``u²`` absolute: probabilities are read on
-  a scale of 1, where float32 resolves ``u``, and exp kernels flush the bottom of float32's
-  range to zero at different cut-offs (TensorFlow's softmax returns 0 for exact values
-  below about 2⁻¹²⁵), so differences below ``u²`` (3.6e-15) carry no information.
-
-``γ̃`` is Higham & Mary's (2019, SIAM J. Sci. Comput. 41(5), Thm 2.4) probabilistic
-constant: treating rounding errors as independent and mean-independent, one dot product's
-bound fails with probability at most ``2n·exp(-λ²(1-u)²/2)``. ``λ`` is chosen from the
-number of bounds checked so that the chance of *any* element of a run exceeding its bound
-through rounding alone is below :data:`FALSE_ALARM`. The worst-case constant ``n·u`` would
-be 3 to 40 times looser at these widths; the bound is first order (terms in ``u²·M`` are
-below float32's resolution of the result).
+A float64 pass of the reference network gives each output's exact value and, in the same
+pass, each element's float32 error bound: Wilkinson's running error analysis with Higham &
+Mary's probabilistic constant, λ chosen so that the chance of any element of a run leaving
+its bound through rounding alone is below :data:`FALSE_ALARM`. The model is written once,
+with its version, in docs/parity.md ("The error model"); each layer type's rule is one entry
+of :mod:`crossport.exact.rules`, each ONNX op's reader one entry of
+:mod:`crossport.exact.graph`, and float32's constants are :mod:`crossport.exact.rounding`.
 """
 
 from __future__ import annotations
