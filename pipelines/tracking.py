@@ -216,56 +216,15 @@ class MlflowTracker:
                                                   *(InputTag(k, v) for k, v in tags.items())])])
 
     def _log_model(self, model: ModelToLog) -> None:
-        """Log an artifact as an MLflow model, loaded from the file the stage wrote."""
-        import mlflow
-        from mlflow.models import infer_signature
-
-        from crossport.runtimes import load_onnx, load_saved_model
+        """Log an artifact as an MLflow model of its flavour (:data:`MODEL_LOGGERS`), loaded from the file the stage
+        wrote."""
         from pipelines.provenance import package_versions
-        from training.checkpoint import load_torch
 
-        example = np.asarray(model.input_example, dtype=np.float32)
-        versions = package_versions(("torch", "onnxruntime", "onnx", "tensorflow"))
-        if model.flavor == "pytorch":
-            from crossport.frameworks import keep_triton_away_from_tensorflow
-            from training.checkpoint import load_checkpoint
-
-            keep_triton_away_from_tensorflow()  # MLflow saves PyTorch models with torch.export
-            signature = infer_signature(example, load_torch(model.path)(example)[LOGITS])
-            mlflow.pytorch.log_model(load_checkpoint(model.path).model, name="pytorch_model", signature=signature,
-                                     input_example=example, pip_requirements=[f"torch=={versions['torch']}"])
-        elif model.flavor == "onnx":
-            import onnx
-
-            outputs = load_onnx(model.path)(example)
-            signature = infer_signature(example, outputs)
-            mlflow.onnx.log_model(onnx.load(str(model.path), load_external_data=False), name="onnx_model",
-                                  signature=signature, input_example=example,
-                                  # the CPU build crossport runs; MLflow's default lists CUDA and warns it is absent
-                                  onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=[
-                                      f"onnx=={versions['onnx']}", f"onnxruntime=={versions['onnxruntime']}"])
-        elif model.flavor == "tensorflow":
-            import tensorflow as tf
-
-            loaded = tf.saved_model.load(str(model.path))
-
-            class ServingDefault(tf.Module):
-                """The published SavedModel's predict signature as the tf.Module MLflow logs."""
-
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.servable = loaded
-
-                @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name=INPUT)])
-                def __call__(self, images):
-                    return self.servable.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]
-
-            signature = infer_signature(example, load_saved_model(model.path)(example)[SCORES])
-            mlflow.tensorflow.log_model(ServingDefault(), name="saved_model", signature=signature,
-                                        input_example=example,
-                                        pip_requirements=[f"tensorflow=={versions['tensorflow']}"])
-        else:
+        if model.flavor not in MODEL_LOGGERS:
             raise ValueError(f"unknown model flavor {model.flavor!r}")
+        example = np.asarray(model.input_example, dtype=np.float32)
+        MODEL_LOGGERS[model.flavor](model.path, example,
+                                    package_versions(("torch", "onnxruntime", "onnx", "tensorflow")))
 
     def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path], *, model_id: str | None = None,
                      dataset: dict | None = None) -> None:
@@ -442,3 +401,63 @@ def make_tracker(enabled: bool, uri: str | None, experiment: str):
     if not enabled:
         return NullTracker()
     return MlflowTracker(resolve_tracking_uri(uri), experiment)
+
+
+# --- one MLflow model logger per flavour: (the stage's file, an input example, package versions) ----------------
+
+def _log_pytorch(path: Path, example: np.ndarray, versions: dict) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from crossport.frameworks import keep_triton_away_from_tensorflow
+    from training.checkpoint import load_checkpoint, load_torch
+
+    keep_triton_away_from_tensorflow()  # MLflow saves PyTorch models with torch.export
+    signature = infer_signature(example, load_torch(path)(example)[LOGITS])
+    mlflow.pytorch.log_model(load_checkpoint(path).model, name="pytorch_model", signature=signature,
+                             input_example=example, pip_requirements=[f"torch=={versions['torch']}"])
+
+
+def _log_onnx(path: Path, example: np.ndarray, versions: dict) -> None:
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    from crossport.runtimes import load_onnx
+
+    signature = infer_signature(example, load_onnx(path)(example))
+    mlflow.onnx.log_model(onnx.load(str(path), load_external_data=False), name="onnx_model",
+                          signature=signature, input_example=example,
+                          # the CPU build crossport runs; MLflow's default lists CUDA and warns it is absent
+                          onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=[
+                              f"onnx=={versions['onnx']}", f"onnxruntime=={versions['onnxruntime']}"])
+
+
+def _log_tensorflow(path: Path, example: np.ndarray, versions: dict) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from crossport.runtimes import load_saved_model
+
+    signature = infer_signature(example, load_saved_model(path)(example)[SCORES])
+    mlflow.tensorflow.log_model(_serving_default(path), name="saved_model", signature=signature,
+                                input_example=example, pip_requirements=[f"tensorflow=={versions['tensorflow']}"])
+
+
+def _serving_default(path: Path):
+    """The published SavedModel's predict signature as the tf.Module MLflow logs."""
+    import tensorflow as tf
+
+    class ServingDefault(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.servable = tf.saved_model.load(str(path))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name=INPUT)])
+        def __call__(self, images):
+            return self.servable.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]
+
+    return ServingDefault()
+
+
+MODEL_LOGGERS = {"pytorch": _log_pytorch, "onnx": _log_onnx, "tensorflow": _log_tensorflow}

@@ -333,9 +333,9 @@ def _serve(args: argparse.Namespace) -> int:
                                  instances=args.instances or 1, allow_changed=args.allow_changed,
                                  verify=worker is None)
         server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable,
-                             worker=worker[0] if worker else None)
+                             worker=worker.index if worker else None)
         if worker:
-            adopt(server, worker[1])
+            adopt(server, worker.listen_fd)
         if args.grpc_port is not None:
             from serving.grpc_service import make_grpc_server
 
@@ -354,7 +354,7 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("%s", line)
     try:
         if worker:
-            serve_as_worker(server, worker[2], worker[3])
+            serve_as_worker(server, worker.ready_fd, worker.control_fd)
         else:
             server.serve_forever()
     except KeyboardInterrupt:

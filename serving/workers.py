@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 log = logging.getLogger("crossport.serve")
 
@@ -139,7 +140,16 @@ def _stop(children) -> None:
 
 # --- in a worker ---------------------------------------------------------------------------
 
-def parse_worker(value: str) -> tuple[int, int, int, int]:
+class Worker(NamedTuple):
+    """What a supervisor hands one worker: its index and the descriptors it inherits."""
+
+    index: int
+    listen_fd: int  # the REST socket every worker accepts on
+    ready_fd: int  # written once the worker serves
+    control_fd: int  # closed by the supervisor to stop the worker
+
+
+def parse_worker(value: str) -> Worker:
     """An argparse ``type`` for the hidden ``--worker index,listen,ready,control`` its supervisor passes."""
     import argparse
 
@@ -148,8 +158,7 @@ def parse_worker(value: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f"expected index,listen,ready,control (four integers, which a --workers "
                                          f"supervisor passes its workers; start the server with --workers N "
                                          f"instead), found {value!r}")
-    index, listen_fd, ready_fd, control_fd = (int(part) for part in parts)
-    return index, listen_fd, ready_fd, control_fd
+    return Worker(*(int(part) for part in parts))
 
 
 def adopt(server, listen_fd: int) -> None:
