@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,8 +52,9 @@ from pipelines.tools.bench.report import render_chart, render_comparison, render
 # --- the whole benchmark -------------------------------------------------------------------
 
 def benchmark(version_dir: Path, quick: bool) -> dict:
+    """Every measurement of one published version (bench.json's content)."""
     from serving.serve import available_cores
-    from serving.serverless import build_package
+    from training.model import gemm_shapes, macs_per_example
 
     manifest = read_manifest(version_dir)
     run_dir = Path(manifest.get("run_dir") or "")
@@ -62,78 +64,102 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     if not imported and not checkpoint.is_file():
         raise ConfigError(f"the version's run directory {run_dir} has no model.pt (PyTorch is benchmarked from it).",
                           hint="Benchmark a version published on this machine.")
-    seconds = 0.5 if quick else 3.0
-    repeats = 1 if quick else 5
-    rounds = 3 if quick else 5  # timed rounds per measurement, after a warm-up round
-    rng = np.random.default_rng(0)
-    batch1, batch128 = (rng.random((1, INPUT_SIZE), dtype=np.float32),
-                        rng.random((128, INPUT_SIZE), dtype=np.float32))
-    from training.checkpoint import load_checkpoint
-    from training.model import gemm_shapes, macs_per_example
-
-    if imported:
-        import onnx
-
-        from crossport.exact.graph import chain_from_onnx
-
-        network = chain_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path), load_external_data=False))
-    else:
-        network = load_checkpoint(checkpoint).model
+    timing = Timing(seconds=0.5 if quick else 3.0, repeats=1 if quick else 5, rounds=3 if quick else 5)
+    network = _network(version_dir, checkpoint, imported)
     macs = macs_per_example(network)
     results: dict = {"version_dir": str(version_dir), "quick": quick, "model": network.config.arch,
                      "macs_per_example": macs, "date": datetime.now(UTC).isoformat(timespec="seconds"),
                      "machine": _machine()}
     log.info("matrix-multiply ceiling ...")
     cores = available_cores()
-    results["ceiling"] = matmul_ceiling(seconds, gemm_shapes(network, 128), macs, rounds, cores)
+    results["ceiling"] = matmul_ceiling(timing.seconds, gemm_shapes(network, 128), macs, timing.rounds, cores)
     sizes = {f["name"]: (version_dir / f["path"]) for f in manifest["artifacts"]}
     # a version published with --undecided omit lacks the lossy variants its test split could not judge
     present = [name for name in RUNTIMES if (not name.startswith("tflite_") or name in sizes)
                and not (imported and name == "pytorch")]
-    runtimes = {}
-    for name in present:
-        log.info("runtime %s ...", name)
-        run = load_runtime(name, version_dir, checkpoint)
-        one, many = (summarize(timed(run, batch1, seconds, rounds), 1),
-                     summarize(timed(run, batch128, seconds, rounds), 128))
-        cold_runtime = name in ("onnxruntime", "tflite_fp32", "tflite_int8_full") or not quick
-        cold = (cold_start(COLD_CHILD.format(root=str(ROOT), name=name, version=str(version_dir),
-                                             checkpoint=str(checkpoint)), ROOT, repeats) if cold_runtime else None)
-        artifact = {"pytorch": checkpoint, "onnxruntime": sizes["onnx"].resolve(),
-                    "saved_model": version_dir}.get(name, sizes.get(name))
-        single = parallel = None
-        if name in THREADED:
-            single = summarize(timed(load_runtime(name, version_dir, checkpoint, threads=1), batch128, seconds,
-                                     rounds), 128)
-            if cores > 1:  # every core as concurrent one-thread callers: what pipelines.serve --workers N runs
-                shared = load_runtime(name, version_dir, checkpoint, threads=1, instances=cores)
-                parallel = summarize(timed(shared, batch128, seconds, rounds, callers=cores), 128)
-        best = max((many, parallel), key=lambda row: row["examples_per_s"] if row else 0)
-        fmt = bench_format(name)
-        arithmetic = fmt.arithmetic if fmt else "float32"  # PyTorch eager runs the float32 model
-        runtimes[name] = {
-            "batch1": one, "batch128": many, "batch128_one_thread": single, "batch128_callers": parallel,
-            "threads": cores, "batch128_all_cores": best["examples_per_s"],
-            "all_cores_layout": (f"{cores} callers x 1 thread" if best is parallel else f"1 caller x {cores} threads"),
-            "cold_start": cold,
-            "artifact_bytes": _size(artifact, exclude_extra=name == "saved_model"),
-            "arithmetic": arithmetic,
-            "ceiling_share": (best["examples_per_s"] / results["ceiling"]["examples_per_s"]
-                              if arithmetic == "float32" else None),
-        }
-    results["runtimes"] = runtimes
-    from export.layout import placement, saved_model_ops, tflite_ops
-
-    for name, info in runtimes.items():
-        if name == "saved_model":
-            info["layout"] = placement(saved_model_ops(version_dir))
-        elif name.startswith("tflite_"):
-            info["layout"] = placement(tflite_ops(sizes[name]))
+    runtimes = {name: measure_runtime(name, version_dir, checkpoint, sizes, timing, quick, cores,
+                                      results["ceiling"]["examples_per_s"]) for name in present}
     for name, accuracy in _accuracies(version_dir).items():
         if name in runtimes:
             runtimes[name]["test_accuracy"] = accuracy
+    results["runtimes"] = runtimes
+    results["serverless"] = serverless_packages(version_dir, sizes, timing.repeats)
+    results["http"] = http_load(version_dir, run_dir, runtimes, sizes, quick, cores)
+    stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
+    results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
+    return results
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float  # per timed round
+    repeats: int  # cold starts per runtime
+    rounds: int  # timed rounds per measurement, after a warm-up round
+
+
+def _network(version_dir: Path, checkpoint: Path, imported: bool):
+    """The model as a torch network, for its shapes and MACs: the checkpoint, or the published ONNX graph."""
+    if imported:
+        import onnx
+
+        from crossport.exact.graph import chain_from_onnx
+
+        return chain_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path), load_external_data=False))
+    from training.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint).model
+
+
+def measure_runtime(name: str, version_dir: Path, checkpoint: Path, sizes: dict, timing: Timing, quick: bool,
+                    cores: int, ceiling: float) -> dict:
+    """One runtime: batch-1 and batch-128 throughput, one thread and every core, cold start, size, layout."""
+    from export.layout import placement, saved_model_ops, tflite_ops
+
+    log.info("runtime %s ...", name)
+    rng = np.random.default_rng(0)
+    batch1, batch128 = (rng.random((1, INPUT_SIZE), dtype=np.float32),
+                        rng.random((128, INPUT_SIZE), dtype=np.float32))
+    seconds, rounds = timing.seconds, timing.rounds
+    run = load_runtime(name, version_dir, checkpoint)
+    one = summarize(timed(run, batch1, seconds, rounds), 1)
+    many = summarize(timed(run, batch128, seconds, rounds), 128)
+    cold_runtime = name in ("onnxruntime", "tflite_fp32", "tflite_int8_full") or not quick
+    cold = (cold_start(COLD_CHILD.format(root=str(ROOT), name=name, version=str(version_dir),
+                                         checkpoint=str(checkpoint)), ROOT, timing.repeats) if cold_runtime else None)
+    artifact = {"pytorch": checkpoint, "onnxruntime": sizes["onnx"].resolve(),
+                "saved_model": version_dir}.get(name, sizes.get(name))
+    single = parallel = None
+    if name in THREADED:
+        single = summarize(timed(load_runtime(name, version_dir, checkpoint, threads=1), batch128, seconds, rounds),
+                           128)
+        if cores > 1:  # every core as concurrent one-thread callers: what pipelines.serve --workers N runs
+            shared = load_runtime(name, version_dir, checkpoint, threads=1, instances=cores)
+            parallel = summarize(timed(shared, batch128, seconds, rounds, callers=cores), 128)
+    best = max((many, parallel), key=lambda row: row["examples_per_s"] if row else 0)
+    fmt = bench_format(name)
+    arithmetic = fmt.arithmetic if fmt else "float32"  # PyTorch eager runs the float32 model
+    info = {
+        "batch1": one, "batch128": many, "batch128_one_thread": single, "batch128_callers": parallel,
+        "threads": cores, "batch128_all_cores": best["examples_per_s"],
+        "all_cores_layout": (f"{cores} callers x 1 thread" if best is parallel else f"1 caller x {cores} threads"),
+        "cold_start": cold,
+        "artifact_bytes": _size(artifact, exclude_extra=name == "saved_model"),
+        "arithmetic": arithmetic,
+        "ceiling_share": best["examples_per_s"] / ceiling if arithmetic == "float32" else None,
+    }
+    if name == "saved_model":
+        info["layout"] = placement(saved_model_ops(version_dir))
+    elif name.startswith("tflite_"):
+        info["layout"] = placement(tflite_ops(sizes[name]))
+    return info
+
+
+def serverless_packages(version_dir: Path, sizes: dict, repeats: int) -> dict:
+    """The Lambda package of each headline variant: sizes and cold start in an isolated interpreter."""
+    from serving.serverless import build_package
+
+    packages = {}
     with tempfile.TemporaryDirectory() as scratch:
-        packages = {}
         for variant in (v for v in ("fp32", "int8_full") if f"tflite_{v}" in sizes):
             directory, archive = build_package(version_dir, Path(scratch) / f"lambda_{variant}", variant)
             packages[variant] = {
@@ -142,28 +168,30 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
                 "runtime_bytes": _installed_bytes(("ai_edge_litert", "numpy", "PIL", "numpy.libs", "pillow.libs")),
                 "cold_start": cold_start(SERVERLESS_CHILD, directory, repeats, isolated=True),
             }
-        results["serverless"] = packages
+    return packages
+
+
+def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, quick: bool, cores: int) -> list[dict]:
+    """The web service per backend under the bounded loopback load, REST and gRPC, against the same backend
+    called in this process."""
     with np.load(run_dir / "data.npz") as data:
         images = data["x_test"][:128].astype(np.float32) / 255.0
     backends = [b for b in (("onnx", "tflite_fp32") if quick else SERVE_BACKENDS)
                 if not b.startswith("tflite_") or b in sizes]
     workers = cores  # one server process per core: the GIL limits each to about one
-    results["http"] = []
+    rows = []
     for backend in backends:
         with serving(version_dir.parent, backend, workers) as served:
-            results["http"] += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images,
-                                           protocol)
-                                for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
-                                for batch in (batches[:1] if quick else batches)]
+            rows += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images, protocol)
+                     for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
+                     for batch in (batches[:1] if quick else batches)]
     in_process = {"onnx": "onnxruntime"}
-    for row in results["http"]:  # the service against the same backend called in this process, same batch
+    for row in rows:  # the service against the same backend called in this process, same batch
         runtime = runtimes.get(in_process.get(row["backend"], row["backend"]))
         if runtime and row["batch"] in (1, 128):  # batch 128: the backend's best way to use every core
             reference = runtime["batch1"]["examples_per_s"] if row["batch"] == 1 else runtime["batch128_all_cores"]
             row["in_process_share"] = row["examples_per_s"] / reference
-    stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
-    results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
-    return results
+    return rows
 
 
 def _accuracies(version_dir: Path) -> dict[str, float]:
