@@ -95,10 +95,24 @@ def once(name: str, make) -> dict:
         return json.loads(record.read_text())
 
 
+# CROSSPORT_REPEAT=N runs every selected test N times, round after round (each repetition a test of its own, so
+# fixtures are set up afresh as in a new run): the loops that show a test never fails by chance, e.g.
+# CROSSPORT_REPEAT=30 pytest tests/test_workers.py. Unset: each test once.
+REPEAT = int(os.environ.get("CROSSPORT_REPEAT") or 1)
+
+
+def pytest_generate_tests(metafunc):
+    if REPEAT > 1:
+        metafunc.fixturenames.append("_repetition")
+        metafunc.parametrize("_repetition", range(REPEAT), ids=lambda i: f"round{i}")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if REPEAT > 1:  # every test once per round, rounds in order
+        items.sort(key=lambda item: item.callspec.params["_repetition"])
 
 
 @pytest.fixture(autouse=True)
