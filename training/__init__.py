@@ -1,1 +1,2 @@
-"""Training: datasets and the PyTorch model family (MLP, CNN). Pure library code (no pipelines, no mlflow)."""
+"""Training: datasets (EMNIST, digits), the PyTorch model family (MLP, CNN), checkpoints, the seeded training loop and
+its distributed ranks under torchrun. Pure library code (no pipelines, no mlflow)."""
