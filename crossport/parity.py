@@ -27,6 +27,7 @@ import numpy as np
 from crossport.errors import ParityError
 
 FP32 = "fp32"  # both sides compute the same network in float32: |Δ| ≤ 2·B element-wise
+CONFIDENCE = 0.99  # the one-sided level of every statistical call crossport makes (verdicts, tests, refusals)
 RECORDED = "recorded"  # lossy by design: the error is recorded, the hop is judged by statistics
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
 from crossport.interface import LOGITS, SCORES
-from crossport.parity import FP32, RECORDED, HopSpec, LossyPolicy, Tolerance
+from crossport.parity import CONFIDENCE, FP32, RECORDED, HopSpec, LossyPolicy, Tolerance
 
 REFERENCE = "pytorch"
 ONNX = BY_NAME["onnx"].runtime  # "onnxruntime"
@@ -41,7 +41,6 @@ NOISE_FACTOR_REASON = (
     "TFLite's reference and XNNPACK convolutions measure 3.5-6x PyTorch's on the CNN), and p <= n, so a correct "
     "artifact stays within sqrt(n) of PyTorch's; reduced precision, which this catches, is >= 2^13 times noisier"
 )
-CONFIDENCE = 0.99  # one-sided level of every confidence bound the lossy verdicts use
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ import torch
 
 from crossport.errors import ConfigError, TrainingError
 from crossport.files import sha256_file
+from crossport.parity import CONFIDENCE
 from tests.helpers import ROOT, free_port, one_line_error, run_cli, wait_until
 from training.train import World, rank_batches
-
-CONFIDENCE = 0.99  # pipelines.gate.CONFIDENCE: the one level of every statistical call
 
 
 @pytest.mark.parametrize("size", [2, 3, 4])

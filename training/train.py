@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from crossport.interface import to_inputs
+from crossport.parity import CONFIDENCE
 from training.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 # epoch to keep: the test split is touched once, at the end (a conventional holdout share, not tuned).
 VALIDATION_FRACTION = 0.1
 
-# pipelines.gate.CONFIDENCE: one level for every statistical call the project makes.
-DIVERGENCE_CONFIDENCE = 0.99
 
 
 def split_validation(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -184,7 +183,7 @@ def divergence(metrics: dict, learning_rate: float) -> str | None:
     """Why the kept model is a diverged one (None if it is not): a one-line refusal for the train stage.
 
     Training diverged when the kept epoch's mean training loss is not finite, or is above the untrained
-    model's loss on the first batch by more than its one-sided :data:`DIVERGENCE_CONFIDENCE` bound
+    model's loss on the first batch by more than its one-sided :data:`crossport.parity.CONFIDENCE` bound
     (mean + z·std/√n over that batch's per-example losses): every update made the model worse than
     where it started, which no learning rate that trains does.
     """
@@ -193,12 +192,12 @@ def divergence(metrics: dict, learning_rate: float) -> str | None:
     kept, start = metrics.get("train_loss"), metrics.get("start_loss")
     if kept is None or start is None:
         return None
-    bound = start["mean"] + NormalDist().inv_cdf(DIVERGENCE_CONFIDENCE) * start["std"] / math.sqrt(start["n"])
+    bound = start["mean"] + NormalDist().inv_cdf(CONFIDENCE) * start["std"] / math.sqrt(start["n"])
     if math.isfinite(kept) and kept <= bound:
         return None
     return (f"training diverged: the kept epoch's mean training loss is {kept:.4g}, against {start['mean']:.4g} "
             f"for the untrained model on its first batch of {start['n']} (above its "
-            f"{DIVERGENCE_CONFIDENCE:.0%} bound {bound:.4g}); lower --learning-rate (now {learning_rate:g}) and "
+            f"{CONFIDENCE:.0%} bound {bound:.4g}); lower --learning-rate (now {learning_rate:g}) and "
             f"run --stage train again.")
 
 

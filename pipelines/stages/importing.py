@@ -18,12 +18,12 @@ import numpy as np
 
 from crossport.errors import DataError, ImportModelError
 from crossport.interface import IMAGE_SIDE, INPUT, INPUT_SIZE, SCORES
+from crossport.parity import CONFIDENCE
 from pipelines.results import Made, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
 
 SOURCE = "source.onnx"
-ORIENTATION_CONFIDENCE = 0.99  # pipelines.gate.CONFIDENCE: one level for every statistical call
 
 
 def transposed(images: np.ndarray) -> np.ndarray:
@@ -78,11 +78,11 @@ def detect_orientation(data: bytes, images: np.ndarray, targets: np.ndarray) -> 
     p = binomtest(max(only_given, only_flipped), discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
     found = {"accuracy_emnist": float(np.mean(as_given)), "accuracy_upright": float(np.mean(flipped)),
              "examples": len(targets), "discordant": discordant, "p_value": float(p)}
-    if p >= 1 - ORIENTATION_CONFIDENCE:
+    if p >= 1 - CONFIDENCE:
         raise ImportModelError(
             f"cannot tell which way up the model wants its images: on {len(targets)} evaluation images it is "
             f"{found['accuracy_emnist']:.1%} accurate in EMNIST orientation and {found['accuracy_upright']:.1%} "
-            f"upright (sign test p = {p:.3g}, needs < {1 - ORIENTATION_CONFIDENCE:.2g}).",
+            f"upright (sign test p = {p:.3g}, needs < {1 - CONFIDENCE:.2g}).",
             hint="Pass --orientation upright or --orientation emnist, or more (or correctly labelled) --eval-data.")
     found["chosen"] = "emnist" if only_given > only_flipped else "upright"
     return found

@@ -27,16 +27,14 @@ import numpy as np
 from crossport.cli import summary_line
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
-from crossport.formats import BY_NAME
+from crossport.formats import BY_NAME, SERVED
 from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
 from export.verify import read_manifest
 from pipelines.tools.bench.ceiling import matmul_ceiling
 from pipelines.tools.bench.harness import (
-    BENCH_FILES,
     COLD_CHILD,
     ROOT,
     RUNTIMES,
-    SERVE_BACKENDS,
     SERVERLESS_CHILD,
     THREADED,
     bench_format,
@@ -48,6 +46,8 @@ from pipelines.tools.bench.harness import (
 )
 from pipelines.tools.bench.load import serve_load, serving
 from pipelines.tools.bench.report import render_chart, render_comparison, render_markdown
+
+BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log"})  # what --out may hold
 
 # --- the whole benchmark -------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
     called in this process."""
     with np.load(run_dir / "data.npz") as data:
         images = data["x_test"][:128].astype(np.float32) / 255.0
-    backends = [b for b in (("onnx", "tflite_fp32") if quick else SERVE_BACKENDS)
+    backends = [b for b in (("onnx", "tflite_fp32") if quick else SERVED)
                 if not b.startswith("tflite_") or b in sizes]
     workers = cores  # one server process per core: the GIL limits each to about one
     rows = []

@@ -15,16 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import CrossportError
-from crossport.formats import BY_NAME, FORMATS, SERVED, TFLITE_FORMATS
-
-BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log"})
+from crossport.formats import BY_NAME, FORMATS, TFLITE_FORMATS
 
 log = logging.getLogger("crossport.bench")
 
 # PyTorch, then every published format; bench.json keeps its historical name for the ONNX one
 BENCH_NAME = {"onnx": "onnxruntime"}
 RUNTIMES = ("pytorch", *(BENCH_NAME.get(fmt.name, fmt.name) for fmt in FORMATS))
-SERVE_BACKENDS = SERVED
 ROOT = Path(__file__).resolve().parents[3]  # the repository
 
 
