@@ -51,9 +51,11 @@ scale: install
 	test -f $(STANDIN)/gzip.zip || $(PY) -m tools.standin --out $(STANDIN)
 	$(PY) -m pipelines.run --stage all --dataset emnist-byclass --data-dir $(STANDIN) --epochs 2 --no-tracking $(ARGS)
 
-# The no-false-alarm matrix: digits at 1, 3 and 10 epochs with seeds 0-4, one line per run.
+# The no-false-alarm matrix, one line per run: the digits MLP at 1, 3 and 10 epochs with seeds 0-4, the CNN at 3
+# epochs with seeds 0-1, and the foreign models of tools/zoo.py brought with --onnx.
 matrix: install
 	$(PY) -m tools.gate_matrix --out runs/matrix $(ARGS)
+	$(PY) -m tools.gate_matrix --out runs/matrix --models cnn --epochs 3 --seeds 0 1 --zoo $(ARGS)
 
 bench: install
 	$(PY) -m pipelines.bench $(ARGS)

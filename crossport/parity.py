@@ -9,8 +9,10 @@ that lists all of them. Nothing here is a guessed number:
   reference network (:mod:`crossport.exact`): both sides may each be off by ``B`` from
   the exact value, so they may differ by ``2·B``.
 * **fp32 artifacts against the exact values** (:func:`compare_exact`): each element within
-  ``B``, and the artifact's RMS error per output class at most ``noise_factor`` times
-  PyTorch float32's own (the noise floor of float32 itself).
+  ``B``, and, per output class, a sign test: rounding errors are as often positive as
+  negative from one input to the next, so errors that lean one way beyond what the
+  systematic part of ``B`` allows (and beyond chance, at a stated false-alarm probability)
+  are drift, however small (:data:`SIGN_TEST`).
 * **lossy variants** (fp16, int8) are judged by what deployers care about — how often the
   top-1 answer changes and how much accuracy moves — with one-sided exact confidence
   bounds, so the verdict is valid for any test size and says "undecided" when the test
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from crossport.errors import ParityError
+from crossport.exact.rounding import FALSE_ALARM
 
 FP32 = "fp32"  # both sides compute the same network in float32: |Δ| ≤ 2·B element-wise
 CONFIDENCE = 0.99  # the one-sided level of every statistical call crossport makes (verdicts, tests, refusals)
@@ -338,17 +341,18 @@ class ExactStats:
     rms: float
     worst_ratio: float  # max |error| / B
     worst_example: int
-    noise_ratio: float  # max over classes of RMS error / PyTorch float32's RMS error
-    noise_class: int
+    # the sign test (judged artifacts only): the largest T over classes (negative: within the systematic
+    # allowance), its class, and the probe inputs it pooled
+    sign_statistic: float | None = None
+    sign_class: int | None = None
+    probed: int | None = None
 
 
-@dataclass
-class ExactResult:
-    artifact: str
-    judged: bool  # fp32 artifacts are judged; lossy ones only recorded
-    noise_factor: float | None
-    outputs: list[ExactStats] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+class Verdict:
+    """A check's outcome as data: passed when its ``failures`` (a dataclass field) are none; its report adds the
+    verdict."""
+
+    failures: list[str]
 
     @property
     def passed(self) -> bool:
@@ -358,49 +362,117 @@ class ExactResult:
         return {**asdict(self), "verdict": "pass" if self.passed else "fail"}
 
 
-def compare_exact(artifact: str, outputs: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray],
-                  bounds: Mapping[str, np.ndarray], noise_floor: Mapping[str, np.ndarray],
-                  noise_factor: float | None) -> ExactResult:
-    """An artifact's error against the exact values, next to PyTorch float32's (``noise_floor``).
+@dataclass
+class ExactResult(Verdict):
+    artifact: str
+    judged: bool  # fp32 artifacts are judged; lossy ones only recorded
+    threshold: float | None  # the sign test's t
+    outputs: list[ExactStats] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
-    ``noise_factor`` None: recorded only (lossy variants). Otherwise every element must be
-    within its bound ``B`` and, per output class, the artifact's RMS error at most
-    ``noise_factor`` × PyTorch's (floored at the RMS error of rounding the exact value once
-    to float32, u·RMS|y|/√3, which no float32 result can beat).
+
+SIGN_TEST = (
+    "on the probe (test images dithered by 1/1024 of their range, so that no two inputs share a sub-computation), "
+    "a correct float32 artifact's error in each element, divided by the element's bound B, is a sum of roundings "
+    "symmetric about zero and independent from one input to the next, plus a systematic part within its stated "
+    "bound b; then, per output class, T = (|Σe/B| − Σb/B) / (√Σ(e/B)² + √Σ(b/B)²) reaches t = √(2·ln(2·tests/α)) "
+    "with probability at most α/tests (Hoeffding's inequality for sums with random signs), whatever each "
+    "element's scale, so a run of that many tests refuses a correct artifact with probability at most α = 1e-6"
+)
+
+
+def sign_statistics(error: np.ndarray, systematic: np.ndarray) -> np.ndarray:
+    """Per column: T = (|Σe| − Σb) / (√Σe² + √Σb²), the sign test's statistic (:data:`SIGN_TEST`).
+
+    With e = a + r, |a| ≤ b and r of random signs, |Σr| ≥ |Σe| − Σb and √Σr² ≤ √Σe² + √Σb², so T ≥ t implies
+    |Σr| ≥ t·√Σr², which fair signs reach with probability ≤ 2·exp(−t²/2).
     """
-    from crossport.exact import U32
+    drift = np.abs(error.sum(axis=0)) - systematic.sum(axis=0)
+    spread = np.sqrt((error**2).sum(axis=0)) + np.sqrt((systematic**2).sum(axis=0))
+    return drift / np.maximum(spread, np.finfo(np.float64).tiny)
 
-    result = ExactResult(artifact, judged=noise_factor is not None, noise_factor=noise_factor)
-    for name in (name for name in ("logits", "scores") if name in outputs and name in values):
-        exact = np.asarray(values[name], dtype=np.float64)
+
+def compare_exact(artifact: str, outputs: Mapping[str, np.ndarray], exact, threshold: float | None,
+                  probe: tuple[Mapping[str, np.ndarray], object] | None = None) -> ExactResult:
+    """An artifact's error against the exact values (``exact``: :class:`crossport.exact.Exact`).
+
+    ``threshold`` None: recorded only (lossy variants). Otherwise every element must be within its bound ``B`` and,
+    per output class, the sign test's T must stay below ``threshold`` (:data:`SIGN_TEST`; the caller sets it for the
+    number of tests its run makes, :func:`crossport.exact.sign_threshold`). ``probe``: the artifact's outputs on the
+    sign test's own inputs and their exact values (default: ``outputs`` and ``exact``).
+    """
+    result = ExactResult(artifact, judged=threshold is not None, threshold=threshold)
+    probe_outputs, probe_exact = probe or (outputs, exact)
+    for name in (name for name in ("logits", "scores") if name in outputs and name in exact.values):
+        values = np.asarray(exact.values[name], dtype=np.float64)
         candidate = np.asarray(outputs[name], dtype=np.float64)
-        if candidate.shape != exact.shape or exact.size == 0:
+        probed = np.asarray(probe_outputs.get(name, np.empty(0)), dtype=np.float64)
+        if candidate.shape != values.shape or values.size == 0 or probed.shape != probe_exact.values[name].shape:
             continue  # the hop comparison already reports a wrong shape
-        error = candidate - exact
-        ratio = np.abs(error) / bounds[name]
+        error = candidate - values
+        ratio = np.abs(error) / exact.bounds[name]
         worst = int(np.nanargmax(ratio)) if np.any(np.isfinite(ratio)) else 0
-        floor = np.maximum(_column_rms(np.asarray(noise_floor[name], dtype=np.float64) - exact),
-                           U32 * _column_rms(exact) / np.sqrt(3.0))
-        noise = _column_rms(error) / np.maximum(floor, np.finfo(np.float64).tiny)
         stats = ExactStats(name, float(np.nanmax(np.abs(error))), float(np.sqrt(np.nanmean(error**2))),
-                           float(ratio.flat[worst]), int(np.unravel_index(worst, ratio.shape)[0]),
-                           float(np.nanmax(noise)), int(np.nanargmax(noise)))
+                           float(ratio.flat[worst]), int(np.unravel_index(worst, ratio.shape)[0]))
         result.outputs.append(stats)
         if not result.judged:
             continue
+        # each element in units of its own bound: weights fixed by the exact values alone, so the signs stay fair
+        bound = probe_exact.bounds[name]
+        drift = np.nan_to_num(probed - probe_exact.values[name], nan=np.inf)
+        statistic = sign_statistics(drift / bound, probe_exact.systematic[name] / bound)
+        stats.sign_class = int(np.nanargmax(statistic)) if np.any(~np.isnan(statistic)) else 0
+        stats.sign_statistic, stats.probed = float(statistic[stats.sign_class]), len(probed)
         if not np.all(np.isfinite(candidate)) or not stats.worst_ratio <= 1.0:
             result.failures.append(
                 f"{artifact}: output {name!r} is {stats.worst_ratio:.3g}× its float32 error bound away from the "
                 f"exact value at example {stats.worst_example}")
-        if not stats.noise_ratio <= noise_factor:
+        elif not stats.sign_statistic < threshold:
+            column = (probed - probe_exact.values[name])[:, stats.sign_class]
             result.failures.append(
-                f"{artifact}: output {name!r} is {stats.noise_ratio:.3g}× noisier than PyTorch float32 against the "
-                f"exact values in class {stats.noise_class} (allowed: {noise_factor:g}×)")
+                f"{artifact}: output {name!r} drifts one way in class {stats.sign_class}: its errors against the exact "
+                f"values sum to {column.sum():.3g} over {stats.probed} probe inputs, T = "
+                f"{stats.sign_statistic:.3g} root sums of squares beyond the systematic allowance; rounding alone "
+                f"stays below {threshold:.3g} (false-alarm chance ≤ {FALSE_ALARM:g} per run)")
     return result
 
 
-def _column_rms(values: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.mean(values**2, axis=0))
+@dataclass
+class GraphResult(Verdict):
+    """The exported graph's exact function against the model's (both float64, so no float32 noise between them)."""
+
+    max_abs: float
+    worst_ratio: float  # max |Δ| / allowed
+    worst_example: int
+    allowance: str
+    failures: list[str] = field(default_factory=list)
+
+
+FLOAT64_OVER_FLOAT32 = 2.0**-53 / 2.0**-24  # a float64 evaluation's error is B scaled by this
+
+
+def compare_graph(model, graph, folded: bool) -> GraphResult:
+    """Whether the exported graph computes the model's function: their exact logits (``model``, ``graph``:
+    :class:`crossport.exact.Exact`) agree to float64 rounding when the graph holds the model's own weights, and
+    within the model's float32 bound B when the exporter folded constants into them (``folded``: a float32
+    rounding of each folded weight, which a correct float32 evaluation of the model may make too).
+    """
+    if folded:
+        allowed, allowance = np.asarray(model.bounds["logits"]), "B (constants folded into the weights)"
+    else:
+        allowed = FLOAT64_OVER_FLOAT32 * (model.bounds["logits"] + graph.bounds["logits"])
+        allowance = "float64 rounding (the model's own weights)"
+    delta = np.abs(np.asarray(graph.values["logits"]) - np.asarray(model.values["logits"]))
+    ratio = delta / allowed
+    worst = int(np.nanargmax(ratio)) if np.any(np.isfinite(ratio)) else 0
+    result = GraphResult(float(np.nanmax(delta)), float(ratio.flat[worst]),
+                         int(np.unravel_index(worst, ratio.shape)[0]), allowance)
+    if not result.worst_ratio <= 1.0:
+        result.failures.append(
+            f"exported graph: its exact logits differ from the model's by {result.max_abs:.3g}, "
+            f"{result.worst_ratio:.3g}× the allowance ({allowance}) at example {result.worst_example}: the export "
+            "changed the model's function")
+    return result
 
 
 def raise_on_failure(results: Iterable, detail: str | None = None) -> None:

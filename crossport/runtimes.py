@@ -30,13 +30,21 @@ def chunked(run: Predict, chunk: int = CHUNK) -> Predict:
     return predict
 
 
-def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
+def onnx_session(model, threads: int | None = None):
+    """The one way crossport opens ONNX Runtime: ``model`` a path, or an in-memory ``onnx.ModelProto`` (a graph
+    being imported, instrumented or broken on purpose), on the CPU with ``threads`` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, str | Path) else model.SerializeToString()
+    return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
+                                providers=["CPUExecutionProvider"])
+
+
+def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
+    session = onnx_session(Path(onnx_path), threads)
     names = [output.name for output in session.get_outputs()]
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:

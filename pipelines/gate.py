@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
 from crossport.interface import LOGITS, SCORES
-from crossport.parity import CONFIDENCE, FP32, RECORDED, HopSpec, LossyPolicy, Tolerance
+from crossport.parity import CONFIDENCE, FP32, RECORDED, SIGN_TEST, HopSpec, LossyPolicy, Tolerance
 
 REFERENCE = "pytorch"
 ONNX = BY_NAME["onnx"].runtime  # "onnxruntime"
@@ -32,15 +32,8 @@ LOSSY_VALUES = Tolerance(
     reason="float16 and int8 change values by design; the error is recorded and the variant is judged by how "
            "often its answer changes and how much accuracy moves",
 )
-# How much noisier than PyTorch float32 an fp32 artifact may be against the exact values:
-# derived per model from its fan-ins (crossport.exact.Exact.noise_factor).
-NOISE_FACTOR_RULE = "sqrt(largest fan-in)"
-NOISE_FACTOR_REASON = (
-    "summation order is the freedom a correct float32 kernel has; a length-n sum kept as p interleaved partial "
-    "sums has about sqrt(p) times less RMS rounding error than one summed in sequence (one-lane kernels such as "
-    "TFLite's reference and XNNPACK convolutions measure 3.5-6x PyTorch's on the CNN), and p <= n, so a correct "
-    "artifact stays within sqrt(n) of PyTorch's; reduced precision, which this catches, is >= 2^13 times noisier"
-)
+# Against the exact values every fp32 artifact also meets the sign test (crossport.parity.SIGN_TEST).
+SIGN_TEST_RULE = "per class, T = (|Σe| − Σb) / (√Σe² + √Σb²) below t = √(2·ln(2·tests/α)), α = 1e-6 per run"
 
 
 @dataclass(frozen=True)
@@ -115,8 +108,7 @@ def tolerance_table() -> list[dict]:
         rows.append({
             "candidate": candidate,
             "values": "|Δ| <= 2·B per element" if policy.fp32 else "recorded",
-            "against_exact": f"|error| <= B; RMS per class <= {NOISE_FACTOR_RULE} x PyTorch float32's"
-                             if policy.fp32 else "recorded",
+            "against_exact": f"|error| <= B; {SIGN_TEST_RULE}" if policy.fp32 else "recorded",
             "top1": "every decisive example unchanged" if policy.fp32 else
                     f"disagreement <= {lossy.max_disagreement:.2%} (not applied when as accurate as the reference)",
             "max_accuracy_drop_points": None if policy.fp32 or lossy.max_accuracy_drop is None
@@ -124,6 +116,6 @@ def tolerance_table() -> list[dict]:
             "confidence": None if policy.fp32 else lossy.confidence,
             "why": policy.values.reason if policy.fp32 else f"{lossy.reason}; {policy.values.reason}",
         })
-    rows.append({"candidate": "(every fp32 artifact)", "values": "noise factor", "against_exact": NOISE_FACTOR_RULE,
-                 "top1": None, "max_accuracy_drop_points": None, "confidence": None, "why": NOISE_FACTOR_REASON})
+    rows.append({"candidate": "(every fp32 artifact)", "values": "sign test", "against_exact": SIGN_TEST_RULE,
+                 "top1": None, "max_accuracy_drop_points": None, "confidence": None, "why": SIGN_TEST})
     return rows

@@ -74,14 +74,19 @@ def parity_table(report: dict) -> str:
             f"{f'{agreement:.4%}' if agreement is not None else '-':>9} {hop['near_ties_excluded']:>5} "
             f"{f'{accuracy:.2%}' if accuracy is not None else '-':>9}  {hop['verdict']}"
         )
+    threshold = next((c["threshold"] for c in report.get("against_exact", []) if c["judged"]), None)
     rows += ["", f"{'against exact float64':<30} {'output':<7} {'max |err|':>10} {'rms':>10} {'err/bound':>9} "
-                 f"{'noise vs ' + report.get('reference', 'pytorch'):>16}  verdict"]
+                 f"{'sign test T':>11} {f'(t {threshold:.3g})' if threshold else '':>9}  verdict"]
     for check in report.get("against_exact", []):
         for stats in check["outputs"]:
-            judged = check["judged"]
+            verdict = check["verdict"] if check["judged"] else "recorded"
+            sign = "-" if stats.get("sign_statistic") is None else f"{stats['sign_statistic']:.2f}"
             rows.append(f"{check['artifact']:<30} {stats['name']:<7} {stats['max_abs']:>10.2e} {stats['rms']:>10.2e} "
-                        f"{stats['worst_ratio']:>9.2g} {stats['noise_ratio']:>15.2f}×  "
-                        f"{check['verdict'] if judged else 'recorded'}")
+                        f"{stats['worst_ratio']:>9.2g} {sign:>11} {'':>9}  {verdict}")
+    export = report.get("export_function")
+    if export:
+        rows.append(f"{'export (graph vs model, exact)':<30} {'logits':<7} {export['max_abs']:>10.2e} {'':>10} "
+                    f"{export['worst_ratio']:>9.2g} {'':>21}  {export['verdict']}   allowance: {export['allowance']}")
     if report.get("detail"):
         rows.append(report["detail"])
     return "\n".join(rows)

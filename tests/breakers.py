@@ -94,24 +94,24 @@ def _gather_inputs(copy, input_name: str, order: np.ndarray, name: str):
 
 
 def scale_hidden_unit(model, factor: float = 1 + 1e-3):
-    """Scale one first-layer hidden unit's incoming weights and bias by ``factor``.
+    """Scale one first-layer hidden unit's incoming weights and bias by ``factor`` (a Gemm's unit, or a Conv's
+    output channel).
 
     The unit picked is the one with the largest summed incoming weight, so it is active on
     most inked images (a unit that never fires would change nothing).
     """
     copy = _copy(model)
-    node = gemm_nodes(copy)[0]
-    trans_b = next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
+    node = next(node for node in copy.graph.node if node.op_type in ("Gemm", "Conv"))
+    outputs_first = node.op_type == "Conv" or next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
     weight = numpy_helper.to_array(_initializer(copy, node.input[1])).copy()
-    bias = numpy_helper.to_array(_initializer(copy, node.input[2])).copy()
-    unit = int(np.argmax(weight.sum(axis=1) if trans_b else weight.sum(axis=0)))
-    if trans_b:
-        weight[unit] *= factor
-    else:
-        weight[:, unit] *= factor
-    bias[unit] *= factor
+    rows = weight if outputs_first else weight.T  # a view: one row per unit
+    unit = int(np.argmax(rows.reshape(len(rows), -1).sum(axis=1)))
+    rows[unit] *= factor
     _set(copy, node.input[1], weight)
-    _set(copy, node.input[2], bias)
+    if len(node.input) > 2 and node.input[2]:
+        bias = numpy_helper.to_array(_initializer(copy, node.input[2])).copy()
+        bias[unit] *= factor
+        _set(copy, node.input[2], bias)
     return copy, node.name
 
 

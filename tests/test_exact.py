@@ -96,8 +96,8 @@ def test_a_cnn_of_conv_batchnorm_relu_pool_layers_is_covered():
 
 
 def test_a_layer_without_an_error_model_is_refused_with_a_clear_message():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    with pytest.raises(CrossportError, match=r"no float32 error model for layer type\(s\) Tanh"):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 2))
+    with pytest.raises(CrossportError, match=r"no float32 error model for layer type\(s\) Softplus"):
         exact_outputs(model, images(3, 4))
 
 
@@ -110,3 +110,56 @@ def test_save_and_load_round_trip(tmp_path):
         np.testing.assert_array_equal(loaded.values[key], exact.values[key])
         np.testing.assert_array_equal(loaded.bounds[key], exact.bounds[key])
     assert loaded.rows(slice(2)).values["logits"].shape == (2, 3)
+
+
+def test_tanh_sigmoid_and_leaky_relu_are_covered_and_their_approximations_counted_as_systematic():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 64), nn.Tanh(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 16),
+                          nn.LeakyReLU(0.1), nn.Linear(16, 5)).eval()
+    x = images(100, 784)
+    exact = exact_outputs(model, x)
+    error = np.abs(float32_logits(model, x) - exact.values["logits"])
+    assert np.all(error <= exact.bounds["logits"])
+    # vectorised tanh/sigmoid and LeakyReLU's float32 slope may err the same way on every input: systematic
+    assert np.all(exact.systematic["logits"] > 0) and np.all(exact.systematic["logits"] < exact.bounds["logits"])
+
+
+def test_a_relu_mlp_has_no_systematic_error_but_its_last_bias_add_the_flush_floor_and_its_softmax_exp():
+    from crossport.exact import FLOAT32_TINY
+
+    exact = exact_outputs(mlp(784, (64, 32), 7), images(50, 784))
+    logits = np.abs(exact.values["logits"])
+    half_ulp = np.ldexp(1.0, np.frexp(logits)[1] - 25)  # half an ulp of each float32 logit
+    np.testing.assert_allclose(exact.systematic["logits"], half_ulp + FLOAT32_TINY, rtol=1e-12)
+    scores = exact.values["scores"]
+    assert np.all(exact.systematic["scores"] <= 4 * U32 * scores * (1 - scores) + scores * U32 + FLOAT32_TINY)
+
+
+def test_batch_norm_folds_and_its_constants_are_systematic():
+    from crossport.exact import folds
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 28 * 28, 3)).eval()
+    assert folds(cnn) and not folds(mlp(784, (16,), 3))
+    exact = exact_outputs(cnn, images(8, 784))
+    assert np.all(exact.systematic["logits"] > 100 * np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+                                  nn.MaxPool2d(2, stride=1, dilation=2)], ids=["2x2", "3x3-ceil-padded", "dilated"])
+def test_the_max_pool_window_gap_is_the_top_two_difference_in_every_window(pool):
+    from crossport.exact.rules import _window_gap
+
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 9, 9)))
+    gap = _window_gap(pool, x)
+    top = pool(x)
+    # brute force: lower the maximum of each window by a lot, pool again, and the new maximum is the second one
+    for out_h in range(top.shape[2]):
+        for out_w in range(top.shape[3]):
+            stride = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+            rows = [out_h * stride - pool.padding + pool.dilation * k for k in range(pool.kernel_size)]
+            cols = [out_w * stride - pool.padding + pool.dilation * k for k in range(pool.kernel_size)]
+            window = x[:, :, [r for r in rows if 0 <= r < 9]][:, :, :, [c for c in cols if 0 <= c < 9]]
+            values = window.flatten(2).sort(dim=2, descending=True).values
+            np.testing.assert_allclose(gap[:, :, out_h, out_w], values[:, :, 0] - values[:, :, 1], rtol=1e-12)

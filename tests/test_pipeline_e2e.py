@@ -107,9 +107,15 @@ def test_parity_report_and_servable_card(pipeline_run):
     assert set(exact) == {"pytorch", *candidates}
     for name in ("onnxruntime", "tf_graph", "saved_model:serving_default", "tflite_fp32"):
         assert exact[name]["judged"] and exact[name]["verdict"] == "pass"
-        assert all(o["noise_ratio"] <= report["error_model"]["noise_factor"] for o in exact[name]["outputs"])
+        assert all(o["sign_statistic"] < exact[name]["threshold"] for o in exact[name]["outputs"])
     assert not exact["tflite_int8_full"]["judged"]
     assert report["error_model"]["fan_ins"] == [785, 513, 257]
+    sign_test = report["error_model"]["sign_test"]
+    assert sign_test["probe_inputs"] == min(report["examples"], 8192) and sign_test["false_alarm"] == 1e-6
+    assert exact["onnxruntime"]["threshold"] == sign_test["threshold"] > 5
+    # the MLP's graph holds the model's own weights: its exact function is the model's to float64 rounding
+    assert report["export_function"]["verdict"] == "pass" and report["export_function"]["worst_ratio"] <= 1
+    assert report["export_function"]["allowance"].startswith("float64")
     assert {row["candidate"] for row in report["tolerances"]} >= set(candidates)
     card = json.loads((extra / "servable.json").read_text())
     assert card["version"] == 1 and card["input"]["shape"] == [None, 784]

@@ -1,20 +1,27 @@
-"""``python -m tools.gate_power RUN_DIR``: the parity gate's power, as a number.
+"""``python -m tools.gate_power RUN_DIR``: the parity gate's power, as numbers.
 
-Scales one first-layer hidden unit's incoming weights by ``1 + ε`` in the run's ONNX model
-(the fault of ``tests/breakers.scale_hidden_unit``), runs it in ONNX Runtime on the run's
-test split as the drifted artifact, and bisects for the smallest ε each gate refuses:
+Breaks the run's ONNX model by a fault of size ε (the faults of ``tests/breakers``), runs it in
+ONNX Runtime on the run's test split as the drifted artifact, and bisects for the smallest ε each
+gate refuses:
 
-* ``round 1``: the fixed thresholds this project shipped first (scores |Δ| ≤ 1e-5; logits
+* ``hidden unit``: one first-layer unit's (or the first convolution's channel's) incoming weights
+  and bias scaled by 1 + ε (``scale_hidden_unit``);
+* ``class bias``: one class's output bias shifted by ε (``shift_class_bias``).
+
+Gates, smaller is more powerful:
+
+* ``fixed``: one tolerance of the kind converters check with (scores |Δ| ≤ 1e-5; logits
   |Δ| ≤ 1e-5 + 1e-5·|ref|; every example with a top-2 gap ≥ 2e-5 keeps its answer);
-* ``derived``: today's gate (the hop against PyTorch with |Δ| ≤ 2·B, and the artifact
-  against the exact values: within B, RMS per class ≤ the noise factor × PyTorch's).
-
-Prints one line per gate. Smaller is more powerful.
+* ``derived``: today's gate on an artifact with logits (ONNX Runtime, the TF graph): the hop against
+  PyTorch (|Δ| ≤ 2·B) and the check against the exact values (within B; the sign test at the
+  run's own threshold, from its ``parity.json``);
+* ``served``: the same on scores alone, as a SavedModel or TFLite file is judged.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,8 +29,10 @@ import numpy as np
 
 from crossport.cli import summary_line
 
+FAULTS = ("hidden unit", "class bias")
 
-def round1_refuses(reference: dict, candidate: dict) -> bool:
+
+def fixed_refuses(reference: dict, candidate: dict) -> bool:
     scores = np.abs(candidate["scores"] - reference["scores"]) > 1e-5
     logits = np.abs(candidate["logits"] - reference["logits"]) > 1e-5 + 1e-5 * np.abs(reference["logits"])
     top2 = np.sort(reference["scores"], axis=1)[:, -2:]
@@ -32,16 +41,21 @@ def round1_refuses(reference: dict, candidate: dict) -> bool:
     return bool(scores.any() or logits.any() or flips.any())
 
 
-def derived_refuses(reference: dict, candidate: dict, exact) -> bool:
+def derived_refuses(reference: dict, candidate: dict, references, threshold: float, served: bool) -> bool:
+    """Today's gate on ``candidate`` (outputs on the probe) as a converted artifact: the hop against PyTorch within
+    2·B of the model, and within B of, and the sign test against, the exact values of the run's ONNX graph."""
     from crossport.parity import compare, compare_exact
-    from pipelines.gate import ONNX, REFERENCE, hop_spec
+    from pipelines.gate import ONNX, REFERENCE, TFLITE_FP32, hop_spec
 
-    hop = compare(hop_spec(REFERENCE, ONNX), reference, candidate, bounds=exact.bounds)
-    against = compare_exact(ONNX, candidate, exact.values, exact.bounds, reference, exact.noise_factor)
+    if served:
+        candidate = {"scores": candidate["scores"]}
+    name = TFLITE_FP32 if served else ONNX
+    hop = compare(hop_spec(REFERENCE, name), reference, candidate, bounds=references.model.bounds)
+    against = compare_exact(name, candidate, references.graph, threshold)
     return not (hop.passed and against.passed)
 
 
-def smallest_refused(refuses, low: float = 1e-8, high: float = 1e-1, steps: int = 24) -> float | None:
+def smallest_refused(refuses, low: float = 1e-9, high: float = 1e-1, steps: int = 24) -> float | None:
     """Bisect in log space for the smallest ε with ``refuses(ε)`` (assumed monotone); 0.0 when the
     gate refuses the unmodified artifact (a false alarm), None when it never refuses."""
     if refuses(0.0):
@@ -54,44 +68,88 @@ def smallest_refused(refuses, low: float = 1e-8, high: float = 1e-1, steps: int 
     return high
 
 
+def drifted_outputs(broken, images: np.ndarray, threads: int = 0) -> dict:
+    """``broken`` (onnx.ModelProto) run in ONNX Runtime on ``images`` (``threads`` 0: its default)."""
+    from crossport.runtimes import onnx_session
+
+    session = onnx_session(broken, threads)
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"images": images}), strict=True))
+
+
+def power(model, reference: dict, references, images: np.ndarray, threshold: float) -> dict[str, dict]:
+    """{fault: {gate: smallest refused ε, or None / 0.0}} for ``model`` (onnx.ModelProto) on ``images`` (the probe),
+    ``reference`` PyTorch's outputs on them and ``references`` their exact values (pipelines.stages.validate)."""
+    from tests.breakers import scale_hidden_unit, shift_class_bias
+
+    breakers = {"hidden unit": lambda e: scale_hidden_unit(model, 1 + e),
+                "class bias": lambda e: shift_class_bias(model, delta=e)}
+    found: dict[str, dict] = {}
+    for fault, breaker in breakers.items():
+        cache: dict[float, dict] = {}
+
+        def drifted(epsilon: float, breaker=breaker, cache=cache) -> dict:
+            if epsilon not in cache:
+                cache[epsilon] = drifted_outputs(breaker(epsilon)[0], images)
+            return cache[epsilon]
+
+        found[fault] = {
+            "fixed": smallest_refused(lambda e: fixed_refuses(reference, drifted(e))),
+            "derived": smallest_refused(lambda e: derived_refuses(reference, drifted(e), references, threshold,
+                                                                  served=False)),
+            "served": smallest_refused(lambda e: derived_refuses(reference, drifted(e), references, threshold,
+                                                                 served=True)),
+        }
+    return found
+
+
+def probe_case(run_dir: Path, examples: int = 0):
+    """What validate judges a converted artifact with, for the run at ``run_dir``: (its ONNX model, PyTorch's outputs
+    on the probe, the probe's exact values, the probe, the run's sign-test threshold)."""
+    import onnx
+
+    from crossport.interface import to_inputs
+    from pipelines.stages.validate import PROBE_SIZE, REFERENCE, dithered, exact_values
+    from training.checkpoint import load_torch
+
+    with np.load(run_dir / "data.npz") as arrays:
+        images = dithered(to_inputs(arrays["x_test"][: examples or PROBE_SIZE]))
+    reference = load_torch(run_dir / "model.pt")(images)
+    paths = {"checkpoint": run_dir / "model.pt", "onnx": run_dir / "model.onnx"}
+    references = exact_values(paths, REFERENCE, images, graph=True)
+    threshold = json.loads((run_dir / "parity.json").read_text())["error_model"]["sign_test"]["threshold"]
+    return onnx.load(str(run_dir / "model.onnx"), load_external_data=False), reference, references, images, threshold
+
+
+def describe(epsilon: float | None) -> str:
+    return ("never" if epsilon is None else "0 (false alarm)" if epsilon == 0.0 else f"{epsilon:.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.gate_power", allow_abbrev=False,
                                      description=summary_line(__doc__))
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--examples", type=int, default=0, help="test images to use (default: all)")
+    parser.add_argument("--examples", type=int, default=0,
+                        help="probe inputs to use (default: as validate, the first 8,192 test images, dithered)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
 
-    import onnx
-    import onnxruntime as ort
+    from training.checkpoint import load_checkpoint
 
-    from crossport.exact import exact_outputs
-    from crossport.interface import to_inputs
-    from tests.breakers import scale_hidden_unit
-    from training.checkpoint import load_checkpoint, load_torch
-
-    with np.load(args.run_dir / "data.npz") as arrays:
-        images = to_inputs(arrays["x_test"][: args.examples or None])
-    reference = load_torch(args.run_dir / "model.pt")(images)
-    exact = exact_outputs(load_checkpoint(args.run_dir / "model.pt").model, images)
-    model = onnx.load(str(args.run_dir / "model.onnx"), load_external_data=False)
-
-    cache: dict[float, dict] = {}
-
-    def drifted(epsilon: float) -> dict:
-        if epsilon not in cache:
-            broken, _ = scale_hidden_unit(model, 1 + epsilon)
-            session = ort.InferenceSession(broken.SerializeToString(), providers=["CPUExecutionProvider"])
-            names = [output.name for output in session.get_outputs()]
-            cache[epsilon] = dict(zip(names, session.run(names, {"images": images}), strict=True))
-        return cache[epsilon]
-
-    for name, refuses in (("round 1", lambda e: round1_refuses(reference, drifted(e))),
-                          ("derived", lambda e: derived_refuses(reference, drifted(e), exact))):
-        epsilon = smallest_refused(refuses)
-        found = ("not refused up to 1e-1" if epsilon is None else
-                 "0 (it refuses the unmodified, correct artifact)" if epsilon == 0.0 else f"{epsilon:.2e}")
-        sys.stdout.write(f"{name:<8} smallest refused hidden-unit scaling 1 + ε: ε = {found} "
-                         f"({len(images)} test images)\n")
+    checkpoint = load_checkpoint(args.run_dir / "model.pt")
+    model, reference, references, images, threshold = probe_case(args.run_dir, args.examples)
+    found = power(model, reference, references, images, threshold)
+    arch = checkpoint.model_config.arch
+    if args.json:
+        sys.stdout.write(json.dumps({"model": arch, "examples": len(images), "threshold": threshold,
+                                     "smallest_refused": found}, indent=2) + "\n")
+        return 0
+    sys.stdout.write(f"{arch}: {len(images)} probe inputs, sign test t = {threshold:.3g}; smallest refused fault size "
+                     f"ε (smaller is more powerful)\n")
+    sys.stdout.write(f"{'fault':<40} {'fixed':>12} {'derived':>12} {'served':>12}\n")
+    labels = {"hidden unit": "hidden unit scaled by 1 + ε", "class bias": "class 0's output bias shifted by ε"}
+    for fault, gates in found.items():
+        sys.stdout.write(f"{labels[fault]:<40} " + " ".join(f"{describe(gates[g]):>12}" for g in gates) + "\n")
     return 0
 
 

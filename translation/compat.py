@@ -9,6 +9,8 @@ Three facts, verified on the pinned stack (docs/stack.md):
    (``No module named 'keras.src.engine'``). onnx-tf uses it only for
    ``tfa.seq2seq.hardmax`` (the ONNX Hardmax op), so a stand-in module providing that one
    function is registered under that name before ``onnx_tf`` is imported.
+4. ONNX raised some ops' versions only to admit bfloat16 (:data:`TYPE_ONLY_VERSIONS`); onnx-tf implements the
+   versions before, which compute the same on float32, so each new version is registered as the one before it.
 
 :func:`import_onnx_tf` is the only way the project imports onnx-tf.
 """
@@ -21,6 +23,8 @@ import types
 from crossport.errors import TranslationError
 
 SHIM_MODULE = "tensorflow_addons"
+# op → (the version that only added bfloat16, the version before it, which onnx-tf implements)
+TYPE_ONLY_VERSIONS = {"LeakyRelu": (16, 6), "PRelu": (16, 9)}
 
 
 def hardmax(logits, name=None):
@@ -64,4 +68,16 @@ def import_onnx_tf():
     import onnx_tf
     import onnx_tf.backend
 
+    register_type_only_versions()
     return onnx_tf
+
+
+def register_type_only_versions() -> None:
+    """onnx-tf's handler for each op of :data:`TYPE_ONLY_VERSIONS` runs the version before for the new one."""
+    from onnx_tf.common.handler_helper import get_all_backend_handlers
+
+    handlers = get_all_backend_handlers({"": max(new for new, _ in TYPE_ONLY_VERSIONS.values())})[""]
+    for op, (new, before) in TYPE_ONLY_VERSIONS.items():
+        handler = handlers[op]
+        if not hasattr(handler, f"version_{new}"):
+            setattr(handler, f"version_{new}", getattr(handler, f"version_{before}"))

@@ -89,9 +89,9 @@ def instrument(model):
 
 
 def onnx_intermediates(instrumented, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    from crossport.runtimes import onnx_session
 
-    session = ort.InferenceSession(instrumented.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnx_session(instrumented)
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, images), strict=True))
 

@@ -3,7 +3,10 @@
 A float64 pass of the reference network gives each output's exact value and, in the same
 pass, each element's float32 error bound: Wilkinson's running error analysis with Higham &
 Mary's probabilistic constant, λ chosen so that the chance of any element of a run leaving
-its bound through rounding alone is below :data:`FALSE_ALARM`. The model is written once,
+its bound through rounding alone is below :data:`FALSE_ALARM`. The bound comes in two parts:
+the part of B that is a sum of independent roundings, symmetric about zero, and the part that
+may keep its sign from input to input (:mod:`crossport.exact.rules`); the parity gate's sign
+test (:func:`crossport.parity.compare_exact`) allows for the second. The model is written once,
 with its version, in docs/parity.md ("The error model"); each layer type's rule is one entry
 of :mod:`crossport.exact.rules`, each ONNX op's reader one entry of
 :mod:`crossport.exact.graph`, and float32's constants are :mod:`crossport.exact.rounding`.
@@ -11,24 +14,30 @@ of :mod:`crossport.exact.rules`, each ONNX op's reader one entry of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from crossport.errors import CrossportError
-from crossport.exact.rounding import EXP_ULPS, FALSE_ALARM, FLOAT32_TINY, SCORE_FLOOR, U32, gamma, lam
+from crossport.exact.rounding import EXP_ULPS, FALSE_ALARM, FLOAT32_TINY, SCORE_FLOOR, U32, gamma, lam, sign_threshold
 
 __all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "exact_outputs", "fan_ins",
-           "gamma", "lam", "layers_of"]
+           "folds",
+           "gamma", "lam", "layers_of", "sign_threshold"]
 
 
 @dataclass(frozen=True)
 class Exact:
-    """Float64 outputs of the reference network and each element's float32 error bound."""
+    """Float64 outputs of the reference network and each element's float32 error bound.
+
+    ``bounds``: B, the most a correct float32 result may be off (the never-wrong outer limit); ``systematic``: the
+    part of B that may keep its sign from input to input (:mod:`crossport.exact.rules`), which the sign test allows
+    for. Both per output, the shape of ``values``.
+    """
 
     values: dict[str, np.ndarray]  # "logits", "scores": float64 [N, C]
-    bounds: dict[str, np.ndarray]  # same keys: the most a correct float32 result may be off
+    bounds: dict[str, np.ndarray]
+    systematic: dict[str, np.ndarray]
     lam: float
     fan_ins: tuple[int, ...]
 
@@ -37,36 +46,26 @@ class Exact:
         """Σ γ̃ over the accumulating layers: the relative float32 error any prefix of the network can build up."""
         return sum(gamma(n, self.lam) for n in self.fan_ins)
 
-    @property
-    def noise_factor(self) -> float:
-        """How much noisier than PyTorch float32 (RMS against the exact values) a correct float32 artifact may be.
-
-        Summation order is the freedom a correct float32 kernel has. A length-n reduction
-        summed as p interleaved partial sums has RMS rounding error about √p times smaller
-        than summed in one sequence (when the partial sums wander like a random walk, as
-        they do over mixed-sign products): one-lane accumulation (TFLite's reference and
-        XNNPACK convolutions) against PyTorch's wide vector lanes is measured at 3.5–6× on
-        the CNN. With p at most n, no correct order is more than √n apart: the factor is
-        √(largest fan-in), 28 for the MLP, 56 for the CNN. Reduced precision is what this
-        check exists to catch; its nearest format, TF32 (u = 2⁻¹¹), is 2¹³ times noisier.
-        """
-        return math.sqrt(max(self.fan_ins, default=1))
-
     def rows(self, index) -> Exact:
-        return Exact({k: v[index] for k, v in self.values.items()}, {k: v[index] for k, v in self.bounds.items()},
-                     self.lam, self.fan_ins)
+        def pick(arrays):
+            return {k: v[index] for k, v in arrays.items()}
+
+        return Exact(pick(self.values), pick(self.bounds), pick(self.systematic), self.lam, self.fan_ins)
 
     def save(self, path) -> None:
         np.savez(path, **{f"value_{k}": v for k, v in self.values.items()},
                  **{f"bound_{k}": v for k, v in self.bounds.items()},
+                 **{f"systematic_{k}": v for k, v in self.systematic.items()},
                  lam=np.float64(self.lam), fan_ins=np.asarray(self.fan_ins, dtype=np.int64))
 
     @classmethod
     def load(cls, path) -> Exact:
         with np.load(path) as arrays:
-            values = {k.removeprefix("value_"): arrays[k] for k in arrays.files if k.startswith("value_")}
-            bounds = {k.removeprefix("bound_"): arrays[k] for k in arrays.files if k.startswith("bound_")}
-            return cls(values, bounds, float(arrays["lam"]), tuple(int(n) for n in arrays["fan_ins"]))
+            def part(prefix):
+                return {k.removeprefix(prefix): arrays[k] for k in arrays.files if k.startswith(prefix)}
+
+            return cls(part("value_"), part("bound_"), part("systematic_"), float(arrays["lam"]),
+                       tuple(int(n) for n in arrays["fan_ins"]))
 
 
 def layers_of(model) -> list:
@@ -82,6 +81,14 @@ def layers_of(model) -> list:
             hint="Add the layer's rule to crossport/exact/rules.py (how it adds and passes on rounding error).",
         )
     return leaves
+
+
+def folds(model) -> bool:
+    """Whether an exporter may fold some of the model's constants into its weights (BatchNorm's scale and shift),
+    so that its graph's float32 weights are the model's only to within a rounding each."""
+    from crossport.exact.rules import rule_of
+
+    return any(rule_of(layer).folds for layer in layers_of(model))
 
 
 def fan_ins(model) -> tuple[int, ...]:
@@ -104,18 +111,21 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
         sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).double()
         dots = _dot_products_per_example(double, sample)
     lam_ = lam(len(images) * dots, max(counts, default=1))
-    parts: dict[str, list[np.ndarray]] = {"logits": [], "scores": [], "bound_logits": [], "bound_scores": []}
+    parts: dict[tuple[str, str], list[np.ndarray]] = {}
     with torch.no_grad():
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             logits, error = _forward_with_bound(double, batch, lam_)
             scores, score_error = _softmax_with_bound(logits, error)
-            for key, value in (("logits", logits), ("scores", scores), ("bound_logits", error),
-                               ("bound_scores", score_error)):
-                parts[key].append(value.numpy())
+            for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
+                for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
+                    parts.setdefault((part, output), []).append(array.numpy())
     joined = {key: np.concatenate(value) for key, value in parts.items()}
-    return Exact({"logits": joined["logits"], "scores": joined["scores"]},
-                 {"logits": joined["bound_logits"], "scores": joined["bound_scores"]}, lam_, counts)
+
+    def part(name):
+        return {output: joined[(name, output)] for output in ("logits", "scores")}
+
+    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts)
 
 
 def _dot_products_per_example(layers, sample) -> int:
@@ -133,20 +143,40 @@ def _dot_products_per_example(layers, sample) -> int:
 def _forward_with_bound(layers, x, lam_):
     import torch
 
-    from crossport.exact.rules import rule_of
+    from crossport.exact.rules import Error, constant_added, rule_of
 
-    error = torch.zeros_like(x)
-    for layer in layers:
+    error = Error(torch.zeros_like(x), torch.zeros_like(x))
+    last = None  # the last accumulating layer: its index, output and bias
+    for index, layer in enumerate(layers):
         x, error = rule_of(layer).propagate(layer, x, error, lam_)
-    return x, error + FLOAT32_TINY  # kernels may flush subnormal results to zero
+        if rule_of(layer).terms is not None:
+            last = (index, x, getattr(layer, "bias", None))
+    systematic = FLOAT32_TINY  # kernels may flush subnormal results to zero
+    if last is not None:  # the last layer's bias add reaches the outputs directly: systematic (rules.HIDDEN)
+        index, value, bias = last
+        constant = Error(torch.zeros_like(value), constant_added(value, bias))
+        for layer in layers[index + 1 :]:
+            value, constant = rule_of(layer).propagate(layer, value, constant, lam_)
+        systematic = systematic + constant.systematic
+    return x, error.add(systematic=systematic)
 
 
 def _softmax_with_bound(logits, error):
+    """exp(l − max) / Σ: the logits' error to first order, the roundings (random), exp's approximation and the
+    flush of probabilities below float32's resolution (systematic)."""
     import torch
 
     scores = torch.softmax(logits, dim=-1)
     shifted = (logits - logits.max(dim=-1, keepdim=True).values).abs()
     classes = logits.shape[-1]
-    propagated = error + (scores * error).sum(dim=-1, keepdim=True)
-    rounding = U32 * (shifted + (scores * shifted).sum(dim=-1, keepdim=True) + classes + 2 * EXP_ULPS + 4)
-    return scores, scores * (propagated + rounding) + SCORE_FLOOR
+    passed = error.map(lambda e: scores * (e + (scores * e).sum(dim=-1, keepdim=True)))
+    rounding = U32 * (shifted + (scores * shifted).sum(dim=-1, keepdim=True) + classes + 4)
+    # each exp within EXP_ULPS: s_c·|r_c − Σ s_j r_j| ≤ 2·EXP_ULPS·u·s_c·(1 − s_c)
+    approximation = 2 * EXP_ULPS * U32 * scores * (1 - scores)
+    # the denominator Σ exp(l − max) = 1 + t with t ≥ 0: for t below u it rounds down to 1, every time, and
+    # every score of the example comes out larger by the factor 1 + t
+    above_one = 1.0 / scores.max(dim=-1, keepdim=True).values - 1.0
+    stagnation = scores * above_one * (above_one <= U32)
+    # below float32's resolution a probability may be flushed to 0 (systematic) or computed to u² (B)
+    return scores, passed.add(random=scores * rounding + SCORE_FLOOR,
+                              systematic=approximation + stagnation + FLOAT32_TINY)

@@ -2,8 +2,18 @@
 already in its input. :func:`crossport.exact.exact_outputs` runs a chain of layers through these rules; a new layer
 type is one entry of :data:`RULES` (the model is in the package docstring, :mod:`crossport.exact`).
 
-Each rule takes the layer (in float64), its exact input ``x``, the bound ``error`` on a float32 input's distance
-from ``x`` and λ, and returns the layer's exact output and the bound on a float32 output's distance from it.
+Each rule takes the layer (in float64), its exact input ``x``, the bound :class:`Error` on a float32 input's
+distance from ``x`` and λ, and returns the layer's exact output and the bound on a float32 output's distance from
+it, in two parts:
+
+* ``random``: rounding errors of the layer's own arithmetic and what they become downstream. To first order each is
+  a sum of independent roundings, symmetric about zero, so its sign varies from input to input;
+* ``systematic``: error that may keep its sign from input to input and reaches the outputs coherently: constants
+  a kernel derives from the weights once (BatchNorm's scale folded into the weights, LeakyReLU's slope as a float32
+  number), the last layer's bias add (:func:`constant_added`), the softmax's exp approximation, and a rounding whose
+  operand sits on one side of a float32 number (a softmax's denominator just above 1).
+
+Their sum is the bound B; the systematic part is what the gate's sign test (:mod:`crossport.parity`) allows for.
 """
 
 from __future__ import annotations
@@ -11,26 +21,76 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch  # imported only by the stages that compute exact references
 from torch import nn
 from torch.nn import functional as F
 
 from crossport.exact.layers import Permute, Reshape
-from crossport.exact.rounding import EXP_ULPS, U32, gamma
+from crossport.exact.rounding import CONSTANT_ROUNDINGS, EXP_ULPS, SIGMOID_ULPS, TANH_ULPS, U32, gamma
+
+# Where an error crosses a kink (ReLU's 0, a max-pool's near-tie) it comes out one-sided. B keeps the whole effect;
+# the systematic part does not: the error must be within its own size of the kink to cross, which happens on a
+# fraction of inputs proportional to it, so the one-sided total is second order in u, like the products of two
+# roundings that the running error analysis drops (docs/parity.md, "The error model").
+SECOND_ORDER = "kink crossings: in B, second order for the sign test"
+# A hidden layer's bias add is fixed per unit while the unit's sum stays in one binade, but it is one rounding of
+# the n + 1 behind the unit, each unit's with its own sign, and reaches an output only mixed through many units:
+# B counts it, the sign test takes it as random. What reaches the outputs directly (the last layer's bias add, the
+# softmax's exp), with one sign for a whole layer (BatchNorm's folded constants, LeakyReLU's slope), or leans over
+# a range of inputs (a vectorised function's approximation error) is systematic. docs/parity.md, "The error
+# model", states this and its check at full size.
+HIDDEN = "a hidden unit's bias add: in B, random for the sign test"
+
+
+class Error(NamedTuple):
+    """Bounds on a float32 value's distance from the exact one: the symmetric part and the systematic part."""
+
+    random: torch.Tensor
+    systematic: torch.Tensor
+    # Σ|w·x| + |b| behind each element when the layer that made it was a Linear or Conv, the size of what folding
+    # constants into its weights rounds (a BatchNorm right after it reads it); None after any other layer
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.random + self.systematic
+
+    def map(self, move: Callable) -> Error:
+        """Both parts through the same linear, non-negative map (a |W| product, a pool, a reshape)."""
+        return Error(move(self.random), move(self.systematic))
+
+    def add(self, random=0.0, systematic=0.0) -> Error:
+        return Error(self.random + random, self.systematic + systematic)
 
 
 @dataclass(frozen=True)
 class Rule:
-    propagate: Callable  # (layer, x, error, λ) -> (exact output, its float32 error bound)
+    propagate: Callable  # (layer, x, error: Error, λ) -> (exact output, its Error)
     terms: Callable | None = None  # layer -> rounded multiply-adds behind one output (None: the layer sums nothing)
+    folds: bool = False  # its float32 constants are computed from the weights, and exporters fold them into them
+
+
+def constant_added(y, bias):
+    """Adding a constant (a bias) to a sum larger than it rounds by the constant's bits below the sum's last place:
+    the same error for every input whose output lies in the same binade. At most half an ulp of the output (and at
+    most the constant itself); 0 without a bias. It is one of the n + 1 roundings γ̃(n + 1) counts; where the layer
+    is the last (its outputs are the network's), it is systematic too (crossport.exact.exact_outputs)."""
+    if bias is None:
+        return torch.zeros_like(y)
+    half_ulp = torch.ldexp(torch.ones_like(y), torch.frexp(y).exponent - 25) * (y != 0)
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    return torch.minimum(half_ulp, bias.abs().view(shape).expand_as(y))
 
 
 def _linear(layer, x, error, lam_):
     g = gamma(layer.in_features + 1, lam_)
     weight = layer.weight.abs()
-    bias = layer.bias.abs() if layer.bias is not None else 0.0
-    return layer(x), F.linear(error, weight) + g * (F.linear(x.abs(), weight) + bias)
+    magnitude = F.linear(x.abs(), weight) + (layer.bias.abs() if layer.bias is not None else 0.0)
+    y = layer(x)
+    return y, error.map(lambda e: F.linear(e, weight)).add(
+        random=g * magnitude)._replace(magnitude=magnitude)
 
 
 def _conv_terms(layer) -> int:
@@ -44,48 +104,114 @@ def _conv2d(layer, x, error, lam_):
     def conv(value, bias=None):
         return F.conv2d(value, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
-    bias = layer.bias.abs() if layer.bias is not None else None
-    return layer(x), conv(error) + g * conv(x.abs(), bias)
+    magnitude = conv(x.abs(), layer.bias.abs() if layer.bias is not None else None)
+    y = layer(x)
+    return y, error.map(conv).add(random=g * magnitude)._replace(
+        magnitude=magnitude)
 
 
 def _batch_norm(layer, x, error, lam_):
     scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
     shift = layer.bias - layer.running_mean * scale
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale, shift = scale.view(shape), shift.view(shape)
-    return x * scale + shift, scale.abs() * error + gamma(2, lam_) * (scale.abs() * x.abs() + shift.abs())
+    scale, shift, mean_scaled = scale.view(shape), shift.view(shape), (layer.running_mean * scale).view(shape)
+    scaled = scale.abs() * x.abs()
+    # the scale and shift are computed once, from float32 parameters, and often folded into the weights of the layer
+    # before, where each folded weight's rounding counts with the size of its product, |scale|·Σ|w·x|
+    folded = scale.abs() * (error.magnitude if error.magnitude is not None else x.abs())
+    constants = CONSTANT_ROUNDINGS * U32 * (folded + layer.bias.abs().view(shape) + mean_scaled.abs())
+    return x * scale + shift, error.map(lambda e: scale.abs() * e).add(
+        random=gamma(2, lam_) * (scaled + shift.abs()), systematic=constants)
+
+
+def _kinked(x, error, kink, slope_below, slope_above) -> Error:
+    """A function with slope ``slope_below`` below ``kink`` and ``slope_above`` above it: the error passes on scaled
+    by the slope on x's side; an error large enough to cross the kink adds at most
+    |slope_above − slope_below|·(|error| − |x − kink|) (:data:`SECOND_ORDER`)."""
+    slope = torch.where(x > kink, torch.as_tensor(abs(slope_above), dtype=x.dtype),
+                        torch.as_tensor(abs(slope_below), dtype=x.dtype))
+    crossing = abs(slope_above - slope_below) * torch.clamp(error.total - (x - kink).abs(), min=0.0)
+    return Error(error.random * slope + crossing, error.systematic * slope)
 
 
 def _relu(layer, x, error, lam_):
-    return torch.relu(x), error * (x > -error)  # a unit off by more than its error is off in float32 too
+    return torch.relu(x), _kinked(x, error, 0.0, 0.0, 1.0)  # a unit farther below 0 than its error stays 0, exactly
+
+
+def _leaky_relu(layer, x, error, lam_):
+    slope = layer.negative_slope
+    below = (x < 0) * (slope * x).abs()
+    # the product a·x is rounded (random); the slope itself is a float32 number near the model's (systematic)
+    return layer(x), _kinked(x, error, 0.0, slope, 1.0).add(random=U32 * below, systematic=U32 * below)
 
 
 def _elu(layer, x, error, lam_):
     negative = x < 0
-    rounding = layer.alpha * EXP_ULPS * U32 * torch.exp(torch.clamp(x, max=0)) + 2 * U32 * layer(x).abs()
-    return layer(x), max(1.0, layer.alpha) * error + negative * rounding
+    approximation = layer.alpha * EXP_ULPS * U32 * torch.exp(torch.clamp(x, max=0))
+    passed = _kinked(x, error, 0.0, layer.alpha, 1.0)  # the slope below 0 is α·eˣ ≤ α, and α at 0
+    return layer(x), passed.add(random=2 * U32 * layer(x).abs() * negative, systematic=approximation * negative)
+
+
+def _smooth(function, derivative, ulps, scale):
+    """A smooth squashing function: the input error passes on scaled by the largest slope within it, the result is
+    rounded once (random) and the vectorised approximation is within ``ulps`` of ``scale(y)`` (systematic: its
+    error is a fixed function of the input, and leans one way over ranges of inputs)."""
+
+    def propagate(layer, x, error, lam_):
+        y = function(x)
+        farthest = torch.clamp(x.abs() - error.total, min=0.0)  # the slope is largest nearest 0
+        slope = derivative(farthest)
+        return y, error.map(lambda e: slope * e).add(random=U32 * y.abs(), systematic=ulps * U32 * scale(y))
+
+    return propagate
 
 
 def _max_pool(layer, x, error, lam_):
-    return layer(x), layer(error)  # |max(a + δ) − max(a)| ≤ max|δ| over the window
+    """The window's largest input brings its error (at most the window's largest); an error large enough to let
+    another input overtake it adds at most 2·max|δ| − gap (:data:`SECOND_ORDER`)."""
+    overtaking = torch.clamp(2 * layer(error.total) - _window_gap(layer, x), min=0.0)
+    return layer(x), error.map(layer).add(random=overtaking)
+
+
+def _window_gap(layer, x):
+    """Per pooled output, the gap between the window's two largest inputs."""
+    from torch.nn.modules.utils import _pair
+
+    kernel, stride = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
+    padding, dilation = _pair(layer.padding), _pair(layer.dilation)
+    out_h, out_w = layer(x).shape[-2:]
+    # pad to cover every window, ceil_mode's partial last ones included; the padding never wins a max
+    need = [(out - 1) * s + d * (k - 1) + 1 for out, s, d, k in zip((out_h, out_w), stride, dilation, kernel,
+                                                                      strict=True)]
+    extra = [max(0, n - (size + 2 * p)) for n, size, p in zip(need, x.shape[-2:], padding, strict=True)]
+    padded = F.pad(x, (padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]), value=-math.inf)
+    windows = F.unfold(padded.flatten(0, 1).unsqueeze(1), kernel, dilation=dilation, stride=stride)
+    if windows.shape[1] < 2:
+        return torch.full_like(layer(x), math.inf)
+    top = torch.topk(windows, 2, dim=1).values
+    return (top[:, 0] - top[:, 1]).reshape(layer(x).shape)
 
 
 def _moves_values(layer, x, error, lam_):
-    return layer(x), layer(error)  # no arithmetic: values and their errors move together
+    return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
 
 RULES: dict[type, Rule] = {
     nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None)),
     nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None)),
     nn.ReLU: Rule(_relu),
+    nn.LeakyReLU: Rule(_leaky_relu),
     nn.ELU: Rule(_elu),
+    nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs)),
+    nn.Sigmoid: Rule(_smooth(torch.sigmoid, lambda m: torch.sigmoid(m) * torch.sigmoid(-m), SIGMOID_ULPS,
+                             lambda y: torch.maximum(y, 1 - y))),
     nn.MaxPool2d: Rule(_max_pool),
     nn.Flatten: Rule(_moves_values),
     nn.Unflatten: Rule(_moves_values),
     nn.Dropout: Rule(_moves_values),  # evaluation mode: the identity
     nn.Identity: Rule(_moves_values),
-    nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2),  # one multiply, one add
-    nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2),
+    nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True),  # one multiply, one add
+    nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True),
     Reshape: Rule(_moves_values),
     Permute: Rule(_moves_values),
 }

@@ -41,10 +41,10 @@ def normalized(data: bytes, orientation: str):
 
 
 def session(model):
-    import onnxruntime as ort
+    from crossport.runtimes import onnx_session
 
     try:
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return onnx_session(model)
     except Exception as error:  # ORT raises its own Fail/InvalidGraph types
         raise ImportModelError(f"ONNX Runtime cannot load the normalized model: {str(error).splitlines()[0]}.",
                                hint="Check the file with onnx.checker; run with --debug for the details.") from error

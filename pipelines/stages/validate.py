@@ -4,6 +4,8 @@ the report (``parity.json``) and its plots; on a failure, where the drift starts
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,9 +22,11 @@ log = logging.getLogger(__name__)
 DIAGNOSE_EXAMPLES = 512  # test images the divergence finder runs on
 # The error model, written once (docs/parity.md, "The error model"); parity.json names it and its version and
 # records the figures it gave this run. A change to the model's rules is a new version.
-ERROR_MODEL = {"name": "crossport float32 running error bound", "version": 1,
+ERROR_MODEL = {"name": "crossport float32 running error bound and sign test", "version": 2,
                "document": "docs/parity.md#the-error-model"}
 VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS))
+PROBE_SIZE = 8192  # test images the sign test runs on (dithered): enough for its power, a bounded cost at any size
+DITHER = 2.0**-10  # the probe's dither, as a fraction of the images' range
 PLOTS = ("parity_errors.png", "confusion_matrix.png")
 
 
@@ -38,14 +42,21 @@ def validate_stage(ctx: Context) -> StageResult:
     arrays = load_arrays(ctx)
     labels = read_labels(ctx)
     images, targets = to_inputs(arrays["x_test"]), arrays["y_test"]
-    exact = exact_values(paths, reference, images)
-    outputs = run_runtimes(ctx, paths, reference, images)
-    results, against_exact = judge(outputs, reference, targets, exact, labels)
+    exact = exact_values(paths, reference, images).model
+    probe_inputs = dithered(images[:PROBE_SIZE])
+    # each runtime loaded once, run on the test split and the probe together
+    both = run_runtimes(ctx, paths, reference, np.concatenate([images, probe_inputs]))
+    outputs, probe_outputs = ({name: {key: rows[part] for key, rows in values.items()} for name, values in both.items()}
+                              for part in (slice(None, len(images)), slice(len(images), None)))
+    sign_test = SignTest.plan(outputs, reference, exact, probe_inputs)
+    probe = Probe(probe_outputs, exact_values(paths, reference, probe_inputs, graph=True))
+    results, against_exact = judge(outputs, reference, targets, exact, labels, sign_test, probe)
     divergence = None
     if any(not r.passed and r.candidate != ONNX and POLICIES[r.candidate].fp32 for r in results):
         divergence = locate_divergence(paths["onnx"], ctx.input("tf_graph"), _diagnose_batch(images, results),
                                        exact.network_gamma).to_dict()
-    report = parity_report(ctx, paths, reference, exact, results, against_exact, divergence, len(images))
+    report = parity_report(ctx, paths, reference, exact, sign_test, probe.references, results, against_exact,
+                           divergence, len(images))
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
     plot(ctx.run_dir, outputs, reference, exact, labels, targets)
@@ -62,7 +73,7 @@ def validate_stage(ctx: Context) -> StageResult:
                     len(images), ", ".join(undecided), ctx.config.undecided,
                     "publishes (marked unverified)" if ctx.config.undecided == "publish" else "leaves out")
     try:
-        raise_on_failure([*results, *against_exact], detail=report["detail"])
+        raise_on_failure([*results, *probe.references.checks(), *against_exact], detail=report["detail"])
     except ParityError as error:  # the failing report is recorded, so publish can read it and refuse
         return StageResult(made=made, error=error)
     worst = max((o.max_abs for r in results for o in r.outputs if POLICIES[r.candidate].fp32), default=0.0)
@@ -78,15 +89,47 @@ def validate_stage(ctx: Context) -> StageResult:
     )
 
 
-def exact_values(paths: dict, reference: str, images: np.ndarray):
-    """The exact float64 values and float32 bounds of the original: the checkpoint, or the ONNX graph brought."""
-    from crossport.exact import exact_outputs
+@dataclass(frozen=True)
+class References:
+    """The exact values a run is judged against: the model's (the checkpoint's, or the graph brought), and its ONNX
+    graph's, on the graph's own float32 weights, for every artifact converted from the graph; with the check that the
+    two are one function (None for a model brought as a graph, which is both)."""
+
+    model: object  # crossport.exact.Exact
+    graph: object
+    export: object | None  # crossport.parity.GraphResult
+
+    def of(self, runtime: str):
+        return self.model if runtime == REFERENCE else self.graph
+
+    def checks(self) -> list:
+        return [self.export] if self.export else []
+
+
+def exact_values(paths: dict, reference: str, images: np.ndarray, graph: bool = False) -> References:
+    """The exact float64 values and float32 bounds of the original (the checkpoint, or the ONNX graph brought) and,
+    with ``graph``, of the ONNX graph, with the check that the two are one function."""
+    from crossport.exact import exact_outputs, folds
     from crossport.exact.graph import exact_from_onnx
+    from crossport.parity import compare_graph
     from training.checkpoint import load_checkpoint
 
-    if reference == REFERENCE:
-        return exact_outputs(load_checkpoint(paths["checkpoint"]).model, images)
-    return exact_from_onnx(paths["onnx"], images)
+    if reference != REFERENCE:
+        exact = exact_from_onnx(paths["onnx"], images)
+        return References(exact, exact, None)
+    model = load_checkpoint(paths["checkpoint"]).model
+    exact = exact_outputs(model, images)
+    if not graph:
+        return References(exact, exact, None)
+    onnx = exact_from_onnx(paths["onnx"], images)
+    return References(exact, onnx, compare_graph(exact, onnx, folded=folds(model)))
+
+
+class Probe(NamedTuple):
+    """The sign test's inputs run through every judged runtime, and their exact values."""
+
+    outputs: dict
+    references: References
 
 
 def run_runtimes(ctx: Context, paths: dict, reference: str, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
@@ -103,7 +146,8 @@ def run_runtimes(ctx: Context, paths: dict, reference: str, images: np.ndarray) 
         **{fmt.runtime: lambda fmt=fmt: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
     }
     outputs = {}
-    with progress(total=len(runs), desc=f"validate on {len(images):,} test images", unit="runtime") as bar:
+    with progress(total=len(runs), desc=f"validate on {len(images):,} inputs (test split and probe)",
+                  unit="runtime") as bar:
         for name, run in runs.items():
             bar.set_postfix_str(name)
             outputs[name] = run()
@@ -111,25 +155,65 @@ def run_runtimes(ctx: Context, paths: dict, reference: str, images: np.ndarray) 
     return outputs
 
 
-def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tuple[str, ...]) -> tuple[list, list]:
-    """Every hop of the chain (pipelines.gate.hop_specs), and every artifact against the exact values."""
+@dataclass(frozen=True)
+class SignTest:
+    """The sign test's size for one run: which artifacts it judges, how many tests that makes, the threshold that
+    keeps the run's false-alarm chance below FALSE_ALARM, and the probe it runs on."""
+
+    judged: tuple[str, ...]
+    tests: int
+    threshold: float
+    inputs: np.ndarray  # the probe: the first PROBE_SIZE test images, dithered
+
+    @classmethod
+    def plan(cls, outputs: dict, reference: str, exact, probe: np.ndarray) -> SignTest:
+        from crossport.exact import sign_threshold
+
+        judged = tuple(name for name in outputs if name == reference or POLICIES[name].fp32)
+        tests = sum(exact.values[output].shape[1] for name in judged for output in exact.values
+                    if output in outputs[name])
+        return cls(judged, tests, sign_threshold(tests), probe)
+
+    def to_dict(self) -> dict:
+        from crossport.exact import FALSE_ALARM
+        from crossport.parity import SIGN_TEST
+
+        return {"statement": SIGN_TEST, "false_alarm": FALSE_ALARM, "tests": self.tests, "threshold": self.threshold,
+                "probe_inputs": len(self.inputs), "dither": DITHER, "judged": list(self.judged)}
+
+
+def dithered(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``images`` plus uniform noise in [0, DITHER × their range): no two pixels, so no two patches, stay equal, and
+    the image is unchanged to a quarter of an 8-bit grey level."""
+    span = float(np.max(images) - np.min(images)) if images.size else 1.0
+    noise = np.random.default_rng(seed).uniform(0.0, DITHER * (span or 1.0), images.shape)
+    return (images + noise).astype(np.float32)
+
+
+def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tuple[str, ...], sign_test: SignTest,
+          probe: Probe) -> tuple[list, list]:
+    """Every hop of the chain (pipelines.gate.hop_specs), and every artifact against the exact values: within B on
+    the test split, and the sign test on the probe against the exact values of what it was converted from (the
+    model for PyTorch, else the ONNX graph)."""
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
                for spec in hop_specs(reference)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
-        compare_exact(name, outputs[name], exact.values, exact.bounds, outputs[reference],
-                      exact.noise_factor if name == reference or POLICIES[name].fp32 else None)
+        compare_exact(name, outputs[name], exact, sign_test.threshold,
+                      (probe.outputs[name], probe.references.of(name))) if name in sign_test.judged
+        else compare_exact(name, outputs[name], exact, None)
         for name in (reference, *(name for name in POLICIES if name != reference))
     ]
     return results, against_exact
 
 
-def parity_report(ctx: Context, paths: dict, reference: str, exact, results: list, against_exact: list,
-                  divergence: dict | None, examples: int) -> dict:
+def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: SignTest, references: References,
+                  results: list, against_exact: list, divergence: dict | None, examples: int) -> dict:
     """``parity.json``: the verdict, every check, the error model by name with this run's figures, the lineage."""
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32
+    from crossport.exact.rounding import CONSTANT_ROUNDINGS, SIGMOID_ULPS, TANH_ULPS
 
-    passed = all(check.passed for check in (*results, *against_exact))
+    passed = all(check.passed for check in (*results, *references.checks(), *against_exact))
     return {
         "verdict": "pass" if passed else "fail",
         "examples": examples,
@@ -140,16 +224,20 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, results: lis
         # everything validate blessed, the labels (the classify signature's classes) included
         "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in (*paths, "labels")},
         "error_model": {**ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
-                        "exp_ulps": EXP_ULPS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
-                        "network_gamma": exact.network_gamma, "noise_factor": exact.noise_factor,
+                        "exp_ulps": EXP_ULPS, "tanh_ulps": TANH_ULPS, "sigmoid_ulps": SIGMOID_ULPS,
+                        "constant_roundings": CONSTANT_ROUNDINGS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
+                        "network_gamma": exact.network_gamma,
                         "bound_median": {k: float(np.median(v)) for k, v in exact.bounds.items()},
-                        "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()}},
+                        "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()},
+                        "systematic_median": {k: float(np.median(v)) for k, v in exact.systematic.items()},
+                        "sign_test": sign_test.to_dict()},
         "tolerances": tolerance_table(),
         "hops": [result.to_dict() for result in results],
+        "export_function": references.export.to_dict() if references.export else None,
         "against_exact": [check.to_dict() for check in against_exact],
         "undecided": sorted({r.candidate for r in results if r.undecided and r.passed}),
         "divergence": divergence,
-        "detail": divergence_detail(results, against_exact, divergence),
+        "detail": divergence_detail(results, [*references.checks(), *against_exact], divergence),
     }
 
 
@@ -185,7 +273,9 @@ def divergence_detail(results: list[HopResult], against_exact: list, divergence:
                          "the TensorFlow translation) does not cover; compare model.pt with model.onnx")
     else:
         first_exact = next(check for check in against_exact if not check.passed)
-        lines = [f"first failing check: {first_exact.artifact} against the exact float64 values"]
+        what = getattr(first_exact, "artifact", None)
+        lines = [f"first failing check: {what} against the exact float64 values" if what else
+                 "first failing check: the export (the ONNX graph's exact function against the model's)"]
     if divergence is not None:
         lines.append(f"node-by-node, ONNX Runtime vs the TensorFlow translation on {len(divergence['nodes'])} "
                      f"tensors (not covering export, packaging or TFLite conversion): {divergence['summary']}")

@@ -51,8 +51,9 @@ def matmul_ceiling(seconds: float, shapes: list[tuple[int, int, int]], macs_per_
 
 def _onnx_matmuls(mats, threads: int):
     """The products alone as one ONNX graph (weights as initializers), run by ONNX Runtime with ``threads``."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from crossport.runtimes import onnx_session
 
     nodes, inputs, outputs, weights = [], [], [], []
     for index, (left, right) in enumerate(mats):
@@ -62,8 +63,6 @@ def _onnx_matmuls(mats, threads: int):
         nodes.append(helper.make_node("MatMul", [f"a{index}", f"b{index}"], [f"c{index}"]))
     model = helper.make_model(helper.make_graph(nodes, "products", inputs, outputs, weights),
                               opset_imports=[helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(model, threads)
     feeds = {f"a{index}": left for index, (left, _) in enumerate(mats)}
     return lambda _: session.run(None, feeds)
