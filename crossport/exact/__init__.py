@@ -152,7 +152,7 @@ def _forward_with_bound(layers, x, lam_):
         if rule_of(layer).terms is not None:
             last = (index, x, getattr(layer, "bias", None))
     systematic = FLOAT32_TINY  # kernels may flush subnormal results to zero
-    if last is not None:  # the last layer's bias add reaches the outputs directly: systematic (rules.HIDDEN)
+    if last is not None:  # the last layer's bias add reaches the outputs directly: systematic (crossport.exact.rules)
         index, value, bias = last
         constant = Error(torch.zeros_like(value), constant_added(value, bias))
         for layer in layers[index + 1 :]:

@@ -34,14 +34,12 @@ from crossport.exact.rounding import CONSTANT_ROUNDINGS, EXP_ULPS, SIGMOID_ULPS,
 # the systematic part does not: the error must be within its own size of the kink to cross, which happens on a
 # fraction of inputs proportional to it, so the one-sided total is second order in u, like the products of two
 # roundings that the running error analysis drops (docs/parity.md, "The error model").
-SECOND_ORDER = "kink crossings: in B, second order for the sign test"
 # A hidden layer's bias add is fixed per unit while the unit's sum stays in one binade, but it is one rounding of
 # the n + 1 behind the unit, each unit's with its own sign, and reaches an output only mixed through many units:
 # B counts it, the sign test takes it as random. What reaches the outputs directly (the last layer's bias add, the
 # softmax's exp), with one sign for a whole layer (BatchNorm's folded constants, LeakyReLU's slope), or leans over
 # a range of inputs (a vectorised function's approximation error) is systematic. docs/parity.md, "The error
 # model", states this and its check at full size.
-HIDDEN = "a hidden unit's bias add: in B, random for the sign test"
 
 
 class Error(NamedTuple):
@@ -88,9 +86,7 @@ def _linear(layer, x, error, lam_):
     g = gamma(layer.in_features + 1, lam_)
     weight = layer.weight.abs()
     magnitude = F.linear(x.abs(), weight) + (layer.bias.abs() if layer.bias is not None else 0.0)
-    y = layer(x)
-    return y, error.map(lambda e: F.linear(e, weight)).add(
-        random=g * magnitude)._replace(magnitude=magnitude)
+    return layer(x), error.map(lambda e: F.linear(e, weight)).add(random=g * magnitude)._replace(magnitude=magnitude)
 
 
 def _conv_terms(layer) -> int:
@@ -105,9 +101,7 @@ def _conv2d(layer, x, error, lam_):
         return F.conv2d(value, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     magnitude = conv(x.abs(), layer.bias.abs() if layer.bias is not None else None)
-    y = layer(x)
-    return y, error.map(conv).add(random=g * magnitude)._replace(
-        magnitude=magnitude)
+    return layer(x), error.map(conv).add(random=g * magnitude)._replace(magnitude=magnitude)
 
 
 def _batch_norm(layer, x, error, lam_):
@@ -127,7 +121,7 @@ def _batch_norm(layer, x, error, lam_):
 def _kinked(x, error, kink, slope_below, slope_above) -> Error:
     """A function with slope ``slope_below`` below ``kink`` and ``slope_above`` above it: the error passes on scaled
     by the slope on x's side; an error large enough to cross the kink adds at most
-    |slope_above − slope_below|·(|error| − |x − kink|) (:data:`SECOND_ORDER`)."""
+    |slope_above − slope_below|·(|error| − |x − kink|), in B only (a kink crossing: see the top of this module)."""
     slope = torch.where(x > kink, torch.as_tensor(abs(slope_above), dtype=x.dtype),
                         torch.as_tensor(abs(slope_below), dtype=x.dtype))
     crossing = abs(slope_above - slope_below) * torch.clamp(error.total - (x - kink).abs(), min=0.0)
@@ -168,7 +162,7 @@ def _smooth(function, derivative, ulps, scale):
 
 def _max_pool(layer, x, error, lam_):
     """The window's largest input brings its error (at most the window's largest); an error large enough to let
-    another input overtake it adds at most 2·max|δ| − gap (:data:`SECOND_ORDER`)."""
+    another input overtake it adds at most 2·max|δ| − gap, in B only (a kink crossing)."""
     overtaking = torch.clamp(2 * layer(error.total) - _window_gap(layer, x), min=0.0)
     return layer(x), error.map(layer).add(random=overtaking)
 
