@@ -134,3 +134,40 @@ def upright_digits_weights(hidden: int = 64, epochs: int = 3):
     weights = [(layer.weight.detach().numpy(), layer.bias.detach().numpy())
                for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
     return weights, data
+
+
+def pooled_cnn(*, opset: int = 13, head: str = "GlobalAveragePool", classes: int = 10, channels: int = 4,
+               seed: int = 0):
+    """A CNN with a global-average-pool head, as ResNets and MobileNets end: input [N, 1, 28, 28], Conv 3x3 → Relu →
+    ``head`` → Gemm → Softmax. ``head``: "GlobalAveragePool", "ReduceMean" (keepdims, then Flatten) or
+    "ReduceMean-flat" (keepdims=0); at opset 18 ReduceMean takes its axes as an input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    conv = rng.normal(0, 1 / 3, (channels, 1, 3, 3)).astype(np.float32)
+    gemm_w, gemm_b = _weights(rng, channels, classes)
+    inits = [numpy_helper.from_array(conv, "conv_w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "conv_b"),
+             numpy_helper.from_array(gemm_w, "fc_w"), numpy_helper.from_array(gemm_b, "fc_b")]
+    nodes = [helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    if head == "GlobalAveragePool":
+        nodes.append(helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"))
+    else:
+        keep = int(head == "ReduceMean")
+        if opset >= 18:
+            inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+            nodes.append(helper.make_node("ReduceMean", ["r", "axes"], ["p"], keepdims=keep, name="pool"))
+        else:
+            nodes.append(helper.make_node("ReduceMean", ["r"], ["p"], axes=[2, 3], keepdims=keep, name="pool"))
+    flat = "p"
+    if head != "ReduceMean-flat":
+        nodes.append(helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flatten"))
+        flat = "f"
+    nodes += [helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits_out"], transB=1, name="fc"),
+              helper.make_node("Softmax", ["logits_out"], ["prob"], axis=1, name="softmax")]
+    graph = helper.make_graph(nodes, "pooled_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -17,7 +17,7 @@ from crossport.errors import CrossportError, DataError, ImportModelError, Transl
 from crossport.exact import exact_outputs
 from crossport.exact.graph import chain_from_onnx, check_chain
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
-from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright_digits_weights, with_op
+from tests.onnx_models import legacy_mlp, nchw_cnn, pooled_cnn, two_inputs, upright_digits_weights, with_op
 from translation.onnx_export import EXPORT_OPSET
 from translation.onnx_import import normalize
 
@@ -351,3 +351,29 @@ def test_orientation_is_detected_from_accuracy_and_refused_when_unclear(upright_
     with pytest.raises(ImportModelError, match=r"cannot tell which way up the model wants its images: on 40 "
                                                r"evaluation images it is .* \(sign test p = .*\)"):
         detect_orientation(untrained, data.x_test[:40], data.y_test[:40])
+
+
+@pytest.mark.parametrize(("opset", "head"), [(13, "GlobalAveragePool"), (13, "ReduceMean"), (18, "ReduceMean"),
+                                             (18, "ReduceMean-flat")])
+def test_a_global_average_pool_head_is_read_exactly_and_translated(opset, head, images, tmp_path):
+    """The head ResNets and MobileNets end with, as exporters write it (ReduceMean's axes became an input at opset
+    18, which onnx-tf has no handler for): read into the exact reference, proved by onnx.reference in float64,
+    within B in ONNX Runtime, and translated by onnx-tf within 2·B of it."""
+    from crossport.exact.layers import GlobalAveragePool
+    from crossport.runtimes import load_saved_model
+    from translation.onnx_to_tf import translate, unsupported_ops
+
+    result = normalized(pooled_cnn(opset=opset, head=head))
+    chain = chain_from_onnx(result.model)
+    assert any(isinstance(layer, GlobalAveragePool) and layer.size == 28 * 28 for layer in chain.modules())
+    x = transposed(images)
+    exact = exact_outputs(chain, x)
+    assert check_chain(result.model, x, exact) <= 1.0
+    reference = run(result.model, x)
+    within_exact_bounds(reference, exact)
+    assert unsupported_ops(result.model) == {}
+    onnx.save(result.model, tmp_path / "model.onnx")
+    translate(tmp_path / "model.onnx", tmp_path / "tf_graph")
+    translated = load_saved_model(tmp_path / "tf_graph")(x)
+    for name in (SCORES, LOGITS):
+        assert np.all(np.abs(translated[name] - reference[name]) <= 2 * exact.bounds[name]), name

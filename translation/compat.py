@@ -11,6 +11,8 @@ Three facts, verified on the pinned stack (docs/stack.md):
    function is registered under that name before ``onnx_tf`` is imported.
 4. ONNX raised some ops' versions only to admit bfloat16 (:data:`TYPE_ONLY_VERSIONS`); onnx-tf implements the
    versions before, which compute the same on float32, so each new version is registered as the one before it.
+5. onnx-tf has no handler for ReduceMean version 18 (its axes became an input), which every exporter writes for a
+   network's global average pool at opset 18: :func:`spatial_means_as_pools` writes those as GlobalAveragePool.
 
 :func:`import_onnx_tf` is the only way the project imports onnx-tf.
 """
@@ -81,3 +83,36 @@ def register_type_only_versions() -> None:
         handler = handlers[op]
         if not hasattr(handler, f"version_{new}"):
             setattr(handler, f"version_{new}", getattr(handler, f"version_{before}"))
+
+
+def spatial_means_as_pools(model) -> list[str]:
+    """Rewrite, in place, each ReduceMean over a 4-D tensor's spatial axes (2, 3) with constant axes as
+    GlobalAveragePool (then Flatten when it drops them): the same mean, in an op onnx-tf translates at any opset.
+    Returns the rewritten nodes' names."""
+    import numpy as np
+    from onnx import helper, numpy_helper, shape_inference
+
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    constants.update({node.output[0]: numpy_helper.to_array(attr.t) for node in model.graph.node
+                      if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"})
+    ranks = {value.name: len(value.type.tensor_type.shape.dim)
+             for value in (*shape_inference.infer_shapes(model).graph.value_info, *model.graph.input)}
+    rewritten, nodes = [], []
+    for node in model.graph.node:
+        attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        axes = attrs.get("axes", constants.get(node.input[1]) if len(node.input) > 1 else None)
+        if (node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or axes is None
+                or ranks.get(node.input[0]) != 4 or sorted(int(a) % 4 for a in np.ravel(axes)) != [2, 3]):
+            nodes.append(node)
+            continue
+        name = node.name or node.output[0]
+        if attrs.get("keepdims", 1):
+            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]], name=name))
+        else:
+            pooled = f"{node.output[0]}.pooled"
+            nodes += [helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=name),
+                      helper.make_node("Flatten", [pooled], [node.output[0]], name=f"{name}.flatten", axis=1)]
+        rewritten.append(name)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten

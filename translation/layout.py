@@ -71,7 +71,7 @@ def flatten_channels_last(model) -> list[str]:
             consumers.setdefault(name, []).append(node)
     rewritten = []
     for node in list(model.graph.node):
-        source = shapes.get(node.input[0])
+        source = shapes.get(node.input[0]) if node.input else None  # a Constant has no input
         if not source or len(source) != 4 or None in source[1:]:
             continue
         if node.op_type == "Reshape" and node.input[1] in inits:

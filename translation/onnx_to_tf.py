@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from crossport.errors import TranslationError
-from translation.compat import import_onnx_tf
+from translation.compat import import_onnx_tf, spatial_means_as_pools
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,9 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
     from onnx_tf.backend import prepare
 
     model = onnx.load(str(onnx_path), load_external_data=False)
+    pooled = spatial_means_as_pools(model)
+    if pooled:
+        log.info("ReduceMean over the spatial axes written as GlobalAveragePool on %s", ", ".join(pooled))
     refuse_unsupported(model, onnx_path)
     from translation.layout import flatten_channels_last, same_padding
 
@@ -65,9 +68,15 @@ def unsupported_ops(model) -> dict[str, str]:
     onnx-tf has a handler class per op with one ``version_<N>`` method per ONNX op version
     it implements; an op whose version at this opset has no method fails mid-translation.
     """
+    import onnx
+
     import_onnx_tf()
     from onnx_tf.common.handler_helper import get_all_backend_handlers
 
+    rewritten = onnx.ModelProto()  # as translate will hand it to onnx-tf
+    rewritten.CopyFrom(model)
+    spatial_means_as_pools(rewritten)
+    model = rewritten
     opset = {entry.domain or "": entry.version for entry in model.opset_import}
     handlers = get_all_backend_handlers(opset)
     missing: dict[str, str] = {}

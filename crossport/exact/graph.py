@@ -20,7 +20,7 @@ import torch
 from torch import nn  # imported only by the stages that compute exact references
 
 from crossport.errors import CrossportError
-from crossport.exact.layers import Permute, Reshape
+from crossport.exact.layers import GlobalAveragePool, Permute, Reshape
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS
 
 SHAPE_ONLY = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Cast", "Slice", "ConstantOfShape")
@@ -136,6 +136,24 @@ def _max_pool(node, attrs, chain):
                         dilation=tuple(attrs.get("dilations", [1, 1])), ceil_mode=bool(attrs.get("ceil_mode", 0)))
 
 
+def _global_average_pool(node, attrs, chain):
+    shape = chain.shapes.get(node.input[0])
+    if not shape or len(shape) != 4 or None in shape[2:]:
+        raise _refuse(node, "its input is not a 4-D tensor of known height and width")
+    return GlobalAveragePool(shape[2] * shape[3])
+
+
+def _reduce_mean(node, attrs, chain):
+    """Over the spatial axes only (a network's head): a global average pool, flattened unless ``keepdims``."""
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:  # opset 18 takes the axes as an input
+        axes = chain.constants.get(node.input[1])
+    if axes is None or sorted(int(a) % 4 for a in np.ravel(axes)) != [2, 3]:
+        raise _refuse(node, "a ReduceMean over axes other than the spatial ones (2, 3)")
+    pool = _global_average_pool(node, attrs, chain)
+    return pool if attrs.get("keepdims", 1) else nn.Sequential(pool, nn.Flatten())
+
+
 def _reshape(node, attrs, chain):
     target = chain.shapes.get(node.output[0])
     if not target or any(d is None for d in target[1:]):
@@ -162,6 +180,8 @@ READERS = {
     "Tanh": lambda node, attrs, chain: nn.Tanh(),
     "Sigmoid": lambda node, attrs, chain: nn.Sigmoid(),
     "MaxPool": _max_pool,
+    "GlobalAveragePool": _global_average_pool,
+    "ReduceMean": _reduce_mean,
     "Reshape": _reshape,
     "Flatten": _reshape,
     "Transpose": _transpose,

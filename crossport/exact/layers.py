@@ -17,6 +17,18 @@ class Reshape(nn.Module):
         return x.reshape(x.shape[0], *self.shape)
 
 
+class GlobalAveragePool(nn.Module):
+    """The mean over each channel's ``size`` positions, kept as [N, C, 1, 1]: ONNX GlobalAveragePool, or ReduceMean
+    over the spatial axes (the head of a ResNet or MobileNet)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class Permute(nn.Module):
     """``x.permute(perm)``: an ONNX Transpose that keeps the batch first."""
 

@@ -27,7 +27,7 @@ import torch  # imported only by the stages that compute exact references
 from torch import nn
 from torch.nn import functional as F
 
-from crossport.exact.layers import Permute, Reshape
+from crossport.exact.layers import GlobalAveragePool, Permute, Reshape
 from crossport.exact.rounding import CONSTANT_ROUNDINGS, EXP_ULPS, SIGMOID_ULPS, TANH_ULPS, U32, gamma
 
 # Where an error crosses a kink (ReLU's 0, a max-pool's near-tie) it comes out one-sided. B keeps the whole effect;
@@ -186,6 +186,13 @@ def _window_gap(layer, x):
     return (top[:, 0] - top[:, 1]).reshape(layer(x).shape)
 
 
+def _global_average(layer, x, error, lam_):
+    """A sum of ``size`` terms (γ̃(size)) divided by the count, or multiplied by its reciprocal: that constant's
+    rounding is the same relative error on every output (systematic)."""
+    y = layer(x)
+    return y, error.map(layer).add(random=gamma(layer.size, lam_) * layer(x.abs()), systematic=U32 * y.abs())
+
+
 def _moves_values(layer, x, error, lam_):
     return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
@@ -206,6 +213,7 @@ RULES: dict[type, Rule] = {
     nn.Identity: Rule(_moves_values),
     nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True),  # one multiply, one add
     nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True),
+    GlobalAveragePool: Rule(_global_average, lambda layer: layer.size),
     Reshape: Rule(_moves_values),
     Permute: Rule(_moves_values),
 }
