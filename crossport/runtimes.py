@@ -38,13 +38,13 @@ def onnx_session(model, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    source = model if isinstance(model, str | Path) else model.SerializeToString()
-    return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
-                                providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, str | Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def load_onnx(onnx_path: Path, threads: int | None = None) -> Predict:
-    session = onnx_session(Path(onnx_path), threads)
+def load_onnx(onnx_path, threads: int | None = None) -> Predict:
+    """``onnx_path``: a file, or an in-memory ``onnx.ModelProto`` (:func:`onnx_session`)."""
+    session = onnx_session(onnx_path, threads)
     names = [output.name for output in session.get_outputs()]
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:

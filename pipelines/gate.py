@@ -33,7 +33,8 @@ LOSSY_VALUES = Tolerance(
            "often its answer changes and how much accuracy moves",
 )
 # Against the exact values every fp32 artifact also meets the sign test (crossport.parity.SIGN_TEST).
-SIGN_TEST_RULE = "per class, T = (|Σe| − Σb) / (√Σe² + √Σb²) below t = √(2·ln(2·tests/α)), α = 1e-6 per run"
+SIGN_TEST_RULE = ("per class, T = (|Σe/B| − Σb/B) / (√Σ(e/B)² + √Σ(b/B)²) below t = √(2·ln(2·tests/α)), "
+                  "α = 1e-6 per run")
 
 
 @dataclass(frozen=True)

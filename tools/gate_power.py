@@ -68,13 +68,11 @@ def smallest_refused(refuses, low: float = 1e-9, high: float = 1e-1, steps: int 
     return high
 
 
-def drifted_outputs(broken, images: np.ndarray, threads: int = 0) -> dict:
-    """``broken`` (onnx.ModelProto) run in ONNX Runtime on ``images`` (``threads`` 0: its default)."""
-    from crossport.runtimes import onnx_session
+def drifted_outputs(broken, images: np.ndarray, threads: int | None = None) -> dict:
+    """``broken`` (onnx.ModelProto) run in ONNX Runtime on ``images`` (``threads`` None: its default)."""
+    from crossport.runtimes import load_onnx
 
-    session = onnx_session(broken, threads)
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"images": images}), strict=True))
+    return load_onnx(broken, threads)(images)
 
 
 def power(model, reference: dict, references, images: np.ndarray, threshold: float) -> dict[str, dict]:

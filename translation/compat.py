@@ -92,6 +92,8 @@ def spatial_means_as_pools(model) -> list[str]:
     import numpy as np
     from onnx import helper, numpy_helper, shape_inference
 
+    if not any(node.op_type == "ReduceMean" for node in model.graph.node):
+        return []  # the common case: no shape inference to pay for
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     constants.update({node.output[0]: numpy_helper.to_array(attr.t) for node in model.graph.node
                       if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"})

@@ -22,8 +22,7 @@ from crossport.errors import CrossportError
 from crossport.exact.rounding import EXP_ULPS, FALSE_ALARM, FLOAT32_TINY, SCORE_FLOOR, U32, gamma, lam, sign_threshold
 
 __all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "exact_outputs", "fan_ins",
-           "folds",
-           "gamma", "lam", "layers_of", "sign_threshold"]
+           "folds", "gamma", "lam", "layers_of", "sign_threshold"]
 
 
 @dataclass(frozen=True)
