@@ -26,7 +26,7 @@ run: install
 TEST_WORKERS ?= 2
 
 test: install browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(ARGS)
 
 # The edit-run loop: every test that needs no pipeline run, no server and no subprocess (about a minute).
 test-fast: install
@@ -35,7 +35,7 @@ test-fast: install
 # Statement coverage of the whole suite, the processes it starts included ([tool.coverage] in pyproject.toml).
 coverage: install browser
 	rm -f .coverage .coverage.*
-	$(VENV)/bin/coverage run -m pytest -n $(TEST_WORKERS) --dist loadscope $(ARGS)
+	$(VENV)/bin/coverage run -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(ARGS)
 	$(VENV)/bin/coverage combine --quiet
 	$(VENV)/bin/coverage report
 

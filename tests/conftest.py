@@ -108,8 +108,10 @@ def pytest_generate_tests(metafunc):
 
 
 # The modules that take longest (``--durations``: the reduced-size byclass run alone is 2.5-3 minutes) are handed out
-# first: `--dist loadscope` gives each process whole modules in collection order, so a long module collected last
-# runs alone at the end while the other process idles. Only the order changes; no test depends on it.
+# first: `--dist loadscope --no-loadscope-reorder` (the Makefile) gives each process whole modules in collection
+# order, so a long module collected last would run alone at the end while the other process idles. (Without
+# --no-loadscope-reorder pytest-xdist orders modules by their number of tests instead, and test_scale, six tests,
+# started nine minutes into a 13-minute run.) Only the order changes; no test depends on it.
 LONGEST_FIRST = ("test_scale.py", "test_distributed.py", "test_robustness.py", "test_import_e2e.py")
 
 
