@@ -235,8 +235,14 @@ def _fp32_agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np.
         result.tie_rule = "top-2 reference gap within the two classes' float32 error bounds"
     result.near_ties_excluded = int(np.sum(~keep))
     if not np.any(keep):
-        result.failures.append(f"{spec.name}: every example is a near-tie (top-2 gap within the error bound); "
-                               "agreement cannot be measured")
+        width = ""
+        if allowed is not None and ref.shape[1] > 1:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                times = np.median((allowed[rows, first] + allowed[rows, second]) / gap)
+            width = (f"; the bound is a median {times:.3g}"
+                     "× the gap (a bound far wider than the gap comes from depth: docs/parity.md, 'Deep networks')")
+        result.failures.append(f"{spec.name}: every example is a near-tie (top-2 gap within the error bound"
+                               f"{width}); agreement cannot be measured")
         return
     agree = np.argmax(ref[keep], axis=1) == np.argmax(cand[keep], axis=1)
     result.top1_agreement = float(np.mean(agree))

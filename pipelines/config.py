@@ -19,7 +19,8 @@ from training.data import DATASETS
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 UNDECIDED_POLICIES = ("publish", "omit")
 ORIENTATION_CHOICES = ("auto", "emnist", "upright")  # translation.onnx_import.ORIENTATIONS, plus detection
-ARCHITECTURE_NAMES = ("mlp", "cnn")  # training.model.ARCHITECTURES (kept here so --help imports no torch)
+# training.model.ARCHITECTURES (kept here so --help imports no torch)
+ARCHITECTURE_NAMES = ("mlp", "cnn", "resnet18", "mobilenet_v2", "mobilenet_v3_small")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: no trailing newline
 # (field, lowest, highest). The seed seeds NumPy's default_rng (no negatives) and torch.manual_seed
 # (below 2**64); counts end up in C ints inside the runtimes.

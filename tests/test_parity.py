@@ -115,6 +115,12 @@ def test_all_near_ties_is_a_failure_not_a_vacuous_pass():
     spec = HopSpec("ref -> cand", "ref", "cand", (("scores", VALUES),))
     result = compare(spec, ref, {"scores": ref["scores"].copy()}, bounds=bounds_like(ref))
     assert any("every example is a near-tie" in failure for failure in result.failures)
+    # a bound far wider than the gaps (a deep network's, docs/parity.md) is said with its width
+    spread = {"scores": np.tile(np.float32([0.4, 0.3, 0.2, 0.1]), (3, 1))}
+    wide = compare(spec, spread, {"scores": spread["scores"].copy()},
+                   bounds={"scores": np.full((3, 4), 50.0)})
+    # the tie rule's allowance is 2·B per class (as above): (2·50 + 2·50) / 0.1 = 2000
+    assert any("the bound is a median 2e+03× the gap" in failure for failure in wide.failures), wide.failures
 
 
 # --- lossy variants: statistics valid at any test size -----------------------------------------

@@ -6,7 +6,7 @@ the published input contract is the same for every model. Softmax is not part of
 network: it belongs to the exported serving graph (``translation/onnx_export.py``), so the
 loss sees logits and parity can compare logits before the softmax flattens differences.
 
-A third architecture is one :data:`ARCHITECTURES` entry: a builder and its defaults. The
+Another architecture is one :data:`ARCHITECTURES` entry: a builder and its defaults. The
 benchmark's MAC count (and so its compute ceiling) is counted from the built network by
 :func:`macs_per_example`, never from one model's shapes.
 """
@@ -87,6 +87,36 @@ class CNN(nn.Module):
         return self.layers(images)
 
 
+class Torchvision(nn.Module):
+    """A torchvision classifier built by its own constructor (``weights=None``: nothing is downloaded) and adapted to
+    28×28 grayscale the way small-image work adapts it (as for CIFAR): the first convolution takes one channel at
+    stride 1, and a ResNet's stem max-pool is dropped, so the 28×28 image is not cut to 7×7 before the first block.
+    The head has the dataset's classes; the input is reshaped inside the network, as the CNN's."""
+
+    def __init__(self, config: ModelConfig, name: str) -> None:
+        super().__init__()
+        from torchvision import models
+
+        self.config = config
+        options = {} if name.startswith("resnet") else {"dropout": config.dropout}
+        network = getattr(models, name)(weights=None, num_classes=config.num_classes, **options)
+        if name.startswith("resnet"):
+            network.conv1 = _stem(network.conv1)
+            network.maxpool = nn.Identity()
+        else:  # MobileNets: features[0] is Conv → BatchNorm → activation
+            network.features[0][0] = _stem(network.features[0][0])
+        self.unflatten = nn.Unflatten(1, (1, SIDE, SIDE))
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(self.unflatten(images))
+
+
+def _stem(conv: nn.Conv2d) -> nn.Conv2d:
+    """The first convolution on one channel at stride 1 (its kernel, padding and width kept)."""
+    return nn.Conv2d(1, conv.out_channels, conv.kernel_size, stride=1, padding=conv.padding, bias=conv.bias is not None)
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str
@@ -98,6 +128,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture("mlp", MLP, "784 → 512 → 256 → C, ReLU, dropout 0.2"),
     "cnn": Architecture("cnn", CNN, "2 × (Conv 3×3 → BatchNorm → ReLU → MaxPool 2) with 32, 64 channels, "
                                     "dropout 0.2, linear head"),
+    "resnet18": Architecture("resnet18", lambda config: Torchvision(config, "resnet18"),
+                             "torchvision resnet18 (weights=None), 1-channel 3×3 stride-1 stem, no stem max-pool"),
+    "mobilenet_v2": Architecture("mobilenet_v2", lambda config: Torchvision(config, "mobilenet_v2"),
+                                 "torchvision mobilenet_v2 (weights=None), 1-channel stride-1 stem, dropout 0.2"),
+    "mobilenet_v3_small": Architecture("mobilenet_v3_small", lambda config: Torchvision(config, "mobilenet_v3_small"),
+                                       "torchvision mobilenet_v3_small (weights=None), 1-channel stride-1 stem, "
+                                       "dropout 0.2"),
 }
 
 

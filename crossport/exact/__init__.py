@@ -68,18 +68,20 @@ class Exact:
 
 
 def layers_of(model) -> list:
-    """The leaf modules of a network that is one chain of layers, in order; each must have an error rule."""
+    """The layers of a network (:mod:`crossport.exact.network`: a PyTorch model is traced), in order; each must
+    have an error rule."""
+    from crossport.exact.network import as_network
     from crossport.exact.rules import RULES, rule_of
 
-    leaves = [module for module in model.modules() if not list(module.children())]
-    unknown = sorted({type(module).__name__ for module in leaves if rule_of(module) is None})
+    layers = [step.layer for step in as_network(model).steps]
+    unknown = sorted({type(layer).__name__ for layer in layers if rule_of(layer) is None})
     if unknown:
         raise CrossportError(
             f"no float32 error model for layer type(s) {', '.join(unknown)}: the parity gate's exact reference "
-            f"covers chains of {', '.join(t.__name__ for t in RULES)}.",
+            f"covers graphs of {', '.join(t.__name__ for t in RULES)}.",
             hint="Add the layer's rule to crossport/exact/rules.py (how it adds and passes on rounding error).",
         )
-    return leaves
+    return layers
 
 
 def folds(model) -> bool:
@@ -97,24 +99,34 @@ def fan_ins(model) -> tuple[int, ...]:
     return tuple(rule.terms(layer) for layer in layers_of(model) if (rule := rule_of(layer)).terms is not None)
 
 
+# The float64 walk keeps, per live tensor, its value and two error parts (and a magnitude after a Linear or Conv):
+# chunks are sized so that the largest tensor's share stays within this many bytes.
+WALK_BYTES = 256 * 2**20
+
+
 def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
-    """Run ``model`` in float64 on float32 ``images`` [N, ...]; see the module docstring."""
+    """Run ``model`` (a PyTorch model or a :class:`crossport.exact.network.Network`) in float64 on float32
+    ``images`` [N, ...]; see the module docstring."""
     import copy
 
     import torch
 
-    layers = layers_of(model)
-    counts = fan_ins(model)
-    double = [copy.deepcopy(layer).double().eval() for layer in layers]
-    with torch.no_grad():
-        sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32)).double()
-        dots = _dot_products_per_example(double, sample)
+    from crossport.exact.network import as_network
+
+    sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32))
+    network = as_network(model, sample)
+    layers_of(network)  # every layer has a rule, or one line naming those that do not
+    counts = fan_ins(network)
+    with torch.no_grad():  # shapes only: float32 (PyTorch's float64 grouped convolutions are slow at batch 1)
+        dots, largest = _per_example(network.eval(), sample)
+    network = copy.deepcopy(network).double().eval()
     lam_ = lam(len(images) * dots, max(counts, default=1))
+    chunk = max(1, min(chunk, WALK_BYTES // (8 * largest)))
     parts: dict[tuple[str, str], list[np.ndarray]] = {}
     with torch.no_grad():
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
-            logits, error = _forward_with_bound(double, batch, lam_)
+            logits, error = _forward_with_bound(network, batch, lam_)
             scores, score_error = _softmax_with_bound(logits, error)
             for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
                 for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
@@ -127,37 +139,60 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     return Exact(part("value"), part("bound"), part("systematic"), lam_, counts)
 
 
-def _dot_products_per_example(layers, sample) -> int:
-    """How many dot products (rounded bounds that must all hold) one example's forward pass computes."""
+def _per_example(network, sample) -> tuple[int, int]:
+    """How many dot products (rounded bounds that must all hold) one example's forward pass computes, and the
+    element count of its largest tensor."""
     from crossport.exact.rules import rule_of
 
-    count = 0
-    for layer in layers:
-        sample = layer(sample)
-        if rule_of(layer).terms is not None:
-            count += sample[:1].numel()
-    return max(count, 1)
+    values = {network.source: sample}
+    count, largest = 0, sample.numel()
+    for step in network.steps:
+        values[step.output] = y = step.layer(*(values[name] for name in step.inputs))
+        largest = max(largest, y.numel())
+        if rule_of(step.layer).terms is not None:
+            count += y.numel()
+    return max(count, 1), largest
 
 
-def _forward_with_bound(layers, x, lam_):
+def _forward_with_bound(network, x, lam_):
+    """The walk: each step's exact output and Error from its inputs' (tensors freed after their last reader). The
+    last accumulating layer's bias add reaches the outputs directly, so it is systematic (crossport.exact.rules):
+    a second Error, ``constant``, follows it from that layer to the outputs."""
     import torch
 
     from crossport.exact.rules import Error, constant_added, rule_of
 
-    error = Error(torch.zeros_like(x), torch.zeros_like(x))
-    last = None  # the last accumulating layer: its index, output and bias
-    for index, layer in enumerate(layers):
-        x, error = rule_of(layer).propagate(layer, x, error, lam_)
-        if rule_of(layer).terms is not None:
-            last = (index, x, getattr(layer, "bias", None))
+    steps = network.steps
+    last = max((i for i, step in enumerate(steps) if rule_of(step.layer).terms is not None), default=None)
+    reads = network.last_reads()
+    values, constant = {network.source: x}, {}
+    errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
+
+    def through(rule, step, xs, errs):
+        if len(xs) == 1:
+            return rule.propagate(step.layer, xs[0], errs[0], lam_)
+        return rule.propagate(step.layer, tuple(xs), tuple(errs), lam_)
+
+    for index, step in enumerate(steps):
+        rule = rule_of(step.layer)
+        xs = [values[name] for name in step.inputs]
+        y, errors[step.output] = through(rule, step, xs, [errors[name] for name in step.inputs])
+        if last is not None and index > last and any(name in constant for name in step.inputs):
+            passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
+                      for name, v in zip(step.inputs, xs, strict=True)]
+            constant[step.output] = through(rule, step, xs, passed)[1]
+        if index == last:
+            bias = getattr(step.layer, "bias", None)
+            constant[step.output] = Error(torch.zeros_like(y), constant_added(y, bias))
+        values[step.output] = y
+        for name in step.inputs:
+            if reads.get(name) == index and name != network.target:
+                values.pop(name, None), errors.pop(name, None), constant.pop(name, None)
+    error = errors[network.target]
     systematic = FLOAT32_TINY  # kernels may flush subnormal results to zero
-    if last is not None:  # the last layer's bias add reaches the outputs directly: systematic (crossport.exact.rules)
-        index, value, bias = last
-        constant = Error(torch.zeros_like(value), constant_added(value, bias))
-        for layer in layers[index + 1 :]:
-            value, constant = rule_of(layer).propagate(layer, value, constant, lam_)
-        systematic = systematic + constant.systematic
-    return x, error.add(systematic=systematic)
+    if network.target in constant:
+        systematic = systematic + constant[network.target].systematic
+    return values[network.target], error.add(systematic=systematic)
 
 
 def _softmax_with_bound(logits, error):

@@ -1,18 +1,20 @@
-"""The exact reference of a model that arrived as an ONNX file: its graph as a chain of float64 layers.
+"""The exact reference of a model that arrived as an ONNX file: its graph as a network of float64 layers.
 
 A model trained elsewhere has no PyTorch original; its ONNX graph is the reference. The
 graph (normalized to crossport's contract, :mod:`translation.onnx_import`) is read node by
-node from ``images`` to ``logits`` into the same chain of layers :mod:`crossport.exact`
-evaluates in float64 with its running float32 error bound, so the gate's derived
-tolerances hold unchanged: the weights are the file's float32 initializers, the arithmetic
-is the graph's, read by one reader per op (:data:`READERS`; each layer's error rule is in
-:mod:`crossport.exact.rules`). Nodes off the chain that only compute shapes (Shape, Gather,
-Concat, ...) are read through ONNX's shape inference. Any other op, or a graph that
-branches, gets one line naming the node.
+node into the :class:`crossport.exact.network.Network` that :mod:`crossport.exact` evaluates
+in float64 with its running float32 error bound, so the gate's derived tolerances hold
+unchanged: the weights are the file's float32 initializers, the arithmetic is the graph's,
+read by one reader per op (:data:`READERS`; each layer's error rule is in
+:mod:`crossport.exact.rules`). A node is read when it computes on data (``images`` or what is
+computed from it); nodes that only compute shapes or constants (Shape, Gather, ...) are
+folded through ONNX's shape inference, and nodes the output does not depend on are dropped.
+Any other op gets one line naming the node.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,14 +22,15 @@ import torch
 from torch import nn  # imported only by the stages that compute exact references
 
 from crossport.errors import CrossportError
-from crossport.exact.layers import GlobalAveragePool, Permute, Reshape
+from crossport.exact.layers import Add, Concat, GlobalAveragePool, HardSigmoid, Mul, Permute, Reshape
+from crossport.exact.network import Network, Step
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS
 
-SHAPE_ONLY = ("Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Constant", "Cast", "Slice", "ConstantOfShape")
+SHAPES = ("Shape", "Size")  # read data but compute metadata: what depends on them is a constant of the graph
 
 
 @dataclass(frozen=True)
-class ChainConfig:
+class GraphConfig:
     arch: str = "onnx"
     input_size: int = INPUT_SIZE
 
@@ -41,18 +44,24 @@ def _attrs(node) -> dict:
 def _refuse(node, why: str) -> CrossportError:
     return CrossportError(
         f"no float32 error model for node {node.name or node.output[0]!r} ({node.op_type}): {why}; the parity gate's "
-        f"exact reference covers chains of {', '.join(READERS)}.",
+        f"exact reference covers graphs of {', '.join(READERS)}.",
         hint="Add a reader for the op to crossport/exact/graph.py and, for a new kind of layer, its rule to "
              "crossport/exact/rules.py (how it adds and passes on rounding error).")
 
 
 @dataclass
-class Chain:
-    """What a reader sees of the graph: its constants, inferred shapes and the layers read so far."""
+class Reading:
+    """What a reader sees of the graph: its constants, inferred shapes, the steps read so far and which step wrote
+    each tensor."""
 
     constants: dict
     shapes: dict
-    layers: list
+    steps: list
+    writer: dict
+    alias: dict  # a tensor folded into the step that wrote its input (a MatMul's bias Add) -> that step's output
+
+    def data(self, name: str) -> str:
+        return self.alias.get(name, name)
 
     def weight(self, node, index: int):
         """Input ``index`` of ``node`` as a float64 array (None if absent); it must be a constant."""
@@ -70,10 +79,10 @@ def param(array) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), requires_grad=False)
 
 
-# --- one reader per op: (node, its attributes, the chain so far) -> the layer it adds, or None ------------------
+# --- one reader per op: (node, its attributes, the reading so far) -> the layer it adds, or None ------------------
 
-def _gemm(node, attrs, chain):
-    w, b = chain.weight(node, 1), chain.weight(node, 2)
+def _gemm(node, attrs, reading):
+    w, b = reading.weight(node, 1), reading.weight(node, 2)
     if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
         raise _refuse(node, "transA, alpha or beta other than the defaults")
     w = w if attrs.get("transB", 0) else w.T
@@ -84,25 +93,51 @@ def _gemm(node, attrs, chain):
     return layer
 
 
-def _matmul(node, attrs, chain):
-    w = chain.weight(node, 1)
+def _matmul(node, attrs, reading):
+    w = reading.weight(node, 1)
     layer = nn.Linear(w.shape[0], w.shape[1], bias=False)
     layer.weight = param(w.T)
     return layer
 
 
-def _add(node, attrs, chain):
-    """Only as the bias of the MatMul before it: it completes that layer and adds none."""
-    bias = chain.weight(node, 1)
-    previous = chain.layers[-1] if chain.layers else None
+def _add(node, attrs, reading):
+    """Of two computed tensors: a residual connection. Of a constant: only as the bias of the MatMul that wrote the
+    other operand, which it completes (it adds no step)."""
+    if all(name not in reading.constants for name in node.input):
+        return Add()
+    constant = int(node.input[1] in reading.constants)  # which operand is the bias
+    bias = reading.weight(node, constant)
+    step = reading.writer.get(reading.data(node.input[1 - constant]))
+    previous = step.layer if step else None
     if not (isinstance(previous, nn.Linear) and previous.bias is None and bias.size == previous.out_features):
-        raise _refuse(node, "an Add that is not the bias of the MatMul before it")
+        raise _refuse(node, "an Add of a constant that is not the bias of the MatMul before it")
     previous.bias = param(bias.reshape(-1))
     return None
 
 
-def _conv(node, attrs, chain):
-    w, b = chain.weight(node, 1), chain.weight(node, 2)
+def _mul(node, attrs, reading):
+    if any(name in reading.constants for name in node.input):
+        raise _refuse(node, "a Mul by a constant")
+    return Mul()
+
+
+def _clip(node, attrs, reading):
+    """ReLU6 and friends: the bounds are attributes before opset 11, optional constant inputs after."""
+    low = reading.weight(node, 1) if len(node.input) > 1 else attrs.get("min")
+    high = reading.weight(node, 2) if len(node.input) > 2 else attrs.get("max")
+    low = -math.inf if low is None else float(np.asarray(low))
+    high = math.inf if high is None else float(np.asarray(high))
+    return nn.Hardtanh(low, high)
+
+
+def _concat(node, attrs, reading):
+    if attrs["axis"] == 0:
+        raise _refuse(node, "a Concat along the batch dimension")
+    return Concat(attrs["axis"])
+
+
+def _conv(node, attrs, reading):
+    w, b = reading.weight(node, 1), reading.weight(node, 2)
     pads = list(attrs.get("pads", [0] * 4))
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or w.ndim != 4 or pads[:2] != pads[2:]:
         raise _refuse(node, "auto_pad, asymmetric padding or a kernel that is not 2-D")
@@ -116,10 +151,10 @@ def _conv(node, attrs, chain):
     return layer
 
 
-def _batch_normalization(node, attrs, chain):
+def _batch_normalization(node, attrs, reading):
 
-    scale, shift, mean, var = (chain.weight(node, i) for i in range(1, 5))
-    rank = len(chain.shapes.get(node.input[0]) or [None] * 4)
+    scale, shift, mean, var = (reading.weight(node, i) for i in range(1, 5))
+    rank = len(reading.shapes.get(node.input[0]) or [None] * 4)
     layer = (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(len(scale), eps=attrs.get("epsilon", 1e-5))
     layer.weight, layer.bias = param(scale), param(shift)
     layer.running_mean = torch.from_numpy(mean.astype(np.float32))
@@ -127,7 +162,7 @@ def _batch_normalization(node, attrs, chain):
     return layer.eval()
 
 
-def _max_pool(node, attrs, chain):
+def _max_pool(node, attrs, reading):
     pads = list(attrs.get("pads", [0] * 4))
     if pads[:2] != pads[2:] or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _refuse(node, "auto_pad or asymmetric padding")
@@ -136,32 +171,32 @@ def _max_pool(node, attrs, chain):
                         dilation=tuple(attrs.get("dilations", [1, 1])), ceil_mode=bool(attrs.get("ceil_mode", 0)))
 
 
-def _global_average_pool(node, attrs, chain):
-    shape = chain.shapes.get(node.input[0])
+def _global_average_pool(node, attrs, reading):
+    shape = reading.shapes.get(node.input[0])
     if not shape or len(shape) != 4 or None in shape[2:]:
         raise _refuse(node, "its input is not a 4-D tensor of known height and width")
     return GlobalAveragePool(shape[2] * shape[3])
 
 
-def _reduce_mean(node, attrs, chain):
+def _reduce_mean(node, attrs, reading):
     """Over the spatial axes only (a network's head): a global average pool, flattened unless ``keepdims``."""
     axes = attrs.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:  # opset 18 takes the axes as an input
-        axes = chain.constants.get(node.input[1])
+        axes = reading.constants.get(node.input[1])
     if axes is None or sorted(int(a) % 4 for a in np.ravel(axes)) != [2, 3]:
         raise _refuse(node, "a ReduceMean over axes other than the spatial ones (2, 3)")
-    pool = _global_average_pool(node, attrs, chain)
-    return pool if attrs.get("keepdims", 1) else nn.Sequential(pool, nn.Flatten())
+    pool = _global_average_pool(node, attrs, reading)
+    return GlobalAveragePool(pool.size, keepdims=bool(attrs.get("keepdims", 1)))
 
 
-def _reshape(node, attrs, chain):
-    target = chain.shapes.get(node.output[0])
+def _reshape(node, attrs, reading):
+    target = reading.shapes.get(node.output[0])
     if not target or any(d is None for d in target[1:]):
         raise _refuse(node, "its output shape cannot be inferred")
     return Reshape(tuple(target[1:]))
 
 
-def _transpose(node, attrs, chain):
+def _transpose(node, attrs, reading):
     perm = tuple(attrs["perm"])
     if perm[0] != 0:
         raise _refuse(node, "a transpose that moves the batch dimension")
@@ -172,26 +207,33 @@ READERS = {
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Add": _add,
+    "Mul": _mul,
+    "Concat": _concat,
+    "Clip": _clip,
+    "HardSigmoid": lambda node, attrs, reading: HardSigmoid(attrs.get("alpha", 0.2), attrs.get("beta", 0.5)),
+    "HardSwish": lambda node, attrs, reading: nn.Hardswish(),
     "Conv": _conv,
     "BatchNormalization": _batch_normalization,
-    "Relu": lambda node, attrs, chain: nn.ReLU(),
-    "Elu": lambda node, attrs, chain: nn.ELU(alpha=attrs.get("alpha", 1.0)),
-    "LeakyRelu": lambda node, attrs, chain: nn.LeakyReLU(negative_slope=attrs.get("alpha", 0.01)),
-    "Tanh": lambda node, attrs, chain: nn.Tanh(),
-    "Sigmoid": lambda node, attrs, chain: nn.Sigmoid(),
+    "Relu": lambda node, attrs, reading: nn.ReLU(),
+    "Elu": lambda node, attrs, reading: nn.ELU(alpha=attrs.get("alpha", 1.0)),
+    "LeakyRelu": lambda node, attrs, reading: nn.LeakyReLU(negative_slope=attrs.get("alpha", 0.01)),
+    "Tanh": lambda node, attrs, reading: nn.Tanh(),
+    "Sigmoid": lambda node, attrs, reading: nn.Sigmoid(),
     "MaxPool": _max_pool,
     "GlobalAveragePool": _global_average_pool,
     "ReduceMean": _reduce_mean,
     "Reshape": _reshape,
     "Flatten": _reshape,
+    "Squeeze": _reshape,
+    "Unsqueeze": _reshape,
     "Transpose": _transpose,
-    "Identity": lambda node, attrs, chain: nn.Identity(),
-    "Dropout": lambda node, attrs, chain: nn.Identity(),  # inference: the identity
+    "Identity": lambda node, attrs, reading: nn.Identity(),
+    "Dropout": lambda node, attrs, reading: nn.Identity(),  # inference: the identity
 }
 
 
-def chain_from_onnx(model):
-    """``model`` (onnx.ModelProto with input ``images`` and output ``logits``) as a torch ``nn.Sequential``."""
+def network_from_onnx(model) -> Network:
+    """``model`` (onnx.ModelProto with input ``images`` and output ``logits``) as a :class:`Network`."""
     import onnx
     from onnx import numpy_helper
 
@@ -202,30 +244,42 @@ def chain_from_onnx(model):
     for node in model.graph.node:
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
-    consumers: dict[str, list] = {}
+    needed = _needed(model.graph.node, LOGITS)
+    reading = Reading(constants, shapes, [], {}, {})
+    data = {INPUT}
     for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    chain = Chain(constants, shapes, [])
-    current = INPUT
-    while current != LOGITS:
-        users = [node for node in consumers.get(current, []) if node.op_type not in SHAPE_ONLY]
-        if len(users) != 1:
-            raise CrossportError(
-                f"tensor {current!r} feeds {len(users)} computing nodes; the exact reference covers graphs that are "
-                "one chain of layers from 'images' to 'logits'.",
-                hint="Branching graphs (residual blocks, several heads) are not supported yet.")
-        node = users[0]
+        if node.op_type in SHAPES or not any(name in data for name in node.input) or node.output[0] not in needed:
+            continue  # a shape or constant computation, or a branch the output does not depend on
         reader = READERS.get(node.op_type)
         if reader is None:
             raise _refuse(node, "op not supported")
-        layer = reader(node, _attrs(node), chain)
-        if layer is not None:
-            chain.layers.append(layer)
-        current = node.output[0]
-    network = nn.Sequential(*chain.layers).eval()
-    network.config = ChainConfig()  # what training.model's counters read from a network
-    return network
+        layer = reader(node, _attrs(node), reading)
+        data.add(node.output[0])
+        if layer is None:  # folded into the step that wrote its input
+            reading.alias[node.output[0]] = next(reading.data(name) for name in node.input if name in data)
+            continue
+        step = Step(layer, tuple(reading.data(name) for name in node.input if name in data), node.output[0])
+        reading.steps.append(step)
+        reading.writer[step.output] = step
+    target = reading.data(LOGITS)
+    if target not in data:
+        raise CrossportError(f"'{LOGITS}' is not computed from '{INPUT}' in this graph.",
+                             hint="The graph must compute its output from its image input.")
+    return Network(reading.steps, INPUT, target, GraphConfig())
+
+
+def _needed(nodes, output: str) -> set[str]:
+    """The tensors ``output`` depends on (itself included)."""
+    writers = {name: node for node in nodes for name in node.output}
+    needed, pending = set(), [output]
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if name in writers:
+            pending.extend(writers[name].input)
+    return needed
 
 
 def exact_from_onnx(path, images):
@@ -234,7 +288,7 @@ def exact_from_onnx(path, images):
 
     from crossport.exact import exact_outputs
 
-    return exact_outputs(chain_from_onnx(onnx.load(str(path), load_external_data=False)), images)
+    return exact_outputs(network_from_onnx(onnx.load(str(path), load_external_data=False)), images)
 
 
 def float64_model(model):
@@ -261,8 +315,8 @@ def float64_model(model):
     return wide
 
 
-def check_chain(model, images, exact) -> float:
-    """Prove the chain read the graph right: ONNX's own reference evaluator, run in float64, must agree.
+def check_network(model, images, exact) -> float:
+    """Prove the network read the graph right: ONNX's own reference evaluator, run in float64, must agree.
 
     Both are float64 evaluations of the same sums, so each is within the float32 bound B
     scaled by float64's unit roundoff over float32's (2⁻²⁹) of the exact value; they may differ

@@ -19,14 +19,14 @@ class Reshape(nn.Module):
 
 class GlobalAveragePool(nn.Module):
     """The mean over each channel's ``size`` positions, kept as [N, C, 1, 1]: ONNX GlobalAveragePool, or ReduceMean
-    over the spatial axes (the head of a ResNet or MobileNet)."""
+    over the spatial axes (the head of a ResNet or MobileNet); [N, C] without ``keepdims``."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, keepdims: bool = True) -> None:
         super().__init__()
-        self.size = int(size)
+        self.size, self.keepdims = int(size), bool(keepdims)
 
     def forward(self, x):
-        return x.mean(dim=(2, 3), keepdim=True)
+        return x.mean(dim=(2, 3), keepdim=self.keepdims)
 
 
 class Permute(nn.Module):
@@ -38,3 +38,42 @@ class Permute(nn.Module):
 
     def forward(self, x):
         return x.permute(*self.perm)
+
+
+class Add(nn.Module):
+    """``a + b`` of two computed tensors, with broadcasting: a residual connection."""
+
+    def forward(self, a, b):
+        return a + b
+
+
+class Mul(nn.Module):
+    """``a * b`` of two computed tensors, with broadcasting: a squeeze-excitation's channel scale, a HardSwish
+    written as ``x * HardSigmoid(x)``."""
+
+    def forward(self, a, b):
+        return a * b
+
+
+class Concat(nn.Module):
+    """The inputs joined along ``dim``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = int(dim)
+
+    def forward(self, *parts):
+        import torch
+
+        return torch.cat(parts, dim=self.dim)
+
+
+class HardSigmoid(nn.Module):
+    """``clip(alpha·x + beta, 0, 1)``: ONNX HardSigmoid (PyTorch's Hardsigmoid is alpha 1/6, beta 1/2)."""
+
+    def __init__(self, alpha: float = 1 / 6, beta: float = 0.5) -> None:
+        super().__init__()
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def forward(self, x):
+        return (self.alpha * x + self.beta).clamp(0.0, 1.0)

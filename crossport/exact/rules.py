@@ -27,7 +27,7 @@ import torch  # imported only by the stages that compute exact references
 from torch import nn
 from torch.nn import functional as F
 
-from crossport.exact.layers import GlobalAveragePool, Permute, Reshape
+from crossport.exact.layers import Add, Concat, GlobalAveragePool, HardSigmoid, Mul, Permute, Reshape
 from crossport.exact.rounding import CONSTANT_ROUNDINGS, EXP_ULPS, SIGMOID_ULPS, TANH_ULPS, U32, gamma
 
 # Where an error crosses a kink (ReLU's 0, a max-pool's near-tie) it comes out one-sided. B keeps the whole effect;
@@ -160,6 +160,77 @@ def _smooth(function, derivative, ulps, scale):
     return propagate
 
 
+def _clip(layer, x, error, lam_):
+    """``clamp(x, lo, hi)`` (ReLU6, a Clip): no arithmetic; the error passes where x is inside, and crossing either
+    end adds at most the error beyond it, in B only (a kink crossing)."""
+    lo, hi = layer.min_val, layer.max_val
+    inside = ((x > lo) & (x < hi)).to(x.dtype)
+    nearest = torch.minimum((x - lo).abs(), (x - hi).abs())
+    crossing = torch.clamp(error.total - nearest, min=0.0)
+    return layer(x), Error(error.random * inside + crossing, error.systematic * inside)
+
+
+def _largest_slope(slope, kinks, x, reach):
+    """max |f'| over [x − reach, x + reach] for a piecewise function whose |f'| is convex between its kinks: at the
+    interval's ends and at the kinks it covers (approached from either side)."""
+    ends = [slope(x - reach), slope(x + reach)]
+    for kink, sides in kinks:
+        covered = ((x - kink).abs() <= reach).to(x.dtype)
+        ends += [covered * side for side in sides]
+    return torch.stack(ends).amax(dim=0)
+
+
+def _hard_sigmoid(layer, x, error, lam_):
+    """``clip(α·x + β, 0, 1)``: slope α between the kinks; a multiply and an add rounded (random), and α as a float32
+    number (systematic: the same relative error for every input)."""
+    alpha, beta = getattr(layer, "alpha", 1 / 6), getattr(layer, "beta", 0.5)
+    lo, hi = (-beta / alpha, (1 - beta) / alpha) if alpha > 0 else ((1 - beta) / alpha, -beta / alpha)
+    y = layer(x)
+    inside = ((x > lo) & (x < hi)).to(x.dtype)
+    reach = error.total
+    slope = abs(alpha) * torch.maximum(inside, ((x - lo).abs() <= reach).to(x.dtype) + ((x - hi).abs() <= reach))
+    slope = torch.clamp(slope, max=abs(alpha))
+    linear = (alpha * x).abs()
+    # near a kink the rounded α·x + β may land on the other side: within the same γ̃(2)·(|α·x| + |β|)
+    return y, error.map(lambda e: slope * e).add(random=gamma(2, lam_) * (linear + abs(beta)),
+                                                 systematic=U32 * linear * inside)
+
+
+def _hard_swish(layer, x, error, lam_):
+    """``x·clip(x/6 + 1/2, 0, 1)``: f' is 0 below −3, (2x + 3)/6 between, 1 above; the error passes scaled by the
+    largest |f'| within its reach. Three roundings of at most |x|·h(x) (the shift, the product, the division or the
+    multiply by 1/6: random) and 1/6 as a float32 number (systematic)."""
+    y = layer(x)
+
+    def slope(t):
+        return torch.where(t < -3, torch.zeros_like(t), torch.where(t > 3, torch.ones_like(t), ((2 * t + 3) / 6).abs()))
+
+    largest = _largest_slope(slope, ((-3.0, (0.0, 0.5)), (3.0, (1.5, 1.0))), x, error.total)
+    h = torch.clamp(x / 6 + 0.5, 0.0, 1.0)
+    # just below −3 a rounded x/6 + 1/2 may come out positive: a product of |x|·u·|x|/6
+    near = ((x + 3).abs() <= 2 * U32 * x.abs()).to(x.dtype)
+    size = x.abs() * h + near * x.abs() ** 2 / 6
+    return y, error.map(lambda e: largest * e).add(random=4 * U32 * size, systematic=U32 * x.abs() * h)
+
+
+def _add(layer, xs, errors, lam_):
+    """``a + b``: the errors add (broadcast), and the sum is rounded once (random)."""
+    y = layer(*xs)
+    return y, Error(errors[0].random + errors[1].random + U32 * y.abs(), errors[0].systematic + errors[1].systematic)
+
+
+def _mul(layer, xs, errors, lam_):
+    """``a · b``: to first order |b|·δa + |a|·δb, and the product rounded once (random)."""
+    (a, b), (da, db) = xs, errors
+    y = layer(a, b)
+    return y, Error(b.abs() * da.random + a.abs() * db.random + U32 * y.abs(),
+                    b.abs() * da.systematic + a.abs() * db.systematic)
+
+
+def _concat(layer, xs, errors, lam_):
+    return layer(*xs), Error(layer(*(e.random for e in errors)), layer(*(e.systematic for e in errors)))
+
+
 def _max_pool(layer, x, error, lam_):
     """The window's largest input brings its error (at most the window's largest); an error large enough to let
     another input overtake it adds at most 2·max|δ| − gap, in B only (a kink crossing)."""
@@ -206,6 +277,13 @@ RULES: dict[type, Rule] = {
     nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs)),
     nn.Sigmoid: Rule(_smooth(torch.sigmoid, lambda m: torch.sigmoid(m) * torch.sigmoid(-m), SIGMOID_ULPS,
                              lambda y: torch.maximum(y, 1 - y))),
+    nn.Hardtanh: Rule(_clip),  # ReLU6 and ONNX Clip
+    nn.Hardsigmoid: Rule(_hard_sigmoid),
+    HardSigmoid: Rule(_hard_sigmoid),
+    nn.Hardswish: Rule(_hard_swish),
+    Add: Rule(_add),
+    Mul: Rule(_mul),
+    Concat: Rule(_concat),
     nn.MaxPool2d: Rule(_max_pool),
     nn.Flatten: Rule(_moves_values),
     nn.Unflatten: Rule(_moves_values),

@@ -102,7 +102,7 @@ def batch_check(sess, path: Path) -> None:
 def import_stage(ctx) -> StageResult:
     import onnx
 
-    from crossport.exact.graph import check_chain, exact_from_onnx
+    from crossport.exact.graph import check_network, exact_from_onnx
     from crossport.files import replace_atomic, sha256_file
     from crossport.interface import to_inputs
     from pipelines.eval_data import load_eval_data, resolve_labels
@@ -154,7 +154,7 @@ def import_stage(ctx) -> StageResult:
     made = write_data(ctx, dataset)
     golden = to_inputs(dataset.x_test[:GOLDEN_SIZE])
     exact = exact_from_onnx(path, golden)
-    chain_ratio = check_chain(result.model, golden, exact)  # the chain read the graph as onnx.reference does
+    network_ratio = check_network(result.model, golden, exact)  # the network read the graph as onnx.reference does
     exact_path = run_dir / "golden_exact.npz"
     with replace_atomic(exact_path) as partial:
         exact.save(partial)
@@ -166,7 +166,7 @@ def import_stage(ctx) -> StageResult:
                                                                for d in result.input_shape],
         "metadata": metadata, "normalization": result.steps, "logits": result.logits,
         "labels_from": labels_from, "orientation": orientation,
-        "orientation_detected": detected, "chain_check_ratio": chain_ratio,
+        "orientation_detected": detected, "network_check_ratio": network_ratio,
     }
     ctx.manifest.facts["model"] = {"arch": "onnx", "summary": _summary(result.model),
                                    "parameters": int(sum(np.prod(i.dims) for i in result.model.graph.initializer)),
@@ -195,8 +195,8 @@ def _summary(model) -> str:
 def _macs(path: Path) -> int | None:
     import onnx
 
-    from crossport.exact.graph import chain_from_onnx
+    from crossport.exact.graph import network_from_onnx
     from training.model import macs_per_example
 
-    return macs_per_example(chain_from_onnx(onnx.load(str(path), load_external_data=False)))
+    return macs_per_example(network_from_onnx(onnx.load(str(path), load_external_data=False)))
 

@@ -102,9 +102,9 @@ def _network(version_dir: Path, checkpoint: Path, imported: bool):
     if imported:
         import onnx
 
-        from crossport.exact.graph import chain_from_onnx
+        from crossport.exact.graph import network_from_onnx
 
-        return chain_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path), load_external_data=False))
+        return network_from_onnx(onnx.load(str(version_dir / BY_NAME["onnx"].path), load_external_data=False))
     from training.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint).model

@@ -1,0 +1,175 @@
+"""The exact reference on graphs that branch: one rule per op, each bound holding on float32 runs of the op on
+inputs built to be hard (cancellations, values at the kinks), and torchvision's own architectures read whole."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossport.exact import U32, exact_outputs, layers_of
+from crossport.exact.layers import Add, HardSigmoid, Mul
+from crossport.exact.network import Network, Step, from_torch
+from crossport.exact.rules import Error, rule_of
+
+
+def hard_inputs(n: int, seed: int) -> torch.Tensor:
+    """float64 inputs that are float32 numbers: near the kinks of every op here (0, ±3, 6), wide and tiny ones."""
+    rng = np.random.default_rng(seed)
+    kinks = rng.choice([0.0, -3.0, 3.0, 6.0], n) + rng.normal(0, 1e-6, n)
+    wide = rng.normal(0, 10, n)
+    return torch.from_numpy(np.concatenate([kinks, wide, wide * 1e-7]).astype(np.float32).astype(np.float64))
+
+
+def perturbed(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, Error]:
+    """A float32 input already off its exact value by a few ulps, and that error's bound."""
+    rng = np.random.default_rng(seed)
+    off = (x + torch.from_numpy(rng.uniform(-1, 1, x.shape)) * 4 * U32 * x.abs()).float()
+    bound = 5 * U32 * x.abs() + 1e-30  # the 4 ulps, and the rounding to float32
+    return off, Error(bound, torch.zeros_like(bound))
+
+
+UNARY = {
+    "relu6": nn.ReLU6(),
+    "clip": nn.Hardtanh(-0.5, 2.0),
+    "hardsigmoid": nn.Hardsigmoid(),
+    "onnx-hardsigmoid": HardSigmoid(0.2, 0.5),
+    "hardswish": nn.Hardswish(),
+}
+
+
+@pytest.mark.parametrize("name", list(UNARY))
+def test_each_unary_rule_bounds_float32_runs_of_its_op(name):
+    layer = UNARY[name]
+    x = hard_inputs(2000, seed=1)
+    off, error = perturbed(x, seed=2)
+    exact, bound = rule_of(layer).propagate(layer.double(), x, error, 1.0)
+    # the op as float32 kernels compute it: PyTorch's, and the formula an exporter writes out
+    for computed in (layer.float()(off).double(), _by_formula(name, off).double()):
+        assert torch.all((computed - exact).abs() <= bound.total), name
+    layer.double()
+
+
+def _by_formula(name, x):
+    if name == "hardswish":
+        return x * torch.clamp(x * np.float32(1 / 6) + 0.5, 0, 1)  # HardSigmoid then Mul, as opset 13 writes it
+    if name == "hardsigmoid":
+        return torch.clamp(x * np.float32(1 / 6) + 0.5, 0, 1)
+    return UNARY[name].float()(x)
+
+
+def test_add_and_mul_bound_cancellation_and_broadcasting():
+    rng = np.random.default_rng(3)
+    a = torch.from_numpy(rng.normal(0, 1, (64, 8, 4, 4)).astype(np.float32).astype(np.float64))
+    # b cancels a to within a few ulps in half the elements: the relative error of the sum is huge there
+    b = torch.where(torch.rand(a.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -a * (1 + 1e-6), a)
+    b = b.float().double()
+    scale = torch.from_numpy(rng.uniform(0, 1, (64, 8, 1, 1)).astype(np.float32).astype(np.float64))
+    (fa, ea), (fb, eb), (fs, es) = perturbed(a, 4), perturbed(b, 5), perturbed(scale, 6)
+    for layer, inputs, floats, errors in ((Add(), (a, b), (fa, fb), (ea, eb)),
+                                          (Mul(), (a, scale), (fa, fs), (ea, es))):
+        exact, bound = rule_of(layer).propagate(layer, inputs, errors, 1.0)
+        assert torch.all((layer(*floats).double() - exact).abs() <= bound.total)
+        assert exact.shape == a.shape
+
+
+def test_a_residual_network_is_walked_as_a_graph():
+    """x → Linear → (ReLU, identity) → Add → Linear: the exact values are float64's, float32 within B."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(16, 16), nn.Linear(16, 3)
+    network = Network([Step(first, ("x",), "h"), Step(nn.ReLU(), ("h",), "r"), Step(Add(), ("h", "r"), "s"),
+                       Step(second, ("s",), "y")], "x", "y")
+    x = np.random.default_rng(0).normal(0, 1, (32, 16)).astype(np.float32)
+    exact = exact_outputs(network, x)
+    h = first.double()(torch.from_numpy(x).double())
+    expected = second.double()(h + torch.relu(h)).detach().numpy()
+    np.testing.assert_allclose(exact.values["logits"], expected, rtol=1e-12)
+    network.float()
+    with torch.no_grad():
+        error = np.abs(network(torch.from_numpy(x)).numpy() - exact.values["logits"])
+    assert np.all(error <= exact.bounds["logits"])
+
+
+ARCHITECTURES = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def torchvision_model(request):
+    from training.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=request.param, num_classes=5)).eval()
+    with torch.no_grad():  # batch statistics as training leaves them, not the identity of a fresh BatchNorm
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.uniform_(-0.2, 0.2)
+                layer.running_var.uniform_(0.5, 2.0)
+    return request.param, model
+
+
+def test_torchvision_architectures_are_read_whole_and_computed_exactly(torchvision_model):
+    name, model = torchvision_model
+    x = np.random.default_rng(1).random((3, 784), dtype=np.float32)
+    exact = exact_outputs(model, x)
+    import copy
+
+    wide = copy.deepcopy(model).double()
+    with torch.no_grad():
+        expected = wide(torch.from_numpy(x).double()).numpy()
+        float32 = model(torch.from_numpy(x)).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(exact.values["logits"], expected, rtol=0, atol=1e-12 * scale)
+    assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
+    kinds = {type(layer).__name__ for layer in layers_of(model)}
+    assert {"Conv2d", "BatchNorm2d", "Add", "GlobalAveragePool", "Linear"} <= kinds
+    if name == "mobilenet_v3_small":
+        assert {"Hardswish", "Hardsigmoid", "Mul"} <= kinds
+
+
+def test_a_function_without_a_rule_is_named():
+    from crossport.errors import CrossportError
+
+    class Softplus(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.softplus(x)
+
+    with pytest.raises(CrossportError, match=r"no float32 error model for call_function 'softplus'"):
+        from_torch(nn.Sequential(nn.Linear(4, 4), Softplus()))
+
+
+@pytest.mark.slow  # the exporter takes about 10 s
+def test_an_exported_mobilenet_v3_graph_is_read_as_onnx_reference_computes_it(tmp_path):
+    """The ONNX reader on what the export stage writes (HardSwish, HardSigmoid, Mul, Add, ReduceMean, Gemm): the
+    network it reads computes the graph's function (onnx.reference in float64 agrees) and the model's."""
+    import onnx
+
+    from crossport.exact.graph import check_network, network_from_onnx
+    from training.model import ModelConfig, build_model
+    from translation.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="mobilenet_v3_small", num_classes=5)).eval()
+    export_onnx(model, tuple("abcde"), "0" * 64, tmp_path / "model.onnx")
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert {"HardSwish", "HardSigmoid", "Mul", "Add", "ReduceMean"} <= {node.op_type for node in graph.graph.node}
+    x = np.random.default_rng(1).random((2, 784), dtype=np.float32)
+    exact = exact_outputs(network_from_onnx(graph), x)
+    assert check_network(graph, x, exact) <= 1.0
+    from crossport.parity import compare_graph
+
+    # the exporter folds each BatchNorm into its convolution (a float32 rounding per folded weight): the export check
+    assert compare_graph(exact_outputs(model, x), exact, folded=True).worst_ratio <= 1.0
+
+
+@pytest.mark.slow  # trains and exports a MobileNetV3 on digits (about 25 s)
+def test_a_network_too_deep_for_the_bound_is_refused_saying_so_not_passed(tmp_path, capfd):
+    """docs/parity.md, "Deep networks": the forward bound of a 54-layer network is far wider than its logits, so
+    every example is a near-tie and the export hop refuses, naming the bound's width; nothing is published."""
+    from tests.helpers import pipeline_here
+
+    result = pipeline_here("--stage", "all", "--dataset", "digits", "--model", "mobilenet_v3_small", "--epochs", "1",
+                           "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"),
+                           "--no-tracking", capsys=capfd)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "pytorch -> onnxruntime: every example is a near-tie" in result.stderr
+    assert "'Deep networks'" in result.stderr
+    assert not (tmp_path / "models" / "emnist_mobilenet_v3_small").exists()
