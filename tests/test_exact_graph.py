@@ -136,40 +136,102 @@ def test_a_function_without_a_rule_is_named():
         from_torch(nn.Sequential(nn.Linear(4, 4), Softplus()))
 
 
-@pytest.mark.slow  # the exporter takes about 10 s
-def test_an_exported_mobilenet_v3_graph_is_read_as_onnx_reference_computes_it(tmp_path):
-    """The ONNX reader on what the export stage writes (HardSwish, HardSigmoid, Mul, Add, ReduceMean, Gemm): the
-    network it reads computes the graph's function (onnx.reference in float64 agrees) and the model's."""
+@pytest.mark.slow  # trains and exports a MobileNetV3 on digits (about 25 s)
+def test_a_mobilenet_v3_is_read_from_its_export_and_refused_as_too_deep_not_passed(tmp_path, capfd):
+    """The export stage's graph (HardSwish, HardSigmoid, Mul, Add, ReduceMean, Gemm) is read as onnx.reference
+    computes it, and as the model computes it. But the forward bound of a 54-layer network is far wider than its
+    logits (docs/parity.md, "Deep networks"), so every example is a near-tie: the export hop refuses, naming the
+    bound's width, and nothing is published."""
     import onnx
 
     from crossport.exact.graph import check_network, network_from_onnx
-    from training.model import ModelConfig, build_model
-    from translation.onnx_export import export_onnx
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="mobilenet_v3_small", num_classes=5)).eval()
-    export_onnx(model, tuple("abcde"), "0" * 64, tmp_path / "model.onnx")
-    graph = onnx.load(str(tmp_path / "model.onnx"))
-    assert {"HardSwish", "HardSigmoid", "Mul", "Add", "ReduceMean"} <= {node.op_type for node in graph.graph.node}
-    x = np.random.default_rng(1).random((2, 784), dtype=np.float32)
-    exact = exact_outputs(network_from_onnx(graph), x)
-    assert check_network(graph, x, exact) <= 1.0
     from crossport.parity import compare_graph
-
-    # the exporter folds each BatchNorm into its convolution (a float32 rounding per folded weight): the export check
-    assert compare_graph(exact_outputs(model, x), exact, folded=True).worst_ratio <= 1.0
-
-
-@pytest.mark.slow  # trains and exports a MobileNetV3 on digits (about 25 s)
-def test_a_network_too_deep_for_the_bound_is_refused_saying_so_not_passed(tmp_path, capfd):
-    """docs/parity.md, "Deep networks": the forward bound of a 54-layer network is far wider than its logits, so
-    every example is a near-tie and the export hop refuses, naming the bound's width; nothing is published."""
     from tests.helpers import pipeline_here
+    from training.checkpoint import load_checkpoint
 
+    run = tmp_path / "run"
     result = pipeline_here("--stage", "all", "--dataset", "digits", "--model", "mobilenet_v3_small", "--epochs", "1",
-                           "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"),
-                           "--no-tracking", capsys=capfd)
+                           "--run-dir", str(run), "--models-dir", str(tmp_path / "models"), "--no-tracking",
+                           capsys=capfd)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "pytorch -> onnxruntime: every example is a near-tie" in result.stderr
     assert "'Deep networks'" in result.stderr
     assert not (tmp_path / "models" / "emnist_mobilenet_v3_small").exists()
+
+    graph = onnx.load(str(run / "model.onnx"))
+    assert {"HardSwish", "HardSigmoid", "Mul", "Add", "ReduceMean"} <= {node.op_type for node in graph.graph.node}
+    x = np.random.default_rng(1).random((2, 784), dtype=np.float32)
+    exact = exact_outputs(network_from_onnx(graph), x)
+    assert check_network(graph, x, exact) <= 1.0
+    # the exporter folds each BatchNorm into its convolution (a float32 rounding per folded weight): the export check
+    model = load_checkpoint(run / "model.pt").model
+    assert compare_graph(exact_outputs(model, x), exact, folded=True).worst_ratio <= 1.0
+
+
+def _one_op_graph(make_nodes, channels: int = 2, side: int = 5, opset: int = 17):
+    """images [N, C·H·W] → [N, C, H, W] → the nodes ``make_nodes("x")`` returns (ending in tensor "y") → logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers = make_nodes("x")
+    shape = numpy_helper.from_array(np.array([-1, channels, side, side], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["images", "shape"], ["x"]), *nodes,
+         helper.make_node("Flatten", ["y"], ["logits"], axis=1)],
+        "one_op", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [None, channels * side * side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, None])],
+        [shape, *(numpy_helper.from_array(np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f"
+                                                     else np.int64), k) for k, v in initializers.items())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _node(op, inputs, output="y", **attrs):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, [output], **attrs)
+
+
+# name -> (nodes from tensor x to tensor y, their constants): every op of the ONNX reader that a chain of
+# Conv/Gemm models never exercised, on inputs in [0, 1] that cross the ops' kinks
+ONNX_OPS = {
+    "normalise": lambda x: ([_node("Sub", [x, "mean"], "c"), _node("Div", ["c", "std"])],
+                            {"mean": [[[0.45]], [[0.5]]], "std": [[[0.22]], [[0.3]]]}),
+    "add-and-mul-constants": lambda x: ([_node("Add", ["bias", x], "c"), _node("Mul", ["c", "gain"])],
+                                        {"bias": [[[-0.5]], [[0.25]]], "gain": [[[3.0]], [[-1.5]]]}),
+    "constant-minus-x": lambda x: ([_node("Sub", ["one", x])], {"one": [1.0]}),
+    "average-pool": lambda x: ([_node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])], {}),
+    "average-pool-counting-pads": lambda x: ([_node("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2],
+                                                    pads=[1, 1, 1, 1], count_include_pad=1)], {}),
+    "pad": lambda x: ([_node("Pad", [x, "pads", "value"])], {"pads": [0, 0, 1, 2, 0, 0, 2, 1], "value": 0.5}),
+    "clip": lambda x: ([_node("Clip", [x, "lo", "hi"])], {"lo": 0.2, "hi": 0.7}),
+    "hard-sigmoid": lambda x: ([_node("HardSigmoid", [x], alpha=1.5, beta=-0.2)], {}),
+    "hard-swish": lambda x: ([_node("Mul", [x, "six"], "c"), _node("HardSwish", ["c"])], {"six": 6.0}),
+    "concat-and-sub": lambda x: ([_node("Sub", [x, "half"], "c"), _node("Relu", ["c"], "r"),
+                                  _node("Sub", ["c", "r"], "d"), _node("Concat", ["d", "r"], axis=1)],
+                                 {"half": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", list(ONNX_OPS))
+def test_each_onnx_op_is_read_as_onnx_reference_computes_it_and_bounds_onnx_runtime(name):
+    from crossport.exact.graph import check_network, network_from_onnx
+    from crossport.runtimes import load_onnx
+
+    model = _one_op_graph(ONNX_OPS[name])
+    x = np.random.default_rng(2).random((300, 50), dtype=np.float32)
+    exact = exact_outputs(network_from_onnx(model), x)
+    assert check_network(model, x, exact) <= 1.0  # onnx.reference, in float64, computes the same function
+    float32 = load_onnx(model)(x)["logits"]
+    assert float32.shape == exact.values["logits"].shape
+    assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
+
+
+def test_a_constant_divided_by_data_is_refused_naming_the_node():
+    from crossport.errors import CrossportError
+    from crossport.exact.graph import network_from_onnx
+
+    model = _one_op_graph(lambda x: ([_node("Div", ["one", x])], {"one": 1.0}))
+    with pytest.raises(CrossportError, match=r"\(Div\): a constant divided by a computed tensor"):
+        network_from_onnx(model)

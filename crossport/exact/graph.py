@@ -22,7 +22,19 @@ import torch
 from torch import nn  # imported only by the stages that compute exact references
 
 from crossport.errors import CrossportError
-from crossport.exact.layers import Add, Concat, GlobalAveragePool, HardSigmoid, Mul, Permute, Reshape
+from crossport.exact.layers import (
+    Add,
+    Concat,
+    GlobalAveragePool,
+    HardSigmoid,
+    HardSwish,
+    Mul,
+    Pad,
+    Permute,
+    Reshape,
+    Sub,
+    WithConstant,
+)
 from crossport.exact.network import Network, Step
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS
 
@@ -100,25 +112,37 @@ def _matmul(node, attrs, reading):
     return layer
 
 
-def _add(node, attrs, reading):
-    """Of two computed tensors: a residual connection. Of a constant: only as the bias of the MatMul that wrote the
-    other operand, which it completes (it adds no step)."""
-    if all(name not in reading.constants for name in node.input):
-        return Add()
-    constant = int(node.input[1] in reading.constants)  # which operand is the bias
-    bias = reading.weight(node, constant)
-    step = reading.writer.get(reading.data(node.input[1 - constant]))
+def _elementwise(op: str, two: type):
+    """Add, Sub, Mul, Div: of two computed tensors, a two-input step (``two``; None: refused); with a constant, a
+    :class:`WithConstant` step, except an Add completing the MatMul that wrote its other operand, as that MatMul's
+    bias (it adds no step)."""
+
+    def read(node, attrs, reading):
+        constant = [name in reading.constants for name in node.input]
+        if not any(constant):
+            if two is None:
+                raise _refuse(node, f"a {node.op_type} of two computed tensors")
+            return two()
+        index = constant.index(True)
+        value = reading.constants[node.input[index]].astype(np.float32)
+        if op == "add" and _completes_matmul(node, value, index, reading):
+            return None
+        if index == 0 and op in ("sub", "div"):
+            if op == "div":
+                raise _refuse(node, "a constant divided by a computed tensor")
+            return WithConstant("rsub", value)
+        return WithConstant(op, value)
+
+    return read
+
+
+def _completes_matmul(node, bias, index, reading) -> bool:
+    step = reading.writer.get(reading.data(node.input[1 - index]))
     previous = step.layer if step else None
     if not (isinstance(previous, nn.Linear) and previous.bias is None and bias.size == previous.out_features):
-        raise _refuse(node, "an Add of a constant that is not the bias of the MatMul before it")
+        return False
     previous.bias = param(bias.reshape(-1))
-    return None
-
-
-def _mul(node, attrs, reading):
-    if any(name in reading.constants for name in node.input):
-        raise _refuse(node, "a Mul by a constant")
-    return Mul()
+    return True
 
 
 def _clip(node, attrs, reading):
@@ -167,8 +191,29 @@ def _max_pool(node, attrs, reading):
     if pads[:2] != pads[2:] or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _refuse(node, "auto_pad or asymmetric padding")
     kernel = tuple(attrs["kernel_shape"])
-    return nn.MaxPool2d(kernel, stride=tuple(attrs.get("strides", kernel)), padding=tuple(pads[:2]),
+    return nn.MaxPool2d(kernel, stride=tuple(attrs.get("strides", [1, 1])), padding=tuple(pads[:2]),
                         dilation=tuple(attrs.get("dilations", [1, 1])), ceil_mode=bool(attrs.get("ceil_mode", 0)))
+
+
+def _average_pool(node, attrs, reading):
+    pads = list(attrs.get("pads", [0] * 4))
+    if pads[:2] != pads[2:] or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise _refuse(node, "auto_pad or asymmetric padding")
+    kernel = tuple(attrs["kernel_shape"])
+    return nn.AvgPool2d(kernel, stride=tuple(attrs.get("strides", [1, 1])), padding=tuple(pads[:2]),
+                        ceil_mode=bool(attrs.get("ceil_mode", 0)),
+                        count_include_pad=bool(attrs.get("count_include_pad", 0)))
+
+
+def _pad(node, attrs, reading):
+    """Constant padding of height and width ([N, C, H, W]), the pads an input from opset 11, an attribute before."""
+    mode = attrs.get("mode", b"constant")
+    pads = reading.weight(node, 1) if len(node.input) > 1 else attrs.get("pads")
+    value = reading.weight(node, 2) if len(node.input) > 2 and node.input[2] else attrs.get("value", 0.0)
+    pads = [int(p) for p in np.ravel(pads)]
+    if mode not in (b"constant", "constant") or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)):
+        raise _refuse(node, "a padding that is not constant, or that pads the batch or channels")
+    return Pad((pads[3], pads[7], pads[2], pads[6]), float(np.asarray(value)))
 
 
 def _global_average_pool(node, attrs, reading):
@@ -206,12 +251,14 @@ def _transpose(node, attrs, reading):
 READERS = {
     "Gemm": _gemm,
     "MatMul": _matmul,
-    "Add": _add,
-    "Mul": _mul,
+    "Add": _elementwise("add", Add),
+    "Sub": _elementwise("sub", Sub),
+    "Mul": _elementwise("mul", Mul),
+    "Div": _elementwise("div", None),
     "Concat": _concat,
     "Clip": _clip,
     "HardSigmoid": lambda node, attrs, reading: HardSigmoid(attrs.get("alpha", 0.2), attrs.get("beta", 0.5)),
-    "HardSwish": lambda node, attrs, reading: nn.Hardswish(),
+    "HardSwish": lambda node, attrs, reading: HardSwish(float(np.float32(1 / 6)), 0.5),  # its function body's
     "Conv": _conv,
     "BatchNormalization": _batch_normalization,
     "Relu": lambda node, attrs, reading: nn.ReLU(),
@@ -220,6 +267,8 @@ READERS = {
     "Tanh": lambda node, attrs, reading: nn.Tanh(),
     "Sigmoid": lambda node, attrs, reading: nn.Sigmoid(),
     "MaxPool": _max_pool,
+    "AveragePool": _average_pool,
+    "Pad": _pad,
     "GlobalAveragePool": _global_average_pool,
     "ReduceMean": _reduce_mean,
     "Reshape": _reshape,

@@ -47,6 +47,13 @@ class Add(nn.Module):
         return a + b
 
 
+class Sub(nn.Module):
+    """``a − b`` of two computed tensors, with broadcasting."""
+
+    def forward(self, a, b):
+        return a - b
+
+
 class Mul(nn.Module):
     """``a * b`` of two computed tensors, with broadcasting: a squeeze-excitation's channel scale, a HardSwish
     written as ``x * HardSigmoid(x)``."""
@@ -77,3 +84,41 @@ class HardSigmoid(nn.Module):
 
     def forward(self, x):
         return (self.alpha * x + self.beta).clamp(0.0, 1.0)
+
+
+class WithConstant(nn.Module):
+    """``x ∘ c`` for a constant ``c`` (broadcast), ``op`` one of add, sub, rsub (c − x), mul, div: an input
+    normalisation written into the graph, ``(x − mean) / std``."""
+
+    def __init__(self, op: str, constant) -> None:
+        import torch
+
+        super().__init__()
+        self.op = op
+        self.register_buffer("constant", torch.as_tensor(constant))
+
+    def forward(self, x):
+        c = self.constant
+        return {"add": lambda: x + c, "sub": lambda: x - c, "rsub": lambda: c - x, "mul": lambda: x * c,
+                "div": lambda: x / c}[self.op]()
+
+
+class Pad(nn.Module):
+    """Constant padding of the last two dimensions by ``pads`` (left, right, top, bottom), as F.pad takes them."""
+
+    def __init__(self, pads: tuple[int, int, int, int], value: float = 0.0) -> None:
+        super().__init__()
+        self.pads, self.value = tuple(int(p) for p in pads), float(value)
+
+    def forward(self, x):
+        from torch.nn import functional as F
+
+        return F.pad(x, self.pads, value=self.value)
+
+
+class HardSwish(HardSigmoid):
+    """``x · clip(alpha·x + beta, 0, 1)``: ONNX HardSwish, defined by its function body as a HardSigmoid with alpha
+    the float32 number nearest 1/6 (PyTorch's Hardswish is exactly 1/6)."""
+
+    def forward(self, x):
+        return x * super().forward(x)

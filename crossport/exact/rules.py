@@ -27,7 +27,19 @@ import torch  # imported only by the stages that compute exact references
 from torch import nn
 from torch.nn import functional as F
 
-from crossport.exact.layers import Add, Concat, GlobalAveragePool, HardSigmoid, Mul, Permute, Reshape
+from crossport.exact.layers import (
+    Add,
+    Concat,
+    GlobalAveragePool,
+    HardSigmoid,
+    HardSwish,
+    Mul,
+    Pad,
+    Permute,
+    Reshape,
+    Sub,
+    WithConstant,
+)
 from crossport.exact.rounding import CONSTANT_ROUNDINGS, EXP_ULPS, SIGMOID_ULPS, TANH_ULPS, U32, gamma
 
 # Where an error crosses a kink (ReLU's 0, a max-pool's near-tie) it comes out one-sided. B keeps the whole effect;
@@ -197,24 +209,28 @@ def _hard_sigmoid(layer, x, error, lam_):
 
 
 def _hard_swish(layer, x, error, lam_):
-    """``x·clip(x/6 + 1/2, 0, 1)``: f' is 0 below −3, (2x + 3)/6 between, 1 above; the error passes scaled by the
-    largest |f'| within its reach. Three roundings of at most |x|·h(x) (the shift, the product, the division or the
-    multiply by 1/6: random) and 1/6 as a float32 number (systematic)."""
+    """``x·h(x)``, h = clip(α·x + β, 0, 1) (α = 1/6, β = 1/2 unless the layer says): f' is 0 below the lower kink,
+    2α·x + β between, 1 above; the error passes scaled by the largest |f'| within its reach. Three roundings of at
+    most |x|·h(x) (the shift, the product, the division or the multiply by α: random) and α as a float32 number
+    (systematic)."""
+    alpha, beta = getattr(layer, "alpha", 1 / 6), getattr(layer, "beta", 0.5)
+    lo, hi = -beta / alpha, (1 - beta) / alpha
     y = layer(x)
 
     def slope(t):
-        return torch.where(t < -3, torch.zeros_like(t), torch.where(t > 3, torch.ones_like(t), ((2 * t + 3) / 6).abs()))
+        return torch.where(t < lo, torch.zeros_like(t), torch.where(t > hi, torch.ones_like(t),
+                                                                     (2 * alpha * t + beta).abs()))
 
-    largest = _largest_slope(slope, ((-3.0, (0.0, 0.5)), (3.0, (1.5, 1.0))), x, error.total)
-    h = torch.clamp(x / 6 + 0.5, 0.0, 1.0)
-    # just below −3 a rounded x/6 + 1/2 may come out positive: a product of |x|·u·|x|/6
-    near = ((x + 3).abs() <= 2 * U32 * x.abs()).to(x.dtype)
-    size = x.abs() * h + near * x.abs() ** 2 / 6
+    largest = _largest_slope(slope, ((lo, (0.0, abs(beta))), (hi, (abs(2 - beta), 1.0))), x, error.total)
+    h = torch.clamp(alpha * x + beta, 0.0, 1.0)
+    # just below the lower kink a rounded α·x + β may come out positive: a product of |x|·u·|α·x|
+    near = ((x - lo).abs() <= 2 * U32 * x.abs()).to(x.dtype)
+    size = x.abs() * h + near * alpha * x.abs() ** 2
     return y, error.map(lambda e: largest * e).add(random=4 * U32 * size, systematic=U32 * x.abs() * h)
 
 
 def _add(layer, xs, errors, lam_):
-    """``a + b``: the errors add (broadcast), and the sum is rounded once (random)."""
+    """``a ± b``: the errors add (broadcast), and the result is rounded once (random)."""
     y = layer(*xs)
     return y, Error(errors[0].random + errors[1].random + U32 * y.abs(), errors[0].systematic + errors[1].systematic)
 
@@ -264,6 +280,34 @@ def _global_average(layer, x, error, lam_):
     return y, error.map(layer).add(random=gamma(layer.size, lam_) * layer(x.abs()), systematic=U32 * y.abs())
 
 
+def _average_pool(layer, x, error, lam_):
+    """Each window's sum of k terms (γ̃(k)) times the reciprocal of its count: that constant's rounding is the same
+    relative error on every output (systematic), as for a global average pool."""
+    y = layer(x)
+    return y, error.map(layer).add(random=gamma(_window(layer), lam_) * layer(x.abs()), systematic=U32 * y.abs())
+
+
+def _window(layer) -> int:
+    from torch.nn.modules.utils import _pair
+
+    return math.prod(_pair(layer.kernel_size))
+
+
+def _pad(layer, x, error, lam_):
+    """No arithmetic: the padding value is exact, its error 0."""
+    return layer(x), error.map(lambda e: F.pad(e, layer.pads, value=0.0))
+
+
+def _with_constant(layer, x, error, lam_):
+    """``x ∘ c``: the error passes scaled by |∂y/∂x| (1, or |c|, or 1/|c|), the result is rounded once (random); a
+    division may be a multiply by c's rounded reciprocal, the same relative error on every input (systematic)."""
+    y = layer(x)
+    c = layer.constant.abs()
+    slope = {"mul": c, "div": 1 / c}.get(layer.op, torch.ones_like(c))
+    reciprocal = U32 * y.abs() if layer.op == "div" else 0.0
+    return y, error.map(lambda e: slope * e).add(random=U32 * y.abs(), systematic=reciprocal)
+
+
 def _moves_values(layer, x, error, lam_):
     return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
@@ -281,10 +325,15 @@ RULES: dict[type, Rule] = {
     nn.Hardsigmoid: Rule(_hard_sigmoid),
     HardSigmoid: Rule(_hard_sigmoid),
     nn.Hardswish: Rule(_hard_swish),
+    HardSwish: Rule(_hard_swish),
     Add: Rule(_add),
+    Sub: Rule(_add),
     Mul: Rule(_mul),
     Concat: Rule(_concat),
     nn.MaxPool2d: Rule(_max_pool),
+    nn.AvgPool2d: Rule(_average_pool, _window),
+    WithConstant: Rule(_with_constant),
+    Pad: Rule(_pad),
     nn.Flatten: Rule(_moves_values),
     nn.Unflatten: Rule(_moves_values),
     nn.Dropout: Rule(_moves_values),  # evaluation mode: the identity
