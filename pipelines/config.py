@@ -18,6 +18,7 @@ from training.data import DATASETS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 UNDECIDED_POLICIES = ("publish", "omit")
+EVAL_ORIENTATIONS = ("emnist", "upright")  # how an .npz holds its images (translation.onnx_import.ORIENTATIONS)
 ORIENTATION_CHOICES = ("auto", "emnist", "upright")  # translation.onnx_import.ORIENTATIONS, plus detection
 # training.model.ARCHITECTURES (kept here so --help imports no torch)
 ARCHITECTURE_NAMES = ("mlp", "cnn", "resnet18", "mobilenet_v2", "mobilenet_v3_small")
@@ -54,6 +55,7 @@ class PipelineConfig:
     eval_data: str | None = None  # .npz, a folder of PNGs per label, or a dataset name; None: by class count
     labels_file: str | None = None  # one label per line, used when the ONNX file carries none
     orientation: str = "auto"  # what the imported model expects; auto: detected from the evaluation data
+    eval_orientation: str | None = None  # which way up an --eval-data .npz holds its images; None: emnist
     # Distributed training (torchrun): processes on this machine, machines, this machine's rank, node 0's address.
     nproc: int = 1
     nnodes: int = 1
@@ -101,6 +103,9 @@ class PipelineConfig:
         if self.orientation not in ORIENTATION_CHOICES:
             raise ConfigError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}, "
                               f"found {self.orientation!r}.")
+        if self.eval_orientation not in (None, *EVAL_ORIENTATIONS):
+            raise ConfigError(f"--eval-orientation must be one of {', '.join(EVAL_ORIENTATIONS)}, "
+                              f"found {self.eval_orientation!r}.")
         if self.undecided not in UNDECIDED_POLICIES:
             raise ConfigError(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, found {self.undecided!r}.")
         if not (isinstance(self.learning_rate, int | float) and math.isfinite(self.learning_rate)

@@ -9,7 +9,8 @@ imported model exactly as a trained one:
   else the class ids;
 - ``--eval-data``: an ``.npz`` (``images`` and ``labels``, or crossport's own ``x_test`` /
   ``y_test`` with an optional ``x_train`` for calibration; images uint8 or float in
-  [0, 1], [N, 784] or [N, 28, 28], in EMNIST orientation like every crossport array), a
+  [0, 1], [N, 784] or [N, 28, 28], in EMNIST orientation like every crossport array unless
+  ``--eval-orientation upright`` says they are as people see them), a
   folder of PNG/JPEG files in one sub-folder per label (the ImageFolder convention;
   files are upright, as people see them, and are transposed here), or a built-in dataset
   name; by default the built-in dataset with as many classes.
@@ -95,11 +96,18 @@ def _checked(labels: tuple, classes: int, where: str) -> tuple[str, ...]:
     return labels
 
 
-def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed: int):
-    """The evaluation data as a :class:`training.data.Dataset` (its train part feeds calibration)."""
+def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed: int, orientation: str | None = None):
+    """The evaluation data as a :class:`training.data.Dataset` (its train part feeds calibration). ``orientation``:
+    which way up an .npz holds its images (emnist, the default, or upright); a folder's files are upright and a
+    built-in dataset is in EMNIST orientation, whatever it says."""
     from training.data import DATASETS, Dataset, load_dataset
 
     classes = len(labels)
+    if orientation is not None and not (spec and Path(spec).is_file() and spec not in DATASETS):
+        raise DataError(f"--eval-orientation {orientation} applies to an .npz, and --eval-data is "
+                        f"{spec or 'the built-in dataset'}, whose orientation is known.",
+                        hint="Drop --eval-orientation: image files are upright and built-in datasets in EMNIST "
+                             "orientation.")
     if spec is None:
         spec = BUILTIN_BY_CLASSES.get(classes)
         if spec is None:
@@ -120,13 +128,19 @@ def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed:
         calibration = images
     elif path.is_file():
         images, targets, calibration = _read_npz(path, classes)
-        source = f"npz {path.resolve()}"
+        if orientation == "upright":  # crossport's arrays are in EMNIST orientation: transposed
+            images, calibration = _transposed(images), _transposed(calibration)
+        source = f"npz {path.resolve()}" + (" (upright)" if orientation == "upright" else "")
     else:
         raise DataError(f"--eval-data {spec!r} is neither a file, a folder nor a dataset ({', '.join(DATASETS)}).",
                         hint="Pass an .npz, a folder with one sub-folder of images per label, or a dataset name.")
     if len(images) == 0:
         raise DataError(f"--eval-data {spec} holds no images.", hint="Pass labelled images to validate against.")
     return Dataset(path.name, source, labels, calibration, np.zeros(len(calibration), np.int64), images, targets)
+
+
+def _transposed(images: np.ndarray) -> np.ndarray:
+    return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
 def _as_uint8_images(array: np.ndarray, where: str) -> np.ndarray:

@@ -25,7 +25,7 @@ log = logging.getLogger("crossport")
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
-    from pipelines.config import ARCHITECTURE_NAMES, ORIENTATION_CHOICES, UNDECIDED_POLICIES
+    from pipelines.config import ARCHITECTURE_NAMES, EVAL_ORIENTATIONS, ORIENTATION_CHOICES, UNDECIDED_POLICIES
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
@@ -81,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     bring.add_argument("--onnx", help="start the run from this ONNX file (trained anywhere): an import stage replaces "
                                       "data, train and export")
     bring.add_argument("--eval-data", help="evaluation and calibration data for --onnx: an .npz (images, labels; "
-                                           "EMNIST orientation), a folder with one sub-folder of images per label, or "
-                                           "a dataset name (default: the built-in dataset with as many classes)")
+                                           "EMNIST orientation unless --eval-orientation says), a folder with one "
+                                           "sub-folder of images per label, or a dataset name (default: the built-in "
+                                           "dataset with as many classes)")
+    bring.add_argument("--eval-orientation", choices=EVAL_ORIENTATIONS,
+                       help="which way up an --eval-data .npz holds its images: emnist (transposed, crossport's "
+                            "arrays; the default) or upright (as people see them)")
     bring.add_argument("--labels", dest="labels_file",
                        help="label file for --onnx, one per line (default: the file's metadata, else the built-in "
                             "EMNIST split with as many classes, else class ids)")
@@ -136,7 +140,8 @@ def resolve(args: argparse.Namespace) -> Invocation:
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
-        "orientation": args.orientation, "nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
+        "orientation": args.orientation, "eval_orientation": args.eval_orientation,
+        "nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
         "rdzv_endpoint": args.rdzv_endpoint, "republish": args.republish,  # per invocation: never inherited
     }
     check_import_flags(args)
@@ -237,7 +242,7 @@ def train_on_other_node(run_dir: Path, config, stage: str) -> int:
 
 
 TRAINING_FLAGS = ("model", "epochs", "patience", "batch_size", "learning_rate")
-IMPORT_FLAGS = ("eval_data", "labels_file", "orientation")
+IMPORT_FLAGS = ("eval_data", "labels_file", "orientation", "eval_orientation")
 
 
 def check_import_flags(args: argparse.Namespace) -> None:

@@ -105,6 +105,7 @@ def test_unknown_names_are_refused_by_the_parser(capsys, argv, fragment):
     (("--onnx", "m.onnx", "--epochs", "3"), 2, "--epochs configure training"),
     (("--labels", "l.txt",), 2, "--labels apply to a model brought with --onnx"),
     (("--orientation", "upright"), 2, "--orientation apply to a model brought with --onnx"),
+    (("--eval-orientation", "upright"), 2, "--eval-orientation apply to a model brought with --onnx"),
 ])
 def test_contradictory_flags(made_run, capsys, argv, code, fragment):
     one_line_error(pipeline_here(*argv, "--run-dir", str(made_run), capsys=capsys), code, fragment)

@@ -353,6 +353,27 @@ def test_orientation_is_detected_from_accuracy_and_refused_when_unclear(upright_
         detect_orientation(untrained, data.x_test[:40], data.y_test[:40])
 
 
+def test_an_upright_npz_says_so_and_the_orientation_comes_out_right(upright_weights, tmp_path):
+    """An .npz is in EMNIST orientation unless --eval-orientation upright says otherwise: the same images saved
+    upright, loaded as upright, are crossport's arrays again, and the upright model is found to want upright images
+    (loaded as EMNIST orientation they would be transposed, and the detected orientation flipped)."""
+    from pipelines.eval_data import load_eval_data
+    from pipelines.stages.importing import detect_orientation
+
+    weights, data = upright_weights
+    labels = tuple(str(i) for i in range(10))
+    np.savez(tmp_path / "upright.npz", images=transposed(data.x_test), labels=data.y_test)
+    read = load_eval_data(str(tmp_path / "upright.npz"), labels=labels, data_dir=tmp_path, seed=0,
+                          orientation="upright")
+    np.testing.assert_array_equal(read.x_test, data.x_test)
+    model = legacy_mlp(opset=7, hidden=(64,), weights=weights, activation="Relu").SerializeToString()
+    assert detect_orientation(model, read.x_test, read.y_test)["chosen"] == "upright"
+    as_emnist = load_eval_data(str(tmp_path / "upright.npz"), labels=labels, data_dir=tmp_path, seed=0)
+    assert detect_orientation(model, as_emnist.x_test, as_emnist.y_test)["chosen"] == "emnist"
+    with pytest.raises(DataError, match=r"--eval-orientation upright applies to an \.npz, and --eval-data is digits"):
+        load_eval_data("digits", labels=labels, data_dir=tmp_path, seed=0, orientation="upright")
+
+
 @pytest.mark.parametrize(("opset", "head"), [(13, "GlobalAveragePool"), (13, "ReduceMean"), (18, "ReduceMean"),
                                              (18, "ReduceMean-flat")])
 def test_a_global_average_pool_head_is_read_exactly_and_translated(opset, head, images, tmp_path):

@@ -127,7 +127,7 @@ def import_stage(ctx) -> StageResult:
     classes = int(session(first.model).run([SCORES], {INPUT: np.zeros((1, INPUT_SIZE), np.float32)})[0].shape[1])
     labels, labels_from = resolve_labels(metadata, config.labels_file, classes)
     dataset = load_eval_data(config.eval_data, labels=labels, data_dir=data_dir_from(config.data_dir),
-                             seed=config.seed)
+                             seed=config.seed, orientation=config.eval_orientation)
     from export.tflite import MIN_CALIBRATION
 
     if len(dataset.x_train) < MIN_CALIBRATION:  # before translation, not after it
