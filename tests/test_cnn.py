@@ -213,11 +213,12 @@ def test_checkpoints_record_the_architecture_and_old_ones_load_as_mlp(cnn, tmp_p
 
 
 @pytest.mark.slow
-def test_model_cnn_end_to_end_on_digits(tmp_path):
-    from tests.helpers import run_cli
+def test_model_cnn_end_to_end_on_digits(tmp_path, capfd):
+    from tests.helpers import pipeline_here
 
-    result = run_cli("--stage", "all", "--dataset", "digits", "--model", "cnn", "--epochs", "2", "--run-dir",
-                     str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"), "--no-tracking")
+    result = pipeline_here("--stage", "all", "--dataset", "digits", "--model", "cnn", "--epochs", "2", "--run-dir",
+                           str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"), "--no-tracking",
+                           capsys=capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     version = tmp_path / "models" / "emnist_cnn" / "1"
     card = json.loads((version / "assets.extra" / "servable.json").read_text())

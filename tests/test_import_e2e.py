@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from crossport.files import sha256_file
-from tests.helpers import EXPECTED_FILES, ROOT, one_line_error, run_cli
+from tests.helpers import EXPECTED_FILES, ROOT, one_line_error, pipeline_here, run_cli
 from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright, upright_digits_weights, with_op
 
 
@@ -95,19 +95,19 @@ def test_mlflow_records_the_files_hash_and_registers_the_version(legacy_run, mlf
 
 
 @pytest.mark.slow
-def test_opset_9_with_weights_as_inputs_and_a_fixed_batch_publishes(tmp_path):
+def test_opset_9_with_weights_as_inputs_and_a_fixed_batch_publishes(tmp_path, capfd):
     from export.contract import judge
 
     path = tmp_path / "opset9.onnx"
     onnx.save(legacy_mlp(opset=9, hidden=(48,), activation="Elu"), str(path))  # Softmax only, IR 3, batch 1
-    result = run_cli("--onnx", str(path), "--orientation", "emnist", "--run-dir", str(tmp_path / "run"),
-                     "--models-dir", str(tmp_path / "models"), "--no-tracking")
+    result = pipeline_here("--onnx", str(path), "--orientation", "emnist", "--run-dir", str(tmp_path / "run"),
+                           "--models-dir", str(tmp_path / "models"), "--no-tracking", capsys=capfd)
     assert result.returncode == 0, result.stderr[-4000:]
     assert judge(tmp_path / "models") == {"opset9/1": []}  # TF Serving's rules and crossport's contract
 
 
 @pytest.mark.slow
-def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path):
+def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path, capfd):
     from PIL import Image
 
     from training.data import load_digits
@@ -121,9 +121,10 @@ def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path):
         folder = tmp_path / "images" / labels[target]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.reshape(28, 28)).save(folder / f"{index}.png")
-    result = run_cli("--onnx", str(path), "--eval-data", str(tmp_path / "images"), "--labels",
-                     str(tmp_path / "labels.txt"), "--orientation", "emnist", "--name", "cnn_imported",
-                     "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"), "--no-tracking")
+    result = pipeline_here("--onnx", str(path), "--eval-data", str(tmp_path / "images"), "--labels",
+                           str(tmp_path / "labels.txt"), "--orientation", "emnist", "--name", "cnn_imported",
+                           "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"),
+                           "--no-tracking", capsys=capfd)
     assert result.returncode == 0, result.stderr[-4000:]
     version = tmp_path / "models" / "cnn_imported" / "1"
     assert (version / "assets.extra" / "labels.txt").read_text().splitlines() == labels
@@ -139,38 +140,39 @@ def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path):
     (two_inputs(), ("the model has 2 inputs (images, temperature)", "crossport supports one image input")),
     (with_op("Mish"), ("onnx-tf cannot translate: Mish (node 'odd_node')",)),
 ])
-def test_models_crossport_cannot_take_get_one_line_and_publish_nothing(tmp_path, model, fragments):
+def test_models_crossport_cannot_take_get_one_line_and_publish_nothing(tmp_path, model, fragments, capfd):
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
-    result = run_cli("--onnx", str(path), "--run-dir", str(tmp_path / "run"), "--models-dir",
-                     str(tmp_path / "models"), "--no-tracking", "--orientation", "emnist")
+    result = pipeline_here("--onnx", str(path), "--run-dir", str(tmp_path / "run"), "--models-dir",
+                           str(tmp_path / "models"), "--no-tracking", "--orientation", "emnist", capsys=capfd)
     one_line_error(result, 1, *fragments)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("saved_model.pb"))
 
 
 @pytest.mark.slow
-def test_too_few_images_for_calibration_are_refused_before_any_translation(tmp_path):
+def test_too_few_images_for_calibration_are_refused_before_any_translation(tmp_path, capfd):
     from training.data import load_digits
 
     path = tmp_path / "mlp.onnx"
     onnx.save(legacy_mlp(opset=9), str(path))
     data = load_digits(seed=0)
     np.savez(tmp_path / "few.npz", images=data.x_test[:50], labels=data.y_test[:50])
-    result = run_cli("--onnx", str(path), "--eval-data", str(tmp_path / "few.npz"), "--orientation", "upright",
-                     "--run-dir", str(tmp_path / "run"), "--no-tracking")
+    result = pipeline_here("--onnx", str(path), "--eval-data", str(tmp_path / "few.npz"), "--orientation", "upright",
+                           "--run-dir", str(tmp_path / "run"), "--no-tracking", capsys=capfd)
     one_line_error(result, 1, "holds 50 calibration images; full int8 calibration needs at least 200")
     assert not (tmp_path / "run" / "tf_graph").exists()
 
 
 @pytest.mark.slow
-def test_a_missing_file_gets_one_line(tmp_path):
-    result = run_cli("--onnx", str(tmp_path / "absent.onnx"), "--run-dir", str(tmp_path / "run"), "--no-tracking")
+def test_a_missing_file_gets_one_line(tmp_path, capfd):
+    result = pipeline_here("--onnx", str(tmp_path / "absent.onnx"), "--run-dir", str(tmp_path / "run"),
+                           "--no-tracking", capsys=capfd)
     one_line_error(result, 1, f"ONNX model {tmp_path / 'absent.onnx'} does not exist",
                    "Pass --onnx with the path of an ONNX file")
 
 
 @pytest.mark.slow
-def test_a_62_class_model_on_digits_where_52_classes_never_win_is_not_refused(tmp_path):
+def test_a_62_class_model_on_digits_where_52_classes_never_win_is_not_refused(tmp_path, capfd):
     """Round 2's false alarm, rebuilt: the 2018 shape (784 → 512 → 256 → 62, ELU, a Softmax output, opset 6, IR 3,
     weights as inputs, batch 1), trained here and evaluated on every digits image, where the letters' probabilities
     are near zero. The per-class noise ratio refused its TFLite file; the sign test reads signs, not scales."""
@@ -179,8 +181,8 @@ def test_a_62_class_model_on_digits_where_52_classes_never_win_is_not_refused(tm
     spec = next(spec for spec in ZOO if spec.name == "byclass-2018")
     path, data = build(spec, tmp_path), write_eval_data(tmp_path)
     assert onnx.load(str(path)).ir_version == 3 and onnx.load(str(path)).opset_import[0].version == 6
-    result = run_cli("--onnx", str(path), "--eval-data", str(data), "--run-dir", str(tmp_path / "run"),
-                     "--models-dir", str(tmp_path / "models"), "--no-tracking")
+    result = pipeline_here("--onnx", str(path), "--eval-data", str(data), "--run-dir", str(tmp_path / "run"),
+                           "--models-dir", str(tmp_path / "models"), "--no-tracking", capsys=capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "parity.json").read_text())
     judged = [check for check in report["against_exact"] if check["judged"]]

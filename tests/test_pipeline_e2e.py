@@ -7,7 +7,7 @@ import numpy as np
 
 from crossport.files import sha256_path
 from crossport.formats import FORMATS
-from tests.helpers import EXPECTED_FILES, run_cli
+from tests.helpers import EXPECTED_FILES, pipeline_here
 
 
 def version_dir(pipeline_run, version=1):
@@ -149,7 +149,7 @@ def test_warmup_file_holds_prediction_logs(pipeline_run):
     assert {"predict_log", "classify_log"} <= set(kinds)
 
 
-def test_single_stage_reruns_from_the_manifest_and_publishes_a_new_version(pipeline_run, tmp_path):
+def test_single_stage_reruns_from_the_manifest_and_publishes_a_new_version(pipeline_run, tmp_path, capfd):
     """Publishing the same model files again is reported and skipped (no version churn); --republish publishes."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
@@ -157,23 +157,24 @@ def test_single_stage_reruns_from_the_manifest_and_publishes_a_new_version(pipel
     shutil.copytree(pipeline_run.models_dir, models)
     first = models / "emnist_mlp" / "1"
     before = sha256_path(first)
-    same = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models))
+    same = pipeline_here("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models),
+                         capsys=capfd)
     assert same.returncode == 0, same.stderr[-2000:]
     assert f"not published  identical to version 1 at {first}" in same.stdout
     assert "version 1 already holds exactly these model files" in same.stderr
     assert sorted(p.name for p in (models / "emnist_mlp").iterdir()) == ["1"]
-    result = run_cli("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models),
-                     "--republish")
+    result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--no-tracking", "--models-dir", str(models),
+                           "--republish", capsys=capfd)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "published      version 2" in result.stdout
     assert sha256_path(first) == before  # version 1 untouched
     assert json.loads((models / "emnist_mlp" / "2" / "assets.extra" / "servable.json").read_text())["version"] == 2
 
 
-def test_changed_input_is_detected_before_a_stage_runs(pipeline_run, tmp_path):
+def test_changed_input_is_detected_before_a_stage_runs(pipeline_run, tmp_path, capfd):
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
     (run / "model.onnx").write_bytes(b"tampered")
-    result = run_cli("--stage", "translate", "--run-dir", str(run), "--no-tracking")
+    result = pipeline_here("--stage", "translate", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 1
     assert "artifact 'onnx'" in result.stderr and "changed since stage 'export' recorded it" in result.stderr
