@@ -1,6 +1,8 @@
 """The exact reference on graphs that branch: one rule per op, each bound holding on float32 runs of the op on
 inputs built to be hard (cancellations, values at the kinks), and torchvision's own architectures read whole."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,31 @@ def test_a_residual_network_is_walked_as_a_graph():
     assert np.all(error <= exact.bounds["logits"])
 
 
+def test_arithmetic_with_numbers_in_forward_is_traced_into_steps():
+    """torch.fx reads ``2 − h·0.5``, ``/ 4``, ``+``, ``−`` of tensors as steps with rules; the float64 walk computes
+    what the model computes in float64, and float32 stays within B."""
+
+    class Arithmetic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.head((2.0 - h * 0.5) / 4.0 + torch.relu(h) - h)
+
+    torch.manual_seed(0)
+    model = Arithmetic().eval()
+    x = np.random.default_rng(0).normal(0, 1, (64, 8)).astype(np.float32)
+    exact = exact_outputs(model, x)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+        float32 = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(exact.values["logits"], expected, rtol=1e-12, atol=1e-15)
+    assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
+    assert {"WithConstant", "Add", "Sub"} <= {type(layer).__name__ for layer in layers_of(model)}
+
+
 ARCHITECTURES = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")
 
 
@@ -110,8 +137,6 @@ def test_torchvision_architectures_are_read_whole_and_computed_exactly(torchvisi
     name, model = torchvision_model
     x = np.random.default_rng(1).random((3, 784), dtype=np.float32)
     exact = exact_outputs(model, x)
-    import copy
-
     wide = copy.deepcopy(model).double()
     with torch.no_grad():
         expected = wide(torch.from_numpy(x).double()).numpy()
@@ -235,3 +260,23 @@ def test_a_constant_divided_by_data_is_refused_naming_the_node():
     model = _one_op_graph(lambda x: ([_node("Div", ["one", x])], {"one": 1.0}))
     with pytest.raises(CrossportError, match=r"\(Div\): a constant divided by a computed tensor"):
         network_from_onnx(model)
+
+
+def test_a_matmul_read_by_more_than_its_bias_add_keeps_its_own_value():
+    """MatMul → Add(bias) is one Linear, unless the product is read elsewhere too: then the bias is its own step."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from crossport.exact.graph import check_network, network_from_onnx
+
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [_node("MatMul", ["images", "w"], "m"), _node("Add", ["m", "b"], "a"), _node("Add", ["a", "m"], "logits")],
+        "shared_product", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [None, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    x = rng.random((20, 6), dtype=np.float32)
+    assert check_network(model, x, exact_outputs(network_from_onnx(model), x)) <= 1.0

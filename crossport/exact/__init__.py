@@ -187,7 +187,8 @@ def _forward_with_bound(network, x, lam_):
         values[step.output] = y
         for name in step.inputs:
             if reads.get(name) == index and name != network.target:
-                values.pop(name, None), errors.pop(name, None), constant.pop(name, None)
+                for held in (values, errors, constant):
+                    held.pop(name, None)
     error = errors[network.target]
     systematic = FLOAT32_TINY  # kernels may flush subnormal results to zero
     if network.target in constant:

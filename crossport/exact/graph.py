@@ -71,6 +71,7 @@ class Reading:
     steps: list
     writer: dict
     alias: dict  # a tensor folded into the step that wrote its input (a MatMul's bias Add) -> that step's output
+    readers: dict  # tensor -> how many nodes the output depends on read it
 
     def data(self, name: str) -> str:
         return self.alias.get(name, name)
@@ -137,9 +138,11 @@ def _elementwise(op: str, two: type):
 
 
 def _completes_matmul(node, bias, index, reading) -> bool:
-    step = reading.writer.get(reading.data(node.input[1 - index]))
+    operand = reading.data(node.input[1 - index])
+    step = reading.writer.get(operand)
     previous = step.layer if step else None
-    if not (isinstance(previous, nn.Linear) and previous.bias is None and bias.size == previous.out_features):
+    if not (isinstance(previous, nn.Linear) and previous.bias is None and bias.size == previous.out_features
+            and reading.readers.get(operand) == 1):  # the product read by anything else stays bias-free
         return False
     previous.bias = param(bias.reshape(-1))
     return True
@@ -186,23 +189,22 @@ def _batch_normalization(node, attrs, reading):
     return layer.eval()
 
 
-def _max_pool(node, attrs, reading):
+def _pool_window(node, attrs) -> dict:
+    """A pool's kernel, stride and (symmetric, explicit) padding as PyTorch's pooling layers take them; ONNX's
+    strides default to 1."""
     pads = list(attrs.get("pads", [0] * 4))
     if pads[:2] != pads[2:] or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _refuse(node, "auto_pad or asymmetric padding")
-    kernel = tuple(attrs["kernel_shape"])
-    return nn.MaxPool2d(kernel, stride=tuple(attrs.get("strides", [1, 1])), padding=tuple(pads[:2]),
-                        dilation=tuple(attrs.get("dilations", [1, 1])), ceil_mode=bool(attrs.get("ceil_mode", 0)))
+    return {"kernel_size": tuple(attrs["kernel_shape"]), "stride": tuple(attrs.get("strides", [1, 1])),
+            "padding": tuple(pads[:2]), "ceil_mode": bool(attrs.get("ceil_mode", 0))}
+
+
+def _max_pool(node, attrs, reading):
+    return nn.MaxPool2d(**_pool_window(node, attrs), dilation=tuple(attrs.get("dilations", [1, 1])))
 
 
 def _average_pool(node, attrs, reading):
-    pads = list(attrs.get("pads", [0] * 4))
-    if pads[:2] != pads[2:] or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise _refuse(node, "auto_pad or asymmetric padding")
-    kernel = tuple(attrs["kernel_shape"])
-    return nn.AvgPool2d(kernel, stride=tuple(attrs.get("strides", [1, 1])), padding=tuple(pads[:2]),
-                        ceil_mode=bool(attrs.get("ceil_mode", 0)),
-                        count_include_pad=bool(attrs.get("count_include_pad", 0)))
+    return nn.AvgPool2d(**_pool_window(node, attrs), count_include_pad=bool(attrs.get("count_include_pad", 0)))
 
 
 def _pad(node, attrs, reading):
@@ -294,7 +296,12 @@ def network_from_onnx(model) -> Network:
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
     needed = _needed(model.graph.node, LOGITS)
-    reading = Reading(constants, shapes, [], {}, {})
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.output[0] in needed:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+    reading = Reading(constants, shapes, [], {}, {}, readers)
     data = {INPUT}
     for node in model.graph.node:
         if node.op_type in SHAPES or not any(name in data for name in node.input) or node.output[0] not in needed:

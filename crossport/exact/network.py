@@ -18,7 +18,7 @@ import torch
 from torch import nn  # imported only by the stages that compute exact references
 
 from crossport.errors import CrossportError
-from crossport.exact.layers import Add, Concat, GlobalAveragePool, Mul
+from crossport.exact.layers import Add, Concat, GlobalAveragePool, Mul, Sub, WithConstant
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,10 @@ def _function(node, shapes):
     from torch.nn import functional as F
 
     target = node.target
-    if target in (operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
-        return Add()
-    if target in (operator.mul, torch.mul) and len(node.args) == 2 and not node.kwargs:
-        return Mul()
+    binary = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub", operator.mul: "mul",
+              torch.mul: "mul", operator.truediv: "div", torch.div: "div"}.get(target)
+    if binary and len(node.args) == 2 and not node.kwargs:
+        return _binary(node, binary)
     if target is torch.flatten:
         return _flatten(node, shapes)
     if target in (F.adaptive_avg_pool2d,) and node.args[1] in (1, (1, 1)):
@@ -106,6 +106,24 @@ def _function(node, shapes):
     if target in (F.relu, torch.relu):
         return nn.ReLU()
     raise _refuse(node, "function not supported")
+
+
+def _binary(node, op: str):
+    """Of two computed tensors, a two-input step; with a number, ``x ∘ c`` (:class:`WithConstant`)."""
+    from torch import fx
+
+    a, b = node.args
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        if op == "div":
+            raise _refuse(node, "a division of two computed tensors")
+        return {"add": Add, "sub": Sub, "mul": Mul}[op]()
+    if not isinstance(a, int | float) and not isinstance(b, int | float):
+        raise _refuse(node, "an operand that is neither a computed tensor nor a number")
+    if isinstance(a, fx.Node):
+        return WithConstant(op, torch.tensor(float(b)))
+    if op == "div":
+        raise _refuse(node, "a number divided by a computed tensor")
+    return WithConstant({"sub": "rsub"}.get(op, op), torch.tensor(float(a)))
 
 
 def _method(node, shapes):
