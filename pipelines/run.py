@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "EMNIST orientation unless --eval-orientation says), a folder with one "
                                            "sub-folder of images per label, or a dataset name (default: the built-in "
                                            "dataset with as many classes)")
+    bring.add_argument("--mean", type=float, help="the --onnx model expects (x − mean) / std of images in [0, 1] "
+                                                  "(e.g. MNIST's 0.1307): computed inside the published graph")
+    bring.add_argument("--std", type=float, help="with --mean: the standard deviation (e.g. MNIST's 0.3081)")
     bring.add_argument("--eval-orientation", choices=EVAL_ORIENTATIONS,
                        help="which way up an --eval-data .npz holds its images: emnist (transposed, crossport's "
                             "arrays; the default) or upright (as people see them)")
@@ -140,7 +143,8 @@ def resolve(args: argparse.Namespace) -> Invocation:
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
         "undecided": args.undecided, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
-        "orientation": args.orientation, "eval_orientation": args.eval_orientation,
+        "orientation": args.orientation, "eval_orientation": args.eval_orientation, "mean": args.mean,
+        "std": args.std,
         "nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
         "rdzv_endpoint": args.rdzv_endpoint, "republish": args.republish,  # per invocation: never inherited
     }
@@ -242,7 +246,7 @@ def train_on_other_node(run_dir: Path, config, stage: str) -> int:
 
 
 TRAINING_FLAGS = ("model", "epochs", "patience", "batch_size", "learning_rate")
-IMPORT_FLAGS = ("eval_data", "labels_file", "orientation", "eval_orientation")
+IMPORT_FLAGS = ("eval_data", "labels_file", "orientation", "eval_orientation", "mean", "std")
 
 
 def check_import_flags(args: argparse.Namespace) -> None:

@@ -106,6 +106,9 @@ def test_unknown_names_are_refused_by_the_parser(capsys, argv, fragment):
     (("--labels", "l.txt",), 2, "--labels apply to a model brought with --onnx"),
     (("--orientation", "upright"), 2, "--orientation apply to a model brought with --onnx"),
     (("--eval-orientation", "upright"), 2, "--eval-orientation apply to a model brought with --onnx"),
+    (("--mean", "0.1", "--std", "0.3"), 2, "--mean, --std apply to a model brought with --onnx"),
+    (("--onnx", "m.onnx", "--mean", "0.1"), 2, "--mean and --std go together"),
+    (("--onnx", "m.onnx", "--mean", "0.1", "--std", "0"), 2, "--std finite and positive, found 0.1 and 0.0"),
 ])
 def test_contradictory_flags(made_run, capsys, argv, code, fragment):
     one_line_error(pipeline_here(*argv, "--run-dir", str(made_run), capsys=capsys), code, fragment)

@@ -353,6 +353,32 @@ def test_orientation_is_detected_from_accuracy_and_refused_when_unclear(upright_
         detect_orientation(untrained, data.x_test[:40], data.y_test[:40])
 
 
+def test_a_model_expecting_normalised_images_gets_them_inside_the_graph(upright_weights):
+    """--mean/--std: a model that wants (x − 0.1307) / 0.3081 (MNIST's normalisation) is published taking images in
+    [0, 1]; the scaling is two nodes in the graph, read exactly by the reference. Built from a model f trained on
+    [0, 1]: g(z) = f(z·std + mean) has the normalisation folded out of its first layer, so g behind the scaling
+    computes f."""
+    from crossport.exact.graph import check_network, network_from_onnx
+    from crossport.interface import to_inputs
+
+    mean, std = 0.1307, 0.3081
+    (w0, b0), *rest = upright_weights[0]
+    data = upright_weights[1]
+    folded = [((w0 * std).astype(np.float32), (b0 + w0 @ np.full(784, mean)).astype(np.float32)), *rest]
+    plain = normalized(legacy_mlp(opset=7, hidden=(64,), weights=upright_weights[0], activation="Relu"), "upright")
+    scaled = normalize(legacy_mlp(opset=7, hidden=(64,), weights=folded, activation="Relu"), orientation="upright",
+                       target_opset=EXPORT_OPSET, scaling=(mean, std))
+    assert any("(x − 0.1307) / 0.3081" in step for step in scaled.steps)
+    assert {"Sub", "Div"} <= {node.op_type for node in scaled.model.graph.node}
+    x = to_inputs(data.x_test)
+    want, got = run(plain.model, x)[SCORES], run(scaled.model, x)[SCORES]
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3  # far above float32 rounding of scores of two 2-layer MLPs
+    assert clear.mean() > 0.9 and np.array_equal(want[clear].argmax(1), got[clear].argmax(1))
+    exact = exact_outputs(network_from_onnx(scaled.model), x[:64])
+    assert check_network(scaled.model, x[:64], exact) <= 1.0
+
+
 def test_an_upright_npz_says_so_and_the_orientation_comes_out_right(upright_weights, tmp_path):
     """An .npz is in EMNIST orientation unless --eval-orientation upright says otherwise: the same images saved
     upright, loaded as upright, are crossport's arrays again, and the upright model is found to want upright images

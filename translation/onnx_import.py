@@ -46,8 +46,9 @@ def declared_opset(model) -> int:
     return max((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), default=0)
 
 
-def normalize(model, *, orientation: str, target_opset: int) -> Normalized:
-    """Normalize ``model`` (an onnx.ModelProto, changed in place) for an image model in ``orientation``."""
+def normalize(model, *, orientation: str, target_opset: int, scaling: tuple[float, float] | None = None) -> Normalized:
+    """Normalize ``model`` (an onnx.ModelProto, changed in place) for an image model in ``orientation``; ``scaling``
+    (mean, std): the model expects ``(x − mean) / std`` of images in [0, 1], computed inside the graph."""
     import onnx
 
     if orientation not in ORIENTATIONS:
@@ -64,7 +65,7 @@ def normalize(model, *, orientation: str, target_opset: int) -> Normalized:
     image = _check_input(result)
     _check_outputs(result)
     _make_batch_dynamic(result, image)
-    _map_input(result, image, orientation)
+    _map_input(result, image, orientation, scaling)
     _map_outputs(result)
     model = onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
     result.model = model
@@ -228,14 +229,16 @@ def _fresh(graph, base: str) -> str:
     return name
 
 
-def _map_input(result: Normalized, image, orientation: str) -> None:
-    """The published input ``images`` [N, 784], EMNIST orientation, reshaped (and transposed) into the model's own."""
+def _map_input(result: Normalized, image, orientation: str, scaling: tuple[float, float] | None) -> None:
+    """The published input ``images`` [N, 784], EMNIST orientation in [0, 1], scaled, reshaped (and transposed)
+    into the model's own."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = result.model.graph
     own, rest = image.name, tuple(result.input_shape[1:])
-    if own == INPUT and rest == (INPUT_SIZE,) and orientation == "emnist":
+    reshaped = orientation == "upright" or rest != (INPUT_SIZE,)
+    if own == INPUT and not reshaped and scaling is None:
         return
     if own == INPUT:  # the name is taken by the model's own input, of another shape
         own = _fresh(graph, f"{INPUT}_model")
@@ -247,6 +250,16 @@ def _map_input(result: Normalized, image, orientation: str) -> None:
         graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), tensor_name))
         return tensor_name
 
+    if scaling is not None:
+        mean, std = scaling
+        centred, scaled = _fresh(graph, "crossport_centred"), _fresh(graph, "crossport_scaled")
+        for op, name, value, out in (("Sub", "crossport_mean", mean, centred), ("Div", "crossport_std", std, scaled)):
+            tensor_name = _fresh(graph, name)
+            graph.initializer.append(numpy_helper.from_array(np.float32(value), tensor_name))
+            nodes.append(helper.make_node(op, [current, tensor_name], [out], name=name))
+            current = out
+        result.steps.append(f"the model expects (x − {mean:g}) / {std:g} of images in [0, 1]: computed inside the "
+                            f"graph, so the published input stays in [0, 1]")
     if orientation == "upright":
         square = _fresh(graph, "crossport_square")
         nodes.append(helper.make_node("Reshape", [current, constant("crossport_square_shape", [-1, IMAGE_SIDE,
@@ -257,12 +270,14 @@ def _map_input(result: Normalized, image, orientation: str) -> None:
         current = upright
         result.steps.append("the model expects upright images: the published input (EMNIST orientation) is "
                             "transposed inside the graph")
-    if orientation == "upright" or rest != (INPUT_SIZE,):
+    if reshaped:
         nodes.append(helper.make_node("Reshape", [current, constant("crossport_model_shape", [-1, *rest])], [own],
                                       name="crossport_to_model_input"))
         if rest != (INPUT_SIZE,):
             result.steps.append(f"input {own!r} [N, {', '.join(map(str, rest))}] fed from {INPUT!r} [N, {INPUT_SIZE}] "
                                 "by a reshape inside the graph")
+    elif scaling is not None:
+        nodes[-1].output[0] = own  # the scaled images are the model's input
     else:
         _rename(graph, own, INPUT)
     if own != INPUT:

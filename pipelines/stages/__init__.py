@@ -28,8 +28,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", ("checkpoint", "golden"), ("onnx", "golden_exact"), export_stage, route="train"),
     # A model brought as an ONNX file (--onnx): its file, labels and evaluation data instead of the three above.
     Stage("import", (), ("source_onnx", "dataset", "labels", "golden", "calibration", "onnx", "golden_exact"),
-          import_stage, reads=("onnx", "eval_data", "eval_orientation", "labels_file", "orientation", "seed",
-                                      "data_dir"),
+          import_stage, reads=("onnx", "eval_data", "eval_orientation", "labels_file", "orientation", "mean", "std",
+                                      "seed", "data_dir"),
           route="import"),
     Stage("translate", ("onnx", "golden", "golden_exact"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden", "golden_exact"), ("saved_model", "warmup"),

@@ -31,13 +31,14 @@ def transposed(images: np.ndarray) -> np.ndarray:
     return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
-def normalized(data: bytes, orientation: str):
+def normalized(data: bytes, orientation: str, scaling: tuple[float, float] | None = None):
     import onnx
 
     from translation.onnx_export import EXPORT_OPSET
     from translation.onnx_import import normalize
 
-    return normalize(onnx.load_from_string(data), orientation=orientation, target_opset=EXPORT_OPSET)
+    return normalize(onnx.load_from_string(data), orientation=orientation, target_opset=EXPORT_OPSET,
+                     scaling=scaling)
 
 
 def session(model):
@@ -60,7 +61,8 @@ def predict_classes(sess, images: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0, np.int64)
 
 
-def detect_orientation(data: bytes, images: np.ndarray, targets: np.ndarray) -> dict:
+def detect_orientation(data: bytes, images: np.ndarray, targets: np.ndarray,
+                       scaling: tuple[float, float] | None = None) -> dict:
     """Accuracy both ways up, and the orientation that is better by an exact sign test at 99 % (else refuse).
 
     Parity cannot see orientation: every runtime agrees on a wrongly oriented input. Only
@@ -70,7 +72,7 @@ def detect_orientation(data: bytes, images: np.ndarray, targets: np.ndarray) -> 
     """
     from scipy.stats import binomtest
 
-    sess = session(normalized(data, "emnist").model)
+    sess = session(normalized(data, "emnist", scaling).model)
     as_given = predict_classes(sess, images) == targets
     flipped = predict_classes(sess, transposed(images)) == targets
     only_given, only_flipped = int(np.sum(as_given & ~flipped)), int(np.sum(flipped & ~as_given))
@@ -136,12 +138,13 @@ def import_stage(ctx) -> StageResult:
                         hint="Pass --eval-data with more images (an .npz may add 'x_train' for calibration).")
     detected = None
     orientation = config.orientation
+    scaling = None if config.mean is None else (config.mean, config.std)
     if orientation == "auto":
-        detected = detect_orientation(data, dataset.x_test, dataset.y_test)
+        detected = detect_orientation(data, dataset.x_test, dataset.y_test, scaling)
         orientation = detected["chosen"]
         log.info("orientation: %s (accuracy %.1f%% in EMNIST orientation, %.1f%% upright, p = %.2g)", orientation,
                  100 * detected["accuracy_emnist"], 100 * detected["accuracy_upright"], detected["p_value"])
-    result = normalized(data, orientation)
+    result = normalized(data, orientation, scaling)
     path = run_dir / "model.onnx"
     with replace_atomic(path) as partial:
         onnx.save(result.model, str(partial))
