@@ -40,9 +40,7 @@ def adjoint_bounds(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             zero = [Error(torch.zeros_like(v), torch.zeros_like(v), magnitude.get(name))
                     for name, v in zip(step.inputs, xs, strict=True)]
-            one = len(xs) == 1
-            _, error = rule_of(step.layer).propagate(step.layer, xs[0] if one else tuple(xs),
-                                                      zero[0] if one else tuple(zero), lam_)
+            _, error = rule_of(step.layer).step(step.layer, xs, zero, lam_)
         added[step.output], magnitude[step.output] = error.total, error.magnitude
         values[step.output] = step.layer(*xs)
         values[step.output].retain_grad()

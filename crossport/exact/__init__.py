@@ -168,19 +168,14 @@ def _forward_with_bound(network, x, lam_):
     values, constant = {network.source: x}, {}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
 
-    def through(rule, step, xs, errs):
-        if len(xs) == 1:
-            return rule.propagate(step.layer, xs[0], errs[0], lam_)
-        return rule.propagate(step.layer, tuple(xs), tuple(errs), lam_)
-
     for index, step in enumerate(steps):
         rule = rule_of(step.layer)
         xs = [values[name] for name in step.inputs]
-        y, errors[step.output] = through(rule, step, xs, [errors[name] for name in step.inputs])
+        y, errors[step.output] = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
         if last is not None and index > last and any(name in constant for name in step.inputs):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
-            constant[step.output] = through(rule, step, xs, passed)[1]
+            constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
         if index == last:
             bias = getattr(step.layer, "bias", None)
             constant[step.output] = Error(torch.zeros_like(y), constant_added(y, bias))

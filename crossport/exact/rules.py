@@ -77,9 +77,15 @@ class Error(NamedTuple):
 
 @dataclass(frozen=True)
 class Rule:
-    propagate: Callable  # (layer, x, error: Error, λ) -> (exact output, its Error)
+    propagate: Callable  # (layer, x, error: Error, λ) -> (exact output, its Error); x, error tuples for 2+ inputs
     terms: Callable | None = None  # layer -> rounded multiply-adds behind one output (None: the layer sums nothing)
     folds: bool = False  # its float32 constants are computed from the weights, and exporters fold them into them
+
+    def step(self, layer, xs: list, errors: list, lam_):
+        """``propagate`` on a step's inputs: one as itself, several as tuples."""
+        if len(xs) == 1:
+            return self.propagate(layer, xs[0], errors[0], lam_)
+        return self.propagate(layer, tuple(xs), tuple(errors), lam_)
 
 
 def constant_added(y, bias):
