@@ -19,7 +19,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from crossport.errors import CrossportError
-from crossport.exact.rounding import EXP_ULPS, FALSE_ALARM, FLOAT32_TINY, SCORE_FLOOR, U32, gamma, lam, sign_threshold
+from crossport.exact.rounding import (
+    EXP_ULPS,
+    FALSE_ALARM,
+    FLOAT32_TINY,
+    SAMPLES,
+    SCORE_FLOOR,
+    U32,
+    gamma,
+    lam,
+    sampled_confidence,
+    sign_threshold,
+)
 
 __all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "exact_outputs", "fan_ins",
            "folds", "gamma", "lam", "layers_of", "sign_threshold"]
@@ -39,6 +50,7 @@ class Exact:
     systematic: dict[str, np.ndarray]
     lam: float
     fan_ins: tuple[int, ...]
+    sampled: float = 0.0  # the share of logits whose bound is the sampled one (crossport.exact.tangents)
 
     @property
     def network_gamma(self) -> float:
@@ -49,13 +61,15 @@ class Exact:
         def pick(arrays):
             return {k: v[index] for k, v in arrays.items()}
 
-        return Exact(pick(self.values), pick(self.bounds), pick(self.systematic), self.lam, self.fan_ins)
+        return Exact(pick(self.values), pick(self.bounds), pick(self.systematic), self.lam, self.fan_ins,
+                     self.sampled)
 
     def save(self, path) -> None:
         np.savez(path, **{f"value_{k}": v for k, v in self.values.items()},
                  **{f"bound_{k}": v for k, v in self.bounds.items()},
                  **{f"systematic_{k}": v for k, v in self.systematic.items()},
-                 lam=np.float64(self.lam), fan_ins=np.asarray(self.fan_ins, dtype=np.int64))
+                 lam=np.float64(self.lam), fan_ins=np.asarray(self.fan_ins, dtype=np.int64),
+                 sampled=np.float64(self.sampled))
 
     @classmethod
     def load(cls, path) -> Exact:
@@ -64,7 +78,8 @@ class Exact:
                 return {k.removeprefix(prefix): arrays[k] for k in arrays.files if k.startswith(prefix)}
 
             return cls(part("value_"), part("bound_"), part("systematic_"), float(arrays["lam"]),
-                       tuple(int(n) for n in arrays["fan_ins"]))
+                       tuple(int(n) for n in arrays["fan_ins"]),
+                       float(arrays["sampled"]) if "sampled" in arrays.files else 0.0)
 
 
 def layers_of(model) -> list:
@@ -99,8 +114,8 @@ def fan_ins(model) -> tuple[int, ...]:
     return tuple(rule.terms(layer) for layer in layers_of(model) if (rule := rule_of(layer)).terms is not None)
 
 
-# The float64 walk keeps, per live tensor, its value and two error parts (and a magnitude after a Linear or Conv):
-# chunks are sized so that the largest tensor's share stays within this many bytes.
+# The float64 walk keeps, per live tensor, its value and two error parts (and a magnitude after a Linear or Conv),
+# and 2·SAMPLES float32 tangents: chunks are sized so that the largest tensor's share stays within this many bytes.
 WALK_BYTES = 256 * 2**20
 
 
@@ -112,21 +127,28 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     import torch
 
     from crossport.exact.network import as_network
+    from crossport.exact.tangents import narrower
 
     sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32))
     network = as_network(model, sample)
     layers_of(network)  # every layer has a rule, or one line naming those that do not
     counts = fan_ins(network)
     with torch.no_grad():  # shapes only: float32 (PyTorch's float64 grouped convolutions are slow at batch 1)
-        dots, largest = _per_example(network.eval(), sample)
-    network = copy.deepcopy(network).double().eval()
-    lam_ = lam(len(images) * dots, max(counts, default=1))
-    chunk = max(1, min(chunk, WALK_BYTES // (8 * largest)))
+        dots, largest, classes = _per_example(network.eval(), sample)
+    wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval()
+    # two bounds, each given half the run's chance of a false alarm; each element keeps the narrower
+    lam_ = lam(len(images) * dots, max(counts, default=1), FALSE_ALARM / 2)
+    confidence = sampled_confidence(len(images) * classes, SAMPLES, FALSE_ALARM / 2)
+    chunk = max(1, min(chunk, WALK_BYTES // ((32 + 8 * SAMPLES) * largest)))
     parts: dict[tuple[str, str], list[np.ndarray]] = {}
+    taken = []
     with torch.no_grad():
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
-            logits, error = _forward_with_bound(network, batch, lam_)
+            generator = torch.Generator().manual_seed(start)  # the same draws for the same images, run to run
+            logits, forward, sampled = _walk(wide, narrow, batch, lam_, confidence, generator)
+            error, share = narrower(forward, sampled)
+            taken.append(share * len(batch))
             scores, score_error = _softmax_with_bound(logits, error)
             for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
                 for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
@@ -136,12 +158,13 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     def part(name):
         return {output: joined[(name, output)] for output in ("logits", "scores")}
 
-    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts)
+    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts,
+                 sampled=sum(taken) / max(len(images), 1))
 
 
-def _per_example(network, sample) -> tuple[int, int]:
-    """How many dot products (rounded bounds that must all hold) one example's forward pass computes, and the
-    element count of its largest tensor."""
+def _per_example(network, sample) -> tuple[int, int, int]:
+    """How many dot products (rounded bounds that must all hold) one example's forward pass computes, the element
+    count of its largest tensor, and of its output."""
     from crossport.exact.rules import rule_of
 
     values = {network.source: sample}
@@ -151,24 +174,33 @@ def _per_example(network, sample) -> tuple[int, int]:
         largest = max(largest, y.numel())
         if rule_of(step.layer).terms is not None:
             count += y.numel()
-    return max(count, 1), largest
+    return max(count, 1), largest, values[network.target].numel()
 
 
-def _forward_with_bound(network, x, lam_):
-    """The walk: each step's exact output and Error from its inputs' (tensors freed after their last reader). The
-    last accumulating layer's bias add reaches the outputs directly, so it is systematic (crossport.exact.rules):
-    a second Error, ``constant``, follows it from that layer to the outputs."""
+def _walk(network, narrow, x, lam_, confidence, generator):
+    """Each step's exact output and its two bounds from its inputs' (tensors freed after their last reader):
+
+    * the forward bound, each step's Error from its inputs' Errors (its rule). The last accumulating layer's bias
+      add reaches the outputs directly, so it is systematic (crossport.exact.rules): a second Error, ``constant``,
+      follows it from that layer to the outputs;
+    * the sampled bound (crossport.exact.tangents): each step's tangents from its inputs' (its rule's ``linear``,
+      on ``narrow``, the float32 copy of the network), plus Gaussians of the step's own error (its rule with no
+      incoming error and λ = 1, the remainder past first order given its inputs' spread, and that bias add).
+    """
     import torch
 
+    from crossport.exact import tangents as carry
     from crossport.exact.rules import Error, constant_added, rule_of
 
     steps = network.steps
     last = max((i for i, step in enumerate(steps) if rule_of(step.layer).terms is not None), default=None)
     reads = network.last_reads()
-    values, constant = {network.source: x}, {}
+    readers = network.readers()
+    values, constant, tangents = {network.source: x}, {}, {network.source: carry.start(x)}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
+    pending = {}  # a tensor's own error, not drawn yet: its one reader maps elements to elements
 
-    for index, step in enumerate(steps):
+    for index, (step, small) in enumerate(zip(steps, narrow.steps, strict=True)):
         rule = rule_of(step.layer)
         xs = [values[name] for name in step.inputs]
         y, errors[step.output] = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
@@ -176,19 +208,37 @@ def _forward_with_bound(network, x, lam_):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
             constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
+        none = [Error(0.0, 0.0, errors[name].magnitude) for name in step.inputs]
+        own = rule.step(step.layer, xs, none, 1.0)[1]
+        random, systematic = own.random, own.systematic
+        if rule.remainder is not None:
+            spreads = [carry.spread(tangents[name], v, confidence) + (pending[name].total if name in pending else 0.0)
+                       for name, v in zip(step.inputs, xs, strict=True)]
+            random = random + rule.remainder(step.layer, xs, spreads)[0]  # the mean: second order (module doc)
+        if step.inputs[0] in pending:  # the input's own error, through this elementwise layer (drawn with its own)
+            held = pending.pop(step.inputs[0])
+            size = rule.scale(step.layer, xs)
+            random, systematic = random + size * held.random, systematic + size * held.systematic
         if index == last:
-            bias = getattr(step.layer, "bias", None)
-            constant[step.output] = Error(torch.zeros_like(y), constant_added(y, bias))
+            bias = constant_added(y, getattr(step.layer, "bias", None))
+            constant[step.output] = Error(torch.zeros_like(y), bias)
+            systematic = systematic + bias
+        tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
+        following = readers.get(step.output, ())
+        if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:
+            pending[step.output] = Error(random, systematic)
+        else:
+            carry.add_sources(tangents[step.output], random, systematic, y, generator)
         values[step.output] = y
         for name in step.inputs:
             if reads.get(name) == index and name != network.target:
-                for held in (values, errors, constant):
+                for held in (values, errors, constant, tangents):
                     held.pop(name, None)
-    error = errors[network.target]
-    systematic = FLOAT32_TINY  # kernels may flush subnormal results to zero
-    if network.target in constant:
-        systematic = systematic + constant[network.target].systematic
-    return values[network.target], error.add(systematic=systematic)
+    floor = FLOAT32_TINY  # kernels may flush subnormal results to zero
+    forward = errors[network.target].add(systematic=floor + (constant[network.target].systematic
+                                                             if network.target in constant else 0.0))
+    along = carry.bound(tangents[network.target], values[network.target], confidence).add(systematic=floor)
+    return values[network.target], forward, along
 
 
 def _softmax_with_bound(logits, error):

@@ -51,6 +51,14 @@ class Network(nn.Module):
                 last[name] = index
         return last
 
+    def readers(self) -> dict[str, tuple[int, ...]]:
+        """The steps that read each tensor."""
+        found: dict[str, tuple[int, ...]] = {}
+        for index, (inputs, _) in enumerate(self.wiring):
+            for name in dict.fromkeys(inputs):
+                found[name] = (*found.get(name, ()), index)
+        return found
+
     def forward(self, x):
         values = {self.source: x}
         for layer, (inputs, output) in zip(self.layers, self.wiring, strict=True):

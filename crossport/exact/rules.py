@@ -68,11 +68,17 @@ class Error(NamedTuple):
         return self.random + self.systematic
 
     def map(self, move: Callable) -> Error:
-        """Both parts through the same linear, non-negative map (a |W| product, a pool, a reshape)."""
-        return Error(move(self.random), move(self.systematic))
+        """Both parts through the same linear, non-negative map (a |W| product, a pool, a reshape); a part that is
+        the number 0 (no incoming error) stays 0."""
+        return Error(*(move(part) if torch.is_tensor(part) else part for part in (self.random, self.systematic)))
 
     def add(self, random=0.0, systematic=0.0) -> Error:
         return Error(self.random + random, self.systematic + systematic)
+
+
+def _affine(layer, xs, tangents):
+    """J·t for a layer that is affine in its inputs: ``layer(t) − layer(0)`` (the bias or shift taken out)."""
+    return layer(*tangents) - layer(*(torch.zeros_like(t[:1]) for t in tangents))
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,16 @@ class Rule:
     propagate: Callable  # (layer, x, error: Error, λ) -> (exact output, its Error); x, error tuples for 2+ inputs
     terms: Callable | None = None  # layer -> rounded multiply-adds behind one output (None: the layer sums nothing)
     folds: bool = False  # its float32 constants are computed from the weights, and exporters fold them into them
+    # first order, for the sampled bound (crossport.exact.tangents): (float32 layer, exact inputs, tangents
+    # [samples·N, ...]) -> J·t, the change a small change t of the inputs makes; the default is for affine layers
+    linear: Callable = _affine
+    # past first order: (layer, exact inputs, their errors' spread σ) -> (root mean square, mean) of
+    # f(x + e) − f(x) − J·e (a kink crossed, curvature; :func:`crossing`); None for affine layers, where it is 0
+    remainder: Callable | None = None
+    # (layer, exact inputs) -> |∂y/∂x| for a layer that maps each element of its one input to the same element of
+    # its output (elementwise functions, BatchNorm, a constant): its input's own error may then be added to the
+    # layer's, scaled, and drawn once (crossport.exact.tangents); None for any other layer
+    scale: Callable | None = None
 
     def step(self, layer, xs: list, errors: list, lam_):
         """``propagate`` on a step's inputs: one as itself, several as tuples."""
@@ -146,6 +162,67 @@ def _kinked(x, error, kink, slope_below, slope_above) -> Error:
     return Error(error.random * slope + crossing, error.systematic * slope)
 
 
+def _samples(x, t):
+    """The tangents [samples·N, ...] of an input x [N, ...] as [samples, N, ...]."""
+    return t.view(-1, *x.shape)
+
+
+def _slope(layer, x):
+    """An elementwise function's derivative at the exact input (elementwise layers hold no tensors)."""
+    from torch.func import jvp
+
+    return jvp(layer, (x,), (torch.ones_like(x),))[1]
+
+
+def _by_slope(layer, xs, tangents):
+    """J·t for an elementwise function: its derivative at the exact input times each tangent."""
+    x, t = xs[0], tangents[0]
+    return (_samples(x, t) * _slope(layer, x).to(t.dtype)).flatten(0, 1)
+
+
+def _slope_size(layer, xs):
+    return _slope(layer, xs[0]).abs()
+
+
+def _batch_norm_scale(layer, xs):
+    scale = (layer.weight / torch.sqrt(layer.running_var + layer.eps)).abs()
+    return scale.view((1, -1) + (1,) * (xs[0].dim() - 2))
+
+
+def _constant_scale(layer, xs):
+    c = layer.constant.abs()
+    return {"mul": c, "div": 1 / c}.get(layer.op, torch.ones_like(c))
+
+
+def crossing(distance, spread, jump):
+    """(root mean square, mean) of what an error e crossing a kink ``distance`` away adds, |jump|·(|e| − d)⁺, when
+    P(|e| > s) ≤ 2·exp(−s²/2σ²) (Hoeffding, σ = ``spread``): E[((|e| − d)⁺)²] ≤ 4σ²·exp(−d²/2σ²) and
+    E[(|e| − d)⁺] ≤ √(2π)·σ·exp(−d²/2σ²). Far from the kink it is nothing; near it, of the error's own size."""
+    spread = torch.clamp(spread, min=1e-150)  # its square stays a float64 number
+    tail = torch.exp(-(distance**2) / (2 * spread**2))
+    return abs(jump) * 2 * spread * torch.sqrt(tail), abs(jump) * math.sqrt(2 * math.pi) * spread * tail
+
+
+def _kink_crossings(*kinks, curvature=0.0):
+    """The remainder of a piecewise smooth function with slope jumps ``(position, jump)`` and |f''| at most
+    ``curvature`` elsewhere (each a number, or a function of the layer): the crossings (:func:`crossing`), and
+    ½·|f''|·e², whose root mean square and mean are at most 2·|f''|·σ² (E[e²] ≤ 4σ², E[e⁴] ≤ 16σ⁴)."""
+
+    def of(layer, number):
+        return number(layer) if callable(number) else number
+
+    def remainder(layer, xs, spreads):
+        x, spread = xs[0], spreads[0]
+        second = 2 * abs(of(layer, curvature)) * spread**2
+        rms, mean = second, second
+        for position, jump in kinks:
+            r, m = crossing((x - of(layer, position)).abs(), spread, of(layer, jump))
+            rms, mean = rms + r, mean + m
+        return rms, mean
+
+    return remainder
+
+
 def _relu(layer, x, error, lam_):
     return torch.relu(x), _kinked(x, error, 0.0, 0.0, 1.0)  # a unit farther below 0 than its error stays 0, exactly
 
@@ -201,7 +278,7 @@ def _largest_slope(slope, kinks, x, reach):
 def _hard_sigmoid(layer, x, error, lam_):
     """``clip(α·x + β, 0, 1)``: slope α between the kinks; a multiply and an add rounded (random), and α as a float32
     number (systematic: the same relative error for every input)."""
-    alpha, beta = getattr(layer, "alpha", 1 / 6), getattr(layer, "beta", 0.5)
+    alpha, beta = _alpha(layer), _beta(layer)
     lo, hi = (-beta / alpha, (1 - beta) / alpha) if alpha > 0 else ((1 - beta) / alpha, -beta / alpha)
     y = layer(x)
     inside = ((x > lo) & (x < hi)).to(x.dtype)
@@ -219,7 +296,7 @@ def _hard_swish(layer, x, error, lam_):
     2α·x + β between, 1 above; the error passes scaled by the largest |f'| within its reach. Three roundings of at
     most |x|·h(x) (the shift, the product, the division or the multiply by α: random) and α as a float32 number
     (systematic)."""
-    alpha, beta = getattr(layer, "alpha", 1 / 6), getattr(layer, "beta", 0.5)
+    alpha, beta = _alpha(layer), _beta(layer)
     lo, hi = -beta / alpha, (1 - beta) / alpha
     y = layer(x)
 
@@ -250,12 +327,18 @@ def _mul(layer, xs, errors, lam_):
 
 
 def _concat(layer, xs, errors, lam_):
-    return layer(*xs), Error(layer(*(e.random for e in errors)), layer(*(e.systematic for e in errors)))
+    def joined(parts):
+        return layer(*(torch.broadcast_to(torch.as_tensor(p, dtype=x.dtype), x.shape) for p, x in zip(parts, xs,
+                                                                                                        strict=True)))
+
+    return layer(*xs), Error(joined(e.random for e in errors), joined(e.systematic for e in errors))
 
 
 def _max_pool(layer, x, error, lam_):
     """The window's largest input brings its error (at most the window's largest); an error large enough to let
     another input overtake it adds at most 2·max|δ| − gap, in B only (a kink crossing)."""
+    if not torch.is_tensor(error.total):  # no incoming error: nothing to overtake with
+        return layer(x), error.map(layer)
     overtaking = torch.clamp(2 * layer(error.total) - _window_gap(layer, x), min=0.0)
     return layer(x), error.map(layer).add(random=overtaking)
 
@@ -314,38 +397,94 @@ def _with_constant(layer, x, error, lam_):
     return y, error.map(lambda e: slope * e).add(random=U32 * y.abs(), systematic=reciprocal)
 
 
+def _max_pool_linear(layer, xs, tangents):
+    """J·t for a max pool: the tangent of each window's largest input."""
+    x, t = xs[0], tangents[0]
+    _, index = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                            ceil_mode=layer.ceil_mode, return_indices=True)
+    index = index.repeat(t.shape[0] // x.shape[0], 1, 1, 1)
+    return t.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+
+
+def _max_pool_remainder(layer, xs, spreads):
+    """The runner-up overtakes the winner where their errors differ by more than the gap: a crossing whose spread is
+    at most twice the window's largest."""
+    return crossing(_window_gap(layer, xs[0]), 2 * layer(spreads[0]), 1.0)
+
+
+def _mul_linear(layer, xs, tangents):
+    """J·t for ``a · b``: b·t_a + a·t_b."""
+    (a, b), (ta, tb) = xs, tangents
+    return (_samples(a, ta) * b.to(ta.dtype) + _samples(b, tb) * a.to(tb.dtype)).flatten(0, 1)
+
+
+def _mul_remainder(layer, xs, spreads):
+    """The product of the two errors, e_a·e_b: root mean square and mean at most 4·σ_a·σ_b."""
+    product = 4 * layer(*spreads)
+    return product, product
+
+
+def _alpha(layer) -> float:
+    return getattr(layer, "alpha", 1 / 6)  # PyTorch's Hardsigmoid and Hardswish: 1/6 and 1/2
+
+
+def _beta(layer) -> float:
+    return getattr(layer, "beta", 0.5)
+
+
+def _lower(layer) -> float:
+    return -_beta(layer) / _alpha(layer)
+
+
+def _upper(layer) -> float:
+    return (1 - _beta(layer)) / _alpha(layer)
+
+
+# HardSigmoid's slope drops from α to 0 at both kinks. HardSwish's f' is 0 below the lower kink and −β just above
+# it, 2 − β just below the upper kink and 1 above it, and f'' = 2α between.
+_HARD_SIGMOID = _kink_crossings((_lower, _alpha), (_upper, _alpha))
+_HARD_SWISH = _kink_crossings((_lower, _beta), (_upper, lambda layer: 1 - _beta(layer)),
+                              curvature=lambda layer: 2 * _alpha(layer))
+
+
 def _moves_values(layer, x, error, lam_):
     return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
 
+_CLIP = _kink_crossings((lambda layer: layer.min_val, 1.0), (lambda layer: layer.max_val, 1.0))
+
 RULES: dict[type, Rule] = {
     nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None)),
     nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None)),
-    nn.ReLU: Rule(_relu),
-    nn.LeakyReLU: Rule(_leaky_relu),
-    nn.ELU: Rule(_elu),
-    nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs)),
+    nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size, remainder=_kink_crossings((0.0, 1.0))),
+    nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size,
+                       remainder=_kink_crossings((0.0, lambda layer: 1 - layer.negative_slope))),
+    nn.ELU: Rule(_elu, linear=_by_slope, scale=_slope_size,  # f'' = α·eˣ ≤ α below 0
+                 remainder=_kink_crossings((0.0, lambda layer: 1 - layer.alpha), curvature=lambda layer: layer.alpha)),
+    nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs), linear=_by_slope, scale=_slope_size,
+                  remainder=_kink_crossings(curvature=0.77)),  # max |tanh''| = 4/(3√3)
     nn.Sigmoid: Rule(_smooth(torch.sigmoid, lambda m: torch.sigmoid(m) * torch.sigmoid(-m), SIGMOID_ULPS,
-                             lambda y: torch.maximum(y, 1 - y))),
-    nn.Hardtanh: Rule(_clip),  # ReLU6 and ONNX Clip
-    nn.Hardsigmoid: Rule(_hard_sigmoid),
-    HardSigmoid: Rule(_hard_sigmoid),
-    nn.Hardswish: Rule(_hard_swish),
-    HardSwish: Rule(_hard_swish),
+                             lambda y: torch.maximum(y, 1 - y)), linear=_by_slope, scale=_slope_size,
+                     remainder=_kink_crossings(curvature=0.1)),  # max |σ''| = 1/(6√3)
+    nn.Hardtanh: Rule(_clip, linear=_by_slope, scale=_slope_size, remainder=_CLIP),  # ReLU6 and ONNX Clip
+    nn.Hardsigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size, remainder=_HARD_SIGMOID),
+    HardSigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size, remainder=_HARD_SIGMOID),
+    nn.Hardswish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size, remainder=_HARD_SWISH),
+    HardSwish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size, remainder=_HARD_SWISH),
     Add: Rule(_add),
     Sub: Rule(_add),
-    Mul: Rule(_mul),
+    Mul: Rule(_mul, linear=_mul_linear, remainder=_mul_remainder),
     Concat: Rule(_concat),
-    nn.MaxPool2d: Rule(_max_pool),
+    nn.MaxPool2d: Rule(_max_pool, linear=_max_pool_linear, remainder=_max_pool_remainder),
     nn.AvgPool2d: Rule(_average_pool, _window),
-    WithConstant: Rule(_with_constant),
+    WithConstant: Rule(_with_constant, scale=_constant_scale),
     Pad: Rule(_pad),
     nn.Flatten: Rule(_moves_values),
     nn.Unflatten: Rule(_moves_values),
-    nn.Dropout: Rule(_moves_values),  # evaluation mode: the identity
-    nn.Identity: Rule(_moves_values),
-    nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True),  # one multiply, one add
-    nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True),
+    nn.Dropout: Rule(_moves_values, scale=lambda layer, xs: 1.0),  # evaluation mode: the identity
+    nn.Identity: Rule(_moves_values, scale=lambda layer, xs: 1.0),
+    nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale),  # a multiply, an add
+    nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale),
     GlobalAveragePool: Rule(_global_average, lambda layer: layer.size),
     Reshape: Rule(_moves_values),
     Permute: Rule(_moves_values),

@@ -1,0 +1,85 @@
+"""The sampled bound: first-order rounding error carried by the network's own Jacobian, for networks too deep for
+the forward bound.
+
+The forward bound passes each layer's error on through |W|, which may grow it by Σ|w| where the values grow by
+about ‖w‖, so it compounds with depth (docs/parity.md, "Deep networks"). This one does not. To first order, a float32
+run's error in an output is Σ_r c_r·δ_r over every rounding r of the run, with δ_r independent, mean zero and at most
+u (Higham & Mary's model), and c_r = ∂z/∂h·(the partial result r rounds) for the tensor h it lands in. Each rule,
+given no incoming error and λ = 1, bounds √(Σ c_r²)/|∂z/∂h| over its own roundings: √(n)·u·Σ|w·x| for a dot
+product of n terms, whatever the summation order. So:
+
+* Hoeffding: |Σ c_r·δ_r| ≤ t·u·√(Σ c_r²) but with probability 2·exp(−t²/2);
+* Σ c_r² is the variance of the output's tangent when every step adds a Gaussian of its own bound's size and the
+  tangents are carried by the exact Jacobian (each rule's ``linear``): :data:`SAMPLES` such tangents give a sum of
+  squares S with S/Σ c_r² distributed χ²(SAMPLES), so Σ c_r² ≤ S/q but with probability P(χ² ≤ q).
+
+:func:`crossport.exact.rounding.sampled_confidence` picks t and q so that both hold for every output of the run with
+probability 1 − FALSE_ALARM/2. The systematic part (constants rounded once: the same sign for an element, a channel
+or a whole layer) is carried by a second set of tangents whose Gaussian is shared accordingly, so S covers each way
+they can line up. Past first order, an error may carry a ReLU's input across its kink: each hidden tensor's error
+is sub-Gaussian with a spread σ its own tangents bound, and each rule's ``remainder`` gives the root mean square
+(a source of the random set) and the mean (of the systematic set, since a crossing is one-sided) of what a
+crossing, or curvature, adds: σ-sized within a few σ of a kink, nothing far from it.
+
+Tangents are float32 in units of u (they are estimates of a size, not values), [2·SAMPLES·N, ...]: the random set,
+then the systematic set.
+"""
+
+from __future__ import annotations
+
+import torch  # imported only by the stages that compute exact references
+
+from crossport.exact.rounding import SAMPLES, U32
+
+
+def start(x: torch.Tensor) -> torch.Tensor:
+    """The input's tangents: the images are exact (they are the float32 numbers every runtime reads)."""
+    return torch.zeros((2 * SAMPLES * x.shape[0], *x.shape[1:]), dtype=torch.float32)
+
+
+def add_sources(tangents: torch.Tensor, random, systematic, like: torch.Tensor, generator: torch.Generator) -> None:
+    """Add each element's own error to its tangents (in place), as Gaussians of its bound's size: independent per
+    element for the random part; for the systematic part the sum of one Gaussian per element, per channel (dimension
+    1) and per tensor, each shared by every input of the batch."""
+    sets = tangents.view(2, SAMPLES, *like.shape)
+    for into, part, shared in ((sets[0], random, False), (sets[1], systematic, True)):
+        part = torch.as_tensor(part, dtype=like.dtype)
+        if not bool(part.any()):
+            continue
+        scale = torch.broadcast_to(part / U32, like.shape).to(torch.float32)
+        draw = torch.randn((SAMPLES, *like.shape), generator=generator)
+        if shared:
+            draw += torch.randn((SAMPLES, *(1,) * like.dim()), generator=generator)
+            if like.dim() > 2:
+                draw += torch.randn((SAMPLES, 1, like.shape[1], *(1,) * (like.dim() - 2)), generator=generator)
+        into.addcmul_(draw, scale)
+
+
+def bound(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, float]):
+    """The sampled bound of a tensor from its tangents: t·u·√(S/q) for each set (an Error: random, systematic)."""
+    from crossport.exact.rules import Error
+
+    t, q = confidence
+    sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
+    random, systematic = (t * U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
+    return Error(random, systematic)
+
+
+def spread(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, float]) -> torch.Tensor:
+    """σ, the sub-Gaussian spread of a tensor's first-order error (P(|e| > s) ≤ 2·exp(−s²/2σ²)): u·√(S/q) of the
+    random set plus the systematic set's."""
+    _, q = confidence
+    sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
+    return sum(U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
+
+
+def narrower(forward, sampled):
+    """Per element and part, the narrower of two bounds that each hold (with the run's chances split between them),
+    and the share of elements where the sampled bound's total was the narrower. Both sort the same sources into the
+    same parts (rounding and kink crossings random, constants systematic), so each part's minimum bounds that part.
+    """
+    from crossport.exact.rules import Error
+
+    share = float((sampled.total < forward.total).double().mean())
+    return Error(torch.minimum(forward.random, sampled.random),
+                 torch.minimum(forward.systematic, sampled.systematic)), share
