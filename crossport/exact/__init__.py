@@ -122,12 +122,35 @@ WALK_BYTES = 256 * 2**20
 def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     """Run ``model`` (a PyTorch model or a :class:`crossport.exact.network.Network`) in float64 on float32
     ``images`` [N, ...]; see the module docstring."""
+    from crossport.exact.tangents import narrower
+
+    parts: dict[tuple[str, str], list[np.ndarray]] = {}
+    taken = 0.0
+    walk = walks(model, images, chunk=chunk)
+    lam_, counts = next(walk)
+    for logits, forward, sampled in walk:
+        error, share = narrower(forward, sampled)
+        taken += share * len(logits)
+        scores, score_error = _softmax_with_bound(logits, error)
+        for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
+            for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
+                parts.setdefault((part, output), []).append(array.numpy())
+    joined = {key: np.concatenate(value) for key, value in parts.items()}
+
+    def part(name):
+        return {output: joined[(name, output)] for output in ("logits", "scores")}
+
+    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts, sampled=taken / max(len(images), 1))
+
+
+def walks(model, images: np.ndarray, *, chunk: int = 8192):
+    """First (λ, fan-ins), then per chunk of ``images``: (exact logits, forward bound, sampled bound), each bound
+    an :class:`crossport.exact.rules.Error` given half the run's chance of a false alarm."""
     import copy
 
     import torch
 
     from crossport.exact.network import as_network
-    from crossport.exact.tangents import narrower
 
     sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32))
     network = as_network(model, sample)
@@ -136,30 +159,15 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     with torch.no_grad():  # shapes only: float32 (PyTorch's float64 grouped convolutions are slow at batch 1)
         dots, largest, classes = _per_example(network.eval(), sample)
     wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval()
-    # two bounds, each given half the run's chance of a false alarm; each element keeps the narrower
     lam_ = lam(len(images) * dots, max(counts, default=1), FALSE_ALARM / 2)
     confidence = sampled_confidence(len(images) * classes, SAMPLES, FALSE_ALARM / 2)
+    yield lam_, counts
     chunk = max(1, min(chunk, WALK_BYTES // ((32 + 8 * SAMPLES) * largest)))
-    parts: dict[tuple[str, str], list[np.ndarray]] = {}
-    taken = []
     with torch.no_grad():
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             generator = torch.Generator().manual_seed(start)  # the same draws for the same images, run to run
-            logits, forward, sampled = _walk(wide, narrow, batch, lam_, confidence, generator)
-            error, share = narrower(forward, sampled)
-            taken.append(share * len(batch))
-            scores, score_error = _softmax_with_bound(logits, error)
-            for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
-                for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
-                    parts.setdefault((part, output), []).append(array.numpy())
-    joined = {key: np.concatenate(value) for key, value in parts.items()}
-
-    def part(name):
-        return {output: joined[(name, output)] for output in ("logits", "scores")}
-
-    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts,
-                 sampled=sum(taken) / max(len(images), 1))
+            yield _walk(wide, narrow, batch, lam_, confidence, generator)
 
 
 def _per_example(network, sample) -> tuple[int, int, int]:
@@ -185,7 +193,7 @@ def _walk(network, narrow, x, lam_, confidence, generator):
       follows it from that layer to the outputs;
     * the sampled bound (crossport.exact.tangents): each step's tangents from its inputs' (its rule's ``linear``,
       on ``narrow``, the float32 copy of the network), plus Gaussians of the step's own error (its rule with no
-      incoming error and λ = 1, the remainder past first order given its inputs' spread, and that bias add).
+      incoming error and λ = 1, and that bias add).
     """
     import torch
 
@@ -211,10 +219,6 @@ def _walk(network, narrow, x, lam_, confidence, generator):
         none = [Error(0.0, 0.0, errors[name].magnitude) for name in step.inputs]
         own = rule.step(step.layer, xs, none, 1.0)[1]
         random, systematic = own.random, own.systematic
-        if rule.remainder is not None:
-            spreads = [carry.spread(tangents[name], v, confidence) + (pending[name].total if name in pending else 0.0)
-                       for name, v in zip(step.inputs, xs, strict=True)]
-            random = random + rule.remainder(step.layer, xs, spreads)[0]  # the mean: second order (module doc)
         if step.inputs[0] in pending:  # the input's own error, through this elementwise layer (drawn with its own)
             held = pending.pop(step.inputs[0])
             size = rule.scale(step.layer, xs)

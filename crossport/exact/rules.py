@@ -89,9 +89,6 @@ class Rule:
     # first order, for the sampled bound (crossport.exact.tangents): (float32 layer, exact inputs, tangents
     # [samples·N, ...]) -> J·t, the change a small change t of the inputs makes; the default is for affine layers
     linear: Callable = _affine
-    # past first order: (layer, exact inputs, their errors' spread σ) -> (root mean square, mean) of
-    # f(x + e) − f(x) − J·e (a kink crossed, curvature; :func:`crossing`); None for affine layers, where it is 0
-    remainder: Callable | None = None
     # (layer, exact inputs) -> |∂y/∂x| for a layer that maps each element of its one input to the same element of
     # its output (elementwise functions, BatchNorm, a constant): its input's own error may then be added to the
     # layer's, scaled, and drawn once (crossport.exact.tangents); None for any other layer
@@ -192,35 +189,6 @@ def _batch_norm_scale(layer, xs):
 def _constant_scale(layer, xs):
     c = layer.constant.abs()
     return {"mul": c, "div": 1 / c}.get(layer.op, torch.ones_like(c))
-
-
-def crossing(distance, spread, jump):
-    """(root mean square, mean) of what an error e crossing a kink ``distance`` away adds, |jump|·(|e| − d)⁺, when
-    P(|e| > s) ≤ 2·exp(−s²/2σ²) (Hoeffding, σ = ``spread``): E[((|e| − d)⁺)²] ≤ 4σ²·exp(−d²/2σ²) and
-    E[(|e| − d)⁺] ≤ √(2π)·σ·exp(−d²/2σ²). Far from the kink it is nothing; near it, of the error's own size."""
-    spread = torch.clamp(spread, min=1e-150)  # its square stays a float64 number
-    tail = torch.exp(-(distance**2) / (2 * spread**2))
-    return abs(jump) * 2 * spread * torch.sqrt(tail), abs(jump) * math.sqrt(2 * math.pi) * spread * tail
-
-
-def _kink_crossings(*kinks, curvature=0.0):
-    """The remainder of a piecewise smooth function with slope jumps ``(position, jump)`` and |f''| at most
-    ``curvature`` elsewhere (each a number, or a function of the layer): the crossings (:func:`crossing`), and
-    ½·|f''|·e², whose root mean square and mean are at most 2·|f''|·σ² (E[e²] ≤ 4σ², E[e⁴] ≤ 16σ⁴)."""
-
-    def of(layer, number):
-        return number(layer) if callable(number) else number
-
-    def remainder(layer, xs, spreads):
-        x, spread = xs[0], spreads[0]
-        second = 2 * abs(of(layer, curvature)) * spread**2
-        rms, mean = second, second
-        for position, jump in kinks:
-            r, m = crossing((x - of(layer, position)).abs(), spread, of(layer, jump))
-            rms, mean = rms + r, mean + m
-        return rms, mean
-
-    return remainder
 
 
 def _relu(layer, x, error, lam_):
@@ -406,22 +374,10 @@ def _max_pool_linear(layer, xs, tangents):
     return t.flatten(2).gather(2, index.flatten(2)).view(index.shape)
 
 
-def _max_pool_remainder(layer, xs, spreads):
-    """The runner-up overtakes the winner where their errors differ by more than the gap: a crossing whose spread is
-    at most twice the window's largest."""
-    return crossing(_window_gap(layer, xs[0]), 2 * layer(spreads[0]), 1.0)
-
-
 def _mul_linear(layer, xs, tangents):
     """J·t for ``a · b``: b·t_a + a·t_b."""
     (a, b), (ta, tb) = xs, tangents
     return (_samples(a, ta) * b.to(ta.dtype) + _samples(b, tb) * a.to(tb.dtype)).flatten(0, 1)
-
-
-def _mul_remainder(layer, xs, spreads):
-    """The product of the two errors, e_a·e_b: root mean square and mean at most 4·σ_a·σ_b."""
-    product = 4 * layer(*spreads)
-    return product, product
 
 
 def _alpha(layer) -> float:
@@ -432,50 +388,30 @@ def _beta(layer) -> float:
     return getattr(layer, "beta", 0.5)
 
 
-def _lower(layer) -> float:
-    return -_beta(layer) / _alpha(layer)
-
-
-def _upper(layer) -> float:
-    return (1 - _beta(layer)) / _alpha(layer)
-
-
-# HardSigmoid's slope drops from α to 0 at both kinks. HardSwish's f' is 0 below the lower kink and −β just above
-# it, 2 − β just below the upper kink and 1 above it, and f'' = 2α between.
-_HARD_SIGMOID = _kink_crossings((_lower, _alpha), (_upper, _alpha))
-_HARD_SWISH = _kink_crossings((_lower, _beta), (_upper, lambda layer: 1 - _beta(layer)),
-                              curvature=lambda layer: 2 * _alpha(layer))
-
-
 def _moves_values(layer, x, error, lam_):
     return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
 
-_CLIP = _kink_crossings((lambda layer: layer.min_val, 1.0), (lambda layer: layer.max_val, 1.0))
-
 RULES: dict[type, Rule] = {
     nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None)),
     nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None)),
-    nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size, remainder=_kink_crossings((0.0, 1.0))),
-    nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size,
-                       remainder=_kink_crossings((0.0, lambda layer: 1 - layer.negative_slope))),
-    nn.ELU: Rule(_elu, linear=_by_slope, scale=_slope_size,  # f'' = α·eˣ ≤ α below 0
-                 remainder=_kink_crossings((0.0, lambda layer: 1 - layer.alpha), curvature=lambda layer: layer.alpha)),
-    nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs), linear=_by_slope, scale=_slope_size,
-                  remainder=_kink_crossings(curvature=0.77)),  # max |tanh''| = 4/(3√3)
+    nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size),
+    nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size),
+    nn.ELU: Rule(_elu, linear=_by_slope, scale=_slope_size),
+    nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs), linear=_by_slope,
+                  scale=_slope_size),
     nn.Sigmoid: Rule(_smooth(torch.sigmoid, lambda m: torch.sigmoid(m) * torch.sigmoid(-m), SIGMOID_ULPS,
-                             lambda y: torch.maximum(y, 1 - y)), linear=_by_slope, scale=_slope_size,
-                     remainder=_kink_crossings(curvature=0.1)),  # max |σ''| = 1/(6√3)
-    nn.Hardtanh: Rule(_clip, linear=_by_slope, scale=_slope_size, remainder=_CLIP),  # ReLU6 and ONNX Clip
-    nn.Hardsigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size, remainder=_HARD_SIGMOID),
-    HardSigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size, remainder=_HARD_SIGMOID),
-    nn.Hardswish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size, remainder=_HARD_SWISH),
-    HardSwish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size, remainder=_HARD_SWISH),
+                             lambda y: torch.maximum(y, 1 - y)), linear=_by_slope, scale=_slope_size),
+    nn.Hardtanh: Rule(_clip, linear=_by_slope, scale=_slope_size),  # ReLU6 and ONNX Clip
+    nn.Hardsigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size),
+    HardSigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size),
+    nn.Hardswish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size),
+    HardSwish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size),
     Add: Rule(_add),
     Sub: Rule(_add),
-    Mul: Rule(_mul, linear=_mul_linear, remainder=_mul_remainder),
+    Mul: Rule(_mul, linear=_mul_linear),
     Concat: Rule(_concat),
-    nn.MaxPool2d: Rule(_max_pool, linear=_max_pool_linear, remainder=_max_pool_remainder),
+    nn.MaxPool2d: Rule(_max_pool, linear=_max_pool_linear),
     nn.AvgPool2d: Rule(_average_pool, _window),
     WithConstant: Rule(_with_constant, scale=_constant_scale),
     Pad: Rule(_pad),

@@ -16,10 +16,14 @@ product of n terms, whatever the summation order. So:
 :func:`crossport.exact.rounding.sampled_confidence` picks t and q so that both hold for every output of the run with
 probability 1 − FALSE_ALARM/2. The systematic part (constants rounded once: the same sign for an element, a channel
 or a whole layer) is carried by a second set of tangents whose Gaussian is shared accordingly, so S covers each way
-they can line up. Past first order, an error may carry a ReLU's input across its kink: each hidden tensor's error
-is sub-Gaussian with a spread σ its own tangents bound, and each rule's ``remainder`` gives the root mean square
-(a source of the random set) and the mean (of the systematic set, since a crossing is one-sided) of what a
-crossing, or curvature, adds: σ-sized within a few σ of a kink, nothing far from it.
+they can line up.
+
+The bound is first order, as running error analysis is: the Jacobian is the exact network's, so where a float32
+error carries a unit across a kink (a ReLU's 0, a max-pool's tie) the bound does not follow it. A unit crosses only
+when its input lies within its own error of the kink, so over inputs the effect is a product of two small quantities
+(second order in u, like the products of roundings both analyses drop). The forward bound, which the gate also
+computes and which keeps every crossing, is the narrower for shallow networks; docs/parity.md ("Deep networks")
+gives the measured margin on networks built to sit at their kinks.
 
 Tangents are float32 in units of u (they are estimates of a size, not values), [2·SAMPLES·N, ...]: the random set,
 then the systematic set.
@@ -63,14 +67,6 @@ def bound(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, f
     sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
     random, systematic = (t * U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
     return Error(random, systematic)
-
-
-def spread(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, float]) -> torch.Tensor:
-    """σ, the sub-Gaussian spread of a tensor's first-order error (P(|e| > s) ≤ 2·exp(−s²/2σ²)): u·√(S/q) of the
-    random set plus the systematic set's."""
-    _, q = confidence
-    sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
-    return sum(U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
 
 
 def narrower(forward, sampled):

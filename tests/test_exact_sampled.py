@@ -1,0 +1,117 @@
+"""The sampled bound (crossport.exact.tangents): its confidence limits are what they state, it holds on float32 runs
+of deep networks and of networks built to cross their kinks, and the gate keeps the narrower bound part by part."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossport.exact import exact_outputs, walks
+from crossport.exact.rounding import SAMPLES, sampled_confidence
+from crossport.exact.tangents import narrower
+
+
+def test_the_chi_square_limit_fails_no_more_often_than_its_share_of_the_false_alarm():
+    """S/q ≥ σ² but with probability share/outputs: checked on Gaussians at a false-alarm rate large enough to see."""
+    rng = np.random.default_rng(0)
+    outputs, false_alarm = 10, 0.2
+    _, q = sampled_confidence(outputs, SAMPLES, false_alarm)
+    trials = 40_000
+    sums = (rng.normal(0.0, 1.0, (trials, SAMPLES)) ** 2).sum(axis=1)
+    allowed = false_alarm / 2 / outputs  # the χ² half of the chance, shared by the outputs
+    observed = np.mean(sums / q < 1.0)
+    # the observed rate of a Bernoulli(allowed) over 40,000 trials stays within 5 of its standard deviations
+    assert observed <= allowed + 5 * np.sqrt(allowed * (1 - allowed) / trials)
+    assert observed >= allowed - 5 * np.sqrt(allowed * (1 - allowed) / trials)  # and the limit is not loose either
+
+
+def test_hoeffding_and_chi_square_together_hold_for_a_sum_of_roundings():
+    """A sum Σ c_r·δ_r of uniform roundings, its sampled bound t·u·√(S/q) from Gaussian tangents: a run of 20,000
+    such sums leaves its bound no more often than the chance stated (here large enough to count)."""
+    from crossport.exact.rounding import U32
+
+    rng = np.random.default_rng(1)
+    outputs, false_alarm = 20_000, 0.5
+    t, q = sampled_confidence(outputs, SAMPLES, false_alarm)
+    c = rng.lognormal(0.0, 2.0, (outputs, 50))  # coefficients of every scale
+    rounded = (c * rng.uniform(-U32, U32, c.shape)).sum(axis=1)
+    tangents = np.einsum("nr,snr->sn", c, rng.normal(size=(SAMPLES, *c.shape)))
+    bound = t * U32 * np.sqrt((tangents**2).sum(axis=0) / q)
+    assert np.mean(np.abs(rounded) > bound) <= false_alarm / outputs
+
+
+@pytest.fixture(scope="module", params=("resnet18", "mobilenet_v2", "mobilenet_v3_small"))
+def deep(request):
+    from training.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=request.param, num_classes=5)).eval()
+    with torch.no_grad():  # batch statistics as training leaves them, not the identity of a fresh BatchNorm
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.uniform_(-0.2, 0.2)
+                layer.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_deep_networks_get_a_bound_narrow_enough_to_decide_and_float32_stays_within_it(deep):
+    x = np.random.default_rng(2).random((6, 784), dtype=np.float32)
+    exact = exact_outputs(deep, x)
+    with torch.no_grad():
+        float32 = deep(torch.from_numpy(x)).double().numpy()
+    assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
+    # the forward bound of these is wider than the logits (docs/parity.md, "Deep networks"): the sampled one is kept,
+    # and it is under a hundredth of a logit, so only examples whose top two logits are that close are near-ties
+    assert exact.sampled == 1.0
+    assert np.median(exact.bounds["logits"] / np.abs(exact.values["logits"])) < 1e-2
+
+
+def test_a_deep_relu_network_whose_units_sit_at_their_kinks_stays_within_the_first_order_bound():
+    """Thirty residual ReLU blocks, each bias moved so that every unit's pre-activation is 0 on some input: float32
+    runs cross kinks the exact run does not, and the forward bound is useless at this depth, so the sampled bound,
+    first order, is the one kept (crossport.exact.tangents) and must still hold."""
+    from crossport.exact.layers import Add
+
+    torch.manual_seed(3)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.relu, self.add = nn.Linear(32, 32), nn.ReLU(), Add()
+
+        def forward(self, x):
+            return self.add(x, self.relu(self.linear(x)))
+
+    blocks = [Block() for _ in range(30)]
+    model = nn.Sequential(nn.Linear(784, 32), *blocks, nn.Linear(32, 4)).eval()
+    x = np.random.default_rng(4).random((64, 784), dtype=np.float32)
+    with torch.no_grad():
+        h = model[0](torch.from_numpy(x).double().float())
+        for block in blocks:  # each bias moved so that the block's median pre-activation is 0
+            pre = block.linear(h)
+            block.linear.bias -= pre.median(dim=0).values
+            h = block(h)
+        float32 = model(torch.from_numpy(x)).double().numpy()
+    exact = exact_outputs(model, x)
+    assert exact.sampled == 1.0
+    assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
+
+
+def test_the_gate_keeps_the_narrower_bound_part_by_part():
+    from crossport.exact.rules import Error
+
+    forward = Error(torch.tensor([1.0, 5.0], dtype=torch.float64), torch.tensor([0.5, 0.1], dtype=torch.float64))
+    sampled = Error(torch.tensor([2.0, 1.0], dtype=torch.float64), torch.tensor([0.1, 0.2], dtype=torch.float64))
+    kept, share = narrower(forward, sampled)
+    assert kept.random.tolist() == [1.0, 1.0] and kept.systematic.tolist() == [0.1, 0.1]
+    assert share == 0.5  # the second element's sampled total (1.2) is under its forward total (5.1)
+
+
+def test_the_same_images_get_the_same_bound_run_to_run():
+    from training.model import MLP, ModelConfig
+
+    torch.manual_seed(0)
+    model = MLP(ModelConfig(hidden_sizes=(16,), num_classes=3)).eval()
+    x = np.random.default_rng(5).random((7, 784), dtype=np.float32)
+    first, second = (list(walks(model, x))[1] for _ in range(2))
+    assert torch.equal(first[2].random, second[2].random) and torch.equal(first[2].systematic, second[2].systematic)
