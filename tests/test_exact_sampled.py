@@ -8,7 +8,6 @@ from torch import nn
 
 from crossport.exact import exact_outputs, walks
 from crossport.exact.rounding import SAMPLES, sampled_confidence
-from crossport.exact.tangents import narrower
 
 
 def test_the_chi_square_limit_fails_no_more_often_than_its_share_of_the_false_alarm():
@@ -60,16 +59,16 @@ def test_deep_networks_get_a_bound_narrow_enough_to_decide_and_float32_stays_wit
     with torch.no_grad():
         float32 = deep(torch.from_numpy(x)).double().numpy()
     assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
-    # the forward bound of these is wider than the logits (docs/parity.md, "Deep networks"): the sampled one is kept,
+    # the running bound of these is wider than the logits (docs/parity.md, "Deep networks"): the sampled one is used,
     # and it is under a hundredth of a logit, so only examples whose top two logits are that close are near-ties
-    assert exact.sampled == 1.0
+    assert exact.sampled
     assert np.median(exact.bounds["logits"] / np.abs(exact.values["logits"])) < 1e-2
 
 
 def test_a_deep_relu_network_whose_units_sit_at_their_kinks_stays_within_the_first_order_bound():
     """Thirty residual ReLU blocks, each bias moved so that every unit's pre-activation is 0 on some input: float32
-    runs cross kinks the exact run does not, and the forward bound is useless at this depth, so the sampled bound,
-    first order, is the one kept (crossport.exact.tangents) and must still hold."""
+    runs cross kinks the exact run does not, and the running bound is useless at this depth, so the sampled bound,
+    first order, is the one used (crossport.exact.tangents) and must still hold."""
     from crossport.exact.layers import Add
 
     torch.manual_seed(3)
@@ -93,18 +92,22 @@ def test_a_deep_relu_network_whose_units_sit_at_their_kinks_stays_within_the_fir
             h = block(h)
         float32 = model(torch.from_numpy(x)).double().numpy()
     exact = exact_outputs(model, x)
-    assert exact.sampled == 1.0
+    assert exact.sampled
     assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
 
 
-def test_the_gate_keeps_the_narrower_bound_part_by_part():
-    from crossport.exact.rules import Error
+def test_shallow_networks_keep_the_running_bound_and_deep_ones_get_the_sampled_one(deep):
+    from training.model import MLP, ModelConfig
 
-    forward = Error(torch.tensor([1.0, 5.0], dtype=torch.float64), torch.tensor([0.5, 0.1], dtype=torch.float64))
-    sampled = Error(torch.tensor([2.0, 1.0], dtype=torch.float64), torch.tensor([0.1, 0.2], dtype=torch.float64))
-    kept, share = narrower(forward, sampled)
-    assert kept.random.tolist() == [1.0, 1.0] and kept.systematic.tolist() == [0.1, 0.1]
-    assert share == 0.5  # the second element's sampled total (1.2) is under its forward total (5.1)
+    torch.manual_seed(0)
+    shallow = MLP(ModelConfig(hidden_sizes=(32,), num_classes=5)).eval()
+    x = np.random.default_rng(6).random((9, 784), dtype=np.float32)
+    exact = exact_outputs(shallow, x)
+    walk = walks(shallow, x, bound="running")
+    next(walk)
+    _, running = next(walk)
+    assert not exact.sampled and np.array_equal(exact.bounds["logits"], running.total.numpy())
+    assert exact_outputs(deep, x).sampled
 
 
 def test_the_same_images_get_the_same_bound_run_to_run():
@@ -113,5 +116,5 @@ def test_the_same_images_get_the_same_bound_run_to_run():
     torch.manual_seed(0)
     model = MLP(ModelConfig(hidden_sizes=(16,), num_classes=3)).eval()
     x = np.random.default_rng(5).random((7, 784), dtype=np.float32)
-    first, second = (list(walks(model, x))[1] for _ in range(2))
-    assert torch.equal(first[2].random, second[2].random) and torch.equal(first[2].systematic, second[2].systematic)
+    first, second = (list(walks(model, x, bound="sampled"))[1][1] for _ in range(2))
+    assert torch.equal(first.random, second.random) and torch.equal(first.systematic, second.systematic)

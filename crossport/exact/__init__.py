@@ -14,6 +14,7 @@ of :mod:`crossport.exact.rules`, each ONNX op's reader one entry of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,7 @@ class Exact:
     systematic: dict[str, np.ndarray]
     lam: float
     fan_ins: tuple[int, ...]
-    sampled: float = 0.0  # the share of logits whose bound is the sampled one (crossport.exact.tangents)
+    sampled: bool = False  # whether B is the sampled bound (crossport.exact.tangents), not the running one
 
     @property
     def network_gamma(self) -> float:
@@ -69,7 +70,7 @@ class Exact:
                  **{f"bound_{k}": v for k, v in self.bounds.items()},
                  **{f"systematic_{k}": v for k, v in self.systematic.items()},
                  lam=np.float64(self.lam), fan_ins=np.asarray(self.fan_ins, dtype=np.int64),
-                 sampled=np.float64(self.sampled))
+                 sampled=np.bool_(self.sampled))
 
     @classmethod
     def load(cls, path) -> Exact:
@@ -79,7 +80,7 @@ class Exact:
 
             return cls(part("value_"), part("bound_"), part("systematic_"), float(arrays["lam"]),
                        tuple(int(n) for n in arrays["fan_ins"]),
-                       float(arrays["sampled"]) if "sampled" in arrays.files else 0.0)
+                       bool(arrays["sampled"]) if "sampled" in arrays.files else False)
 
 
 def layers_of(model) -> list:
@@ -122,15 +123,10 @@ WALK_BYTES = 256 * 2**20
 def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     """Run ``model`` (a PyTorch model or a :class:`crossport.exact.network.Network`) in float64 on float32
     ``images`` [N, ...]; see the module docstring."""
-    from crossport.exact.tangents import narrower
-
     parts: dict[tuple[str, str], list[np.ndarray]] = {}
-    taken = 0.0
     walk = walks(model, images, chunk=chunk)
-    lam_, counts = next(walk)
-    for logits, forward, sampled in walk:
-        error, share = narrower(forward, sampled)
-        taken += share * len(logits)
+    lam_, counts, sampled = next(walk)
+    for logits, error in walk:
         scores, score_error = _softmax_with_bound(logits, error)
         for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
             for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
@@ -140,12 +136,18 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     def part(name):
         return {output: joined[(name, output)] for output in ("logits", "scores")}
 
-    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts, sampled=taken / max(len(images), 1))
+    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts, sampled=sampled)
 
 
-def walks(model, images: np.ndarray, *, chunk: int = 8192):
-    """First (λ, fan-ins), then per chunk of ``images``: (exact logits, forward bound, sampled bound), each bound
-    an :class:`crossport.exact.rules.Error` given half the run's chance of a false alarm."""
+# The running bound decides unless it is wider than the logits themselves (median B/|z| over the first PILOT images,
+# which depend on the exact values alone, not on any rounding): then the network is too deep for it, and the
+# sampled bound is used instead (docs/parity.md, "Deep networks").
+PILOT = 64
+
+
+def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None):
+    """First (λ, fan-ins, whether the bound is the sampled one), then per chunk of ``images``: (exact logits, their
+    Error). ``bound`` ("running" or "sampled") overrides the choice."""
     import copy
 
     import torch
@@ -159,15 +161,21 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192):
     with torch.no_grad():  # shapes only: float32 (PyTorch's float64 grouped convolutions are slow at batch 1)
         dots, largest, classes = _per_example(network.eval(), sample)
     wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval()
-    lam_ = lam(len(images) * dots, max(counts, default=1), FALSE_ALARM / 2)
-    confidence = sampled_confidence(len(images) * classes, SAMPLES, FALSE_ALARM / 2)
-    yield lam_, counts
-    chunk = max(1, min(chunk, WALK_BYTES // ((32 + 8 * SAMPLES) * largest)))
+    lam_ = lam(len(images) * dots, max(counts, default=1))
+    confidence = sampled_confidence(len(images) * classes)
     with torch.no_grad():
+        if bound is None:
+            pilot = torch.from_numpy(np.ascontiguousarray(images[:PILOT], dtype=np.float32)).double()
+            z, running, _ = _walk(wide, narrow, pilot, lam_, confidence, None, sampled=False)
+            bound = "sampled" if float(torch.median(running.total / z.abs())) >= 1.0 else "running"
+        yield lam_, counts, bound == "sampled"
+        chunk = max(1, min(chunk, WALK_BYTES // ((32 + 8 * SAMPLES) * largest)))
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             generator = torch.Generator().manual_seed(start)  # the same draws for the same images, run to run
-            yield _walk(wide, narrow, batch, lam_, confidence, generator)
+            z, running, along = _walk(wide, narrow, batch, lam_, confidence, generator,
+                                      forward=bound == "running", sampled=bound == "sampled")
+            yield z, along if bound == "sampled" else running
 
 
 def _per_example(network, sample) -> tuple[int, int, int]:
@@ -185,8 +193,9 @@ def _per_example(network, sample) -> tuple[int, int, int]:
     return max(count, 1), largest, values[network.target].numel()
 
 
-def _walk(network, narrow, x, lam_, confidence, generator):
-    """Each step's exact output and its two bounds from its inputs' (tensors freed after their last reader):
+def _walk(network, narrow, x, lam_, confidence, generator, forward: bool = True, sampled: bool = True):
+    """Each step's exact output and its two bounds from its inputs' (tensors freed after their last reader); a bound
+    not asked for comes back infinite:
 
     * the forward bound, each step's Error from its inputs' Errors (its rule). The last accumulating layer's bias
       add reaches the outputs directly, so it is systematic (crossport.exact.rules): a second Error, ``constant``,
@@ -204,45 +213,53 @@ def _walk(network, narrow, x, lam_, confidence, generator):
     last = max((i for i, step in enumerate(steps) if rule_of(step.layer).terms is not None), default=None)
     reads = network.last_reads()
     readers = network.readers()
-    values, constant, tangents = {network.source: x}, {}, {network.source: carry.start(x)}
+    values, constant, magnitudes = {network.source: x}, {}, {}
+    tangents = {network.source: carry.start(x)} if sampled else {}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
     pending = {}  # a tensor's own error, not drawn yet: its one reader maps elements to elements
 
     for index, (step, small) in enumerate(zip(steps, narrow.steps, strict=True)):
         rule = rule_of(step.layer)
         xs = [values[name] for name in step.inputs]
-        y, errors[step.output] = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
-        if last is not None and index > last and any(name in constant for name in step.inputs):
+        if forward:
+            y, errors[step.output] = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
+            magnitudes[step.output] = errors[step.output].magnitude
+        if forward and last is not None and index > last and any(name in constant for name in step.inputs):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
             constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
-        none = [Error(0.0, 0.0, errors[name].magnitude) for name in step.inputs]
-        own = rule.step(step.layer, xs, none, 1.0)[1]
-        random, systematic = own.random, own.systematic
-        if step.inputs[0] in pending:  # the input's own error, through this elementwise layer (drawn with its own)
-            held = pending.pop(step.inputs[0])
-            size = rule.scale(step.layer, xs)
-            random, systematic = random + size * held.random, systematic + size * held.systematic
+        if sampled:
+            none = [Error(0.0, 0.0, magnitudes.get(name)) for name in step.inputs]
+            y, own = rule.step(step.layer, xs, none, 1.0)
+            magnitudes[step.output] = own.magnitude
         if index == last:
-            bias = constant_added(y, getattr(step.layer, "bias", None))
-            constant[step.output] = Error(torch.zeros_like(y), bias)
-            systematic = systematic + bias
-        tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
-        following = readers.get(step.output, ())
-        if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:
-            pending[step.output] = Error(random, systematic)
-        else:
-            carry.add_sources(tangents[step.output], random, systematic, y, generator)
+            constant[step.output] = Error(torch.zeros_like(y), constant_added(y, getattr(step.layer, "bias", None)))
+        if sampled:
+            random, systematic = own.random, own.systematic
+            if step.inputs[0] in pending:  # the input's own error, through this elementwise layer, drawn with its own
+                held = pending.pop(step.inputs[0])
+                size = rule.scale(step.layer, xs)
+                random, systematic = random + size * held.random, systematic + size * held.systematic
+            if index == last:
+                systematic = systematic + constant[step.output].systematic
+            tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
+            following = readers.get(step.output, ())
+            if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:
+                pending[step.output] = Error(random, systematic)
+            else:
+                carry.add_sources(tangents[step.output], random, systematic, y, generator)
         values[step.output] = y
         for name in step.inputs:
             if reads.get(name) == index and name != network.target:
-                for held in (values, errors, constant, tangents):
+                for held in (values, errors, constant, tangents, magnitudes):
                     held.pop(name, None)
+    z = values[network.target]
     floor = FLOAT32_TINY  # kernels may flush subnormal results to zero
-    forward = errors[network.target].add(systematic=floor + (constant[network.target].systematic
-                                                             if network.target in constant else 0.0))
-    along = carry.bound(tangents[network.target], values[network.target], confidence).add(systematic=floor)
-    return values[network.target], forward, along
+    unknown = Error(torch.full_like(z, math.inf), torch.full_like(z, math.inf))
+    through = constant[network.target].systematic if network.target in constant else 0.0
+    running = errors[network.target].add(systematic=floor + through) if forward else unknown
+    along = carry.bound(tangents[network.target], z, confidence).add(systematic=floor) if sampled else unknown
+    return z, running, along
 
 
 def _softmax_with_bound(logits, error):

@@ -1,7 +1,7 @@
 """The sampled bound: first-order rounding error carried by the network's own Jacobian, for networks too deep for
-the forward bound.
+the running bound.
 
-The forward bound passes each layer's error on through |W|, which may grow it by Σ|w| where the values grow by
+The running bound passes each layer's error on through |W|, which may grow it by Σ|w| where the values grow by
 about ‖w‖, so it compounds with depth (docs/parity.md, "Deep networks"). This one does not. To first order, a float32
 run's error in an output is Σ_r c_r·δ_r over every rounding r of the run, with δ_r independent, mean zero and at most
 u (Higham & Mary's model), and c_r = ∂z/∂h·(the partial result r rounds) for the tensor h it lands in. Each rule,
@@ -14,16 +14,16 @@ product of n terms, whatever the summation order. So:
   squares S with S/Σ c_r² distributed χ²(SAMPLES), so Σ c_r² ≤ S/q but with probability P(χ² ≤ q).
 
 :func:`crossport.exact.rounding.sampled_confidence` picks t and q so that both hold for every output of the run with
-probability 1 − FALSE_ALARM/2. The systematic part (constants rounded once: the same sign for an element, a channel
+probability 1 − FALSE_ALARM. The systematic part (constants rounded once: the same sign for an element, a channel
 or a whole layer) is carried by a second set of tangents whose Gaussian is shared accordingly, so S covers each way
 they can line up.
 
 The bound is first order, as running error analysis is: the Jacobian is the exact network's, so where a float32
 error carries a unit across a kink (a ReLU's 0, a max-pool's tie) the bound does not follow it. A unit crosses only
 when its input lies within its own error of the kink, so over inputs the effect is a product of two small quantities
-(second order in u, like the products of roundings both analyses drop). The forward bound, which the gate also
-computes and which keeps every crossing, is the narrower for shallow networks; docs/parity.md ("Deep networks")
-gives the measured margin on networks built to sit at their kinks.
+(second order in u, like the products of roundings both analyses drop). The gate uses this bound only where the
+running bound, which keeps every crossing, is wider than the logits (crossport.exact.walks); docs/parity.md ("Deep
+networks") gives the measured margin on a network built to sit at its kinks.
 
 Tangents are float32 in units of u (they are estimates of a size, not values), [2·SAMPLES·N, ...]: the random set,
 then the systematic set.
@@ -67,15 +67,3 @@ def bound(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, f
     sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
     random, systematic = (t * U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
     return Error(random, systematic)
-
-
-def narrower(forward, sampled):
-    """Per element and part, the narrower of two bounds that each hold (with the run's chances split between them),
-    and the share of elements where the sampled bound's total was the narrower. Both sort the same sources into the
-    same parts (rounding and kink crossings random, constants systematic), so each part's minimum bounds that part.
-    """
-    from crossport.exact.rules import Error
-
-    share = float((sampled.total < forward.total).double().mean())
-    return Error(torch.minimum(forward.random, sampled.random),
-                 torch.minimum(forward.systematic, sampled.systematic)), share

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 DIAGNOSE_EXAMPLES = 512  # test images the divergence finder runs on
 # The error model, written once (docs/parity.md, "The error model"); parity.json names it and its version and
 # records the figures it gave this run. A change to the model's rules is a new version.
-ERROR_MODEL = {"name": "crossport float32 running error bound and sign test", "version": 2,
+ERROR_MODEL = {"name": "crossport float32 error bounds (running and sampled) and sign test", "version": 3,
                "document": "docs/parity.md#the-error-model"}
 VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS))
 PROBE_SIZE = 8192  # test images the sign test runs on (dithered): enough for its power, a bounded cost at any size
@@ -211,7 +211,7 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: S
                   results: list, against_exact: list, divergence: dict | None, examples: int) -> dict:
     """``parity.json``: the verdict, every check, the error model by name with this run's figures, the lineage."""
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32
-    from crossport.exact.rounding import CONSTANT_ROUNDINGS, SIGMOID_ULPS, TANH_ULPS
+    from crossport.exact.rounding import CONSTANT_ROUNDINGS, SAMPLES, SIGMOID_ULPS, TANH_ULPS
 
     passed = all(check.passed for check in (*results, *references.checks(), *against_exact))
     return {
@@ -226,7 +226,8 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: S
         "error_model": {**ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
                         "exp_ulps": EXP_ULPS, "tanh_ulps": TANH_ULPS, "sigmoid_ulps": SIGMOID_ULPS,
                         "constant_roundings": CONSTANT_ROUNDINGS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),
-                        "network_gamma": exact.network_gamma,
+                        "network_gamma": exact.network_gamma, "tangent_samples": SAMPLES,
+                        "sampled_share": exact.sampled,
                         "bound_median": {k: float(np.median(v)) for k, v in exact.bounds.items()},
                         "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()},
                         "systematic_median": {k: float(np.median(v)) for k, v in exact.systematic.items()},
