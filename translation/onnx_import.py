@@ -67,6 +67,7 @@ def normalize(model, *, orientation: str, target_opset: int, scaling: tuple[floa
     _make_batch_dynamic(result, image)
     _map_input(result, image, orientation, scaling)
     _map_outputs(result)
+    _fold_computed_shapes(result)
     model = onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
     result.model = model
     return result
@@ -202,6 +203,58 @@ def _make_batch_dynamic(result: Normalized, image) -> None:
         constants[node.input[1]].CopyFrom(numpy_helper.from_array(fixed, node.input[1]))
         result.steps.append(f"Reshape {node.name or node.output[0]!r}: constant batch 1 in shape {shape.tolist()} "
                             f"replaced by {int(fixed[0])}")
+
+
+def _fold_computed_shapes(result: Normalized) -> None:
+    """A Reshape whose shape is computed from the input's (the legacy exporter's Unflatten with a dynamic batch:
+    Shape, Mod, Slice, Concat) gets it as a constant, the batch −1: shape inference cannot follow that computation,
+    and what reads the graph (onnx-tf, the exact reference) needs the shapes. The computation runs, by
+    onnx.reference, at batch 1 and 2; a shape with any other dimension that changes with the batch is left alone."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = result.model.graph
+    constant = {init.name for init in graph.initializer} | {node.output[0] for node in graph.node
+                                                           if node.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] in constant:
+            continue
+        try:
+            evaluator = ReferenceEvaluator(_computing(result.model, node.input[1]))
+            one, two = (evaluator.run(None, {INPUT: np.zeros((batch, INPUT_SIZE), np.float32)})[0]
+                        for batch in (1, 2))
+        except Exception:
+            continue
+        if one.shape != two.shape or one.ndim != 1 or (one[0], two[0]) != (1, 2) or any(one[1:] != two[1:]):
+            continue
+        fixed = one.copy()
+        fixed[0] = -1
+        name = _fresh(graph, f"{node.input[1]}_folded")
+        graph.initializer.append(numpy_helper.from_array(fixed.astype(np.int64), name))
+        node.input[1] = name
+        result.steps.append(f"Reshape {node.name or node.output[0]!r}: its shape, computed from the input's, "
+                            f"written as the constant {fixed.tolist()}")
+
+
+def _computing(model, name: str):
+    """The part of ``model`` that computes tensor ``name`` from the input, as a model of its own."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    wanted, names = set(), [name]
+    while names:
+        node = producer.get(names.pop())
+        if node is not None and id(node) not in wanted:
+            wanted.add(id(node))
+            names.extend(node.input)
+    nodes = [node for node in graph.node if id(node) in wanted]
+    used = {value for node in nodes for value in node.input}
+    part = helper.make_graph(nodes, "computing", [value for value in graph.input if value.name == INPUT],
+                             [helper.make_tensor_value_info(name, TensorProto.INT64, None)],
+                             [init for init in graph.initializer if init.name in used])
+    return helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _rename(graph, old: str, new: str) -> None:

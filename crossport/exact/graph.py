@@ -295,6 +295,8 @@ def network_from_onnx(model) -> Network:
     for node in model.graph.node:
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
+        elif node.op_type == "Identity" and node.input[0] in constants:  # a weight shared under a second name
+            constants[node.output[0]] = constants[node.input[0]]
     needed = _needed(model.graph.node, LOGITS)
     readers: dict[str, int] = {}
     for node in model.graph.node:
