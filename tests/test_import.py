@@ -130,6 +130,35 @@ def test_a_constant_reshape_to_batch_1_is_made_dynamic(images):
     assert run(result.model, images)[SCORES].shape == (24, 10)
 
 
+def test_a_reshape_computed_from_the_input_shape_and_a_weight_shared_by_identity_are_read(images):
+    """The legacy exporter's Unflatten with a dynamic batch computes its shape (Shape, Slice, Concat), which shape
+    inference cannot follow, and shares equal weights under a second name through Identity: import writes the shape
+    as a constant, and the exact reference reads the Identity as the weight it names."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.05, (10, 784)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "start"),
+             numpy_helper.from_array(np.array([1], np.int64), "stop"),
+             numpy_helper.from_array(np.array([1, 28, 28], np.int64), "image"),
+             numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32),
+                                                                          "b")]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Slice", ["shape", "start", "stop"], ["n"]),
+             helper.make_node("Concat", ["n", "image"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["unflat"], name="unflatten"),
+             helper.make_node("Flatten", ["unflat"], ["flat"], axis=1),
+             helper.make_node("Identity", ["b"], ["b_shared"]),
+             helper.make_node("Gemm", ["flat", "w", "b_shared"], ["out"], transB=1)]
+    graph = helper.make_graph(nodes, "computed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 784])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 10])], inits)
+    result = normalized(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert any(step == "Reshape 'unflatten': its shape, computed from the input's, written as the constant "
+               "[-1, 1, 28, 28]" for step in result.steps)
+    exact = exact_outputs(network_from_onnx(result.model), images)
+    assert check_network(result.model, images, exact) <= 1.0
+    within_exact_bounds(run(result.model, images), exact)
+
+
 @pytest.mark.parametrize(("model", "message"), [
     (two_inputs(), r"the model has 2 inputs \(images, temperature\); crossport supports one image input"),
     (legacy_mlp(opset=13, input_shape=(100,), batch="N"), r"input '0' is FLOAT\['N', 100\]; crossport supports"),
