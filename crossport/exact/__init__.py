@@ -3,7 +3,9 @@
 A float64 pass of the reference network gives each output's exact value and, in the same
 pass, each element's float32 error bound: Wilkinson's running error analysis with Higham &
 Mary's probabilistic constant, λ chosen so that the chance of any element of a run leaving
-its bound through rounding alone is below :data:`FALSE_ALARM`. The bound comes in two parts:
+its bound through rounding alone is below :data:`FALSE_ALARM`. Where that running bound compounds
+past the logits themselves (deep networks), the sampled bound of :mod:`crossport.exact.tangents`
+is used instead (:func:`walks`). The bound comes in two parts:
 the part of B that is a sum of independent roundings, symmetric about zero, and the part that
 may keep its sign from input to input (:mod:`crossport.exact.rules`); the parity gate's sign
 test (:func:`crossport.parity.compare_exact`) allows for the second. The model is written once,
