@@ -16,7 +16,6 @@ of :mod:`crossport.exact.rules`, each ONNX op's reader one entry of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +35,7 @@ from crossport.exact.rounding import (
 )
 
 __all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "exact_outputs", "fan_ins",
-           "folds", "gamma", "lam", "layers_of", "sign_threshold"]
+           "folds", "gamma", "lam", "layers_of", "sign_threshold", "walks"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     with torch.no_grad():
         if bound is None:
             pilot = torch.from_numpy(np.ascontiguousarray(images[:PILOT], dtype=np.float32)).double()
-            z, running, _ = _walk(wide, narrow, pilot, lam_, confidence, None, sampled=False)
+            z, running = _walk(wide, narrow, pilot, lam_, confidence, None, "running")
             bound = "sampled" if float(torch.median(running.total / z.abs())) >= 1.0 else "running"
         yield lam_, counts, bound == "sampled"
         per_element = 32 + (8 * SAMPLES if bound == "sampled" else 0)
@@ -178,9 +177,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             generator = torch.Generator().manual_seed(start)  # the same draws for the same images, run to run
-            z, running, along = _walk(wide, narrow, batch, lam_, confidence, generator,
-                                      forward=bound == "running", sampled=bound == "sampled")
-            yield z, along if bound == "sampled" else running
+            yield _walk(wide, narrow, batch, lam_, confidence, generator, bound)
 
 
 def _per_example(network, sample) -> tuple[int, int, int]:
@@ -198,14 +195,14 @@ def _per_example(network, sample) -> tuple[int, int, int]:
     return max(count, 1), largest, values[network.target].numel()
 
 
-def _walk(network, narrow, x, lam_, confidence, generator, forward: bool = True, sampled: bool = True):
-    """Each step's exact output and its two bounds from its inputs' (tensors freed after their last reader); a bound
-    not asked for comes back infinite:
+def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
+    """Each step's exact output and its Error from its inputs' (tensors freed after their last reader), by one of
+    two bounds:
 
-    * the forward bound, each step's Error from its inputs' Errors (its rule). The last accumulating layer's bias
+    * ``running``, each step's Error from its inputs' Errors (its rule). The last accumulating layer's bias
       add reaches the outputs directly, so it is systematic (crossport.exact.rules): a second Error, ``constant``,
       follows it from that layer to the outputs;
-    * the sampled bound (crossport.exact.tangents): each step's tangents from its inputs' (its rule's ``linear``,
+    * ``sampled`` (crossport.exact.tangents): each step's tangents from its inputs' (its rule's ``linear``,
       on ``narrow``, the float32 copy of the network), plus Gaussians of the step's own error (its rule with no
       incoming error and λ = 1, and that bias add).
     """
@@ -214,6 +211,7 @@ def _walk(network, narrow, x, lam_, confidence, generator, forward: bool = True,
     from crossport.exact import tangents as carry
     from crossport.exact.rules import Error, constant_added, rule_of
 
+    forward, sampled = bound == "running", bound == "sampled"
     steps = network.steps
     last = max((i for i, step in enumerate(steps) if rule_of(step.layer).terms is not None), default=None)
     reads = network.last_reads()
@@ -260,11 +258,10 @@ def _walk(network, narrow, x, lam_, confidence, generator, forward: bool = True,
                     held.pop(name, None)
     z = values[network.target]
     floor = FLOAT32_TINY  # kernels may flush subnormal results to zero
-    unknown = Error(torch.full_like(z, math.inf), torch.full_like(z, math.inf))
+    if sampled:
+        return z, carry.bound(tangents[network.target], z, confidence).add(systematic=floor)
     through = constant[network.target].systematic if network.target in constant else 0.0
-    running = errors[network.target].add(systematic=floor + through) if forward else unknown
-    along = carry.bound(tangents[network.target], z, confidence).add(systematic=floor) if sampled else unknown
-    return z, running, along
+    return z, errors[network.target].add(systematic=floor + through)
 
 
 def _softmax_with_bound(logits, error):

@@ -45,11 +45,7 @@ class Network(nn.Module):
 
     def last_reads(self) -> dict[str, int]:
         """Each tensor's last reader (the step index after which it may be freed)."""
-        last = {}
-        for index, (inputs, _) in enumerate(self.wiring):
-            for name in inputs:
-                last[name] = index
-        return last
+        return {name: steps[-1] for name, steps in self.readers().items()}
 
     def readers(self) -> dict[str, tuple[int, ...]]:
         """The steps that read each tensor."""
