@@ -5,11 +5,12 @@ builder and its checker, TFLite conversion, the warmup records, the servable car
 web service and the tests import them from here.
 
 - ``serving_default``: method ``tensorflow/serving/predict``; input ``images`` float32
-  [None, 784] (28×28 grayscale in [0, 1], EMNIST orientation); output ``scores`` float32
-  [None, C].
+  [None, *shape] in [0, 1], the model's :class:`ImageContract`: [None, 784] for a 28×28
+  grayscale model (EMNIST orientation), [None, H, W, C] upright and channels last for any
+  other; output ``scores`` float32 [None, C].
 - ``classify``: method ``tensorflow/serving/classify``; input ``inputs`` string [None] of
-  serialized ``tf.train.Example`` with feature ``images`` (784 floats); outputs ``classes``
-  string [None, C] (the labels) and ``scores`` float32 [None, C].
+  serialized ``tf.train.Example`` with feature ``images`` (the image's values, row-major);
+  outputs ``classes`` string [None, C] (the labels) and ``scores`` float32 [None, C].
 """
 
 from __future__ import annotations
@@ -58,8 +59,96 @@ def label_problem(labels, classes: int | None = None) -> str | None:
 
 
 def to_inputs(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 784] → float32 in [0, 1]: the scaling every servable expects."""
+    """uint8 [N, *shape] → float32 in [0, 1]: the scaling every servable expects."""
     return images.astype(np.float32) / np.float32(255.0)
+
+
+CHANNEL_NAMES = {1: "grayscale", 3: "RGB"}
+
+
+@dataclass(frozen=True)
+class ImageContract:
+    """What one example of ``images`` is, declared by the shape of the published input.
+
+    ``(784,)``: a 28×28 grayscale image flattened row-major in EMNIST orientation (each
+    picture transposed), crossport's contract since its first version and every trained
+    model's. ``(H, W, C)``: an image of any other size, upright as people see it, channels
+    last (TensorFlow's layout), C = 1 (grayscale) or 3 (RGB). Values in [0, 1] either way;
+    a model that expects normalised inputs gets its ``(x − mean) / std`` inside the graph.
+    """
+
+    shape: tuple[int, ...] = (INPUT_SIZE,)
+
+    @classmethod
+    def of(cls, shape) -> ImageContract:
+        """The contract of a published input's example ``shape``, or ValueError saying why there is none."""
+        shape = tuple(int(d) for d in shape)
+        problem = image_shape_problem(shape)
+        if problem:
+            raise ValueError(problem)
+        return cls(shape)
+
+    @classmethod
+    def for_image(cls, height: int, width: int, channels: int) -> ImageContract:
+        """28×28 grayscale keeps the flat contract; any other image is published [N, H, W, C]."""
+        if (height, width, channels) == (IMAGE_SIDE, IMAGE_SIDE, 1):
+            return cls()
+        return cls.of((height, width, channels))
+
+    @property
+    def flat(self) -> bool:
+        return len(self.shape) == 1
+
+    @property
+    def height(self) -> int:
+        return IMAGE_SIDE if self.flat else self.shape[0]
+
+    @property
+    def width(self) -> int:
+        return IMAGE_SIDE if self.flat else self.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.flat else self.shape[2]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def orientation(self) -> str:
+        """``emnist``: each 28×28 picture transposed, as EMNIST stores it; ``upright``: as people see it."""
+        return "emnist" if self.flat else "upright"
+
+    def batch_shape(self) -> list:
+        return [None, *self.shape]
+
+    def describe(self) -> str:
+        kind = CHANNEL_NAMES[self.channels]
+        if self.flat:
+            return f"{self.height}×{self.width} {kind}, flattened row-major to {self.size} values, EMNIST orientation"
+        return (f"{self.height}×{self.width} {kind}, [N, {self.height}, {self.width}, {self.channels}] channels last, "
+                "upright")
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "height": self.height, "width": self.width, "channels": self.channels,
+                "channel_order": CHANNEL_NAMES[self.channels], "orientation": self.orientation,
+                "value_range": [0.0, 1.0]}
+
+
+EMNIST_IMAGE = ImageContract()  # 28×28 grayscale, [N, 784], EMNIST orientation: every trained model's
+
+
+def image_shape_problem(shape: tuple) -> str | None:
+    """Why ``shape`` (one example's) is not a published image input, or None."""
+    if shape == (INPUT_SIZE,):
+        return None
+    if len(shape) != 3 or any(d < 1 for d in shape) or shape[2] not in CHANNEL_NAMES:
+        return (f"an image input is [N, {INPUT_SIZE}] (28×28 grayscale) or [N, H, W, C] with C 1 or 3; found "
+                f"[N, {', '.join(map(str, shape))}]")
+    if shape == (IMAGE_SIDE, IMAGE_SIDE, 1):
+        return f"a 28×28 grayscale image is published as [N, {INPUT_SIZE}], not [N, 28, 28, 1]"
+    return None
 
 
 @dataclass(frozen=True)
@@ -78,11 +167,12 @@ class SignatureContract:
     outputs: dict[str, TensorContract]
 
 
-def signature_contracts(num_classes: int) -> dict[str, SignatureContract]:
+def signature_contracts(num_classes: int, image: ImageContract | None = None) -> dict[str, SignatureContract]:
+    image = image or EMNIST_IMAGE
     return {
         PREDICT_KEY: SignatureContract(
             PREDICT_METHOD,
-            {INPUT: TensorContract("DT_FLOAT", (None, INPUT_SIZE))},
+            {INPUT: TensorContract("DT_FLOAT", (None, *image.shape))},
             {SCORES: TensorContract("DT_FLOAT", (None, num_classes))},
         ),
         CLASSIFY_KEY: SignatureContract(

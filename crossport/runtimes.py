@@ -1,4 +1,4 @@
-"""Run every artifact crossport makes on the same float32 [N, 784] inputs: one loader per runtime (:data:`LOADERS`).
+"""Run every artifact crossport makes on the same float32 [N, *shape] inputs: one loader per runtime (:data:`LOADERS`).
 
 Each loader reads the artifact from disk and returns a callable mapping inputs to a dict
 of named float32 outputs; heavy runtimes are imported only by the loader that needs them.
@@ -25,7 +25,9 @@ def chunked(run: Predict, chunk: int = CHUNK) -> Predict:
         parts = [run(images[start : start + chunk]) for start in range(0, len(images), chunk)]
         if not parts:
             parts = [run(images[:0])]
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        # a scalar (a translated graph's intermediate constant, e.g. a Clip's bound) is the same in every chunk
+        return {name: np.concatenate([part[name] for part in parts]) if np.ndim(parts[0][name]) else parts[0][name]
+                for name in parts[0]}
 
     return predict
 
@@ -92,16 +94,16 @@ def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, thread
 
 
 def serialize_examples(images: np.ndarray) -> list[bytes]:
-    """Serialized ``tf.train.Example`` protos with feature ``images`` (784 floats) per row.
+    """Serialized ``tf.train.Example`` protos with feature ``images`` (each example's values, row-major) per row.
 
     Every row has the same length, so every serialized Example is one constant header
     followed by the row's packed little-endian floats. The header is taken from a real
     protobuf serialization of the first row (and checked), then reused: about 50× faster
     than building 100,000 protos in Python.
     """
-    rows = np.ascontiguousarray(images, dtype="<f4")
-    if len(rows) == 0:
+    if len(images) == 0:
         return []
+    rows = np.ascontiguousarray(images, dtype="<f4").reshape(len(images), -1)
     first = _example_bytes(rows[0])
     payload = rows[0].tobytes()
     if not first.endswith(payload):  # protobuf changed its layout: build each one

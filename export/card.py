@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from crossport import __version__
 from crossport.formats import BY_NAME, FORMATS
-from crossport.interface import CLASSIFY_INPUT, INPUT, INPUT_SIZE, SCORES, signature_contracts
+from crossport.interface import CLASSIFY_INPUT, EMNIST_IMAGE, INPUT, SCORES, ImageContract, signature_contracts
 
 FORMAT_FILES = {fmt.name: fmt.path for fmt in FORMATS}
 PNG_RECIPE = [
@@ -17,23 +17,50 @@ PNG_RECIPE = [
 ]
 
 
+def image_recipe(image: ImageContract) -> list[str]:
+    """How a PNG or JPEG becomes one example (serving.serverless_handler does exactly this)."""
+    if image.flat:
+        return PNG_RECIPE
+    kind = "RGB" if image.channels == 3 else "grayscale"
+    mode = "RGB" if image.channels == 3 else "L"
+    return [f"decode the PNG or JPEG and convert it to {kind} (PIL's convert('{mode}'), as torchvision's image "
+            "loader does; EXIF orientation applied)",
+            f"resize to {image.width}x{image.height} (width x height) with bilinear interpolation",
+            f"as float32 values / 255 in [0, 1], upright, channels last; batch as [N, {image.height}, {image.width}, "
+            f"{image.channels}]"]
+
+
+def input_section(image: ImageContract, normalization: str | None) -> dict:
+    """The card's ``input``: the declared contract (crossport.interface.ImageContract) and what the model does
+    with it inside the graph."""
+    if image.flat:
+        scaling = "grayscale pixel value / 255, in [0, 1]; white ink on black"
+        orientation = "EMNIST: the 28x28 image transposed, then flattened row-major"
+    else:
+        scaling = f"{'R, G, B' if image.channels == 3 else 'grayscale'} value / 255, in [0, 1]"
+        orientation = "upright, as people see it; channels last"
+    return {"name": INPUT, "dtype": "float32", "shape": image.batch_shape(), "image": image.to_json(),
+            "scaling": scaling + (f"; {normalization}" if normalization else ""),
+            "orientation": orientation, "refused": VALUES_REFUSED, "png_to_input": image_recipe(image)}
+
+
 # The one rule REST, gRPC, the Lambda handler and the upload page keep (serving.serverless_handler.pixel_problem).
 VALUES_REFUSED = ("any value outside [0, 1], NaN or infinity: REST answers 400, gRPC INVALID_ARGUMENT, the Lambda "
                   "handler 400, each naming the first such value and its index (TF Serving itself would compute "
                   "an answer)")
 
 
-def card_signatures(num_classes: int) -> dict:
+def card_signatures(num_classes: int, image: ImageContract = EMNIST_IMAGE) -> dict:
     """The signature contract the SavedModel is built and checked against, written for people."""
     notes = {CLASSIFY_INPUT: f" serialized tf.train.Example, feature '{INPUT}'"}
     return {key: {"method": sig.method,
                   "inputs": {name: t.describe() + notes.get(name, "") for name, t in sig.inputs.items()},
                   "outputs": {name: t.describe() for name, t in sig.outputs.items()}}
-            for key, sig in signature_contracts(num_classes).items()}
+            for key, sig in signature_contracts(num_classes, image).items()}
 
 
 def servable_card(*, name: str, version: int, labels: list[str], report: dict, facts: dict, sizes: dict[str, int],
-                  mlflow_ids: dict | None) -> dict:
+                  mlflow_ids: dict | None, image: ImageContract = EMNIST_IMAGE) -> dict:
     hops = {hop["hop"]: hop for hop in report["hops"]}
     reference = report.get("reference", "pytorch")  # onnxruntime for a model brought as an ONNX file
     undecided = set(report.get("undecided", []))
@@ -57,16 +84,10 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         "version": version,
         "produced_by": f"crossport {__version__}",
         "model": facts.get("model"),
-        "input": {
-            "name": INPUT, "dtype": "float32", "shape": [None, INPUT_SIZE],
-            "scaling": "grayscale pixel value / 255, in [0, 1]; white ink on black",
-            "orientation": "EMNIST: the 28x28 image transposed, then flattened row-major",
-            "refused": VALUES_REFUSED,
-            "png_to_input": PNG_RECIPE,
-        },
+        "input": input_section(image, (facts.get("source") or {}).get("scaling")),
         "outputs": {SCORES: {"dtype": "float32", "shape": [None, len(labels)],
                                "meaning": "softmax probability per class; class id = index into labels"}},
-        "signatures": card_signatures(len(labels)),
+        "signatures": card_signatures(len(labels), image),
         "labels": labels,
         "formats": formats,
         "parity": {"verdict": report["verdict"], "examples": report["examples"], "reference": reference,
@@ -81,7 +102,7 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
             "lineage_command": f"python -m pipelines.lineage <models-dir>/{name}/{version}",
         },
         "example_requests": {
-            "rest_predict_rows": f"curl -d '{{\"instances\": [[0.0, ... 784 values ...]]}}' {base}:predict",
+            "rest_predict_rows": f"curl -d '{{\"instances\": [{_example_text(image)}]}}' {base}:predict",
             "rest_predict_columns": f"curl -d '{{\"inputs\": {{\"images\": [[0.0, ...]]}}}}' {base}:predict",
             "rest_classify": f"curl -d '{{\"signature_name\": \"classify\", \"examples\": [{{\"images\": "
                              f"[0.0, ...]}}]}}' {base}:classify",
@@ -89,9 +110,16 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
             "tflite_python": ("from ai_edge_litert.interpreter import Interpreter; "
                               "runner = Interpreter(model_path='model_fp32.tflite')"
                               ".get_signature_runner('serving_default'); "
-                              "scores = runner(images=batch_float32_Nx784)['scores']"),
+                              f"scores = runner(images=batch_float32_Nx{'x'.join(map(str, image.shape))})"
+                              "['scores']"),
         },
     }
+
+
+def _example_text(image: ImageContract) -> str:
+    if image.flat:
+        return "[0.0, ... 784 values ...]"
+    return f"[[[{', '.join(['0.0'] * image.channels)}], ... {image.width} pixels ...], ... {image.height} rows ...]"
 
 
 def _source(source: dict | None) -> dict | None:

@@ -21,10 +21,11 @@ from crossport.interface import (
     CLASSIFY_KEY,
     CLASSIFY_METHOD,
     INPUT,
-    INPUT_SIZE,
     PREDICT_KEY,
     PREDICT_METHOD,
     SCORES,
+    ImageContract,
+    image_shape_problem,
     signature_contracts,
 )
 
@@ -37,6 +38,7 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
     if PREDICT_KEY not in graph.signatures:
         raise PackageError(f"translated graph {tf_graph_dir} has no serving_default signature.",
                            hint="Re-run the translate stage.")
+    image = translated_image(graph, tf_graph_dir)
 
     class Servable(tf.Module):
         def __init__(self) -> None:
@@ -44,13 +46,13 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
             self.graph = graph
             self.labels = tf.constant(list(labels), dtype=tf.string)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name=INPUT)])
+        @tf.function(input_signature=[tf.TensorSpec(image.batch_shape(), tf.float32, name=INPUT)])
         def predict(self, images):
             return {SCORES: self.graph.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)])
         def classify(self, inputs):
-            features = tf.io.parse_example(inputs, {INPUT: tf.io.FixedLenFeature([INPUT_SIZE], tf.float32)})
+            features = tf.io.parse_example(inputs, {INPUT: tf.io.FixedLenFeature(list(image.shape), tf.float32)})
             scores = self.predict(features[INPUT])[SCORES]
             classes = tf.tile(self.labels[tf.newaxis, :], [tf.shape(scores)[0], 1])
             return {CLASSES: classes, SCORES: scores}
@@ -68,6 +70,31 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     check_signatures(out_dir, len(labels))
+
+
+def translated_image(graph, where) -> ImageContract:
+    """The image contract the translated graph's ``images`` input declares (the ONNX model's, kept by onnx-tf)."""
+    spec = graph.signatures[PREDICT_KEY].structured_input_signature[1].get(INPUT)
+    try:
+        return ImageContract.of(spec.shape[1:])
+    except (AttributeError, TypeError, ValueError) as error:
+        raise PackageError(f"translated graph {where}: input {INPUT!r} is {spec}, not an image input"
+                           f"{': ' + str(error) if isinstance(error, ValueError) else ''}.",
+                           hint="Re-run the export (or import) and translate stages.") from None
+
+
+def image_contract(saved_model_dir: Path) -> ImageContract:
+    """The image contract a SavedModel's predict signature declares (read from ``saved_model.pb``, no TensorFlow
+    graph loaded): what REST, gRPC, the card and the benchmark feed it."""
+    defs = read_signature_defs(saved_model_dir)
+    info = defs[PREDICT_KEY].inputs[INPUT] if PREDICT_KEY in defs and INPUT in defs[PREDICT_KEY].inputs else None
+    try:
+        if info is None or info.tensor_shape.unknown_rank:
+            raise ValueError(f"no {PREDICT_KEY} input {INPUT!r} of known rank")
+        return ImageContract.of(d.size for d in info.tensor_shape.dim[1:])
+    except ValueError as error:
+        raise PackageError(f"SavedModel {saved_model_dir} declares no image input: {error}.",
+                           hint="Re-run the package stage, or re-publish the version.") from None
 
 
 def set_method_name(saved_model_dir: Path, signature_key: str, method_name: str) -> None:
@@ -153,7 +180,11 @@ def _contract_problems(defs: dict, num_classes: int) -> list[str]:
     from tensorflow.core.framework import types_pb2
 
     problems = []
-    for key, contract in signature_contracts(num_classes).items():
+    image = None
+    if PREDICT_KEY in defs and INPUT in defs[PREDICT_KEY].inputs:
+        shape = tuple(d.size for d in defs[PREDICT_KEY].inputs[INPUT].tensor_shape.dim[1:])
+        image = ImageContract(shape) if image_shape_problem(shape) is None else None
+    for key, contract in signature_contracts(num_classes, image).items():
         if key not in defs:
             problems.append(f"missing signature {key!r}")
             continue

@@ -56,8 +56,9 @@ class PipelineConfig:
     labels_file: str | None = None  # one label per line, used when the ONNX file carries none
     orientation: str = "auto"  # what the imported model expects; auto: detected from the evaluation data
     eval_orientation: str | None = None  # which way up an --eval-data .npz holds its images; None: emnist
-    mean: float | None = None  # the imported model expects (x - mean) / std of images in [0, 1]; None: x itself
-    std: float | None = None
+    # the imported model expects (x - mean) / std of images in [0, 1], one value or one per channel; None: x itself
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     # Distributed training (torchrun): processes on this machine, machines, this machine's rank, node 0's address.
     nproc: int = 1
     nnodes: int = 1
@@ -105,11 +106,20 @@ class PipelineConfig:
         if self.orientation not in ORIENTATION_CHOICES:
             raise ConfigError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}, "
                               f"found {self.orientation!r}.")
+        for field_name in ("mean", "std"):  # one number (a saved config, an older one) or one per channel
+            value = getattr(self, field_name)
+            if isinstance(value, int | float | list):
+                object.__setattr__(self, field_name, tuple(value) if isinstance(value, list) else (value,))
         if (self.mean is None) != (self.std is None):
             raise ConfigError("--mean and --std go together: the model expects (x − mean) / std.",
                               hint="Pass both, or neither.")
-        if self.std is not None and not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
-            raise ConfigError(f"--mean must be finite and --std finite and positive, found {self.mean} and {self.std}.")
+        if self.std is not None:
+            found = f"found {', '.join(map(str, self.mean))} and {', '.join(map(str, self.std))}"
+            if len(self.mean) != len(self.std):
+                raise ConfigError(f"--mean and --std need as many values (one, or one per channel), {found}.")
+            if not all(isinstance(v, int | float) and math.isfinite(v) for v in (*self.mean, *self.std)) or min(
+                    self.std) <= 0:
+                raise ConfigError(f"--mean must be finite and --std finite and positive, {found}.")
         if self.eval_orientation not in (None, *EVAL_ORIENTATIONS):
             raise ConfigError(f"--eval-orientation must be one of {', '.join(EVAL_ORIENTATIONS)}, "
                               f"found {self.eval_orientation!r}.")

@@ -1,19 +1,24 @@
 """Labels and evaluation data for a model brought as an ONNX file.
 
 Everything here ends in crossport's one data form (:class:`training.data.Dataset`: uint8
-images [N, 784] in EMNIST orientation), so validate, calibration and the card treat an
-imported model exactly as a trained one:
+images [N, *shape] of the model's :class:`crossport.interface.ImageContract`: [N, 784] in
+EMNIST orientation for a 28×28 grayscale model, [N, H, W, C] upright for any other), so
+validate, calibration and the card treat an imported model exactly as a trained one:
 
 - labels: the file's ``metadata_props`` (``crossport.labels`` or ``labels``, a JSON list),
-  else ``--labels`` (one per line), else the built-in EMNIST split with as many classes,
-  else the class ids;
+  else ``--labels`` (one per line), else an ``--eval-data`` folder's sub-folder names in
+  sorted order (torchvision's ImageFolder numbers its classes so), else the built-in EMNIST
+  split with as many classes, else the class ids;
 - ``--eval-data``: an ``.npz`` (``images`` and ``labels``, or crossport's own ``x_test`` /
   ``y_test`` with an optional ``x_train`` for calibration; images uint8 or float in
-  [0, 1], [N, 784] or [N, 28, 28], in EMNIST orientation like every crossport array unless
-  ``--eval-orientation upright`` says they are as people see them), a
-  folder of PNG/JPEG files in one sub-folder per label (the ImageFolder convention;
-  files are upright, as people see them, and are transposed here), or a built-in dataset
-  name; by default the built-in dataset with as many classes.
+  [0, 1]; for a 28×28 grayscale model [N, 784] or [N, 28, 28], in EMNIST orientation like
+  every crossport array unless ``--eval-orientation upright`` says they are as people see
+  them; for any other [N, H, W, C], [N, C, H, W] or (grayscale) [N, H, W], upright), a
+  folder of PNG/JPEG files in one sub-folder per label (the ImageFolder convention; files
+  are upright, as people see them, and are converted to the model's channels and resized
+  to its size as the servables' own image path does), or a built-in dataset name (its
+  28×28 digits converted and resized the same way for a model of another size); by
+  default the built-in dataset with as many classes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import DataError
-from crossport.interface import IMAGE_SIDE, INPUT_SIZE
+from crossport.interface import EMNIST_IMAGE, IMAGE_SIDE, INPUT_SIZE, ImageContract
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,8 @@ def builtin_labels(classes: int) -> tuple[tuple[str, ...], str] | None:
     return tuple(labels), name
 
 
-def resolve_labels(metadata: dict[str, str], labels_file: str | None, classes: int) -> tuple[tuple[str, ...], str]:
+def resolve_labels(metadata: dict[str, str], labels_file: str | None, classes: int,
+                   eval_data: str | None = None) -> tuple[tuple[str, ...], str]:
     """(labels, where they came from), each checked where it enters (:func:`crossport.interface.label_problem`)."""
     for key in META_LABEL_KEYS:
         if key in metadata:
@@ -80,6 +86,11 @@ def resolve_labels(metadata: dict[str, str], labels_file: str | None, classes: i
                             f"{error.start}.", hint="Save the file as UTF-8, one label per line.") from None
         labels = tuple(line.strip() for line in text.splitlines() if line.strip())
         return _checked(labels, classes, f"--labels {path}"), f"--labels {path}"
+    if eval_data and Path(eval_data).is_dir():
+        folders = tuple(sorted(child.name for child in Path(eval_data).iterdir() if child.is_dir()))
+        if len(folders) == classes:
+            where = f"the sub-folders of --eval-data {eval_data} (sorted, as torchvision's ImageFolder numbers them)"
+            return _checked(folders, classes, where), where
     builtin = builtin_labels(classes)
     if builtin is not None:
         return builtin[0], f"the built-in {builtin[1]} label map ({classes} classes)"
@@ -96,10 +107,11 @@ def _checked(labels: tuple, classes: int, where: str) -> tuple[str, ...]:
     return labels
 
 
-def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed: int, orientation: str | None = None):
-    """The evaluation data as a :class:`training.data.Dataset` (its train part feeds calibration). ``orientation``:
-    which way up an .npz holds its images (emnist, the default, or upright); a folder's files are upright and a
-    built-in dataset is in EMNIST orientation, whatever it says."""
+def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed: int, orientation: str | None = None,
+                   image: ImageContract = EMNIST_IMAGE):
+    """The evaluation data as a :class:`training.data.Dataset` (its train part feeds calibration) of ``image``'s
+    examples. ``orientation``: which way up an .npz holds 28×28 grayscale images (emnist, the default, or upright);
+    a folder's files are upright, a built-in dataset is in EMNIST orientation, and any other image is upright."""
     from training.data import DATASETS, Dataset, load_dataset
 
     classes = len(labels)
@@ -108,6 +120,9 @@ def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed:
                         f"{spec or 'the built-in dataset'}, whose orientation is known.",
                         hint="Drop --eval-orientation: image files are upright and built-in datasets in EMNIST "
                              "orientation.")
+    if orientation is not None and not image.flat:
+        raise DataError(f"--eval-orientation {orientation} applies to 28x28 grayscale images; the model takes "
+                        f"{image.describe()} images, which are upright.", hint="Drop --eval-orientation.")
     if spec is None:
         spec = BUILTIN_BY_CLASSES.get(classes)
         if spec is None:
@@ -119,15 +134,16 @@ def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed:
         if len(dataset.labels) != classes:
             raise DataError(f"--eval-data {spec} has {len(dataset.labels)} classes; the model outputs {classes}.",
                             hint="Pass evaluation data with the model's classes.")
-        return Dataset(dataset.name, dataset.source, labels, dataset.x_train, dataset.y_train, dataset.x_test,
-                       dataset.y_test)
+        x_train, x_test = (fitted(images, image) for images in (dataset.x_train, dataset.x_test))
+        source = dataset.source + ("" if image.flat else f", converted to {image.describe()}")
+        return Dataset(dataset.name, source, labels, x_train, dataset.y_train, x_test, dataset.y_test)
     path = Path(spec)
     if path.is_dir():
-        images, targets = _read_folder(path, labels)
+        images, targets = _read_folder(path, labels, image)
         source = f"image folder {path.resolve()}"
         calibration = images
     elif path.is_file():
-        images, targets, calibration = _read_npz(path, classes)
+        images, targets, calibration = _read_npz(path, classes, image)
         if orientation == "upright":  # crossport's arrays are in EMNIST orientation: transposed
             images, calibration = _transposed(images), _transposed(calibration)
         source = f"npz {path.resolve()}" + (" (upright)" if orientation == "upright" else "")
@@ -143,11 +159,39 @@ def _transposed(images: np.ndarray) -> np.ndarray:
     return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
-def _as_uint8_images(array: np.ndarray, where: str) -> np.ndarray:
-    if array.ndim == 3 and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
-        array = array.reshape(len(array), INPUT_SIZE)
-    if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
-        raise DataError(f"{where} has shape {list(array.shape)}; expected [N, {INPUT_SIZE}] or [N, 28, 28].")
+def fitted(images: np.ndarray, image: ImageContract) -> np.ndarray:
+    """Built-in uint8 [N, 784] EMNIST-orientation images as ``image``'s examples: unchanged for a 28×28 grayscale
+    model; for any other upright, resized (bilinear, as :func:`serving.serverless_handler.resized_image`) and
+    repeated over its channels."""
+    if image.flat:
+        return images
+    from PIL import Image
+
+    out = np.empty((len(images), *image.shape), np.uint8)
+    for index, flat in enumerate(images):
+        upright = Image.fromarray(flat.reshape(IMAGE_SIDE, IMAGE_SIDE).T)
+        plane = np.asarray(upright.resize((image.width, image.height), Image.BILINEAR), np.uint8)
+        out[index] = plane[:, :, np.newaxis]
+    return out
+
+
+def _as_uint8_images(array: np.ndarray, where: str, image: ImageContract = EMNIST_IMAGE) -> np.ndarray:
+    if image.flat:
+        if array.ndim == 3 and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+            array = array.reshape(len(array), INPUT_SIZE)
+        if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
+            raise DataError(f"{where} has shape {list(array.shape)}; expected [N, {INPUT_SIZE}] or [N, 28, 28].")
+    else:
+        height, width, channels = image.shape
+        if array.ndim == 4 and array.shape[1:] == (channels, height, width) and array.shape[1:] != image.shape:
+            array = array.transpose(0, 2, 3, 1)  # [N, C, H, W], as PyTorch holds images: channels last
+        if array.ndim == 3 and channels == 1:
+            array = array[..., np.newaxis]
+        if array.shape[1:] != image.shape:
+            expected = f"[N, {height}, {width}, {channels}] or [N, {channels}, {height}, {width}]" + (
+                f" or [N, {height}, {width}]" if channels == 1 else "")
+            raise DataError(f"{where} has shape {list(array.shape)}; the model takes {image.describe()} images: "
+                            f"expected {expected}.")
     if array.dtype == np.uint8:
         return array
     if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)) or (array.size and (
@@ -157,7 +201,7 @@ def _as_uint8_images(array: np.ndarray, where: str) -> np.ndarray:
     return np.round(array * 255.0).astype(np.uint8)
 
 
-def _read_npz(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_npz(path: Path, classes: int, image: ImageContract) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             found = {key: arrays[key] for key in arrays.files}
@@ -169,7 +213,7 @@ def _read_npz(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     else:
         raise DataError(f"--eval-data {path} holds {sorted(found)}; expected 'images' and 'labels' "
                         "(or 'x_test' and 'y_test').")
-    images = _as_uint8_images(found[image_key], f"{path}[{image_key!r}]")
+    images = _as_uint8_images(found[image_key], f"{path}[{image_key!r}]", image)
     targets = np.asarray(found[label_key])
     if targets.shape != (len(images),) or not np.issubdtype(targets.dtype, np.integer):
         raise DataError(f"{path}[{label_key!r}] must be {len(images)} integer class ids, found "
@@ -177,12 +221,12 @@ def _read_npz(path: Path, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     if len(targets) and (targets.min() < 0 or targets.max() >= classes):
         raise DataError(f"{path}[{label_key!r}] has class ids {int(targets.min())}..{int(targets.max())}; the model "
                         f"outputs {classes} classes (0..{classes - 1}).")
-    calibration = _as_uint8_images(found["x_train"], f"{path}['x_train']") if "x_train" in found else images
+    calibration = _as_uint8_images(found["x_train"], f"{path}['x_train']", image) if "x_train" in found else images
     return images, targets.astype(np.int64), calibration
 
 
-def _read_folder(root: Path, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    from serving.serverless_handler import BadInput, image_to_pixels
+def _read_folder(root: Path, labels: tuple[str, ...], image: ImageContract) -> tuple[np.ndarray, np.ndarray]:
+    from serving.serverless_handler import BadInput, image_to_input
 
     folders = sorted(child for child in root.iterdir() if child.is_dir())
     unknown = [folder.name for folder in folders if folder.name not in labels]
@@ -196,11 +240,10 @@ def _read_folder(root: Path, labels: tuple[str, ...]) -> tuple[np.ndarray, np.nd
         for file in sorted(folder.iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                pixels = image_to_pixels(file.read_bytes())
+            try:  # exactly what the servables do to an uploaded file (a 28×28 model's in EMNIST orientation)
+                values = image_to_input(file.read_bytes(), image.shape)
             except BadInput as error:
                 raise DataError(f"{file}: {error}") from error
-            # files are upright, as people see them; crossport's arrays are in EMNIST orientation
-            images.append(np.round(pixels.T.reshape(INPUT_SIZE) * 255.0).astype(np.uint8))
+            images.append(np.round(values * 255.0).astype(np.uint8))
             targets.append(labels.index(folder.name))
-    return np.asarray(images, dtype=np.uint8).reshape(-1, INPUT_SIZE), np.asarray(targets, dtype=np.int64)
+    return np.asarray(images, dtype=np.uint8).reshape(-1, *image.shape), np.asarray(targets, dtype=np.int64)

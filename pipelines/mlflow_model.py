@@ -7,7 +7,8 @@ TensorFlow. The published version directory travels inside the model as the arti
 ``servable``, byte for byte, at ``artifacts/<N>/`` (so the model's ``artifacts/`` folder is a
 TF Serving model base path with that one version); loading refuses it
 when its ``saved_model.pb`` no longer has the sha256 recorded at registration.
-``predict`` takes float32 ``images`` [N, 784] (an array, or ``{"images": array}``) and returns
+``predict`` takes float32 ``images`` [N, *shape] ([N, 784], or [N, H, W, C] for another image size; an array,
+or ``{"images": array}``) and returns
 ``{"scores": [N, C]}`` from the SavedModel's ``serving_default`` signature.
 """
 
@@ -33,7 +34,7 @@ class PublishedServable(mlflow.pyfunc.PythonModel):
                              "the servable in this model changed after registration; re-register it")
         self._signature = tf.saved_model.load(str(directory)).signatures["serving_default"]
 
-    # the hint is one MLflow infers no schema from: the logged signature (images [N, 784]) validates the input,
+    # the hint is one MLflow infers no schema from: the logged signature (images [N, *shape]) validates the input,
     # which arrives as that array or as {"images": array}
     def predict(self, context, model_input: np.ndarray, params=None) -> dict:
         import tensorflow as tf

@@ -168,9 +168,11 @@ def _mlflow_ids(ctx) -> dict | None:
 def servable_card(ctx, report: dict, version: int, staging: Path) -> dict:
     from export.card import FORMAT_FILES
     from export.card import servable_card as card
+    from export.servable import image_contract
 
     sizes = {fmt: size_path(staging / path, exclude=(ASSETS_EXTRA,)) for fmt, path in FORMAT_FILES.items()
              if (staging / path).exists()}
     return card(name=ctx.config.name, version=version, labels=ctx.manifest.path("labels").read_text().splitlines(),
-                report=report, facts=ctx.manifest.facts, sizes=sizes, mlflow_ids=_mlflow_ids(ctx))
+                report=report, facts=ctx.manifest.facts, sizes=sizes, mlflow_ids=_mlflow_ids(ctx),
+                image=image_contract(staging))
 

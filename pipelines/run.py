@@ -22,6 +22,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("crossport")
 
 
+def channel_values(text: str) -> tuple[float, ...]:
+    """``0.5`` or ``0.485,0.456,0.406``: one number, or one per channel."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one number or one per channel separated by commas, found "
+                                         f"{text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
@@ -84,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "EMNIST orientation unless --eval-orientation says), a folder with one "
                                            "sub-folder of images per label, or a dataset name (default: the built-in "
                                            "dataset with as many classes)")
-    bring.add_argument("--mean", type=float, help="the --onnx model expects (x − mean) / std of images in [0, 1] "
-                                                  "(e.g. MNIST's 0.1307): computed inside the published graph")
-    bring.add_argument("--std", type=float, help="with --mean: the standard deviation (e.g. MNIST's 0.3081)")
+    bring.add_argument("--mean", type=channel_values, help="the --onnx model expects (x − mean) / std of images in "
+                                                           "[0, 1], one value or one per channel (e.g. MNIST's 0.1307; "
+                                                           "ImageNet's 0.485,0.456,0.406): computed inside the graph")
+    bring.add_argument("--std", type=channel_values, help="with --mean: the standard deviation(s) (e.g. MNIST's "
+                                                          "0.3081; ImageNet's 0.229,0.224,0.225)")
     bring.add_argument("--eval-orientation", choices=EVAL_ORIENTATIONS,
                        help="which way up an --eval-data .npz holds its images: emnist (transposed, crossport's "
                             "arrays; the default) or upright (as people see them)")

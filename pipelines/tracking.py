@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import TrackingError
-from crossport.interface import INPUT, INPUT_SIZE, LOGITS, PREDICT_KEY, SCORES
+from crossport.interface import INPUT, LOGITS, PREDICT_KEY, SCORES
 from pipelines.results import DatasetToLog, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ class MlflowTracker:
 
         The version is an MLflow model: a pyfunc (:mod:`pipelines.mlflow_model`) logged in the
         active (register) run, holding a byte-identical copy of the published directory as its
-        artifact ``servable``, with the signature ``images`` [N, 784] → ``scores`` [N, C] and
+        artifact ``servable``, with the signature ``images`` [N, *shape] (the version's image contract, [N, 784]
+        for a 28×28 grayscale model) → ``scores`` [N, C] and
         ``example`` as its input example. Its source run is the pipeline's parent run, which
         carries the headline metrics, the dataset and the parity report. The tags name the
         published path, its version number and the sha256 of its ``saved_model.pb``.
@@ -319,10 +320,12 @@ def _log_servable_model(path: Path, saved_model_sha256: str, example: np.ndarray
 
     import pipelines.mlflow_model as code
     from crossport.interface import ASSETS_EXTRA
+    from export.servable import image_contract
     from pipelines.provenance import package_versions
 
     classes = len((path / ASSETS_EXTRA / "labels.txt").read_text().splitlines())
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, INPUT_SIZE), INPUT)]),
+    image = image_contract(path)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image.shape), INPUT)]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), SCORES)]))
     versions = package_versions(("tensorflow", "numpy", "mlflow"))
     return mlflow.pyfunc.log_model(
@@ -448,12 +451,16 @@ def _serving_default(path: Path):
     """The published SavedModel's predict signature as the tf.Module MLflow logs."""
     import tensorflow as tf
 
+    from export.servable import image_contract
+
+    image = image_contract(path)
+
     class ServingDefault(tf.Module):
         def __init__(self) -> None:
             super().__init__()
             self.servable = tf.saved_model.load(str(path))
 
-        @tf.function(input_signature=[tf.TensorSpec([None, INPUT_SIZE], tf.float32, name=INPUT)])
+        @tf.function(input_signature=[tf.TensorSpec(image.batch_shape(), tf.float32, name=INPUT)])
         def __call__(self, images):
             return self.servable.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]
 

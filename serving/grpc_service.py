@@ -20,7 +20,7 @@ from concurrent import futures
 
 import numpy as np
 
-from crossport.interface import CLASSIFY_KEY, INPUT, INPUT_SIZE, PREDICT_KEY, SCORES
+from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY, SCORES
 
 log = logging.getLogger("crossport.serve")
 
@@ -88,10 +88,11 @@ def array_to_tensor(array: np.ndarray):
                                                             for s in array.shape]))
 
 
-def images_of(array: np.ndarray) -> np.ndarray:
-    if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
-        raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} must be [batch, {INPUT_SIZE}], found "
-                                               f"{list(array.shape)}")
+def images_of(array: np.ndarray, image) -> np.ndarray:
+    """``array`` as a batch of the served model's examples (``image``: its crossport.interface.ImageContract)."""
+    if array.ndim < 1 or array.shape[1:] != image.shape:
+        raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} must be [batch, {', '.join(map(str, image.shape))}], "
+                                               f"found {list(array.shape)}")
     from serving.serverless_handler import pixel_problem
 
     problem = pixel_problem(array)
@@ -118,7 +119,7 @@ def predict(servable, request):
     if unknown:
         raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: {unknown[0]} "
                                                f"Outputs expected to be in the set {{{SCORES}}}.")
-    images = images_of(tensor_to_array(request.inputs[INPUT], INPUT))
+    images = images_of(tensor_to_array(request.inputs[INPUT], INPUT), servable.backend.image)
     scores = np.asarray(servable.backend.predict(images))
     response = predict_pb2.PredictResponse()
     _answer_spec(response.model_spec, servable, PREDICT_KEY)
@@ -147,19 +148,19 @@ def classify(servable, request):
         raise ServingError("INVALID_ARGUMENT", "Input is empty")
     if not examples:
         raise ServingError("INVALID_ARGUMENT", "Input is empty")
-    rows = []
+    rows, image = [], servable.backend.image
     for index, example in enumerate(examples):
         feature = example.features.feature.get(INPUT)
         if feature is None and context is not None:
             feature = context.features.feature.get(INPUT)
         if feature is None or feature.WhichOneof("kind") != "float_list":
             raise ServingError("INVALID_ARGUMENT", f"example {index} has no float feature {INPUT!r} "
-                                                   f"({INPUT_SIZE} values)")
-        if len(feature.float_list.value) != INPUT_SIZE:
+                                                   f"({image.size} values)")
+        if len(feature.float_list.value) != image.size:
             raise ServingError("INVALID_ARGUMENT", f"example {index}: feature {INPUT!r} has "
-                                                   f"{len(feature.float_list.value)} values, expected {INPUT_SIZE}")
-        rows.append(np.asarray(feature.float_list.value, dtype=np.float32))
-    classes, scores = servable.classify_array(images_of(np.stack(rows)))
+                                                   f"{len(feature.float_list.value)} values, expected {image.size}")
+        rows.append(np.asarray(feature.float_list.value, dtype=np.float32).reshape(image.shape))
+    classes, scores = servable.classify_array(images_of(np.stack(rows), image))
     response = classification_pb2.ClassificationResponse()
     _answer_spec(response.model_spec, servable, CLASSIFY_KEY)
     for row_classes, row_scores in zip(classes, scores, strict=True):

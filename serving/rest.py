@@ -19,14 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.interface import ASSETS_EXTRA, CLASSES, CLASSIFY_KEY, INPUT, INPUT_SIZE, PREDICT_KEY, SCORES
+from crossport.interface import (
+    ASSETS_EXTRA,
+    CLASSES,
+    CLASSIFY_KEY,
+    EMNIST_IMAGE,
+    INPUT,
+    PREDICT_KEY,
+    SCORES,
+    ImageContract,
+)
 
 ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>predict|classify)|"
                    r"/(?P<metadata>metadata))?$")
 
 
-# the deepest valid request: {"instances": [{"images": [784 numbers]}]} or {"inputs": {"images": [[...]]}}
-MAX_DEPTH = 4
+
+
+def max_depth(image: ImageContract) -> int:
+    """The deepest valid request: {"instances": [{"images": <one example>}]} or {"inputs": {"images": [<example>,
+    ...]}}, three levels around an example of rank 1 ([784]) or 3 ([H][W][C])."""
+    return 3 + len(image.shape)
 
 
 class RestError(Exception):
@@ -37,11 +50,12 @@ class RestError(Exception):
 
 @dataclass
 class Backend:
-    """A loaded model: ``predict`` maps float32 [N, 784] to scores [N, C]."""
+    """A loaded model: ``predict`` maps float32 [N, *image.shape] to scores [N, C]."""
 
     kind: str
     predict: object
     classify_examples: object | None  # SavedModel: serialized tf.Examples → (classes, scores)
+    image: ImageContract = EMNIST_IMAGE  # what one example is: the version's SavedModel declares it
 
 
 def load_backend(version_dir: Path, kind: str, threads: int | None = None, instances: int = 1) -> Backend:
@@ -49,6 +63,7 @@ def load_backend(version_dir: Path, kind: str, threads: int | None = None, insta
     ``instances``: TFLite interpreters answering at once (the other runtimes run concurrent calls themselves)."""
     from crossport.formats import BY_NAME
     from crossport.runtimes import load_format, load_saved_model
+    from export.servable import image_contract
 
     if kind not in BY_NAME or not BY_NAME[kind].served:
         raise ValueError(f"unknown backend {kind!r}")
@@ -56,7 +71,7 @@ def load_backend(version_dir: Path, kind: str, threads: int | None = None, insta
     run = load_format(fmt, version_dir / fmt.path, threads, instances)
     # only the SavedModel has TF Serving's classify signature
     classify = load_saved_model(version_dir, CLASSIFY_KEY, threads) if fmt.loader == "saved_model" else None
-    return Backend(kind, lambda rows: run(rows)[SCORES], classify)
+    return Backend(kind, lambda rows: run(rows)[SCORES], classify, image_contract(version_dir))
 
 
 def served_labels(version_dir: Path, backend: Backend) -> list[str]:
@@ -67,7 +82,7 @@ def served_labels(version_dir: Path, backend: Backend) -> list[str]:
 
     path = version_dir / ASSETS_EXTRA / "labels.txt"
     labels = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
-    classes = int(np.asarray(backend.predict(np.zeros((1, INPUT_SIZE), np.float32))).shape[-1])
+    classes = int(np.asarray(backend.predict(np.zeros((1, *backend.image.shape), np.float32))).shape[-1])
     problem = label_problem(labels, classes)
     if problem:
         raise PackageError(f"{path} {problem}; this version cannot be served.",
@@ -99,7 +114,7 @@ class Servable:
         if match["verb"]:
             if method != "POST":
                 raise RestError(405, f":{match['verb']} expects POST")
-            request = parse_json(body)
+            request = parse_json(body, max_depth(self.backend.image))
             return 200, self.predict(request) if match["verb"] == "predict" else self.classify(request)
         if method != "GET":
             raise RestError(405, "model status and metadata expect GET")
@@ -124,7 +139,7 @@ class Servable:
             for index, item in enumerate(instances):
                 if isinstance(item, dict) and set(item) != {INPUT}:
                     raise RestError(400, f"instance {index} is an object with {sorted(item)[:5]}; expected only "
-                                         f"{INPUT!r}, or the {INPUT_SIZE} numbers themselves")
+                                         f"{INPUT!r}, or the example's numbers themselves")
                 rows.append(item[INPUT] if isinstance(item, dict) else item)
             return {"predictions": as_json_numbers(self._scores(rows))}
         inputs = request["inputs"]
@@ -143,7 +158,8 @@ class Servable:
                                  f"serving_default); send \"signature_name\": \"{CLASSIFY_KEY}\"")
         examples = request.get("examples")
         if not isinstance(examples, list) or not examples:
-            raise RestError(400, f"expected 'examples': a non-empty list of {{\"{INPUT}\": [{INPUT_SIZE} floats]}}")
+            raise RestError(400, f"expected 'examples': a non-empty list of {{\"{INPUT}\": "
+                                 f"[{self.backend.image.size} floats]}}")
         context = request.get("context", {})
         if not isinstance(context, dict):
             raise RestError(400, f"expected 'context' to be an object of features, found {type(context).__name__}")
@@ -155,7 +171,7 @@ class Servable:
             if INPUT not in features:
                 raise RestError(400, f"example {index} has no feature {INPUT!r}")
             rows.append(features[INPUT])
-        classes, scores = self.classify_array(self._rows(rows))
+        classes, scores = self.classify_array(self._rows(rows, flat=True))
         return {"results": [[[label, float(score)] for label, score in zip(row_classes, row_scores, strict=True)]
                             for row_classes, row_scores in zip(classes, scores, strict=True)]}
 
@@ -190,19 +206,27 @@ class Servable:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _rows(self, rows) -> np.ndarray:
+    def _rows(self, rows, flat: bool = False) -> np.ndarray:
+        """A batch of examples in [0, 1], each of the image's shape (``flat``: each its values in one list, as a
+        tf.Example feature holds them)."""
         from serving.serverless_handler import BadInput, numbers, pixel_problem
 
         try:
-            array = numbers(rows, f"{INPUT!r} as lists of {INPUT_SIZE} numbers")
+            array = numbers(rows, f"{INPUT!r} as a batch of {self.image_text()}")
         except BadInput as error:
             raise RestError(400, str(error)) from error
-        if array.ndim != 2 or array.shape[1] != INPUT_SIZE:
-            raise RestError(400, f"expected {INPUT!r} of shape [batch, {INPUT_SIZE}], found {list(array.shape)}")
+        image = self.backend.image
+        if flat and array.ndim == 2 and array.shape[1] == image.size:
+            array = array.reshape(len(array), *image.shape)
+        if array.shape[1:] != image.shape:
+            raise RestError(400, f"expected {INPUT!r} of shape [batch, {self.image_text()}], found {list(array.shape)}")
         problem = pixel_problem(array)
         if problem:
             raise RestError(400, f"{INPUT!r}: {problem}")
         return array
+
+    def image_text(self) -> str:
+        return ", ".join(map(str, self.backend.image.shape))
 
     def _scores(self, rows) -> np.ndarray:
         return np.asarray(self.backend.predict(self._rows(rows)))
@@ -215,7 +239,7 @@ def as_json_numbers(scores: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(scores, dtype=np.float64)
 
 
-def parse_json(body: bytes | None) -> dict:
+def parse_json(body: bytes | None, depth: int = max_depth(EMNIST_IMAGE)) -> dict:
     """The request object. A batch of number rows under ``instances`` or ``inputs`` (the bulk of a predict body)
     is read by :func:`read_batch` straight into a float64 array; anything else, and every malformed body, takes
     the checked path, which answers each mistake with its own message."""
@@ -228,7 +252,7 @@ def parse_json(body: bytes | None) -> dict:
     if request is not None:
         return request
     try:
-        request = parse_checked(body, MAX_DEPTH)
+        request = parse_checked(body, depth)
     except BadInput as error:
         raise RestError(400, str(error)) from error
     if not isinstance(request, dict):

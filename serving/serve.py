@@ -179,16 +179,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._json(status, payload)
 
     def _upload(self, body: bytes) -> None:
-        from serving.serverless_handler import BadInput, image_to_pixels, to_model_input, top_k
+        from serving.serverless_handler import BadInput, image_to_pixels, resized_image, to_model_input, top_k
 
+        image = self.servable.backend.image
         try:
-            upright = image_to_pixels(body)
+            upright = image_to_pixels(body) if image.flat else resized_image(body, *image.shape)
         except BadInput as error:
             self._json(400, {"error": str(error)})
             return
-        row = to_model_input(upright)
-        scores = np.asarray(self.servable.backend.predict(row[np.newaxis, :]))[0]
-        seen = row.reshape(28, 28)  # what the model sees: EMNIST orientation (transposed)
+        row = to_model_input(upright) if image.flat else upright
+        scores = np.asarray(self.servable.backend.predict(row[np.newaxis]))[0]
+        # what the model sees: for a 28×28 model EMNIST orientation (transposed); any other, the resized image
+        seen = row.reshape(28, 28) if image.flat else upright
         self._json(200, {"predictions": top_k(scores, self.servable.labels),
                          "model_input_png": _png_data_url(seen), "upright_png": _png_data_url(upright),
                          "backend": self.servable.backend.kind, "version": self.servable.version})
@@ -220,7 +222,8 @@ def encode_json(payload: dict) -> bytes:
 def _png_data_url(pixels: np.ndarray, scale: int = 8) -> str:
     from PIL import Image
 
-    image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    levels = (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    image = Image.fromarray(levels[:, :, 0] if levels.ndim == 3 and levels.shape[2] == 1 else levels)
     image = image.resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

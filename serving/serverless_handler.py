@@ -5,9 +5,15 @@ builds, next to ``model.tflite`` and ``labels.txt``; it needs only ai-edge-liter
 and pillow, never crossport. crossport's web service imports the same functions, so a
 PNG or JPEG becomes the same model input everywhere.
 
+The model's input shape says what a request becomes (crossport.interface.ImageContract):
+[N, 784] is a 28×28 grayscale digit or letter in EMNIST orientation, prepared as NIST did
+(inverted to white ink on black, the ink centred in 20×20); [N, H, W, C] is any other
+image, decoded to RGB (C = 3) or grayscale (C = 1) and resized to H×W, upright.
+
 Request (API Gateway proxy event, ``body`` JSON, optionally base64-encoded):
-    {"image": "<base64 PNG or JPEG>"}                 any size or mode; resized to 28×28
-    {"pixels": [784 floats in [0, 1]]}                 or 28 rows of 28, EMNIST orientation
+    {"image": "<base64 PNG or JPEG>"}                 any size or mode; fitted to the model
+    {"pixels": [floats in [0, 1]]}                     one example: 784 values or 28 rows of 28
+                                                       (EMNIST orientation), or [H][W][C] / H·W·C values
 Response body: {"predictions": [{"label": "7", "probability": 0.98}, ...]} (top 3).
 Bad input gets status 400 and {"error": "..."}.
 """
@@ -31,7 +37,6 @@ MAX_IMAGE_SIDE = 4096
 IMAGE_FORMATS = ("PNG", "JPEG")
 SIDE = 28
 TOP_K = 3
-MAX_DEPTH = 3  # the deepest request: {"pixels": [[28 numbers] × 28]}
 
 
 class BadInput(ValueError):
@@ -111,6 +116,33 @@ def composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def to_model_input(upright: np.ndarray) -> np.ndarray:
     """Upright [28, 28] → the model's input row: transposed (EMNIST orientation), flattened."""
     return np.ascontiguousarray(upright.T.reshape(SIDE * SIDE), dtype=np.float32)
+
+
+def image_to_input(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A PNG or JPEG → one example of the model's input ``shape``: (784,) by :func:`image_to_pixels` (EMNIST
+    orientation); (H, W, C) by :func:`resized_image`."""
+    if len(shape) == 1:
+        return to_model_input(image_to_pixels(data))
+    return resized_image(data, *shape)
+
+
+def resized_image(data: bytes, height: int, width: int, channels: int) -> np.ndarray:
+    """A PNG or JPEG (any size, any mode) → float32 [height, width, channels] in [0, 1], upright: converted to RGB
+    (channels 3) or grayscale (channels 1) as torchvision's image loader converts it (transparency dropped), EXIF
+    orientation applied, resized with bilinear interpolation (PIL's, antialiased when it shrinks)."""
+    from PIL import Image
+
+    gray, _ = decode_gray_alpha(data)  # checks the format and size, and decodes 16-bit levels
+    image = Image.open(io.BytesIO(data))
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if channels == 1 or image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        levels = Image.fromarray(gray, mode="F").resize((width, height), Image.BILINEAR)
+        plane = np.clip(np.asarray(levels, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(plane[:, :, np.newaxis], channels, axis=2)
+    rgb = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -205,15 +237,19 @@ def pixel_problem(array: np.ndarray) -> str | None:
             f"{list(where)}{f' and {int(bad.sum()) - 1} more' if bad.sum() > 1 else ''}")
 
 
-def pixels_to_input(pixels) -> np.ndarray:
-    """784 values, or 28 rows of 28, already in EMNIST orientation and in [0, 1]."""
-    array = numbers(pixels, "'pixels' as 784 values or 28 rows of 28")
-    if array.shape not in ((SIDE * SIDE,), (SIDE, SIDE)):
-        raise BadInput(f"expected 784 pixels or 28×28, found shape {list(array.shape)}")
+def pixels_to_input(pixels, shape: tuple[int, ...] = (SIDE * SIDE,)) -> np.ndarray:
+    """One example of the model's input ``shape``, in [0, 1]: for (784,) 784 values or 28 rows of 28 (EMNIST
+    orientation); for (H, W, C) H rows of W pixels of C values, or H·W·C values row-major."""
+    size = int(np.prod(shape))
+    accepted = [(size,), (SIDE, SIDE)] if len(shape) == 1 else [(size,), tuple(shape)]
+    wanted = " or ".join("×".join(map(str, option)) for option in accepted)
+    array = numbers(pixels, f"'pixels' as {wanted} values")
+    if array.shape not in accepted:
+        raise BadInput(f"expected {wanted} pixels, found shape {list(array.shape)}")
     problem = pixel_problem(array)
     if problem:
         raise BadInput(problem)
-    return array.reshape(SIDE * SIDE)
+    return array.reshape(shape)
 
 
 def top_k(scores: np.ndarray, labels: list[str], k: int = TOP_K) -> list[dict]:
@@ -240,7 +276,8 @@ class TFLiteModel:
 
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=interpreter_threads())
         self.runner = self.interpreter.get_signature_runner("serving_default")
-        self.input_name = next(iter(self.runner.get_input_details()))
+        self.input_name, details = next(iter(self.runner.get_input_details().items()))
+        self.shape = tuple(int(d) for d in details["shape"][1:])  # one example: (784,) or (H, W, C)
         self.labels = labels_path.read_text().splitlines()
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
@@ -264,8 +301,8 @@ def model() -> TFLiteModel:
 REQUEST_SHAPE = "a JSON object with 'image' (base64 PNG or JPEG) or 'pixels'"
 
 
-def parse_request(body) -> np.ndarray:
-    """A decoded JSON body → one model input row; BadInput for anything else."""
+def parse_request(body, shape: tuple[int, ...] = (SIDE * SIDE,)) -> np.ndarray:
+    """A decoded JSON body → one example of the model's input ``shape``; BadInput for anything else."""
     if not isinstance(body, dict):
         raise BadInput(f"expected {REQUEST_SHAPE}")
     if "image" in body:
@@ -275,10 +312,16 @@ def parse_request(body) -> np.ndarray:
             data = base64.b64decode(body["image"], validate=True)
         except (binascii.Error, ValueError) as error:
             raise BadInput("'image' is not valid base64") from error
-        return to_model_input(image_to_pixels(data))
+        return image_to_input(data, shape)
     if "pixels" in body:
-        return pixels_to_input(body["pixels"])
+        return pixels_to_input(body["pixels"], shape)
     raise BadInput(f"expected 'image' or 'pixels', found keys {sorted(body)[:5]}")
+
+
+def max_depth(shape: tuple[int, ...]) -> int:
+    """The deepest valid request: {"pixels": [28 rows of 28]} for a 28×28 model, {"pixels": [H rows of W pixels of
+    C values]} for any other."""
+    return 1 + (2 if len(shape) == 1 else len(shape))
 
 
 def _response(status: int, payload: dict) -> dict:
@@ -286,16 +329,16 @@ def _response(status: int, payload: dict) -> dict:
 
 
 def lambda_handler(event, context=None) -> dict:
+    loaded = model()
     try:
         body = event_body(event)
         if content_type(event).startswith("image/"):  # a binary media type: the body is the image itself
-            row = to_model_input(image_to_pixels(body))
+            row = image_to_input(body, loaded.shape)
         else:
-            row = parse_request(parse_json(body, MAX_DEPTH, REQUEST_SHAPE))
+            row = parse_request(parse_json(body, max_depth(loaded.shape), REQUEST_SHAPE), loaded.shape)
     except BadInput as error:
         return _response(400, {"error": str(error)})
-    loaded = model()
-    scores = loaded.scores(row[np.newaxis, :])[0]
+    scores = loaded.scores(row[np.newaxis])[0]
     return _response(200, {"predictions": top_k(scores, loaded.labels)})
 
 

@@ -171,3 +171,81 @@ def pooled_cnn(*, opset: int = 13, head: str = "GlobalAveragePool", classes: int
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
                               [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+COLOURS = {"blue": (40, 60, 200), "gray": (128, 128, 128), "green": (40, 180, 60), "red": (200, 40, 40)}
+
+
+def colour_folder(root, per_class: int = 60, size: tuple[int, int] = (48, 40), seed: int = 0):
+    """An ImageFolder of RGB PNGs, one sub-folder per colour (sorted names: the classes' order), each picture
+    ``size`` (width, height) of its colour with noise: a task a small CNN learns in a second."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, colour in COLOURS.items():
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            noise = rng.normal(0, 40, (size[1], size[0], 3))
+            Image.fromarray(np.clip(np.array(colour, float) + noise, 0, 255).astype(np.uint8)).save(
+                folder / f"{index:03d}.png")
+    return root
+
+
+def rgb_cnn(path, folder, *, side: int = 32, seed: int = 0):
+    """A MobileNet-shaped PyTorch CNN on RGB ``side``×``side`` images (a stride-2 conv, BatchNorm, ReLU6, a depthwise
+    conv, HardSwish, global average pool, Linear), trained briefly on ``folder`` (:func:`colour_folder`) and
+    exported by torch.onnx's TorchScript exporter at opset 13 with its input named ``input.1``, channels first and a
+    dynamic batch. Returns the model (eval mode) and the training images [N, 3, side, side] with their classes."""
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    torch.manual_seed(seed)
+    labels = sorted(child.name for child in folder.iterdir())
+    files = [(file, index) for index, label in enumerate(labels) for file in sorted((folder / label).iterdir())]
+    pixels = np.stack([np.asarray(Image.open(file).convert("RGB").resize((side, side), Image.BILINEAR))
+                       for file, _ in files])
+    x = torch.tensor(pixels, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    y = torch.tensor([index for _, index in files])
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Hardswish(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, len(labels)))
+    optimizer = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(40):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    torch.onnx.export(model, torch.zeros(1, 3, side, side), str(path), input_names=["input.1"], output_names=["out"],
+                      dynamic_axes={"input.1": {0: "N"}, "out": {0: "N"}}, opset_version=13, dynamo=False)
+    return model, x.numpy(), y.numpy()
+
+
+def image_cnn(*, layout: str = "nchw", height: int = 8, width: int = 6, channels: int = 3, classes: int = 5,
+              opset: int = 13, seed: int = 0):
+    """A CNN on ``height``×``width`` images of ``channels``: Conv 3x3 → Relu → GlobalAveragePool → Flatten → Gemm →
+    Softmax. ``layout`` "nchw" takes [N, C, H, W]; "nhwc" takes [N, H, W, C] and transposes it first, as
+    tf2onnx and Keras exports do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    gemm_w, gemm_b = _weights(rng, 4, classes)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (4, channels, 3, 3)).astype(np.float32), "conv_w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "conv_b"),
+             numpy_helper.from_array(gemm_w, "fc_w"), numpy_helper.from_array(gemm_b, "fc_b")]
+    nodes, first = [], "input"
+    if layout == "nhwc":
+        nodes.append(helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"))
+        first = "nchw"
+    nodes += [helper.make_node("Conv", [first, "conv_w", "conv_b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                               name="conv"),
+              helper.make_node("Relu", ["c"], ["r"], name="relu"),
+              helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+              helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flatten"),
+              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["z"], transB=1, name="fc"),
+              helper.make_node("Softmax", ["z"], ["prob"], axis=1, name="softmax")]
+    shape = ["N", channels, height, width] if layout == "nchw" else ["N", height, width, channels]
+    graph = helper.make_graph(nodes, "image_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

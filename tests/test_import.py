@@ -162,7 +162,8 @@ def test_a_reshape_computed_from_the_input_shape_and_a_weight_shared_by_identity
 @pytest.mark.parametrize(("model", "message"), [
     (two_inputs(), r"the model has 2 inputs \(images, temperature\); crossport supports one image input"),
     (legacy_mlp(opset=13, input_shape=(100,), batch="N"), r"input '0' is FLOAT\['N', 100\]; crossport supports"),
-    (legacy_mlp(opset=13, input_shape=(3, 28, 28), batch="N"), r"input '0' is FLOAT\['N', 3, 28, 28\]"),
+    (legacy_mlp(opset=13, input_shape=(2, 28, 28), batch="N"), r"input '0' is FLOAT\['N', 2, 28, 28\]"),
+    (legacy_mlp(opset=13, input_shape=(3, "H", "W"), batch="N"), r"input '0' is FLOAT\['N', 3, 'H', 'W'\]"),
 ])
 def test_inputs_crossport_cannot_take_are_refused_in_one_line(model, message):
     with pytest.raises(ImportModelError, match=message):
@@ -453,3 +454,100 @@ def test_a_global_average_pool_head_is_read_exactly_and_translated(opset, head, 
     translated = load_saved_model(tmp_path / "tf_graph")(x)
     for name in (SCORES, LOGITS):
         assert np.all(np.abs(translated[name] - reference[name]) <= 2 * exact.bounds[name]), name
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_any_image_size_is_published_channels_last_and_computes_what_the_file_does(layout):
+    """[N, 3, 8, 6] (or [N, 8, 6, 3]) becomes ``images`` [N, 8, 6, 3], upright: a channels-first model gets the one
+    transpose inside the graph, and the published graph answers bit for bit as the file on the same pixels."""
+    from tests.onnx_models import image_cnn
+
+    result = normalized(image_cnn(layout=layout))
+    assert result.image.shape == (8, 6, 3) and result.layout == layout
+    dims = [d.dim_value or d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 8, 6, 3]
+    assert (["Transpose"] if layout == "nchw" else []) == [
+        node.op_type for node in result.model.graph.node if node.name.startswith("crossport_")]
+    x = np.random.default_rng(1).random((5, 8, 6, 3), dtype=np.float32)
+    own = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
+    assert np.array_equal(run(result.model, x)[SCORES], run_original(image_cnn(layout=layout), own))
+    exact = exact_outputs(network_from_onnx(result.model), x)
+    assert check_network(result.model, x, exact) <= 1.0
+    within_exact_bounds(run(result.model, x), exact)
+
+
+def test_per_channel_normalisation_is_computed_on_the_channels_last_input():
+    """--mean/--std with one value per channel (ImageNet's, say): (x − mean[c]) / std[c] on the published
+    [N, H, W, C] values, before the transpose into the model's channels-first input."""
+    from tests.onnx_models import image_cnn
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    result = normalize(image_cnn(), orientation="emnist", target_opset=EXPORT_OPSET, scaling=(mean, std))
+    assert any("(x − [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]" in step for step in result.steps)
+    x = np.random.default_rng(2).random((4, 8, 6, 3), dtype=np.float32)
+    scaled = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    assert np.array_equal(run(result.model, x)[SCORES],
+                          run_original(image_cnn(), np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))))
+    with pytest.raises(ImportModelError, match=r"--mean and --std give 2 and 2 value\(s\); the model's images have "
+                                               r"3 channel\(s\)"):
+        normalize(image_cnn(), orientation="emnist", target_opset=EXPORT_OPSET, scaling=((0.1, 0.2), (0.3, 0.3)))
+
+
+def test_a_28x28_grayscale_model_keeps_the_flat_contract_in_any_layout():
+    """[N, 28, 28, 1] channels last is a 28×28 grayscale model like [N, 1, 28, 28]: published [N, 784]."""
+    from crossport.interface import EMNIST_IMAGE
+    from tests.onnx_models import image_cnn
+
+    for layout in ("nchw", "nhwc"):
+        result = normalized(image_cnn(layout=layout, height=28, width=28, channels=1))
+        assert result.image == EMNIST_IMAGE and result.layout == "flat"
+        assert [d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim[1:]] == [INPUT_SIZE]
+
+
+def test_an_image_folder_is_resized_to_the_model_and_names_its_classes(tmp_path):
+    """PNGs of 48×40 become the model's 32×32 RGB examples, exactly as the servables prepare an upload; with no
+    label map the sorted sub-folder names are the labels (torchvision's ImageFolder order)."""
+    from crossport.interface import ImageContract
+    from pipelines.eval_data import load_eval_data, resolve_labels
+    from serving.serverless_handler import resized_image
+    from tests.onnx_models import colour_folder
+
+    folder = colour_folder(tmp_path / "images", per_class=3)
+    labels, where = resolve_labels({}, None, 4, str(folder))
+    assert labels == ("blue", "gray", "green", "red") and "sub-folders" in where
+    data = load_eval_data(str(folder), labels=labels, data_dir=tmp_path, seed=0, image=ImageContract((32, 32, 3)))
+    assert data.x_test.shape == (12, 32, 32, 3) and data.x_test.dtype == np.uint8
+    assert data.y_test.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    first = resized_image((folder / "blue" / "000.png").read_bytes(), 32, 32, 3)
+    assert np.array_equal(data.x_test[0], np.round(first * 255).astype(np.uint8))
+    assert data.x_test[0, ..., 2].mean() > data.x_test[0, ..., 0].mean()  # blue is blue: the channels are in order
+    # four sub-folders cannot name five classes: the class ids are the labels, and the folders are refused
+    assert resolve_labels({}, None, 5, str(folder))[0] == ("0", "1", "2", "3", "4")
+
+
+def test_built_in_digits_and_npz_arrays_take_the_models_shape(tmp_path):
+    """The built-in 28×28 digits, for a 16×20 RGB model: upright, resized, the gray level in each channel. An .npz
+    may hold [N, H, W, C] or PyTorch's [N, C, H, W]; any other shape, or an EMNIST orientation, is refused."""
+    from PIL import Image
+
+    from crossport.interface import ImageContract
+    from pipelines.eval_data import load_eval_data
+    from training.data import load_digits
+
+    image = ImageContract((16, 20, 3))
+    labels = tuple(str(i) for i in range(10))
+    data = load_eval_data("digits", labels=labels, data_dir=tmp_path, seed=0, image=image)
+    digits = load_digits(seed=0)
+    assert data.x_test.shape == (len(digits.x_test), 16, 20, 3)
+    upright = Image.fromarray(digits.x_test[0].reshape(28, 28).T).resize((20, 16), Image.BILINEAR)
+    assert all(np.array_equal(data.x_test[0][..., c], np.asarray(upright)) for c in range(3))
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 3, 16, 20), dtype=np.uint8)
+    np.savez(tmp_path / "nchw.npz", images=pixels, labels=np.arange(6) % 10)
+    read = load_eval_data(str(tmp_path / "nchw.npz"), labels=labels, data_dir=tmp_path, seed=0, image=image)
+    assert np.array_equal(read.x_test, pixels.transpose(0, 2, 3, 1))
+    np.savez(tmp_path / "wrong.npz", images=pixels[:, :, :8], labels=np.arange(6) % 10)
+    with pytest.raises(DataError, match=r"has shape \[6, 3, 8, 20\]; the model takes 16×20 RGB"):
+        load_eval_data(str(tmp_path / "wrong.npz"), labels=labels, data_dir=tmp_path, seed=0, image=image)
+    with pytest.raises(DataError, match="--eval-orientation emnist applies to 28x28 grayscale images"):
+        load_eval_data(str(tmp_path / "nchw.npz"), labels=labels, data_dir=tmp_path, seed=0, image=image,
+                       orientation="emnist")

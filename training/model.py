@@ -163,7 +163,9 @@ def gemm_shapes(model: nn.Module, batch: int = 1) -> list[tuple[int, int, int]]:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, model.config.input_size))
+            from crossport.exact.network import example_shape
+
+            model(torch.zeros(1, *example_shape(model.config)))
     finally:
         model.train(was_training)
         for hook in hooks:

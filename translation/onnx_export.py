@@ -10,7 +10,7 @@ from crossport import __version__
 from crossport.errors import ExportError
 from crossport.files import replace_atomic
 from crossport.frameworks import keep_triton_away_from_tensorflow
-from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
+from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES, image_shape_problem
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def check_onnx(path: Path, *, missing: str = "Run the export stage first.",
                redo: str = "Re-run the export stage.") -> None:
     """crossport's input/output contract, then the full ``onnx.checker`` check, from the file on disk.
 
-    The contract comes first: for a model that breaks it, "input must be FLOAT[batch, 784]"
+    The contract comes first: for a model that breaks it, "input must be FLOAT[batch, 784]" (or
+    [batch, H, W, C], :class:`crossport.interface.ImageContract`)
     says more than the checker's type-inference error about some node downstream. ``missing`` and
     ``redo`` say what to do on the route that made the file (export, or import of a brought file).
     """
@@ -93,11 +94,11 @@ def check_onnx(path: Path, *, missing: str = "Run the export stage first.",
         raise ExportError(f"ONNX model {path} must have one input {INPUT_NAME!r}, found {list(inputs)}.")
     tensor_type = inputs[INPUT_NAME].type.tensor_type
     dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
-    if (tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[0] is not None
-            or dims[1] != INPUT_SIZE):
+    if (tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) < 2 or dims[0] is not None
+            or None in dims[1:] or image_shape_problem(tuple(dims[1:]))):
         found = f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}{dims}"
-        raise ExportError(f"ONNX model {path} input {INPUT_NAME!r} must be FLOAT[batch, {INPUT_SIZE}] with a dynamic "
-                          f"batch, found {found}.")
+        raise ExportError(f"ONNX model {path} input {INPUT_NAME!r} must be FLOAT[batch, {INPUT_SIZE}] (or "
+                          f"[batch, H, W, C] with C 1 or 3) with a dynamic batch, found {found}.")
     outputs = [value.name for value in proto.graph.output]
     if tuple(outputs) != OUTPUT_NAMES:
         raise ExportError(f"ONNX model {path} must have outputs {list(OUTPUT_NAMES)}, found {outputs}.")

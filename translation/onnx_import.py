@@ -3,8 +3,10 @@
 Models trained elsewhere arrive in every shape ONNX has had since 2017: opset 6 with the
 weights also listed as graph inputs, IR version 3, batch fixed at 1, an input named
 ``0`` of shape [1, 1, 28, 28], a Softmax as the only output. :func:`normalize` turns such a
-graph into one that meets the contract crossport's own export meets (input ``images``
-float32 [N, 784] in EMNIST orientation; outputs ``scores`` and ``logits``), so the
+graph into one that meets the contract crossport's own export meets (input ``images``, its
+:class:`crossport.interface.ImageContract`: float32 [N, 784] in EMNIST orientation for a
+28×28 grayscale model, [N, H, W, C] upright and channels last for any other image size;
+outputs ``scores`` and ``logits``), so the
 translate, package, tflite, validate and publish stages take it unchanged. Each step
 says what it did in one line; the import stage writes them to the manifest and the report.
 
@@ -20,13 +22,16 @@ import logging
 from dataclasses import dataclass, field
 
 from crossport.errors import ImportModelError
-from crossport.interface import IMAGE_SIDE, INPUT, INPUT_SIZE, LOGITS, SCORES
+from crossport.interface import EMNIST_IMAGE, IMAGE_SIDE, INPUT, INPUT_SIZE, LOGITS, SCORES, ImageContract
 
 log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("emnist", "upright")  # what the model expects: crossport's transposed images, or as people see them
-# Image inputs crossport can map onto [N, 784] with a reshape inside the graph (N: the batch).
-IMAGE_SHAPES = ((INPUT_SIZE,), (1, IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE))
+# 28×28 grayscale inputs crossport maps onto [N, 784] with a reshape inside the graph (N: the batch).
+IMAGE_SHAPES = ((INPUT_SIZE,), (1, IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE, 1))
+CHANNELS = (1, 3)  # grayscale or RGB
+SUPPORTED = (f"[N, {INPUT_SIZE}], [N, 28, 28] or [N, 1, 28, 28] (28x28 grayscale), or any image as [N, C, H, W] "
+             "or [N, H, W, C] with C 1 or 3")
 BATCH = "batch"
 # Ops that pass a tensor through unchanged: a Softmax behind them still ends the network.
 PASS_THROUGH = ("Identity", "Dropout")
@@ -40,15 +45,20 @@ class Normalized:
     source_opset: int = 0
     source_ir_version: int = 0
     input_shape: tuple = ()
+    image: ImageContract = EMNIST_IMAGE  # the published input (crossport.interface.ImageContract)
+    layout: str = "flat"  # the model's own input: "flat" (a 28×28 grayscale shape), "nchw" or "nhwc"
+    scaling: str | None = None  # what the graph does to the published [0, 1] values first, for the card
 
 
 def declared_opset(model) -> int:
     return max((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), default=0)
 
 
-def normalize(model, *, orientation: str, target_opset: int, scaling: tuple[float, float] | None = None) -> Normalized:
-    """Normalize ``model`` (an onnx.ModelProto, changed in place) for an image model in ``orientation``; ``scaling``
-    (mean, std): the model expects ``(x − mean) / std`` of images in [0, 1], computed inside the graph."""
+def normalize(model, *, orientation: str, target_opset: int, scaling: tuple | None = None) -> Normalized:
+    """Normalize ``model`` (an onnx.ModelProto, changed in place) for an image model in ``orientation`` (which
+    applies to 28×28 grayscale models only; every other image is published upright); ``scaling`` (mean, std), each
+    one value or one per channel: the model expects ``(x − mean) / std`` of images in [0, 1], computed inside the
+    graph."""
     import onnx
 
     if orientation not in ORIENTATIONS:
@@ -132,17 +142,27 @@ def _check_input(result: Normalized):
     if len(graph.input) != 1:
         raise ImportModelError(
             f"the model has {len(graph.input)} inputs ({', '.join(v.name for v in graph.input)}); crossport "
-            f"supports one image input of shape [N, {INPUT_SIZE}], [N, 1, 28, 28] or [N, 28, 28].",
+            f"supports one image input of shape {SUPPORTED}.",
             hint="Export a model that takes only the image, with any other input folded into constants.")
     image = graph.input[0]
     tensor = image.type.tensor_type
     dims = _dims(image)
-    if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) < 2 or tuple(dims[1:]) not in IMAGE_SHAPES:
+    rest = tuple(dims[1:])
+    sized = len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in rest)
+    if tensor.elem_type == onnx.TensorProto.FLOAT and len(dims) >= 2 and rest in IMAGE_SHAPES:
+        result.image, result.layout = EMNIST_IMAGE, "flat"
+    elif tensor.elem_type == onnx.TensorProto.FLOAT and sized and (rest[0] in CHANNELS or rest[2] in CHANNELS):
+        # channels first unless only the last dimension can be channels ([N, 3, 3, 3] is ONNX's NCHW)
+        result.layout = "nchw" if rest[0] in CHANNELS else "nhwc"
+        height, width, channels = (rest[1], rest[2], rest[0]) if result.layout == "nchw" else rest
+        result.image = ImageContract.for_image(height, width, channels)
+        if result.image.flat:  # 28×28 grayscale: today's contract, a reshape away
+            result.layout = "flat"
+    else:
         found = f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}{dims}"
         raise ImportModelError(
-            f"input {image.name!r} is {found}; crossport supports one float image input of shape "
-            f"[N, {INPUT_SIZE}], [N, 1, 28, 28] or [N, 28, 28] (28x28 grayscale).",
-            hint="crossport publishes EMNIST-style image classifiers; other inputs are not supported.")
+            f"input {image.name!r} is {found}; crossport supports one float image input of shape {SUPPORTED}.",
+            hint="crossport publishes image classifiers; export the model with one image input of a fixed size.")
     result.input_shape = tuple(dims)
     return image
 
@@ -222,7 +242,7 @@ def _fold_computed_shapes(result: Normalized) -> None:
             continue
         try:
             evaluator = ReferenceEvaluator(_computing(result.model, node.input[1]))
-            one, two = (evaluator.run(None, {INPUT: np.zeros((batch, INPUT_SIZE), np.float32)})[0]
+            one, two = (evaluator.run(None, {INPUT: np.zeros((batch, *result.image.shape), np.float32)})[0]
                         for batch in (1, 2))
         except Exception:
             continue
@@ -282,16 +302,18 @@ def _fresh(graph, base: str) -> str:
     return name
 
 
-def _map_input(result: Normalized, image, orientation: str, scaling: tuple[float, float] | None) -> None:
-    """The published input ``images`` [N, 784], EMNIST orientation in [0, 1], scaled, reshaped (and transposed)
-    into the model's own."""
+def _map_input(result: Normalized, image, orientation: str, scaling: tuple | None) -> None:
+    """The published input ``images`` (``result.image``: [N, 784] in EMNIST orientation, or [N, H, W, C] upright),
+    in [0, 1], scaled, then reshaped (and transposed) into the model's own."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = result.model.graph
+    published = result.image
     own, rest = image.name, tuple(result.input_shape[1:])
-    reshaped = orientation == "upright" or rest != (INPUT_SIZE,)
-    if own == INPUT and not reshaped and scaling is None:
+    reshaped = published.flat and (orientation == "upright" or rest != (INPUT_SIZE,))
+    channels_first = result.layout == "nchw"
+    if own == INPUT and not reshaped and not channels_first and scaling is None:
         return
     if own == INPUT:  # the name is taken by the model's own input, of another shape
         own = _fresh(graph, f"{INPUT}_model")
@@ -304,16 +326,23 @@ def _map_input(result: Normalized, image, orientation: str, scaling: tuple[float
         return tensor_name
 
     if scaling is not None:
-        mean, std = scaling
+        mean, std = (tuple(float(v) for v in np.atleast_1d(values)) for values in scaling)
+        if len(mean) not in (1, published.channels) or len(std) != len(mean):
+            raise ImportModelError(f"--mean and --std give {len(mean)} and {len(std)} value(s); the model's images "
+                                   f"have {published.channels} channel(s).",
+                                   hint="Pass one value for all channels, or one per channel (R,G,B).")
         centred, scaled = _fresh(graph, "crossport_centred"), _fresh(graph, "crossport_scaled")
+        # one value per channel broadcasts over the last axis: channels last in [N, H, W, C]
         for op, name, value, out in (("Sub", "crossport_mean", mean, centred), ("Div", "crossport_std", std, scaled)):
             tensor_name = _fresh(graph, name)
-            graph.initializer.append(numpy_helper.from_array(np.float32(value), tensor_name))
+            array = np.float32(value[0]) if len(value) == 1 else np.asarray(value, np.float32)
+            graph.initializer.append(numpy_helper.from_array(array, tensor_name))
             nodes.append(helper.make_node(op, [current, tensor_name], [out], name=name))
             current = out
-        result.steps.append(f"the model expects (x − {mean:g}) / {std:g} of images in [0, 1]: computed inside the "
-                            f"graph, so the published input stays in [0, 1]")
-    if orientation == "upright":
+        result.scaling = f"the model computes (x − {_listed(mean)}) / {_listed(std)} inside the graph"
+        result.steps.append(f"the model expects (x − {_listed(mean)}) / {_listed(std)} of images in [0, 1]: computed "
+                            "inside the graph, so the published input stays in [0, 1]")
+    if published.flat and orientation == "upright":
         square = _fresh(graph, "crossport_square")
         nodes.append(helper.make_node("Reshape", [current, constant("crossport_square_shape", [-1, IMAGE_SIDE,
                                                                                               IMAGE_SIDE])],
@@ -329,6 +358,11 @@ def _map_input(result: Normalized, image, orientation: str, scaling: tuple[float
         if rest != (INPUT_SIZE,):
             result.steps.append(f"input {own!r} [N, {', '.join(map(str, rest))}] fed from {INPUT!r} [N, {INPUT_SIZE}] "
                                 "by a reshape inside the graph")
+    elif channels_first:
+        nodes.append(helper.make_node("Transpose", [current], [own], perm=[0, 3, 1, 2], name="crossport_to_nchw"))
+        result.steps.append(f"input {own!r} [N, {', '.join(map(str, rest))}] (channels first) fed from {INPUT!r} "
+                            f"[N, {', '.join(map(str, published.shape))}] (channels last, TensorFlow's layout) by a "
+                            "transpose inside the graph")
     elif scaling is not None:
         nodes[-1].output[0] = own  # the scaled images are the model's input
     else:
@@ -336,10 +370,14 @@ def _map_input(result: Normalized, image, orientation: str, scaling: tuple[float
     if own != INPUT:
         result.steps.append(f"input {image.name!r} is published as {INPUT!r}")
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [BATCH, INPUT_SIZE]))
+    graph.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [BATCH, *published.shape]))
     old = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *old])
+
+
+def _listed(values: tuple[float, ...]) -> str:
+    return f"{values[0]:g}" if len(values) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _producer(graph, name: str):

@@ -44,7 +44,7 @@ SHAPES = ("Shape", "Size")  # read data but compute metadata: what depends on th
 @dataclass(frozen=True)
 class GraphConfig:
     arch: str = "onnx"
-    input_size: int = INPUT_SIZE
+    input_shape: tuple[int, ...] = (INPUT_SIZE,)  # one example's, as the graph's input declares it
 
 
 def _attrs(node) -> dict:
@@ -323,7 +323,10 @@ def network_from_onnx(model) -> Network:
     if target not in data:
         raise CrossportError(f"'{LOGITS}' is not computed from '{INPUT}' in this graph.",
                              hint="The graph must compute its output from its image input.")
-    return Network(reading.steps, INPUT, target, GraphConfig())
+    declared = next((value for value in model.graph.input if value.name == INPUT), None)
+    dims = [dim.dim_value for dim in declared.type.tensor_type.shape.dim[1:]] if declared is not None else []
+    shape = tuple(dims) if dims and all(dims) else (INPUT_SIZE,)
+    return Network(reading.steps, INPUT, target, GraphConfig(input_shape=shape))
 
 
 def _needed(nodes, output: str) -> set[str]:
@@ -341,7 +344,7 @@ def _needed(nodes, output: str) -> set[str]:
 
 
 def exact_from_onnx(path, images):
-    """The :class:`crossport.exact.Exact` of the ONNX file at ``path`` on float32 ``images`` [N, 784]."""
+    """The :class:`crossport.exact.Exact` of the ONNX file at ``path`` on float32 ``images`` [N, *shape]."""
     import onnx
 
     from crossport.exact import exact_outputs

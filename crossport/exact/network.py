@@ -37,7 +37,7 @@ class Network(nn.Module):
         self.wiring = [(step.inputs, step.output) for step in steps]
         self.source, self.target = source, target
         if config is not None:
-            self.config = config  # what training.model's counters read from a network (input_size)
+            self.config = config  # what training.model's counters read from a network (input_shape)
 
     @property
     def steps(self) -> list[Step]:
@@ -146,9 +146,17 @@ def _refuse(node, why: str) -> CrossportError:
              "for a function, its entry to crossport/exact/network.py.")
 
 
+def example_shape(config) -> tuple[int, ...]:
+    """One example's shape: a graph read from ONNX declares it (``input_shape``); crossport's own models take
+    ``input_size`` values (784 without a config)."""
+    from crossport.interface import INPUT_SIZE
+
+    return tuple(getattr(config, "input_shape", None) or (getattr(config, "input_size", INPUT_SIZE),))
+
+
 def from_torch(model: nn.Module, sample=None) -> Network:
     """``model`` traced by torch.fx into steps (a copy: in-place activations made out-of-place); ``sample``, one
-    input, gives the shapes a global average pool needs (default: zeros of the model's ``config.input_size``)."""
+    input, gives the shapes a global average pool needs (default: zeros of :func:`example_shape`)."""
     import copy
 
     from torch import fx
@@ -168,9 +176,7 @@ def from_torch(model: nn.Module, sample=None) -> Network:
                        for node in traced.graph.nodes)
     if needs_shapes:  # a global average pool divides by its input's height × width
         if sample is None:
-            from crossport.interface import INPUT_SIZE
-
-            sample = torch.zeros(1, getattr(getattr(model, "config", None), "input_size", INPUT_SIZE))
+            sample = torch.zeros(1, *example_shape(getattr(model, "config", None)))
         ShapeProp(traced).propagate(sample[:1].float())
     shapes = {node.name: tuple(node.meta["tensor_meta"].shape) for node in traced.graph.nodes
               if "tensor_meta" in node.meta}

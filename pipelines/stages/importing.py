@@ -31,7 +31,7 @@ def transposed(images: np.ndarray) -> np.ndarray:
     return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
-def normalized(data: bytes, orientation: str, scaling: tuple[float, float] | None = None):
+def normalized(data: bytes, orientation: str, scaling: tuple | None = None):
     import onnx
 
     from translation.onnx_export import EXPORT_OPSET
@@ -62,7 +62,7 @@ def predict_classes(sess, images: np.ndarray) -> np.ndarray:
 
 
 def detect_orientation(data: bytes, images: np.ndarray, targets: np.ndarray,
-                       scaling: tuple[float, float] | None = None) -> dict:
+                       scaling: tuple | None = None) -> dict:
     """Accuracy both ways up, and the orientation that is better by an exact sign test at 99 % (else refuse).
 
     Parity cannot see orientation: every runtime agrees on a wrongly oriented input. Only
@@ -90,10 +90,10 @@ def detect_orientation(data: bytes, images: np.ndarray, targets: np.ndarray,
     return found
 
 
-def batch_check(sess, path: Path) -> None:
+def batch_check(sess, path: Path, image) -> None:
     """The dynamic batch actually works: three images at once, through the whole graph."""
     try:
-        sess.run(None, {INPUT: np.zeros((3, INPUT_SIZE), np.float32)})
+        sess.run(None, {INPUT: np.zeros((3, *image.shape), np.float32)})
     except Exception as error:  # ORT names the failing node in its message
         raise ImportModelError(
             f"{path}: the model does not run on a batch of 3 after its batch dimension was made dynamic: "
@@ -126,10 +126,14 @@ def import_stage(ctx) -> StageResult:
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
 
     first = normalized(data, "emnist")
-    classes = int(session(first.model).run([SCORES], {INPUT: np.zeros((1, INPUT_SIZE), np.float32)})[0].shape[1])
-    labels, labels_from = resolve_labels(metadata, config.labels_file, classes)
+    image = first.image  # what the published input is: 28×28 grayscale [N, 784], or [N, H, W, C]
+    classes = int(session(first.model).run([SCORES], {INPUT: np.zeros((1, *image.shape), np.float32)})[0].shape[1])
+    labels, labels_from = resolve_labels(metadata, config.labels_file, classes, config.eval_data)
+    if not image.flat and config.orientation != "auto":
+        raise ImportModelError(f"--orientation {config.orientation} applies to 28x28 grayscale models; this model "
+                               f"takes {image.describe()} images, published upright.", hint="Drop --orientation.")
     dataset = load_eval_data(config.eval_data, labels=labels, data_dir=data_dir_from(config.data_dir),
-                             seed=config.seed, orientation=config.eval_orientation)
+                             seed=config.seed, orientation=config.eval_orientation, image=image)
     from export.tflite import MIN_CALIBRATION
 
     if len(dataset.x_train) < MIN_CALIBRATION:  # before translation, not after it
@@ -139,7 +143,9 @@ def import_stage(ctx) -> StageResult:
     detected = None
     orientation = config.orientation
     scaling = None if config.mean is None else (config.mean, config.std)
-    if orientation == "auto":
+    if not image.flat:
+        orientation = "upright"  # [N, H, W, C] images are published as people see them
+    elif orientation == "auto":
         detected = detect_orientation(data, dataset.x_test, dataset.y_test, scaling)
         orientation = detected["chosen"]
         log.info("orientation: %s (accuracy %.1f%% in EMNIST orientation, %.1f%% upright, p = %.2g)", orientation,
@@ -150,7 +156,7 @@ def import_stage(ctx) -> StageResult:
         onnx.save(result.model, str(partial))
     check_onnx(path, **onnx_hints(given))  # the same contract and onnx.checker as crossport's own export
     refuse_unsupported(result.model, given)  # one line naming the node, before translate would fail on it
-    batch_check(session(result.model), given)
+    batch_check(session(result.model), given, image)
     for step in result.steps:
         log.info("import: %s", step)
 
@@ -168,7 +174,8 @@ def import_stage(ctx) -> StageResult:
         "ir_version": result.source_ir_version, "input_shape": [d if isinstance(d, int) else None
                                                                for d in result.input_shape],
         "metadata": metadata, "normalization": result.steps, "logits": result.logits,
-        "labels_from": labels_from, "orientation": orientation,
+        "labels_from": labels_from, "orientation": orientation, "image": image.to_json(),
+        "layout": result.layout, "scaling": result.scaling,
         "orientation_detected": detected, "network_check_ratio": network_ratio,
     }
     ctx.manifest.facts["model"] = {"arch": "onnx", "summary": _summary(result.model),

@@ -28,7 +28,7 @@ from crossport.cli import summary_line
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
 from crossport.formats import BY_NAME, SERVED
-from crossport.interface import ASSETS_EXTRA, INPUT_SIZE
+from crossport.interface import ASSETS_EXTRA
 from export.verify import read_manifest
 from pipelines.tools.bench.ceiling import matmul_ceiling
 from pipelines.tools.bench.harness import (
@@ -114,18 +114,20 @@ def measure_runtime(name: str, version_dir: Path, checkpoint: Path, sizes: dict,
                     cores: int, ceiling: float) -> dict:
     """One runtime: batch-1 and batch-128 throughput, one thread and every core, cold start, size, layout."""
     from export.layout import placement, saved_model_ops, tflite_ops
+    from export.servable import image_contract
 
     log.info("runtime %s ...", name)
     rng = np.random.default_rng(0)
-    batch1, batch128 = (rng.random((1, INPUT_SIZE), dtype=np.float32),
-                        rng.random((128, INPUT_SIZE), dtype=np.float32))
+    shape = image_contract(version_dir).shape  # one example, as the version declares it
+    batch1, batch128 = (rng.random((1, *shape), dtype=np.float32), rng.random((128, *shape), dtype=np.float32))
     seconds, rounds = timing.seconds, timing.rounds
     run = load_runtime(name, version_dir, checkpoint)
     one = summarize(timed(run, batch1, seconds, rounds), 1)
     many = summarize(timed(run, batch128, seconds, rounds), 128)
     cold_runtime = name in ("onnxruntime", "tflite_fp32", "tflite_int8_full") or not quick
     cold = (cold_start(COLD_CHILD.format(root=str(ROOT), name=name, version=str(version_dir),
-                                         checkpoint=str(checkpoint)), ROOT, timing.repeats) if cold_runtime else None)
+                                         checkpoint=str(checkpoint), shape=shape), ROOT, timing.repeats)
+            if cold_runtime else None)
     artifact = {"pytorch": checkpoint, "onnxruntime": sizes["onnx"].resolve(),
                 "saved_model": version_dir}.get(name, sizes.get(name))
     single = parallel = None

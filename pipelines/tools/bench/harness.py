@@ -70,10 +70,10 @@ from pathlib import Path
 import numpy as np
 from pipelines.tools.bench.harness import load_runtime
 run = load_runtime({name!r}, Path({version!r}), {checkpoint!r} and Path({checkpoint!r}))
-run(np.zeros((1, 784), np.float32))
+run(np.zeros((1, *{shape!r}), np.float32))
 first = time.time()
 for _ in range(200):
-    run(np.zeros((128, 784), np.float32))
+    run(np.zeros((128, *{shape!r}), np.float32))
 print(first, peak_rss_bytes())
 """
 
@@ -81,7 +81,10 @@ SERVERLESS_CHILD = PEAK_RSS + r"""
 import json, sys, time
 sys.path.insert(0, ".")
 import handler
-reply = handler.lambda_handler({"body": json.dumps({"pixels": [0.0] * 784})}, None)
+size = 1
+for side in handler.model().shape:  # one example of the model's input, as the handler reads it from the file
+    size *= side
+reply = handler.lambda_handler({"body": json.dumps({"pixels": [0.0] * size})}, None)
 assert reply["statusCode"] == 200, reply
 print(time.time(), peak_rss_bytes())
 """
