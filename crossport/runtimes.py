@@ -2,7 +2,9 @@
 
 Each loader reads the artifact from disk and returns a callable mapping inputs to a dict
 of named float32 outputs; heavy runtimes are imported only by the loader that needs them.
-Inputs are fed in chunks so whole test splits fit in memory on any runtime.
+Inputs are fed in chunks so whole test splits fit in memory on any runtime: at most
+:data:`CHUNK` examples, fewer where one example's activations are large
+(:func:`chunk_for`).
 ``threads`` sets each runtime's intra-op threads (None: the runtime's own default).
 """
 
@@ -17,7 +19,24 @@ import numpy as np
 from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, PREDICT_KEY, SCORES
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
-CHUNK = 4096
+CHUNK = 4096  # examples per runtime call at most
+CHUNK_BYTES = 256 * 2**20  # and at most this much of one call's activations (chunk_for)
+
+
+def chunk_for(onnx_path) -> int:
+    """Examples per runtime call for the model at ``onnx_path``: :data:`CHUNK`, or fewer, so that every float32
+    tensor of one call (the sum over the graph's tensors, as the instrumented TF graph returns them all: an upper
+    bound on what any runtime holds at once) stays within :data:`CHUNK_BYTES`. A ResNet's 28×28 maps take some
+    4 MB per example, so 4,096 of them would take 16 GB."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path), load_external_data=False))
+    elements = 0
+    for value in (*model.graph.value_info, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim[1:]
+        if all(dim.HasField("dim_value") for dim in dims):
+            elements += int(np.prod([dim.dim_value for dim in dims]))
+    return int(max(1, min(CHUNK, CHUNK_BYTES // max(1, 4 * elements))))
 
 
 def chunked(run: Predict, chunk: int = CHUNK) -> Predict:
@@ -44,7 +63,7 @@ def onnx_session(model, threads: int | None = None):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def load_onnx(onnx_path, threads: int | None = None) -> Predict:
+def load_onnx(onnx_path, threads: int | None = None, chunk: int = CHUNK) -> Predict:
     """``onnx_path``: a file, or an in-memory ``onnx.ModelProto`` (:func:`onnx_session`)."""
     session = onnx_session(onnx_path, threads)
     names = [output.name for output in session.get_outputs()]
@@ -53,7 +72,7 @@ def load_onnx(onnx_path, threads: int | None = None) -> Predict:
         values = session.run(names, {session.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)})
         return dict(zip(names, values, strict=True))
 
-    return chunked(run)
+    return chunked(run, chunk)
 
 
 def open_saved_model(saved_model_dir: Path):
@@ -72,7 +91,10 @@ def open_saved_model(saved_model_dir: Path):
                                 "or re-publish the version.") from None
 
 
-def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, threads: int | None = None) -> Predict:
+def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, threads: int | None = None,
+                     outputs: tuple[str, ...] | None = None, chunk: int = CHUNK) -> Predict:
+    """``outputs``: the names kept from each call (None: all; the instrumented translation returns every
+    intermediate tensor, which nobody should hold for a whole test split)."""
     import tensorflow as tf
 
     if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
@@ -87,10 +109,10 @@ def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, thread
             return {SCORES: outputs[SCORES].numpy(), CLASSES: outputs[CLASSES].numpy()}
     else:
         def run(images: np.ndarray) -> dict[str, np.ndarray]:
-            outputs = function(**{INPUT: tf.constant(images, dtype=tf.float32)})
-            return {name: value.numpy() for name, value in outputs.items()}
+            found = function(**{INPUT: tf.constant(images, dtype=tf.float32)})
+            return {name: value.numpy() for name, value in found.items() if outputs is None or name in outputs}
 
-    return chunked(run)
+    return chunked(run, chunk)
 
 
 def serialize_examples(images: np.ndarray) -> list[bytes]:
@@ -120,7 +142,7 @@ def _example_bytes(row: np.ndarray) -> bytes:
     return example.SerializeToString()
 
 
-def load_tflite(tflite_path: Path, threads: int | None = None, instances: int = 1) -> Predict:
+def load_tflite(tflite_path: Path, threads: int | None = None, instances: int = 1, chunk: int = CHUNK) -> Predict:
     """A TFLite file as a Predict that any number of threads may call at once.
 
     An interpreter holds its input and output buffers, so two threads in one interpreter
@@ -153,21 +175,22 @@ def load_tflite(tflite_path: Path, threads: int | None = None, instances: int = 
         finally:
             idle.put(runner)
 
-    return chunked(run)
+    return chunked(run, chunk)
 
 
-# One loader per runtime, each returning a Predict any number of threads may call: ``(path, threads, instances)``
+# One loader per runtime, each returning a Predict any number of threads may call: ``(path, threads, instances,
+# chunk)``
 # (``instances``: TFLite interpreters answering at once; the other runtimes run concurrent calls themselves). A row of
 # crossport.formats.FORMATS names its loader; a new runtime is one entry here. PyTorch, the reference, is loaded from a
 # checkpoint by training.checkpoint.load_torch.
 LOADERS: dict[str, Callable[..., Predict]] = {
-    "saved_model": lambda path, threads, instances: load_saved_model(path, threads=threads),
-    "onnx": lambda path, threads, instances: load_onnx(path, threads),
+    "saved_model": lambda path, threads, instances, chunk: load_saved_model(path, threads=threads, chunk=chunk),
+    "onnx": lambda path, threads, instances, chunk: load_onnx(path, threads, chunk),
     "tflite": load_tflite,
 }
 
 
-def load_format(fmt, path: Path, threads: int | None = None, instances: int = 1) -> Predict:
+def load_format(fmt, path: Path, threads: int | None = None, instances: int = 1, chunk: int = CHUNK) -> Predict:
     """Run the artifact at ``path`` as format ``fmt`` (a row of :data:`crossport.formats.FORMATS`).
 
     In a published version the artifact is at ``version_dir / fmt.path``. A file its runtime cannot load gets one
@@ -176,7 +199,7 @@ def load_format(fmt, path: Path, threads: int | None = None, instances: int = 1)
     from crossport.errors import CrossportError, PackageError
 
     try:
-        return LOADERS[fmt.loader](path, threads, instances)
+        return LOADERS[fmt.loader](path, threads, instances, chunk)
     except CrossportError:
         raise
     except Exception as error:  # each runtime has its own types: "not a valid Flatbuffer", ORT's InvalidProtobuf...

@@ -2,11 +2,10 @@
 
 PyTorch and ONNX compute convolutions channels-first (NCHW), TensorFlow's CPU kernels and
 TFLite channels-last (NHWC); onnx-tf bridges the two with Transpose ops around each
-convolution and pooling. A Transpose *between* two convolutions is pure cost (a copy of
-the whole activation); one at the input, where the [N, 784] images are reshaped, and one
-before the flatten that feeds the classifier keep PyTorch's element order. These functions
-count them so the tflite stage, the card and the benchmark can report them and a test can
-hold the placement.
+convolution and pooling. Every Transpose is pure cost (a copy of the whole activation);
+:mod:`translation.channels_last` rewrites the graph so TFLite cancels them all for the
+registry's architectures. These functions count what is left so the tflite stage, the card
+and the benchmark can report it and a test can hold the placement.
 """
 
 from __future__ import annotations

@@ -242,10 +242,10 @@ def pixels_to_input(pixels, shape: tuple[int, ...] = (SIDE * SIDE,)) -> np.ndarr
     orientation); for (H, W, C) H rows of W pixels of C values, or H·W·C values row-major."""
     size = int(np.prod(shape))
     accepted = [(size,), (SIDE, SIDE)] if len(shape) == 1 else [(size,), tuple(shape)]
-    wanted = " or ".join("×".join(map(str, option)) for option in accepted)
-    array = numbers(pixels, f"'pixels' as {wanted} values")
+    wanted = f"{size} pixels or {'×'.join(map(str, accepted[1]))}"
+    array = numbers(pixels, f"'pixels' as {wanted}")
     if array.shape not in accepted:
-        raise BadInput(f"expected {wanted} pixels, found shape {list(array.shape)}")
+        raise BadInput(f"expected {wanted}, found shape {list(array.shape)}")
     problem = pixel_problem(array)
     if problem:
         raise BadInput(problem)

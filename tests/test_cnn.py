@@ -114,29 +114,31 @@ def test_no_transpose_between_the_convolutions_of_any_tflite_file(cnn, variant):
     assert layout["before_first_conv"] <= 1 and layout["after_last_conv"] == 0, layout
 
 
-def test_explicit_padding_would_keep_the_transposes(cnn, tmp_path, monkeypatch):
-    """The same-padding rewrite is what removes them: without it each conv keeps its pair."""
+def test_without_the_channels_last_rewrite_the_transposes_stay(cnn, tmp_path, monkeypatch):
+    """The channels-last rewrite is what removes them: without it the flatten before the classifier keeps one."""
     from export.layout import placement, tflite_ops
     from export.servable import build_saved_model
     from export.tflite import convert_tflite
     from translation.onnx_to_tf import translate
 
     root, _, _, _ = cnn
-    monkeypatch.setattr("translation.layout.same_padding", lambda model: [])  # translate() imports it per call
+    monkeypatch.setattr("translation.channels_last.channels_last", lambda model: [])  # translate() imports it per call
     translate(root / "model.onnx", tmp_path / "tf_graph")
     build_saved_model(tmp_path / "tf_graph", LABELS, tmp_path / "saved_model")
     convert_tflite(tmp_path / "saved_model", tmp_path / "model.tflite")
-    assert placement(tflite_ops(tmp_path / "model.tflite"))["between_convs"] >= 1
+    assert placement(tflite_ops(tmp_path / "model.tflite"))["transposes"] >= 1
 
 
-def test_channels_last_flatten_permutes_the_classifier_exactly(cnn, tmp_path):
-    """The rewritten ONNX graph alone (before onnx-tf) gives the same logits in ONNX Runtime."""
-    from translation.layout import flatten_channels_last
+def test_the_channels_last_graph_permutes_the_classifier_exactly(cnn, tmp_path):
+    """The rewritten ONNX graph alone (before onnx-tf) gives the same logits in ONNX Runtime: the flatten reads the
+    channels-last twin and the classifier's weight columns are permuted to match."""
+    from translation.channels_last import channels_last
 
     root, _, images, exact = cnn
     model = onnx.load(str(root / "model.onnx"))
-    assert flatten_channels_last(model) == [n.name for n in onnx.load(str(root / "model.onnx")).graph.node
-                                            if n.op_type == "Reshape"][-1:]
+    moved = channels_last(model)
+    flatten = next(n for n in model.graph.node if n.name in moved and n.op_type in ("Reshape", "Flatten"))
+    assert flatten.output[0].endswith(".nhwc") and flatten.input[0].endswith(".nhwc")
     onnx.save(model, str(tmp_path / "nhwc.onnx"))
     before, after = load_onnx(root / "model.onnx")(images), load_onnx(tmp_path / "nhwc.onnx")(images)
     # two correct float32 evaluations of one network: each within B of the exact value
@@ -224,7 +226,7 @@ def test_model_cnn_end_to_end_on_digits(tmp_path, capfd):
     card = json.loads((version / "assets.extra" / "servable.json").read_text())
     assert card["model"]["arch"] == "cnn"
     assert card["model"]["macs_per_example"] == 28 * 28 * 32 * 9 + 14 * 14 * 64 * 9 * 32 + 64 * 7 * 7 * 10
-    assert card["formats"]["tflite_fp32"]["transposes"] == 1
+    assert card["formats"]["tflite_fp32"]["transposes"] == 0  # translation.channels_last: none left
     manifest = json.loads((version / "assets.extra" / "manifest.json").read_text())
     assert manifest["config"]["model"] == "cnn"
     report = json.loads((version / "assets.extra" / "parity.json").read_text())

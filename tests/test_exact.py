@@ -163,3 +163,46 @@ def test_the_max_pool_window_gap_is_the_top_two_difference_in_every_window(pool)
             window = x[:, :, [r for r in rows if 0 <= r < 9]][:, :, :, [c for c in cols if 0 <= c < 9]]
             values = window.flatten(2).sort(dim=2, descending=True).values
             np.testing.assert_allclose(gap[:, :, out_h, out_w], values[:, :, 0] - values[:, :, 1], rtol=1e-12)
+
+
+def test_rounding_that_inputs_share_is_allowed_as_systematic(tmp_path):
+    """A colour classifier (tests.onnx_models.rgb_cnn: its ReLU6 saturates whole channels at 6 on flat-coloured
+    images) on 2,400 such images dithered as the gate's probe is: every input of a class computes the same numbers
+    from the stem on, so those roundings may keep their sign (rules.coherent). ONNX Runtime's correct run passes the
+    sign test; an error that leans one way by 0.9 of what the rule moved to the systematic part passes too, and
+    would be refused by the model before it (which ONNX Runtime's own run on two threads was, at T = 8.9)."""
+    from unittest import mock
+
+    import onnx
+
+    from crossport.exact.graph import network_from_onnx
+    from crossport.exact.rounding import sign_threshold
+    from crossport.parity import sign_statistics
+    from crossport.runtimes import load_onnx
+    from pipelines.stages.validate import dithered
+    from tests.onnx_models import COLOURS, colour_folder, rgb_cnn
+    from translation.onnx_export import EXPORT_OPSET
+    from translation.onnx_import import normalize
+
+    rgb_cnn(tmp_path / "colours.onnx", colour_folder(tmp_path / "images"))
+    model = normalize(onnx.load(str(tmp_path / "colours.onnx")), orientation="emnist", target_opset=EXPORT_OPSET).model
+    rng = np.random.default_rng(1)
+    colours = np.array(list(COLOURS.values()), np.float32) / 255
+    flat = colours[np.arange(2400) % 4][:, None, None, :] + rng.normal(0, 40 / 255, (2400, 32, 32, 3))
+    probe = dithered(np.clip(flat, 0, 1).astype(np.float32))
+    exact = exact_outputs(network_from_onnx(model), probe)
+    with mock.patch("crossport.exact.rules.coherent", lambda y, error: error):
+        before = exact_outputs(network_from_onnx(model), probe)
+    bound, values = exact.bounds["logits"], exact.values["logits"]
+    assert np.allclose(bound, before.bounds["logits"], rtol=1e-12)  # B unchanged: only its split moved
+    moved = exact.systematic["logits"] - before.systematic["logits"]
+    assert np.all(moved >= 0) and moved.sum() > before.systematic["logits"].sum()
+
+    def statistic(outputs, model_of):
+        assert np.all(np.abs(outputs - values) <= bound)
+        return sign_statistics((outputs - values) / bound, model_of.systematic["logits"] / bound).max()
+
+    threshold = sign_threshold(4)
+    assert statistic(load_onnx(model)(probe)["logits"].astype(np.float64), exact) < threshold
+    leaning = values + 0.9 * moved  # shared roundings, all the same way: within b now, beyond b before
+    assert statistic(leaning, exact) < threshold <= statistic(leaning, before)

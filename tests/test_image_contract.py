@@ -52,8 +52,8 @@ def test_an_upload_becomes_the_models_example_whatever_its_size_and_mode():
 
 
 @pytest.mark.parametrize(("pixels", "fragment"), [
-    (np.zeros((12, 16, 3)), "expected 576 or 16×12×3 pixels, found shape [12, 16, 3]"),
-    (np.zeros((28, 28)), "expected 576 or 16×12×3 pixels, found shape [28, 28]"),
+    (np.zeros((12, 16, 3)), "expected 576 pixels or 16×12×3, found shape [12, 16, 3]"),
+    (np.zeros((28, 28)), "expected 576 pixels or 16×12×3, found shape [28, 28]"),
     (np.full((16, 12, 3), 2.0), "expected pixel values in [0, 1]"),
 ])
 def test_pixels_of_another_shape_or_range_are_refused_in_one_line(pixels, fragment):

@@ -15,7 +15,7 @@ import torch
 from crossport.errors import CheckpointError, CrossportError
 from crossport.files import replace_atomic
 from crossport.interface import LOGITS, SCORES
-from crossport.runtimes import Predict, chunked
+from crossport.runtimes import CHUNK, Predict, chunked
 from training.model import ModelConfig, build_model
 
 CHECKPOINT_FORMAT = "crossport-checkpoint"
@@ -88,8 +88,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(model, config, labels, str(payload["dataset_digest"]), dict(payload["metrics"]))
 
 
-def load_torch(checkpoint_path: Path, threads: int | None = None) -> Predict:
-    """Run a checkpoint in PyTorch on float32 [N, 784] inputs: ``scores`` and ``logits``."""
+def load_torch(checkpoint_path: Path, threads: int | None = None, chunk: int = CHUNK) -> Predict:
+    """Run a checkpoint in PyTorch on float32 [N, 784] inputs (``chunk`` at a time): ``scores`` and ``logits``."""
     if threads:
         torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint_path).model
@@ -99,4 +99,4 @@ def load_torch(checkpoint_path: Path, threads: int | None = None) -> Predict:
         logits = model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
         return {SCORES: torch.softmax(logits, dim=-1).numpy(), LOGITS: logits.numpy()}
 
-    return chunked(run)
+    return chunked(run, chunk)

@@ -11,8 +11,13 @@ Three facts, verified on the pinned stack (docs/stack.md):
    function is registered under that name before ``onnx_tf`` is imported.
 4. ONNX raised some ops' versions only to admit bfloat16 (:data:`TYPE_ONLY_VERSIONS`); onnx-tf implements the
    versions before, which compute the same on float32, so each new version is registered as the one before it.
-5. onnx-tf has no handler for ReduceMean version 18 (its axes became an input), which every exporter writes for a
-   network's global average pool at opset 18: :func:`spatial_means_as_pools` writes those as GlobalAveragePool.
+5. Every exporter writes a network's global average pool at opset 18 as a ReduceMean over the spatial axes (2, 3):
+   :func:`spatial_means_as_pools` writes those as GlobalAveragePool, the op the channels-last rewrite
+   (translation/channels_last.py) carries over to the channels-last twin.
+6. Pad version 18 only added an optional ``axes`` input, and ReduceMean version 18 took its ``axes`` from an
+   attribute to an input: :func:`register_opset_18` runs each with constant axes as TensorFlow's ``tf.pad`` and
+   ``tf.reduce_mean``, as onnx-tf's earlier versions do (anything else stops with one line). The channels-last
+   rewrite (translation/channels_last.py) writes both at the model's opset.
 
 :func:`import_onnx_tf` is the only way the project imports onnx-tf.
 """
@@ -71,6 +76,7 @@ def import_onnx_tf():
     import onnx_tf.backend
 
     register_type_only_versions()
+    register_opset_18()
     return onnx_tf
 
 
@@ -118,3 +124,44 @@ def spatial_means_as_pools(model) -> list[str]:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return rewritten
+
+
+def register_opset_18() -> None:
+    """onnx-tf handlers for Pad and ReduceMean version 18, each with constant axes (item 6 of the module's list)."""
+    from onnx_tf.common.handler_helper import get_all_backend_handlers
+
+    handlers = get_all_backend_handlers({"": 18})[""]
+    for op, version_18 in (("Pad", _pad_18), ("ReduceMean", _reduce_mean_18)):
+        if not hasattr(handlers[op], "version_18"):
+            handlers[op].version_18 = classmethod(version_18)
+
+
+def _pad_18(cls, node, **kwargs):
+    import tensorflow as tf
+
+    if len(node.inputs) > 3 and node.inputs[3]:
+        raise TranslationError(f"Pad node {node.name!r} pads only the axes {node.inputs[3]!r}; onnx-tf translates "
+                               "a Pad of every axis.", hint="Export the model with a Pad of every axis.")
+    tensors = kwargs["tensor_dict"]
+    pads = tf.get_static_value(tensors[node.inputs[1]])
+    if pads is None or (pads < 0).any() or node.attrs.get("mode", "constant") != "constant":
+        return cls.version_13(node, **kwargs)
+    # constant, non-negative zero padding: tf.pad itself (version 13 traces a tf.cond with a slice for negative
+    # pads, which fails on a small static map)
+    value = tensors[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else 0
+    return [tf.pad(tensors[node.inputs[0]], pads.reshape(2, -1).T, constant_values=value)]
+
+
+def _reduce_mean_18(cls, node, **kwargs):
+    import tensorflow as tf
+
+    tensors = kwargs["tensor_dict"]
+    x = tensors[node.inputs[0]]
+    axes = tf.get_static_value(tensors[node.inputs[1]]) if len(node.inputs) > 1 and node.inputs[1] else None
+    if len(node.inputs) > 1 and node.inputs[1] and axes is None:
+        raise TranslationError(f"ReduceMean node {node.name!r} computes its axes; onnx-tf translates constant axes.",
+                               hint="Export the model with constant reduction axes.")
+    if axes is None and node.attrs.get("noop_with_empty_axes", 0):
+        return [tf.identity(x)]
+    axis = None if axes is None else [int(a) for a in axes.ravel()]
+    return [tf.reduce_mean(x, axis=axis, keepdims=bool(node.attrs.get("keepdims", 1)))]

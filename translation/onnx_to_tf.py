@@ -28,13 +28,14 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
     if pooled:
         log.info("ReduceMean over the spatial axes written as GlobalAveragePool on %s", ", ".join(pooled))
     refuse_unsupported(model, onnx_path)
-    from translation.layout import flatten_channels_last, same_padding
+    from translation.channels_last import channels_last
+    from translation.layout import same_padding
 
     # layout rewrites that keep the arithmetic and let TFLite cancel onnx-tf's transposes
-    padded, flattened = same_padding(model), flatten_channels_last(model)
-    if padded or flattened:
-        log.info("layout: padding written as auto_pad SAME_UPPER on %s; channels-last flatten before %s",
-                 ", ".join(padded) or "no node", ", ".join(flattened) or "no node")
+    padded, moved = same_padding(model), channels_last(model)
+    if padded or moved:
+        log.info("layout: padding written as auto_pad SAME_UPPER on %d node(s); %d node(s) computed channels last",
+                 len(padded), len(moved))
     if expose_intermediates:
         from translation.divergence import instrument
 

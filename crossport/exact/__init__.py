@@ -209,7 +209,7 @@ def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
     import torch
 
     from crossport.exact import tangents as carry
-    from crossport.exact.rules import Error, constant_added, rule_of
+    from crossport.exact.rules import Error, coherent, constant_added, rule_of
 
     forward, sampled = bound == "running", bound == "sampled"
     steps = network.steps
@@ -225,7 +225,8 @@ def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
         rule = rule_of(step.layer)
         xs = [values[name] for name in step.inputs]
         if forward:
-            y, errors[step.output] = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
+            y, error = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
+            errors[step.output] = coherent(y, error)  # what inputs compute alike rounds alike: systematic
             magnitudes[step.output] = errors[step.output].magnitude
         if forward and last is not None and index > last and any(name in constant for name in step.inputs):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
@@ -245,6 +246,8 @@ def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
                 random, systematic = random + size * held.random, systematic + size * held.systematic
             if index == last:
                 systematic = systematic + constant[step.output].systematic
+            if torch.is_tensor(random):  # rounding that inputs computing alike share: systematic (rules.coherent)
+                random, systematic = coherent(y, Error(random, systematic + torch.zeros_like(random)))[:2]
             tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
             following = readers.get(step.output, ())
             if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:

@@ -76,6 +76,31 @@ class Error(NamedTuple):
         return Error(self.random + random, self.systematic + systematic)
 
 
+def coherent(y: torch.Tensor, error: Error) -> Error:
+    """``error`` with the random part of every element whose exact value another input of the batch shares at the
+    same position (and is not 0) moved to the systematic part; the bound B, their sum, is unchanged.
+
+    The sign test takes roundings to be independent from one input to the next. That holds where the inputs differ;
+    where a saturated activation (ReLU6 at 6, a HardSigmoid at 1) makes a whole region of a map the same number for
+    many inputs, everything computed from it is the same computation on each, with the same rounding: an error that
+    keeps its sign across inputs, which is what the systematic part is for. A shared 0 is left alone: a ReLU's
+    zeros come from inputs that differ, and a product or sum of zeros rounds nothing. The batch is one walk's
+    chunk (crossport.exact.WALK_BYTES), which holds many inputs of each class for the models this matters to."""
+    if y.dim() < 1 or y.shape[0] < 2 or not torch.is_tensor(error.random) or error.random.shape != y.shape:
+        return error
+    flat = y.reshape(y.shape[0], -1)
+    ordered, order = flat.sort(dim=0)
+    equal = ordered[1:] == ordered[:-1]
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[1:] |= equal
+    repeated[:-1] |= equal
+    shared = torch.zeros_like(repeated).scatter_(0, order, repeated) & (flat != 0)
+    if not shared.any():
+        return error
+    moved = torch.where(shared.reshape(y.shape), error.random, torch.zeros_like(error.random))
+    return error._replace(random=error.random - moved, systematic=error.systematic + moved)
+
+
 def _affine(layer, xs, tangents):
     """J·t for a layer that is affine in its inputs: ``layer(t) − layer(0)`` (the bias or shift taken out)."""
     return layer(*tangents) - layer(*(torch.zeros_like(t[:1]) for t in tangents))

@@ -11,18 +11,18 @@ import numpy as np
 
 from crossport.errors import ParityError
 from crossport.formats import FORMATS
-from crossport.interface import CLASSES, CLASSIFY_KEY
+from crossport.interface import CLASSES, CLASSIFY_KEY, LOGITS, SCORES
 from crossport.parity import HopResult, compare, compare_exact, raise_on_failure
 from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
 from pipelines.results import Made, StageResult
-from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels, scores_and_logits
+from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels
 
 log = logging.getLogger(__name__)
 
 DIAGNOSE_EXAMPLES = 512  # test images the divergence finder runs on
 # The error model, written once (docs/parity.md, "The error model"); parity.json names it and its version and
 # records the figures it gave this run. A change to the model's rules is a new version.
-ERROR_MODEL = {"name": "crossport float32 error bounds (running and sampled) and sign test", "version": 3,
+ERROR_MODEL = {"name": "crossport float32 error bounds (running and sampled) and sign test", "version": 4,
                "document": "docs/parity.md#the-error-model"}
 VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS))
 PROBE_SIZE = 8192  # test images the sign test runs on (dithered): enough for its power, a bounded cost at any size
@@ -135,15 +135,18 @@ class Probe(NamedTuple):
 def run_runtimes(ctx: Context, paths: dict, reference: str, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """Every runtime's outputs on ``images``, each artifact loaded from the run directory's copy of it."""
     from crossport.console import progress
-    from crossport.runtimes import load_format, load_saved_model
+    from crossport.runtimes import chunk_for, load_format, load_saved_model
     from training.checkpoint import load_torch
 
-    threads = ctx.config.threads
+    threads, chunk = ctx.config.threads, chunk_for(paths["onnx"])  # the model's activations set the chunk
     runs = {
-        **({REFERENCE: lambda: load_torch(paths["checkpoint"], threads)(images)} if reference == REFERENCE else {}),
-        TF_GRAPH: lambda: scores_and_logits(load_saved_model(ctx.input("tf_graph"), threads=threads)(images)),
-        SM_CLASSIFY: lambda: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads)(images),
-        **{fmt.runtime: lambda fmt=fmt: load_format(fmt, paths[fmt.name], threads)(images) for fmt in FORMATS},
+        **({REFERENCE: lambda: load_torch(paths["checkpoint"], threads, chunk)(images)}
+           if reference == REFERENCE else {}),
+        TF_GRAPH: lambda: load_saved_model(ctx.input("tf_graph"), threads=threads, outputs=(SCORES, LOGITS),
+                                           chunk=chunk)(images),
+        SM_CLASSIFY: lambda: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads, chunk=chunk)(images),
+        **{fmt.runtime: lambda fmt=fmt: load_format(fmt, paths[fmt.name], threads, chunk=chunk)(images)
+           for fmt in FORMATS},
     }
     outputs = {}
     with progress(total=len(runs), desc=f"validate on {len(images):,} inputs (test split and probe)",
