@@ -63,14 +63,36 @@ def test_every_format_answers_as_the_pytorch_model_on_channels_last_images(rgb_r
         assert np.array_equal(np.argmax(scores, axis=1), np.argmax(expected, axis=1)), name
 
 
-def test_rest_and_the_upload_route_serve_32x32_rgb(rgb_run):
+@pytest.mark.parametrize("backend", ["saved_model", "tflite_fp32"])
+def test_rest_grpc_and_the_upload_route_serve_32x32_rgb(rgb_run, backend):
     import base64
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from pipelines.tools.bench.load import _free_ports
 
     root, model, x, _, _ = rgb_run
     folder = root / "images"
-    nhwc = x.transpose(0, 2, 3, 1)
-    server = Server(root / "models" / "colours", "saved_model")
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    rest_port, grpc_port = _free_ports(2)
+    server = Server(root / "models" / "colours", backend, "--grpc-port", str(grpc_port), port=rest_port)
     try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "colours"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(nhwc[:5]))
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+        scores = tf.make_ndarray(reply.outputs["scores"])
+        assert np.array_equal(np.argmax(scores, axis=1), np.argmax(torch_scores(model, x[:5]), axis=1))
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(nhwc[:2, :16]))
+        with pytest.raises(grpc.RpcError) as refused:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be [batch, 32, 32, 3], found [2, 16, 32, 3]" in refused.value.details()
+        channel.close()
         status, answer = server.post("/v1/models/colours:predict", {"instances": nhwc[:3].tolist()})
         assert status == 200, answer
         assert np.array_equal(np.argmax(answer["predictions"], axis=1), np.argmax(torch_scores(model, x[:3]), axis=1))
