@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def rgb_run(tmp_path_factory):
+def rgb_run(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("rgb")
     folder = colour_folder(root / "images")
     model, x, y = rgb_cnn(root / "rgb.onnx", folder)
     result = run_cli("--onnx", str(root / "rgb.onnx"), "--eval-data", str(folder), "--run-dir", str(root / "run"),
-                     "--models-dir", str(root / "models"), "--name", "colours", "--no-tracking")
+                     "--models-dir", str(root / "models"), "--name", "colours", "--tracking-uri", mlflow_server)
     assert result.returncode == 0, result.stderr[-4000:]
     return root, model, x, y, result
 
@@ -107,3 +107,16 @@ def test_rest_grpc_and_the_upload_route_serve_32x32_rgb(rgb_run, backend):
         assert base64.b64decode(answer["model_input_png"].split(",", 1)[1])[:4] == b"\x89PNG"
     finally:
         server.stop()
+
+
+def test_the_registered_mlflow_model_takes_channels_last_images(rgb_run, mlflow_server, monkeypatch):
+    """The registry version's pyfunc declares images [-1, 32, 32, 3] and answers on them as PyTorch does."""
+    import mlflow
+
+    root, model, x, _, _ = rgb_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    loaded = mlflow.pyfunc.load_model("models:/colours@validated")
+    spec = loaded.metadata.get_input_schema().inputs[0]
+    assert spec.name == "images" and tuple(spec.shape) == (-1, 32, 32, 3)
+    scores = loaded.predict(np.ascontiguousarray(x[:4].transpose(0, 2, 3, 1)))["scores"]
+    assert np.array_equal(np.argmax(scores, axis=1), np.argmax(torch_scores(model, x[:4]), axis=1))
