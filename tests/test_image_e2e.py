@@ -113,7 +113,7 @@ def test_the_registered_mlflow_model_takes_channels_last_images(rgb_run, mlflow_
     """The registry version's pyfunc declares images [-1, 32, 32, 3] and answers on them as PyTorch does."""
     import mlflow
 
-    root, model, x, _, _ = rgb_run
+    _, model, x, _, _ = rgb_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     loaded = mlflow.pyfunc.load_model("models:/colours@validated")
     spec = loaded.metadata.get_input_schema().inputs[0]
