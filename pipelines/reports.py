@@ -25,7 +25,9 @@ def error_distribution_png(path: Path, errors: dict[str, np.ndarray], bounds: di
     rows = (len(names) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(11, 2.6 * rows), squeeze=False)
     for axis, name in zip(axes.flat, names, strict=False):
-        values = np.log10(np.maximum(errors[name], 1e-12))  # log scale: exact zeros shown at 1e-12
+        # log scale: exact zeros shown at 1e-12; in float64, so 60 bins over a narrow range stay distinct (float32
+        # errors near 1e-7 whose logs differ by 1e-6 have no 60 float32 edges between them)
+        values = np.log10(np.maximum(np.asarray(errors[name], np.float64), 1e-12))
         # errors all within a hair of each other (an untrained model's equal scores) get one bar
         axis.hist(values, bins=60 if np.ptp(values) > 1e-6 else 1, color="#3b6ea8")
         bound = bounds.get(name)
