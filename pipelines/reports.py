@@ -28,8 +28,13 @@ def error_distribution_png(path: Path, errors: dict[str, np.ndarray], bounds: di
         # log scale: exact zeros shown at 1e-12; in float64, so 60 bins over a narrow range stay distinct (float32
         # errors near 1e-7 whose logs differ by 1e-6 have no 60 float32 edges between them)
         values = np.log10(np.maximum(np.asarray(errors[name], np.float64), 1e-12))
+        finite = values[np.isfinite(values)]  # a variant whose scores overflowed (inf, NaN) is counted, not drawn
         # errors all within a hair of each other (an untrained model's equal scores) get one bar
-        axis.hist(values, bins=60 if np.ptp(values) > 1e-6 else 1, color="#3b6ea8")
+        if finite.size:
+            axis.hist(finite, bins=60 if np.ptp(finite) > 1e-6 else 1, color="#3b6ea8")
+        if finite.size < values.size:
+            axis.text(0.98, 0.92, f"{values.size - finite.size} of {values.size} not finite", ha="right",
+                      va="top", transform=axis.transAxes, color="#c0392b", fontsize=9)
         bound = bounds.get(name)
         if bound is not None:
             axis.axvline(np.log10(bound), color="#c0392b", linestyle="--", label=f"tolerance {bound:g}")

@@ -9,6 +9,8 @@ import pytest
     np.full(359, 3e-8, np.float32),  # an untrained model's equal scores: one bar
     np.zeros(359, np.float32),  # exact agreement
     np.geomspace(1e-9, 1e-3, 359).astype(np.float32),
+    np.where(np.arange(359) % 7, np.float32(2e-3), np.float32(np.inf)),  # a variant's overflowed scores
+    np.full(359, np.nan, np.float32),  # and one whose every score is NaN
 ])
 def test_the_error_histogram_draws_any_errors(tmp_path, errors):
     from pipelines.reports import error_distribution_png
