@@ -551,3 +551,18 @@ def test_built_in_digits_and_npz_arrays_take_the_models_shape(tmp_path):
     with pytest.raises(DataError, match="--eval-orientation emnist applies to 28x28 grayscale images"):
         load_eval_data(str(tmp_path / "nchw.npz"), labels=labels, data_dir=tmp_path, seed=0, image=image,
                        orientation="emnist")
+
+
+def test_orientation_is_refused_in_one_line_for_an_image_that_is_not_28x28(tmp_path, capfd):
+    """--orientation (and --eval-orientation) say which way up a 28×28 grayscale image is; any other image is
+    upright, and the flag is refused before anything is translated or published."""
+    from tests.helpers import one_line_error, pipeline_here
+    from tests.onnx_models import image_cnn
+
+    onnx.save(image_cnn(), str(tmp_path / "rgb.onnx"))
+    result = pipeline_here("--onnx", str(tmp_path / "rgb.onnx"), "--orientation", "upright", "--eval-data", "digits",
+                           "--run-dir", str(tmp_path / "run"), "--models-dir", str(tmp_path / "models"),
+                           "--no-tracking", capsys=capfd)
+    one_line_error(result, 1, "--orientation upright applies to 28x28 grayscale models",
+                   "8×6 RGB, [N, 8, 6, 3] channels last, upright")
+    assert not (tmp_path / "models").exists()
