@@ -5,3 +5,7 @@ hierarchy, file hashing and the parity module. It imports nothing heavy.
 """
 
 __version__ = "0.1.0"
+
+from crossport.frameworks import keep_triton_away_from_tensorflow
+
+keep_triton_away_from_tensorflow()  # in every process that imports crossport

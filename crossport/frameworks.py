@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.abc
 import logging
 import sys
 
 log = logging.getLogger(__name__)
 
 
-def keep_triton_away_from_tensorflow() -> None:
-    """Stop torch.export from importing triton into a process that already loaded TensorFlow.
+class _NoTritonAfterTensorFlow(importlib.abc.MetaPathFinder):
+    """Refuses to import triton into a process that has loaded TensorFlow.
 
-    The CUDA build of torch pulls in triton, and torch.export (used by the ONNX exporter
-    and by MLflow's PyTorch flavor) imports it when present. Loading triton's native
-    library after TensorFlow's crashes the process (segmentation fault, seen with torch
-    2.14.1 / triton 3.8 and TF 2.21). CPU export never needs triton, so in that case it is
-    marked unavailable for this process. Call this right before anything runs torch.export.
+    The CUDA build of torch ships triton, and torch imports it whenever its compiler stack
+    loads: torch.export (the ONNX exporter, MLflow's PyTorch flavor), deterministic
+    algorithms, torchvision, and forward-mode derivatives through primitives such as
+    ``clamp`` (crossport's float64 reference). Loading triton's native library after
+    TensorFlow's crashes the process (segmentation fault, seen with torch 2.14.1 / triton 3.8
+    and TF 2.21). crossport never compiles kernels, so triton is reported missing instead,
+    which every caller in torch handles. The decision is taken when triton is imported, not
+    when the guard is installed: which framework a process loads first depends on the stages
+    it runs.
     """
-    if "tensorflow" in sys.modules and "triton" not in sys.modules and importlib.util.find_spec("triton"):
-        log.debug("TensorFlow is loaded: hiding triton from torch.export to avoid a native-library clash")
-        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "triton" or "tensorflow" not in sys.modules:
+            return None
+        log.debug("TensorFlow is loaded: triton is reported missing to avoid a native-library clash")
+        sys.modules["triton"] = None  # later imports and importlib.util.find_spec see it as absent
+        raise ModuleNotFoundError("triton is not loaded into a process that loaded TensorFlow", name="triton")
+
+
+def keep_triton_away_from_tensorflow() -> None:
+    """Install the guard (once per process): from now on, triton is missing whenever TensorFlow is loaded."""
+    if not any(isinstance(finder, _NoTritonAfterTensorFlow) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoTritonAfterTensorFlow())

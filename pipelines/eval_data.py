@@ -47,9 +47,6 @@ def builtin_labels(classes: int) -> tuple[tuple[str, ...], str] | None:
         return None
     if name == "digits":
         return tuple(str(d) for d in range(10)), name
-    from crossport.frameworks import keep_triton_away_from_tensorflow
-
-    keep_triton_away_from_tensorflow()  # torchvision imports torch's compiler stack, which loads triton
     from torchvision.datasets import EMNIST
 
     split = name.removeprefix("emnist-")

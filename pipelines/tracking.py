@@ -412,10 +412,8 @@ def _log_pytorch(path: Path, example: np.ndarray, versions: dict) -> None:
     import mlflow
     from mlflow.models import infer_signature
 
-    from crossport.frameworks import keep_triton_away_from_tensorflow
     from training.checkpoint import load_checkpoint, load_torch
 
-    keep_triton_away_from_tensorflow()  # MLflow saves PyTorch models with torch.export
     signature = infer_signature(example, load_torch(path)(example)[LOGITS])
     mlflow.pytorch.log_model(load_checkpoint(path).model, name="pytorch_model", signature=signature,
                              input_example=example, pip_requirements=[f"torch=={versions['torch']}"])

@@ -201,9 +201,6 @@ def rgb_cnn(path, folder, *, side: int = 32, seed: int = 0):
     from PIL import Image
     from torch import nn
 
-    from crossport.frameworks import keep_triton_away_from_tensorflow
-
-    keep_triton_away_from_tensorflow()  # torch's optimizers and exporter load its compiler stack, which loads triton
     torch.manual_seed(seed)
     labels = sorted(child.name for child in folder.iterdir())
     files = [(file, index) for index, label in enumerate(labels) for file in sorted((folder / label).iterdir())]

@@ -13,7 +13,6 @@ def blocks_model(path):
     import torch
     from torch import nn
 
-    from crossport.frameworks import keep_triton_away_from_tensorflow
     from translation.onnx_export import EXPORT_OPSET
     from translation.onnx_import import normalize
 
@@ -34,7 +33,6 @@ def blocks_model(path):
             y = torch.cat([y * gate, y], dim=1) * self.scale
             return self.head(nn.functional.adaptive_max_pool2d(y, 3).flatten(1))
 
-    keep_triton_away_from_tensorflow()  # the exporter loads torch's compiler stack, which loads triton
     torch.manual_seed(0)
     torch.onnx.export(Blocks().eval(), torch.zeros(1, 3, 24, 24), str(path), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=13, dynamo=False)

@@ -1,11 +1,10 @@
 import logging
-import os
 
 import numpy as np
 import pytest
 
 from crossport.errors import ConfigError, DataError
-from tests.helpers import ROOT, make_emnist_archive
+from tests.helpers import make_emnist_archive
 from training import data
 
 
@@ -122,28 +121,3 @@ def test_data_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CROSSPORT_DATA_DIR", str(tmp_path))
     assert data.data_dir_from(None) == tmp_path
     assert data.data_dir_from(tmp_path / "x") == tmp_path / "x"
-
-
-@pytest.mark.slow
-def test_emnist_is_read_in_a_process_that_already_loaded_tensorflow(tmp_path):
-    """torchvision imports torch's compiler stack, which loads triton, and triton loaded after TensorFlow segfaults
-    the process (exit -11): reading EMNIST after a stage that loaded TensorFlow must survive. Its own process,
-    which has loaded neither; installed or not is asked of the package metadata, not an import."""
-    import importlib.metadata
-    import subprocess
-    import sys
-
-    try:
-        importlib.metadata.distribution("triton")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("triton is not installed: nothing can load it after TensorFlow")
-    make_emnist_archive(tmp_path / "data" / "gzip.zip", split="digits", num_classes=10)
-    code = ("import tensorflow\n"
-            "from training.data import load_dataset\n"
-            "from pathlib import Path\n"
-            f"dataset = load_dataset('emnist-digits', Path({str(tmp_path / 'data')!r}), allow_download=False)\n"
-            "print('read', len(dataset.x_train))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "HOME": str(tmp_path / "home")})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("read 40")

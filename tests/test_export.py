@@ -67,25 +67,3 @@ def test_onnx_breaking_the_input_contract_is_refused(tmp_path, tiny):
     onnx.save(model, str(path))
     with pytest.raises(ExportError, match=r"must be FLOAT\[batch, 784\].*found FLOAT\[None, 785\]"):
         check_onnx(path)
-
-
-@pytest.mark.slow
-def test_export_works_after_tensorflow_was_imported(tmp_path):
-    """Without the triton guard this process dies with a segmentation fault."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
-    code = (
-        "import tensorflow, torch\n"
-        "from training.model import MLP, ModelConfig\n"
-        "from translation.onnx_export import export_onnx, check_onnx\n"
-        "model = MLP(ModelConfig(hidden_sizes=(8,), num_classes=3)).eval()\n"
-        f"export_onnx(model, ('a', 'b', 'c'), '0' * 64, {str(tmp_path / 'm.onnx')!r})\n"
-        f"check_onnx({str(tmp_path / 'm.onnx')!r})\n"
-        "print('exported')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("exported")

@@ -1,7 +1,4 @@
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,29 +151,3 @@ def test_early_stopping_ends_after_patience_epochs_without_improvement():
     assert [row["epoch"] for row in stopped["history"]] == [1, 2, 3] and stopped["best_epoch"] == 1
     full = train(*tiny_data(), CONFIG, TrainConfig(epochs=4, batch_size=8, learning_rate=0.0), progress=False)[1]
     assert len(full["history"]) == 4
-
-
-@pytest.mark.slow
-def test_training_in_a_process_that_already_loaded_tensorflow():
-    # torch.use_deterministic_algorithms loads triton, and triton loaded after TensorFlow segfaults the process
-    # (exit -11): a command that translates and then trains must survive. Its own process, which has loaded neither
-    # (this one may have hidden triton already). Installed or not is asked of the package metadata, not an import.
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution("triton")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("triton is not installed: nothing can load it after TensorFlow")
-    code = ("import tensorflow\n"
-            "import numpy as np\n"
-            "from training.model import ModelConfig\n"
-            "from training.train import TrainConfig, train\n"
-            "x = np.random.default_rng(0).integers(0, 256, (20, 784), dtype=np.uint8)\n"
-            "y = np.arange(20) % 3\n"
-            "train(x[:15], y[:15], x[15:], y[15:], ModelConfig(hidden_sizes=(8,), num_classes=3),\n"
-            "      TrainConfig(epochs=1, batch_size=5), progress=False)\n"
-            "print('trained')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("trained")

@@ -118,9 +118,6 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
 
 def load_emnist(split: str, data_dir: Path, *, allow_download: bool = True) -> Dataset:
     """Read an EMNIST split with torchvision, preparing its raw files from NIST's archive."""
-    from crossport.frameworks import keep_triton_away_from_tensorflow
-
-    keep_triton_away_from_tensorflow()  # torchvision imports torch's compiler stack, which loads triton
     from torchvision.datasets import EMNIST
 
     if split not in EMNIST_SPLITS:

@@ -101,9 +101,6 @@ def train(
     """
     from tqdm import tqdm
 
-    from crossport.frameworks import keep_triton_away_from_tensorflow
-
-    keep_triton_away_from_tensorflow()  # deterministic algorithms load torch's compiler stack, which loads triton
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True)
     model = build_model(model_config)  # the same initial weights on every rank (DDP also broadcasts rank 0's)

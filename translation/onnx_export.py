@@ -9,7 +9,6 @@ from pathlib import Path
 from crossport import __version__
 from crossport.errors import ExportError
 from crossport.files import replace_atomic
-from crossport.frameworks import keep_triton_away_from_tensorflow
 from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES, image_shape_problem
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,6 @@ def export_onnx(model, labels: tuple[str, ...], checkpoint_sha256: str, path: Pa
     import onnx
     import torch
 
-    keep_triton_away_from_tensorflow()
     head = serving_head(model).eval()
     example = torch.zeros(2, model.config.input_size)
     path = Path(path)
