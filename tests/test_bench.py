@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from crossport.formats import BY_NAME, FORMATS
-from tests.helpers import ROOT
+from tests.helpers import ROOT, call, one_line_error
 
 
 def mlp_macs(classes: int) -> int:
@@ -104,3 +104,13 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     for name, info in report["runtimes"].items():
         assert logged[f"{name}_batch128_examples_per_s"] == pytest.approx(info["batch128"]["examples_per_s"])
         assert logged[f"{name}_batch128_all_cores_examples_per_s"] == pytest.approx(info["batch128_all_cores"])
+
+
+def test_a_folder_that_is_not_a_version_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    from pipelines.bench import main
+
+    (tmp_path / "empty").mkdir()
+    result = call(main, str(tmp_path / "empty"), "--quick", "--out", str(tmp_path / "out"), "--no-tracking",
+                  capsys=capsys)
+    one_line_error(result, 1, f"{tmp_path / 'empty'} is not a published crossport version", "models/emnist_mlp/1")
+    assert not (tmp_path / "out").exists()

@@ -45,7 +45,7 @@ from pipelines.tools.bench.harness import (
     timed,
 )
 from pipelines.tools.bench.load import serve_load, serving
-from pipelines.tools.bench.report import render_chart, render_comparison, render_markdown
+from pipelines.tools.bench.render import render_chart, render_comparison, render_markdown
 
 BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log"})  # what --out may hold
 
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         version_dir = args.version_dir or _newest(Path("models") / "emnist_mlp")
+        read_manifest(version_dir)  # a published version, before anything is written
         out = args.out or Path(results_run_dir(version_dir))
         check_out(out, force=args.force)  # before minutes of measuring
         out.mkdir(parents=True, exist_ok=True)
