@@ -63,6 +63,11 @@ def to_inputs(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255.0)
 
 
+def transposed(images: np.ndarray) -> np.ndarray:
+    """[N, 784] images with each 28×28 picture transposed: EMNIST orientation ↔ upright."""
+    return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
+
+
 CHANNEL_NAMES = {1: "grayscale", 3: "RGB"}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import DataError
-from crossport.interface import EMNIST_IMAGE, IMAGE_SIDE, INPUT_SIZE, ImageContract
+from crossport.interface import EMNIST_IMAGE, IMAGE_SIDE, INPUT_SIZE, ImageContract, transposed
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed:
     elif path.is_file():
         images, targets, calibration = _read_npz(path, classes, image)
         if orientation == "upright":  # crossport's arrays are in EMNIST orientation: transposed
-            images, calibration = _transposed(images), _transposed(calibration)
+            images, calibration = transposed(images), transposed(calibration)
         source = f"npz {path.resolve()}" + (" (upright)" if orientation == "upright" else "")
     else:
         raise DataError(f"--eval-data {spec!r} is neither a file, a folder nor a dataset ({', '.join(DATASETS)}).",
@@ -150,10 +150,6 @@ def load_eval_data(spec: str | None, *, labels: tuple[str, ...], data_dir, seed:
     if len(images) == 0:
         raise DataError(f"--eval-data {spec} holds no images.", hint="Pass labelled images to validate against.")
     return Dataset(path.name, source, labels, calibration, np.zeros(len(calibration), np.int64), images, targets)
-
-
-def _transposed(images: np.ndarray) -> np.ndarray:
-    return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
 def fitted(images: np.ndarray, image: ImageContract) -> np.ndarray:

@@ -73,8 +73,9 @@ def image_to_pixels(data: bytes) -> np.ndarray:
     return canvas
 
 
-def decode_gray_alpha(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``data``; gray and alpha as float32 [H, W] arrays in [0, 1]; BadInput when it is not an image."""
+def _decoded(data: bytes, read):
+    """``read(image)`` of ``data`` opened as a PNG or JPEG of at most MAX_IMAGE_SIDE a side, EXIF orientation applied;
+    BadInput when it is not one (decoding errors surface in ``read``, where the pixels are first read)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -84,18 +85,37 @@ def decode_gray_alpha(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         if not (0 < image.width <= MAX_IMAGE_SIDE and 0 < image.height <= MAX_IMAGE_SIDE):
             raise BadInput(f"expected an image of at most {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels, "
                            f"found {image.width}×{image.height}")
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit (or float) grayscale: keep every level
-            values = np.asarray(image, dtype=np.float32)
-            wide = image.mode.startswith("I;16") or values.max() > 255
-            top = 1.0 if image.mode == "F" else 65535.0 if wide else 255.0
-            return np.clip(values / top, 0.0, 1.0), np.ones(values.shape, dtype=np.float32)
-        rgba = image.convert("RGBA")  # palette (with its transparency), LA, RGB, CMYK, ...
-        gray = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float32) / 255.0
-        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        return read(ImageOps.exif_transpose(image))
+    except BadInput:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadInput(f"the image could not be decoded as PNG or JPEG ({error})") from error
-    return gray, alpha
+
+
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # PIL's 16-bit (or wider) grayscale modes
+
+
+def _gray(image) -> np.ndarray:
+    """Gray levels as float32 [H, W] in [0, 1]: 16-bit levels kept; any other mode through RGB (palette, LA, CMYK)."""
+    if image.mode not in WIDE_MODES:
+        return np.asarray(image.convert("RGBA").convert("RGB").convert("L"), dtype=np.float32) / 255.0
+    values = np.asarray(image, dtype=np.float32)
+    wide = image.mode.startswith("I;16") or values.max() > 255
+    top = 1.0 if image.mode == "F" else 65535.0 if wide else 255.0
+    return np.clip(values / top, 0.0, 1.0)
+
+
+def decode_gray_alpha(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``data``; gray and alpha as float32 [H, W] arrays in [0, 1]; BadInput when it is not an image."""
+
+    def read(image):
+        gray = _gray(image)
+        if image.mode in WIDE_MODES:
+            return gray, np.ones(gray.shape, dtype=np.float32)
+        alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+        return gray, alpha
+
+    return _decoded(data, read)
 
 
 def composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -130,19 +150,18 @@ def resized_image(data: bytes, height: int, width: int, channels: int) -> np.nda
     """A PNG or JPEG (any size, any mode) → float32 [height, width, channels] in [0, 1], upright: converted to RGB
     (channels 3) or grayscale (channels 1) as torchvision's image loader converts it (transparency dropped), EXIF
     orientation applied, resized with bilinear interpolation (PIL's, antialiased when it shrinks)."""
-    from PIL import Image
 
-    gray, _ = decode_gray_alpha(data)  # checks the format and size, and decodes 16-bit levels
-    image = Image.open(io.BytesIO(data))
-    from PIL import ImageOps
+    def read(image):
+        from PIL import Image
 
-    image = ImageOps.exif_transpose(image)
-    if channels == 1 or image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        levels = Image.fromarray(gray, mode="F").resize((width, height), Image.BILINEAR)
-        plane = np.clip(np.asarray(levels, dtype=np.float32), 0.0, 1.0)
-        return np.repeat(plane[:, :, np.newaxis], channels, axis=2)
-    rgb = image.convert("RGB").resize((width, height), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+        if channels == 1 or image.mode in WIDE_MODES:  # 16-bit grayscale keeps every level through the resize
+            levels = Image.fromarray(_gray(image), mode="F").resize((width, height), Image.BILINEAR)
+            plane = np.clip(np.asarray(levels, dtype=np.float32), 0.0, 1.0)
+            return np.repeat(plane[:, :, np.newaxis], channels, axis=2)
+        rgb = image.convert("RGB").resize((width, height), Image.BILINEAR)
+        return np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+
+    return _decoded(data, read)
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')

@@ -17,18 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import DataError, ImportModelError
-from crossport.interface import IMAGE_SIDE, INPUT, INPUT_SIZE, SCORES
+from crossport.interface import INPUT, SCORES, transposed
 from crossport.parity import CONFIDENCE
 from pipelines.results import Made, ModelToLog, StageResult
 
 log = logging.getLogger(__name__)
 
 SOURCE = "source.onnx"
-
-
-def transposed(images: np.ndarray) -> np.ndarray:
-    """[N, 784] images with each 28×28 picture transposed (EMNIST orientation ↔ upright)."""
-    return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
 def normalized(data: bytes, orientation: str, scaling: tuple | None = None):
