@@ -1,0 +1,102 @@
+"""``pipelines.check``: the gate on a file any converter made, its kind read from the file itself."""
+
+import json
+import shutil
+
+import pytest
+
+from crossport.formats import FORMATS
+from tests.helpers import call, one_line_error, run_module
+
+
+def converted(run_dir, path, scale: float = 1.0) -> None:
+    """A TFLite file in another converter's conventions: input [1, 1, 28, 28] (batch fixed at 1, channels first),
+    one output named ``output_0`` holding the logits alone (times ``scale``: a drift on purpose), made from the
+    run's translated graph."""
+    import tensorflow as tf
+
+    graph = tf.saved_model.load(str(run_dir / "tf_graph")).signatures["serving_default"]
+
+    class Converted(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 1, 28, 28], tf.float32)])
+        def serve(self, x):
+            return {"output_0": graph(images=tf.reshape(x, [1, 784]))["logits"] * scale}
+
+    module = Converted()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    path.write_bytes(converter.convert())
+
+
+@pytest.fixture(scope="module")
+def foreign(pipeline_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("foreign")
+    files = {"same": folder / "model_float32.tflite", "drift": folder / "drift.tflite",
+             "slight": folder / "slight.tflite"}
+    for name, scale in (("same", 1.0), ("drift", 1.001), ("slight", 1.0 + 2.0**-14)):
+        converted(pipeline_run.run_dir, files[name], scale)
+    return files
+
+
+def test_every_file_crossport_publishes_is_read_as_its_kind_and_passes(pipeline_run):
+    from crossport.foreign import inspect
+    from pipelines.tools.check import check
+
+    version = pipeline_run.models_dir / "emnist_mlp" / "1"
+    for fmt in (fmt for fmt in FORMATS if fmt.loader != "onnx"):
+        path = version / fmt.path
+        assert inspect(path).kind == (fmt.variant or "fp32"), fmt.name  # the SavedModel is float32
+        report = check(path.resolve(), pipeline_run.run_dir)
+        assert report["verdict"] == "pass", (fmt.name, report["hops"], report["against_exact"])
+        assert [hop["candidate"] for hop in report["hops"]] == [fmt.runtime]
+        assert bool(report["against_exact"]) == (not fmt.lossy)  # float32 files also against the exact values
+
+
+def test_a_file_in_another_converters_conventions_passes(pipeline_run, foreign):
+    from pipelines.tools.check import check
+
+    report = check(foreign["same"], pipeline_run.run_dir)
+    assert report["verdict"] == "pass", (report["hops"], report["against_exact"])
+    assert report["kind"] == "fp32" and "input [N, 1, 28, 28], batch fixed at 1" in report["input"]
+    assert report["outputs"] == ["logits"] and report["scores_from_logits"]
+    assert {o["name"] for o in report["against_exact"][0]["outputs"]} == {"logits", "scores"}
+    assert report["examples"] == len(__import__("numpy").load(pipeline_run.run_dir / "data.npz")["y_test"])
+
+
+def test_a_drift_within_the_error_bound_is_caught_by_the_sign_test(pipeline_run, foreign):
+    """Logits scaled by 1 + 2⁻¹⁴: every element within its bound B, the same sign on every probe input."""
+    from pipelines.tools.check import check
+
+    report = check(foreign["slight"], pipeline_run.run_dir)
+    (exact,) = report["against_exact"]
+    logits = next(o for o in exact["outputs"] if o["name"] == "logits")
+    assert logits["worst_ratio"] < 1  # within B everywhere: only the sign test can see it
+    assert logits["sign_statistic"] > exact["threshold"] and report["verdict"] == "fail"
+
+
+def test_a_drifted_file_fails_with_exit_code_3(pipeline_run, foreign):
+    result = run_module("pipelines.check", str(foreign["drift"]), "--against", str(pipeline_run.run_dir), "--json")
+    assert result.returncode == 3, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "fail" and report["against_exact"][0]["verdict"] == "fail"
+
+
+def test_a_lossy_file_posing_as_fp32_is_judged_as_what_it_is(pipeline_run, tmp_path):
+    from pipelines.tools.check import check
+
+    posing = tmp_path / "model_fp32.tflite"
+    shutil.copy(pipeline_run.models_dir / "emnist_mlp" / "1" / "assets.extra" / "model_fp16.tflite", posing)
+    report = check(posing, pipeline_run.run_dir)
+    assert report["kind"] == "fp16" and report["hops"][0]["candidate"] == "tflite_fp16"
+    expected = check(posing, pipeline_run.run_dir, expect="fp32")
+    assert expected["verdict"] == "fail"
+    assert expected["failures"] == [f"expected a fp32 file; {posing} is fp16 (read from its tensor types)"]
+
+
+def test_what_is_no_servable_is_refused_in_one_line(tmp_path, capsys):
+    from pipelines.tools.check import main
+
+    (tmp_path / "notes.tflite").write_text("not a model")
+    one_line_error(call(main, str(tmp_path / "notes.tflite"), "--against", str(tmp_path), capsys=capsys), 1,
+                   "LiteRT cannot load", "Pass a .tflite file or a SavedModel directory")
+    one_line_error(call(main, str(tmp_path / "missing.tflite"), "--against", str(tmp_path), capsys=capsys), 2,
+                   "does not exist")
