@@ -70,7 +70,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     from crossport.errors import ConfigError
     from crossport.exact import sign_threshold
     from crossport.files import read_npz
-    from crossport.foreign import inspect, load, softmax
+    from crossport.foreign import KINDS, inspect, load, softmax
     from crossport.interface import LOGITS, SCORES, to_inputs
     from crossport.parity import HopSpec, compare, compare_exact
     from crossport.runtimes import chunk_for, load_onnx
@@ -102,11 +102,11 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     probed = {name: value[len(images):] for name, value in candidate.items()}
     ours = {name: value[: len(images)] for name, value in original.items()}
 
-    runtime = {"saved_model": "saved_model:serving_default"}.get(foreign.container, f"tflite_{foreign.kind}")
+    runtime = "saved_model:serving_default" if foreign.container == "saved_model" else f"tflite_{foreign.kind}"
     failures = []
-    if foreign.kind not in POLICIES and runtime not in POLICIES:
-        failures.append(f"{path} holds non-float32 constants: a lossy SavedModel, which crossport does not judge")
-        runtime = "saved_model:serving_default"
+    if foreign.kind not in KINDS:
+        failures.append(f"{path} holds float16, bfloat16 or integer constants: crossport judges a SavedModel as "
+                        "float32 only")
     if expect and foreign.kind != expect:
         failures.append(f"expected a {expect} file; {path} is {foreign.kind} (read from its tensor types)")
     policy = POLICIES[runtime]
