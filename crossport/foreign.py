@@ -155,23 +155,58 @@ def _layout(foreign: Foreign, example_shape: tuple[int, ...]):
 
 
 def _tflite_run(path: Path, threads: int | None):
+    """The file's own input type (a float16 or integer input is fed converted, by its quantization parameters) and
+    float32 outputs (integer outputs dequantized)."""
     interpreter = _interpreter(path, threads)
-    if interpreter.get_signature_list():
-        runner = interpreter.get_signature_runner(next(iter(interpreter.get_signature_list())))
-        (name,) = runner.get_input_details()
-        return lambda batch: {key: np.array(value) for key, value in runner(**{name: batch}).items()}
-    interpreter.allocate_tensors()
-    (feed,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    signatures = interpreter.get_signature_list()
+    if signatures:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        ((name, feed),) = runner.get_input_details().items()
+        outputs = runner.get_output_details()
+
+        def call(batch):
+            return runner(**{name: batch})
+    else:
+        interpreter.allocate_tensors()
+        (feed,), details = interpreter.get_input_details(), interpreter.get_output_details()
+        outputs = {detail["name"]: detail for detail in details}
+
+        def call(batch):
+            if tuple(interpreter.get_input_details()[0]["shape"]) != batch.shape:
+                interpreter.resize_tensor_input(feed["index"], batch.shape)
+                interpreter.allocate_tensors()
+            interpreter.set_tensor(feed["index"], batch)
+            interpreter.invoke()
+            return {key: interpreter.get_tensor(detail["index"]) for key, detail in outputs.items()}
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        if tuple(interpreter.get_input_details()[0]["shape"]) != batch.shape:
-            interpreter.resize_tensor_input(feed["index"], batch.shape)
-            interpreter.allocate_tensors()
-        interpreter.set_tensor(feed["index"], batch)
-        interpreter.invoke()
-        return {detail["name"]: np.array(interpreter.get_tensor(detail["index"])) for detail in outputs}
+        from crossport.errors import PackageError
+
+        try:
+            found = call(_quantized(batch, feed))
+        except (ValueError, RuntimeError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise PackageError(f"LiteRT cannot run {path}: {first}.",
+                               hint="Check that the file runs in LiteRT on its own.") from None
+        return {key: _dequantized(np.array(value), outputs.get(key, {})) for key, value in found.items()}
 
     return run
+
+
+def _quantized(batch: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if np.issubdtype(dtype, np.integer) and scale:
+        limits = np.iinfo(dtype)
+        return np.clip(np.round(batch / scale) + zero, limits.min, limits.max).astype(dtype)
+    return batch.astype(dtype)
+
+
+def _dequantized(value: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if np.issubdtype(value.dtype, np.integer) and scale:
+        return ((value.astype(np.float64) - zero) * scale).astype(np.float32)
+    return value
 
 
 def _saved_model_run(path: Path):
