@@ -8,7 +8,7 @@ ARGS   ?=
 
 STANDIN ?= $(HOME)/.cache/crossport/standin
 
-.PHONY: install run test test-fast coverage lint ui clean browser bench scale matrix
+.PHONY: install run test test-fast coverage lint ui clean browser bench scale matrix peers
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ scale: install
 matrix: install
 	$(PY) -m tools.gate_matrix --out runs/matrix $(ARGS)
 	$(PY) -m tools.gate_matrix --out runs/matrix --models cnn --epochs 3 --seeds 0 1 --zoo $(ARGS)
+
+# crossport side by side with litert-torch and onnx2tf on the newest version (each peer installed once, from
+# peers/*.txt, into ~/.cache/crossport/peers: a few GB, downloaded from PyPI the first time).
+peers: install
+	$(PY) -m pipelines.bench --peers --out runs/peers $(ARGS)
 
 bench: install
 	$(PY) -m pipelines.bench $(ARGS)

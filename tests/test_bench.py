@@ -114,3 +114,28 @@ def test_a_folder_that_is_not_a_version_is_refused_in_one_line_before_anything_i
                   capsys=capsys)
     one_line_error(result, 1, f"{tmp_path / 'empty'} is not a published crossport version", "models/emnist_mlp/1")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path):
+    """crossport's own row goes through every step a peer's does (a fresh converter process, the gate, interleaved
+    timing); the peers, not installed here (no network), are rows saying so, not a crash."""
+    version = pipeline_run.models_dir / "emnist_mlp" / "1"
+    result = subprocess.run([sys.executable, "-m", "pipelines.bench", str(version), "--peers", "--no-install",
+                             "--quick", "--out", str(tmp_path / "out"), "--no-tracking"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CROSSPORT_PEERS_DIR": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "peers.json").read_text())
+    rows = {row["peer"]: row for row in report["peers"]}
+    assert set(rows) == {"crossport", "onnx2tf", "litert-torch"}
+    for peer in ("onnx2tf", "litert-torch"):
+        assert rows[peer]["error"] == f"not installed in {tmp_path / 'none' / peer} (make peers installs it)"
+    ours = rows["crossport"]
+    assert ours["conversion_wall_s"] > ours["convert_s"] > 0 and ours["import_s"] > 0
+    entry = ours["files"]["fp32"]
+    assert entry["kind"] == "fp32" and entry["verdict"] == "pass" and entry["transposes"] == 0
+    assert entry["batch1"]["rounds"] == 3 and entry["batch128"]["examples_per_s"] > 0
+    assert entry["exact"]["scores"]["sign_statistic"] < entry["sign_threshold"]
+    markdown = (tmp_path / "out" / "peers.md").read_text()
+    assert "| crossport | fp32 |" in markdown and "| onnx2tf | — | not installed" in markdown

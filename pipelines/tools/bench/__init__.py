@@ -47,7 +47,8 @@ from pipelines.tools.bench.harness import (
 from pipelines.tools.bench.load import serve_load, serving
 from pipelines.tools.bench.render import render_chart, render_comparison, render_markdown
 
-BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log"})  # what --out may hold
+# what --out may hold
+BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log", "peers.json", "peers.md"})
 
 # --- the whole benchmark -------------------------------------------------------------------
 
@@ -243,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="VERSION_DIR",
                         help="also benchmark these versions (e.g. another architecture) and write compare.md: "
                              "the models side by side per format")
+    parser.add_argument("--peers", action="store_true",
+                        help="instead: crossport side by side with litert-torch and onnx2tf on this version's model, "
+                             "each installed in an environment of its own (peers/*.txt); writes peers.json/.md")
+    parser.add_argument("--no-install", action="store_true",
+                        help="with --peers: use the peers' environments as they are; a missing one is a row saying so")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--force", action="store_true",
                         help="write bench.json/.md/.png into an --out holding other files (never a model repository)")
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out(out, force=args.force)  # before minutes of measuring
         out.mkdir(parents=True, exist_ok=True)
         with quiet_console(out / "bench.log", args.debug):  # in its output folder, known only now
-            return _bench(args, version_dir, out)
+            return _peers(args, version_dir, out) if args.peers else _bench(args, version_dir, out)
 
     return run_command(body, debug=args.debug)
 
@@ -283,6 +289,21 @@ def _bench(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
              *(() if args.debug else ("bench.log",)))
     written = ", ".join(names)
     sys.stdout.write(f"\nwrote {written} to {out}" + (f"; {tracked}" if tracked else "; not tracked") + "\n")
+    return 0
+
+
+def _peers(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
+    from pipelines.tools.bench.peers import compare_peers, render_peers
+
+    run_dir = Path(read_manifest(version_dir).get("run_dir") or "")
+    if not (run_dir / "manifest.json").is_file():
+        raise ConfigError(f"the version's run directory {run_dir} is not here (the peers convert its model).",
+                          hint="Compare a version published on this machine.")
+    results = compare_peers(version_dir, run_dir, install=not args.no_install, quick=args.quick)
+    write_bytes_atomic(out / "peers.json", (json.dumps(results, indent=2) + "\n").encode())
+    table = render_peers(results)
+    write_bytes_atomic(out / "peers.md", table.encode())
+    sys.stdout.write(table + f"\nwrote peers.json, peers.md to {out}\n")
     return 0
 
 

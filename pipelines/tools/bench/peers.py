@@ -1,0 +1,192 @@
+"""``python -m pipelines.bench VERSION --peers``: crossport side by side with the converters users would pick instead.
+
+Each peer (:data:`PEERS`) lives in an environment of its own, created from the pinned requirements in ``peers/``
+(their pins conflict with onnx-tf's, and onnx2tf needs Python 3.12); its converter runs there in a fresh process
+(``peers/convert_<name>.py``), timed whole, with its imports reported on their own. Every file it makes is then
+run here, on the same LiteRT: size, Transposes, batch-1 latency and batch-128 throughput in interleaved rounds, and
+crossport's gate (:mod:`pipelines.tools.check`): error against the exact float64 values, the sign test, top-1
+agreement with the reference, accuracy. A peer that cannot be installed or cannot convert is a row saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.tools.bench.harness import ROOT, summarize, timed
+
+log = logging.getLogger("crossport.bench")
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    python: str | None  # the interpreter its environment is made from (None: crossport's own, no environment)
+    source: str  # what it converts: "onnx" (the run's graph) or "pytorch" (the module, from the checkpoint)
+
+    @property
+    def requirements(self) -> Path | None:
+        return None if self.python is None else ROOT / "peers" / f"{self.name}.txt"
+
+    @property
+    def script(self) -> Path:
+        return ROOT / "peers" / f"convert_{self.name.replace('-', '_')}.py"
+
+
+PEERS = (
+    Peer("crossport", None, "onnx"),
+    Peer("onnx2tf", "python3.12", "onnx"),
+    Peer("litert-torch", "python3.11", "pytorch"),
+)
+
+
+def environments_dir() -> Path:
+    return Path(os.environ.get("CROSSPORT_PEERS_DIR") or Path.home() / ".cache" / "crossport" / "peers")
+
+
+def environment(peer: Peer, install: bool) -> Path:
+    """The peer's interpreter, its environment made (once per requirements file) when ``install``; RuntimeError with
+    the reason when it cannot be had."""
+    if peer.python is None:
+        return Path(sys.executable)
+    home = environments_dir() / peer.name
+    python, stamp = home / "bin" / "python", home / ".installed"
+    wanted = peer.requirements.read_text()
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    if not install:
+        raise RuntimeError(f"not installed in {home} (make peers installs it)")
+    base = shutil.which(peer.python)
+    if base is None:
+        raise RuntimeError(f"this machine has no {peer.python}, which {peer.name} needs")
+    log.info("installing %s into %s ...", peer.name, home)
+    for command in ([base, "-m", "venv", "--clear", str(home)],
+                    [str(python), "-m", "pip", "install", "--quiet", "-r", str(peer.requirements)]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[-3:])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    stamp.write_text(wanted)
+    return python
+
+
+def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], out: Path) -> dict:
+    """The peer's converter in a fresh process on a copy of its input (onnx2tf rewrites the file it is given)."""
+    out.mkdir(parents=True)
+    if peer.source == "onnx":
+        source = out / "model.onnx"
+        shutil.copyfile(run_dir / "model.onnx", source)
+        args = [str(source), str(out)] if peer.python else [str(ROOT), str(source), str(run_dir / "labels.txt"),
+                                                            str(out)]
+    else:
+        args = [str(ROOT), str(run_dir / "model.pt"), ",".join(map(str, shape)), str(out)]
+    started = time.perf_counter()
+    done = subprocess.run([str(python), str(peer.script), *args], capture_output=True, text=True, cwd=out,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"conversion failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    made = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**made, "wall_s": wall}
+
+
+def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: bool) -> dict:
+    """Every peer's files, converted and measured side by side (the module's docstring)."""
+    from export.layout import placement, tflite_ops
+    from export.servable import image_contract
+    from pipelines.tools.check import check
+
+    shape = image_contract(version_dir).shape
+    rows, files = [], []
+    with tempfile.TemporaryDirectory(prefix="crossport-peers-") as scratch:
+        for peer in PEERS:
+            row = {"peer": peer.name, "source": peer.source}
+            rows.append(row)
+            try:
+                python = environment(peer, install)
+                made = convert(peer, python, run_dir, shape, Path(scratch) / peer.name)
+            except (RuntimeError, OSError, ValueError) as error:
+                row["error"] = str(error)
+                log.warning("%s: %s", peer.name, error)
+                continue
+            row.update(conversion_wall_s=made["wall_s"], import_s=made["import_s"], convert_s=made["convert_s"])
+            row["files"] = {}
+            for kind, path in made["files"].items():
+                path = Path(path)
+                report = check(path, run_dir, converted_from=peer.source)
+                hop, (exact,) = report["hops"][0], report["against_exact"]
+                entry = {"kind": report["kind"], "declared": kind, "bytes": path.stat().st_size,
+                         "input": report["input"], "verdict": report["verdict"],
+                         "transposes": placement(tflite_ops(path))["transposes"],
+                         "top1_agreement": hop["top1_agreement"], "accuracy": hop["candidate_accuracy"],
+                         "reference_accuracy": hop["reference_accuracy"],
+                         "exact": {o["name"]: {"max_abs": o["max_abs"], "rms": o["rms"],
+                                               "sign_statistic": o.get("sign_statistic")} for o in exact["outputs"]},
+                         "sign_threshold": exact.get("threshold")}
+                row["files"][kind] = entry
+                files.append((entry, path, report))
+        _latencies(files, shape, quick)
+    return {"version_dir": str(version_dir), "run_dir": str(run_dir), "quick": quick, "peers": rows}
+
+
+def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
+    """Batch-1 latency and batch-128 throughput of every file, in interleaved rounds (every file's round r runs
+    before any file's round r + 1), one LiteRT thread per call as a served worker runs it."""
+    from crossport.foreign import inspect, load
+
+    rounds, seconds = (3, 0.3) if quick else (7, 1.0)
+    rng = np.random.default_rng(0)
+    batches = {1: rng.random((1, *shape), dtype=np.float32), 128: rng.random((128, *shape), dtype=np.float32)}
+    runners = [load(inspect(path), shape, threads=1) for _, path, _ in files]
+    measured: dict = {(i, b): [] for i in range(len(files)) for b in batches}
+    for _ in range(rounds):
+        for index, run in enumerate(runners):
+            for batch, images in batches.items():
+                if batch > 1 and files[index][2]["input"].find("batch fixed") >= 0:
+                    continue  # a fixed batch of one answers 128 images one by one: not a batch-128 figure
+                measured[(index, batch)] += timed(run, images, seconds, rounds=1)
+    for index, (entry, _, _) in enumerate(files):
+        for batch in batches:
+            found = measured[(index, batch)]
+            entry[f"batch{batch}"] = summarize(found, batch) if found else None
+
+
+def render_peers(results: dict) -> str:
+    """The side-by-side table: one row per file. Errors are against the exact float64 values; a file returning logits
+    alone has its scores computed from them in float64 (crossport.foreign.softmax); sign T is the larger of its
+    outputs', against the threshold in the gate column."""
+    lines = ["| converter | file | input | conversion s (imports) | size kB | Transposes | batch-1 p50 ms | "
+             "batch-128 images/s | scores max \\|err\\| | scores RMS | logits max \\|err\\| | sign T | "
+             "top-1 agreement | accuracy | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["peers"]:
+        if "error" in row:
+            lines.append(f"| {row['peer']} | — | {row['error']} |" + " |" * 12)
+            continue
+        for entry in row["files"].values():
+            scores, logits = entry["exact"].get("scores", {}), entry["exact"].get("logits", {})
+            one, many = entry.get("batch1"), entry.get("batch128")
+            signs = [o["sign_statistic"] for o in (scores, logits) if o.get("sign_statistic") is not None]
+            threshold = f" (t {entry['sign_threshold']:.2f})" if entry.get("sign_threshold") else ""
+            cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1],
+                     f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f})", f"{entry['bytes'] / 1e3:.0f}",
+                     str(entry["transposes"]), f"{one['p50_ms']:.3f}" if one else "—",
+                     f"{many['examples_per_s']:,.0f}" if many else "— (fixed batch)",
+                     _number(scores.get("max_abs")), _number(scores.get("rms")), _number(logits.get("max_abs")),
+                     f"{max(signs):.2f}" if signs else "—", f"{entry['top1_agreement']:.4%}",
+                     f"{entry['accuracy']:.2%}", entry["verdict"] + threshold]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.2e}"
