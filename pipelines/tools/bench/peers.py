@@ -101,6 +101,7 @@ def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], out
 
 def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: bool) -> dict:
     """Every peer's files, converted and measured side by side (the module's docstring)."""
+    from crossport.errors import CrossportError
     from export.layout import placement, tflite_ops
     from export.servable import image_contract
     from pipelines.tools.check import check
@@ -122,7 +123,12 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
             row["files"] = {}
             for kind, path in made["files"].items():
                 path = Path(path)
-                report = check(path, run_dir, converted_from=peer.source)
+                try:
+                    report = check(path, run_dir, converted_from=peer.source)
+                except CrossportError as error:  # e.g. a file LiteRT cannot run: said in its row
+                    row["files"][kind] = {"kind": kind, "bytes": path.stat().st_size, "error": error.message}
+                    log.warning("%s %s: %s", peer.name, kind, error.message)
+                    continue
                 hop, (exact,) = report["hops"][0], report["against_exact"]
                 entry = {"kind": report["kind"], "declared": kind, "bytes": path.stat().st_size,
                          "input": report["input"], "verdict": report["verdict"],
@@ -173,6 +179,9 @@ def render_peers(results: dict) -> str:
             lines.append(f"| {row['peer']} | — | {row['error']} |" + " |" * 12)
             continue
         for entry in row["files"].values():
+            if "error" in entry:
+                lines.append(f"| {row['peer']} | {entry['kind']} | {entry['error']} |" + " |" * 12)
+                continue
             scores, logits = entry["exact"].get("scores", {}), entry["exact"].get("logits", {})
             one, many = entry.get("batch1"), entry.get("batch128")
             signs = [o["sign_statistic"] for o in (scores, logits) if o.get("sign_statistic") is not None]
