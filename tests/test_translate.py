@@ -66,3 +66,41 @@ def test_onnx_without_mapping_is_explained(monkeypatch):
     monkeypatch.delattr(onnx, "mapping", raising=False)
     with pytest.raises(TranslationError, match=r"needs onnx.mapping.*make install \(onnx==1.18.0\)"):
         compat.import_onnx_tf()
+
+
+@pytest.mark.slow  # a MobileNetV3 translated twice (about 10 s)
+def test_tracing_without_autograph_gives_the_same_graph(tmp_path):
+    """translate traces onnx-tf's module without autograph (compat.traced_without_autograph): on a MobileNetV3
+    (depthwise convolutions, HardSwish, HardSigmoid, squeeze-excitation Mul, Add, GlobalAveragePool) the graph
+    computes the same bits as onnx-tf's own tracing, with autograph."""
+    import tensorflow as tf
+    import torch
+
+    from training.model import ModelConfig, build_model
+    from translation.onnx_export import EXPORT_OPSET
+    from translation.onnx_import import normalize
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="mobilenet_v3_small", num_classes=5)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 784),), str(path), dynamo=False, opset_version=13,
+                      input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    onnx.save(normalize(onnx.load(str(path)), orientation="emnist", target_opset=EXPORT_OPSET).model, str(path))
+    translate(path, tmp_path / "plain", expose_intermediates=False)
+    compat.import_onnx_tf()
+    from onnx_tf.backend import prepare
+
+    from translation.channels_last import channels_last
+    from translation.layout import same_padding
+
+    graph = onnx.load(str(path))
+    for rewrite in (compat.spatial_means_as_pools, same_padding, channels_last):  # as translate rewrites it
+        rewrite(graph)
+    prepare(graph).export_graph(str(tmp_path / "autograph"))
+    images = tf.constant(np.random.default_rng(0).random((16, 784), dtype=np.float32))
+    plain, autograph = (tf.saved_model.load(str(tmp_path / name)).signatures["serving_default"](images=images)
+                        for name in ("plain", "autograph"))
+    assert set(plain) == set(autograph)
+    for name in plain:
+        np.testing.assert_array_equal(plain[name].numpy(), autograph[name].numpy(), err_msg=name)

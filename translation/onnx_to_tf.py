@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from crossport.errors import TranslationError
-from translation.compat import import_onnx_tf, spatial_means_as_pools
+from translation.compat import import_onnx_tf, spatial_means_as_pools, traced_without_autograph
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,13 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
     if out_dir.exists():
         shutil.rmtree(out_dir)
     try:
-        prepare(model).export_graph(str(out_dir))
+        try:
+            with traced_without_autograph():
+                prepare(model).export_graph(str(out_dir))
+        except Exception as error:  # a handler that needs autograph: trace again with it
+            log.debug("tracing without autograph failed (%s); tracing with it", error)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            prepare(model).export_graph(str(out_dir))
     except Exception as error:  # onnx-tf raises bare Exceptions, TF raises many types
         shutil.rmtree(out_dir, ignore_errors=True)
         raise TranslationError(f"onnx-tf could not translate {onnx_path}: {error}.") from error
