@@ -25,35 +25,36 @@ def test_the_guard_reports_triton_missing_only_once_tensorflow_is_loaded(monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["reference", "export", "train", "emnist"])
-def test_every_torch_path_to_triton_survives_a_process_that_loaded_tensorflow_first(tmp_path, path):
-    """Each in a process of its own (torch imports triton once per process): the float64 reference's derivative
-    through clamp (a MobileNetV3's HardSigmoid brought with --onnx crashed here), the ONNX export, training with
-    deterministic algorithms, and torchvision reading EMNIST."""
+def test_every_torch_path_to_triton_survives_a_process_that_loaded_tensorflow_first(tmp_path):
+    """One process that loaded TensorFlow first runs every path by which torch reaches triton: the float64
+    reference's derivative through clamp (a MobileNetV3's HardSigmoid brought with --onnx crashed here), the ONNX
+    export, training with deterministic algorithms, and torchvision reading EMNIST. torch asks for triton once per
+    process, so the first path to ask meets the guard; the others then run in the process it protected."""
     try:
         importlib.metadata.distribution("triton")  # asked of the package metadata, not an import
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("triton is not installed: nothing can load it after TensorFlow")
     make_emnist_archive(tmp_path / "data" / "gzip.zip", split="digits", num_classes=10)
-    code = "import tensorflow, numpy as np, torch\nfrom pathlib import Path\n" + {
-        "reference": "from crossport.exact.layers import HardSigmoid\n"
-                     "x = torch.linspace(-4, 4, 9, dtype=torch.float64)\n"
-                     "torch.func.jvp(HardSigmoid(), (x,), (torch.ones_like(x),))\n",
-        "export": "from training.model import MLP, ModelConfig\n"
-                  "from translation.onnx_export import check_onnx, export_onnx\n"
-                  "model = MLP(ModelConfig(hidden_sizes=(8,), num_classes=3)).eval()\n"
-                  f"export_onnx(model, ('a', 'b', 'c'), '0' * 64, Path({str(tmp_path / 'm.onnx')!r}))\n"
-                  f"check_onnx(Path({str(tmp_path / 'm.onnx')!r}))\n",
-        "train": "from training.model import ModelConfig\n"
-                 "from training.train import TrainConfig, train\n"
-                 "x = np.random.default_rng(0).integers(0, 256, (20, 784), dtype=np.uint8)\n"
-                 "y = np.arange(20) % 3\n"
-                 "train(x[:15], y[:15], x[15:], y[15:], ModelConfig(hidden_sizes=(8,), num_classes=3),\n"
-                 "      TrainConfig(epochs=1, batch_size=5), progress=False)\n",
-        "emnist": "from training.data import load_dataset\n"
-                  f"assert len(load_dataset('emnist-digits', Path({str(tmp_path / 'data')!r}), "
-                  "allow_download=False).x_train) == 40\n",
-    }[path] + "print('survived')\n"
+    code = (
+        "import sys, tensorflow, numpy as np, torch\n"
+        "from pathlib import Path\n"
+        "from crossport.exact.layers import HardSigmoid\n"
+        "x = torch.linspace(-4, 4, 9, dtype=torch.float64)\n"
+        "torch.func.jvp(HardSigmoid(), (x,), (torch.ones_like(x),))\n"
+        "assert sys.modules.get('triton', 'absent') is None, 'the guard did not meet the first path'\n"
+        "from training.model import MLP, ModelConfig\n"
+        "from translation.onnx_export import check_onnx, export_onnx\n"
+        "model = MLP(ModelConfig(hidden_sizes=(8,), num_classes=3)).eval()\n"
+        f"export_onnx(model, ('a', 'b', 'c'), '0' * 64, Path({str(tmp_path / 'm.onnx')!r}))\n"
+        f"check_onnx(Path({str(tmp_path / 'm.onnx')!r}))\n"
+        "from training.train import TrainConfig, train\n"
+        "x = np.random.default_rng(0).integers(0, 256, (20, 784), dtype=np.uint8)\n"
+        "train(x[:15], np.arange(15) % 3, x[15:], np.arange(5) % 3, ModelConfig(hidden_sizes=(8,), num_classes=3),\n"
+        "      TrainConfig(epochs=1, batch_size=5), progress=False)\n"
+        "from training.data import load_dataset\n"
+        f"assert len(load_dataset('emnist-digits', Path({str(tmp_path / 'data')!r}), "
+        "allow_download=False).x_train) == 40\n"
+        "print('survived')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HOME": str(tmp_path / "home")})
     assert result.returncode == 0, result.stderr[-2000:]
