@@ -400,6 +400,37 @@ def log_benchmark(uri: str, experiment: str, results: dict, out: Path) -> str:
         return run.info.run_id
 
 
+def log_peers(uri: str, experiment: str, results: dict, out: Path) -> str:
+    """One ``peers`` run: each converter's conversion time and each file's latency and error, plus
+    peers.json/.md/.png."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    from pipelines.tools.bench.peers import files_of
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    metrics = {}
+    for row in results["peers"]:
+        if "error" not in row:
+            metrics[f"{row['peer']}_conversion_wall_s"] = row["conversion_wall_s"]
+            metrics[f"{row['peer']}_import_s"] = row["import_s"]
+    for name, entry in files_of(results):
+        key = name.replace(" ", "_")
+        if entry.get("batch1"):
+            metrics[f"{key}_batch1_p50_ms"] = entry["batch1"]["p50_ms"]
+        if entry.get("batch128"):
+            metrics[f"{key}_batch128_examples_per_s"] = entry["batch128"]["examples_per_s"]
+        if "scores" in entry["exact"]:
+            metrics[f"{key}_scores_rms_vs_exact"] = entry["exact"]["scores"]["rms"]
+    with mlflow.start_run(run_name="peers", tags={f"{TAG_PREFIX}peers": results["version_dir"]}) as run:
+        mlflow.log_params({"version_dir": results["version_dir"], "quick": results["quick"]})
+        mlflow.log_metrics(metrics)
+        for name in ("peers.json", "peers.md", "peers.png"):
+            mlflow.log_artifact(str(out / name))
+        return run.info.run_id
+
+
 def make_tracker(enabled: bool, uri: str | None, experiment: str):
     if not enabled:
         return NullTracker()

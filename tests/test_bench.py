@@ -139,3 +139,14 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
     assert entry["exact"]["scores"]["sign_statistic"] < entry["sign_threshold"]
     markdown = (tmp_path / "out" / "peers.md").read_text()
     assert "| crossport | fp32 |" in markdown and "| onnx2tf | — | not installed" in markdown
+    assert (tmp_path / "out" / "peers.png").stat().st_size > 0
+    # and tracked: a peers run carries every measured file's figures and the three files
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import log_peers
+
+    client = MlflowClient(pipeline_run.tracking_uri)
+    run_id = log_peers(pipeline_run.tracking_uri, "peers-test", report, tmp_path / "out")
+    assert client.get_run(run_id).data.metrics["crossport_fp32_batch1_p50_ms"] == pytest.approx(
+        entry["batch1"]["p50_ms"])
+    assert {a.path for a in client.list_artifacts(run_id)} == {"peers.json", "peers.md", "peers.png"}

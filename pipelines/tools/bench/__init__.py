@@ -48,7 +48,8 @@ from pipelines.tools.bench.load import serve_load, serving
 from pipelines.tools.bench.render import render_chart, render_comparison, render_markdown
 
 # what --out may hold
-BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log", "peers.json", "peers.md"})
+BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log", "peers.json", "peers.md",
+                         "peers.png"})
 
 # --- the whole benchmark -------------------------------------------------------------------
 
@@ -293,7 +294,7 @@ def _bench(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
 
 
 def _peers(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
-    from pipelines.tools.bench.peers import compare_peers, render_peers
+    from pipelines.tools.bench.peers import compare_peers, render_peers, render_peers_chart
 
     run_dir = Path(read_manifest(version_dir).get("run_dir") or "")
     if not (run_dir / "manifest.json").is_file():
@@ -303,7 +304,15 @@ def _peers(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
     write_bytes_atomic(out / "peers.json", (json.dumps(results, indent=2) + "\n").encode())
     table = render_peers(results)
     write_bytes_atomic(out / "peers.md", table.encode())
-    sys.stdout.write(table + f"\nwrote peers.json, peers.md to {out}\n")
+    render_peers_chart(results, out / "peers.png")
+    tracked = None
+    uri = (read_manifest(version_dir).get("mlflow") or {}).get("tracking_uri")
+    if uri and not args.no_tracking:
+        from pipelines.tracking import log_peers
+
+        run_id = log_peers(uri, read_manifest(version_dir)["name"], results, out)
+        tracked = f"MLflow run {run_id} in {uri}"
+    sys.stdout.write(table + f"\nwrote peers.json, peers.md, peers.png to {out}; {tracked or 'not tracked'}\n")
     return 0
 
 

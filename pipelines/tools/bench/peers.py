@@ -199,3 +199,37 @@ def render_peers(results: dict) -> str:
 
 def _number(value) -> str:
     return "—" if value is None else f"{value:.2e}"
+
+
+def files_of(results: dict) -> list[tuple[str, dict]]:
+    """Every measured file as (``converter kind``, its entry), in table order."""
+    return [(f"{row['peer']} {kind}", entry) for row in results["peers"] for kind, entry in row.get("files", {}).items()
+            if "error" not in entry]
+
+
+def render_peers_chart(results: dict, path: Path) -> None:
+    """Conversion time (fresh process, imports shaded), batch-1 latency, and scores RMS error against the exact
+    values, per file."""
+    from pipelines.reports import pyplot
+
+    plt = pyplot()
+    files = files_of(results)
+    names = [name for name, _ in files]
+    walls = {row["peer"]: row for row in results["peers"] if "error" not in row}
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 0.5 * len(names) + 1.8))
+    left.barh(names, [walls[name.split()[0]]["conversion_wall_s"] for name in names], color="#3b6ea8",
+              label="whole process")
+    left.barh(names, [walls[name.split()[0]]["import_s"] for name in names], color="#9bb8d9", label="imports")
+    left.set_xlabel("conversion, s")
+    left.legend(fontsize=8)
+    middle.barh(names, [entry["batch1"]["p50_ms"] if entry.get("batch1") else 0 for _, entry in files],
+                color="#2e8b57")
+    middle.set_xlabel("batch-1 latency p50, ms")
+    right.barh(names, [entry["exact"].get("scores", {}).get("rms", 0) for _, entry in files], color="#c0392b")
+    right.set_xscale("log")
+    right.set_xlabel("scores RMS error vs exact float64 (log)")
+    for axis in (middle, right):
+        axis.set_yticklabels([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
