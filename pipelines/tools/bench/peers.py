@@ -126,7 +126,8 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                 try:
                     report = check(path, run_dir, converted_from=peer.source)
                 except CrossportError as error:  # e.g. a file LiteRT cannot run: said in its row
-                    row["files"][kind] = {"kind": kind, "bytes": path.stat().st_size, "error": error.message}
+                    said = error.message.replace(str(path), path.name)  # the scratch folder is gone afterwards
+                    row["files"][kind] = {"kind": kind, "bytes": path.stat().st_size, "error": said}
                     log.warning("%s %s: %s", peer.name, kind, error.message)
                     continue
                 hop, (exact,) = report["hops"][0], report["against_exact"]
