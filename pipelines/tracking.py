@@ -392,11 +392,18 @@ def log_benchmark(uri: str, experiment: str, results: dict, out: Path) -> str:
             metrics[f"{name}_cold_start_s"] = info["cold_start"]["median_s"]
     for variant, info in results["serverless"].items():
         metrics[f"serverless_{variant}_cold_start_s"] = info["cold_start"]["median_s"]
-    with mlflow.start_run(run_name="bench", tags={f"{TAG_PREFIX}bench": results["version_dir"]}) as run:
+    return _measurement_run("bench", results, metrics, out)
+
+
+def _measurement_run(kind: str, results: dict, metrics: dict, out: Path) -> str:
+    """A ``kind`` run (bench, peers) of one version: its parameters, ``metrics`` and ``<kind>.json/.md/.png``."""
+    import mlflow
+
+    with mlflow.start_run(run_name=kind, tags={f"{TAG_PREFIX}{kind}": results["version_dir"]}) as run:
         mlflow.log_params({"version_dir": results["version_dir"], "quick": results["quick"]})
         mlflow.log_metrics(metrics)
-        for name in ("bench.json", "bench.md", "bench.png"):
-            mlflow.log_artifact(str(out / name))
+        for suffix in ("json", "md", "png"):
+            mlflow.log_artifact(str(out / f"{kind}.{suffix}"))
         return run.info.run_id
 
 
@@ -423,12 +430,7 @@ def log_peers(uri: str, experiment: str, results: dict, out: Path) -> str:
             metrics[f"{key}_batch128_examples_per_s"] = entry["batch128"]["examples_per_s"]
         if "scores" in entry["exact"]:
             metrics[f"{key}_scores_rms_vs_exact"] = entry["exact"]["scores"]["rms"]
-    with mlflow.start_run(run_name="peers", tags={f"{TAG_PREFIX}peers": results["version_dir"]}) as run:
-        mlflow.log_params({"version_dir": results["version_dir"], "quick": results["quick"]})
-        mlflow.log_metrics(metrics)
-        for name in ("peers.json", "peers.md", "peers.png"):
-            mlflow.log_artifact(str(out / name))
-        return run.info.run_id
+    return _measurement_run("peers", results, metrics, out)
 
 
 def make_tracker(enabled: bool, uri: str | None, experiment: str):
