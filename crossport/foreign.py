@@ -117,12 +117,13 @@ def _serving_function(loaded, path: Path):
     return function
 
 
-def load(foreign: Foreign, example_shape: tuple[int, ...], threads: int | None = None) -> Predict:
+def load(foreign: Foreign, example_shape: tuple[int, ...], threads: int | None = None, chunk: int = CHUNK) -> Predict:
     """A Predict for ``foreign`` fed examples of ``example_shape`` (the run's contract): reshaped or transposed to the
-    file's own layout, in batches of its fixed size (the last one padded), its outputs named by what they hold."""
+    file's own layout, in batches of its fixed size (the last one padded) or of ``chunk`` examples
+    (:func:`crossport.runtimes.chunk_for`), its outputs named by what they hold."""
     adapt = _layout(foreign, example_shape)
     run = _tflite_run(foreign.path, threads) if foreign.container == "tflite" else _saved_model_run(foreign.path)
-    step = foreign.batch or CHUNK
+    step = foreign.batch or chunk
 
     def predict(images: np.ndarray) -> dict[str, np.ndarray]:
         parts = []

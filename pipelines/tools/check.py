@@ -94,7 +94,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     chunk = chunk_for(paths["onnx"])
     original = (load_torch(paths["checkpoint"], threads, chunk) if reference == REFERENCE
                 else load_onnx(paths["onnx"], threads, chunk))(both)
-    candidate = load(foreign, images.shape[1:], threads)(both)
+    candidate = load(foreign, images.shape[1:], threads, chunk)(both)
     returned = sorted(candidate)
     if SCORES not in candidate:
         candidate[SCORES] = softmax(candidate[LOGITS])
