@@ -1,7 +1,8 @@
 """crossport: ONNX -> TFLite (float32) in a fresh process, as pipelines.bench --peers times the peers: onnx-tf's
 translation, the servable's signatures, the TFLite converter.
 
-Usage: python convert_crossport.py REPO MODEL.onnx LABELS.txt OUT_DIR. Prints one JSON line: the files made, the
+Usage: python convert_crossport.py REPO MODEL.onnx LABELS.txt SHAPE OUT_DIR (the arguments every converter
+script takes; SHAPE is not used). Prints one JSON line: the files made, the
 seconds its imports (TensorFlow's among them) took and the seconds the conversion took after them.
 """
 
@@ -19,7 +20,7 @@ from export.tflite import convert_tflite  # noqa: E402
 from translation.onnx_to_tf import translate  # noqa: E402
 
 imported = time.perf_counter()
-source, labels, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+source, labels, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[5])
 translate(source, out / "tf_graph", expose_intermediates=False)
 build_saved_model(out / "tf_graph", tuple(labels.read_text().splitlines()), out / "saved_model")
 convert_tflite(out / "saved_model", out / "model_fp32.tflite")

@@ -1,6 +1,7 @@
 """onnx2tf: ONNX -> TFLite (float32 and float16), run in onnx2tf's own environment by pipelines.bench --peers.
 
-Usage: python convert_onnx2tf.py MODEL.onnx OUT_DIR. Prints one JSON line: the files made, the seconds its imports
+Usage: python convert_onnx2tf.py REPO MODEL.onnx LABELS SHAPE OUT_DIR (the arguments every converter
+script takes; this one uses MODEL.onnx and OUT_DIR). Prints one JSON line: the files made, the seconds its imports
 took and the seconds the conversion took after them. onnx2tf rewrites the ONNX file it is given: pass a copy.
 """
 
@@ -13,7 +14,7 @@ started = time.perf_counter()
 import onnx2tf  # noqa: E402
 
 imported = time.perf_counter()
-source, out = Path(sys.argv[1]), Path(sys.argv[2])
+source, out = Path(sys.argv[2]), Path(sys.argv[5])
 onnx2tf.convert(input_onnx_file_path=str(source), output_folder_path=str(out), non_verbose=True)
 done = time.perf_counter()
 files = {"fp32": out / f"{source.stem}_float32.tflite", "fp16": out / f"{source.stem}_float16.tflite"}

@@ -80,15 +80,14 @@ def environment(peer: Peer, install: bool) -> Path:
 
 
 def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], out: Path) -> dict:
-    """The peer's converter in a fresh process on a copy of its input (onnx2tf rewrites the file it is given)."""
+    """The peer's converter in a fresh process, every script given the same arguments (REPO SOURCE LABELS SHAPE
+    OUT; each takes what it needs). An ONNX source is a copy: onnx2tf rewrites the file it is given."""
     out.mkdir(parents=True)
+    source = run_dir / "model.pt"
     if peer.source == "onnx":
         source = out / "model.onnx"
         shutil.copyfile(run_dir / "model.onnx", source)
-        args = [str(source), str(out)] if peer.python else [str(ROOT), str(source), str(run_dir / "labels.txt"),
-                                                            str(out)]
-    else:
-        args = [str(ROOT), str(run_dir / "model.pt"), ",".join(map(str, shape)), str(out)]
+    args = [str(ROOT), str(source), str(run_dir / "labels.txt"), ",".join(map(str, shape)), str(out)]
     started = time.perf_counter()
     done = subprocess.run([str(python), str(peer.script), *args], capture_output=True, text=True, cwd=out,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
@@ -153,12 +152,13 @@ def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
     rounds, seconds = (3, 0.3) if quick else (7, 1.0)
     rng = np.random.default_rng(0)
     batches = {1: rng.random((1, *shape), dtype=np.float32), 128: rng.random((128, *shape), dtype=np.float32)}
-    runners = [load(inspect(path), shape, threads=1) for _, path, _ in files]
+    read = [inspect(path) for _, path, _ in files]
+    runners = [load(foreign, shape, threads=1) for foreign in read]
     measured: dict = {(i, b): [] for i in range(len(files)) for b in batches}
     for _ in range(rounds):
         for index, run in enumerate(runners):
             for batch, images in batches.items():
-                if batch > 1 and files[index][2]["input"].find("batch fixed") >= 0:
+                if batch > 1 and read[index].batch:
                     continue  # a fixed batch of one answers 128 images one by one: not a batch-128 figure
                 measured[(index, batch)] += timed(run, images, seconds, rounds=1)
     for index, (entry, _, _) in enumerate(files):
