@@ -305,13 +305,7 @@ def _peers(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
     table = render_peers(results)
     write_bytes_atomic(out / "peers.md", table.encode())
     render_peers_chart(results, out / "peers.png")
-    tracked = None
-    uri = (read_manifest(version_dir).get("mlflow") or {}).get("tracking_uri")
-    if uri and not args.no_tracking:
-        from pipelines.tracking import log_peers
-
-        run_id = log_peers(uri, read_manifest(version_dir)["name"], results, out)
-        tracked = f"MLflow run {run_id} in {uri}"
+    tracked = None if args.no_tracking else _log_to_mlflow(version_dir, out, "peers", results)
     sys.stdout.write(table + f"\nwrote peers.json, peers.md, peers.png to {out}; {tracked or 'not tracked'}\n")
     return 0
 
@@ -345,14 +339,16 @@ def results_run_dir(version_dir: Path) -> str:
     return read_manifest(version_dir)["run_dir"]
 
 
-def _log_to_mlflow(version_dir: Path, out: Path) -> str | None:
-    """A ``bench`` run in the version's experiment, with the numbers and the three files: where it went."""
-    from pipelines.tracking import log_benchmark
+def _log_to_mlflow(version_dir: Path, out: Path, kind: str = "bench", results: dict | None = None) -> str | None:
+    """A ``kind`` run (bench, or peers with its ``results``) in the version's experiment, with the numbers and the
+    three files: where it went (None when the version was published untracked)."""
+    from pipelines.tracking import log_benchmark, log_peers
 
     manifest = read_manifest(version_dir)
     uri = (manifest.get("mlflow") or {}).get("tracking_uri")
     if uri:
-        run_id = log_benchmark(uri, manifest["name"], json.loads((out / "bench.json").read_text()), out)
+        log = {"bench": log_benchmark, "peers": log_peers}[kind]
+        run_id = log(uri, manifest["name"], results or json.loads((out / f"{kind}.json").read_text()), out)
         return f"MLflow run {run_id} in {uri}, experiment {manifest['name']!r}"
     return None
 
