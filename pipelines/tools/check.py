@@ -117,13 +117,14 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     name = f"{reference} -> {foreign.container}:{path.name} ({foreign.kind})"
     spec = HopSpec(name, reference, runtime, tuple(outputs), policy.lossy)
     hop = compare(spec, ours, split, targets, exact.bounds)
-    against = compare_exact(path.name, split, exact, None)  # a lossy file's error is recorded
     if policy.fp32:
         source = exact_values(paths, reference, probe, graph=converted_from == "onnx")
         judged = [name for name in exact.values if name in split]
         threshold = sign_threshold(sum(exact.values[name].shape[1] for name in judged))
         against = compare_exact(path.name, split, exact, threshold,
                                 (probed, source.graph if converted_from == "onnx" else source.model))
+    else:  # a lossy file's error is recorded
+        against = compare_exact(path.name, split, exact, None)
     checks = [hop, against]
     passed = not failures and all(check.passed for check in checks)
     return {
