@@ -96,24 +96,29 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # PIL's 16-bit (or wider) gra
 
 
 def _gray(image) -> np.ndarray:
-    """Gray levels as float32 [H, W] in [0, 1]: 16-bit levels kept; any other mode through RGB (palette, LA, CMYK)."""
+    """Gray levels as float32 [H, W] in [0, 1]: 16-bit levels kept; any other mode through RGBA then RGB (palette
+    with its transparency, LA, CMYK)."""
     if image.mode not in WIDE_MODES:
-        return np.asarray(image.convert("RGBA").convert("RGB").convert("L"), dtype=np.float32) / 255.0
+        return _gray_of_rgba(image.convert("RGBA"))
     values = np.asarray(image, dtype=np.float32)
     wide = image.mode.startswith("I;16") or values.max() > 255
     top = 1.0 if image.mode == "F" else 65535.0 if wide else 255.0
     return np.clip(values / top, 0.0, 1.0)
 
 
+def _gray_of_rgba(rgba) -> np.ndarray:
+    return np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float32) / 255.0
+
+
 def decode_gray_alpha(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``data``; gray and alpha as float32 [H, W] arrays in [0, 1]; BadInput when it is not an image."""
 
     def read(image):
-        gray = _gray(image)
         if image.mode in WIDE_MODES:
+            gray = _gray(image)
             return gray, np.ones(gray.shape, dtype=np.float32)
-        alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
-        return gray, alpha
+        rgba = image.convert("RGBA")
+        return _gray_of_rgba(rgba), np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
 
     return _decoded(data, read)
 
