@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 
+from crossport.interface import transposed
+
 
 def _weights(rng, fan_in: int, fan_out: int) -> tuple[np.ndarray, np.ndarray]:
     bound = 1.0 / np.sqrt(fan_in)
@@ -114,11 +116,6 @@ def two_inputs():
     return model
 
 
-def upright(images: np.ndarray) -> np.ndarray:
-    """[N, 784] images transposed picture by picture: crossport's EMNIST orientation ↔ upright."""
-    return images.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, 784)
-
-
 def upright_digits_weights(hidden: int = 64, epochs: int = 3):
     """(W, b) pairs of an MLP trained on upright digits, as the 2018 model was on upright EMNIST; and the data."""
     import torch
@@ -128,7 +125,7 @@ def upright_digits_weights(hidden: int = 64, epochs: int = 3):
     from training.train import TrainConfig, train
 
     data = load_digits(seed=0)
-    model, _ = train(upright(data.x_train), data.y_train, upright(data.x_test), data.y_test,
+    model, _ = train(transposed(data.x_train), data.y_train, transposed(data.x_test), data.y_test,
                      ModelConfig(arch="mlp", num_classes=10, hidden_sizes=(hidden,)),
                      TrainConfig(epochs=epochs, batch_size=64, learning_rate=1e-3, seed=0))
     weights = [(layer.weight.detach().numpy(), layer.bias.detach().numpy())

@@ -16,7 +16,7 @@ import pytest
 from crossport.errors import CrossportError, DataError, ImportModelError, TranslationError
 from crossport.exact import exact_outputs
 from crossport.exact.graph import check_network, network_from_onnx
-from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES
+from crossport.interface import INPUT, INPUT_SIZE, LOGITS, SCORES, transposed
 from tests.onnx_models import legacy_mlp, nchw_cnn, pooled_cnn, two_inputs, upright_digits_weights, with_op
 from translation.onnx_export import EXPORT_OPSET
 from translation.onnx_import import normalize
@@ -42,10 +42,6 @@ def run_original(model, images: np.ndarray) -> np.ndarray:
     shape = [d if isinstance(d, int) else -1 for d in feed.shape]
     rows = [session.run(None, {feed.name: image.reshape([1, *shape[1:]])})[0] for image in images]
     return np.concatenate(rows)
-
-
-def transposed(images: np.ndarray) -> np.ndarray:
-    return images.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import onnx
 import pytest
 
 from crossport.files import sha256_file
+from crossport.interface import transposed
 from tests.helpers import EXPECTED_FILES, ROOT, one_line_error, pipeline_here, run_cli
-from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright, upright_digits_weights, with_op
+from tests.onnx_models import legacy_mlp, nchw_cnn, two_inputs, upright_digits_weights, with_op
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_the_published_servable_reads_crossports_orientation(legacy_run):
     served = load_saved_model(root / "models" / "emnist_2018" / "1")(images)["scores"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # opset 7 runs in ORT
     feed = session.get_inputs()[0].name
-    original = np.concatenate([session.run(None, {feed: row[None]})[0] for row in upright(images)])
+    original = np.concatenate([session.run(None, {feed: row[None]})[0] for row in transposed(images)])
     assert np.array_equal(np.argmax(served, axis=1), np.argmax(original, axis=1))
     # the accuracy the card states is the one the brought file itself reaches on these images, upright
     card = json.loads((root / "models" / "emnist_2018" / "1" / "assets.extra" / "servable.json").read_text())
@@ -117,7 +118,7 @@ def test_a_channels_first_cnn_with_image_folders_and_a_label_file(tmp_path, capf
     data = load_digits(seed=0)
     labels = [f"digit-{d}" for d in range(10)]
     (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
-    for index, (image, target) in enumerate(zip(upright(data.x_test[:240]), data.y_test[:240], strict=True)):
+    for index, (image, target) in enumerate(zip(transposed(data.x_test[:240]), data.y_test[:240], strict=True)):
         folder = tmp_path / "images" / labels[target]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.reshape(28, 28)).save(folder / f"{index}.png")
