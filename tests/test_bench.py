@@ -150,3 +150,16 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
     assert client.get_run(run_id).data.metrics["crossport_fp32_batch1_p50_ms"] == pytest.approx(
         entry["batch1"]["p50_ms"])
     assert {a.path for a in client.list_artifacts(run_id)} == {"peers.json", "peers.md", "peers.png"}
+
+
+def test_a_peer_folder_crossport_did_not_make_is_never_cleared(tmp_path, monkeypatch):
+    from pipelines.tools.bench.peers import PEERS, environment
+
+    monkeypatch.setenv("CROSSPORT_PEERS_DIR", str(tmp_path))
+    theirs = tmp_path / "onnx2tf" / "notes.txt"
+    theirs.parent.mkdir()
+    theirs.write_text("mine")
+    peer = next(peer for peer in PEERS if peer.name == "onnx2tf")
+    with pytest.raises(RuntimeError, match=f"{tmp_path / 'onnx2tf'} holds files crossport did not write"):
+        environment(peer, install=True)
+    assert theirs.read_text() == "mine"

@@ -60,12 +60,14 @@ def environment(peer: Peer, install: bool) -> Path:
     if peer.python is None:
         return Path(sys.executable)
     home = environments_dir() / peer.name
-    python, stamp = home / "bin" / "python", home / ".installed"
+    python, stamp, ours = home / "bin" / "python", home / ".installed", home / ".made-by-crossport"
     wanted = peer.requirements.read_text()
     if stamp.is_file() and stamp.read_text() == wanted:
         return python
     if not install:
         raise RuntimeError(f"not installed in {home} (make peers installs it)")
+    if home.exists() and not ours.is_file() and any(home.iterdir()):  # remade only when crossport made it
+        raise RuntimeError(f"{home} holds files crossport did not write; set CROSSPORT_PEERS_DIR to another folder")
     base = shutil.which(peer.python)
     if base is None:
         raise RuntimeError(f"this machine has no {peer.python}, which {peer.name} needs")
@@ -75,6 +77,7 @@ def environment(peer: Peer, install: bool) -> Path:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command[-3:])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        ours.touch()  # from the moment the environment exists: a failed install may be remade
     stamp.write_text(wanted)
     return python
 
