@@ -120,6 +120,11 @@ def class_count(version_dir: Path) -> int | None:
     labels = Path(version_dir) / ASSETS_EXTRA / "labels.txt"
     if labels.is_file():
         return len(labels.read_text().splitlines())
+    return signature_class_count(version_dir)
+
+
+def signature_class_count(version_dir: Path) -> int | None:
+    """The width of the predict signature's ``scores`` output [batch, classes], or None."""
     from export.servable import read_signature_defs
 
     predict = read_signature_defs(version_dir).get(PREDICT_KEY)

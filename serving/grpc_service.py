@@ -1,9 +1,9 @@
 """TF Serving's gRPC API over any crossport backend, built on the ``tensorflow-serving-api`` protos.
 
-Serves ``tensorflow.serving.PredictionService`` (``Predict``, ``Classify``,
-``GetModelMetadata``) and ``tensorflow.serving.ModelService`` (``GetModelStatus``) for the
-one version a ``pipelines.serve`` process holds, so a client written against TF Serving —
-``prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request)`` — works
+Serves ``tensorflow.serving.PredictionService`` (``Predict``, ``Classify``, ``GetModelMetadata``)
+and ``tensorflow.serving.ModelService`` (``GetModelStatus``) for every version a ``pipelines.serve``
+process serves (by model name, version number or version label), so a client written against TF
+Serving — ``prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request)`` — works
 unchanged. Tensors travel as ``TensorProto`` in either encoding TF Serving accepts
 (``tensor_content`` bytes or ``float_val``) and answers come back as ``tensor_content``.
 Mistakes get the status TF Serving gives them: an unknown model or version is
@@ -21,6 +21,7 @@ from concurrent import futures
 import numpy as np
 
 from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY, SCORES
+from serving.repository import ServingError
 
 log = logging.getLogger("crossport.serve")
 
@@ -29,23 +30,10 @@ MAX_ELEMENTS = MAX_MESSAGE_BYTES // 4  # the most float32 values a message may c
 SIGNATURE_DEF = "signature_def"  # the one metadata field TF Serving answers
 
 
-class ServingError(Exception):
-    """A request TF Serving would refuse: ``code`` is the grpc.StatusCode name it answers with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def check_spec(servable, spec) -> None:
-    """The request's model_spec names this server's model (and version, when it pins one)."""
-    if spec.name != servable.name:
-        raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({spec.name})")
-    if spec.HasField("version") and spec.version.value != servable.version:
-        raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({spec.name}, "
-                                        f"{spec.version.value})")
-    if spec.version_label:
-        raise ServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {spec.version_label}")
+def held(repository, spec):
+    """The version a request's ``model_spec`` names (by number, by label, or the newest), held while it answers."""
+    version = spec.version.value if spec.HasField("version") else None
+    return repository.acquire(spec.name, version, spec.version_label or None)
 
 
 def tensor_to_array(proto, name: str) -> np.ndarray:
@@ -101,10 +89,14 @@ def images_of(array: np.ndarray, image) -> np.ndarray:
     return array
 
 
-def predict(servable, request):
+def predict(repository, request):
+    with held(repository, request.model_spec) as servable:
+        return _predict(servable, request)
+
+
+def _predict(servable, request):
     from tensorflow_serving.apis import predict_pb2
 
-    check_spec(servable, request.model_spec)
     signature = request.model_spec.signature_name or PREDICT_KEY
     if signature == CLASSIFY_KEY:
         raise ServingError("INVALID_ARGUMENT", f"signature {CLASSIFY_KEY!r} is a classify signature: call Classify")
@@ -127,10 +119,14 @@ def predict(servable, request):
     return response
 
 
-def classify(servable, request):
+def classify(repository, request):
+    with held(repository, request.model_spec) as servable:
+        return _classify(servable, request)
+
+
+def _classify(servable, request):
     from tensorflow_serving.apis import classification_pb2
 
-    check_spec(servable, request.model_spec)
     signature = request.model_spec.signature_name or PREDICT_KEY
     if signature == PREDICT_KEY:
         raise ServingError("INVALID_ARGUMENT", "Expected classification signature method_name to be "
@@ -170,12 +166,16 @@ def classify(servable, request):
     return response
 
 
-def metadata(servable, request):
+def metadata(repository, request):
+    with held(repository, request.model_spec) as servable:
+        return _metadata(servable, request)
+
+
+def _metadata(servable, request):
     from tensorflow_serving.apis import get_model_metadata_pb2
 
     from export.servable import read_signature_defs
 
-    check_spec(servable, request.model_spec)
     fields = list(request.metadata_field)
     if fields != [SIGNATURE_DEF]:
         raise ServingError("INVALID_ARGUMENT", f"Metadata field {(fields or [''])[0]} is not supported" if fields
@@ -190,13 +190,22 @@ def metadata(servable, request):
     return response
 
 
-def status(servable, request):
+def status(repository, request):
+    """Every version the server has known (LOADING, AVAILABLE, UNLOADING, END), or the one the request names."""
     from tensorflow_serving.apis import get_model_status_pb2
 
-    check_spec(servable, request.model_spec)
+    spec = request.model_spec
+    version = spec.version.value if spec.HasField("version") else None
+    if spec.version_label:
+        with held(repository, spec) as servable:
+            version = servable.version
     response = get_model_status_pb2.GetModelStatusResponse()
-    entry = response.model_version_status.add(version=servable.version)
-    entry.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    for entry in repository.status(spec.name, version):
+        answer = response.model_version_status.add(version=entry.number)
+        answer.state = get_model_status_pb2.ModelVersionStatus.State.Value(entry.state)
+        codes = answer.status.DESCRIPTOR.fields_by_name["error_code"].enum_type  # tensorflow.error.Code
+        answer.status.error_code = codes.values_by_name[entry.code].number
+        answer.status.error_message = str(entry.error) if entry.error is not None else ""
     return response
 
 
@@ -206,17 +215,17 @@ def _answer_spec(spec, servable, signature: str) -> None:
     spec.signature_name = signature
 
 
-def make_grpc_server(servable, host: str, port: int, *, workers: int = 8, reuse_port: bool = False):
-    """A started-on-demand ``grpc.Server`` answering for ``servable``; call ``.start()``. Port 0 picks a free one
-    (``server.crossport_port`` tells which). ``reuse_port``: share the port with the other ``--workers`` (gRPC's
-    Linux default, which would also share it with a stale server: off otherwise)."""
+def make_grpc_server(repository, host: str, port: int, *, workers: int = 8, reuse_port: bool = False):
+    """A started-on-demand ``grpc.Server`` answering for the versions ``repository`` serves; call ``.start()``.
+    Port 0 picks a free one (``server.crossport_port`` tells which). ``reuse_port``: share the port with the other
+    ``--workers`` (gRPC's Linux default, which would also share it with a stale server: off otherwise)."""
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     def call(handler):
         def method(request, context):
             try:
-                return handler(servable, request)
+                return handler(repository, request)
             except ServingError as error:
                 context.abort(getattr(grpc.StatusCode, error.code), str(error))
             except Exception:  # a bug answers INTERNAL with a message, never hangs the client

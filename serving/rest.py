@@ -30,10 +30,47 @@ from crossport.interface import (
     ImageContract,
 )
 
-ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?::(?P<verb>predict|classify)|"
-                   r"/(?P<metadata>metadata))?$")
+ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+                   r"(?::(?P<verb>predict|classify)|/(?P<metadata>metadata))?$")
+HTTP_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400}  # as TF Serving's REST maps them
 
 
+def handle(repository, method: str, path: str, body: bytes | None) -> tuple[int, dict]:
+    """A REST request against the versions ``repository`` (a :class:`serving.repository.Repository`) serves:
+    routed by model, version or version label as TF Serving routes it; the version is held while it answers."""
+    from serving.repository import ServingError
+
+    match = ROUTE.match(path)
+    if not match:
+        raise RestError(404, f"unknown path {path!r}: expected /v1/models/<name>[/versions/N|/labels/L]"
+                             "[:predict|:classify|/metadata]")
+    name, label = match["name"], match["label"]
+    version = int(match["version"]) if match["version"] else None
+    try:
+        if match["verb"]:
+            if method != "POST":
+                raise RestError(405, f":{match['verb']} expects POST")
+            with repository.acquire(name, version, label) as servable:
+                request = parse_json(body, max_depth(servable.backend.image))
+                return 200, servable.predict(request) if match["verb"] == "predict" else servable.classify(request)
+        if method != "GET":
+            raise RestError(405, "model status and metadata expect GET")
+        if match["metadata"]:
+            with repository.acquire(name, version, label) as servable:
+                return 200, servable.metadata()
+        if label:
+            with repository.acquire(name, None, label) as servable:
+                version = servable.version
+        return 200, {"model_version_status": [status_json(entry) for entry in repository.status(name, version)]}
+    except ServingError as error:
+        raise RestError(HTTP_STATUS.get(error.code, 500), str(error)) from None
+
+
+def status_json(entry) -> dict:
+    """One version's status as TF Serving's REST API writes it."""
+    message = str(entry.error) if entry.error is not None else ""
+    return {"version": str(entry.number), "state": entry.state,
+            "status": {"error_code": entry.code, "error_message": message}}
 
 
 def max_depth(image: ImageContract) -> int:
@@ -100,26 +137,6 @@ class Servable:
         self.backend = backend
         self.labels = served_labels(version_dir, backend)
 
-    # --- routing ---------------------------------------------------------------------------
-
-    def handle(self, method: str, path: str, body: bytes | None) -> tuple[int, dict]:
-        match = ROUTE.match(path)
-        if not match:
-            raise RestError(404, f"unknown path {path!r}: expected /v1/models/{self.name}[/versions/N]"
-                                 "[:predict|:classify|/metadata]")
-        if match["name"] != self.name or (match["version"] and int(match["version"]) != self.version):
-            wanted = f"{match['name']} version {match['version']}" if match["version"] else match["name"]
-            raise RestError(404, f"Servable not found for request: {wanted} (this server has {self.name} "
-                                 f"version {self.version})")
-        if match["verb"]:
-            if method != "POST":
-                raise RestError(405, f":{match['verb']} expects POST")
-            request = parse_json(body, max_depth(self.backend.image))
-            return 200, self.predict(request) if match["verb"] == "predict" else self.classify(request)
-        if method != "GET":
-            raise RestError(405, "model status and metadata expect GET")
-        return 200, self.metadata() if match["metadata"] else self.status()
-
     # --- verbs -----------------------------------------------------------------------------
 
     def predict(self, request: dict) -> dict:
@@ -181,10 +198,6 @@ class Servable:
             outputs = self.backend.classify_examples(array)
             return [[label.decode() for label in row] for row in outputs[CLASSES]], outputs[SCORES]
         return [self.labels] * len(array), np.asarray(self.backend.predict(array))
-
-    def status(self) -> dict:
-        return {"model_version_status": [{"version": str(self.version), "state": "AVAILABLE",
-                                          "status": {"error_code": "OK", "error_message": ""}}]}
 
     def metadata(self) -> dict:
         from google.protobuf import json_format

@@ -1,14 +1,17 @@
-"""``python -m pipelines.serve``: a published version behind TF Serving's REST and gRPC APIs, plus an upload page.
+"""``python -m pipelines.serve``: a model repository behind TF Serving's REST and gRPC APIs, plus an upload page.
 
+    python -m pipelines.serve models                  # every model in the repository, each its newest version
     python -m pipelines.serve models/emnist_mlp [--version N] [--backend saved_model|onnx|tflite_fp32|...]
-                              [--host 127.0.0.1] [--port 8501] [--grpc-port 8500] [--threads N] [--workers N]
+    python -m pipelines.serve --model-config-file models/models.config   # TF Serving's ModelServerConfig
+          [--file-system-poll-wait-seconds 1] [--host 127.0.0.1] [--port 8501] [--grpc-port 8500]
+          [--threads N] [--workers N]
 
-Routes: ``/v1/models/<name>[/versions/<N>]`` ``:predict``, ``:classify``, ``/metadata`` (as
-TF Serving answers them), ``GET /`` (drop a PNG, see the top 3 labels and the 28×28 image
-the model sees) and ``POST /v1/upload`` (a PNG body). With ``--grpc-port`` the same version also
-answers TF Serving's gRPC ``PredictionService`` and ``ModelService`` (:mod:`serving.grpc_service`).
-``--workers N`` runs N such processes behind the same ports (:mod:`serving.workers`).
-Binds 127.0.0.1 unless told otherwise.
+Routes: ``/v1/models/<name>[/versions/<N>|/labels/<label>]`` ``:predict``, ``:classify``, ``/metadata``
+and the status route (as TF Serving answers them), ``GET /`` (drop a PNG, see the top 3 labels and the image the
+model sees; the first model's newest version) and ``POST /v1/upload`` (a PNG body). With ``--grpc-port`` the same
+versions also answer TF Serving's gRPC ``PredictionService`` and ``ModelService`` (:mod:`serving.grpc_service`).
+Every base path is polled for new versions (:mod:`serving.repository`). ``--workers N`` runs N such processes
+behind the same ports (:mod:`serving.workers`), each polling. Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.cli import PORT, integer, summary_line
-from crossport.errors import ConfigError, CrossportError, ManifestError, report
+from crossport.errors import ConfigError, CrossportError, report
 from crossport.formats import SERVED
 
 log = logging.getLogger("crossport.serve")
@@ -59,50 +62,51 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def make_servable(model_dir: Path, version: int | None, backend: str, *, threads: int | None = None,
-                  instances: int = 1, allow_changed: bool = False, verify: bool = True):
-    """``verify``: check the version against its manifest first (a --workers worker's supervisor has)."""
-    from serving.rest import Servable, load_backend
-
-    name, number, version_dir = resolve_version(model_dir, version, backend, allow_changed=allow_changed,
-                                                verify=verify)
-    return Servable(name, number, version_dir,
-                    load_backend(version_dir, backend, threads or available_cores(), instances))
-
-
-def resolve_version(model_dir: Path, version: int | None, backend: str, *, allow_changed: bool = False,
-                    verify: bool = True) -> tuple[str, int, Path]:
-    """The model's name, the version's number and directory, checked against its manifest (unless not ``verify``);
-    nothing is loaded."""
-    from export.verify import check_version
-
-    model_dir = Path(model_dir)
-    if (model_dir / "saved_model.pb").is_file() and model_dir.name.isdigit():  # a version directory was given
-        if version is not None and version != int(model_dir.name):
-            raise ConfigError(f"{model_dir} is version {model_dir.name}, but --version {version} was given.",
-                              hint="Pass the model directory with --version, or the version directory alone.")
-        model_dir, version = model_dir.parent, int(model_dir.name)
+def open_repository(path: Path | None, version: int | None, backend: str, *, config_file: Path | None = None,
+                    serving_root: str = "/models", threads: int | None = None, instances: int = 1,
+                    allow_changed: bool = False, load: bool = True, who: str = ""):
+    """The repository a command line names, polled once: every model has a version AVAILABLE, or this raises why
+    not (the newest refusal, in one line). ``load`` False checks each version without loading it (a ``--workers``
+    supervisor, which serves nothing itself)."""
+    from serving.repository import Repository, read_model_config, sources_at
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
-    number, version_dir = pick_version(Path(model_dir), version)
-    checked = check_version(version_dir) if verify else None
-    if checked is not None and not checked.ok:
-        problems = "; ".join(checked.problems)
-        if not allow_changed:
-            raise ManifestError(f"{version_dir} no longer matches its manifest: {problems}.",
-                                hint="Check it with python -m pipelines.lineage, serve another --version, or pass "
-                                     "--allow-changed to serve it anyway.")
-        log.warning("serving %s although it no longer matches its manifest: %s", version_dir, problems)
-    return Path(model_dir).name, number, version_dir
+    if config_file is not None:
+        if path is not None or version is not None:
+            raise ConfigError("--model-config-file names the models, their versions and labels; a model path or "
+                              "--version was given as well.", hint="Pass one or the other.")
+        sources = read_model_config(config_file, serving_root)
+        discover = lambda: sources  # noqa: E731 - read once, as TF Serving reads --model_config_file
+    elif path is None:
+        raise ConfigError("no models to serve: expected a model repository, a model's directory or a version "
+                          "directory, or --model-config-file.", hint="e.g. python -m pipelines.serve models")
+    else:
+        discover = sources_at(Path(path), version)
+    repository = Repository(discover, servable_loader(backend, threads, instances) if load else None,
+                            allow_changed=allow_changed, who=who)
+    repository.poll()
+    error = repository.first_error()
+    if error is not None:
+        raise error
+    return repository
 
 
-def make_server(model_dir: Path, version: int | None, backend: str, host: str, port: int, *,
-                allow_changed: bool = False, threads: int | None = None, servable=None,
-                worker: int | None = None) -> RestServer:
+def servable_loader(backend: str, threads: int | None = None, instances: int = 1):
+    """``load(name, number, directory)``: one checked version loaded in ``backend``, behind TF Serving's REST
+    semantics (:class:`serving.rest.Servable`)."""
+    from serving.rest import Servable, load_backend
+
+    def load(name: str, number: int, directory: Path):
+        return Servable(name, number, directory, load_backend(directory, backend, threads or available_cores(),
+                                                               instances))
+
+    return load
+
+
+def make_server(repository, host: str, port: int, *, worker: int | None = None) -> RestServer:
     """The REST server; a ``worker`` (its index under ``--workers``) is left unbound for the supervisor's socket."""
-    servable = servable or make_servable(model_dir, version, backend, threads=threads, allow_changed=allow_changed)
-    handler = type("Handler", (RequestHandler,), {"servable": servable, "worker": worker})
+    handler = type("Handler", (RequestHandler,), {"repository": repository, "worker": worker})
     return RestServer((host, port), handler, bind_and_activate=worker is None)
 
 
@@ -115,7 +119,7 @@ class RestServer(ThreadingHTTPServer):
 
 
 class RequestHandler(BaseHTTPRequestHandler):
-    servable = None  # set per server
+    repository = None  # set per server
     worker = None  # the worker's index under --workers, named in each request's log line
     server_version = "crossport-serve"
     # keep-alive, as TF Serving's REST server: a client's next request reuses its connection (and this thread);
@@ -167,10 +171,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
     def _rest(self, method: str, body: bytes | None) -> None:
-        from serving.rest import RestError
+        from serving.rest import RestError, handle
 
         try:
-            status, payload = self.servable.handle(method, self.path, body)
+            status, payload = handle(self.repository, method, self.path, body)
         except RestError as error:
             status, payload = error.status, {"error": str(error)}
         except Exception:  # a bug must answer 500 with a message, never hang the client
@@ -179,21 +183,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._json(status, payload)
 
     def _upload(self, body: bytes) -> None:
-        from serving.serverless_handler import BadInput, image_to_pixels, resized_image, to_model_input, top_k
+        from serving.repository import ServingError
+        from serving.serverless_handler import BadInput
 
-        image = self.servable.backend.image
         try:
-            upright = image_to_pixels(body) if image.flat else resized_image(body, *image.shape)
+            with self.repository.acquire(self.repository.names[0]) as servable:
+                answer = _uploaded(servable, body)
+        except ServingError as error:
+            self._json(404, {"error": str(error)})
         except BadInput as error:
             self._json(400, {"error": str(error)})
-            return
-        row = to_model_input(upright) if image.flat else upright
-        scores = np.asarray(self.servable.backend.predict(row[np.newaxis]))[0]
-        # what the model sees: for a 28×28 model EMNIST orientation (transposed); any other, the resized image
-        seen = row.reshape(28, 28) if image.flat else upright
-        self._json(200, {"predictions": top_k(scores, self.servable.labels),
-                         "model_input_png": _png_data_url(seen), "upright_png": _png_data_url(upright),
-                         "backend": self.servable.backend.kind, "version": self.servable.version})
+        else:
+            self._json(200, answer)
 
     def _json(self, status: int, payload: dict) -> None:
         self._send(int(status), encode_json(payload), "application/json")
@@ -206,6 +207,20 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _uploaded(servable, body: bytes) -> dict:
+    """The top 3 labels of an uploaded image, with the image the model sees (``BadInput``: not an image)."""
+    from serving.serverless_handler import image_to_pixels, resized_image, to_model_input, top_k
+
+    image = servable.backend.image
+    upright = image_to_pixels(body) if image.flat else resized_image(body, *image.shape)
+    row = to_model_input(upright) if image.flat else upright
+    scores = np.asarray(servable.backend.predict(row[np.newaxis]))[0]
+    # what the model sees: for a 28×28 model EMNIST orientation (transposed); any other, the resized image
+    seen = row.reshape(28, 28) if image.flat else upright
+    return {"predictions": top_k(scores, servable.labels), "model_input_png": _png_data_url(seen),
+            "upright_png": _png_data_url(upright), "backend": servable.backend.kind, "version": servable.version}
 
 
 def encode_json(payload: dict) -> bytes:
@@ -235,9 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve", allow_abbrev=False,
                                      description=summary_line(__doc__))
-    parser.add_argument("model_dir", type=Path, help="<models-dir>/<name>, e.g. models/emnist_mlp, or one version "
-                                                     "directory, e.g. models/emnist_mlp/1")
-    parser.add_argument("--version", type=integer(1), help="version to serve (default: the newest)")
+    parser.add_argument("model_dir", type=Path, nargs="?",
+                        help="a model repository (every model in it), e.g. models; one model's directory, e.g. "
+                             "models/emnist_mlp; or one version directory, e.g. models/emnist_mlp/1")
+    parser.add_argument("--version", type=integer(1),
+                        help="with one model's directory: serve this version only (default: the newest, and each "
+                             "newer one published while serving)")
+    parser.add_argument("--model-config-file", "--model_config_file", type=Path,
+                        help="TF Serving's ModelServerConfig (e.g. the models/models.config a publish writes): "
+                             "each model's base_path, model_version_policy (latest N, specific, all) and "
+                             "version_labels, instead of a path")
+    parser.add_argument("--serving-root", default="/models",
+                        help="base paths under this folder in --model-config-file are read from the config's own "
+                             "folder, as TF Serving's container mounts the repository there (default: /models)")
+    parser.add_argument("--file-system-poll-wait-seconds", "--file_system_poll_wait_seconds", type=integer(0),
+                        default=1, help="seconds between polls of every base path for new versions, TF Serving's "
+                                        "flag and default (default: 1; 0: only at start)")
     parser.add_argument("--backend", default="saved_model", choices=BACKENDS, help="runtime (default: saved_model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=8501, help="port (default: 8501, TF Serving's REST port)")
@@ -291,9 +319,9 @@ def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None)
     from serving.workers import free_grpc_port, listening_socket, supervise
 
     port, grpc_port = args.port, None
-    try:
-        name, number, _ = resolve_version(args.model_dir, args.version, args.backend,
-                                          allow_changed=args.allow_changed)
+    try:  # every version checked (not loaded) before a worker starts: a bad path fails here, in one line
+        repository = open_repository(args.model_dir, args.version, args.backend, config_file=args.model_config_file,
+                                     serving_root=args.serving_root, allow_changed=args.allow_changed, load=False)
         sock = listening_socket(args.host, port)
         if args.grpc_port is not None:
             port = args.grpc_port
@@ -303,7 +331,7 @@ def _supervise(args: argparse.Namespace, argv: list[str], log_file: Path | None)
     except (OSError, OverflowError) as error:
         return _cannot_listen(args.host, port, error)
     host, rest_port = sock.getsockname()[:2]
-    ready = banner(name, number, args.backend, host, rest_port, args.host, grpc_port)
+    ready = banner(repository, args.backend, host, rest_port, args.host, grpc_port)
     threads = args.threads or max(1, available_cores() // args.workers)
     # gRPC connections stay on the worker the kernel gave them: one holding more than its share runs them at once
     instances = args.instances or max(1, available_cores() // threads)
@@ -317,10 +345,13 @@ def _cannot_listen(host: str, port: int, error: Exception) -> int:
     return 1
 
 
-def banner(name: str, number: int, backend: str, host: str, port: int, grpc_host: str,
-           grpc_port: int | None) -> list[str]:
-    """What the console says once the server listens."""
-    lines = [f"serving {name} version {number} ({backend}) on http://{host}:{port}/  (REST: /v1/models/{name}:predict)"]
+def banner(repository, backend: str, host: str, port: int, grpc_host: str, grpc_port: int | None) -> list[str]:
+    """What the console says once the server listens: each model, the versions it serves, where."""
+    lines = []
+    for name in repository.names:
+        served = repository.served(name)
+        lines.append(f"serving {name} version{'s' if len(served) > 1 else ''} {', '.join(map(str, served))} "
+                     f"({backend}) on http://{host}:{port}/  (REST: /v1/models/{name}:predict)")
     if grpc_port is not None:
         lines.append(f"gRPC (TF Serving's PredictionService and ModelService) on {grpc_host}:{grpc_port}")
     return lines
@@ -332,27 +363,28 @@ def _serve(args: argparse.Namespace) -> int:
     grpc_server, port = None, args.port
     worker = args.worker
     try:
-        servable = make_servable(args.model_dir, args.version, args.backend, threads=args.threads,
-                                 instances=args.instances or 1, allow_changed=args.allow_changed,
-                                 verify=worker is None)
-        server = make_server(args.model_dir, args.version, args.backend, args.host, port, servable=servable,
-                             worker=worker.index if worker else None)
+        repository = open_repository(args.model_dir, args.version, args.backend, config_file=args.model_config_file,
+                                     serving_root=args.serving_root, threads=args.threads,
+                                     instances=args.instances or 1, allow_changed=args.allow_changed,
+                                     who=f"worker {worker.index}: " if worker else "")
+        server = make_server(repository, args.host, port, worker=worker.index if worker else None)
         if worker:
             adopt(server, worker.listen_fd)
         if args.grpc_port is not None:
             from serving.grpc_service import make_grpc_server
 
             port = args.grpc_port
-            grpc_server = make_grpc_server(servable, args.host, port, reuse_port=worker is not None)
+            grpc_server = make_grpc_server(repository, args.host, port, reuse_port=worker is not None)
     except CrossportError as error:
         return report(error)
     except (OSError, OverflowError, RuntimeError) as error:  # grpc raises RuntimeError for a port in use
         return _cannot_listen(args.host, port, error)
     if grpc_server is not None:
         grpc_server.start()
+    repository.start(args.file_system_poll_wait_seconds)
     if not worker:  # a worker's supervisor says it, once
         host, port = server.server_address[:2]
-        for line in banner(servable.name, servable.version, servable.backend.kind, host, port, args.host,
+        for line in banner(repository, args.backend, host, port, args.host,
                            grpc_server.crossport_port if grpc_server is not None else None):
             log.info("%s", line)
     try:
@@ -363,6 +395,7 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        repository.stop()
         server.server_close()
         if grpc_server is not None:
             grpc_server.stop(grace=1)

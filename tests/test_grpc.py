@@ -171,13 +171,13 @@ def test_mistakes_get_the_status_tf_serving_returns(served, case):
 
 def test_serve_takes_a_version_directory_as_export_serverless_does(pipeline_run):
     from crossport.errors import ConfigError
-    from serving.serve import make_servable
+    from serving.serve import open_repository
 
     version = pipeline_run.models_dir / "emnist_mlp" / "1"
-    servable = make_servable(version, None, "onnx")
-    assert (servable.name, servable.version) == ("emnist_mlp", 1)
+    repository = open_repository(version, None, "onnx")
+    assert (repository.names, repository.served("emnist_mlp")) == (["emnist_mlp"], [1])
     with pytest.raises(ConfigError, match=r"is version 1, but --version 2 was given"):
-        make_servable(version, 2, "onnx")
+        open_repository(version, 2, "onnx")
 
 
 def test_serve_console_shows_only_its_own_lines(pipeline_run, tmp_path):

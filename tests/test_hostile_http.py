@@ -109,7 +109,7 @@ BODIES = [
     ("classify-string-pixels", CLASSIFY, named({"examples": [{"images": ["1"] * 784}]}), 400,
      "found string values"),
     ("unknown-model", "/v1/models/other:predict", json.dumps({"instances": [ROW]}).encode(), 404,
-     "Servable not found for request: other"),
+     "Servable not found for request: Latest(other)"),
     ("unknown-version", f"{MODEL}/versions/9:predict", json.dumps({"instances": [ROW]}).encode(), 404,
      "emnist_mlp version 9"),
     ("unknown-verb", f"{MODEL}:regress", json.dumps({"instances": [ROW]}).encode(), 404, "unknown path"),

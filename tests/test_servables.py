@@ -88,13 +88,13 @@ def structure(value):
 @pytest.mark.parametrize("example", ["predict_instances", "predict_inputs", "classify", "metadata", "status"])
 def test_documented_rest_examples_run_against_the_saved_model(version, example):
     from crossport.runtimes import load_saved_model
-    from serving.rest import Servable, load_backend
-    from serving.serve import encode_json
+    from serving.rest import handle
+    from serving.serve import encode_json, open_repository
 
     documented = json.loads((DOCS / f"{example}.json").read_text())
     body = (ROOT / documented["request"]).read_bytes() if "request" in documented else None
-    servable = Servable("emnist_mlp", 1, version, load_backend(version, "saved_model"))
-    status, response = servable.handle(documented["method"], documented["path"], body)
+    status, response = handle(open_repository(version, None, "saved_model"), documented["method"], documented["path"],
+                              body)
     response = json.loads(encode_json(response))  # as it goes over the wire
     assert status == documented["status"]
     assert structure(response) == structure(documented["response"])  # same keys, nesting, labels, lengths

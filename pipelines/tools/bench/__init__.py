@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.cli import summary_line
+from crossport.cli import integer, summary_line
 from crossport.errors import ConfigError, CrossportError, report
 from crossport.files import foreign_entries, model_repository_around, write_bytes_atomic
 from crossport.formats import BY_NAME, SERVED
@@ -248,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true",
                         help="instead: crossport side by side with litert-torch and onnx2tf on this version's model, "
                              "each installed in an environment of its own (peers/*.txt); writes peers.json/.md")
+    parser.add_argument("--rollout", action="store_true",
+                        help="instead: a rollout under load in a scratch folder (--out): clients call pipelines.serve "
+                             "while this version's run is published three more times and a tampered version "
+                             "appears; failed requests, each version's pick-up time, memory; writes rollout.json/.md")
+    parser.add_argument("--seconds", type=integer(1), default=60, help="with --rollout: how long the clients call "
+                                                                       "(default: 60)")
     parser.add_argument("--no-install", action="store_true",
                         help="with --peers: use the peers' environments as they are; a missing one is a row saying so")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -265,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         check_out(out, force=args.force)  # before minutes of measuring
         out.mkdir(parents=True, exist_ok=True)
         with quiet_console(out / "bench.log", args.debug):  # in its output folder, known only now
+            if args.rollout:
+                return _rollout(args, version_dir, out)
             return _peers(args, version_dir, out) if args.peers else _bench(args, version_dir, out)
 
     return run_command(body, debug=args.debug)
@@ -291,6 +299,19 @@ def _bench(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
     written = ", ".join(names)
     sys.stdout.write(f"\nwrote {written} to {out}" + (f"; {tracked}" if tracked else "; not tracked") + "\n")
     return 0
+
+
+def _rollout(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
+    from pipelines.tools.bench.rollout import render_rollout, rollout
+
+    try:
+        result = rollout(version_dir, out / "rollout", seconds=args.seconds)
+    except CrossportError as error:
+        return report(error)
+    write_bytes_atomic(out / "rollout.json", (json.dumps(result, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "rollout.md", render_rollout(result).encode())
+    sys.stdout.write(render_rollout(result) + f"\nwrote rollout.json, rollout.md and rollout/ to {out}\n")
+    return 0 if result["failed"] == 0 and not result["tampered"]["answered"] else 3
 
 
 def _peers(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
