@@ -115,6 +115,39 @@ def read_model_config(path: Path, serving_root: str = SERVING_ROOT) -> list[Mode
     return sources
 
 
+def config_reader(path: Path, serving_root: str = SERVING_ROOT,
+                  every: float = 0) -> Callable[[], list[ModelSource]]:
+    """The models of ``path`` for each poll: read now (a bad config raises, in one line), and again whenever it
+    changed and ``every`` seconds have passed since the last read (TF Serving's
+    ``--model_config_file_poll_wait_seconds``; 0: never). A config that breaks later is logged and the models
+    already read go on being served, as TF Serving keeps its config when a new one fails."""
+    path = Path(path)
+    state = {"sources": read_model_config(path, serving_root), "at": time.monotonic(), "stamp": _stamp(path)}
+
+    def discover() -> list[ModelSource]:
+        if every > 0 and time.monotonic() - state["at"] >= every:
+            state["at"] = time.monotonic()
+            stamp = _stamp(path)
+            if stamp != state["stamp"]:
+                state["stamp"] = stamp
+                try:
+                    state["sources"] = read_model_config(path, serving_root)
+                    log.info("re-read %s: %s", path, ", ".join(source.name for source in state["sources"]))
+                except ConfigError as error:
+                    log.error("kept the models already served: %s", error)
+        return state["sources"]
+
+    return discover
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def _policy(proto, where: str) -> Policy:
     kind = proto.WhichOneof("policy_choice")
     if kind == "specific":

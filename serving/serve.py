@@ -63,12 +63,12 @@ def available_cores() -> int:
 
 
 def open_repository(path: Path | None, version: int | None, backend: str, *, config_file: Path | None = None,
-                    serving_root: str = "/models", threads: int | None = None, instances: int = 1,
+                    serving_root: str = "/models", config_poll: int = 0, threads: int | None = None, instances: int = 1,
                     allow_changed: bool = False, load: bool = True, who: str = ""):
     """The repository a command line names, polled once: every model has a version AVAILABLE, or this raises why
     not (the newest refusal, in one line). ``load`` False checks each version without loading it (a ``--workers``
     supervisor, which serves nothing itself)."""
-    from serving.repository import Repository, read_model_config, sources_at
+    from serving.repository import Repository, config_reader, sources_at
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
@@ -76,8 +76,7 @@ def open_repository(path: Path | None, version: int | None, backend: str, *, con
         if path is not None or version is not None:
             raise ConfigError("--model-config-file names the models, their versions and labels; a model path or "
                               "--version was given as well.", hint="Pass one or the other.")
-        sources = read_model_config(config_file, serving_root)
-        discover = lambda: sources  # noqa: E731 - read once, as TF Serving reads --model_config_file
+        discover = config_reader(config_file, serving_root, config_poll)
     elif path is None:
         raise ConfigError("no models to serve: expected a model repository, a model's directory or a version "
                           "directory, or --model-config-file.", hint="e.g. python -m pipelines.serve models")
@@ -260,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TF Serving's ModelServerConfig (e.g. the models/models.config a publish writes): "
                              "each model's base_path, model_version_policy (latest N, specific, all) and "
                              "version_labels, instead of a path")
+    parser.add_argument("--model-config-file-poll-wait-seconds", "--model_config_file_poll_wait_seconds",
+                        type=integer(0), default=0,
+                        help="re-read --model-config-file this often when it changed, TF Serving's flag and default "
+                             "(default: 0, never; crossport's publish moves the 'validated' label in it)")
     parser.add_argument("--serving-root", default="/models",
                         help="base paths under this folder in --model-config-file are read from the config's own "
                              "folder, as TF Serving's container mounts the repository there (default: /models)")
@@ -364,7 +367,8 @@ def _serve(args: argparse.Namespace) -> int:
     worker = args.worker
     try:
         repository = open_repository(args.model_dir, args.version, args.backend, config_file=args.model_config_file,
-                                     serving_root=args.serving_root, threads=args.threads,
+                                     serving_root=args.serving_root,
+                                     config_poll=args.model_config_file_poll_wait_seconds, threads=args.threads,
                                      instances=args.instances or 1, allow_changed=args.allow_changed,
                                      who=f"worker {worker.index}: " if worker else "")
         server = make_server(repository, args.host, port, worker=worker.index if worker else None)

@@ -185,15 +185,16 @@ class Server:
     """``python -m pipelines.serve`` in its own process, with a small JSON client. Its output goes to a file (a pipe
     nobody reads fills after some 800 request log lines and stalls the server): :meth:`output` reads it."""
 
-    def __init__(self, model_dir: Path, backend: str, *extra: str, port: int | None = None) -> None:
+    def __init__(self, model_dir: Path | None, backend: str, *extra: str, port: int | None = None) -> None:
+        """``model_dir`` None: the models come from a ``--model-config-file`` among ``extra``."""
         import tempfile
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read by output(), closed with the object
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend, "--port", str(self.port),
-             *extra],
+            [sys.executable, "-m", "pipelines.serve", *([str(model_dir)] if model_dir else []), "--backend", backend,
+             "--port", str(self.port), *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
         def answers() -> bool:
