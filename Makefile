@@ -8,7 +8,7 @@ ARGS   ?=
 
 STANDIN ?= $(HOME)/.cache/crossport/standin
 
-.PHONY: install run test test-fast coverage lint ui clean browser bench scale matrix peers
+.PHONY: install run test test-fast coverage lint ui clean browser bench scale matrix peers rollout
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ peers: install
 
 bench: install
 	$(PY) -m pipelines.bench $(ARGS)
+
+# A rollout under load on the newest version, in runs/rollout (a scratch repository; yours is not touched): 4
+# clients for 60 s while the run is published three more times and a tampered version appears.
+rollout: install
+	$(PY) -m pipelines.bench --rollout --out runs/rollout $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

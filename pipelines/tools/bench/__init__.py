@@ -49,7 +49,7 @@ from pipelines.tools.bench.render import render_chart, render_comparison, render
 
 # what --out may hold
 BENCH_FILES = frozenset({"bench.json", "bench.md", "bench.png", "compare.md", "bench.log", "peers.json", "peers.md",
-                         "peers.png"})
+                         "peers.png", "rollout.json", "rollout.md", "rollout-serve.log"})
 
 # --- the whole benchmark -------------------------------------------------------------------
 
@@ -304,13 +304,17 @@ def _bench(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
 def _rollout(args: argparse.Namespace, version_dir: Path, out: Path) -> int:
     from pipelines.tools.bench.rollout import render_rollout, rollout
 
-    try:
-        result = rollout(version_dir, out / "rollout", seconds=args.seconds)
-    except CrossportError as error:
-        return report(error)
+    with tempfile.TemporaryDirectory(prefix="crossport-rollout-") as scratch:  # a copy of the run, a repository
+        try:
+            result = rollout(version_dir, Path(scratch), seconds=args.seconds)
+        except CrossportError as error:
+            return report(error)
+        finally:
+            if (Path(scratch) / "serve.out").is_file():  # the server's own lines: what it loaded, refused, unloaded
+                write_bytes_atomic(out / "rollout-serve.log", (Path(scratch) / "serve.out").read_bytes())
     write_bytes_atomic(out / "rollout.json", (json.dumps(result, indent=2) + "\n").encode())
     write_bytes_atomic(out / "rollout.md", render_rollout(result).encode())
-    sys.stdout.write(render_rollout(result) + f"\nwrote rollout.json, rollout.md and rollout/ to {out}\n")
+    sys.stdout.write(render_rollout(result) + f"\nwrote rollout.json, rollout.md and rollout-serve.log to {out}\n")
     return 0 if result["failed"] == 0 and not result["tampered"]["answered"] else 3
 
 

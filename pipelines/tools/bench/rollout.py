@@ -282,15 +282,22 @@ def _steady(server: subprocess.Popen, name: str, port: int, count: int, example:
             "growth_percent": 100 * (after - before) / before}
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def render_rollout(result: dict) -> str:
     lines = [f"# Rollout under load: {result['model']} ({result['backend']}), poll {result['poll_s']} s", "",
              f"{result['clients']} clients (REST and gRPC) for {result['seconds']:.1f} s: {result['requests']} "
              f"requests, {result['failed']} failed.", "",
-             "| version | load (s) | first answer after it appeared (s) |", "|---|---|---|"]
+             "| version | load (s) | poll + load (s) | first answer after it appeared (s) | within poll + load |",
+             "|---|---|---|---|---|"]
     for entry in result["versions"]:
-        load = "-" if entry["load_s"] is None else f"{entry['load_s']:.2f}"
-        first = "never" if entry["first_answer_after_s"] is None else f"{entry['first_answer_after_s']:.2f}"
-        lines.append(f"| {entry['version']} | {load} | {first} |")
+        load, first = entry["load_s"], entry["first_answer_after_s"]
+        bound = None if load is None else result["poll_s"] + load
+        within = "-" if bound is None or first is None else "yes" if first <= bound else "no"
+        lines.append(f"| {entry['version']} | {_number(load)} | {_number(bound)} | "
+                     f"{'never' if first is None else _number(first)} | {within} |")
     tampered = result["tampered"]
     lines += ["", f"Tampered version {tampered['version']}: "
                   f"{'ANSWERED' if tampered['answered'] else 'never answered'}; status "
