@@ -28,6 +28,7 @@ CLASSES = "classes"  # classify's label strings [N, C]
 CLASSIFY_INPUT = "inputs"  # classify's serialized tf.train.Example batch (TF Serving's fixed key)
 
 PREDICT_KEY = "serving_default"
+PREDICT_UINT8_KEY = "predict_uint8"  # images as 0-255 integers, scaled by 1/255 inside the graph: 4x smaller requests
 CLASSIFY_KEY = "classify"
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -170,16 +171,18 @@ class SignatureContract:
     method: str
     inputs: dict[str, TensorContract]
     outputs: dict[str, TensorContract]
+    optional: bool = False  # versions published before it existed lack it: checked only where present
 
 
 def signature_contracts(num_classes: int, image: ImageContract | None = None) -> dict[str, SignatureContract]:
     image = image or EMNIST_IMAGE
+    scores = {SCORES: TensorContract("DT_FLOAT", (None, num_classes))}
     return {
-        PREDICT_KEY: SignatureContract(
-            PREDICT_METHOD,
-            {INPUT: TensorContract("DT_FLOAT", (None, *image.shape))},
-            {SCORES: TensorContract("DT_FLOAT", (None, num_classes))},
-        ),
+        PREDICT_KEY: SignatureContract(PREDICT_METHOD, {INPUT: TensorContract("DT_FLOAT", (None, *image.shape))},
+                                       scores),
+        PREDICT_UINT8_KEY: SignatureContract(PREDICT_METHOD,
+                                             {INPUT: TensorContract("DT_UINT8", (None, *image.shape))}, scores,
+                                             optional=True),
         CLASSIFY_KEY: SignatureContract(
             CLASSIFY_METHOD,
             {CLASSIFY_INPUT: TensorContract("DT_STRING", (None,))},

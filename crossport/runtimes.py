@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, PREDICT_KEY, SCORES
+from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, PREDICT_KEY, PREDICT_UINT8_KEY, SCORES
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 CHUNK = 4096  # examples per runtime call at most
@@ -108,8 +108,10 @@ def load_saved_model(saved_model_dir: Path, signature: str = PREDICT_KEY, thread
             outputs = function(**{CLASSIFY_INPUT: tf.constant(serialize_examples(images), dtype=tf.string)})
             return {SCORES: outputs[SCORES].numpy(), CLASSES: outputs[CLASSES].numpy()}
     else:
+        dtype = tf.uint8 if signature == PREDICT_UINT8_KEY else tf.float32
+
         def run(images: np.ndarray) -> dict[str, np.ndarray]:
-            found = function(**{INPUT: tf.constant(images, dtype=tf.float32)})
+            found = function(**{INPUT: tf.constant(images, dtype=dtype)})
             return {name: value.numpy() for name, value in found.items() if outputs is None or name in outputs}
 
     return chunked(run, chunk)

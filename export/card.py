@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from crossport import __version__
 from crossport.formats import BY_NAME, FORMATS
-from crossport.interface import CLASSIFY_INPUT, EMNIST_IMAGE, INPUT, SCORES, ImageContract, signature_contracts
+from crossport.interface import (
+    CLASSIFY_INPUT,
+    CLASSIFY_KEY,
+    EMNIST_IMAGE,
+    INPUT,
+    PREDICT_UINT8_KEY,
+    SCORES,
+    ImageContract,
+    signature_contracts,
+)
 
 FORMAT_FILES = {fmt.name: fmt.path for fmt in FORMATS}
 PNG_RECIPE = [
@@ -52,9 +61,11 @@ VALUES_REFUSED = ("any value outside [0, 1], NaN or infinity: REST answers 400, 
 
 def card_signatures(num_classes: int, image: ImageContract = EMNIST_IMAGE) -> dict:
     """The signature contract the SavedModel is built and checked against, written for people."""
-    notes = {CLASSIFY_INPUT: f" serialized tf.train.Example, feature '{INPUT}'"}
+    notes = {(CLASSIFY_KEY, CLASSIFY_INPUT): f" serialized tf.train.Example, feature '{INPUT}'",
+             (PREDICT_UINT8_KEY, INPUT): " pixel values 0-255, scaled by 1/255 in the graph (a quarter of the float32 "
+                                         "request's bytes; the same scores as serving_default on x/255)"}
     return {key: {"method": sig.method,
-                  "inputs": {name: t.describe() + notes.get(name, "") for name, t in sig.inputs.items()},
+                  "inputs": {name: t.describe() + notes.get((key, name), "") for name, t in sig.inputs.items()},
                   "outputs": {name: t.describe() for name, t in sig.outputs.items()}}
             for key, sig in signature_contracts(num_classes, image).items()}
 

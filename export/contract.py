@@ -84,13 +84,15 @@ def replay_warmup(version_dir: Path) -> list[dict]:
         kind = record.WhichOneof("log_type")
         if kind == "predict_log":
             request = record.predict_log.request
-            function = _signature(model, request.model_spec.signature_name or PREDICT_KEY, index)
+            key = request.model_spec.signature_name or PREDICT_KEY
+            function = _signature(model, key, index)
             inputs = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()}
             outputs = function(**inputs)
             batch = int(next(iter(inputs.values())).shape[0])
         elif kind == "classify_log":
             request = record.classify_log.request
-            function = _signature(model, request.model_spec.signature_name or CLASSIFY_KEY, index)
+            key = request.model_spec.signature_name or CLASSIFY_KEY
+            function = _signature(model, key, index)
             examples = [example.SerializeToString() for example in request.input.example_list.examples]
             outputs = function(inputs=tf.constant(examples))
             batch = len(examples)
@@ -102,7 +104,7 @@ def replay_warmup(version_dir: Path) -> list[dict]:
         scores = outputs[SCORES].numpy()
         if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
             raise PackageError(f"warmup record {index} ({kind}): scores do not sum to 1.")
-        replayed.append({"record": index, "kind": kind, "batch": batch, "shapes": shapes,
+        replayed.append({"record": index, "kind": kind, "signature": key, "batch": batch, "shapes": shapes,
                          "model": request.model_spec.name})
     if not replayed:
         raise PackageError(f"{path} holds no records.")

@@ -1,4 +1,5 @@
-"""The SavedModel deployers get: ``serving_default`` (predict) and ``classify`` signatures.
+"""The SavedModel deployers get: ``serving_default`` (predict), ``predict_uint8`` (predict on 0-255 pixels, scaled
+inside the graph) and ``classify`` signatures.
 
 The contract lives in :mod:`crossport.interface`; :func:`signature_problems` is the one
 checker of a SavedModel's signatures: that contract, and TF Serving's own rules for predict
@@ -14,6 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from crossport.errors import PackageError
 from crossport.interface import (
     CLASSES,
@@ -23,6 +26,7 @@ from crossport.interface import (
     INPUT,
     PREDICT_KEY,
     PREDICT_METHOD,
+    PREDICT_UINT8_KEY,
     SCORES,
     ImageContract,
     image_shape_problem,
@@ -45,10 +49,18 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
             super().__init__()
             self.graph = graph
             self.labels = tf.constant(list(labels), dtype=tf.string)
+            # a variable, not a constant: TensorFlow's graph optimizer folds a constant divisor into the first
+            # layer's weights, which changes the rounding (1.9e-6 on a CNN); x / 255 itself is what a client computes
+            self.pixel_scale = tf.Variable(255.0, trainable=False, name="pixel_scale")
 
         @tf.function(input_signature=[tf.TensorSpec(image.batch_shape(), tf.float32, name=INPUT)])
         def predict(self, images):
             return {SCORES: self.graph.signatures[PREDICT_KEY](**{INPUT: images})[SCORES]}
+
+        @tf.function(input_signature=[tf.TensorSpec(image.batch_shape(), tf.uint8, name=INPUT)])
+        def predict_uint8(self, images):
+            # x / 255 in float32, the division numpy does: the same floats serving_default gets from a client
+            return self.predict(tf.cast(images, tf.float32) / self.pixel_scale)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)])
         def classify(self, inputs):
@@ -63,13 +75,29 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
     shutil.rmtree(staging, ignore_errors=True)
     tf.saved_model.save(
         servable, str(staging),
-        signatures={PREDICT_KEY: servable.predict, CLASSIFY_KEY: servable.classify},
+        signatures={PREDICT_KEY: servable.predict, PREDICT_UINT8_KEY: servable.predict_uint8,
+                    CLASSIFY_KEY: servable.classify},
     )
     set_method_name(staging, CLASSIFY_KEY, CLASSIFY_METHOD)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     check_signatures(out_dir, len(labels))
+
+
+def check_uint8_signature(saved_model_dir: Path, images: np.ndarray, threads: int | None = None) -> None:
+    """``predict_uint8`` on 0-255 pixels answers exactly what ``serving_default`` answers on the same pixels / 255
+    (float32 division, as a client computes it): the same scores, bit for bit, or a PackageError."""
+    from crossport.runtimes import load_saved_model
+
+    pixels = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+    scaled = load_saved_model(saved_model_dir, PREDICT_KEY, threads)(pixels.astype(np.float32) / np.float32(255))
+    raw = load_saved_model(saved_model_dir, PREDICT_UINT8_KEY, threads)(pixels)
+    if not np.array_equal(scaled[SCORES], raw[SCORES]):
+        worst = float(np.max(np.abs(scaled[SCORES].astype(np.float64) - raw[SCORES])))
+        raise PackageError(f"SavedModel {saved_model_dir}: {PREDICT_UINT8_KEY} differs from {PREDICT_KEY} on the "
+                           f"same pixels / 255 by up to {worst:.3g}; the two must answer the same scores.",
+                           hint="Re-run the package stage; report it if it persists.")
 
 
 def translated_image(graph, where) -> ImageContract:
@@ -186,7 +214,8 @@ def _contract_problems(defs: dict, num_classes: int) -> list[str]:
         image = ImageContract(shape) if image_shape_problem(shape) is None else None
     for key, contract in signature_contracts(num_classes, image).items():
         if key not in defs:
-            problems.append(f"missing signature {key!r}")
+            if not contract.optional:
+                problems.append(f"missing signature {key!r}")
             continue
         sig = defs[key]
         if sig.method_name != contract.method:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY
+from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY, PREDICT_UINT8_KEY
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_RECORDS = 1000  # TF Serving's own limit on warmup records
 
 
 def write_warmup(path: Path, model_name: str, images: np.ndarray, batch_sizes: tuple[int, ...] = (1, 8)) -> int:
-    """Write predict and classify requests on ``images`` (float32 [N, 784]); return the record count."""
+    """Write predict (float32 and uint8) and classify requests on ``images`` (float32 in [0, 1]); return the record
+    count."""
     import tensorflow as tf
     from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_log_pb2
 
@@ -33,6 +34,12 @@ def write_warmup(path: Path, model_name: str, images: np.ndarray, batch_sizes: t
         predict.model_spec.signature_name = PREDICT_KEY
         predict.inputs[INPUT].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.float32))
         records.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=predict)))
+
+        raw = predict_pb2.PredictRequest()  # the same images as 0-255 integers, as a client sending raw pixels
+        raw.model_spec.name = model_name
+        raw.model_spec.signature_name = PREDICT_UINT8_KEY
+        raw.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.round(batch * 255).astype(np.uint8), dtype=tf.uint8))
+        records.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=raw)))
 
         classify = classification_pb2.ClassificationRequest()
         classify.model_spec.name = model_name

@@ -20,7 +20,7 @@ from concurrent import futures
 
 import numpy as np
 
-from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY, SCORES
+from crossport.interface import CLASSIFY_KEY, INPUT, PREDICT_KEY, PREDICT_UINT8_KEY, SCORES
 from serving.repository import ServingError
 
 log = logging.getLogger("crossport.serve")
@@ -36,13 +36,21 @@ def held(repository, spec):
     return repository.acquire(spec.name, version, spec.version_label or None)
 
 
-def tensor_to_array(proto, name: str) -> np.ndarray:
-    """A DT_FLOAT TensorProto (``tensor_content`` or ``float_val``) as float32, TF's rules for each encoding."""
+# each dtype a Predict signature takes: its numpy type in tensor_content, and the repeated field of the other encoding
+ENCODINGS = {"DT_FLOAT": ("<f4", "float_val"), "DT_UINT8": ("u1", "int_val")}
+
+
+def tensor_to_array(proto, name: str, dtype: str = "DT_FLOAT") -> np.ndarray:
+    """A TensorProto of ``dtype`` (DT_FLOAT or DT_UINT8; in ``tensor_content`` or the value field) as that numpy
+    type, TF's rules for each encoding."""
     from tensorflow.core.framework import types_pb2
 
-    if proto.dtype != types_pb2.DT_FLOAT:
-        raise ServingError("INVALID_ARGUMENT", f"Expects arg[0] ({name}) to be float but "
+    if proto.dtype != types_pb2.DataType.Value(dtype):
+        kind = "float" if dtype == "DT_FLOAT" else "uint8"
+        raise ServingError("INVALID_ARGUMENT", f"Expects arg[0] ({name}) to be {kind} but "
                                                f"{types_pb2.DataType.Name(proto.dtype)} is provided")
+    numpy_type, field = ENCODINGS[dtype]
+    width = np.dtype(numpy_type).itemsize
     shape = [dim.size for dim in proto.tensor_shape.dim]
     if any(size < 0 for size in shape):
         raise ServingError("INVALID_ARGUMENT", f"input {name!r} has an unknown dimension in shape {shape}")
@@ -52,35 +60,45 @@ def tensor_to_array(proto, name: str) -> np.ndarray:
                                                f"may carry at most {MAX_ELEMENTS} ({MAX_MESSAGE_BYTES} bytes of "
                                                "float32)")
     if proto.tensor_content:
-        if len(proto.tensor_content) != 4 * count:
+        if len(proto.tensor_content) != width * count:
             raise ServingError("INVALID_ARGUMENT", f"input {name!r}: tensor_content holds {len(proto.tensor_content)} "
-                                                   f"bytes; shape {shape} needs {4 * count}")
-        values = np.frombuffer(proto.tensor_content, dtype="<f4")
+                                                   f"bytes; shape {shape} needs {width * count}")
+        values = np.frombuffer(proto.tensor_content, dtype=numpy_type)
     else:
-        values = np.asarray(proto.float_val, dtype=np.float32)
+        listed = getattr(proto, field)
+        if dtype == "DT_UINT8" and any(not 0 <= value <= 255 for value in listed):
+            raise ServingError("INVALID_ARGUMENT", f"input {name!r}: int_val holds values outside 0-255 for DT_UINT8")
+        values = np.asarray(listed, dtype=numpy_type)
         if len(values) == 1 and count > 1:  # TF repeats a single value over the whole shape
-            values = np.full(count, values[0], np.float32)
+            values = np.full(count, values[0], numpy_type)
         elif len(values) != count:
-            raise ServingError("INVALID_ARGUMENT", f"input {name!r}: {len(values)} float_val values for shape "
+            raise ServingError("INVALID_ARGUMENT", f"input {name!r}: {len(values)} {field} values for shape "
                                                    f"{shape} ({count} elements)")
-    return values.reshape(shape).astype(np.float32, copy=False)
+    return values.reshape(shape).astype(numpy_type, copy=False)
 
 
 def array_to_tensor(array: np.ndarray):
+    """A uint8 array as DT_UINT8, any other as DT_FLOAT, in ``tensor_content``."""
     from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-    array = np.ascontiguousarray(array, dtype="<f4")
+    raw = np.asarray(array).dtype == np.uint8
+    array = np.ascontiguousarray(array, dtype="u1" if raw else "<f4")
     return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_content=array.tobytes(),
+        dtype=types_pb2.DT_UINT8 if raw else types_pb2.DT_FLOAT, tensor_content=array.tobytes(),
         tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s)
                                                             for s in array.shape]))
 
 
-def images_of(array: np.ndarray, image) -> np.ndarray:
-    """``array`` as a batch of the served model's examples (``image``: its crossport.interface.ImageContract)."""
+def _batch_of(array: np.ndarray, image) -> np.ndarray:
     if array.ndim < 1 or array.shape[1:] != image.shape:
         raise ServingError("INVALID_ARGUMENT", f"input {INPUT!r} must be [batch, {', '.join(map(str, image.shape))}], "
                                                f"found {list(array.shape)}")
+    return array
+
+
+def images_of(array: np.ndarray, image) -> np.ndarray:
+    """``array`` as a batch of the served model's examples (``image``: its crossport.interface.ImageContract)."""
+    _batch_of(array, image)
     from serving.serverless_handler import pixel_problem
 
     problem = pixel_problem(array)
@@ -100,7 +118,8 @@ def _predict(servable, request):
     signature = request.model_spec.signature_name or PREDICT_KEY
     if signature == CLASSIFY_KEY:
         raise ServingError("INVALID_ARGUMENT", f"signature {CLASSIFY_KEY!r} is a classify signature: call Classify")
-    if signature != PREDICT_KEY:
+    raw = signature == PREDICT_UINT8_KEY
+    if signature != PREDICT_KEY and not (raw and servable.backend.predict_uint8 is not None):
         raise ServingError("INVALID_ARGUMENT", f"Serving signature key \"{signature}\" not found.")
     names = sorted(request.inputs)
     if names != [INPUT]:
@@ -111,10 +130,14 @@ def _predict(servable, request):
     if unknown:
         raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: {unknown[0]} "
                                                f"Outputs expected to be in the set {{{SCORES}}}.")
-    images = images_of(tensor_to_array(request.inputs[INPUT], INPUT), servable.backend.image)
-    scores = np.asarray(servable.backend.predict(images))
+    if raw:  # every uint8 is a pixel: only the shape is checked
+        images = _batch_of(tensor_to_array(request.inputs[INPUT], INPUT, "DT_UINT8"), servable.backend.image)
+        scores = np.asarray(servable.backend.predict_uint8(images))
+    else:
+        images = images_of(tensor_to_array(request.inputs[INPUT], INPUT), servable.backend.image)
+        scores = np.asarray(servable.backend.predict(images))
     response = predict_pb2.PredictResponse()
-    _answer_spec(response.model_spec, servable, PREDICT_KEY)
+    _answer_spec(response.model_spec, servable, signature)
     response.outputs[SCORES].CopyFrom(array_to_tensor(scores))
     return response
 

@@ -26,6 +26,7 @@ from crossport.interface import (
     EMNIST_IMAGE,
     INPUT,
     PREDICT_KEY,
+    PREDICT_UINT8_KEY,
     SCORES,
     ImageContract,
 )
@@ -93,6 +94,7 @@ class Backend:
     predict: object
     classify_examples: object | None  # SavedModel: serialized tf.Examples → (classes, scores)
     image: ImageContract = EMNIST_IMAGE  # what one example is: the version's SavedModel declares it
+    predict_uint8: object | None = None  # uint8 [N, *image.shape] → scores, where the version declares predict_uint8
 
 
 def load_backend(version_dir: Path, kind: str, threads: int | None = None, instances: int = 1) -> Backend:
@@ -100,7 +102,7 @@ def load_backend(version_dir: Path, kind: str, threads: int | None = None, insta
     ``instances``: TFLite interpreters answering at once (the other runtimes run concurrent calls themselves)."""
     from crossport.formats import BY_NAME
     from crossport.runtimes import load_format, load_saved_model
-    from export.servable import image_contract
+    from export.servable import image_contract, read_signature_defs
 
     if kind not in BY_NAME or not BY_NAME[kind].served:
         raise ValueError(f"unknown backend {kind!r}")
@@ -108,7 +110,14 @@ def load_backend(version_dir: Path, kind: str, threads: int | None = None, insta
     run = load_format(fmt, version_dir / fmt.path, threads, instances)
     # only the SavedModel has TF Serving's classify signature
     classify = load_saved_model(version_dir, CLASSIFY_KEY, threads) if fmt.loader == "saved_model" else None
-    return Backend(kind, lambda rows: run(rows)[SCORES], classify, image_contract(version_dir))
+    predict_uint8 = None
+    if PREDICT_UINT8_KEY in read_signature_defs(version_dir):  # versions published before it lack it
+        if fmt.loader == "saved_model":
+            raw = load_saved_model(version_dir, PREDICT_UINT8_KEY, threads)
+            predict_uint8 = lambda rows: raw(rows)[SCORES]  # noqa: E731
+        else:  # x / 255 in float32, as the signature's graph computes it: the same floats, the same scores
+            predict_uint8 = lambda rows: run(rows.astype(np.float32) / np.float32(255))[SCORES]  # noqa: E731
+    return Backend(kind, lambda rows: run(rows)[SCORES], classify, image_contract(version_dir), predict_uint8)
 
 
 def served_labels(version_dir: Path, backend: Backend) -> list[str]:
@@ -141,15 +150,19 @@ class Servable:
 
     def predict(self, request: dict) -> dict:
         signature = request.get("signature_name", PREDICT_KEY)
-        if signature != PREDICT_KEY:
-            raise RestError(400, f"signature {signature!r} is not a predict signature; use serving_default "
-                                 "(classify has its own :classify endpoint)")
+        if signature not in (PREDICT_KEY, PREDICT_UINT8_KEY):
+            raise RestError(400, f"signature {signature!r} is not a predict signature; use {PREDICT_KEY} or "
+                                 f"{PREDICT_UINT8_KEY} (classify has its own :classify endpoint)")
+        raw = signature == PREDICT_UINT8_KEY
+        if raw and self.backend.predict_uint8 is None:
+            raise RestError(400, f"Serving signature key \"{PREDICT_UINT8_KEY}\" not found (this version was "
+                                 f"published before it existed; send pixels / 255 to {PREDICT_KEY})")
         if ("instances" in request) == ("inputs" in request):
             raise RestError(400, "expected exactly one of 'instances' (row format) or 'inputs' (columnar format)")
         if "instances" in request:
             instances = request["instances"]
             if isinstance(instances, np.ndarray):  # rows read_batch has read
-                return {"predictions": as_json_numbers(self._scores(instances))}
+                return {"predictions": as_json_numbers(self._scores(instances, raw))}
             if not isinstance(instances, list) or not instances:
                 raise RestError(400, "'instances' must be a non-empty list")
             rows = []
@@ -158,13 +171,13 @@ class Servable:
                     raise RestError(400, f"instance {index} is an object with {sorted(item)[:5]}; expected only "
                                          f"{INPUT!r}, or the example's numbers themselves")
                 rows.append(item[INPUT] if isinstance(item, dict) else item)
-            return {"predictions": as_json_numbers(self._scores(rows))}
+            return {"predictions": as_json_numbers(self._scores(rows, raw))}
         inputs = request["inputs"]
         if isinstance(inputs, dict):
             if set(inputs) != {INPUT}:
                 raise RestError(400, f"expected the input {INPUT!r}, found {sorted(inputs)}")
             inputs = inputs[INPUT]
-        return {"outputs": as_json_numbers(self._scores(inputs))}
+        return {"outputs": as_json_numbers(self._scores(inputs, raw))}
 
     def classify(self, request: dict) -> dict:
         # TF Serving's default signature is serving_default, a predict one: classify must name its signature
@@ -219,10 +232,10 @@ class Servable:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _rows(self, rows, flat: bool = False) -> np.ndarray:
+    def _rows(self, rows, flat: bool = False, raw: bool = False) -> np.ndarray:
         """A batch of examples in [0, 1], each of the image's shape (``flat``: each its values in one list, as a
-        tf.Example feature holds them)."""
-        from serving.serverless_handler import BadInput, numbers, pixel_problem
+        tf.Example feature holds them; ``raw``: integers 0-255, as uint8)."""
+        from serving.serverless_handler import BadInput, numbers, pixel_problem, raw_pixel_problem
 
         try:
             array = numbers(rows, f"{INPUT!r} as a batch of {self.image_text()}")
@@ -233,15 +246,17 @@ class Servable:
             array = array.reshape(len(array), *image.shape)
         if array.shape[1:] != image.shape:
             raise RestError(400, f"expected {INPUT!r} of shape [batch, {self.image_text()}], found {list(array.shape)}")
-        problem = pixel_problem(array)
+        problem = (raw_pixel_problem if raw else pixel_problem)(array)
         if problem:
             raise RestError(400, f"{INPUT!r}: {problem}")
-        return array
+        return array.astype(np.uint8) if raw else array
 
     def image_text(self) -> str:
         return ", ".join(map(str, self.backend.image.shape))
 
-    def _scores(self, rows) -> np.ndarray:
+    def _scores(self, rows, raw: bool = False) -> np.ndarray:
+        if raw:
+            return np.asarray(self.backend.predict_uint8(self._rows(rows, raw=True)))
         return np.asarray(self.backend.predict(self._rows(rows)))
 
 

@@ -261,6 +261,16 @@ def pixel_problem(array: np.ndarray) -> str | None:
             f"{list(where)}{f' and {int(bad.sum()) - 1} more' if bad.sum() > 1 else ''}")
 
 
+def raw_pixel_problem(array: np.ndarray) -> str | None:
+    """:func:`pixel_problem` for ``predict_uint8``: each value an integer pixel from 0 to 255."""
+    bad = ~(np.isfinite(array) & (array >= 0) & (array <= 255) & (np.floor(array) == array))
+    if not bad.any():
+        return None
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (f"expected integer pixel values from 0 to 255 (signature predict_uint8), found {float(array[where]):.7g} "
+            f"at index {list(where)}{f' and {int(bad.sum()) - 1} more' if bad.sum() > 1 else ''}")
+
+
 def pixels_to_input(pixels, shape: tuple[int, ...] = (SIDE * SIDE,)) -> np.ndarray:
     """One example of the model's input ``shape``, in [0, 1]: for (784,) 784 values or 28 rows of 28 (EMNIST
     orientation); for (H, W, C) H rows of W pixels of C values, or H·W·C values row-major."""

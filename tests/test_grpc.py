@@ -73,6 +73,34 @@ def test_predict_answers_as_rest_does_in_either_tensor_encoding(served, encoding
     np.testing.assert_array_equal(scores, rest_scores(server, batch))  # same backend, same bytes
 
 
+def pixels(count: int = 3) -> np.ndarray:
+    return np.random.default_rng(count).integers(0, 256, (count, 784), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("encoding", ["content", "int_val"])
+def test_predict_uint8_answers_what_serving_default_answers_on_pixels_over_255(served, encoding):
+    """A quarter of the bytes: 0-255 pixels as DT_UINT8, scaled inside the SavedModel's graph (or, for another
+    backend, in float32 as the graph does): the same scores as the float request, bit for bit."""
+    import tensorflow as tf
+
+    prediction, _, server, _ = served
+    batch = pixels(4)
+    request = predict_request(images(1), signature="predict_uint8")
+    tensor = request.inputs[INPUT]
+    tensor.CopyFrom(tf.make_tensor_proto(batch, dtype=tf.uint8))
+    if encoding == "int_val":
+        tensor.ClearField("tensor_content")
+        tensor.int_val.extend(batch.ravel().tolist())
+    response = prediction.Predict(request, timeout=60)
+    assert response.model_spec.signature_name == "predict_uint8"
+    expected = rest_scores(server, batch.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(tf.make_ndarray(response.outputs[SCORES]), expected)
+    status, body = server.post("/v1/models/emnist_mlp:predict", {"signature_name": "predict_uint8",
+                                                                 "instances": batch.tolist()})
+    assert status == 200
+    np.testing.assert_array_equal(np.asarray(body["predictions"], np.float32), expected)
+
+
 def test_classify_names_its_signature_and_returns_labels(served):
     from tensorflow_serving.apis import classification_pb2
 
@@ -103,7 +131,7 @@ def test_metadata_and_status_as_tf_serving_reports_them(served):
     response = prediction.GetModelMetadata(request, timeout=60)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(signatures)
-    assert set(signatures.signature_def) == {"serving_default", "classify"}
+    assert set(signatures.signature_def) == {"serving_default", "predict_uint8", "classify"}
     assert signatures.signature_def["classify"].method_name == "tensorflow/serving/classify"
     status_request = get_model_status_pb2.GetModelStatusRequest()
     status_request.model_spec.name = "emnist_mlp"
@@ -134,6 +162,11 @@ def mistakes():
     del wrapping.inputs[INPUT].tensor_shape.dim[:]
     wrapping.inputs[INPUT].tensor_shape.dim.add().size = 2**62
     wrapping.inputs[INPUT].tensor_shape.dim.add().size = 4
+    uint8_as_float = predict_request(images(1), signature="predict_uint8")
+    uint8_wrapping = predict_request(images(1), signature="predict_uint8")
+    uint8_wrapping.inputs[INPUT].CopyFrom(tf.make_tensor_proto(np.zeros((1, 784), np.uint8), dtype=tf.uint8))
+    uint8_wrapping.inputs[INPUT].ClearField("tensor_content")
+    uint8_wrapping.inputs[INPUT].int_val.extend([256] * 784)
     classify_default = classification_pb2.ClassificationRequest()
     classify_default.model_spec.name = "emnist_mlp"  # no signature_name: TF Serving's default is a predict one
     classify_default.input.example_list.examples.add().features.feature[INPUT].float_list.value.extend([0.0] * 784)
@@ -154,10 +187,12 @@ def mistakes():
         ("Predict", wrapping, "INVALID_ARGUMENT", f"of shape [{2**62}, 4] holds {2**64} values"),
         ("Classify", classify_default, "INVALID_ARGUMENT", "Expected classification signature method_name to be "
                                                            "tensorflow/serving/classify"),
+        ("Predict", uint8_as_float, "INVALID_ARGUMENT", "Expects arg[0] (images) to be uint8 but DT_FLOAT is provided"),
+        ("Predict", uint8_wrapping, "INVALID_ARGUMENT", "int_val holds values outside 0-255 for DT_UINT8"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(13))
 def test_mistakes_get_the_status_tf_serving_returns(served, case):
     import grpc
 

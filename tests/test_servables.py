@@ -48,6 +48,7 @@ def test_warmup_records_replay_through_the_saved_model(version):
 
     replayed = replay_warmup(version)
     assert {record["kind"] for record in replayed} == {"predict_log", "classify_log"}
+    assert {record["signature"] for record in replayed} == {"serving_default", "predict_uint8", "classify"}
     assert 0 < len(replayed) <= 1000
     assert all(shape[0] == record["batch"] for record in replayed for shape in record["shapes"].values())
 

@@ -63,7 +63,7 @@ def translate_stage(ctx: Context) -> StageResult:
 
 def package_stage(ctx: Context) -> StageResult:
     from crossport.runtimes import load_onnx, load_saved_model
-    from export.servable import build_saved_model
+    from export.servable import build_saved_model, check_uint8_signature
     from export.warmup import write_warmup
 
     tf_graph = ctx.input("tf_graph")
@@ -76,6 +76,7 @@ def package_stage(ctx: Context) -> StageResult:
     diagnose = lambda: locate_divergence(onnx_path, tf_graph, golden, exact.network_gamma).describe()  # noqa: E731
     for signature, name in ((PREDICT_KEY, SM_PREDICT), (CLASSIFY_KEY, SM_CLASSIFY)):
         self_check(ONNX, name, reference, load_saved_model(out, signature, threads)(golden), exact, diagnose=diagnose)
+    check_uint8_signature(out, golden, threads)
     warmup = ctx.run_dir / "tf_serving_warmup_requests"
     records = write_warmup(warmup, ctx.config.name, golden)
     return StageResult(made=[Made("saved_model", out, ("tf_graph", "labels")), Made("warmup", warmup, ("golden",))],
