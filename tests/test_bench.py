@@ -52,9 +52,21 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
         package = report["serverless"][variant]
         assert package["zipped_bytes"] <= package["unzipped_bytes"] and package["cold_start"]["median_s"] > 0
     assert all(row["errors"] == 0 and row["requests"] > 0 for row in report["http"])
-    assert {row["protocol"] for row in report["http"]} == {"rest", "grpc"}  # the same backends over both APIs
+    load = [row for row in report["http"] if not row.get("cost")]
+    assert {row["protocol"] for row in load} == {"rest", "grpc"}  # the same backends over both APIs
+    # what a request costs beyond the model: the same batch of 128 as float32 and as uint8 pixels, per backend
+    cost = {(row["backend"], row["protocol"]): row for row in report["http"] if row.get("cost")}
+    assert set(cost) == {(row["backend"], protocol) for row in load for protocol in ("grpc", "grpc_uint8")}
+    for backend in {row["backend"] for row in load}:
+        floats, pixels = cost[backend, "grpc"], cost[backend, "grpc_uint8"]
+        assert floats["batch"] == pixels["batch"] == 128
+        assert floats["request_bytes"] / pixels["request_bytes"] > 3.9  # 4 bytes a value against 1, and a header
+        for row in (floats, pixels):
+            assert row["model_cpu_ms_per_call"] > 0
+            assert row["server_cpu_over_model"] == pytest.approx(row["server_cpu_ms_per_request"]
+                                                                 / row["model_cpu_ms_per_call"])
     ticks = 1 / os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in clock ticks, per process
-    for row in report["http"]:
+    for row in load:
         runtime = report["runtimes"][{"onnx": "onnxruntime"}.get(row["backend"], row["backend"])]
         assert row["in_process_share"] == pytest.approx(row["examples_per_s"] / runtime["batch1"]["examples_per_s"])
         # The server's CPU covers its workers: no request costs it less than the model call alone takes in process

@@ -86,7 +86,8 @@ def structure(value):
     return "number" if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
-@pytest.mark.parametrize("example", ["predict_instances", "predict_inputs", "classify", "metadata", "status"])
+@pytest.mark.parametrize("example", ["predict_instances", "predict_inputs", "predict_uint8", "classify", "metadata",
+                                     "status"])
 def test_documented_rest_examples_run_against_the_saved_model(version, example):
     from crossport.runtimes import load_saved_model
     from serving.rest import handle
@@ -101,9 +102,11 @@ def test_documented_rest_examples_run_against_the_saved_model(version, example):
     assert structure(response) == structure(documented["response"])  # same keys, nesting, labels, lengths
     if body is not None:  # and the numbers are this model's, exactly as the signature computes them
         request = json.loads(body)
-        rows = (request.get("instances") or request.get("inputs", {}).get("images")
-                or [e["images"] for e in request["examples"]])
-        expected = load_saved_model(version)(np.asarray(rows, np.float32))["scores"]
+        rows = np.asarray(request.get("instances") or request.get("inputs", {}).get("images")
+                          or [e["images"] for e in request["examples"]], np.float32)
+        if request.get("signature_name") == "predict_uint8":  # pixels 0-255: serving_default's scores on pixels / 255
+            rows = rows / np.float32(255)
+        expected = load_saved_model(version)(rows)["scores"]
         values = response.get("predictions") or response.get("outputs") or [
             [score for _, score in row] for row in response["results"]]
         np.testing.assert_allclose(np.asarray(values), expected, atol=1e-6)

@@ -44,7 +44,7 @@ from pipelines.tools.bench.harness import (
     summarize,
     timed,
 )
-from pipelines.tools.bench.load import serve_load, serving
+from pipelines.tools.bench.load import model_cpu_ms, serve_load, serving
 from pipelines.tools.bench.render import render_chart, render_comparison, render_markdown
 
 # what --out may hold
@@ -189,6 +189,17 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
             rows += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images, protocol)
                      for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
                      for batch in (batches[:1] if quick else batches)]
+        # what a request costs beyond the model, float32 against uint8 pixels: one server, batch 128
+        with serving(version_dir.parent, backend, 1) as served:
+            cost = [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 2, 128, images, protocol)
+                    for protocol in ("grpc", "grpc_uint8")]
+        model_ms = model_cpu_ms(version_dir, backend, images[:128], cores, 1.0 if quick else 3.0)
+        for row in cost:
+            row["model_cpu_ms_per_call"] = model_ms
+            row["server_cpu_over_model"] = (row["server_cpu_ms_per_request"] / model_ms
+                                            if row["server_cpu_ms_per_request"] else None)
+            row["cost"] = True  # the request-cost rows (one worker); the others are the throughput rows
+        rows += cost
     in_process = {"onnx": "onnxruntime"}
     for row in rows:  # the service against the same backend called in this process, same batch
         runtime = runtimes.get(in_process.get(row["backend"], row["backend"]))

@@ -83,8 +83,12 @@ def serve_load(served: Served, model_dir: Path, seconds: float, clients: int, ba
     body = json.dumps({"instances": images[:batch].tolist()}).encode()
     path = f"/v1/models/{model_dir.name}:predict"
     callers: list = [None] * clients
-    if protocol == "grpc":
-        callers = [_grpc_caller(grpc_port, model_dir.name, images[:batch]) for _ in range(clients)]
+    request_bytes = len(body)
+    if protocol in GRPC_INPUTS:  # grpc: float32 in [0, 1]; grpc_uint8: the same pixels as 0-255, predict_uint8
+        signature, as_input = GRPC_INPUTS[protocol]
+        callers = [_grpc_caller(grpc_port, model_dir.name, as_input(images[:batch]), signature)
+                   for _ in range(clients)]
+        request_bytes = callers[0].request_bytes
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -128,7 +132,7 @@ def serve_load(served: Served, model_dir: Path, seconds: float, clients: int, ba
         return cpu_s / len(latencies) * 1e3 if cpu_s is not None and latencies else None
 
     return {"backend": served.backend, "protocol": protocol, "clients": clients, "workers": served.workers,
-            "batch": batch,
+            "batch": batch, "request_bytes": request_bytes,
             "seconds": wall,
             "requests": len(latencies),
             "errors": errors[0], "requests_per_s": len(latencies) / wall,
@@ -164,7 +168,11 @@ def _tree_cpu_s(root: int) -> float | None:
     return sum(ticks[pid] for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
-def _grpc_caller(port: int, name: str, batch: np.ndarray):
+GRPC_INPUTS = {"grpc": ("serving_default", lambda images: images.astype(np.float32)),
+               "grpc_uint8": ("predict_uint8", lambda images: np.round(images * 255).astype(np.uint8))}
+
+
+def _grpc_caller(port: int, name: str, batch: np.ndarray, signature: str = "serving_default"):
     """``Predict`` with one PredictRequest (tensor_content) serialized once, sent as bytes over a channel of its own
     (its own connection, as a separate client's: under --workers each connection stays on one worker), its answers
     left undecoded: a load generator costs the two cores little, as a C one would (the first answer is decoded and
@@ -178,7 +186,8 @@ def _grpc_caller(port: int, name: str, batch: np.ndarray):
     grpc.channel_ready_future(channel).result(timeout=120)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
-    request.inputs[INPUT].CopyFrom(array_to_tensor(batch))
+    request.model_spec.signature_name = signature
+    request.inputs[INPUT].CopyFrom(array_to_tensor(batch))  # DT_UINT8 for a uint8 batch
     payload = request.SerializeToString()
     predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes in, bytes out
     answer = predict_pb2.PredictResponse.FromString(predict(payload, timeout=60))
@@ -193,4 +202,19 @@ def _grpc_caller(port: int, name: str, batch: np.ndarray):
         except grpc.RpcError:
             return False
 
+    call.request_bytes = len(payload)
     return call
+
+
+def model_cpu_ms(version_dir: Path, backend: str, images: np.ndarray, threads: int, seconds: float) -> float:
+    """CPU milliseconds (every thread of this process) per call of the backend itself on ``images``, loaded as
+    pipelines.serve loads it: what a request costs the server beyond the model is its CPU per request less this."""
+    from serving.rest import load_backend
+
+    predict = load_backend(version_dir, backend, threads).predict
+    predict(images)  # warm-up
+    calls, cpu, stop_at = 0, time.process_time(), time.monotonic() + seconds
+    while time.monotonic() < stop_at or calls < 3:
+        predict(images)
+        calls += 1
+    return (time.process_time() - cpu) / calls * 1e3

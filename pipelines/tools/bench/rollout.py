@@ -32,6 +32,7 @@ from crossport.interface import INPUT
 from pipelines.tools.bench.harness import ROOT
 from pipelines.tools.bench.load import _free_ports
 
+PICKUP_LIMIT_S = 120  # the longest a new version may take to answer after the publishing is over
 LOADED = re.compile(r"serving (?P<name>\S+) version (?P<version>\d+) \(checked and loaded in (?P<s>[\d.]+) s\)")
 
 
@@ -60,6 +61,12 @@ def rollout(version_dir: Path, workdir: Path, *, seconds: float = 60, clients: i
         clients_ = _Clients(name, port, grpc_port, clients, example)
         clients_.start()
         events = _publisher(run, models, name, seconds, publishes)
+        # on a busy machine the last version may still be loading: the clients go on until each new version has
+        # answered one of them (or PICKUP_LIMIT_S passes, and the version is reported as never answering)
+        deadline = time.monotonic() + PICKUP_LIMIT_S
+        while (not all(number in clients_.first_answer for number in events["published"])
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         clients_.stop()
         answered_tampered = _answers(port, f"/v1/models/{name}/versions/{events['tampered']}:predict", example)
         memory = _steady(server, name, port, steady, example)
