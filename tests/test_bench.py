@@ -59,7 +59,7 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     assert set(cost) == {(row["backend"], protocol) for row in load for protocol in ("grpc", "grpc_uint8")}
     for backend in {row["backend"] for row in load}:
         floats, pixels = cost[backend, "grpc"], cost[backend, "grpc_uint8"]
-        assert floats["batch"] == pixels["batch"] == 128
+        assert floats["batch"] == pixels["batch"] == 128 and floats["workers"] == pixels["workers"] == 1
         assert floats["request_bytes"] / pixels["request_bytes"] > 3.9  # 4 bytes a value against 1, and a header
         for row in (floats, pixels):
             assert row["model_cpu_ms_per_call"] > 0
@@ -86,7 +86,7 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
             assert callers["batch"] == 128 and callers["examples_per_s"] > 0 and callers["rounds"] == 3
     assert ceiling["library"] in ceiling["by_library_gflops"]
     assert ceiling["gflops"] == max(ceiling["by_library_gflops"].values())
-    assert all(row["workers"] == report["runtimes"]["tflite_fp32"]["threads"] for row in report["http"])
+    assert all(row["workers"] == report["runtimes"]["tflite_fp32"]["threads"] for row in load)
     assert set(report["pipeline_stage_wall_s"]) >= {"data", "train", "export", "translate", "validate"}
     assert (tmp_path / "bench.png").stat().st_size > 0
     markdown = (tmp_path / "bench.md").read_text()
