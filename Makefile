@@ -8,7 +8,7 @@ ARGS   ?=
 
 STANDIN ?= $(HOME)/.cache/crossport/standin
 
-.PHONY: install run test test-fast coverage lint ui clean browser bench scale matrix peers rollout
+.PHONY: install run test test-fast coverage lint ui serve clean browser bench scale matrix peers rollout
 
 install: $(STAMP)
 
@@ -76,6 +76,11 @@ lint: install
 
 ui: install
 	$(PY) -m pipelines.ui --port $(PORT)
+
+# Every model published under models/, each its newest version, as TF Serving serves it: REST on 8501, gRPC on 8500,
+# new versions picked up as they are published.
+serve: install
+	$(PY) -m pipelines.serve models --port 8501 --grpc-port 8500 $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

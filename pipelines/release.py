@@ -23,6 +23,7 @@ EXTRA_FILES = {
     **{fmt.name: fmt.path.removeprefix(f"{ASSETS_EXTRA}/") for fmt in FORMATS if fmt.path != "."},
     "labels": "labels.txt",
     "parity": "parity.json",
+    "parity_html": "parity.html",
     "parity_errors": "parity_errors.png",
     "confusion_matrix": "confusion_matrix.png",
     "warmup": "tf_serving_warmup_requests",
@@ -54,7 +55,8 @@ def published_extras(report: dict, policy: str) -> dict[str, str]:
 
 # what a deployer runs: a version holding exactly these files (by sha256) is the same servable; the reports
 # (parity, plots) and the card describe a run and may differ without changing what is served
-REPORTS = frozenset({"parity", "parity_errors", "confusion_matrix", "servable_card", "servable_card_md"})
+REPORTS = frozenset({"parity", "parity_html", "parity_errors", "confusion_matrix", "servable_card",
+                     "servable_card_md"})
 
 
 def identical_version(ctx, names: list[str]) -> tuple[int, Path] | None:

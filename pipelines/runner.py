@@ -13,6 +13,7 @@ from crossport.files import write_json_atomic
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
 from pipelines.stages import Context, Stage, needs_on
+from pipelines.summary import run_title
 
 log = logging.getLogger(__name__)
 
@@ -123,41 +124,53 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
         "mlflow.source.git.commit": str(origin["code"]["commit"]),
     }
     environment = {**origin, "packages": package_versions()}
-    with tracker.pipeline_run(manifest.run_dir.name, config.to_dict(), tags, environment):
-        for stage in stages:
-            if resume and up_to_date(manifest, config, stage):
-                log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
-                continue
-            resume = False
-            inputs = {need: manifest.require(need, for_stage=stage.name) for need in needs_on(stage, config.route)}
-            ctx = Context(config, manifest, inputs, tracker)
-            record = stage_record(manifest, config, stage)
-            log.info("stage %s ...", stage.name)
-            with tracker.stage_run(stage.name):
-                _record_tracking(manifest, tracker)
-                started = time.perf_counter()
-                manifest.stages[stage.name] = {"status": "running", "started": _now()}
-                manifest.save()
-                before = {name: (a.sha256, a.stage) for name, a in manifest.artifacts.items()}
-                try:
-                    result = stage.run(ctx)
-                    for made in result.made:
-                        manifest.record(made.name, made.path, stage.name, parents=made.parents)
-                    if result.error is not None:
-                        raise result.error
-                    check_makes(manifest, stage, before)
-                except BaseException:
-                    manifest.stages[stage.name].update(status="failed", wall_s=time.perf_counter() - started)
-                    manifest.save()
-                    raise
-                wall = time.perf_counter() - started
-                walls[stage.name] = wall
-                manifest.stages[stage.name] = {"status": "done", "wall_s": round(wall, 3), "finished": _now(),
-                                               "makes": list(stage.makes), **record}
-                manifest.save()
-                tracker.log_stage(result, wall)
-            log.info("stage %s done in %.1f s", stage.name, wall)
+    title = run_title(manifest, config.name, config.dataset, state="running")
+    with tracker.pipeline_run(title, config.to_dict(), tags, environment):
+        try:
+            _run_each(manifest, config, stages, tracker, resume, walls)
+        finally:  # named for what it is once the stages are over, passed or failed
+            ran = {stage.name for stage in stages}
+            failed = next((name for name, info in manifest.stages.items()
+                           if name in ran and info.get("status") in ("failed", "running")), None)
+            tracker.name_run(run_title(manifest, config.name, config.dataset, failed))
     return walls
+
+
+def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, ...], tracker, resume: bool,
+              walls: dict[str, float]) -> None:
+    for stage in stages:
+        if resume and up_to_date(manifest, config, stage):
+            log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
+            continue
+        resume = False
+        inputs = {need: manifest.require(need, for_stage=stage.name) for need in needs_on(stage, config.route)}
+        ctx = Context(config, manifest, inputs, tracker)
+        record = stage_record(manifest, config, stage)
+        log.info("stage %s ...", stage.name)
+        with tracker.stage_run(stage.name):
+            _record_tracking(manifest, tracker)
+            started = time.perf_counter()
+            manifest.stages[stage.name] = {"status": "running", "started": _now()}
+            manifest.save()
+            before = {name: (a.sha256, a.stage) for name, a in manifest.artifacts.items()}
+            try:
+                result = stage.run(ctx)
+                for made in result.made:
+                    manifest.record(made.name, made.path, stage.name, parents=made.parents)
+                if result.error is not None:
+                    raise result.error
+                check_makes(manifest, stage, before)
+            except BaseException:
+                manifest.stages[stage.name].update(status="failed", wall_s=time.perf_counter() - started)
+                manifest.save()
+                raise
+            wall = time.perf_counter() - started
+            walls[stage.name] = wall
+            manifest.stages[stage.name] = {"status": "done", "wall_s": round(wall, 3), "finished": _now(),
+                                           "makes": list(stage.makes), **record}
+            manifest.save()
+            tracker.log_stage(result, wall)
+        log.info("stage %s done in %.1f s", stage.name, wall)
 
 
 def check_makes(manifest: Manifest, stage: Stage, before: dict[str, tuple[str, str]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pipelines.manifest import Manifest
 
@@ -55,9 +56,31 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
         lines.append(f"  MLflow         {tracking_uri}")
     if "parity" in manifest.artifacts and "validate" in walls:
         report = json.loads(manifest.path("parity").read_text())
-        lines += ["", f"parity on {report['examples']} test examples: {report['verdict'].upper()}",
+        page = manifest.run_dir / "parity.html"
+        if published and "publish" in walls:
+            page = Path(published["path"]) / "assets.extra" / "parity.html"
+        lines += ["", f"parity on {report['examples']} test examples: {report['verdict'].upper()}  (report: {page})",
                   parity_table(report)]
     return "\n".join(lines)
+
+
+def run_title(manifest: Manifest, name: str, dataset: str, failed: str | None = None,
+              state: str | None = None) -> str:
+    """What the MLflow parent run is named: ``<model> · <dataset> · <verdict>``, and the version once published
+    (``state``: what it says instead while the stages run)."""
+    facts = manifest.facts
+    dataset = (facts.get("dataset") or {}).get("name") or dataset
+    if state:
+        return " · ".join([name, dataset, state])
+    verdict = facts.get("parity_verdict")
+    if failed and failed != "validate":
+        verdict = f"failed at {failed}"
+    elif verdict is None:
+        verdict = "not validated"
+    else:
+        verdict = f"parity {verdict}"
+    published = facts.get("published") if not failed else None
+    return " · ".join([name, dataset, verdict, *([f"version {published['version']}"] if published else [])])
 
 
 def parity_table(report: dict) -> str:

@@ -92,6 +92,9 @@ class NullTracker:
     def log_headline(self, metrics: dict, tags: dict, artifacts: list[Path], **_) -> None:
         pass
 
+    def name_run(self, title: str) -> None:
+        pass
+
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
@@ -175,6 +178,18 @@ class MlflowTracker:
             mlflow.log_dict(environment, "environment.json")
             yield run
 
+    def name_run(self, title: str) -> None:
+        """Name the pipeline's parent run for what it is (summary.run_title), once the run knows."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        run_id = self.run_ids.get("pipeline")
+        if run_id is not None:
+            try:  # after the stages, failed ones included: a name that cannot be set must not hide their outcome
+                MlflowClient(tracking_uri=self.uri).update_run(run_id, name=title)
+            except (MlflowException, OSError) as error:
+                log.warning("could not name MLflow run %s %r: %s", run_id, title, str(error).splitlines()[0])
+
     @contextmanager
     def stage_run(self, stage: str):
         import mlflow
@@ -256,6 +271,15 @@ class MlflowTracker:
 
     # --- registry ------------------------------------------------------------------------
 
+    def _version_description(self, name: str, servable_version: int, path: Path) -> str:
+        """Markdown, as the registry page renders it: what the version is, and a link to its parity report in the
+        source run's artifacts (the artifact viewer renders the page)."""
+        report = (f"#/experiments/{self.experiment_id}/runs/{self.run_ids.get('pipeline')}/artifacts/parity/"
+                  "parity.html")
+        return (f"crossport servable version {servable_version} ({path}): a TF Serving SavedModel; load it with "
+                f"mlflow.pyfunc.load_model('models:/{name}@{ALIAS}'). [Parity report]({report}) (also "
+                f"{Path(path) / 'assets.extra' / 'parity.html'}).")
+
     def register_servable(self, *, name: str, servable_version: int, path: Path, saved_model_sha256: str,
                           verdict: str, example: np.ndarray, source_sha256: str | None = None) -> Registration:
         """Make published version N a registry version (idempotent: repairs a missing one).
@@ -293,13 +317,14 @@ class MlflowTracker:
                 version = client.create_model_version(
                     name, source=logged.model_uri, run_id=self.run_ids.get("pipeline", mlflow.active_run().info.run_id),
                     model_id=logged.model_id, tags=tags,
-                    description=f"crossport servable version {servable_version} ({path}): a TF Serving SavedModel; "
-                                f"load it with mlflow.pyfunc.load_model('models:/{name}@{ALIAS}')")
+                    description=self._version_description(name, servable_version, path))
                 number, model_id = int(version.version), logged.model_id
             else:
                 number, model_id = int(existing.version), getattr(existing, "model_id", None)
                 for key, value in tags.items():
                     client.set_model_version_tag(name, str(number), key, value)
+                client.update_model_version(name, str(number),
+                                            description=self._version_description(name, servable_version, path))
             newest = max(servable_versions_registered(client, name), default=servable_version)
             alias = None
             if servable_version >= newest and verdict == "pass":

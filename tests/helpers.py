@@ -27,7 +27,7 @@ EXPECTED_FILES = {
     "saved_model.pb", "fingerprint.pb", "variables/variables.data-00000-of-00001", "variables/variables.index",
     "assets.extra/tf_serving_warmup_requests", "assets.extra/model.onnx", "assets.extra/model_fp32.tflite",
     "assets.extra/model_fp16.tflite", "assets.extra/model_int8_dynamic.tflite", "assets.extra/model_int8_full.tflite",
-    "assets.extra/labels.txt", "assets.extra/parity.json", "assets.extra/manifest.json",
+    "assets.extra/labels.txt", "assets.extra/parity.json", "assets.extra/parity.html", "assets.extra/manifest.json",
     "assets.extra/servable.json", "assets.extra/SERVABLE.md", "assets.extra/parity_errors.png",
     "assets.extra/confusion_matrix.png",
 }

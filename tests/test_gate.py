@@ -2,6 +2,7 @@
 for the fp32 TensorFlow graph, the node) and publish nothing."""
 
 import hashlib
+import html
 import json
 import shutil
 import subprocess
@@ -77,6 +78,11 @@ def test_validate_catches_a_drifted_saved_model_on_its_own(pipeline_run, tmp_pat
     report = json.loads((run / "parity.json").read_text())
     assert report["verdict"] == "fail"
     assert report["divergence"]["first"]["node"] == culprit
+    page = (run / "parity.html").read_text()  # the same, for people: the failing hop and where it drifts first
+    first = next(hop["hop"] for hop in report["hops"] if hop["verdict"] == "fail")
+    assert f"FAIL at {html.escape(first)}:" in page
+    assert "Where the translation first drifts" in page
+    assert f"first divergent node: {html.escape(repr(culprit))}" in page
     assert_nothing_published(tmp_path)
 
 

@@ -33,6 +33,7 @@ def test_lineage_traces_the_servable_back_to_the_data(pipeline_run, lineage):
     assert report["registry"]["status"] == "registered" and "validated" in report["registry"]["aliases"]
     text = lineage(str(version))
     assert "verified: every hash matches" in text.stdout and "code commit" in text.stdout
+    assert f"parity report {version / 'assets.extra' / 'parity.html'}" in text.stdout
 
 
 def test_lineage_by_registry_version(pipeline_run, lineage):

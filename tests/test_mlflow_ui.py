@@ -70,6 +70,21 @@ class Walk:
         return path
 
 
+def frame_text(driver, wanted: str) -> str | None:
+    """The text of the first frame on the page that shows ``wanted`` (the artifact viewer renders HTML in one)."""
+    from selenium.webdriver.common.by import By
+
+    for frame in driver.find_elements(By.TAG_NAME, "iframe"):
+        try:
+            driver.switch_to.frame(frame)
+            text = driver.find_element(By.TAG_NAME, "body").text
+        finally:
+            driver.switch_to.default_content()
+        if wanted in text:
+            return text
+    return None
+
+
 def test_models_to_version_to_run_to_dataset_and_parity_report(pipeline_run, browser, tmp_path):
     from mlflow.tracking import MlflowClient
     from PIL import Image
@@ -93,18 +108,25 @@ def test_models_to_version_to_run_to_dataset_and_parity_report(pipeline_run, bro
     walk.until(lambda: browser.current_url.endswith(f"/models/emnist_mlp/versions/{version.version}"))
     page = walk.shows("Source Run", "Source Model", "Inputs (1)", "Outputs (1)", "crossport.saved_model_sha256")
     assert "mlflow.pyfunc.load_model('models:/emnist_mlp@validated')" in page
+    assert "Parity report" in page  # the description's link to the report in the source run's artifacts
+    report_link = browser.find_element("xpath", "//a[normalize-space()='Parity report']").get_attribute("href")
+    assert report_link.endswith(f"/runs/{version.run_id}/artifacts/parity/parity.html"), report_link
     assert version.tags["crossport.saved_model_sha256"] in page
     shots.append(walk.shot("2-version.png"))
 
     walk.press(f"//a[contains(@href, '/runs/{version.run_id}')]")  # the source run: the pipeline's parent run
     page = walk.shows("Datasets", "digits", "accuracy_pytorch", "tflite_int8_full_bytes", "crossport.parity_verdict")
     assert "Child runs" in page and "register" in page and "Evaluation runs" not in page  # Model training view
+    assert "emnist_mlp · digits · parity pass · version 1" in page  # the parent run, named for what it is
     shots.append(walk.shot("3-run.png"))
 
     walk.press("//*[@role='tab'][normalize-space()='Artifacts']")
     walk.press("//*[@data-testid='artifact-tree-node'][@aria-label='parity']/..")
     walk.press("//*[@data-testid='artifact-tree-node'][@aria-label='parity.json']/..")
-    page = walk.shows('"verdict": "pass"', '"hops"')
+    walk.shows('"verdict": "pass"', '"hops"')
+    walk.press("//*[@data-testid='artifact-tree-node'][@aria-label='parity.html']/..")  # rendered, in a frame
+    report = walk.until(lambda: frame_text(browser, "PASS: every hop"))
+    assert "pytorch -> tflite_fp32" in report and "threshold t" in report
     shots.append(walk.shot("4-parity-report.png"))
 
     for shot in shots:
@@ -115,3 +137,45 @@ def test_models_to_version_to_run_to_dataset_and_parity_report(pipeline_run, bro
         Path(keep).mkdir(parents=True, exist_ok=True)
         for shot in shots:
             shutil.copy2(shot, Path(keep) / shot.name)
+
+
+def test_the_parity_report_reads_in_a_browser_from_a_version_and_from_a_failed_run(pipeline_run, tiny, browser,
+                                                                                    tmp_path):
+    """The page a reviewer opens: the published version's, and a failed run's, which names the first failing hop."""
+    from crossport.errors import ParityError
+    from pipelines.manifest import Manifest
+    from pipelines.runner import run_stages
+    from pipelines.stages import stage_by_name
+    from pipelines.tracking import NullTracker
+
+    walk = Walk(browser, tmp_path / "ui")
+    browser.get((pipeline_run.models_dir / "emnist_mlp" / "1" / "assets.extra" / "parity.html").as_uri())
+    page = walk.shows("PASS: every hop", "Each hop against its reference", "Against the exact (float64) values")
+    assert "onnxruntime -> saved_model:serving_default" in page and "|Δ| <= 2·B per element" in page
+    assert "dataset digest" in page and "code commit" in page
+    shots = [walk.shot("5-parity-html.png")]
+
+    run = tmp_path / "run"  # a run whose fp32 TFLite file was swapped for another model's
+    shutil.copytree(pipeline_run.run_dir, run)
+    tflite = run / "model_fp32.tflite"
+    shutil.copy(tiny.tflite, tflite)
+    manifest = Manifest.load(run)
+    manifest.record("tflite_fp32", tflite, "tflite", parents=("saved_model",))
+    with pytest.raises(ParityError):
+        run_stages(manifest, manifest_config(manifest), (stage_by_name("validate"),), NullTracker())
+    browser.get((run / "parity.html").as_uri())
+    page = walk.shows("FAIL at ")
+    verdict = page.split("FAIL at ", 1)[1].split("\n", 1)[0]
+    assert "tflite_fp32" in verdict and "Nothing was published" in verdict, verdict
+    shots.append(walk.shot("6-parity-html-failed.png"))
+    keep = os.environ.get("CROSSPORT_UI_SCREENSHOTS")
+    if keep:
+        for shot in shots:
+            shutil.copy2(shot, Path(keep) / shot.name)
+
+
+def manifest_config(manifest):
+    from pipelines.config import PipelineConfig
+
+    return PipelineConfig.from_dict(manifest.config)
+

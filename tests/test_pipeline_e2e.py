@@ -19,6 +19,7 @@ def test_run_prints_a_summary(pipeline_run):
     assert "published      version 1 at" in out
     assert "test accuracy" in out
     assert "PASS" in out and "pytorch -> tflite_fp32" in out
+    assert f"(report: {pipeline_run.models_dir / 'emnist_mlp' / '1' / 'assets.extra' / 'parity.html'})" in out
     assert f"version page   {pipeline_run.tracking_uri}/#/models/emnist_mlp/versions/" in out
 
 

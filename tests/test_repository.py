@@ -203,3 +203,17 @@ def test_a_models_config_is_read_again_when_it_changes_and_kept_when_it_breaks(t
     path.write_text("model_config_list { config { name: ")
     assert often()[0].labels == {"validated": 12}  # the models already read go on
     assert "kept the models already served" in caplog.text
+
+
+def test_a_repository_path_serves_every_model_folder_and_one_published_later(pipeline_run, tmp_path):
+    """`python -m pipelines.serve models` (what `make serve` runs): each model folder, hidden folders and files not."""
+    from serving.repository import sources_at
+
+    models = tmp_path / "models"
+    publish(models / "emnist_mlp", pipeline_run, 1)
+    (models / ".partial-123").mkdir()
+    (models / "models.config").write_text("model_config_list { }")
+    discover = sources_at(models)
+    assert [source.name for source in discover()] == ["emnist_mlp"]
+    publish(models / "second", pipeline_run, 4)
+    assert [(source.name, source.policy) for source in discover()] == [("emnist_mlp", Policy()), ("second", Policy())]

@@ -36,13 +36,14 @@ STAGES: tuple[Stage, ...] = (
           package_stage, reads=("name",)),  # the warmup records name the model
     Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(f.name for f in TFLITE_FORMATS),
           tflite_stage),
-    Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED), ("parity", "parity_errors", "confusion_matrix"),
-          validate_stage),
-    Stage("publish", ("parity", "parity_errors", "confusion_matrix", *(f.name for f in FORMATS), "labels", "warmup"),
+    Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED),
+          ("parity", "parity_errors", "confusion_matrix", "parity_html"), validate_stage),
+    Stage("publish", ("parity", "parity_errors", "confusion_matrix", "parity_html", *(f.name for f in FORMATS),
+                      "labels", "warmup"),
           (), publish_stage, reads=("models_dir", "name", "undecided", "serving_root", "republish"),
           intact=still_published),
-    Stage("register", ("parity", "golden"), (), register_stage, reads=("name", "tracking", "tracking_uri"),
-          intact=registered_as_published),
+    Stage("register", ("parity", "parity_html", "golden"), (), register_stage,
+          reads=("name", "tracking", "tracking_uri"), intact=registered_as_published),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

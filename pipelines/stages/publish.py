@@ -73,7 +73,7 @@ def register_stage(ctx: Context) -> StageResult:
         example=golden_inputs(ctx)[:2], source_sha256=(ctx.manifest.facts.get("source") or {}).get("sha256"),
     )
     ctx.tracker.log_headline(headline_metrics(ctx.manifest.facts, path), {"parity_verdict": report["verdict"]},
-                             [ctx.input("parity"), *(ctx.run_dir / plot for plot in PLOTS)],
+                             [ctx.input("parity"), ctx.input("parity_html"), *(ctx.run_dir / plot for plot in PLOTS)],
                              model_id=registration.model_id, dataset=ctx.manifest.facts.get("dataset"))
     ctx.manifest.facts["registry"] = {
         "model": registration.model, "version": registration.version, "alias": registration.alias,

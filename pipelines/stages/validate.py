@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -60,9 +61,11 @@ def validate_stage(ctx: Context) -> StageResult:
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
     plot(ctx.run_dir, outputs, reference, exact, labels, targets)
+    page = write_parity_html(ctx, report)
 
     made = [Made("parity", path, tuple(paths)),
-            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, tuple(paths)) for plot in PLOTS)]
+            *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, tuple(paths)) for plot in PLOTS),
+            Made("parity_html", page, ("parity", *(plot.removesuffix(".png") for plot in PLOTS)))]
     reference_scores = outputs[reference]["scores"]
     ctx.manifest.facts["parity_verdict"] = report["verdict"]
     ctx.manifest.facts["accuracy"] = {r.candidate: r.candidate_accuracy for r in results if r.reference == reference}
@@ -85,8 +88,32 @@ def validate_stage(ctx: Context) -> StageResult:
                  "parity_undecided_variants": len(undecided),
                  **{f"accuracy_{name.replace(':', '_')}": value
                     for name, value in ctx.manifest.facts["accuracy"].items()}},
-        log_artifacts=[path, *(ctx.run_dir / plot for plot in PLOTS)],
+        log_artifacts=[path, page, *(ctx.run_dir / plot for plot in PLOTS)],
     )
+
+
+PLOT_CAPTIONS = ("per-example error against the reference, with each hop's bound",
+                 "the reference's confusion matrix on the test split")
+
+
+def write_parity_html(ctx: Context, report: dict) -> Path:
+    """``parity.html`` beside ``parity.json``: the same report for people (pipelines/parity_html.py)."""
+    from crossport import __version__
+    from crossport.files import write_bytes_atomic
+    from pipelines.parity_html import render_parity_html
+
+    dataset = (ctx.manifest.facts.get("dataset") or {}).get("name", ctx.config.dataset)
+    code = (ctx.manifest.facts.get("provenance") or {}).get("code") or {}
+    lineage = {"dataset digest": report["dataset_digest"],
+               **{f"{name} sha256": sha for name, sha in report["artifacts"].items()},
+               "code commit": f"{code.get('commit')}{' (with uncommitted changes)' if code.get('dirty') else ''}",
+               "crossport": __version__}
+    page = render_parity_html(report, title=f"{ctx.config.name} · {dataset} · parity {report['verdict']}",
+                              plots=dict(zip(PLOT_CAPTIONS, (ctx.run_dir / plot for plot in PLOTS), strict=True)),
+                              lineage=lineage)
+    path = ctx.run_dir / "parity.html"
+    write_bytes_atomic(path, page.encode())
+    return path
 
 
 @dataclass(frozen=True)

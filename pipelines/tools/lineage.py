@@ -93,7 +93,11 @@ def resolve_registry_version(name: str, number: int, tracking_uri: str | None) -
 
 def render(report: dict) -> str:
     lines = [f"{report['name']} servable version {report['version']}  ({report['servable']})",
-             f"  created {report['created']} by run {report['run_dir']}", "", "files (sha256 checked now):"]
+             f"  created {report['created']} by run {report['run_dir']}"]
+    page = Path(report["servable"]) / "assets.extra" / "parity.html"
+    if page.is_file():
+        lines.append(f"  parity report {page}  (open it in a browser)")
+    lines += ["", "files (sha256 checked now):"]
     for entry in report["files"]:
         lines.append(f"  {'ok     ' if entry['ok'] else 'CHANGED'} {entry['path']:<42} {entry['sha256'][:16]}")
     lines += ["", "lineage (each artifact ← its parents):"]
