@@ -15,16 +15,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_rollout_under_load_fails_no_request(pipeline_run, tmp_path):
-    """Four clients (REST and gRPC) while the run is published three more times and a tampered copy of a version is
+    """Four clients (REST and gRPC) while the run is published twice more and a tampered copy of a version is
     renamed into place: no request fails, every new version answers, the tampered one never does. `pipelines.bench
-    --rollout` runs the same for 60 s and reports the pick-up times and memory (docs/serving.md)."""
+    --rollout` runs the same for 60 s with three publishes and reports the pick-up times and memory
+    (docs/serving.md)."""
     from pipelines.tools.bench.rollout import rollout
 
-    result = rollout(pipeline_run.models_dir / "emnist_mlp" / "1", tmp_path, seconds=16, clients=4, publishes=3,
+    result = rollout(pipeline_run.models_dir / "emnist_mlp" / "1", tmp_path, seconds=8, clients=4, publishes=2,
                      steady=0)
     assert result["failed"] == 0, result["failures"]
     assert result["requests"] > 100
-    assert [entry["version"] for entry in result["versions"]] == [2, 4, 5]  # 3 is the tampered copy
+    assert [entry["version"] for entry in result["versions"]] == [2, 4]  # 3 is the tampered copy
     for entry in result["versions"]:
         assert entry["first_answer_after_s"] is not None, entry  # it answered a client
         assert entry["load_s"] is not None, entry  # and the server logged loading it

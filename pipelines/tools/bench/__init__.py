@@ -189,7 +189,10 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
             rows += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images, protocol)
                      for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
                      for batch in (batches[:1] if quick else batches)]
-        # what a request costs beyond the model, float32 against uint8 pixels: one server, batch 128
+        if quick and backend != "tflite_fp32":
+            continue
+        # what a request costs beyond the model, float32 against uint8 pixels: one server, batch 128 (--quick: for
+        # the fp32 TFLite file alone)
         with serving(version_dir.parent, backend, 1) as served:
             cost = [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 2, 128, images, protocol)
                     for protocol in ("grpc", "grpc_uint8")]
