@@ -59,7 +59,7 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     assert set(cost) == {("tflite_fp32", "grpc"), ("tflite_fp32", "grpc_uint8")}  # --quick: one backend
     for backend in ("tflite_fp32",):
         floats, pixels = cost[backend, "grpc"], cost[backend, "grpc_uint8"]
-        assert floats["batch"] == pixels["batch"] == 128 and floats["workers"] == pixels["workers"] == 1
+        assert floats["batch"] == pixels["batch"] == 128
         assert floats["request_bytes"] / pixels["request_bytes"] > 3.9  # 4 bytes a value against 1, and a header
         for row in (floats, pixels):
             assert row["model_cpu_ms_per_call"] > 0

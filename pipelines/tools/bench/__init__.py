@@ -189,20 +189,11 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
             rows += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images, protocol)
                      for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
                      for batch in (batches[:1] if quick else batches)]
-        if quick and backend != "tflite_fp32":
-            continue
-        # what a request costs beyond the model, float32 against uint8 pixels: one server, batch 128 (--quick: for
-        # the fp32 TFLite file alone)
-        with serving(version_dir.parent, backend, 1) as served:
-            cost = [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 2, 128, images, protocol)
-                    for protocol in ("grpc", "grpc_uint8")]
-        model_ms = model_cpu_ms(version_dir, backend, images[:128], cores, 1.0 if quick else 3.0)
-        for row in cost:
-            row["model_cpu_ms_per_call"] = model_ms
-            row["server_cpu_over_model"] = (row["server_cpu_ms_per_request"] / model_ms
-                                            if row["server_cpu_ms_per_request"] else None)
-            row["cost"] = True  # the request-cost rows (one worker); the others are the throughput rows
-        rows += cost
+            if quick and backend == "tflite_fp32":  # --quick: on this server, for the fp32 TFLite file alone
+                rows += request_cost(served, version_dir, backend, images, workers, quick)
+        if not quick:  # what a request costs beyond the model, on one server process of its own
+            with serving(version_dir.parent, backend, 1) as served:
+                rows += request_cost(served, version_dir, backend, images, 1, quick)
     in_process = {"onnx": "onnxruntime"}
     for row in rows:  # the service against the same backend called in this process, same batch
         runtime = runtimes.get(in_process.get(row["backend"], row["backend"]))
@@ -210,6 +201,24 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
             reference = runtime["batch1"]["examples_per_s"] if row["batch"] == 1 else runtime["batch128_all_cores"]
             row["in_process_share"] = row["examples_per_s"] / reference
     return rows
+
+
+def request_cost(served, version_dir: Path, backend: str, images: np.ndarray, workers: int, quick: bool) -> list[dict]:
+    """What a request costs the server beyond the model: gRPC at batch 128, float32 to serving_default against the
+    same pixels as uint8 to predict_uint8, with the backend's own call timed in this process (the threads each of
+    the server's ``workers`` runs it with)."""
+    from serving.serve import available_cores
+
+    cost = [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 2, 128, images, protocol)
+            for protocol in ("grpc", "grpc_uint8")]
+    model_ms = model_cpu_ms(version_dir, backend, images[:128], max(1, available_cores() // workers),
+                            1.0 if quick else 3.0)
+    for row in cost:
+        row["model_cpu_ms_per_call"] = model_ms
+        row["server_cpu_over_model"] = (row["server_cpu_ms_per_request"] / model_ms
+                                        if row["server_cpu_ms_per_request"] else None)
+        row["cost"] = True  # the request-cost rows; the others are the throughput rows
+    return cost
 
 
 def _accuracies(version_dir: Path) -> dict[str, float]:

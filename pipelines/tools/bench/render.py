@@ -80,8 +80,8 @@ def render_markdown(results: dict) -> str:
                      f"{cpu(row.get('client_cpu_ms_per_request'))} | {row['errors']} |")
     cost = [row for row in results["http"] if row.get("cost")]
     if cost:
-        lines += ["", "What a request costs beyond the model (gRPC, batch 128, one server process, 2 clients; "
-                      "`grpc_uint8`: the same pixels as 0-255 to `predict_uint8`):", "",
+        lines += ["", f"What a request costs beyond the model (gRPC, batch 128, {cost[0]['workers']} server "
+                      "process(es), 2 clients; `grpc_uint8`: the same pixels as 0-255 to `predict_uint8`):", "",
                   "| backend | input | bytes per request | ex/s | server CPU per request (ms) | the model's own call "
                   "(CPU ms) | server ÷ model |", "|---|---|---|---|---|---|---|"]
         for row in cost:

@@ -33,13 +33,16 @@ from pipelines.tools.bench.harness import ROOT
 from pipelines.tools.bench.load import _free_ports
 
 PICKUP_LIMIT_S = 120  # the longest a new version may take to answer after the publishing is over
-LOADED = re.compile(r"serving (?P<name>\S+) version (?P<version>\d+) \(checked and loaded in (?P<s>[\d.]+) s\)")
+LOADED = re.compile(r"(?:worker (?P<worker>\d+): )?serving (?P<name>\S+) version (?P<version>\d+) "
+                    r"\(checked and loaded in (?P<s>[\d.]+) s\)")
+REFUSED = re.compile(r"(?:worker (?P<worker>\d+): )?refused (?P<name>\S+) version (?P<version>\d+): ")
 
 
 def rollout(version_dir: Path, workdir: Path, *, seconds: float = 60, clients: int = 4, publishes: int = 3,
-            backend: str = "saved_model", poll: int = 1, steady: int = 10_000) -> dict:
+            backend: str = "saved_model", poll: int = 1, steady: int = 10_000, workers: int = 1) -> dict:
     """Measure one rollout (see the module's docstring); ``workdir`` is made and filled. Bounded: the clients stop
-    after ``seconds`` (or the last publish, if later), the steady phase after ``steady`` requests."""
+    after ``seconds`` (or the last publish, if later), the steady phase after ``steady`` requests (one server
+    process only: with ``workers`` it is skipped)."""
     from export.servable import image_contract
     from export.verify import read_manifest
 
@@ -57,36 +60,57 @@ def rollout(version_dir: Path, workdir: Path, *, seconds: float = 60, clients: i
     _publish(run, models)
     port, grpc_port = _free_ports(2)
     log_path = workdir / "serve.out"
-    with log_path.open("w") as log, _server(models / name, backend, port, grpc_port, poll, log, workdir) as server:
+    with log_path.open("w") as log, _server(models / name, backend, port, grpc_port, poll, log, workdir,
+                                            workers) as server:
         clients_ = _Clients(name, port, grpc_port, clients, example)
         clients_.start()
         events = _publisher(run, models, name, seconds, publishes)
         # on a busy machine the last version may still be loading: the clients go on until each new version has
         # answered one of them (or PICKUP_LIMIT_S passes, and the version is reported as never answering)
         deadline = time.monotonic() + PICKUP_LIMIT_S
-        while (not all(number in clients_.first_answer for number in events["published"])
-               and time.monotonic() < deadline):
+        while not _settled(clients_, events, log_path, name, workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         clients_.stop()
         answered_tampered = _answers(port, f"/v1/models/{name}/versions/{events['tampered']}:predict", example)
-        memory = _steady(server, name, port, steady, example)
+        memory = _steady(server, name, port, steady if workers == 1 else 0, example)
         status = json.loads(_get(port, f"/v1/models/{name}"))
-    loaded = {int(m["version"]): float(m["s"]) for m in LOADED.finditer(log_path.read_text()) if m["name"] == name}
+    text = log_path.read_text()
+    loads = [m for m in LOADED.finditer(text) if m["name"] == name]
+    refusals = [m for m in REFUSED.finditer(text) if m["name"] == name]
     versions = []
     for number, appeared in events["published"].items():
         first = clients_.first_answer.get(number)
-        versions.append({"version": number, "load_s": loaded.get(number),
+        mine = [m for m in loads if int(m["version"]) == number]
+        versions.append({"version": number, "load_s": max((float(m["s"]) for m in mine), default=None),
+                         "loaded_by_workers": sorted(int(m["worker"] or 0) for m in mine),
                          "first_answer_after_s": None if first is None else first - appeared})
     states = {int(entry["version"]): entry for entry in status["model_version_status"]}
     return {
-        "model": name, "backend": backend, "poll_s": poll, "clients": clients, "seconds": clients_.seconds,
+        "model": name, "backend": backend, "poll_s": poll, "clients": clients, "workers": workers,
+        "seconds": clients_.seconds,
         "requests": clients_.requests, "failed": clients_.failed, "failures": clients_.failures[:5],
         "versions": versions, "tampered": {"version": events["tampered"],
                                            "answered": clients_.first_answer.get(events["tampered"]) is not None
                                            or answered_tampered,
-                                           "state": states.get(events["tampered"], {})},
+                                           "state": states.get(events["tampered"], {}),
+                                           "refused_by_workers": sorted(int(m["worker"] or 0) for m in refusals
+                                                                        if int(m["version"]) == events["tampered"])},
         "memory": memory,
     }
+
+
+def _settled(clients: _Clients, events: dict, log_path: Path, name: str, workers: int) -> bool:
+    """Every new version has answered a client, and every worker has logged loading it and refusing the tampered
+    one (each worker polls on its own)."""
+    if not all(number in clients.first_answer for number in events["published"]):
+        return False
+    text = log_path.read_text()
+    everyone = set(range(1, workers + 1)) if workers > 1 else {0}
+    loaded = {(int(m["version"]), int(m["worker"] or 0)) for m in LOADED.finditer(text) if m["name"] == name}
+    refused = {int(m["worker"] or 0) for m in REFUSED.finditer(text)
+               if m["name"] == name and int(m["version"]) == events["tampered"]}
+    return refused == everyone and all((number, worker) in loaded for number in events["published"]
+                                       for worker in everyone)
 
 
 def _publish(run: Path, models: Path) -> None:
@@ -98,9 +122,9 @@ def _publish(run: Path, models: Path) -> None:
 
 
 @contextlib.contextmanager
-def _server(model_dir: Path, backend: str, port: int, grpc_port: int, poll: int, log, workdir: Path):
+def _server(model_dir: Path, backend: str, port: int, grpc_port: int, poll: int, log, workdir: Path, workers: int):
     server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend,
-                               "--port", str(port), "--grpc-port", str(grpc_port),
+                               "--port", str(port), "--grpc-port", str(grpc_port), "--workers", str(workers),
                                "--file-system-poll-wait-seconds", str(poll), "--log-file",
                                str(workdir / "serve-libraries.log")],
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
