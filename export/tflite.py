@@ -28,6 +28,21 @@ MIN_CALIBRATION = 200
 def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
                    calibration: np.ndarray | None = None) -> None:
     """Convert the predict signature (classify's ParseExampleV2 is not a TFLite op)."""
+    converter = tflite_converter(saved_model_dir, variant, calibration)
+    try:
+        with warnings.catch_warnings():
+            # Calibration runs TF's own (deprecated) tf.lite.Interpreter internally; crossport
+            # itself runs TFLite files with ai_edge_litert.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            flatbuffer = converter.convert()
+    except Exception as error:  # the converter raises ConverterError and friends
+        raise PackageError(f"TFLite {variant} conversion of {saved_model_dir} failed: {error}.") from error
+    write_bytes_atomic(Path(out_path), flatbuffer)
+
+
+def tflite_converter(saved_model_dir: Path, variant: str, calibration: np.ndarray | None = None):
+    """The ``tf.lite.TFLiteConverter`` of ``variant``, configured and not run (the int8 diagnosis runs LiteRT's
+    quantization debugger with the very converter the published file came from)."""
     import tensorflow as tf
 
     if variant not in VARIANTS:
@@ -53,12 +68,4 @@ def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
 
         converter.representative_dataset = representative_dataset
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    try:
-        with warnings.catch_warnings():
-            # Calibration runs TF's own (deprecated) tf.lite.Interpreter internally; crossport
-            # itself runs TFLite files with ai_edge_litert.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-            flatbuffer = converter.convert()
-    except Exception as error:  # the converter raises ConverterError and friends
-        raise PackageError(f"TFLite {variant} conversion of {saved_model_dir} failed: {error}.") from error
-    write_bytes_atomic(Path(out_path), flatbuffer)
+    return converter

@@ -40,6 +40,7 @@ def render_parity_html(report: dict, *, title: str, plots: dict[str, Path], line
     lossy = [hop for hop in report["hops"] if hop.get("accuracy_drop") or hop.get("disagreement")]
     if lossy:
         parts += ["<h2>Lossy variants: agreement and accuracy drop</h2>", _lossy(lossy)]
+    parts += _int8_layers(report.get("int8_layers"))
     parts += ["<h2>Against the exact (float64) values</h2>", _exact(report)]
     parts += ["<h2>Plots</h2>"] + [_figure(caption, path) for caption, path in plots.items() if Path(path).is_file()]
     ids = [[_e(name), f"<code>{_e(value)}</code>"] for name, value in lineage.items()]
@@ -124,6 +125,22 @@ def _exact(report: dict) -> str:
     return _table(["artifact", "output", "max |error|", "rms", "error / bound B", "sign test T", "threshold t",
                    "verdict"], rows) + ("<p class=\"note\">Judged: |error| ≤ B everywhere, and the sign test's T "
                                         "below t on the dithered probe; lossy files are recorded, not judged here.</p>")
+
+
+def _int8_layers(diagnosis: dict | None, shown: int = 10) -> list[str]:
+    if not diagnosis:
+        return []
+    rows = [[str(rank), f"<code>{_e(layer['layer'])}</code>", _e(layer["op"]),
+             _percent(layer["typical_relative_error"], 1), _num(layer["rmse_over_scale"], ".2f"),
+             _num(layer["scale"], ".3g"), _num(layer["max_abs_error"], ".3g")]
+            for rank, layer in enumerate(diagnosis["layers"][:shown], 1)]
+    return [f"<h2>{_e(diagnosis['variant'])}: where int8 loses accuracy, layer by layer</h2>",
+            f"<p>Not a plain pass ({_e('; '.join(diagnosis['why']))}). Each quantized layer against the float layer "
+            f"on {diagnosis['samples']} test images: the typical relative error of its values (median |Δ|/|value|), "
+            f"and its rms error in quantization steps (rounding alone gives {diagnosis['rounding_only']:.2f}). "
+            "Worst first:</p>",
+            _table(["rank", "layer (output tensor)", "op", "typical relative error", "rms error / step", "step",
+                    "max |error|"], rows)]
 
 
 def _divergence(divergence: dict | None) -> list[str]:

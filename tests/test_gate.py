@@ -96,6 +96,14 @@ def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_
     result = pipeline_here("--stage", "validate", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 3, result.stderr[-2000:]
     assert f"pytorch -> tflite_{variant}: output 'scores' expected float32[359, 10]" in result.stderr
+    report = json.loads((run / "parity.json").read_text())
+    diagnosis = report["int8_layers"]  # present exactly when a hop to int8_full did not pass outright
+    assert (diagnosis is None) == all(hop["verdict"] == "pass" for hop in report["hops"]
+                                      if hop["candidate"] == "tflite_int8_full")
+    if variant == "int8_full":  # LiteRT's debugger on the converter it came from, every quantized layer ranked
+        assert diagnosis["variant"] == "tflite_int8_full" and diagnosis["samples"] == 256
+        assert {layer["op"] for layer in diagnosis["layers"]} >= {"FULLY_CONNECTED", "SOFTMAX"}
+        assert "tflite_int8_full: where int8 loses accuracy, layer by layer" in (run / "parity.html").read_text()
     result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 1 and "refusing to publish: parity verdict is 'fail'" in result.stderr
     assert f"tflite_{variant}" in result.stderr

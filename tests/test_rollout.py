@@ -23,7 +23,7 @@ def test_a_rollout_under_load_fails_no_request_and_every_worker_follows(pipeline
     from pipelines.tools.bench.rollout import rollout
 
     result = rollout(pipeline_run.models_dir / "emnist_mlp" / "1", tmp_path, seconds=8, clients=4, publishes=2,
-                     steady=0, workers=2)
+                     steady=0, workers=2, backend="tflite_fp32")
     assert result["failed"] == 0, result["failures"]
     assert result["requests"] > 100
     assert [entry["version"] for entry in result["versions"]] == [2, 4]  # 3 is the tampered copy

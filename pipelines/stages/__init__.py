@@ -36,7 +36,7 @@ STAGES: tuple[Stage, ...] = (
           package_stage, reads=("name",)),  # the warmup records name the model
     Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(f.name for f in TFLITE_FORMATS),
           tflite_stage),
-    Stage("validate", ("dataset", "labels", "tf_graph", *VALIDATED),
+    Stage("validate", ("dataset", "labels", "tf_graph", "calibration", *VALIDATED),
           ("parity", "parity_errors", "confusion_matrix", "parity_html"), validate_stage),
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", "parity_html", *(f.name for f in FORMATS),
                       "labels", "warmup"),

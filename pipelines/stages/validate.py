@@ -58,6 +58,7 @@ def validate_stage(ctx: Context) -> StageResult:
                                        exact.network_gamma).to_dict()
     report = parity_report(ctx, paths, reference, exact, sign_test, probe.references, results, against_exact,
                            divergence, len(images))
+    report["int8_layers"] = diagnose_int8(ctx, report, images)
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
     plot(ctx.run_dir, outputs, reference, exact, labels, targets)
@@ -90,6 +91,32 @@ def validate_stage(ctx: Context) -> StageResult:
                     for name, value in ctx.manifest.facts["accuracy"].items()}},
         log_artifacts=[path, page, *(ctx.run_dir / plot for plot in PLOTS)],
     )
+
+
+INT8_DIAGNOSED = "tflite_int8_full"
+DIAGNOSIS_SAMPLES = 256  # test images the quantization debugger runs (each once in float, once quantized)
+
+
+def diagnose_int8(ctx: Context, report: dict, images: np.ndarray) -> dict | None:
+    """Where the full-int8 file loses accuracy, layer by layer (export/int8_layers.py), when any of its hops did
+    not pass outright (failed, or undecided); None when it passed or was not built."""
+    from crossport.files import read_npz
+    from crossport.interface import to_inputs
+    from export.int8_layers import ROUNDING_ONLY, layer_errors
+
+    hops = [hop for hop in report["hops"] if hop["candidate"] == INT8_DIAGNOSED]
+    if not hops or all(hop["verdict"] == "pass" for hop in hops):
+        return None
+    calibration = to_inputs(read_npz(ctx.input("calibration"), redo="import" if ctx.config.onnx else "data",
+                                     need=("images",))["images"])
+    samples = images[:DIAGNOSIS_SAMPLES]
+    layers = layer_errors(ctx.input("saved_model"), calibration, samples)
+    if layers:
+        log.info("%s: the layer with the largest int8 error is %s (%s), %.2f quantization steps rms (rounding "
+                 "alone: %.2f)", INT8_DIAGNOSED, layers[0]["layer"], layers[0]["op"], layers[0]["rmse_over_scale"],
+                 ROUNDING_ONLY)
+    return {"variant": INT8_DIAGNOSED, "samples": len(samples), "rounding_only": ROUNDING_ONLY, "layers": layers,
+            "why": [f"{hop['hop']}: {hop['verdict']}" for hop in hops if hop["verdict"] != "pass"]}
 
 
 PLOT_CAPTIONS = ("per-example error against the reference, with each hop's bound",

@@ -1,0 +1,76 @@
+"""Which layers lose the accuracy of a full-int8 file: each quantized layer's error against the float layer, from
+LiteRT's quantization debugger run with the converter the published file came from.
+
+For every quantized op the debugger runs the float op beside it on the same inputs and compares the outputs.
+Two figures per layer:
+
+- ``rmse_over_scale``: the error's root mean square in quantization steps, as LiteRT's debugger guide reports it.
+  Rounding alone gives 1/√12 ≈ 0.29; more means saturation or badly quantized weights. It cannot see a range
+  stretched by one outlying channel: every value is then rounded to a huge step, which is still "rounding".
+- ``typical_relative_error`` (what the layers are ranked by): the median, over the layer's non-zero float outputs,
+  of |dequantized − float| / |float|, averaged over the samples. A healthy layer keeps its typical value to a few
+  percent; a layer whose values mostly sit under one step (an outlying channel stretched the range) loses them,
+  and it approaches 1. The scores' Softmax is ranked last whatever its figure: its small probabilities always
+  round to zero and never change the top class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROUNDING_ONLY = 1 / math.sqrt(12)  # rmse / scale of a uniform rounding error: a layer that loses nothing else
+
+
+def layer_errors(saved_model_dir: Path, calibration: np.ndarray, samples: np.ndarray) -> list[dict]:
+    """Per quantized layer on ``samples`` (float32 model inputs): its op, output tensor, quantization step, rmse,
+    rmse / step, typical relative error and max |error|, worst first (by typical relative error)."""
+    import tensorflow as tf
+
+    from export.tflite import tflite_converter
+
+    converter = tflite_converter(saved_model_dir, "int8_full", calibration)
+    rows = np.asarray(samples, dtype=np.float32)
+
+    def dataset():
+        for index in range(len(rows)):
+            yield [rows[index : index + 1]]
+
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        layer_direct_compare_metrics={"typical_relative_error": typical_relative_error})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset,
+                                                             debug_options=options)
+        debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    layers = []
+    for order, row in enumerate(csv.DictReader(dump.getvalue().splitlines())):  # in graph order
+        scale = float(row["scale"])
+        rmse = math.sqrt(max(float(row["mean_squared_error"]), 0.0))
+        typical = float(row["typical_relative_error"])
+        layers.append({"layer": row["tensor_name"], "op": row["op_name"], "order": order, "scale": scale, "rmse": rmse,
+                       "rmse_over_scale": rmse / scale if scale > 0 else math.inf,
+                       "typical_relative_error": typical if math.isfinite(typical) else None,
+                       "max_abs_error": float(row["max_abs_error"])})
+    # the scores' own Softmax comes last: its tiny probabilities round to zero in 1/256 steps (a relative error of
+    # 1) in any int8 file, confident or not, and never change which class is on top
+    layers.sort(key=lambda layer: (layer["op"] == "SOFTMAX", -(layer["typical_relative_error"] or 0.0)))
+    return layers
+
+
+def typical_relative_error(float_values: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> float:
+    """The median of |dequantized − float| / |float| over the non-zero float values of one sample (NaN when
+    there are none: the debugger averages with nanmean)."""
+    exact = np.asarray(float_values, dtype=np.float64).ravel()
+    dequantized = (np.asarray(quantized, dtype=np.float64).ravel() - zero_point) * scale
+    nonzero = exact != 0
+    if not nonzero.any():
+        return math.nan
+    return float(np.median(np.abs(dequantized[nonzero] - exact[nonzero]) / np.abs(exact[nonzero])))

@@ -1,0 +1,55 @@
+"""The int8 diagnosis finds the layer that breaks full-int8 quantization (export/int8_layers.py): a model built so
+that one layer does, against the same model without the flaw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # two models through the converters and LiteRT's debugger: seconds, not a unit test
+
+
+def saved_model_of(model, root):
+    from crossport.files import sha256_file
+    from export.servable import build_saved_model
+    from training.checkpoint import save_checkpoint
+    from training.train import TrainConfig
+    from translation.onnx_export import export_onnx
+    from translation.onnx_to_tf import translate
+
+    labels = tuple("abcd")
+    root.mkdir()
+    save_checkpoint(root / "model.pt", model, labels, "0" * 64, {"test_accuracy": 0.0}, TrainConfig())
+    export_onnx(model, labels, sha256_file(root / "model.pt"), root / "model.onnx")
+    translate(root / "model.onnx", root / "tf_graph")
+    build_saved_model(root / "tf_graph", labels, root / "saved_model")
+    return root / "saved_model"
+
+
+def mlp(outlier: float):
+    """784 → 32 → 16 → 4; ``outlier`` scales one unit of the first layer, whose output range it stretches."""
+    import torch
+
+    from training.model import MLP, ModelConfig
+
+    torch.manual_seed(0)
+    model = MLP(ModelConfig(hidden_sizes=(32, 16), num_classes=4, dropout=0.0)).eval()
+    with torch.no_grad():
+        model.layers[0].weight[0] *= outlier
+        model.layers[0].bias[0] = abs(model.layers[0].bias[0]) * outlier + outlier  # the unit is on: ReLU keeps it
+    return model
+
+
+def test_the_layer_whose_range_one_unit_stretches_is_ranked_first(tmp_path):
+    from export.int8_layers import layer_errors
+
+    rng = np.random.default_rng(0)
+    calibration, samples = rng.random((200, 784), dtype=np.float32), rng.random((48, 784), dtype=np.float32)
+    clean = layer_errors(saved_model_of(mlp(1.0), tmp_path / "clean"), calibration, samples)
+    broken = layer_errors(saved_model_of(mlp(1000.0), tmp_path / "broken"), calibration, samples)
+    first = min(broken, key=lambda layer: layer["order"])  # the first layer's output, in graph order
+    assert broken[0]["layer"] == first["layer"] and broken[0]["op"] == "FULLY_CONNECTED", broken[:3]
+    assert broken[0]["typical_relative_error"] > 0.5, broken[0]  # its typical value is lost to the stretched step
+    assert max(layer["typical_relative_error"] or 0 for layer in clean) < 0.1, clean  # nothing lost without it
+    assert broken[-1]["op"] == "SOFTMAX"  # the scores' own rounding is listed last, whatever its figure
+    assert all(0 < layer["rmse_over_scale"] < 1 for layer in broken[:1])  # LiteRT's own figure sees only rounding
