@@ -8,10 +8,10 @@ Two figures per layer:
   Rounding alone gives 1/√12 ≈ 0.29; more means saturation or badly quantized weights. It cannot see a range
   stretched by one outlying channel: every value is then rounded to a huge step, which is still "rounding".
 - ``typical_relative_error`` (what the layers are ranked by): the median, over the layer's non-zero float outputs,
-  of |dequantized − float| / |float|, averaged over the samples. A healthy layer keeps its typical value to a few
-  percent; a layer whose values mostly sit under one step (an outlying channel stretched the range) loses them,
-  and it approaches 1. The scores' Softmax is ranked last whatever its figure: its small probabilities always
-  round to zero and never change the top class.
+  of the fraction of each value lost, min(|dequantized − float| / |float|, 1), averaged over the samples. A healthy
+  layer keeps its typical value to a few percent; a layer whose values mostly sit under one step (an outlying
+  channel stretched the range, or values that are all tiny) loses them, and it approaches 1. The scores' Softmax
+  is ranked last whatever its figure: its small probabilities always round to zero and never change the top class.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def layer_errors(saved_model_dir: Path, calibration: np.ndarray, samples: np.nda
         layer_direct_compare_metrics={"typical_relative_error": typical_relative_error})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        warnings.filterwarnings("ignore", message="Mean of empty slice")  # a layer all zero on every image
         debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset,
                                                              debug_options=options)
         debugger.run()
@@ -66,11 +67,12 @@ def layer_errors(saved_model_dir: Path, calibration: np.ndarray, samples: np.nda
 
 
 def typical_relative_error(float_values: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> float:
-    """The median of |dequantized − float| / |float| over the non-zero float values of one sample (NaN when
-    there are none: the debugger averages with nanmean)."""
+    """The median over the non-zero float values of one sample of the fraction of each value lost,
+    min(|dequantized − float| / |float|, 1) (NaN when there are none: the debugger averages with nanmean)."""
     exact = np.asarray(float_values, dtype=np.float64).ravel()
     dequantized = (np.asarray(quantized, dtype=np.float64).ravel() - zero_point) * scale
     nonzero = exact != 0
     if not nonzero.any():
         return math.nan
-    return float(np.median(np.abs(dequantized[nonzero] - exact[nonzero]) / np.abs(exact[nonzero])))
+    lost = np.minimum(np.abs(dequantized[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]), 1.0)
+    return float(np.median(lost))

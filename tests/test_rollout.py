@@ -15,18 +15,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_rollout_under_load_fails_no_request_and_every_worker_follows(pipeline_run, tmp_path):
-    """Four clients (REST and gRPC) against two --workers while the run is published twice more and a tampered copy
-    of a version is renamed into place: no request fails, every new version answers and is loaded by each worker
+    """Four clients (REST and gRPC) against two --workers while the run is published again and a tampered copy of
+    that version is renamed into place: no request fails, every new version answers and is loaded by each worker
     (each polls on its own), the tampered one never answers and each worker refuses it. `pipelines.bench
     --rollout` runs the same for 60 s with three publishes and reports the pick-up times and memory
     (docs/serving.md)."""
     from pipelines.tools.bench.rollout import rollout
 
-    result = rollout(pipeline_run.models_dir / "emnist_mlp" / "1", tmp_path, seconds=8, clients=4, publishes=2,
+    result = rollout(pipeline_run.models_dir / "emnist_mlp" / "1", tmp_path, seconds=6, clients=4, publishes=1,
                      steady=0, workers=2, backend="tflite_fp32")
     assert result["failed"] == 0, result["failures"]
     assert result["requests"] > 100
-    assert [entry["version"] for entry in result["versions"]] == [2, 4]  # 3 is the tampered copy
+    assert [entry["version"] for entry in result["versions"]] == [2]  # 3 is the tampered copy of it
     for entry in result["versions"]:
         assert entry["first_answer_after_s"] is not None, entry  # it answered a client
         assert entry["loaded_by_workers"] == [1, 2], entry  # and each worker loaded it

@@ -94,7 +94,7 @@ def validate_stage(ctx: Context) -> StageResult:
 
 
 INT8_DIAGNOSED = "tflite_int8_full"
-DIAGNOSIS_SAMPLES = 256  # test images the quantization debugger runs (each once in float, once quantized)
+DIAGNOSIS_SAMPLES = 64  # test images the quantization debugger runs: enough to rank layers; the rest is fixed cost
 
 
 def diagnose_int8(ctx: Context, report: dict, images: np.ndarray) -> dict | None:
