@@ -2,10 +2,14 @@
 
 The same JSON a deployer sends to TensorFlow Serving works against ``pipelines.serve``:
 
-- ``POST /v1/models/<name>[/versions/<N>]:predict`` with ``{"instances": [...]}`` (row
-  format → ``{"predictions": [...]}``) or ``{"inputs": ...}`` (columnar → ``{"outputs": ...}``);
+- ``POST /v1/models/<name>[/versions/<N>|/labels/<L>]:predict`` with ``{"instances": [...]}`` (row
+  format → ``{"predictions": [...]}``) or ``{"inputs": ...}`` (columnar → ``{"outputs": ...}``); with
+  ``"signature_name": "predict_uint8"``, pixels as integers 0-255;
 - ``POST ...:classify`` with ``{"examples": [{"images": [...]}]}`` → ``{"results": [[[label, score], ...]]}``;
-- ``GET /v1/models/<name>[/versions/<N>]`` (status) and ``.../metadata`` (signature defs).
+- ``GET /v1/models/<name>[/versions/<N>]`` (every version's state, or one's) and ``.../metadata`` (signature defs).
+
+Which version answers is the repository's business (:mod:`serving.repository`): :func:`handle` routes a request
+to it and holds it until the answer is built.
 
 Errors are ``{"error": "..."}`` with a 4xx status, as TF Serving answers them.
 """
