@@ -89,6 +89,11 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
                         "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None),
                         "parity": "unverified" if fmt in undecided else "verified",
                         "transposes": (facts.get("layout") or {}).get(fmt, {}).get("transposes")}
+    diagnosis = report.get("int8_layers")
+    if diagnosis and diagnosis["variant"] in formats:  # where int8 loses accuracy, worst three (parity.html: all)
+        formats[diagnosis["variant"]]["worst_int8_layers"] = [
+            {key: layer[key] for key in ("layer", "op", "typical_relative_error", "rmse_over_scale")}
+            for layer in diagnosis["layers"][:3]]
     base = f"http://localhost:8501/v1/models/{name}"
     return {
         "name": name,
@@ -174,6 +179,13 @@ def render_markdown(card: dict) -> str:
         transposes = info.get("transposes")
         lines.append(f"| {fmt} | `{info['path']}` | {size} | {accuracy} | {agreement} | {info['parity']} | "
                      f"{'-' if transposes is None else transposes} |")
+    for fmt, info in card["formats"].items():
+        worst = info.get("worst_int8_layers")
+        if worst:
+            lines += ["", f"{fmt} did not pass outright; the layers where int8 loses most (typical fraction of a "
+                          "value lost; parity.html lists every layer): " + "; ".join(
+                              f"`{layer['layer']}` ({layer['op']}) {layer['typical_relative_error'] or 0:.0%}"
+                              for layer in worst) + "."]
     parity = card["parity"]
     if parity["unverified"] or parity["omitted"]:
         unverified, omitted = ", ".join(parity["unverified"]) or "none", ", ".join(parity["omitted"]) or "none"

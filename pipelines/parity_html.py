@@ -70,7 +70,7 @@ def verdict_sentence(report: dict) -> str:
     if failing:
         first = failing[0]
         reason = first["failures"][0] if first["failures"] else "see the table below"
-        return f"FAIL at {first['hop']}: {reason}. Nothing was published."
+        return f"FAIL at {first['hop']}: {reason.removeprefix(first['hop'] + ': ')}. Nothing was published."
     exact = next((check for check in report.get("against_exact", []) if check["verdict"] == "fail"), None)
     if exact is not None:
         return f"FAIL against the exact values: {exact['failures'][0]}. Nothing was published."
@@ -148,10 +148,9 @@ def _divergence(divergence: dict | None) -> list[str]:
         return []
     first = divergence.get("first")
     nodes = divergence.get("nodes") or []
-    covered = (f"; the {first['index']} node(s) before it agree within the tolerance" if first else "")
-    return ["<h2>Where the translation first drifts</h2>",
-            f"<p>{_e(divergence['summary'])} ({len(nodes)} intermediate tensors compared between ONNX Runtime and "
-            f"the TensorFlow translation{_e(covered)}).</p>"]
+    covered = (f" ({len(nodes)} intermediate tensors compared between ONNX Runtime and the TensorFlow translation; "
+               f"the {first['index']} node(s) before it agree within the tolerance)" if first else "")
+    return ["<h2>Where the translation first drifts</h2>", f"<p>{_e(divergence['summary'])}{_e(covered)}.</p>"]
 
 
 def _figure(caption: str, path: Path) -> str:

@@ -96,6 +96,8 @@ def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_
     result = pipeline_here("--stage", "validate", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 3, result.stderr[-2000:]
     assert f"pytorch -> tflite_{variant}: output 'scores' expected float32[359, 10]" in result.stderr
+    if variant == "fp32":  # the failed run's parity.html, as a reviewer opens it: the first failing hop first
+        read_failed_report_in_a_browser(run / "parity.html", tmp_path)
     report = json.loads((run / "parity.json").read_text())
     diagnosis = report["int8_layers"]  # present exactly when a hop to int8_full did not pass outright
     assert (diagnosis is None) == all(hop["verdict"] == "pass" for hop in report["hops"]
@@ -104,10 +106,33 @@ def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_
         assert diagnosis["variant"] == "tflite_int8_full" and diagnosis["samples"] == 64
         assert {layer["op"] for layer in diagnosis["layers"]} >= {"FULLY_CONNECTED", "SOFTMAX"}
         assert "tflite_int8_full: where int8 loses accuracy, layer by layer" in (run / "parity.html").read_text()
+        from export.card import render_markdown, servable_card
+
+        card = servable_card(name="emnist_mlp", version=1, labels=list("0123456789"), report=report, facts={},
+                             sizes={"tflite_int8_full": 1}, mlflow_ids=None)
+        assert card["formats"]["tflite_int8_full"]["worst_int8_layers"] == [
+            {key: layer[key] for key in ("layer", "op", "typical_relative_error", "rmse_over_scale")}
+            for layer in diagnosis["layers"][:3]]
+        assert "tflite_int8_full did not pass outright" in render_markdown(card)
     result = pipeline_here("--stage", "publish", "--run-dir", str(run), "--no-tracking", capsys=capfd)
     assert result.returncode == 1 and "refusing to publish: parity verdict is 'fail'" in result.stderr
     assert f"tflite_{variant}" in result.stderr
     assert_nothing_published(tmp_path)
+
+
+def read_failed_report_in_a_browser(page: Path, tmp_path: Path) -> None:
+    from tests.helpers import headless_chromium
+    from tests.test_mlflow_ui import Walk, keep_screenshots
+
+    driver = headless_chromium(tmp_path / "profile", "1400,1000")
+    try:
+        walk = Walk(driver, tmp_path / "ui")
+        driver.get(page.as_uri())
+        verdict = walk.shows("FAIL at ").split("FAIL at ", 1)[1].split("\n", 1)[0]
+        assert "tflite_fp32" in verdict and "Nothing was published" in verdict, verdict
+        keep_screenshots([walk.shot("6-parity-html-failed.png")])
+    finally:
+        driver.quit()
 
 
 def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path):
