@@ -31,7 +31,7 @@ def models_config_problems(models_dir: Path, *, signatures: bool = True, serving
     from tensorflow_serving.config import model_server_config_pb2
 
     from crossport.interface import MODELS_CONFIG
-    from export.publish import versions
+    from export.publish import base_path_here, versions
 
     path = Path(models_dir) / MODELS_CONFIG
     if not path.is_file():
@@ -41,11 +41,8 @@ def models_config_problems(models_dir: Path, *, signatures: bool = True, serving
     except text_format.ParseError as error:
         return [f"{path} is not a ModelServerConfig: {error}"]
     problems = []
-    root = serving_root.rstrip("/") + "/"
     for entry in config.model_config_list.config:
-        base = Path(entry.base_path)
-        if entry.base_path.startswith(root):  # as TF Serving sees it in its container: here, the repository
-            base = Path(models_dir).resolve() / entry.base_path[len(root):]
+        base = base_path_here(entry.base_path, models_dir, serving_root)
         if entry.model_platform != "tensorflow":
             problems.append(f"{entry.name}: model_platform {entry.model_platform!r}, expected 'tensorflow'")
         if not base.is_absolute():

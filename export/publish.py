@@ -38,6 +38,15 @@ SERVING_ROOT = "/models"
 VALIDATED_LABEL = "validated"  # the registry alias, mirrored as a TF Serving version label
 
 
+def base_path_here(base_path: str, repository: Path, serving_root: str = SERVING_ROOT) -> Path:
+    """A ``models.config`` base path on this machine: one under ``serving_root`` (where TF Serving's container
+    mounts the repository, as crossport writes it) is read from ``repository``; any other stands as it is."""
+    root = serving_root.rstrip("/") + "/"
+    if base_path.startswith(root):
+        return Path(repository).resolve() / base_path[len(root):]
+    return Path(base_path)
+
+
 def publish_version(
     models_dir: Path,
     name: str,

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crossport.errors import ConfigError, CrossportError, ManifestError
+from export.publish import SERVING_ROOT
 
 log = logging.getLogger("crossport.serve")
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
-SERVING_ROOT = "/models"  # where TF Serving's container mounts the repository (crossport's models.config says so)
 
 
 class ServingError(Exception):
@@ -81,6 +81,8 @@ def read_model_config(path: Path, serving_root: str = SERVING_ROOT) -> list[Mode
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
+    from export.publish import base_path_here
+
     path = Path(path)
     try:
         text = path.read_text()
@@ -96,7 +98,6 @@ def read_model_config(path: Path, serving_root: str = SERVING_ROOT) -> list[Mode
     if not entries:
         raise ConfigError(f"--model-config-file {path} lists no models (expected model_config_list {{ config "
                           "{ ... } }).", hint="List each model with its name and base_path.")
-    root = serving_root.rstrip("/") + "/"
     sources, seen = [], set()
     for entry in entries:
         where = f"--model-config-file {path}: model {entry.name!r}"
@@ -108,10 +109,8 @@ def read_model_config(path: Path, serving_root: str = SERVING_ROOT) -> list[Mode
         if entry.model_platform not in ("", "tensorflow"):
             raise ConfigError(f"{where} has model_platform {entry.model_platform!r}; only 'tensorflow' is served.",
                               hint="Set model_platform: \"tensorflow\".")
-        base = (path.resolve().parent / entry.base_path[len(root):] if entry.base_path.startswith(root)
-                else Path(entry.base_path))
-        sources.append(ModelSource(entry.name, base, _policy(entry.model_version_policy, where),
-                                   dict(entry.version_labels)))
+        sources.append(ModelSource(entry.name, base_path_here(entry.base_path, path.parent, serving_root),
+                                   _policy(entry.model_version_policy, where), dict(entry.version_labels)))
     return sources
 
 
@@ -181,8 +180,8 @@ def sources_at(path: Path, version: int | None = None) -> Callable[[], list[Mode
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory.", hint="Pass a model repository (e.g. models), a model's "
                                                                "directory (models/emnist_mlp) or one version.")
-    if versions(path):
-        available = versions(path)
+    available = versions(path)
+    if available:
         if version is not None and version not in available:
             raise ConfigError(f"{path} has no version {version}: found {available}.", hint="Pick one with --version.")
         source = ModelSource(path.name, path, Policy(specific=(version,)) if version is not None else Policy())
@@ -246,7 +245,6 @@ class Repository:
         self._models: dict[str, dict[int, Version]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.polls = 0
 
     # --- what is served ---------------------------------------------------------------------
 
@@ -330,7 +328,6 @@ class Repository:
                     self._load_version(source, number)
             # only now, with the new versions loaded, are the ones the policy dropped unloaded
             self._drop(source.name, wanted)
-        self.polls += 1
 
     def start(self, interval: float) -> None:
         """Poll every ``interval`` seconds in a thread (TF Serving's ``--file_system_poll_wait_seconds``; 0: the

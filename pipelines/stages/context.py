@@ -79,10 +79,15 @@ def read_labels(ctx: Context) -> tuple[str, ...]:
 
 
 def golden_inputs(ctx: Context) -> np.ndarray:
+    return recorded_inputs(ctx, "golden")
+
+
+def recorded_inputs(ctx: Context, name: str) -> np.ndarray:
+    """The model inputs of a recorded image set (``golden``, ``calibration``), made by data or import."""
     from crossport.files import read_npz
     from crossport.interface import to_inputs
 
-    return to_inputs(read_npz(ctx.input("golden"), redo="import" if ctx.config.onnx else "data",
+    return to_inputs(read_npz(ctx.input(name), redo="import" if ctx.config.onnx else "data",
                               need=("images",))["images"])
 
 

@@ -16,6 +16,7 @@ from pipelines.stages.context import (
     golden_inputs,
     locate_divergence,
     read_labels,
+    recorded_inputs,
     scores_and_logits,
     self_check,
 )
@@ -86,16 +87,12 @@ def package_stage(ctx: Context) -> StageResult:
 
 def tflite_stage(ctx: Context) -> StageResult:
     from crossport.formats import TFLITE_FORMATS
-    from crossport.interface import to_inputs
     from crossport.runtimes import load_saved_model, load_tflite
     from export.layout import placement, saved_model_ops, tflite_ops
     from export.tflite import convert_tflite
 
     saved_model = ctx.input("saved_model")
-    from crossport.files import read_npz
-
-    calibration = to_inputs(read_npz(ctx.input("calibration"), redo="import" if ctx.config.onnx else "data",
-                                     need=("images",))["images"])
+    calibration = recorded_inputs(ctx, "calibration")
     golden, exact, threads = golden_inputs(ctx), golden_exact(ctx), ctx.config.threads
     reference = load_saved_model(saved_model, threads=threads)(golden)
     metrics, layout = {}, {}

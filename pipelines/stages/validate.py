@@ -16,7 +16,7 @@ from crossport.interface import CLASSES, CLASSIFY_KEY, LOGITS, SCORES
 from crossport.parity import HopResult, compare, compare_exact, raise_on_failure
 from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
 from pipelines.results import Made, StageResult
-from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels
+from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels, recorded_inputs
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +100,13 @@ DIAGNOSIS_SAMPLES = 64  # test images the quantization debugger runs: enough to 
 def diagnose_int8(ctx: Context, report: dict, images: np.ndarray) -> dict | None:
     """Where the full-int8 file loses accuracy, layer by layer (export/int8_layers.py), when any of its hops did
     not pass outright (failed, or undecided); None when it passed or was not built."""
-    from crossport.files import read_npz
-    from crossport.interface import to_inputs
     from export.int8_layers import ROUNDING_ONLY, layer_errors
 
     hops = [hop for hop in report["hops"] if hop["candidate"] == INT8_DIAGNOSED]
     if not hops or all(hop["verdict"] == "pass" for hop in hops):
         return None
-    calibration = to_inputs(read_npz(ctx.input("calibration"), redo="import" if ctx.config.onnx else "data",
-                                     need=("images",))["images"])
     samples = images[:DIAGNOSIS_SAMPLES]
-    layers = layer_errors(ctx.input("saved_model"), calibration, samples)
+    layers = layer_errors(ctx.input("saved_model"), recorded_inputs(ctx, "calibration"), samples)
     if layers:
         log.info("%s: the layer with the largest int8 error is %s (%s), %.2f quantization steps rms (rounding "
                  "alone: %.2f)", INT8_DIAGNOSED, layers[0]["layer"], layers[0]["op"], layers[0]["rmse_over_scale"],

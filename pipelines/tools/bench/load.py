@@ -43,16 +43,19 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, backend: str, workers: int = 1):
-    """``pipelines.serve --workers workers`` on 127.0.0.1 with REST and gRPC, answering once both listeners are up
-    (:class:`Served`); stopped after. Every load of one backend goes to one server, as to a deployed one."""
+def serving(model_dir: Path, backend: str, workers: int = 1, *extra: str, output=None):
+    """``pipelines.serve --workers workers`` (and ``extra`` flags) on 127.0.0.1 with REST and gRPC, answering once
+    both listeners are up (:class:`Served`); stopped after. Every load of one backend goes to one server, as to a
+    deployed one. ``output``: an open file for the server's console (default: discarded)."""
     import http.client
 
     port, grpc_port = _free_ports(2)
     server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend,
-                               "--port", str(port), "--grpc-port", str(grpc_port), "--workers", str(workers)],
+                               "--port", str(port), "--grpc-port", str(grpc_port), "--workers", str(workers),
+                               *extra],
                               cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdout=output or subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
         deadline = time.monotonic() + 120
@@ -64,7 +67,8 @@ def serving(model_dir: Path, backend: str, workers: int = 1):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise CrossportError(f"pipelines.serve --backend {backend} did not start") from None
+                    where = f"; see {output.name}" if output else ""
+                    raise CrossportError(f"pipelines.serve --backend {backend} did not start{where}") from None
                 time.sleep(0.3)
         yield Served(server, port, grpc_port, backend, workers)
     finally:

@@ -13,7 +13,6 @@ rollout is done.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -30,7 +29,7 @@ import numpy as np
 from crossport.errors import CrossportError
 from crossport.interface import INPUT
 from pipelines.tools.bench.harness import ROOT
-from pipelines.tools.bench.load import _free_ports
+from pipelines.tools.bench.load import serving
 
 PICKUP_LIMIT_S = 120  # the longest a new version may take to answer after the publishing is over
 LOADED = re.compile(r"(?:worker (?P<worker>\d+): )?serving (?P<name>\S+) version (?P<version>\d+) "
@@ -58,10 +57,11 @@ def rollout(version_dir: Path, workdir: Path, *, seconds: float = 60, clients: i
     shutil.rmtree(models, ignore_errors=True)
     shutil.copytree(run_dir, run)
     _publish(run, models)
-    port, grpc_port = _free_ports(2)
     log_path = workdir / "serve.out"
-    with log_path.open("w") as log, _server(models / name, backend, port, grpc_port, poll, log, workdir,
-                                            workers) as server:
+    with log_path.open("w") as log, serving(models / name, backend, workers, "--file-system-poll-wait-seconds",
+                                            str(poll), "--log-file", str(workdir / "serve-libraries.log"),
+                                            output=log) as served:
+        server, port, grpc_port = served.process, served.port, served.grpc_port
         clients_ = _Clients(name, port, grpc_port, clients, example)
         clients_.start()
         events = _publisher(run, models, name, seconds, publishes)
@@ -119,29 +119,6 @@ def _publish(run: Path, models: Path) -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise CrossportError(f"publishing {run} failed: {(result.stderr or result.stdout).strip()[-500:]}")
-
-
-@contextlib.contextmanager
-def _server(model_dir: Path, backend: str, port: int, grpc_port: int, poll: int, log, workdir: Path, workers: int):
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", str(model_dir), "--backend", backend,
-                               "--port", str(port), "--grpc-port", str(grpc_port), "--workers", str(workers),
-                               "--file-system-poll-wait-seconds", str(poll), "--log-file",
-                               str(workdir / "serve-libraries.log")],
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                _get(port, f"/v1/models/{model_dir.name}")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise CrossportError(f"pipelines.serve did not start; see {workdir / 'serve.out'}") from None
-                time.sleep(0.1)
-        yield server
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _get(port: int, path: str) -> bytes:
