@@ -2,7 +2,9 @@
 
 Validate, publish, the servable card, the web service, the benchmark, the serverless
 builder and the TFLite converter read :data:`FORMATS`; adding a format is one row here
-plus its converter (and, for a lossy one, its policy in ``pipelines/gate.py``).
+plus its converter (and, for a lossy one, its policy in ``pipelines/gate.py``). An ``optional`` format is made
+only when a run needs it (``int8_mixed``: by validate's int8 fallback, when ``int8_full`` fails the gate); every
+consumer takes the formats a run or a version holds.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ class Format:
     serverless: bool = False  # can be packaged by serving.serverless
     calibrated: bool = False  # converted with the calibration images too
     arithmetic: str = "float32"  # what its matrix products run in on a CPU (the benchmark's ceiling is float32's)
+    optional: bool = False  # made only when needed, by validate rather than by a converting stage
 
 
-def _tflite(variant: str, *, lossy: bool, calibrated: bool = False, arithmetic: str = "float32") -> Format:
+def _tflite(variant: str, *, lossy: bool, calibrated: bool = False, arithmetic: str = "float32",
+            optional: bool = False) -> Format:
     return Format(f"tflite_{variant}", f"{ASSETS_EXTRA}/model_{variant}.tflite", f"tflite_{variant}",
                   "saved_model:serving_default", "tflite", variant=variant, lossy=lossy, serverless=True,
-                  calibrated=calibrated, arithmetic=arithmetic)
+                  calibrated=calibrated, arithmetic=arithmetic, optional=optional)
 
 
 # In conversion order: each format's parent comes before it.
@@ -41,11 +45,15 @@ FORMATS: tuple[Format, ...] = (
     _tflite("fp16", lossy=True),  # float16 weights, widened to float32 on CPUs
     _tflite("int8_dynamic", lossy=True, arithmetic="int8"),
     _tflite("int8_full", lossy=True, calibrated=True, arithmetic="int8"),
+    # int8_full with the fewest layers kept in float that passes the gate, when int8_full itself fails it
+    _tflite("int8_mixed", lossy=True, calibrated=True, arithmetic="int8", optional=True),
 )
 BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 BY_RUNTIME = {fmt.runtime: fmt for fmt in FORMATS}
 TFLITE_FORMATS = tuple(fmt for fmt in FORMATS if fmt.variant is not None)
-TFLITE_VARIANTS = tuple(fmt.variant for fmt in TFLITE_FORMATS)
+TFLITE_CONVERTED = tuple(fmt for fmt in TFLITE_FORMATS if not fmt.optional)  # what the tflite stage makes
+TFLITE_VARIANTS = tuple(fmt.variant for fmt in TFLITE_CONVERTED)  # what export/tflite.py converts to
+OPTIONAL = tuple(fmt.name for fmt in FORMATS if fmt.optional)
 SERVED = tuple(fmt.name for fmt in FORMATS if fmt.served)
 SERVERLESS_VARIANTS = tuple(fmt.variant for fmt in TFLITE_FORMATS if fmt.serverless)
 

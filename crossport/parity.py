@@ -276,7 +276,7 @@ def _lossy_agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np
     as_accurate = (result.candidate_accuracy is not None and result.reference_accuracy is not None
                    and result.candidate_accuracy >= result.reference_accuracy)
     lower, upper = clopper_pearson(changed, decisive, policy.confidence)
-    test = f"Clopper-Pearson exact binomial, one-sided {policy.confidence:.0%}"
+    test = f"Clopper-Pearson exact binomial, one-sided {100 * policy.confidence:.4g}%"
     # never failed for disagreeing while at least as accurate as the reference
     decision = "not applied" if as_accurate else _decide(lower, upper, policy.max_disagreement)
     result.disagreement = Bound(changed / decisive if decisive else 0.0, lower, upper, policy.max_disagreement,
@@ -290,7 +290,7 @@ def _lossy_agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np
         lower, upper = accuracy_drop_bounds(lost, gained, len(labels), policy.confidence)
         result.accuracy_drop = Bound((lost - gained) / len(labels), lower, upper, policy.max_accuracy_drop,
                                      _decide(lower, upper, policy.max_accuracy_drop),
-                                     f"McNemar exact conditional (paired), one-sided {policy.confidence:.0%}")
+                                     f"McNemar exact conditional (paired), one-sided {100 * policy.confidence:.4g}%")
         _record_decision(result, spec.name, "accuracy drop", result.accuracy_drop, len(labels))
 
 

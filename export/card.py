@@ -94,6 +94,11 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         formats[diagnosis["variant"]]["worst_int8_layers"] = [
             {key: layer[key] for key in ("layer", "op", "typical_relative_error", "rmse_over_scale")}
             for layer in diagnosis["layers"][:3]]
+    fallback = report.get("int8_fallback") or {}
+    for replaced, mixed in (report.get("replaced") or {}).items():  # int8_full failed; int8_mixed passed instead
+        if mixed in formats and fallback.get("chosen") is not None:
+            formats[mixed].update(replaces=replaced, why_replaced=fallback.get("trigger"),
+                                  float_layers=fallback["candidates"][fallback["chosen"]]["float_layers"])
     base = f"http://localhost:8501/v1/models/{name}"
     return {
         "name": name,
@@ -109,7 +114,7 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
         "parity": {"verdict": report["verdict"], "examples": report["examples"], "reference": reference,
                    "logits": report.get("logits", "output"), "tolerances": report["tolerances"],
                    "unverified": sorted(undecided & set(formats)),
-                   "omitted": sorted(undecided - set(formats))},
+                   "omitted": sorted(undecided - set(formats)), "replaced": report.get("replaced") or {}},
         "lineage": {
             "dataset": facts.get("dataset"),
             "source": _source(facts.get("source")),
@@ -186,6 +191,11 @@ def render_markdown(card: dict) -> str:
                           "value lost; parity.html lists every layer): " + "; ".join(
                               f"`{layer['layer']}` ({layer['op']}) {layer['typical_relative_error'] or 0:.0%}"
                               for layer in worst) + "."]
+    for fmt, info in card["formats"].items():
+        if info.get("float_layers"):
+            lines += ["", f"{info['replaces']} failed the gate ({'; '.join(info['why_replaced'] or [])}) and is not in "
+                          f"this version; {fmt} keeps {len(info['float_layers'])} layer(s) in float32 and passes it: "
+                          + ", ".join(f"`{layer}`" for layer in info["float_layers"]) + "."]
     parity = card["parity"]
     if parity["unverified"] or parity["omitted"]:
         unverified, omitted = ", ".join(parity["unverified"]) or "none", ", ".join(parity["omitted"]) or "none"

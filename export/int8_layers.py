@@ -1,5 +1,6 @@
 """Which layers lose the accuracy of a full-int8 file: each quantized layer's error against the float layer, from
-LiteRT's quantization debugger run with the converter the published file came from.
+LiteRT's quantization debugger run with the converter the published file came from; and the same file with chosen
+layers kept in float (the int8 fallback, pipelines/stages/int8.py).
 
 For every quantized op the debugger runs the float op beside it on the same inputs and compares the outputs.
 Two figures per layer:
@@ -20,6 +21,7 @@ import csv
 import io
 import math
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,43 +29,86 @@ import numpy as np
 ROUNDING_ONLY = 1 / math.sqrt(12)  # rmse / scale of a uniform rounding error: a layer that loses nothing else
 
 
+class Int8Quantization:
+    """One calibration of the full-int8 converter (the very converter the published file came from), asked for each
+    layer's error on ``samples`` and for files that keep chosen layers in float (LiteRT's quantization debugger
+    quantizes its calibrated model again for each, without calibrating again)."""
+
+    def __init__(self, saved_model_dir: Path, calibration: np.ndarray, samples: np.ndarray) -> None:
+        import tensorflow as tf
+
+        from export.tflite import tflite_converter
+
+        rows = np.asarray(samples, dtype=np.float32)
+
+        def dataset():
+            for index in range(len(rows)):
+                yield [rows[index : index + 1]]
+
+        self.samples = len(rows)
+        with _quiet():
+            self._debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=tflite_converter(saved_model_dir, "int8_full", calibration), debug_dataset=dataset,
+                debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                    layer_direct_compare_metrics={"typical_relative_error": typical_relative_error}))
+
+    def layer_errors(self) -> list[dict]:
+        """Per quantized layer: its op, output tensor, quantization step, rmse, rmse / step, typical relative error
+        and max |error|, worst first (by typical relative error)."""
+        with _quiet():
+            self._debugger.run()
+        dump = io.StringIO()
+        self._debugger.layer_statistics_dump(dump)
+        layers = []
+        for order, row in enumerate(csv.DictReader(dump.getvalue().splitlines())):  # in graph order
+            scale = float(row["scale"])
+            rmse = math.sqrt(max(float(row["mean_squared_error"]), 0.0))
+            typical = float(row["typical_relative_error"])
+            layers.append({"layer": row["tensor_name"], "op": row["op_name"], "order": order, "scale": scale,
+                           "rmse": rmse, "rmse_over_scale": rmse / scale if scale > 0 else math.inf,
+                           "typical_relative_error": typical if math.isfinite(typical) else None,
+                           "max_abs_error": float(row["max_abs_error"])})
+        # the scores' own Softmax comes last: its tiny probabilities round to zero in 1/256 steps (a relative error
+        # of 1) in any int8 file, confident or not, and never change which class is on top
+        layers.sort(key=lambda layer: (layer["op"] == "SOFTMAX", -(layer["typical_relative_error"] or 0.0)))
+        return layers
+
+    def readers(self) -> dict[str, list[str]]:
+        """Each layer's output tensor → the layers that read it (by their output tensors), in the calibrated model:
+        a tensor stays float only when the layer making it and every layer reading it run in float."""
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_content=self._debugger.calibrated_model)
+        names = {tensor["index"]: tensor["name"] for tensor in interpreter.get_tensor_details()}
+        ops = interpreter._get_ops_details()
+        made_by = {index: op for op in ops for index in op["outputs"]}
+        found: dict[str, list[str]] = {}
+        for op in ops:
+            for index in op["inputs"]:
+                if index in made_by and op["outputs"]:
+                    found.setdefault(names[index], []).append(names[op["outputs"][0]])
+        return found
+
+    def with_float(self, layers: list[str]) -> bytes:
+        """The full-int8 file with ``layers`` (output tensor names) left in float32."""
+        import tensorflow as tf
+
+        with _quiet():
+            self._debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(layers))
+            return self._debugger.get_nondebug_quantized_model()
+
+
 def layer_errors(saved_model_dir: Path, calibration: np.ndarray, samples: np.ndarray) -> list[dict]:
-    """Per quantized layer on ``samples`` (float32 model inputs): its op, output tensor, quantization step, rmse,
-    rmse / step, typical relative error and max |error|, worst first (by typical relative error)."""
-    import tensorflow as tf
+    """:meth:`Int8Quantization.layer_errors` of one calibration."""
+    return Int8Quantization(saved_model_dir, calibration, samples).layer_errors()
 
-    from export.tflite import tflite_converter
 
-    converter = tflite_converter(saved_model_dir, "int8_full", calibration)
-    rows = np.asarray(samples, dtype=np.float32)
-
-    def dataset():
-        for index in range(len(rows)):
-            yield [rows[index : index + 1]]
-
-    options = tf.lite.experimental.QuantizationDebugOptions(
-        layer_direct_compare_metrics={"typical_relative_error": typical_relative_error})
+@contextmanager
+def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
         warnings.filterwarnings("ignore", message="Mean of empty slice")  # a layer all zero on every image
-        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset,
-                                                             debug_options=options)
-        debugger.run()
-    dump = io.StringIO()
-    debugger.layer_statistics_dump(dump)
-    layers = []
-    for order, row in enumerate(csv.DictReader(dump.getvalue().splitlines())):  # in graph order
-        scale = float(row["scale"])
-        rmse = math.sqrt(max(float(row["mean_squared_error"]), 0.0))
-        typical = float(row["typical_relative_error"])
-        layers.append({"layer": row["tensor_name"], "op": row["op_name"], "order": order, "scale": scale, "rmse": rmse,
-                       "rmse_over_scale": rmse / scale if scale > 0 else math.inf,
-                       "typical_relative_error": typical if math.isfinite(typical) else None,
-                       "max_abs_error": float(row["max_abs_error"])})
-    # the scores' own Softmax comes last: its tiny probabilities round to zero in 1/256 steps (a relative error of
-    # 1) in any int8 file, confident or not, and never change which class is on top
-    layers.sort(key=lambda layer: (layer["op"] == "SOFTMAX", -(layer["typical_relative_error"] or 0.0)))
-    return layers
+        yield
 
 
 def typical_relative_error(float_values: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> float:

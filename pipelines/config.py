@@ -18,6 +18,7 @@ from training.data import DATASETS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 UNDECIDED_POLICIES = ("publish", "omit")
+INT8_FALLBACK = ("auto", "off")
 EVAL_ORIENTATIONS = ("emnist", "upright")  # how an .npz holds its images (translation.onnx_import.ORIENTATIONS)
 ORIENTATION_CHOICES = ("auto", "emnist", "upright")  # translation.onnx_import.ORIENTATIONS, plus detection
 # training.model.ARCHITECTURES (kept here so --help imports no torch)
@@ -48,6 +49,8 @@ class PipelineConfig:
     # What publish does with a lossy variant whose verdict is "undecided" (too few test
     # examples to tell): publish it marked unverified, or leave it out.
     undecided: str = "publish"
+    # When int8_full fails the gate: search for the fewest layers to keep in float that pass it (auto), or not (off)
+    int8_fallback: str = "auto"
     republish: bool = False  # publish even when the newest version already holds exactly these model files
     threads: int | None = None  # threads per runtime when checking artifacts; None: each runtime's default
     # A run from a model brought as an ONNX file (--onnx) instead of one trained here.
@@ -125,6 +128,9 @@ class PipelineConfig:
                               f"found {self.eval_orientation!r}.")
         if self.undecided not in UNDECIDED_POLICIES:
             raise ConfigError(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, found {self.undecided!r}.")
+        if self.int8_fallback not in INT8_FALLBACK:
+            raise ConfigError(f"--int8-fallback must be one of {', '.join(INT8_FALLBACK)}, "
+                              f"found {self.int8_fallback!r}.")
         if not (isinstance(self.learning_rate, int | float) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise ConfigError(f"learning rate must be positive and finite, found {self.learning_rate}.")

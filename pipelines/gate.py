@@ -5,9 +5,10 @@ each hop is held to, every row with its reason (docs/parity.md). The statistics 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
-from crossport.formats import BY_NAME, BY_RUNTIME, TFLITE_FORMATS
+from crossport.formats import BY_NAME, BY_RUNTIME, OPTIONAL, TFLITE_FORMATS
 from crossport.interface import LOGITS, SCORES
 from crossport.parity import CONFIDENCE, FP32, RECORDED, SIGN_TEST, HopSpec, LossyPolicy, Tolerance
 
@@ -18,6 +19,7 @@ SM_PREDICT = BY_NAME["saved_model"].runtime  # "saved_model:serving_default"
 SM_CLASSIFY = "saved_model:classify"
 TFLITE = {fmt.variant: fmt.runtime for fmt in TFLITE_FORMATS}  # variant → "tflite_<variant>"
 TFLITE_FP32 = TFLITE["fp32"]
+OPTIONAL_RUNTIMES = {BY_NAME[name].runtime for name in OPTIONAL}  # checked only in the runs that make them
 # The artifacts that expose logits; the served ones return scores only, by contract.
 WITH_LOGITS = {REFERENCE, ONNX, TF_GRAPH}
 
@@ -65,6 +67,18 @@ LOSSY_POLICIES: dict[str, LossyPolicy] = {
         reason="int8 weights and activations calibrated on training images: at most 1.5 changed answers in "
                "100, costing at most 1 accuracy point"),
 }
+# int8_mixed makes int8_full's promise with a few layers in float; it is the first of several candidates the int8
+# fallback judges (pipelines/stages/int8.py), each at a Bonferroni-corrected confidence (fallback_confidence)
+LOSSY_POLICIES[TFLITE["int8_mixed"]] = replace(
+    LOSSY_POLICIES[TFLITE["int8_full"]],
+    reason="int8_full's promise (at most 1.5 changed answers in 100, at most 1 accuracy point), kept by leaving the "
+           "fewest layers in float; each candidate judged at a confidence corrected for the candidates tried")
+
+
+def fallback_confidence(candidates: int) -> float:
+    """The confidence each of ``candidates`` int8_mixed candidates is judged at, so that the chance that the search
+    publishes one that breaks the policy stays within 1 − CONFIDENCE (Bonferroni: the chances add up)."""
+    return 1.0 - (1.0 - CONFIDENCE) / max(candidates, 1)
 # Checks that are not a published format of their own: the TF graph before packaging, and the
 # SavedModel's second signature.
 INTERMEDIATE = {TF_GRAPH: ONNX, SM_CLASSIFY: ONNX}
@@ -88,12 +102,14 @@ def hop_spec(reference: str, candidate: str) -> HopSpec:
                    outputs=tuple(outputs), lossy=policy.lossy)
 
 
-def hop_specs(reference: str = REFERENCE) -> list[HopSpec]:
+def hop_specs(reference: str = REFERENCE, present: Iterable[str] | None = None) -> list[HopSpec]:
     """Every hop to check when ``reference`` is the original: PyTorch for a model trained here, ONNX Runtime on
-    the imported graph for a model brought as an ONNX file (which then is no candidate of its own)."""
+    the imported graph for a model brought as an ONNX file (which then is no candidate of its own); of the
+    optional formats only those ``present`` (the runtimes run)."""
+    present = set(PARENTS if present is None else present)
     hops = []
     for candidate, parent in PARENTS.items():
-        if candidate == reference:
+        if candidate == reference or (candidate in OPTIONAL_RUNTIMES and candidate not in present):
             continue
         hops.append(hop_spec(parent, candidate))
         if parent != reference:

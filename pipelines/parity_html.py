@@ -41,6 +41,7 @@ def render_parity_html(report: dict, *, title: str, plots: dict[str, Path], line
     if lossy:
         parts += ["<h2>Lossy variants: agreement and accuracy drop</h2>", _lossy(lossy)]
     parts += _int8_layers(report.get("int8_layers"))
+    parts += _int8_fallback(report.get("int8_fallback"))
     parts += ["<h2>Against the exact (float64) values</h2>", _exact(report)]
     parts += ["<h2>Plots</h2>"] + [_figure(caption, path) for caption, path in plots.items() if Path(path).is_file()]
     ids = [[_e(name), f"<code>{_e(value)}</code>"] for name, value in lineage.items()]
@@ -64,6 +65,9 @@ def verdict_sentence(report: dict) -> str:
         unverified = report.get("undecided") or []
         tail = (f"; {', '.join(unverified)} could not be judged on {examples} examples and "
                 "is marked unverified") if unverified else ""
+        for replaced, mixed in (report.get("replaced") or {}).items():
+            tail += (f"; {replaced} failed the gate and is replaced by {mixed}, which keeps the fewest layers in float "
+                     "that pass it")
         return (f"PASS: every hop from {report['reference']} to the published formats is within its derived bound "
                 f"on {examples} test images, and every float32 file matches the exact float64 values{tail}.")
     failing = [hop for hop in hops if hop["verdict"] == "fail"]
@@ -141,6 +145,22 @@ def _int8_layers(diagnosis: dict | None, shown: int = 10) -> list[str]:
             "Worst first:</p>",
             _table(["rank", "layer (output tensor)", "op", "typical relative error", "rms error / step", "step",
                     "max |error|"], rows)]
+
+
+def _int8_fallback(fallback: dict | None) -> list[str]:
+    if not fallback:
+        return []
+    rows = [[str(index + 1), str(len(candidate["float_layers"])),
+             ", ".join(f"<code>{_e(layer)}</code>" for layer in candidate["float_layers"]),
+             _percent(candidate["accuracy"], 2), f"{candidate['bytes']:,}", _badge(candidate["verdict"])]
+            for index, candidate in enumerate(fallback["candidates"])]
+    chosen = fallback.get("chosen")
+    outcome = (f"Candidate {chosen + 1} passed and is published as int8_mixed, in place of int8_full."
+               if chosen is not None else "No candidate passed: int8_full's failure stands.")
+    return ["<h2>int8 fallback: the fewest layers kept in float that pass the gate</h2>",
+            f"<p>int8_full failed ({_e('; '.join(fallback['trigger'] or []))}). Tried: {_e(fallback['rule'])}. "
+            f"{_e(outcome)}</p>",
+            _table(["candidate", "layers in float", "which", "test accuracy", "bytes", "verdict"], rows)]
 
 
 def _divergence(divergence: dict | None) -> list[str]:

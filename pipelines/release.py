@@ -11,7 +11,7 @@ from pathlib import Path
 from crossport import __version__
 from crossport.errors import PublishError
 from crossport.files import sha256_path, size_path, write_json_atomic
-from crossport.formats import FORMATS
+from crossport.formats import FORMATS, OPTIONAL
 from crossport.interface import ASSETS_EXTRA
 from export.publish import publish_version
 
@@ -48,8 +48,12 @@ def check_blessed(ctx) -> dict:
 
 
 def published_extras(report: dict, policy: str) -> dict[str, str]:
-    """The assets.extra files of a version: all of them, less undecided lossy variants under ``--undecided omit``."""
+    """The assets.extra files of a version: all of them, less undecided lossy variants under ``--undecided omit``,
+    a variant the int8 fallback replaced (``replaced``: int8_full, by int8_mixed), and an optional format the run
+    did not make."""
     omitted = set(report.get("undecided", [])) if policy == "omit" else set()
+    omitted |= set(report.get("replaced") or {})
+    omitted |= {name for name in OPTIONAL if name not in report.get("artifacts", {})}
     return {name: filename for name, filename in EXTRA_FILES.items() if name not in omitted}
 
 

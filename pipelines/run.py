@@ -34,7 +34,13 @@ def channel_values(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
-    from pipelines.config import ARCHITECTURE_NAMES, EVAL_ORIENTATIONS, ORIENTATION_CHOICES, UNDECIDED_POLICIES
+    from pipelines.config import (
+        ARCHITECTURE_NAMES,
+        EVAL_ORIENTATIONS,
+        INT8_FALLBACK,
+        ORIENTATION_CHOICES,
+        UNDECIDED_POLICIES,
+    )
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--undecided", choices=UNDECIDED_POLICIES,
                         help="a lossy TFLite variant the test split is too small to judge: 'publish' it marked "
                              "unverified, or 'omit' it from the published version (default: publish)")
+    parser.add_argument("--int8-fallback", choices=INT8_FALLBACK,
+                        help="when int8_full fails the gate: 'auto' searches for the fewest layers to keep in float "
+                             "that pass it and publishes that file as int8_mixed; 'off' does not (default: auto)")
     parser.add_argument("--threads", type=int,
                         help="threads per runtime when checking artifacts, and per training process with --nproc "
                              "(default: each runtime's own; for training, the cores shared out between the processes)")
@@ -152,7 +161,7 @@ def resolve(args: argparse.Namespace) -> Invocation:
         "seed": args.seed,
         "models_dir": args.models_dir, "name": args.name, "serving_root": args.serving_root,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
-        "undecided": args.undecided, "threads": args.threads,
+        "undecided": args.undecided, "int8_fallback": args.int8_fallback, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
         "orientation": args.orientation, "eval_orientation": args.eval_orientation, "mean": args.mean,
         "std": args.std,

@@ -12,7 +12,7 @@ from crossport import __version__
 from crossport.files import write_json_atomic
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
-from pipelines.stages import Context, Stage, needs_on
+from pipelines.stages import STAGES, Context, Stage, needs_on
 from pipelines.summary import run_title
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,9 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
             log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
             continue
         resume = False
-        inputs = {need: manifest.require(need, for_stage=stage.name) for need in needs_on(stage, config.route)}
+        optional = {name for other in STAGES for name in other.may_make}
+        inputs = {need: manifest.require(need, for_stage=stage.name) for need in needs_on(stage, config.route)
+                  if need not in optional or need in manifest.artifacts}
         ctx = Context(config, manifest, inputs, tracker)
         record = stage_record(manifest, config, stage)
         log.info("stage %s ...", stage.name)
@@ -152,6 +154,8 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
             started = time.perf_counter()
             manifest.stages[stage.name] = {"status": "running", "started": _now()}
             manifest.save()
+            for name in stage.may_make:  # made again or not at all: an earlier run's copy is never read after
+                manifest.artifacts.pop(name, None)
             before = {name: (a.sha256, a.stage) for name, a in manifest.artifacts.items()}
             try:
                 result = stage.run(ctx)
@@ -180,7 +184,7 @@ def check_makes(manifest: Manifest, stage: Stage, before: dict[str, tuple[str, s
     missing = [name for name in stage.makes
                if name not in manifest.artifacts or manifest.artifacts[name].stage != stage.name]
     undeclared = sorted(name for name, a in manifest.artifacts.items()
-                        if before.get(name) != (a.sha256, a.stage) and name not in stage.makes)
+                        if before.get(name) != (a.sha256, a.stage) and name not in (*stage.makes, *stage.may_make))
     if missing or undeclared:
         raise ManifestError(
             f"stage {stage.name!r} declares it makes {list(stage.makes)} but recorded "

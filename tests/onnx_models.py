@@ -246,3 +246,31 @@ def image_cnn(*, layout: str = "nchw", height: int = 8, width: int = 6, channels
     graph = helper.make_graph(nodes, "image_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", classes])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def int8_breaker(*, classes: int = 4, per_class: int = 100, seed: int = 0):
+    """An MLP (784 → 32 → 16 → classes, ReLU) that full int8 breaks in one place, and images it classifies right.
+
+    Each class is a random binary 28×28 pattern; images are their patterns with 5 % of pixels flipped. Units 1..C of
+    the first layer detect the patterns (about 4 on their own class, about 0 on the others) and the next layers pass
+    them on. Unit 0 reads nothing and outputs 10⁵ on every image: a huge range in one channel, which int8 gives one
+    scale for the whole tensor, so every detector rounds to zero and the answers collapse — unless that tensor stays
+    in float, which needs the first layer (making it) and the second (reading it) in float.
+    Returns the ONNX model and ``(images uint8 [N, 28, 28] in EMNIST orientation, labels)``.
+    """
+    rng = np.random.default_rng(seed)
+    patterns = rng.random((classes, 784)) < 0.5
+    labels = np.repeat(np.arange(classes), per_class)
+    flips = rng.random((len(labels), 784)) < 0.05
+    images = (patterns[labels] ^ flips).astype(np.uint8) * 255
+    w1, b1 = np.zeros((32, 784), np.float32), np.zeros(32, np.float32)
+    w1[1 : classes + 1] = (2 * patterns - 1) * 8 / 784
+    w1[classes + 1 :] = rng.normal(0, 1e-3, (32 - classes - 1, 784))
+    b1[0] = 1e5
+    w2, b2 = np.zeros((16, 32), np.float32), np.zeros(16, np.float32)
+    w2[np.arange(classes), np.arange(1, classes + 1)] = 1.0  # unit 0 feeds nothing
+    w3, b3 = 3 * np.eye(classes, 16, dtype=np.float32), np.zeros(classes, np.float32)
+    model = legacy_mlp(opset=13, classes=classes, hidden=(32, 16), batch="N", input_name="images",
+                       activation="Relu", initializers_as_inputs=False, ir_version=8,
+                       weights=[(w1, b1), (w2, b2), (w3, b3)])
+    return model, (images.reshape(-1, 28, 28), labels)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from crossport.formats import TFLITE_FORMATS
+from crossport.formats import TFLITE_CONVERTED
 from crossport.parity import compare, compare_exact
 from crossport.runtimes import load_onnx, load_saved_model, load_tflite
 from pipelines.gate import ONNX, REFERENCE, SM_CLASSIFY, SM_PREDICT, TF_GRAPH, TFLITE_FP32, hop_spec
@@ -48,7 +48,7 @@ def cnn(tmp_path_factory):
     build_saved_model(root / "tf_graph", LABELS, root / "saved_model")
     images = np.random.default_rng(7).random((37, 784), dtype=np.float32)
     calibration = np.random.default_rng(3).random((256, 784), dtype=np.float32)
-    for fmt in TFLITE_FORMATS:
+    for fmt in TFLITE_CONVERTED:
         convert_tflite(root / "saved_model", root / f"model_{fmt.variant}.tflite", fmt.variant,
                        calibration=calibration)
     return root, model, images, exact_outputs(model, images)
@@ -86,7 +86,7 @@ def test_every_fp32_converter_keeps_parity_with_the_exact_values(cnn):
         assert against.passed, (name, against.failures)
 
 
-@pytest.mark.parametrize("variant", [fmt.variant for fmt in TFLITE_FORMATS if fmt.lossy])
+@pytest.mark.parametrize("variant", [fmt.variant for fmt in TFLITE_CONVERTED if fmt.lossy])
 def test_lossy_variants_of_the_cnn_pass_the_gates_own_statistics(cnn, variant):
     root, _, images, exact = cnn
     scores = load_tflite(root / f"model_{variant}.tflite")(images)["scores"]
@@ -103,7 +103,7 @@ def test_lossy_variants_of_the_cnn_pass_the_gates_own_statistics(cnn, variant):
     assert compare(spec, reference, {"scores": np.roll(scores, 1, axis=1)}, labels=labels).verdict == "fail"
 
 
-@pytest.mark.parametrize("variant", [fmt.variant for fmt in TFLITE_FORMATS])
+@pytest.mark.parametrize("variant", [fmt.variant for fmt in TFLITE_CONVERTED])
 def test_no_transpose_between_the_convolutions_of_any_tflite_file(cnn, variant):
     from export.layout import placement, tflite_ops
 

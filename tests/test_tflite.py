@@ -1,7 +1,7 @@
 import pytest
 
 from crossport.errors import PackageError
-from crossport.formats import TFLITE_FORMATS
+from crossport.formats import TFLITE_CONVERTED
 from crossport.parity import compare
 from crossport.runtimes import load_saved_model, load_tflite
 from export.tflite import convert_tflite
@@ -31,7 +31,7 @@ def calibration():
     return np.random.default_rng(3).random((256, 784), dtype=np.float32)
 
 
-@pytest.mark.parametrize("variant", [fmt.variant for fmt in TFLITE_FORMATS if fmt.lossy])
+@pytest.mark.parametrize("variant", [fmt.variant for fmt in TFLITE_CONVERTED if fmt.lossy])
 def test_quantized_variants_keep_float_interface_and_shrink(tiny, tmp_path, calibration, variant):
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter

@@ -8,7 +8,7 @@ stage's declared ``makes``) together with params and metrics for tracking.
 
 from __future__ import annotations
 
-from crossport.formats import FORMATS, TFLITE_FORMATS
+from crossport.formats import FORMATS, OPTIONAL, TFLITE_CONVERTED
 from pipelines.stages.context import Context, Stage
 from pipelines.stages.convert import export_stage, package_stage, tflite_stage, translate_stage
 from pipelines.stages.data import data_stage
@@ -34,10 +34,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("translate", ("onnx", "golden", "golden_exact"), ("tf_graph",), translate_stage),
     Stage("package", ("tf_graph", "onnx", "labels", "golden", "golden_exact"), ("saved_model", "warmup"),
           package_stage, reads=("name",)),  # the warmup records name the model
-    Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(f.name for f in TFLITE_FORMATS),
+    Stage("tflite", ("saved_model", "golden", "golden_exact", "calibration"), tuple(f.name for f in TFLITE_CONVERTED),
           tflite_stage),
     Stage("validate", ("dataset", "labels", "tf_graph", "calibration", *VALIDATED),
-          ("parity", "parity_errors", "confusion_matrix", "parity_html"), validate_stage),
+          ("parity", "parity_errors", "confusion_matrix", "parity_html"), validate_stage,
+          reads=("int8_fallback",), may_make=OPTIONAL),  # int8_mixed, when int8_full fails and the fallback passes
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", "parity_html", *(f.name for f in FORMATS),
                       "labels", "warmup"),
           (), publish_stage, reads=("models_dir", "name", "undecided", "serving_root", "republish"),
@@ -57,7 +58,7 @@ def stage_by_name(name: str) -> Stage:
 
 
 def needs_on(stage: Stage, route: str) -> tuple[str, ...]:
-    """The needs of ``stage`` that some stage of ``route`` makes: validate reads the checkpoint only where one is
-    trained."""
-    made = {name for other in stages_on(route) for name in other.makes}
+    """The needs of ``stage`` that some stage of ``route`` makes or may make: validate reads the checkpoint only
+    where one is trained."""
+    made = {name for other in stages_on(route) for name in (*other.makes, *other.may_make)}
     return tuple(need for need in stage.needs if need in made)

@@ -53,6 +53,9 @@ class Stage:
     intact: Callable[[Manifest], bool] | None = None
     # The run route (PipelineConfig.route) the stage belongs to; None: every route.
     route: str | None = None
+    # Artifacts the stage makes only when a run needs them (crossport.formats: optional formats); a stage that runs
+    # again without making one drops the old one from the manifest, so nothing stale is read after it.
+    may_make: tuple[str, ...] = ()
 
 
 

@@ -86,7 +86,7 @@ def package_stage(ctx: Context) -> StageResult:
 
 
 def tflite_stage(ctx: Context) -> StageResult:
-    from crossport.formats import TFLITE_FORMATS
+    from crossport.formats import TFLITE_CONVERTED
     from crossport.runtimes import load_saved_model, load_tflite
     from export.layout import placement, saved_model_ops, tflite_ops
     from export.tflite import convert_tflite
@@ -98,7 +98,7 @@ def tflite_stage(ctx: Context) -> StageResult:
     metrics, layout = {}, {}
     paths = []
     made = []
-    for fmt in TFLITE_FORMATS:
+    for fmt in TFLITE_CONVERTED:
         path = ctx.run_dir / Path(fmt.path).name
         convert_tflite(saved_model, path, fmt.variant, calibration=calibration)
         self_check(SM_PREDICT, fmt.runtime, reference, load_tflite(path, threads)(golden), exact)

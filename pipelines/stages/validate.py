@@ -11,12 +11,13 @@ from typing import NamedTuple
 import numpy as np
 
 from crossport.errors import ParityError
-from crossport.formats import FORMATS
+from crossport.formats import BY_RUNTIME, FORMATS
 from crossport.interface import CLASSES, CLASSIFY_KEY, LOGITS, SCORES
 from crossport.parity import HopResult, compare, compare_exact, raise_on_failure
 from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
 from pipelines.results import Made, StageResult
-from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels, recorded_inputs
+from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels
+from pipelines.stages.int8 import INT8_FULL, INT8_MIXED, MIXED, diagnose_int8, int8_fallback
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ DIAGNOSE_EXAMPLES = 512  # test images the divergence finder runs on
 # records the figures it gave this run. A change to the model's rules is a new version.
 ERROR_MODEL = {"name": "crossport float32 error bounds (running and sampled) and sign test", "version": 4,
                "document": "docs/parity.md#the-error-model"}
-VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS))
+VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS if not fmt.optional))  # int8_mixed: made here
 PROBE_SIZE = 8192  # test images the sign test runs on (dithered): enough for its power, a bounded cost at any size
 DITHER = 2.0**-10  # the probe's dither, as a fraction of the images' range
 PLOTS = ("parity_errors.png", "confusion_matrix.png")
@@ -35,6 +36,7 @@ def validate_stage(ctx: Context) -> StageResult:
     """Run every runtime on the test split, judge every hop and artifact, write the report and its plots."""
     from crossport.files import write_json_atomic
     from crossport.interface import to_inputs
+    from export.layout import placement, tflite_ops
 
     paths = {name: ctx.input(name) for name in VALIDATED if name in ctx.inputs}
     # The original: the PyTorch checkpoint when the model was trained here; the ONNX graph itself when it was
@@ -56,15 +58,29 @@ def validate_stage(ctx: Context) -> StageResult:
     if any(not r.passed and r.candidate != ONNX and POLICIES[r.candidate].fp32 for r in results):
         divergence = locate_divergence(paths["onnx"], ctx.input("tf_graph"), _diagnose_batch(images, results),
                                        exact.network_gamma).to_dict()
+    diagnosis = diagnose_int8(ctx, results, images)
+    fallback = None
+    # searched only when int8_full's failure is the run's only one: otherwise nothing is published anyway
+    if diagnosis and ctx.config.int8_fallback == "auto" and {r.candidate for r in results if not r.passed} == {
+            INT8_FULL}:
+        fallback = int8_fallback(ctx, diagnosis, outputs, reference, targets, exact.bounds, images)
+    replaced = set()
+    if fallback and fallback.path:  # int8_full's failure is answered by the int8_mixed file, published instead
+        paths[MIXED.name], outputs[INT8_MIXED], replaced = fallback.path, fallback.outputs, {INT8_FULL}
+        results = [*results, *fallback.results]
+        against_exact.append(compare_exact(INT8_MIXED, fallback.outputs, exact, None))
+        ctx.manifest.facts.setdefault("layout", {})[MIXED.name] = placement(tflite_ops(fallback.path))  # the card
     report = parity_report(ctx, paths, reference, exact, sign_test, probe.references, results, against_exact,
-                           divergence, len(images))
-    report["int8_layers"] = diagnose_int8(ctx, report, images)
+                           divergence, len(images), replaced)
+    report["int8_layers"] = diagnosis.record if diagnosis else None
+    report["int8_fallback"] = fallback.record if fallback else None
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
     plot(ctx.run_dir, outputs, reference, exact, labels, targets)
     page = write_parity_html(ctx, report)
 
-    made = [Made("parity", path, tuple(paths)),
+    made = [*([Made(MIXED.name, fallback.path, ("saved_model", "calibration"))] if replaced else []),
+            Made("parity", path, tuple(paths)),
             *(Made(plot.removesuffix(".png"), ctx.run_dir / plot, tuple(paths)) for plot in PLOTS),
             Made("parity_html", page, ("parity", *(plot.removesuffix(".png") for plot in PLOTS)))]
     reference_scores = outputs[reference]["scores"]
@@ -77,7 +93,8 @@ def validate_stage(ctx: Context) -> StageResult:
                     len(images), ", ".join(undecided), ctx.config.undecided,
                     "publishes (marked unverified)" if ctx.config.undecided == "publish" else "leaves out")
     try:
-        raise_on_failure([*results, *probe.references.checks(), *against_exact], detail=report["detail"])
+        raise_on_failure([*(r for r in results if r.candidate not in replaced), *probe.references.checks(),
+                          *against_exact], detail=report["detail"])
     except ParityError as error:  # the failing report is recorded, so publish can read it and refuse
         return StageResult(made=made, error=error)
     worst = max((o.max_abs for r in results for o in r.outputs if POLICIES[r.candidate].fp32), default=0.0)
@@ -89,30 +106,8 @@ def validate_stage(ctx: Context) -> StageResult:
                  "parity_undecided_variants": len(undecided),
                  **{f"accuracy_{name.replace(':', '_')}": value
                     for name, value in ctx.manifest.facts["accuracy"].items()}},
-        log_artifacts=[path, page, *(ctx.run_dir / plot for plot in PLOTS)],
+        log_artifacts=[path, page, *(ctx.run_dir / plot for plot in PLOTS), *([fallback.path] if replaced else [])],
     )
-
-
-INT8_DIAGNOSED = "tflite_int8_full"
-DIAGNOSIS_SAMPLES = 64  # test images the quantization debugger runs: enough to rank layers; the rest is fixed cost
-
-
-def diagnose_int8(ctx: Context, report: dict, images: np.ndarray) -> dict | None:
-    """Where the full-int8 file loses accuracy, layer by layer (export/int8_layers.py), when any of its hops did
-    not pass outright (failed, or undecided); None when it passed or was not built."""
-    from export.int8_layers import ROUNDING_ONLY, layer_errors
-
-    hops = [hop for hop in report["hops"] if hop["candidate"] == INT8_DIAGNOSED]
-    if not hops or all(hop["verdict"] == "pass" for hop in hops):
-        return None
-    samples = images[:DIAGNOSIS_SAMPLES]
-    layers = layer_errors(ctx.input("saved_model"), recorded_inputs(ctx, "calibration"), samples)
-    if layers:
-        log.info("%s: the layer with the largest int8 error is %s (%s), %.2f quantization steps rms (rounding "
-                 "alone: %.2f)", INT8_DIAGNOSED, layers[0]["layer"], layers[0]["op"], layers[0]["rmse_over_scale"],
-                 ROUNDING_ONLY)
-    return {"variant": INT8_DIAGNOSED, "samples": len(samples), "rounding_only": ROUNDING_ONLY, "layers": layers,
-            "why": [f"{hop['hop']}: {hop['verdict']}" for hop in hops if hop["verdict"] != "pass"]}
 
 
 PLOT_CAPTIONS = ("per-example error against the reference, with each hop's bound",
@@ -196,7 +191,7 @@ def run_runtimes(ctx: Context, paths: dict, reference: str, images: np.ndarray) 
                                            chunk=chunk)(images),
         SM_CLASSIFY: lambda: load_saved_model(paths["saved_model"], CLASSIFY_KEY, threads, chunk=chunk)(images),
         **{fmt.runtime: lambda fmt=fmt: load_format(fmt, paths[fmt.name], threads, chunk=chunk)(images)
-           for fmt in FORMATS},
+           for fmt in FORMATS if fmt.name in paths},
     }
     outputs = {}
     with progress(total=len(runs), desc=f"validate on {len(images):,} inputs (test split and probe)",
@@ -249,24 +244,28 @@ def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tup
     the test split, and the sign test on the probe against the exact values of what it was converted from (the
     model for PyTorch, else the ONNX graph)."""
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
-               for spec in hop_specs(reference)]
+               for spec in hop_specs(reference, present=outputs)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
         compare_exact(name, outputs[name], exact, sign_test.threshold,
                       (probe.outputs[name], probe.references.of(name))) if name in sign_test.judged
         else compare_exact(name, outputs[name], exact, None)
-        for name in (reference, *(name for name in POLICIES if name != reference))
+        for name in (reference, *(name for name in POLICIES if name != reference and name in outputs))
     ]
     return results, against_exact
 
 
 def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: SignTest, references: References,
-                  results: list, against_exact: list, divergence: dict | None, examples: int) -> dict:
-    """``parity.json``: the verdict, every check, the error model by name with this run's figures, the lineage."""
+                  results: list, against_exact: list, divergence: dict | None, examples: int,
+                  replaced: set[str] = frozenset()) -> dict:
+    """``parity.json``: the verdict, every check, the error model by name with this run's figures, the lineage.
+    ``replaced``: candidates whose failure the int8 fallback answered (left out of the verdict and the version)."""
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32
     from crossport.exact.rounding import CONSTANT_ROUNDINGS, SAMPLES, SIGMOID_ULPS, TANH_ULPS
+    from crossport.files import sha256_file
 
-    passed = all(check.passed for check in (*results, *references.checks(), *against_exact))
+    passed = all(check.passed for check in (*results, *references.checks(), *against_exact)
+                 if getattr(check, "candidate", None) not in replaced)
     return {
         "verdict": "pass" if passed else "fail",
         "examples": examples,
@@ -275,7 +274,9 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: S
         "logits": (ctx.manifest.facts.get("source") or {}).get("logits", "output"),
         "dataset_digest": ctx.manifest.facts.get("dataset", {}).get("digest"),
         # everything validate blessed, the labels (the classify signature's classes) included
-        "artifacts": {name: ctx.manifest.artifacts[name].sha256 for name in (*paths, "labels")},
+        "artifacts": {name: ctx.manifest.artifacts[name].sha256 if name in ctx.manifest.artifacts
+                      else sha256_file(paths[name]) for name in (*paths, "labels")},  # int8_mixed is made here
+        "replaced": {BY_RUNTIME[name].name: MIXED.name for name in sorted(replaced)},
         "error_model": {**ERROR_MODEL, "unit_roundoff": U32, "false_alarm": FALSE_ALARM,
                         "exp_ulps": EXP_ULPS, "tanh_ulps": TANH_ULPS, "sigmoid_ulps": SIGMOID_ULPS,
                         "constant_roundings": CONSTANT_ROUNDINGS, "lambda": exact.lam, "fan_ins": list(exact.fan_ins),

@@ -1,0 +1,123 @@
+"""Validate's int8 work: where the full-int8 file loses accuracy, layer by layer (the diagnosis), and, when it fails
+the gate, the fewest layers to keep in float that pass it (the fallback, published as ``int8_mixed``).
+
+The fallback tries candidates in a fixed order, decided before any is judged: the k worst-ranked layers in float,
+for k = 1, 2, 3, 4, 6, 8, 11, 16, … (each about √2 × the last) and finally every layer. A layer in float keeps its
+output tensor in float only if the layers reading it run in float too, so each candidate also keeps the readers of
+its layers. Each candidate is judged by the gate's own lossy hops (against the SavedModel and the reference, on the
+whole test split) at confidence 1 − (1 − CONFIDENCE)/m for m candidates (Bonferroni), so the chance that the search
+publishes a file that breaks int8_full's policy stays within the gate's own 1 − CONFIDENCE. The first that passes
+(not undecided) is published; none passing leaves int8_full's failure standing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from crossport.formats import BY_RUNTIME
+from pipelines.gate import TFLITE, fallback_confidence, hop_specs
+from pipelines.stages.context import Context, recorded_inputs
+
+log = logging.getLogger(__name__)
+
+INT8_FULL, INT8_MIXED = TFLITE["int8_full"], TFLITE["int8_mixed"]
+MIXED = BY_RUNTIME[INT8_MIXED]
+DIAGNOSIS_SAMPLES = 64  # test images the quantization debugger runs: enough to rank layers; the rest is fixed cost
+
+
+@dataclass
+class Diagnosis:
+    """parity.json's ``int8_layers``, and the calibration it came from (the fallback quantizes it again)."""
+
+    record: dict
+    quantization: object  # export.int8_layers.Int8Quantization
+
+
+def diagnose_int8(ctx: Context, results: list, images: np.ndarray) -> Diagnosis | None:
+    """Where the full-int8 file loses accuracy, layer by layer (export/int8_layers.py), when any of its hops did
+    not pass outright (failed, or undecided); None when it passed or was not built."""
+    from export.int8_layers import ROUNDING_ONLY, Int8Quantization
+
+    hops = [result for result in results if result.candidate == INT8_FULL]
+    if not hops or all(hop.verdict == "pass" for hop in hops):
+        return None
+    samples = images[:DIAGNOSIS_SAMPLES]
+    quantization = Int8Quantization(ctx.input("saved_model"), recorded_inputs(ctx, "calibration"), samples)
+    layers = quantization.layer_errors()
+    if layers:
+        log.info("%s: the layer with the largest int8 error is %s (%s), %.2f quantization steps rms (rounding "
+                 "alone: %.2f)", INT8_FULL, layers[0]["layer"], layers[0]["op"], layers[0]["rmse_over_scale"],
+                 ROUNDING_ONLY)
+    record = {"variant": INT8_FULL, "samples": len(samples), "rounding_only": ROUNDING_ONLY, "layers": layers,
+              "why": [f"{hop.hop}: {hop.verdict}" for hop in hops if hop.verdict != "pass"]}
+    return Diagnosis(record, quantization)
+
+
+def candidate_sizes(layers: int) -> list[int]:
+    """How many of the worst-ranked layers each candidate keeps in float: 1, 2, 3, 4, 6, 8, 11, 16, … and all."""
+    sizes, k = [], 1
+    while k < layers:
+        sizes.append(k)
+        k = max(k + 1, round(k * math.sqrt(2)))
+    return [*sizes, layers] if layers else []
+
+
+@dataclass
+class Fallback:
+    """The search's record (parity.json's ``int8_fallback``) and, when a candidate passed, its hops, outputs and
+    file."""
+
+    record: dict
+    results: list = field(default_factory=list)
+    outputs: dict | None = None
+    path: Path | None = None
+
+
+def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: str, targets: np.ndarray,
+                  bounds: dict, images: np.ndarray) -> Fallback:
+    """The first candidate (module docstring) that the gate passes, written to the run directory as the int8_mixed
+    file; every candidate tried is recorded."""
+    from crossport.files import write_bytes_atomic
+    from crossport.parity import compare
+    from crossport.runtimes import chunk_for, load_format
+
+    ranked = [layer["layer"] for layer in diagnosis.record["layers"] if layer["op"] != "SOFTMAX"]
+    order = {layer["layer"]: layer["order"] for layer in diagnosis.record["layers"]}
+    readers = diagnosis.quantization.readers()
+    sizes = candidate_sizes(len(ranked))
+    confidence = fallback_confidence(len(sizes))
+    specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence))
+             for spec in hop_specs(reference, present=(INT8_MIXED,)) if spec.candidate == INT8_MIXED]
+    path = ctx.run_dir / Path(MIXED.path).name
+    record = {"trigger": diagnosis.record["why"], "ranked_layers": len(ranked),
+              "candidates": [], "confidence": confidence, "chosen": None,
+              "rule": "the k worst-ranked layers and the layers reading them in float, k = "
+                      f"{', '.join(map(str, sizes))}; the first the gate passes at confidence {confidence:.5f}"}
+    tried: set[tuple[str, ...]] = set()
+    chunk = chunk_for(ctx.input("onnx"))
+    for size in sizes:
+        chosen = set(ranked[:size])
+        floats = tuple(sorted(chosen.union(*(readers.get(name, ()) for name in chosen)), key=lambda n: order.get(n, 0)))
+        if floats in tried:
+            continue
+        tried.add(floats)
+        write_bytes_atomic(path, diagnosis.quantization.with_float(list(floats)))
+        candidate = load_format(MIXED, path, ctx.config.threads, chunk=chunk)(images)
+        results = [compare(spec, outputs[spec.reference], candidate, targets, bounds) for spec in specs]
+        verdict = "fail" if any(not r.passed for r in results) else \
+            "undecided" if any(r.undecided for r in results) else "pass"
+        record["candidates"].append({"worst_layers": size, "float_layers": list(floats), "bytes": path.stat().st_size,
+                                     "verdict": verdict, "hops": {r.hop: r.verdict for r in results},
+                                     "accuracy": results[0].candidate_accuracy})
+        log.info("int8 fallback: %d layer(s) in float (%s): %s", len(floats), ", ".join(floats), verdict)
+        if verdict == "pass":
+            record["chosen"] = len(record["candidates"]) - 1
+            return Fallback(record, results, candidate, path)
+    path.unlink(missing_ok=True)
+    log.warning("int8 fallback: no candidate passed the gate; int8_full's failure stands")
+    return Fallback(record)

@@ -1,0 +1,93 @@
+"""The int8 fallback (pipelines/stages/int8.py): when int8_full fails the gate, the fewest layers kept in float that
+pass it are published as int8_mixed, and nothing the gate did not pass is ever published."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from crossport.parity import CONFIDENCE
+from pipelines.gate import fallback_confidence
+from pipelines.stages.int8 import candidate_sizes
+from tests.helpers import one_line_error, pipeline_here
+
+
+def test_candidates_grow_by_about_root_two_and_end_with_every_layer():
+    assert candidate_sizes(0) == [] and candidate_sizes(1) == [1] and candidate_sizes(3) == [1, 2, 3]
+    for layers in range(1, 200):
+        sizes = candidate_sizes(layers)
+        assert sizes[0] == 1 and sizes[-1] == layers and sizes == sorted(set(sizes))
+        assert all(b <= max(a + 1, round(a * 2**0.5)) for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 12])
+def test_each_candidate_is_judged_so_the_search_keeps_the_gates_confidence(candidates):
+    # Bonferroni: the chances that each of m candidates passes wrongly add up to at most the gate's own
+    assert candidates * (1 - fallback_confidence(candidates)) == pytest.approx(1 - CONFIDENCE)
+
+
+@pytest.mark.slow
+def test_a_model_that_breaks_int8_publishes_int8_mixed_with_that_layer_in_float(tmp_path, capfd):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from export.contract import judge
+    from tests.onnx_models import int8_breaker
+
+    model, (images, labels) = int8_breaker()
+    onnx.save(model, str(tmp_path / "breaker.onnx"))
+    np.savez(tmp_path / "eval.npz", images=images, labels=labels)
+    run, models = tmp_path / "run", tmp_path / "models"
+    result = pipeline_here("--onnx", str(tmp_path / "breaker.onnx"), "--eval-data", str(tmp_path / "eval.npz"),
+                           "--run-dir", str(run), "--models-dir", str(models), "--no-tracking", capsys=capfd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "parity.json").read_text())
+    full = [hop for hop in report["hops"] if hop["candidate"] == "tflite_int8_full"]
+    assert full and all(hop["verdict"] == "fail" for hop in full)  # the model does break plain int8
+    assert report["verdict"] == "pass" and report["replaced"] == {"tflite_int8_full": "tflite_int8_mixed"}
+
+    # the diagnosis names the first layer, whose output one channel stretches; the fallback keeps exactly that
+    # tensor in float: the layer making it and the layer reading it, the first two in graph order
+    layers = report["int8_layers"]["layers"]
+    in_order = sorted((layer for layer in layers if layer["op"] == "FULLY_CONNECTED"), key=lambda x: x["order"])
+    assert layers[0]["layer"] == in_order[0]["layer"]
+    fallback = report["int8_fallback"]
+    chosen = fallback["candidates"][fallback["chosen"]]
+    assert chosen["float_layers"] == [in_order[0]["layer"], in_order[1]["layer"]]
+    assert fallback["confidence"] == fallback_confidence(len(candidate_sizes(fallback["ranked_layers"])))
+
+    # never published unless the gate passed it, at the corrected confidence
+    mixed = [hop for hop in report["hops"] if hop["candidate"] == "tflite_int8_mixed"]
+    assert len(mixed) == 2 and all(hop["verdict"] == "pass" for hop in mixed)
+    stated = f"one-sided {100 * fallback['confidence']:.4g}%"
+    assert all(hop["accuracy_drop"]["test"].endswith(stated) and hop["disagreement"]["test"].endswith(stated)
+               for hop in mixed), mixed
+    extra = models / "breaker" / "1" / "assets.extra"
+    assert (extra / "model_int8_mixed.tflite").read_bytes() == (run / "model_int8_mixed.tflite").read_bytes()
+    assert not (extra / "model_int8_full.tflite").exists()  # refused by the gate: not in the version
+    assert judge(models) == {"breaker/1": []}
+    card = json.loads((extra / "servable.json").read_text())
+    assert card["formats"]["tflite_int8_mixed"]["float_layers"] == chosen["float_layers"]
+    assert "tflite_int8_full" not in card["formats"] and "keeps 2 layer(s) in float32" in (
+        extra / "SERVABLE.md").read_text()
+
+    # the files themselves: the first two fully connected layers of int8_mixed hold float32 weights, the last int8;
+    # int8 weights are quantized per channel (one scale per output unit), in int8_full and in int8_mixed alike
+    def weights(path):
+        interpreter = Interpreter(model_path=str(path))
+        tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+        return [(tensors[op["inputs"][1]]["dtype"], len(tensors[op["inputs"][1]]["quantization_parameters"]["scales"]))
+                for op in interpreter._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
+
+    assert weights(extra / "model_int8_mixed.tflite") == [(np.float32, 0), (np.float32, 0), (np.int8, 4)]
+    assert weights(run / "model_int8_full.tflite") == [(np.int8, 32), (np.int8, 16), (np.int8, 4)]
+
+    # without the fallback the same run is refused, the int8_mixed file is no longer the run's, nothing more published
+    result = pipeline_here("--run-dir", str(run), "--stage", "validate", "--int8-fallback", "off", capsys=capfd)
+    one_line_error(result, 3, "tflite_int8_full")
+    assert "tflite_int8_mixed" not in json.loads((run / "manifest.json").read_text())["artifacts"]
+    result = pipeline_here("--run-dir", str(run), "--stage", "publish", capsys=capfd)
+    one_line_error(result, 1, "refusing to publish")
+    assert sorted(path.name for path in (models / "breaker").iterdir() if path.is_dir()) == ["1"]
