@@ -3,6 +3,7 @@ pass it are published as int8_mixed, and nothing the gate did not pass is ever p
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -20,7 +21,7 @@ def test_candidates_grow_by_about_root_two_and_end_with_every_layer():
     for layers in range(1, 200):
         sizes = candidate_sizes(layers)
         assert sizes[0] == 1 and sizes[-1] == layers and sizes == sorted(set(sizes))
-        assert all(b <= max(a + 1, round(a * 2**0.5)) for a, b in zip(sizes, sizes[1:], strict=False))
+        assert all(b <= max(a + 1, round(a * 2**0.5)) for a, b in itertools.pairwise(sizes))
 
 
 @pytest.mark.parametrize("candidates", [1, 3, 12])
