@@ -106,6 +106,11 @@ def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_
         assert diagnosis["variant"] == "tflite_int8_full" and diagnosis["samples"] == 64
         assert {layer["op"] for layer in diagnosis["layers"]} >= {"FULLY_CONNECTED", "SOFTMAX"}
         assert "tflite_int8_full: where int8 loses accuracy, layer by layer" in (run / "parity.html").read_text()
+        # another model's file is no quantization loss: the converter's own int8 file of this SavedModel passes, so
+        # the int8 fallback searches nothing and replaces nothing
+        fallback = report["int8_fallback"]
+        assert fallback["requantized"] == "pass" and fallback["candidates"] == [] and not report["replaced"]
+        assert not (run / "model_int8_mixed.tflite").exists()
         from export.card import render_markdown, servable_card
 
         card = servable_card(name="emnist_mlp", version=1, labels=list("0123456789"), report=report, facts={},

@@ -128,7 +128,7 @@ def test_servable_card_describes_contract_formats_and_lineage(version):
     assert card["input"]["refused"].startswith("any value outside [0, 1], NaN or infinity")  # every path keeps it
     assert card["labels"] == (version / "assets.extra" / "labels.txt").read_text().splitlines()
     formats = card["formats"]
-    assert set(formats) == {fmt.name for fmt in FORMATS}
+    assert set(formats) == {fmt.name for fmt in FORMATS if not fmt.optional}  # int8_mixed: only when int8_full fails
     # no cut-off of the test's own: each format's figures and state are the gate's, from its hop against PyTorch
     parity = json.loads((version / "assets.extra" / "parity.json").read_text())
     hops = {hop["hop"]: hop for hop in parity["hops"]}

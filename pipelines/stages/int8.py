@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -67,6 +68,25 @@ def candidate_sizes(layers: int) -> list[int]:
     return [*sizes, layers] if layers else []
 
 
+def candidates(diagnosis: Diagnosis) -> Iterator[tuple[int, tuple[str, ...], bytes]]:
+    """Each candidate in the fixed order (module docstring) once: how many worst layers it takes, every layer it
+    keeps in float (in graph order: those and their readers), and its file."""
+    ranked = [layer["layer"] for layer in diagnosis.record["layers"] if layer["op"] != "SOFTMAX"]
+    order = {layer["layer"]: layer["order"] for layer in diagnosis.record["layers"]}
+    readers = diagnosis.quantization.readers()
+    tried: set[tuple[str, ...]] = set()
+    for size in candidate_sizes(len(ranked)):
+        chosen = set(ranked[:size])
+        floats = tuple(sorted(chosen.union(*(readers.get(name, ()) for name in chosen)), key=lambda n: order.get(n, 0)))
+        if floats not in tried:
+            tried.add(floats)
+            yield size, floats, diagnosis.quantization.with_float(list(floats))
+
+
+def ranked_layers(diagnosis: Diagnosis) -> int:
+    return sum(layer["op"] != "SOFTMAX" for layer in diagnosis.record["layers"])
+
+
 @dataclass
 class Fallback:
     """The search's record (parity.json's ``int8_fallback``) and, when a candidate passed, its hops, outputs and
@@ -81,36 +101,40 @@ class Fallback:
 def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: str, targets: np.ndarray,
                   bounds: dict, images: np.ndarray) -> Fallback:
     """The first candidate (module docstring) that the gate passes, written to the run directory as the int8_mixed
-    file; every candidate tried is recorded."""
+    file; every candidate tried is recorded. First, the converter's own int8 file from the same calibration, nothing
+    in float, is judged by the gate's own policy: if it passes, int8_full's failure is not quantization's (the run's
+    file is not what the converter makes of this SavedModel), and nothing is searched."""
     from crossport.files import write_bytes_atomic
     from crossport.parity import compare
     from crossport.runtimes import chunk_for, load_format
 
-    ranked = [layer["layer"] for layer in diagnosis.record["layers"] if layer["op"] != "SOFTMAX"]
-    order = {layer["layer"]: layer["order"] for layer in diagnosis.record["layers"]}
-    readers = diagnosis.quantization.readers()
-    sizes = candidate_sizes(len(ranked))
+    sizes = candidate_sizes(ranked_layers(diagnosis))
     confidence = fallback_confidence(len(sizes))
-    specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence))
-             for spec in hop_specs(reference, present=(INT8_MIXED,)) if spec.candidate == INT8_MIXED]
+    plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,)) if spec.candidate == INT8_MIXED]
+    specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence)) for spec in plain]
     path = ctx.run_dir / Path(MIXED.path).name
-    record = {"trigger": diagnosis.record["why"], "ranked_layers": len(ranked),
-              "candidates": [], "confidence": confidence, "chosen": None,
+    record = {"trigger": diagnosis.record["why"], "ranked_layers": ranked_layers(diagnosis),
+              "candidates": [], "confidence": confidence, "chosen": None, "requantized": None,
               "rule": "the k worst-ranked layers and the layers reading them in float, k = "
                       f"{', '.join(map(str, sizes))}; the first the gate passes at confidence {confidence:.5f}"}
-    tried: set[tuple[str, ...]] = set()
     chunk = chunk_for(ctx.input("onnx"))
-    for size in sizes:
-        chosen = set(ranked[:size])
-        floats = tuple(sorted(chosen.union(*(readers.get(name, ()) for name in chosen)), key=lambda n: order.get(n, 0)))
-        if floats in tried:
-            continue
-        tried.add(floats)
-        write_bytes_atomic(path, diagnosis.quantization.with_float(list(floats)))
+
+    def judged(flatbuffer: bytes, judging: list) -> tuple[str, list, dict]:
+        write_bytes_atomic(path, flatbuffer)
         candidate = load_format(MIXED, path, ctx.config.threads, chunk=chunk)(images)
-        results = [compare(spec, outputs[spec.reference], candidate, targets, bounds) for spec in specs]
+        results = [compare(spec, outputs[spec.reference], candidate, targets, bounds) for spec in judging]
         verdict = "fail" if any(not r.passed for r in results) else \
             "undecided" if any(r.undecided for r in results) else "pass"
+        return verdict, results, candidate
+
+    record["requantized"], _, _ = judged(diagnosis.quantization.with_float([]), plain)
+    if record["requantized"] == "pass":
+        path.unlink(missing_ok=True)
+        log.warning("int8 fallback: the converter's own int8 file of this SavedModel passes the gate, so the run's "
+                    "int8_full file is not what it makes: nothing searched; re-run --stage tflite")
+        return Fallback(record)
+    for size, floats, flatbuffer in candidates(diagnosis):
+        verdict, results, candidate = judged(flatbuffer, specs)
         record["candidates"].append({"worst_layers": size, "float_layers": list(floats), "bytes": path.stat().st_size,
                                      "verdict": verdict, "hops": {r.hop: r.verdict for r in results},
                                      "accuracy": results[0].candidate_accuracy})

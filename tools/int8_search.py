@@ -1,0 +1,102 @@
+"""``python -m tools.int8_search RUN_DIR``: what the int8 fallback's candidates cost and buy on a run, as numbers.
+
+Validate searches only when int8_full fails the gate and stops at the first candidate that passes. This measures
+every candidate of the fixed list (pipelines/stages/int8.py) on the run's whole test split, beside the fp32 and
+plain int8_full files the run made: layers kept in float, test accuracy, accuracy drop against the fp32 file with
+its one-sided upper bound (McNemar, at the confidence validate would judge each candidate at), file size and
+batch-1 latency (median of interleaved rounds, one thread). Prints a Markdown table; ``--json`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("crossport")
+
+
+def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> list[dict]:
+    from crossport.files import read_npz
+    from crossport.formats import BY_NAME
+    from crossport.interface import to_inputs
+    from crossport.parity import accuracy_drop_bounds
+    from crossport.runtimes import load_tflite
+    from export.int8_layers import Int8Quantization
+    from pipelines.gate import fallback_confidence
+    from pipelines.manifest import Manifest
+    from pipelines.stages.int8 import DIAGNOSIS_SAMPLES, Diagnosis, candidate_sizes, candidates, ranked_layers
+    from pipelines.tools.bench.harness import summarize, timed
+
+    manifest = Manifest.load(run_dir)
+    arrays = read_npz(manifest.require("dataset", for_stage="int8_search"), redo="data", need=("x_test", "y_test"))
+    images, targets = to_inputs(arrays["x_test"]), arrays["y_test"]
+    calibration = to_inputs(read_npz(manifest.require("calibration", for_stage="int8_search"), redo="data",
+                                     need=("images",))["images"])
+    quantization = Int8Quantization(manifest.require("saved_model", for_stage="int8_search"), calibration,
+                                    images[:DIAGNOSIS_SAMPLES])
+    diagnosis = Diagnosis({"layers": quantization.layer_errors(), "why": []}, quantization)
+    confidence = fallback_confidence(len(candidate_sizes(ranked_layers(diagnosis))))
+    files = {name: manifest.require(BY_NAME[f"tflite_{name}"].name, for_stage="int8_search")
+             for name in ("fp32", "int8_full")}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for size, floats, flatbuffer in candidates(diagnosis):
+            path = Path(scratch) / f"candidate_{size}.tflite"
+            path.write_bytes(flatbuffer)
+            files[f"{len(floats)} in float (k={size})"] = path
+        runs = {name: load_tflite(path, threads=1) for name, path in files.items()}
+        right = {name: np.argmax(run(images)["scores"], axis=1) == targets for name, run in runs.items()}
+        batch = images[:1]
+        latency = {name: [] for name in runs}
+        for _ in range(rounds):  # interleaved: every file sees the machine in the same state, round by round
+            for name, run in runs.items():
+                latency[name] += timed(lambda rows, run=run: run(rows), batch, seconds / rounds, rounds=1)
+        for name, path in files.items():
+            lost = int(np.sum(right["fp32"] & ~right[name]))
+            gained = int(np.sum(~right["fp32"] & right[name]))
+            upper = accuracy_drop_bounds(lost, gained, len(targets), confidence)[1]
+            rows.append({"file": name, "float_layers": None if name in ("fp32", "int8_full") else name.split()[0],
+                         "accuracy": float(np.mean(right[name])), "drop_points": 100 * (lost - gained) / len(targets),
+                         "drop_upper_points": 100 * upper, "bytes": path.stat().st_size,
+                         "batch1_p50_ms": summarize(latency[name], 1)["p50_ms"]})
+    return rows
+
+
+def markdown(rows: list[dict], examples: int, confidence: float) -> str:
+    lines = [f"| file | test accuracy | drop vs fp32, points (upper bound at {100 * confidence:.4g} %) | size | "
+             "batch-1 p50 |", "|---|---|---|---|---|"]
+    lines += [f"| {row['file']} | {row['accuracy']:.2%} | {row['drop_points']:+.2f} ({row['drop_upper_points']:.2f}) | "
+              f"{row['bytes'] / 1e6:.2f} MB | {row['batch1_p50_ms']:.3f} ms |" for row in rows]
+    return "\n".join([*lines, "", f"{examples:,} test images."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from crossport.cli import summary_line
+
+    parser = argparse.ArgumentParser(prog="python -m tools.int8_search", allow_abbrev=False,
+                                     description=summary_line(__doc__))
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per file (default 2)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from pipelines.gate import fallback_confidence
+
+    rows = measure(args.run_dir, args.seconds)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    with np.load(args.run_dir / "data.npz") as data:
+        examples = len(data["y_test"])
+    sys.stdout.write(markdown(rows, examples, fallback_confidence(max(len(rows) - 2, 1))) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
