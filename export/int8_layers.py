@@ -93,8 +93,11 @@ class Int8Quantization:
         """The full-int8 file with ``layers`` (output tensor names) left in float32."""
         import tensorflow as tf
 
+        # get_nondebug_quantized_model() quantizes the calibrated model again under the debugger's options. The
+        # public ``options`` setter would also build an instrumented model, which needs no layer for it, and
+        # refuses to exist ("not in debug mode") when no quantized layer is left to instrument.
         with _quiet():
-            self._debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(layers))
+            self._debugger._debug_options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(layers))
             return self._debugger.get_nondebug_quantized_model()
 
 

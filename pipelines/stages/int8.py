@@ -2,10 +2,11 @@
 the gate, the fewest layers to keep in float that pass it (the fallback, published as ``int8_mixed``).
 
 The fallback tries candidates in a fixed order, decided before any is judged: the k worst-ranked layers in float,
-for k = 1, 2, 3, 4, 6, 8, 11, 16, … (each about √2 × the last) and finally every layer. A layer in float keeps its
-output tensor in float only if the layers reading it run in float too, so each candidate also keeps the readers of
-its layers. Each candidate is judged by the gate's own lossy hops (against the SavedModel and the reference, on the
-whole test split) at confidence 1 − (1 − CONFIDENCE)/m for m candidates (Bonferroni), so the chance that the search
+for k = 1, 2, 3, 4, 6, 8, 11, 16, … (each about √2 × the last) and finally all layers but one. A layer in float keeps
+its output tensor in float only if the layers reading it run in float too, so each candidate also keeps the readers
+of its layers; a candidate that this leaves with no int8 layer is skipped (it would be the fp32 file). Each
+candidate is judged by the gate's own lossy hops (against the SavedModel and the reference, on the whole test split)
+at confidence 1 − (1 − CONFIDENCE)/m for m candidates (Bonferroni), so the chance that the search
 publishes a file that breaks int8_full's policy stays within the gate's own 1 − CONFIDENCE. The first that passes
 (not undecided) is published; none passing leaves int8_full's failure standing.
 """
@@ -60,12 +61,13 @@ def diagnose_int8(ctx: Context, results: list, images: np.ndarray) -> Diagnosis 
 
 
 def candidate_sizes(layers: int) -> list[int]:
-    """How many of the worst-ranked layers each candidate keeps in float: 1, 2, 3, 4, 6, 8, 11, 16, … and all."""
+    """How many of the ``layers`` worst-ranked layers each candidate keeps in float: 1, 2, 3, 4, 6, 8, 11, 16, …
+    and all but one (every layer in float is the fp32 file with quantize steps added, not an int8 file)."""
     sizes, k = [], 1
-    while k < layers:
+    while k < layers - 1:
         sizes.append(k)
         k = max(k + 1, round(k * math.sqrt(2)))
-    return [*sizes, layers] if layers else []
+    return [*sizes, layers - 1] if layers > 1 else []
 
 
 def candidates(diagnosis: Diagnosis) -> Iterator[tuple[int, tuple[str, ...], bytes]]:
@@ -78,7 +80,7 @@ def candidates(diagnosis: Diagnosis) -> Iterator[tuple[int, tuple[str, ...], byt
     for size in candidate_sizes(len(ranked)):
         chosen = set(ranked[:size])
         floats = tuple(sorted(chosen.union(*(readers.get(name, ()) for name in chosen)), key=lambda n: order.get(n, 0)))
-        if floats not in tried:
+        if floats not in tried and not set(ranked) <= set(floats):  # with their readers, some keep every layer
             tried.add(floats)
             yield size, floats, diagnosis.quantization.with_float(list(floats))
 
