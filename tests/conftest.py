@@ -107,12 +107,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("_repetition", range(REPEAT), ids=lambda i: f"round{i}")
 
 
-# The modules that take longest (``--durations``: the reduced-size byclass run alone is 2.5-3 minutes) are handed out
-# first: `--dist loadscope --no-loadscope-reorder` (the Makefile) gives each process whole modules in collection
-# order, so a long module collected last would run alone at the end while the other process idles. (Without
-# --no-loadscope-reorder pytest-xdist orders modules by their number of tests instead, and test_scale, six tests,
-# started nine minutes into a 13-minute run.) Only the order changes; no test depends on it.
-LONGEST_FIRST = ("test_scale.py", "test_distributed.py", "test_robustness.py", "test_import_e2e.py")
+# The modules that take longest are handed out first, longest first (the classic longest-processing-time rule, whose
+# last module to finish is a short one): `--dist loadscope --no-loadscope-reorder` (the Makefile) gives each process
+# whole modules in collection order, so a long module collected last (test_workers, 65 s) would run alone at the end
+# while the other process idles. (Without --no-loadscope-reorder pytest-xdist orders modules by their number of tests
+# instead, and test_scale, six tests, started nine minutes into a 13-minute run.) The order is each module's summed
+# `--durations=0` on 2026-12-05 (seconds): scale 146, robustness 108, bench 71, distributed 70, workers 65,
+# exact_graph 51, gate 47, servables 41, import_e2e 39, rollout 39, hostile_cli 35, cnn 35, image_e2e 26. Only the
+# order changes; no test depends on it.
+LONGEST_FIRST = ("test_scale.py", "test_robustness.py", "test_bench.py", "test_distributed.py", "test_workers.py",
+                 "test_exact_graph.py", "test_gate.py", "test_servables.py", "test_import_e2e.py", "test_rollout.py",
+                 "test_hostile_cli.py", "test_cnn.py", "test_image_e2e.py")
 
 
 def pytest_collection_modifyitems(items):

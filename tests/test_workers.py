@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, Server, burst, wait_until
+from tests.helpers import ROOT, Server, burst, call, wait_until
 
 PREDICT = "/v1/models/emnist_mlp:predict"
 
@@ -188,14 +188,22 @@ def test_workers_leave_when_their_supervisor_is_killed(pipeline_run):
     (("--port", "0", "--grpc-port", "PORT_IN_USE"), "cannot listen on 127.0.0.1:"),
     (("--host", "no-such-host.invalid"), "cannot listen on no-such-host.invalid:"),
 ])
-def test_bad_input_is_refused_before_any_worker_starts(pipeline_run, extra, fragment):
+def test_bad_input_is_refused_before_any_worker_starts(pipeline_run, extra, fragment, capfd):
+    """In this process (the supervisor refuses before it starts any worker); the first case as its own process too,
+    for the wiring of ``python -m pipelines.serve``."""
+    from serving.serve import main
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        args = [a.replace("PORT_IN_USE", port) for a in extra]
-        result = subprocess.run([sys.executable, "-m", "pipelines.serve", str(pipeline_run.models_dir / "emnist_mlp"),
-                                 "--workers", "2", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        args = [str(pipeline_run.models_dir / "emnist_mlp"), "--workers", "2",
+                *(a.replace("PORT_IN_USE", port) for a in extra)]
+        if extra[0] == "--version":
+            result = subprocess.run([sys.executable, "-m", "pipelines.serve", *args], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=120)
+        else:
+            result = call(main, *args, capsys=capfd)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and fragment in errors[0], result.stderr
