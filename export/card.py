@@ -89,11 +89,11 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
                         "max_abs_score_error": max((o["max_abs"] for o in hop.get("outputs", [])), default=None),
                         "parity": "unverified" if fmt in undecided else "verified",
                         "transposes": (facts.get("layout") or {}).get(fmt, {}).get("transposes")}
-    diagnosis = report.get("int8_layers")
-    if diagnosis and diagnosis["variant"] in formats:  # where int8 loses accuracy, worst three (parity.html: all)
-        formats[diagnosis["variant"]]["worst_int8_layers"] = [
-            {key: layer[key] for key in ("layer", "op", "typical_relative_error", "rmse_over_scale")}
-            for layer in diagnosis["layers"][:3]]
+    for diagnosis in (report.get("int8_layers"), report.get("int8_weights")):  # outputs (full), weights (dynamic)
+        if diagnosis and diagnosis["variant"] in formats:  # where int8 loses accuracy, worst three (parity.html: all)
+            formats[diagnosis["variant"]]["worst_int8_layers"] = [
+                {key: layer[key] for key in ("layer", "op", "typical_relative_error", "rmse_over_scale")}
+                for layer in diagnosis["layers"][:3]]
     fallback = report.get("int8_fallback") or {}
     for replaced, mixed in (report.get("replaced") or {}).items():  # int8_full failed; int8_mixed passed instead
         if mixed in formats and fallback.get("chosen") is not None:

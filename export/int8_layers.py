@@ -124,3 +124,53 @@ def typical_relative_error(float_values: np.ndarray, quantized: np.ndarray, scal
         return math.nan
     lost = np.minimum(np.abs(dequantized[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]), 1.0)
     return float(np.median(lost))
+
+
+WEIGHTED_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+def weight_errors(float_file: Path, quantized_file: Path) -> list[dict]:
+    """Per layer whose weights ``quantized_file`` holds in int8 (a dynamic-range file: its activations stay float,
+    so the weights are all it loses): the same layer's float weights in ``float_file`` against their dequantized
+    int8 values. Figures as :meth:`Int8Quantization.layer_errors` gives for outputs (typical relative error, rms
+    error in quantization steps, max |error|), worst first; layers are matched by their output tensor's name."""
+    floats = {name: weights for name, _, weights, _ in _weighted_layers(float_file)}
+    layers = []
+    for order, (name, op, quantized, (scales, zero_points, axis)) in enumerate(_weighted_layers(quantized_file)):
+        if quantized.dtype != np.int8 or not len(scales) or np.shape(floats.get(name)) != quantized.shape:
+            continue  # float weights, or no such layer in the fp32 file (another model's file: its hops say so)
+        exact = np.asarray(floats[name], dtype=np.float64)
+        shape = [1] * quantized.ndim
+        shape[axis] = -1
+        step = np.broadcast_to(np.asarray(scales, np.float64).reshape(shape if len(scales) > 1 else [1]), exact.shape)
+        dequantized = (quantized.astype(np.float64) - np.asarray(zero_points, np.float64).reshape(
+            shape if len(zero_points) > 1 else [1])) * step
+        error = dequantized - exact
+        nonzero = exact != 0
+        lost = np.minimum(np.abs(error[nonzero]) / np.abs(exact[nonzero]), 1.0)
+        layers.append({"layer": name, "op": op, "order": order, "scale": float(np.max(scales)),
+                       "rmse": float(np.sqrt(np.mean(error**2))),
+                       "rmse_over_scale": float(np.sqrt(np.mean((error / step) ** 2))),
+                       "typical_relative_error": float(np.median(lost)) if lost.size else None,
+                       "max_abs_error": float(np.max(np.abs(error)))})
+    layers.sort(key=lambda layer: -(layer["typical_relative_error"] or 0.0))
+    return layers
+
+
+def _weighted_layers(path: Path):
+    """(output tensor name, op, weights, (scales, zero points, quantized axis)) of each weighted op, in graph order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    tensors = {tensor["index"]: tensor for tensor in interpreter.get_tensor_details()}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in WEIGHTED_OPS and len(op["inputs"]) > 1:
+            weights = tensors[op["inputs"][1]]
+            quantization = weights["quantization_parameters"]
+            try:
+                values = interpreter.get_tensor(weights["index"])
+            except ValueError:  # computed, not stored (e.g. float16 weights behind a DEQUANTIZE op)
+                continue
+            yield (tensors[op["outputs"][0]]["name"], op["op_name"], values,
+                   (quantization["scales"], quantization["zero_points"], quantization["quantized_dimension"]))

@@ -41,6 +41,7 @@ def render_parity_html(report: dict, *, title: str, plots: dict[str, Path], line
     if lossy:
         parts += ["<h2>Lossy variants: agreement and accuracy drop</h2>", _lossy(lossy)]
     parts += _int8_layers(report.get("int8_layers"))
+    parts += _int8_layers(report.get("int8_weights"))
     parts += _int8_fallback(report.get("int8_fallback"))
     parts += ["<h2>Against the exact (float64) values</h2>", _exact(report)]
     parts += ["<h2>Plots</h2>"] + [_figure(caption, path) for caption, path in plots.items() if Path(path).is_file()]
@@ -139,10 +140,12 @@ def _int8_layers(diagnosis: dict | None, shown: int = 10) -> list[str]:
              _num(layer["scale"], ".3g"), _num(layer["max_abs_error"], ".3g")]
             for rank, layer in enumerate(diagnosis["layers"][:shown], 1)]
     return [f"<h2>{_e(diagnosis['variant'])}: where int8 loses accuracy, layer by layer</h2>",
-            f"<p>Not a plain pass ({_e('; '.join(diagnosis['why']))}). Each quantized layer against the float layer "
-            f"on {diagnosis['samples']} test images: the typical relative error of its values (median |Δ|/|value|), "
-            f"and its rms error in quantization steps (rounding alone gives {diagnosis['rounding_only']:.2f}). "
-            "Worst first:</p>",
+            f"<p>Not a plain pass ({_e('; '.join(diagnosis['why']))}). "
+            + ("Each quantized layer's weights against the fp32 file's (its activations stay float, so its weights "
+               "are all it loses)" if diagnosis.get("of") == "weights" else
+               f"Each quantized layer against the float layer on {diagnosis['samples']} test images")
+            + f": the typical relative error of its values (median |Δ|/|value|), and its rms error in quantization "
+              f"steps (rounding alone gives {diagnosis['rounding_only']:.2f}). Worst first:</p>",
             _table(["rank", "layer (output tensor)", "op", "typical relative error", "rms error / step", "step",
                     "max |error|"], rows)]
 

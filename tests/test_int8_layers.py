@@ -53,3 +53,30 @@ def test_the_layer_whose_range_one_unit_stretches_is_ranked_first(tmp_path):
     assert max(layer["typical_relative_error"] or 0 for layer in clean) < 0.1, clean  # nothing lost without it
     assert broken[-1]["op"] == "SOFTMAX"  # the scores' own rounding is listed last, whatever its figure
     assert all(0 < layer["rmse_over_scale"] < 1 for layer in broken[:1])  # LiteRT's own figure sees only rounding
+
+
+def test_dynamic_range_weights_are_diagnosed_layer_by_layer(tmp_path):
+    """int8_dynamic keeps activations in float, so its weights are all it loses: each layer's int8 weights against
+    the fp32 file's. A layer whose every output unit has one weight 1000× the rest gets a step that rounds the rest
+    to zero (a typical relative error of exactly 1); a PyTorch-initialised layer, uniform in ±b, loses at most
+    step/2 ≤ (b/127)/2 of every weight at least b/2 in size, which is half of them: its median is at most 1/127."""
+    import torch
+
+    from export.int8_layers import ROUNDING_ONLY, weight_errors
+    from export.tflite import convert_tflite
+    from training.model import MLP, ModelConfig
+
+    torch.manual_seed(0)  # 784 → 64 → 32 → 4: the converter quantizes weights of 1,024 values or more, the first two
+    model = MLP(ModelConfig(hidden_sizes=(64, 32), num_classes=4, dropout=0.0)).eval()
+    with torch.no_grad():
+        model.layers[3].weight[:, 0] *= 1000  # the second layer: one weight per output unit
+    saved_model = saved_model_of(model, tmp_path / "model")
+    for variant in ("fp32", "int8_dynamic"):
+        convert_tflite(saved_model, tmp_path / f"{variant}.tflite", variant)
+    layers = weight_errors(tmp_path / "fp32.tflite", tmp_path / "int8_dynamic.tflite")
+    first, second = sorted(layers, key=lambda layer: layer["order"])
+    assert first["op"] == second["op"] == "FULLY_CONNECTED" and layers[0] == second
+    assert second["typical_relative_error"] == 1.0 and first["typical_relative_error"] <= 1 / 127, layers
+    # rms error in steps (LiteRT's figure) is rounding's 1/√12 for the healthy layer: 50,176 weights each off by a
+    # uniform fraction of a step put it within ±0.0006 (one standard deviation) of 0.2887; 0.01 is 17 of them
+    assert abs(first["rmse_over_scale"] - ROUNDING_ONLY) < 0.01, first

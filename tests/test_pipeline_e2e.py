@@ -121,6 +121,14 @@ def test_parity_report_and_servable_card(pipeline_run):
     card = json.loads((extra / "servable.json").read_text())
     assert card["version"] == 1 and card["input"]["shape"] == [None, 784]
     assert card["parity"]["verdict"] == "pass" and len(card["labels"]) == 10
+    # the int8 files' diagnoses exist exactly when their hops did not pass outright, and the card names their worst
+    for key, variant in (("int8_layers", "tflite_int8_full"), ("int8_weights", "tflite_int8_dynamic")):
+        plain = all(hop["verdict"] == "pass" for hop in report["hops"] if hop["candidate"] == variant)
+        assert (report[key] is None) == plain, (key, report[key])
+        if not plain:
+            assert report[key]["variant"] == variant and report[key]["layers"]
+            assert card["formats"][variant]["worst_int8_layers"][0]["layer"] == report[key]["layers"][0]["layer"]
+    assert report["int8_fallback"] is None and not report["replaced"]  # int8_full did not fail: nothing searched
 
 
 def test_every_fact_the_run_recorded_is_declared(pipeline_run):

@@ -151,3 +151,35 @@ def test_early_stopping_ends_after_patience_epochs_without_improvement():
     assert [row["epoch"] for row in stopped["history"]] == [1, 2, 3] and stopped["best_epoch"] == 1
     full = train(*tiny_data(), CONFIG, TrainConfig(epochs=4, batch_size=8, learning_rate=0.0), progress=False)[1]
     assert len(full["history"]) == 4
+
+
+def test_batch_norm_statistics_are_recomputed_from_training_batches_with_the_rest_in_eval_mode():
+    """After training, a BatchNorm's running statistics are the plain average over training batches of its input's
+    batch mean and (unbiased) variance, its input computed as in eval mode (Dropout off): one batch here, so they
+    equal that batch's own, which torch computes independently below. Its momentum is restored, and the random
+    stream is untouched (no dropout mask drawn)."""
+    from torch import nn
+
+    from training.train import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.BatchNorm2d(3, momentum=0.01), nn.ReLU())
+    inputs = torch.rand(16, 1, 6, 6) * 4 + 1
+    state = torch.get_rng_state()
+    recalibrate_batch_norm(model, inputs, batch_size=16, seed=0, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        features = model[0](inputs)  # what the BatchNorm reads, Dropout off
+    norm = model[2]
+    torch.testing.assert_close(norm.running_mean, features.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(norm.running_var, features.var(dim=(0, 2, 3), unbiased=True))
+    assert norm.momentum == 0.01 and not model.training
+
+
+def test_a_network_without_batch_norm_is_left_as_it_is():
+    from training.train import recalibrate_batch_norm
+
+    model = MLP(tiny_model_config())
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    recalibrate_batch_norm(model, torch.rand(8, 784), batch_size=4, seed=0, device="cpu")
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

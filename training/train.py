@@ -140,6 +140,7 @@ def train(
                 bar.update(1)
         row = {"epoch": epoch, "train_loss": _mean_over_ranks(total_loss, seen, world)}
         if lead:
+            recalibrate_batch_norm(model, inputs, config.batch_size, config.seed, device)
             row["val_accuracy"] = evaluate(model, x_val, y_val)
             history.append(row)
             log.info("epoch %d/%d  loss %.4f  validation accuracy %.4f", epoch, config.epochs, row["train_loss"],
@@ -218,6 +219,36 @@ def _mean_over_ranks(total: float, count: int, world: World) -> float:
     sums = torch.tensor([total, float(count)], dtype=torch.float64)
     dist.all_reduce(sums)
     return float(sums[0] / max(sums[1], 1.0))
+
+
+PRECISE_BN_BATCHES = 200  # training batches the BatchNorm statistics are recomputed on, as fvcore's precise BN does
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, inputs: torch.Tensor, batch_size: int, seed: int, device) -> None:
+    """Recompute every BatchNorm's running mean and variance as the plain average over up to PRECISE_BN_BATCHES
+    training batches (a seeded sample), with the current weights and the rest of the network as in eval mode.
+
+    Training keeps them as an exponential average whose start is the untrained network's (torchvision's
+    MobileNets and EfficientNets use momentum 0.01): after a few hundred steps they still describe the first
+    weights, not the last, and in eval mode a MobileNetV3 trained on digits to a loss of 0.1 answered one class
+    (11 % accuracy; 90 % with its statistics recomputed). No-op for a network without BatchNorm."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative: every batch weighs the same
+        norm.train()
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(inputs))[: PRECISE_BN_BATCHES * batch_size])
+    for start in range(0, len(order), batch_size):
+        if len(order) - start > 1:  # a batch of one has no variance to measure (BatchNorm refuses it in training)
+            model(inputs[order[start : start + batch_size]].to(device))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
 
 
 @torch.no_grad()

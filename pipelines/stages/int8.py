@@ -55,9 +55,28 @@ def diagnose_int8(ctx: Context, results: list, images: np.ndarray) -> Diagnosis 
         log.info("%s: the layer with the largest int8 error is %s (%s), %.2f quantization steps rms (rounding "
                  "alone: %.2f)", INT8_FULL, layers[0]["layer"], layers[0]["op"], layers[0]["rmse_over_scale"],
                  ROUNDING_ONLY)
-    record = {"variant": INT8_FULL, "samples": len(samples), "rounding_only": ROUNDING_ONLY, "layers": layers,
+    record = {"variant": INT8_FULL, "of": "outputs", "samples": len(samples), "rounding_only": ROUNDING_ONLY,
+              "layers": layers,
               "why": [f"{hop.hop}: {hop.verdict}" for hop in hops if hop.verdict != "pass"]}
     return Diagnosis(record, quantization)
+
+
+INT8_DYNAMIC = TFLITE["int8_dynamic"]
+
+
+def diagnose_weights(ctx: Context, results: list) -> dict | None:
+    """Where the dynamic-range int8 file loses accuracy, layer by layer: its activations stay float, so its weights
+    against the fp32 file's (export/int8_layers.py: weight_errors), when any of its hops did not pass outright; None
+    when it passed or was not built."""
+    from export.int8_layers import ROUNDING_ONLY, weight_errors
+
+    hops = [result for result in results if result.candidate == INT8_DYNAMIC]
+    if not hops or all(hop.verdict == "pass" for hop in hops):
+        return None
+    fmt = BY_RUNTIME[INT8_DYNAMIC]
+    layers = weight_errors(ctx.input(BY_RUNTIME[TFLITE["fp32"]].name), ctx.input(fmt.name))
+    return {"variant": INT8_DYNAMIC, "of": "weights", "samples": None, "rounding_only": ROUNDING_ONLY,
+            "layers": layers, "why": [f"{hop.hop}: {hop.verdict}" for hop in hops if hop.verdict != "pass"]}
 
 
 def candidate_sizes(layers: int) -> list[int]:

@@ -17,7 +17,7 @@ from crossport.parity import HopResult, compare, compare_exact, raise_on_failure
 from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
 from pipelines.results import Made, StageResult
 from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels
-from pipelines.stages.int8 import INT8_FULL, INT8_MIXED, MIXED, diagnose_int8, int8_fallback
+from pipelines.stages.int8 import INT8_FULL, INT8_MIXED, MIXED, diagnose_int8, diagnose_weights, int8_fallback
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def validate_stage(ctx: Context) -> StageResult:
     report = parity_report(ctx, paths, reference, exact, sign_test, probe.references, results, against_exact,
                            divergence, len(images), replaced)
     report["int8_layers"] = diagnosis.record if diagnosis else None
+    report["int8_weights"] = diagnose_weights(ctx, results)
     report["int8_fallback"] = fallback.record if fallback else None
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
