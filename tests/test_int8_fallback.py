@@ -86,6 +86,19 @@ def test_a_model_that_breaks_int8_publishes_int8_mixed_with_that_layer_in_float(
     assert weights(extra / "model_int8_mixed.tflite") == [(np.float32, 0), (np.float32, 0), (np.int8, 4)]
     assert weights(run / "model_int8_full.tflite") == [(np.int8, 32), (np.int8, 16), (np.int8, 4)]
 
+    # what deployers take from the version: the web service's backend and the serverless package, by its own name
+    from crossport.errors import PackageError
+    from serving.rest import load_backend
+    from serving.serverless import build_package
+
+    version = models / "breaker" / "1"
+    scores = load_backend(version, "tflite_int8_mixed").predict(images[:8].reshape(8, -1).astype(np.float32) / 255)
+    assert scores.shape == (8, 4) and list(np.argmax(scores, axis=1)) == list(labels[:8])
+    package, _ = build_package(version, tmp_path / "lambda", "int8_mixed")
+    assert (package / "model.tflite").read_bytes() == (extra / "model_int8_mixed.tflite").read_bytes()
+    with pytest.raises(PackageError, match="no int8_full TFLite file"):
+        build_package(version, tmp_path / "lambda_full", "int8_full")
+
     # without the fallback the same run is refused, the int8_mixed file is no longer the run's, nothing more published
     result = pipeline_here("--run-dir", str(run), "--stage", "validate", "--int8-fallback", "off", capsys=capfd)
     one_line_error(result, 3, "tflite_int8_full")
