@@ -1,5 +1,6 @@
-"""Validate's int8 work: where the full-int8 file loses accuracy, layer by layer (the diagnosis), and, when it fails
-the gate, the fewest layers to keep in float that pass it (the fallback, published as ``int8_mixed``).
+"""Validate's int8 work: where the int8 files lose accuracy, layer by layer (the diagnoses: int8_full's outputs,
+int8_dynamic's weights), and, when int8_full fails the gate, the fewest layers to keep in float that pass it (the
+fallback, published as ``int8_mixed``).
 
 The fallback tries candidates in a fixed order, decided before any is judged: the k worst-ranked layers in float,
 for k = 1, 2, 3, 4, 6, 8, 11, 16, … (each about √2 × the last) and finally all layers but one. A layer in float keeps
@@ -27,7 +28,7 @@ from pipelines.stages.context import Context, recorded_inputs
 
 log = logging.getLogger(__name__)
 
-INT8_FULL, INT8_MIXED = TFLITE["int8_full"], TFLITE["int8_mixed"]
+INT8_FULL, INT8_MIXED, INT8_DYNAMIC = TFLITE["int8_full"], TFLITE["int8_mixed"], TFLITE["int8_dynamic"]
 MIXED = BY_RUNTIME[INT8_MIXED]
 DIAGNOSIS_SAMPLES = 64  # test images the quantization debugger runs: enough to rank layers; the rest is fixed cost
 
@@ -45,8 +46,8 @@ def diagnose_int8(ctx: Context, results: list, images: np.ndarray) -> Diagnosis 
     not pass outright (failed, or undecided); None when it passed or was not built."""
     from export.int8_layers import ROUNDING_ONLY, Int8Quantization
 
-    hops = [result for result in results if result.candidate == INT8_FULL]
-    if not hops or all(hop.verdict == "pass" for hop in hops):
+    why = not_plain_pass(results, INT8_FULL)
+    if not why:
         return None
     samples = images[:DIAGNOSIS_SAMPLES]
     quantization = Int8Quantization(ctx.input("saved_model"), recorded_inputs(ctx, "calibration"), samples)
@@ -56,12 +57,8 @@ def diagnose_int8(ctx: Context, results: list, images: np.ndarray) -> Diagnosis 
                  "alone: %.2f)", INT8_FULL, layers[0]["layer"], layers[0]["op"], layers[0]["rmse_over_scale"],
                  ROUNDING_ONLY)
     record = {"variant": INT8_FULL, "of": "outputs", "samples": len(samples), "rounding_only": ROUNDING_ONLY,
-              "layers": layers,
-              "why": [f"{hop.hop}: {hop.verdict}" for hop in hops if hop.verdict != "pass"]}
+              "layers": layers, "why": why}
     return Diagnosis(record, quantization)
-
-
-INT8_DYNAMIC = TFLITE["int8_dynamic"]
 
 
 def diagnose_weights(ctx: Context, results: list) -> dict | None:
@@ -70,13 +67,18 @@ def diagnose_weights(ctx: Context, results: list) -> dict | None:
     when it passed or was not built."""
     from export.int8_layers import ROUNDING_ONLY, weight_errors
 
-    hops = [result for result in results if result.candidate == INT8_DYNAMIC]
-    if not hops or all(hop.verdict == "pass" for hop in hops):
+    why = not_plain_pass(results, INT8_DYNAMIC)
+    if not why:
         return None
-    fmt = BY_RUNTIME[INT8_DYNAMIC]
-    layers = weight_errors(ctx.input(BY_RUNTIME[TFLITE["fp32"]].name), ctx.input(fmt.name))
+    layers = weight_errors(ctx.input(BY_RUNTIME[TFLITE["fp32"]].name), ctx.input(BY_RUNTIME[INT8_DYNAMIC].name))
     return {"variant": INT8_DYNAMIC, "of": "weights", "samples": None, "rounding_only": ROUNDING_ONLY,
-            "layers": layers, "why": [f"{hop.hop}: {hop.verdict}" for hop in hops if hop.verdict != "pass"]}
+            "layers": layers, "why": why}
+
+
+def not_plain_pass(results: list, candidate: str) -> list[str]:
+    """``candidate``'s hops that failed or were undecided, as "hop: verdict" (empty when it passed or was not
+    built): what a diagnosis is made for."""
+    return [f"{r.hop}: {r.verdict}" for r in results if r.candidate == candidate and r.verdict != "pass"]
 
 
 def candidate_sizes(layers: int) -> list[int]:
