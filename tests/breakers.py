@@ -102,6 +102,49 @@ def scale_hidden_unit(model, factor: float = 1 + 1e-3):
     """
     copy = _copy(model)
     node = next(node for node in copy.graph.node if node.op_type in ("Gemm", "Conv"))
+    return copy, _scale_unit(copy, node, factor)
+
+
+def depthwise_conv(model):
+    """The first depthwise convolution (one group per input channel, more than one), or None."""
+    for node in model.graph.node:
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1 and numpy_helper.to_array(_initializer(model, node.input[1])).shape[
+                1] == 1:
+            return node
+    return None
+
+
+def residual_conv(model):
+    """The first convolution whose output an Add sums with another tensor (a residual block's branch), or None."""
+    made_by = {output: node for node in model.graph.node for output in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Add":
+            branch = next((made_by[name] for name in node.input if made_by.get(name) is not None
+                           and made_by[name].op_type == "Conv"), None)
+            if branch is not None:
+                return branch
+    return None
+
+
+def scale_depthwise_channel(model, factor: float = 1 + 1e-3):
+    """Scale one channel of the first depthwise convolution (its 3×3 or 5×5 filter and bias) by ``factor``."""
+    copy = _copy(model)
+    node = depthwise_conv(copy)
+    return copy, _scale_unit(copy, node, factor)
+
+
+def scale_residual_branch(model, factor: float = 1 + 1e-3):
+    """Scale one output channel of the first residual branch's last convolution (the one an Add sums with the
+    block's input) by ``factor``."""
+    copy = _copy(model)
+    node = residual_conv(copy)
+    return copy, _scale_unit(copy, node, factor)
+
+
+def _scale_unit(copy, node, factor: float) -> str:
+    """Scale the unit of ``node`` (a Gemm or Conv in ``copy``) with the largest summed incoming weight, its bias
+    too; returns the node's name."""
     outputs_first = node.op_type == "Conv" or next((attr.i for attr in node.attribute if attr.name == "transB"), 0)
     weight = numpy_helper.to_array(_initializer(copy, node.input[1])).copy()
     rows = weight if outputs_first else weight.T  # a view: one row per unit
@@ -112,7 +155,7 @@ def scale_hidden_unit(model, factor: float = 1 + 1e-3):
         bias = numpy_helper.to_array(_initializer(copy, node.input[2])).copy()
         bias[unit] *= factor
         _set(copy, node.input[2], bias)
-    return copy, node.name
+    return node.name
 
 
 def shift_class_bias(model, delta: float = 1e-4, klass: int = 0):

@@ -65,3 +65,33 @@ def test_the_derived_gate_refuses_a_cnn_channel_scaled_by_a_quarter_of_what_fixe
     assert derived_refuses(reference, outputs(fixed / 4), references, threshold, served=False)
     assert derived_refuses(reference, outputs(fixed / 4), references, threshold, served=True)
     assert not derived_refuses(reference, outputs(0.0), references, threshold, served=True)
+
+
+def test_the_depthwise_and_residual_faults_change_one_channel_of_the_right_convolution():
+    """A block as MobileNets build it: a depthwise 3×3 convolution, a 1×1 projection, and an Add with the block's
+    input. Each fault scales exactly one channel of its convolution (filter and bias) and nothing else."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from crossport.runtimes import onnx_session
+
+    rng = np.random.default_rng(0)
+    arrays = {"dw_w": rng.random((2, 1, 3, 3)), "dw_b": rng.random(2), "pw_w": rng.random((2, 2, 1, 1)),
+              "pw_b": rng.random(2)}
+    nodes = [helper.make_node("Conv", ["x", "dw_w", "dw_b"], ["dw"], name="depthwise", group=2, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["dw", "pw_w", "pw_b"], ["pw"], name="project"),
+             helper.make_node("Add", ["pw", "x"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert breakers.depthwise_conv(model).name == "depthwise" and breakers.residual_conv(model).name == "project"
+    x = rng.random((3, 2, 4, 4), dtype=np.float32)
+    before = onnx_session(model).run(None, {"x": x})[0]
+    for breaker, prefix in ((breakers.scale_depthwise_channel, "dw"), (breakers.scale_residual_branch, "pw")):
+        broken, name = breaker(model, 1.5)
+        changed = {init.name: numpy_helper.to_array(init) for init in broken.graph.initializer}
+        for key, array in arrays.items():
+            differs = ~np.isclose(changed[key], array.astype(np.float32))
+            # one channel (the first axis) of this convolution's weight and bias, none of the other's
+            assert differs.reshape(len(array), -1).any(axis=1).sum() == (1 if key.startswith(prefix) else 0), key
+        assert not np.allclose(onnx_session(broken).run(None, {"x": x})[0], before)

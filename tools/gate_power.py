@@ -6,7 +6,11 @@ gate refuses:
 
 * ``hidden unit``: one first-layer unit's (or the first convolution's channel's) incoming weights
   and bias scaled by 1 + ε (``scale_hidden_unit``);
-* ``class bias``: one class's output bias shifted by ε (``shift_class_bias``).
+* ``class bias``: one class's output bias shifted by ε (``shift_class_bias``);
+* ``depthwise channel`` (MobileNets): one channel of the first depthwise convolution scaled by 1 + ε
+  (``scale_depthwise_channel``);
+* ``residual branch`` (ResNets, inverted residuals): one output channel of the first convolution an Add sums with
+  its block's input, scaled by 1 + ε (``scale_residual_branch``).
 
 Gates, smaller is more powerful:
 
@@ -29,7 +33,7 @@ import numpy as np
 
 from crossport.cli import summary_line
 
-FAULTS = ("hidden unit", "class bias")
+FAULTS = ("hidden unit", "class bias", "depthwise channel", "residual branch")  # the last two where the graph has one
 
 
 def fixed_refuses(reference: dict, candidate: dict) -> bool:
@@ -78,10 +82,21 @@ def drifted_outputs(broken, images: np.ndarray, threads: int | None = None) -> d
 def power(model, reference: dict, references, images: np.ndarray, threshold: float) -> dict[str, dict]:
     """{fault: {gate: smallest refused ε, or None / 0.0}} for ``model`` (onnx.ModelProto) on ``images`` (the probe),
     ``reference`` PyTorch's outputs on them and ``references`` their exact values (pipelines.stages.validate)."""
-    from tests.breakers import scale_hidden_unit, shift_class_bias
+    from tests.breakers import (
+        depthwise_conv,
+        residual_conv,
+        scale_depthwise_channel,
+        scale_hidden_unit,
+        scale_residual_branch,
+        shift_class_bias,
+    )
 
     breakers = {"hidden unit": lambda e: scale_hidden_unit(model, 1 + e),
                 "class bias": lambda e: shift_class_bias(model, delta=e)}
+    if depthwise_conv(model) is not None:  # MobileNets
+        breakers["depthwise channel"] = lambda e: scale_depthwise_channel(model, 1 + e)
+    if residual_conv(model) is not None:  # ResNets, and MobileNets' inverted residuals
+        breakers["residual branch"] = lambda e: scale_residual_branch(model, 1 + e)
     found: dict[str, dict] = {}
     for fault, breaker in breakers.items():
         cache: dict[float, dict] = {}
@@ -145,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"{arch}: {len(images)} probe inputs, sign test t = {threshold:.3g}; smallest refused fault size "
                      f"ε (smaller is more powerful)\n")
     sys.stdout.write(f"{'fault':<40} {'fixed':>12} {'derived':>12} {'served':>12}\n")
-    labels = {"hidden unit": "hidden unit scaled by 1 + ε", "class bias": "class 0's output bias shifted by ε"}
+    labels = {"hidden unit": "hidden unit scaled by 1 + ε", "class bias": "class 0's output bias shifted by ε",
+              "depthwise channel": "depthwise channel scaled by 1 + ε",
+              "residual branch": "residual branch channel scaled by 1 + ε"}
     for fault, gates in found.items():
         sys.stdout.write(f"{labels[fault]:<40} " + " ".join(f"{describe(gates[g]):>12}" for g in gates) + "\n")
     return 0
