@@ -87,8 +87,10 @@ def test_the_depthwise_and_residual_faults_change_one_channel_of_the_right_convo
     assert breakers.depthwise_conv(model).name == "depthwise" and breakers.residual_conv(model).name == "project"
     x = rng.random((3, 2, 4, 4), dtype=np.float32)
     before = onnx_session(model).run(None, {"x": x})[0]
-    for breaker, prefix in ((breakers.scale_depthwise_channel, "dw"), (breakers.scale_residual_branch, "pw")):
+    for breaker, prefix, node in ((breakers.scale_depthwise_channel, "dw", "depthwise"),
+                                  (breakers.scale_residual_branch, "pw", "project")):
         broken, name = breaker(model, 1.5)
+        assert name == node
         changed = {init.name: numpy_helper.to_array(init) for init in broken.graph.initializer}
         for key, array in arrays.items():
             differs = ~np.isclose(changed[key], array.astype(np.float32))
