@@ -45,7 +45,6 @@ class Int8Quantization:
             for index in range(len(rows)):
                 yield [rows[index : index + 1]]
 
-        self.samples = len(rows)
         with _quiet():
             self._debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=tflite_converter(saved_model_dir, "int8_full", calibration), debug_dataset=dataset,
@@ -118,12 +117,14 @@ def typical_relative_error(float_values: np.ndarray, quantized: np.ndarray, scal
     """The median over the non-zero float values of one sample of the fraction of each value lost,
     min(|dequantized − float| / |float|, 1) (NaN when there are none: the debugger averages with nanmean)."""
     exact = np.asarray(float_values, dtype=np.float64).ravel()
-    dequantized = (np.asarray(quantized, dtype=np.float64).ravel() - zero_point) * scale
+    lost = fraction_lost(exact, (np.asarray(quantized, dtype=np.float64).ravel() - zero_point) * scale)
+    return float(np.median(lost)) if lost.size else math.nan
+
+
+def fraction_lost(exact: np.ndarray, approximate: np.ndarray) -> np.ndarray:
+    """Per non-zero exact value, the fraction of it lost: min(|approximate − exact| / |exact|, 1)."""
     nonzero = exact != 0
-    if not nonzero.any():
-        return math.nan
-    lost = np.minimum(np.abs(dequantized[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]), 1.0)
-    return float(np.median(lost))
+    return np.minimum(np.abs(approximate[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]), 1.0)
 
 
 WEIGHTED_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
@@ -140,14 +141,10 @@ def weight_errors(float_file: Path, quantized_file: Path) -> list[dict]:
         if quantized.dtype != np.int8 or not len(scales) or np.shape(floats.get(name)) != quantized.shape:
             continue  # float weights, or no such layer in the fp32 file (another model's file: its hops say so)
         exact = np.asarray(floats[name], dtype=np.float64)
-        shape = [1] * quantized.ndim
-        shape[axis] = -1
-        step = np.broadcast_to(np.asarray(scales, np.float64).reshape(shape if len(scales) > 1 else [1]), exact.shape)
-        dequantized = (quantized.astype(np.float64) - np.asarray(zero_points, np.float64).reshape(
-            shape if len(zero_points) > 1 else [1])) * step
+        step = np.broadcast_to(_along(scales, quantized.ndim, axis), exact.shape)
+        dequantized = (quantized.astype(np.float64) - _along(zero_points, quantized.ndim, axis)) * step
         error = dequantized - exact
-        nonzero = exact != 0
-        lost = np.minimum(np.abs(error[nonzero]) / np.abs(exact[nonzero]), 1.0)
+        lost = fraction_lost(exact, dequantized)
         layers.append({"layer": name, "op": op, "order": order, "scale": float(np.max(scales)),
                        "rmse": float(np.sqrt(np.mean(error**2))),
                        "rmse_over_scale": float(np.sqrt(np.mean((error / step) ** 2))),
@@ -155,6 +152,13 @@ def weight_errors(float_file: Path, quantized_file: Path) -> list[dict]:
                        "max_abs_error": float(np.max(np.abs(error)))})
     layers.sort(key=lambda layer: -(layer["typical_relative_error"] or 0.0))
     return layers
+
+
+def _along(values, ndim: int, axis: int) -> np.ndarray:
+    """Quantization parameters shaped to broadcast over a tensor: one per channel along ``axis``, or one for all."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(values, np.float64).reshape(shape if len(values) > 1 else [1])
 
 
 def _weighted_layers(path: Path):

@@ -79,6 +79,8 @@ def fallback_confidence(candidates: int) -> float:
     """The confidence each of ``candidates`` int8_mixed candidates is judged at, so that the chance that the search
     publishes one that breaks the policy stays within 1 − CONFIDENCE (Bonferroni: the chances add up)."""
     return 1.0 - (1.0 - CONFIDENCE) / max(candidates, 1)
+
+
 # Checks that are not a published format of their own: the TF graph before packaging, and the
 # SavedModel's second signature.
 INTERMEDIATE = {TF_GRAPH: ONNX, SM_CLASSIFY: ONNX}

@@ -138,12 +138,12 @@ def run_stages(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, 
 
 def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, ...], tracker, resume: bool,
               walls: dict[str, float]) -> None:
+    optional = {name for other in STAGES for name in other.may_make}  # needs read only where a run made them
     for stage in stages:
         if resume and up_to_date(manifest, config, stage):
             log.info("stage %s is up to date (inputs, config and outputs unchanged): skipped", stage.name)
             continue
         resume = False
-        optional = {name for other in STAGES for name in other.may_make}
         inputs = {need: manifest.require(need, for_stage=stage.name) for need in needs_on(stage, config.route)
                   if need not in optional or need in manifest.artifacts}
         ctx = Context(config, manifest, inputs, tracker)

@@ -21,10 +21,9 @@ import numpy as np
 log = logging.getLogger("crossport")
 
 
-def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> list[dict]:
-    from crossport.files import read_npz
+def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> dict:
+    """``rows`` (one per file), the ``confidence`` their upper bounds are at, and the test ``examples``."""
     from crossport.formats import BY_NAME
-    from crossport.interface import to_inputs
     from crossport.parity import accuracy_drop_bounds
     from crossport.runtimes import load_tflite
     from export.int8_layers import Int8Quantization
@@ -34,38 +33,44 @@ def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> list[dict]:
     from pipelines.tools.bench.harness import summarize, timed
 
     manifest = Manifest.load(run_dir)
-    arrays = read_npz(manifest.require("dataset", for_stage="int8_search"), redo="data", need=("x_test", "y_test"))
-    images, targets = to_inputs(arrays["x_test"]), arrays["y_test"]
-    calibration = to_inputs(read_npz(manifest.require("calibration", for_stage="int8_search"), redo="data",
-                                     need=("images",))["images"])
+    images, targets, calibration = recorded(manifest)
     quantization = Int8Quantization(manifest.require("saved_model", for_stage="int8_search"), calibration,
                                     images[:DIAGNOSIS_SAMPLES])
     diagnosis = Diagnosis({"layers": quantization.layer_errors(), "why": []}, quantization)
-    confidence = fallback_confidence(len(candidate_sizes(ranked_layers(diagnosis))))
-    files = {name: manifest.require(BY_NAME[f"tflite_{name}"].name, for_stage="int8_search")
-             for name in ("fp32", "int8_full")}
+    confidence = fallback_confidence(len(candidate_sizes(len(ranked_layers(diagnosis)))))  # as validate judges
+    files = [(name, None, manifest.require(BY_NAME[f"tflite_{name}"].name, for_stage="int8_search"))
+             for name in ("fp32", "int8_full")]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size, floats, flatbuffer in candidates(diagnosis):
             path = Path(scratch) / f"candidate_{size}.tflite"
             path.write_bytes(flatbuffer)
-            files[f"{len(floats)} in float (k={size})"] = path
-        runs = {name: load_tflite(path, threads=1) for name, path in files.items()}
+            files.append((f"{len(floats)} in float (k={size})", len(floats), path))
+        runs = {name: load_tflite(path, threads=1) for name, _, path in files}
         right = {name: np.argmax(run(images)["scores"], axis=1) == targets for name, run in runs.items()}
-        batch = images[:1]
         latency = {name: [] for name in runs}
         for _ in range(rounds):  # interleaved: every file sees the machine in the same state, round by round
             for name, run in runs.items():
-                latency[name] += timed(lambda rows, run=run: run(rows), batch, seconds / rounds, rounds=1)
-        for name, path in files.items():
+                latency[name] += timed(lambda rows, run=run: run(rows), images[:1], seconds / rounds, rounds=1)
+        for name, float_layers, path in files:
             lost = int(np.sum(right["fp32"] & ~right[name]))
             gained = int(np.sum(~right["fp32"] & right[name]))
             upper = accuracy_drop_bounds(lost, gained, len(targets), confidence)[1]
-            rows.append({"file": name, "float_layers": None if name in ("fp32", "int8_full") else name.split()[0],
-                         "accuracy": float(np.mean(right[name])), "drop_points": 100 * (lost - gained) / len(targets),
-                         "drop_upper_points": 100 * upper, "bytes": path.stat().st_size,
-                         "batch1_p50_ms": summarize(latency[name], 1)["p50_ms"]})
-    return rows
+            rows.append({"file": name, "float_layers": float_layers, "accuracy": float(np.mean(right[name])),
+                         "drop_points": 100 * (lost - gained) / len(targets), "drop_upper_points": 100 * upper,
+                         "bytes": path.stat().st_size, "batch1_p50_ms": summarize(latency[name], 1)["p50_ms"]})
+    return {"rows": rows, "confidence": confidence, "examples": len(targets)}
+
+
+def recorded(manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run's test images and labels and its calibration images, as model inputs."""
+    from crossport.files import read_npz
+    from crossport.interface import to_inputs
+
+    redo = "import" if manifest.config.get("onnx") else "data"
+    arrays = read_npz(manifest.require("dataset", for_stage="int8_search"), redo=redo, need=("x_test", "y_test"))
+    calibration = read_npz(manifest.require("calibration", for_stage="int8_search"), redo=redo, need=("images",))
+    return to_inputs(arrays["x_test"]), arrays["y_test"], to_inputs(calibration["images"])
 
 
 def markdown(rows: list[dict], examples: int, confidence: float) -> str:
@@ -87,14 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from pipelines.gate import fallback_confidence
-
-    rows = measure(args.run_dir, args.seconds)
+    measured = measure(args.run_dir, args.seconds)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    with np.load(args.run_dir / "data.npz") as data:
-        examples = len(data["y_test"])
-    sys.stdout.write(markdown(rows, examples, fallback_confidence(max(len(rows) - 2, 1))) + "\n")
+        args.json.write_text(json.dumps(measured["rows"], indent=2) + "\n")
+    sys.stdout.write(markdown(measured["rows"], measured["examples"], measured["confidence"]) + "\n")
     return 0
 
 

@@ -94,7 +94,7 @@ def candidate_sizes(layers: int) -> list[int]:
 def candidates(diagnosis: Diagnosis) -> Iterator[tuple[int, tuple[str, ...], bytes]]:
     """Each candidate in the fixed order (module docstring) once: how many worst layers it takes, every layer it
     keeps in float (in graph order: those and their readers), and its file."""
-    ranked = [layer["layer"] for layer in diagnosis.record["layers"] if layer["op"] != "SOFTMAX"]
+    ranked = ranked_layers(diagnosis)
     order = {layer["layer"]: layer["order"] for layer in diagnosis.record["layers"]}
     readers = diagnosis.quantization.readers()
     tried: set[tuple[str, ...]] = set()
@@ -106,8 +106,9 @@ def candidates(diagnosis: Diagnosis) -> Iterator[tuple[int, tuple[str, ...], byt
             yield size, floats, diagnosis.quantization.with_float(list(floats))
 
 
-def ranked_layers(diagnosis: Diagnosis) -> int:
-    return sum(layer["op"] != "SOFTMAX" for layer in diagnosis.record["layers"])
+def ranked_layers(diagnosis: Diagnosis) -> list[str]:
+    """The layers a candidate may keep in float, worst first: every ranked layer but the scores' Softmax."""
+    return [layer["layer"] for layer in diagnosis.record["layers"] if layer["op"] != "SOFTMAX"]
 
 
 @dataclass
@@ -131,12 +132,12 @@ def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: 
     from crossport.parity import compare
     from crossport.runtimes import chunk_for, load_format
 
-    sizes = candidate_sizes(ranked_layers(diagnosis))
+    sizes = candidate_sizes(len(ranked_layers(diagnosis)))
     confidence = fallback_confidence(len(sizes))
     plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,)) if spec.candidate == INT8_MIXED]
     specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence)) for spec in plain]
     path = ctx.run_dir / Path(MIXED.path).name
-    record = {"trigger": diagnosis.record["why"], "ranked_layers": ranked_layers(diagnosis),
+    record = {"trigger": diagnosis.record["why"], "ranked_layers": len(ranked_layers(diagnosis)),
               "candidates": [], "confidence": confidence, "chosen": None, "requantized": None,
               "rule": "the k worst-ranked layers and the layers reading them in float, k = "
                       f"{', '.join(map(str, sizes))}; the first the gate passes at confidence {confidence:.5f}"}
