@@ -66,6 +66,9 @@ def open_ui(args: argparse.Namespace) -> int:
                "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                "--default-artifact-root", str(store / "artifacts")]
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow 3's server also starts job runners (huey consumers, one process each) for GenAI evaluation jobs, which
+    # crossport never submits: off unless the user turns them on.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     sys.stdout.write(f"MLflow UI on http://{args.host}:{args.port}/#/models (registered versions; a run's summary "
                      "prints its version page). MLflow 3.17 opens in its GenAI view: the sidebar's 'Model training' "
                      "switch shows runs, metrics and datasets, and the browser remembers it.\n")

@@ -238,7 +238,8 @@ def _start_mlflow_server(root: Path) -> dict:
              "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
              "--artifacts-destination", str(root / "artifacts")],
             cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            # no job runners (huey consumers, seven processes): crossport submits no MLflow jobs, as pipelines.ui
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
     owned(server.pid)
     uri = f"http://127.0.0.1:{port}"

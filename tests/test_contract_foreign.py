@@ -1,12 +1,10 @@
 """`pipelines.contract` on servables crossport did not build: each finding says who would object."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import call
 
 
 def foreign_saved_model(path, *, key="serving_default", input_name="x", batch=None):
@@ -27,13 +25,14 @@ def foreign_saved_model(path, *, key="serving_default", input_name="x", batch=No
     return path
 
 
-def contract(path):
-    return subprocess.run([sys.executable, "-m", "pipelines.contract", str(path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def contract(path, capfd):
+    """``python -m pipelines.contract PATH`` in this process (test_servables runs the command itself)."""
+    from export.contract import main
+
+    return call(main, str(path), capsys=capfd)
 
 
-@pytest.mark.slow
-def test_a_foreign_servable_is_judged_finding_by_finding(tmp_path):
+def test_a_foreign_servable_is_judged_finding_by_finding(tmp_path, capfd):
     from export.contract import WARNING, judge_version
     from export.servable import CROSSPORT_ONLY, TF_SERVING_REFUSES
 
@@ -44,15 +43,14 @@ def test_a_foreign_servable_is_judged_finding_by_finding(tmp_path):
     assert who["missing signature 'classify'"] == CROSSPORT_ONLY
     assert who["serving_default: inputs ['x'], expected ['images']"] == CROSSPORT_ONLY
     assert any(kind == WARNING and "TF Serving does not require one" in text for kind, text in findings)
-    result = contract(tmp_path / "other")
+    result = contract(tmp_path / "other", capfd)
     assert result.returncode == 1
     assert "PROBLEM (crossport's contract only): other/1: missing signature 'classify'" in result.stdout
     assert "WARNING: other/1: no assets.extra/tf_serving_warmup_requests" in result.stdout
     assert "TF Serving would refuse" not in result.stdout
 
 
-@pytest.mark.slow
-def test_what_tf_serving_itself_refuses_is_said_so(tmp_path):
+def test_what_tf_serving_itself_refuses_is_said_so(tmp_path, capfd):
     from export.contract import judge_version
     from export.servable import CROSSPORT_ONLY, TF_SERVING_REFUSES
 
@@ -61,13 +59,12 @@ def test_what_tf_serving_itself_refuses_is_said_so(tmp_path):
     assert (TF_SERVING_REFUSES, "no 'serving_default' signature: TF Serving's default for requests without a "
                                 "signature_name") in findings
     assert (CROSSPORT_ONLY, "predict_images: input 'x' has a fixed batch dimension 1, expected -1") in findings
-    result = contract(version)
+    result = contract(version, capfd)
     assert result.returncode == 1 and "PROBLEM (TF Serving would refuse): 1: no 'serving_default'" in result.stdout
 
 
-@pytest.mark.slow
-def test_a_path_that_is_no_servable_gets_one_line(tmp_path):
-    result = contract(tmp_path)
+def test_a_path_that_is_no_servable_gets_one_line(tmp_path, capfd):
+    result = contract(tmp_path, capfd)
     assert result.returncode == 1 and result.stdout == ""
     assert "is neither a SavedModel version (saved_model.pb), a model directory" in result.stderr
 
@@ -80,13 +77,13 @@ def test_crossports_own_servable_has_no_finding(pipeline_run):
 
 
 @pytest.mark.slow
-def test_a_repository_given_as_a_relative_path_has_no_finding(pipeline_run, monkeypatch):
+def test_a_repository_given_as_a_relative_path_has_no_finding(pipeline_run, monkeypatch, capfd):
     """`python -m pipelines.contract models`, as docs/serving.md runs it: /models/<name> is read in ./models."""
     from export.contract import judge
 
     monkeypatch.chdir(pipeline_run.models_dir.parent)
     found = judge(Path(pipeline_run.models_dir.name))
     assert found and all(findings == [] for findings in found.values()), found
-    result = contract(pipeline_run.models_dir)
+    result = contract(pipeline_run.models_dir, capfd)
     assert result.returncode == 0 and "emnist_mlp/1: ok" in result.stdout
     assert result.stderr.strip() == ""  # TensorFlow's output (replaying the warmup) goes to the command's log

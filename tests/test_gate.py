@@ -140,19 +140,18 @@ def read_failed_report_in_a_browser(page: Path, tmp_path: Path) -> None:
         driver.quit()
 
 
-def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path):
-    def diagnose(run_dir, *extra):
-        return subprocess.run([sys.executable, "-m", "pipelines.diagnose", str(run_dir), "--examples", "64", *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_diagnose_command_on_clean_and_broken_runs(pipeline_run, tmp_path, capfd):
+    from pipelines.tools.diagnose import main
 
-    clean = diagnose(pipeline_run.run_dir)
+    clean = subprocess.run([sys.executable, "-m", "pipelines.diagnose", str(pipeline_run.run_dir), "--examples", "64"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "agree at all 6 intermediate tensors" in clean.stdout
     assert clean.stderr.strip() == ""  # onnx-tf's and TensorFlow's output goes to crossport-diagnose-<pid>.log
 
     manifest, _ = copy_run(pipeline_run, tmp_path)
     culprit = break_tf_graph(manifest, breakers.swap_classes)
-    broken = diagnose(manifest.run_dir, "--json")
+    broken = call(main, str(manifest.run_dir), "--examples", "64", "--json", capsys=capfd)  # in this process
     assert broken.returncode == 3, broken.stderr[-2000:]
     report = json.loads(broken.stdout)
     assert report["first"]["node"] == culprit and report["first"]["op_type"] == "Gemm"

@@ -66,7 +66,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     if not imported and not checkpoint.is_file():
         raise ConfigError(f"the version's run directory {run_dir} has no model.pt (PyTorch is benchmarked from it).",
                           hint="Benchmark a version published on this machine.")
-    timing = Timing(seconds=0.5 if quick else 3.0, repeats=1 if quick else 5, rounds=3 if quick else 5)
+    timing = QUICK if quick else FULL
     network = _network(version_dir, checkpoint, imported)
     macs = macs_per_example(network)
     results: dict = {"version_dir": str(version_dir), "quick": quick, "model": network.config.arch,
@@ -86,7 +86,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
             runtimes[name]["test_accuracy"] = accuracy
     results["runtimes"] = runtimes
     results["serverless"] = serverless_packages(version_dir, sizes, timing.repeats)
-    results["http"] = http_load(version_dir, run_dir, runtimes, sizes, quick, cores)
+    results["http"] = http_load(version_dir, run_dir, runtimes, sizes, timing, quick, cores)
     stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
     results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
     return results
@@ -97,6 +97,13 @@ class Timing:
     seconds: float  # per timed round
     repeats: int  # cold starts per runtime
     rounds: int  # timed rounds per measurement, after a warm-up round
+    load_seconds: float  # per web-service load
+
+
+# --quick is a check that every measurement runs (about half a minute for the MLP): its rounds are short, so its
+# figures are noisier than a full run's, which times each round for 3 s and each load for 5 s.
+QUICK = Timing(seconds=0.2, repeats=1, rounds=3, load_seconds=0.5)
+FULL = Timing(seconds=3.0, repeats=5, rounds=5, load_seconds=5.0)
 
 
 def _network(version_dir: Path, checkpoint: Path, imported: bool):
@@ -175,7 +182,8 @@ def serverless_packages(version_dir: Path, sizes: dict, repeats: int) -> dict:
     return packages
 
 
-def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, quick: bool, cores: int) -> list[dict]:
+def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, timing: Timing, quick: bool,
+              cores: int) -> list[dict]:
     """The web service per backend under the bounded loopback load, REST and gRPC, against the same backend
     called in this process."""
     with np.load(run_dir / "data.npz") as data:
@@ -186,14 +194,14 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
     rows = []
     for backend in backends:
         with serving(version_dir.parent, backend, workers) as served:
-            rows += [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 4, batch, images, protocol)
+            rows += [serve_load(served, version_dir.parent, timing.load_seconds, 4, batch, images, protocol)
                      for protocol, batches in (("rest", (1, 32)), ("grpc", (1, 128)))
                      for batch in (batches[:1] if quick else batches)]
             if quick and backend == "tflite_fp32":  # --quick: on this server, for the fp32 TFLite file alone
-                rows += request_cost(served, version_dir, backend, images, workers, quick)
+                rows += request_cost(served, version_dir, backend, images, workers, timing)
         if not quick:  # what a request costs beyond the model, on one server process of its own
             with serving(version_dir.parent, backend, 1) as served:
-                rows += request_cost(served, version_dir, backend, images, 1, quick)
+                rows += request_cost(served, version_dir, backend, images, 1, timing)
     in_process = {"onnx": "onnxruntime"}
     for row in rows:  # the service against the same backend called in this process, same batch
         runtime = runtimes.get(in_process.get(row["backend"], row["backend"]))
@@ -203,16 +211,17 @@ def http_load(version_dir: Path, run_dir: Path, runtimes: dict, sizes: dict, qui
     return rows
 
 
-def request_cost(served, version_dir: Path, backend: str, images: np.ndarray, workers: int, quick: bool) -> list[dict]:
+def request_cost(served, version_dir: Path, backend: str, images: np.ndarray, workers: int,
+                 timing: Timing) -> list[dict]:
     """What a request costs the server beyond the model: gRPC at batch 128, float32 to serving_default against the
     same pixels as uint8 to predict_uint8, with the backend's own call timed in this process (the threads each of
     the server's ``workers`` runs it with)."""
     from serving.serve import available_cores
 
-    cost = [serve_load(served, version_dir.parent, 1.0 if quick else 5.0, 2, 128, images, protocol)
+    cost = [serve_load(served, version_dir.parent, timing.load_seconds, 2, 128, images, protocol)
             for protocol in ("grpc", "grpc_uint8")]
     model_ms = model_cpu_ms(version_dir, backend, images[:128], max(1, available_cores() // workers),
-                            1.0 if quick else 3.0)
+                            timing.seconds)
     for row in cost:
         row["model_cpu_ms_per_call"] = model_ms
         row["server_cpu_over_model"] = (row["server_cpu_ms_per_request"] / model_ms
@@ -263,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=summary_line(__doc__))
     parser.add_argument("version_dir", nargs="?", type=Path,
                         help="a published version (default: the newest under models/emnist_mlp)")
-    parser.add_argument("--quick", action="store_true", help="a run under a minute (fewer repeats, fewer backends)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check that every measurement runs, in about half a minute (short rounds, fewer backends)")
     parser.add_argument("--out", type=Path, help="where to write bench.json/.md/.png (default: the run directory)")
     parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="VERSION_DIR",
                         help="also benchmark these versions (e.g. another architecture) and write compare.md: "
