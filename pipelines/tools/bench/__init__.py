@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("version_dir", nargs="?", type=Path,
                         help="a published version (default: the newest under models/emnist_mlp)")
     parser.add_argument("--quick", action="store_true",
-                        help="a check that every measurement runs, in about half a minute (short rounds, fewer backends)")
+                        help="a check that every measurement runs, in about half a minute (short rounds, few backends)")
     parser.add_argument("--out", type=Path, help="where to write bench.json/.md/.png (default: the run directory)")
     parser.add_argument("--compare", type=Path, nargs="+", default=[], metavar="VERSION_DIR",
                         help="also benchmark these versions (e.g. another architecture) and write compare.md: "
