@@ -150,8 +150,17 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
     assert entry["kind"] == "fp32" and entry["verdict"] == "pass" and entry["transposes"] == 0
     assert entry["batch1"]["rounds"] == 3 and entry["batch128"]["examples_per_s"] > 0
     assert entry["exact"]["scores"]["sign_statistic"] < entry["sign_threshold"]
+    # its int8 files, calibrated on the run's own calibration inputs as every peer's are, judged as lossy files: the
+    # very variants the run published, so the gate passes them with the drop's bound it states
+    assert ours["quantize_s"] > 0
+    for kind in ("int8_dynamic", "int8_full"):
+        lossy = ours["files"][kind]
+        assert lossy["kind"] == kind and lossy["verdict"] == "pass"
+        drop = lossy["accuracy_drop"]
+        assert drop["limit"] > 0 and drop["upper"] >= drop["estimate"] and lossy["batch128"]["examples_per_s"] > 0
     markdown = (tmp_path / "out" / "peers.md").read_text()
     assert "| crossport | fp32 |" in markdown and "| onnx2tf | — | not installed" in markdown
+    assert "| crossport | int8_full | input [N, 784], any batch | +" in markdown
     assert (tmp_path / "out" / "peers.png").stat().st_size > 0
     # and tracked: a peers run carries every measured file's figures and the three files
     from mlflow import MlflowClient
@@ -176,3 +185,24 @@ def test_a_peer_folder_crossport_did_not_make_is_never_cleared(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match=f"{tmp_path / 'onnx2tf'} holds files crossport did not write"):
         environment(peer, install=True)
     assert theirs.read_text() == "mine"
+
+
+@pytest.mark.slow  # runs each candidate interpreter
+def test_a_peers_python_is_found_among_pyenvs_versions_when_the_path_has_none_that_runs(tmp_path, monkeypatch):
+    """pyenv's shim for python3.12 is on the PATH but answers "command not found" unless that version is active: the
+    peer's interpreter is then the installed version's own."""
+    from pipelines.tools.bench.peers import interpreter
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    shim = shims / "python9.9"
+    shim.write_text("#!/bin/sh\necho 'pyenv: python9.9: command not found' >&2\nexit 127\n")
+    shim.chmod(0o755)
+    version = tmp_path / "pyenv" / "versions" / "9.9.1" / "bin"
+    version.mkdir(parents=True)
+    (version / "python9.9").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    assert interpreter("python9.9") == str(version / "python9.9")  # the executable as it reports itself
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "none"))
+    assert interpreter("python9.9") is None

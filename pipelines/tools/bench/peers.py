@@ -68,9 +68,9 @@ def environment(peer: Peer, install: bool) -> Path:
         raise RuntimeError(f"not installed in {home} (make peers installs it)")
     if home.exists() and not ours.is_file() and any(home.iterdir()):  # remade only when crossport made it
         raise RuntimeError(f"{home} holds files crossport did not write; set CROSSPORT_PEERS_DIR to another folder")
-    base = shutil.which(peer.python)
+    base = interpreter(peer.python)
     if base is None:
-        raise RuntimeError(f"this machine has no {peer.python}, which {peer.name} needs")
+        raise RuntimeError(f"this machine has no {peer.python} that runs, which {peer.name} needs")
     log.info("installing %s into %s ...", peer.name, home)
     for command in ([base, "-m", "venv", "--clear", str(home)],
                     [str(python), "-m", "pip", "install", "--quiet", "-r", str(peer.requirements)]):
@@ -82,15 +82,40 @@ def environment(peer: Peer, install: bool) -> Path:
     return python
 
 
+def interpreter(name: str) -> str | None:
+    """The first ``name`` (e.g. ``python3.12``) that runs: on the PATH, or else one of pyenv's installed versions (its
+    shim on the PATH answers "command not found" unless that version is active)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found = [shutil.which(name), *sorted(map(str, pyenv.glob(f"*/bin/{name}")), reverse=True)]
+    for candidate in filter(None, found):
+        try:
+            done = subprocess.run([candidate, "-c", "import sys; print(sys.executable)"], capture_output=True,
+                                  text=True, timeout=60)
+        except OSError:
+            continue
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+    return None
+
+
 def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], out: Path) -> dict:
     """The peer's converter in a fresh process, every script given the same arguments (REPO SOURCE LABELS SHAPE
-    OUT; each takes what it needs). An ONNX source is a copy: onnx2tf rewrites the file it is given."""
+    OUT CALIBRATION; each takes what it needs). An ONNX source is a copy: onnx2tf rewrites the file it is given.
+    CALIBRATION is an ``.npy`` of the inputs the run calibrated its own full int8 file with, [N, *SHAPE] in [0, 1]:
+    every converter's int8 is calibrated alike."""
+    from crossport.files import read_npz
+    from crossport.interface import to_inputs
+
     out.mkdir(parents=True)
     source = run_dir / "model.pt"
     if peer.source == "onnx":
         source = out / "model.onnx"
         shutil.copyfile(run_dir / "model.onnx", source)
-    args = [str(ROOT), str(source), str(run_dir / "labels.txt"), ",".join(map(str, shape)), str(out)]
+    calibration = out / "calibration.npy"
+    images = read_npz(run_dir / "calibration.npz", redo="data", need=("images",))["images"]
+    np.save(calibration, to_inputs(images).reshape(len(images), *shape))
+    args = [str(ROOT), str(source), str(run_dir / "labels.txt"), ",".join(map(str, shape)), str(out),
+            str(calibration)]
     started = time.perf_counter()
     done = subprocess.run([str(python), str(peer.script), *args], capture_output=True, text=True, cwd=out,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
@@ -121,7 +146,8 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                 row["error"] = str(error)
                 log.warning("%s: %s", peer.name, error)
                 continue
-            row.update(conversion_wall_s=made["wall_s"], import_s=made["import_s"], convert_s=made["convert_s"])
+            row.update(conversion_wall_s=made["wall_s"] - made.get("quantize_s", 0.0), import_s=made["import_s"],
+                       convert_s=made["convert_s"], quantize_s=made.get("quantize_s"))
             row["files"] = {}
             for kind, path in made["files"].items():
                 path = Path(path)
@@ -138,6 +164,7 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                          "transposes": placement(tflite_ops(path))["transposes"],
                          "top1_agreement": hop["top1_agreement"], "accuracy": hop["candidate_accuracy"],
                          "reference_accuracy": hop["reference_accuracy"],
+                         "accuracy_drop": hop.get("accuracy_drop"),
                          "exact": {o["name"]: {"max_abs": o["max_abs"], "rms": o["rms"],
                                                "sign_statistic": o.get("sign_statistic")} for o in exact["outputs"]},
                          "sign_threshold": exact.get("threshold")}
@@ -173,30 +200,38 @@ def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
 def render_peers(results: dict) -> str:
     """The side-by-side table: one row per file. Errors are against the exact float64 values; a file returning logits
     alone has its scores computed from them in float64 (crossport.foreign.softmax); sign T is the larger of its
-    outputs', against the threshold in the gate column."""
-    lines = ["| converter | file | input | conversion s (imports) | size kB | Transposes | batch-1 p50 ms | "
-             "batch-128 images/s | scores max \\|err\\| | scores RMS | logits max \\|err\\| | sign T | "
-             "top-1 agreement | accuracy | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    outputs', against the threshold in the gate column. Conversion is the float files' whole fresh process (its
+    imports in brackets); an int8 row says what its converter took for the int8 files after them. The accuracy drop
+    is in points against the reference, with the gate's one-sided upper bound."""
+    columns = ("converter", "file", "input", "conversion s (imports)", "size kB", "Transposes", "batch-1 p50 ms",
+               "batch-128 images/s", "scores max \\|err\\|", "scores RMS", "logits max \\|err\\|", "sign T",
+               "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    blank = " |" * (len(columns) - 3)
     for row in results["peers"]:
         if "error" in row:
-            lines.append(f"| {row['peer']} | — | {row['error']} |" + " |" * 12)
+            lines.append(f"| {row['peer']} | — | {row['error']} |" + blank)
             continue
         for entry in row["files"].values():
             if "error" in entry:
-                lines.append(f"| {row['peer']} | {entry['kind']} | {entry['error']} |" + " |" * 12)
+                lines.append(f"| {row['peer']} | {entry['kind']} | {entry['error']} |" + blank)
                 continue
             scores, logits = entry["exact"].get("scores", {}), entry["exact"].get("logits", {})
             one, many = entry.get("batch1"), entry.get("batch128")
             signs = [o["sign_statistic"] for o in (scores, logits) if o.get("sign_statistic") is not None]
             threshold = f" (t {entry['sign_threshold']:.2f})" if entry.get("sign_threshold") else ""
-            cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1],
-                     f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f})", f"{entry['bytes'] / 1e3:.0f}",
-                     str(entry["transposes"]), f"{one['p50_ms']:.3f}" if one else "—",
+            conversion = (f"+{row['quantize_s']:.2f} (int8 files)"
+                          if entry["declared"].startswith("int8") and row.get("quantize_s") is not None
+                          else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f})")
+            drop = entry.get("accuracy_drop")
+            cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1], conversion,
+                     f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]), f"{one['p50_ms']:.3f}" if one else "—",
                      f"{many['examples_per_s']:,.0f}" if many else "— (fixed batch)",
                      _number(scores.get("max_abs")), _number(scores.get("rms")), _number(logits.get("max_abs")),
                      f"{max(signs):.2f}" if signs else "—", f"{entry['top1_agreement']:.4%}",
-                     f"{entry['accuracy']:.2%}", entry["verdict"] + threshold]
+                     f"{entry['accuracy']:.2%}",
+                     f"{100 * drop['estimate']:.2f} (≤ {100 * drop['upper']:.2f})" if drop else "—",
+                     entry["verdict"] + threshold]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
