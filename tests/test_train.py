@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from crossport.errors import CheckpointError
+from crossport.interface import to_inputs
 from tests.helpers import PicklePayload, tiny_data, tiny_model_config
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.model import MLP
@@ -164,12 +165,12 @@ def test_batch_norm_statistics_are_recomputed_from_training_batches_with_the_res
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.BatchNorm2d(3, momentum=0.01), nn.ReLU())
-    inputs = torch.rand(16, 1, 6, 6) * 4 + 1
+    pixels = torch.randint(0, 256, (16, 1, 6, 6), dtype=torch.uint8)  # training's uint8 images
     state = torch.get_rng_state()
-    recalibrate_batch_norm(model, inputs, batch_size=16, seed=0, device="cpu")
+    recalibrate_batch_norm(model, pixels, batch_size=16, seed=0, device="cpu")
     assert torch.equal(torch.get_rng_state(), state)
     with torch.no_grad():
-        features = model[0](inputs)  # what the BatchNorm reads, Dropout off
+        features = model[0](torch.from_numpy(to_inputs(pixels.numpy())))  # what the BatchNorm reads, Dropout off
     norm = model[2]
     torch.testing.assert_close(norm.running_mean, features.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(norm.running_var, features.var(dim=(0, 2, 3), unbiased=True))
@@ -181,5 +182,18 @@ def test_a_network_without_batch_norm_is_left_as_it_is():
 
     model = MLP(tiny_model_config())
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    recalibrate_batch_norm(model, torch.rand(8, 784), batch_size=4, seed=0, device="cpu")
+    recalibrate_batch_norm(model, torch.randint(0, 256, (8, 784), dtype=torch.uint8), batch_size=4, seed=0,
+                           device="cpu")
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_a_training_batch_is_scaled_to_the_very_bits_every_servable_is_fed():
+    """Training keeps the uint8 images and scales each batch as it draws it: the same float32 bits as
+    crossport.interface.to_inputs, which every runtime's inputs go through, for every pixel value."""
+    from training.train import float_batch
+
+    images = np.random.default_rng(0).permutation(np.arange(256, dtype=np.uint8).repeat(3)).reshape(24, 32)
+    index = torch.tensor([5, 0, 23, 5])
+    scaled = float_batch(torch.from_numpy(images), index, "cpu").numpy()
+    assert scaled.dtype == np.float32
+    assert np.array_equal(scaled.view(np.uint32), to_inputs(images[index.numpy()]).view(np.uint32))
