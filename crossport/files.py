@@ -79,10 +79,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_npz(path: Path, *, redo: str, need: tuple[str, ...] = ()) -> dict:
-    """Every array of an ``.npz`` crossport wrote, read whole; one DataError line for a file that is not one (a
-    truncated zip, a pickled object array, which is never unpickled, a missing array in ``need``). ``redo``: the
-    stage that makes it, for the hint."""
+def read_npz(path: Path, *, redo: str, need: tuple[str, ...] = (), only: bool = False) -> dict:
+    """Every array of an ``.npz`` crossport wrote (with ``only``, just those in ``need``), each read whole; one
+    DataError line for a file that is not one (a truncated zip, a pickled object array, which is never unpickled, a
+    missing array in ``need``). ``redo``: the stage that makes it, for the hint."""
     import zipfile
 
     import numpy as np
@@ -92,7 +92,7 @@ def read_npz(path: Path, *, redo: str, need: tuple[str, ...] = ()) -> dict:
     hint = f"Re-run the {redo} stage; crossport writes plain numeric arrays and never loads pickled objects."
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            found = {key: arrays[key] for key in arrays.files}
+            found = {key: arrays[key] for key in arrays.files if not only or key in need}
     except ValueError as error:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
         raise DataError(f"{path} holds an array of Python objects ({error}).", hint=hint) from None
     except (OSError, zipfile.BadZipFile, EOFError) as error:

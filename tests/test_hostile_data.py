@@ -114,3 +114,21 @@ def test_a_hostile_archive_through_the_command_line(tmp_path):
     assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "holds more than the 7,840 bytes its header declares" in errors[0]
     assert not (tmp_path / "models").exists()
+
+
+def test_a_stage_reads_only_the_arrays_it_names_and_a_missing_one_is_one_line(tmp_path):
+    """validate reads the test split alone (EMNIST byclass's training images are 0.55 GB it never uses); an array it
+    needs that the file lacks is still one DataError naming it."""
+    import numpy as np
+
+    from crossport.errors import DataError
+    from crossport.files import read_npz
+
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=np.zeros((5, 784), np.uint8), y_train=np.zeros(5), x_test=np.ones((2, 784), np.uint8),
+             y_test=np.zeros(2))
+    read = read_npz(path, redo="data", need=("x_test", "y_test"), only=True)
+    assert sorted(read) == ["x_test", "y_test"] and read["x_test"].shape == (2, 784)
+    assert sorted(read_npz(path, redo="data", need=("x_test",))) == ["x_test", "x_train", "y_test", "y_train"]
+    with pytest.raises(DataError, match=r"lacks the array\(s\) \['labels'\]"):
+        read_npz(path, redo="data", need=("x_test", "labels"), only=True)
