@@ -87,7 +87,8 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     if converted_from == "pytorch" and reference != REFERENCE:
         raise ConfigError(f"--converted-from pytorch, but the run {run_dir} has no PyTorch model (it was brought as "
                           "an ONNX file).", hint="Drop --converted-from.")
-    arrays = read_npz(manifest.require("dataset", for_stage="check"), redo="data", need=("x_test", "y_test"))
+    arrays = read_npz(manifest.require("dataset", for_stage="check"), redo="data", need=("x_test", "y_test"),
+                      only=True)
     images, targets = to_inputs(arrays["x_test"]), arrays["y_test"]
     probe = dithered(images[:PROBE_SIZE])
     both = np.concatenate([images, probe])
