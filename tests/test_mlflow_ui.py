@@ -156,3 +156,33 @@ def keep_screenshots(shots: list[Path]) -> None:
         Path(keep).mkdir(parents=True, exist_ok=True)
         for shot in shots:
             shutil.copy2(shot, Path(keep) / shot.name)
+
+
+def test_the_ui_starts_mlflow_on_the_store_without_job_runners_unless_asked(tmp_path, monkeypatch, capsys):
+    """``make ui`` replaces itself with ``mlflow ui`` on the checked store, with MLflow 3's job runners (huey consumer
+    processes for GenAI evaluation jobs, which crossport never submits) off; a user's own setting stands."""
+    import argparse
+
+    from pipelines import ui
+
+    started = []
+
+    class Replaced(Exception):
+        pass
+
+    def execv(path, argv):
+        started.append((argv, os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION")))
+        raise Replaced
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "unset below")  # restored to its state after the test
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION")
+    args = argparse.Namespace(store=tmp_path / "store", host="127.0.0.1", port=5123)
+    for _ in range(2):
+        with pytest.raises(Replaced):
+            ui.open_ui(args)
+        monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    (argv, jobs), (_, chosen) = started
+    assert jobs == "false" and chosen == "true"
+    assert argv[1:6] == ["ui", "--host", "127.0.0.1", "--port", "5123"]
+    assert f"sqlite:///{(tmp_path / 'store').resolve() / 'mlflow.db'}" in argv
