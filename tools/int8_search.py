@@ -68,7 +68,8 @@ def recorded(manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from crossport.interface import to_inputs
 
     redo = "import" if manifest.config.get("onnx") else "data"
-    arrays = read_npz(manifest.require("dataset", for_stage="int8_search"), redo=redo, need=("x_test", "y_test"))
+    arrays = read_npz(manifest.require("dataset", for_stage="int8_search"), redo=redo, need=("x_test", "y_test"),
+                      only=True)
     calibration = read_npz(manifest.require("calibration", for_stage="int8_search"), redo=redo, need=("images",))
     return to_inputs(arrays["x_test"]), arrays["y_test"], to_inputs(calibration["images"])
 

@@ -132,12 +132,13 @@ def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: 
     from crossport.parity import compare
     from crossport.runtimes import chunk_for, load_format
 
-    sizes = candidate_sizes(len(ranked_layers(diagnosis)))
+    ranked = len(ranked_layers(diagnosis))
+    sizes = candidate_sizes(ranked)
     confidence = fallback_confidence(len(sizes))
     plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,)) if spec.candidate == INT8_MIXED]
     specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence)) for spec in plain]
     path = ctx.run_dir / Path(MIXED.path).name
-    record = {"trigger": diagnosis.record["why"], "ranked_layers": len(ranked_layers(diagnosis)),
+    record = {"trigger": diagnosis.record["why"], "ranked_layers": ranked,
               "candidates": [], "confidence": confidence, "chosen": None, "requantized": None,
               "rule": "the k worst-ranked layers and the layers reading them in float, k = "
                       f"{', '.join(map(str, sizes))}; the first the gate passes at confidence {confidence:.5f}"}

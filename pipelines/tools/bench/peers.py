@@ -98,22 +98,26 @@ def interpreter(name: str) -> str | None:
     return None
 
 
-def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], out: Path) -> dict:
-    """The peer's converter in a fresh process, every script given the same arguments (REPO SOURCE LABELS SHAPE
-    OUT CALIBRATION; each takes what it needs). An ONNX source is a copy: onnx2tf rewrites the file it is given.
-    CALIBRATION is an ``.npy`` of the inputs the run calibrated its own full int8 file with, [N, *SHAPE] in [0, 1]:
+def calibration_file(run_dir: Path, shape: tuple[int, ...], path: Path) -> Path:
+    """An ``.npy`` of the inputs the run calibrated its own full int8 file with, [N, *SHAPE] in [0, 1], at ``path``:
     every converter's int8 is calibrated alike."""
     from crossport.files import read_npz
     from crossport.interface import to_inputs
 
+    images = read_npz(run_dir / "calibration.npz", redo="data", need=("images",))["images"]
+    np.save(path, to_inputs(images).reshape(len(images), *shape))
+    return path
+
+
+def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], calibration: Path, out: Path) -> dict:
+    """The peer's converter in a fresh process, every script given the same arguments (REPO SOURCE LABELS SHAPE
+    OUT CALIBRATION; each takes what it needs; CALIBRATION: :func:`calibration_file`). An ONNX source is a copy:
+    onnx2tf rewrites the file it is given."""
     out.mkdir(parents=True)
     source = run_dir / "model.pt"
     if peer.source == "onnx":
         source = out / "model.onnx"
         shutil.copyfile(run_dir / "model.onnx", source)
-    calibration = out / "calibration.npy"
-    images = read_npz(run_dir / "calibration.npz", redo="data", need=("images",))["images"]
-    np.save(calibration, to_inputs(images).reshape(len(images), *shape))
     args = [str(ROOT), str(source), str(run_dir / "labels.txt"), ",".join(map(str, shape)), str(out),
             str(calibration)]
     started = time.perf_counter()
@@ -136,12 +140,13 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
     shape = image_contract(version_dir).shape
     rows, files = [], []
     with tempfile.TemporaryDirectory(prefix="crossport-peers-") as scratch:
+        calibration = calibration_file(run_dir, shape, Path(scratch) / "calibration.npy")
         for peer in PEERS:
             row = {"peer": peer.name, "source": peer.source}
             rows.append(row)
             try:
                 python = environment(peer, install)
-                made = convert(peer, python, run_dir, shape, Path(scratch) / peer.name)
+                made = convert(peer, python, run_dir, shape, calibration, Path(scratch) / peer.name)
             except (RuntimeError, OSError, ValueError) as error:
                 row["error"] = str(error)
                 log.warning("%s: %s", peer.name, error)
