@@ -139,20 +139,25 @@ def load(foreign: Foreign, example_shape: tuple[int, ...], threads: int | None =
 
 
 def _layout(foreign: Foreign, example_shape: tuple[int, ...]):
-    """How the run's examples become the file's: the same values in the same order (any reshape of a one-channel
-    image), or a channels-last image transposed to channels first."""
+    """How the examples become the file's: the same values in the same order (any reshape of a flat or one-channel
+    image), or an image moved between channels last and channels first."""
     theirs, ours = tuple(foreign.shape), tuple(example_shape)
     if int(np.prod(theirs)) != int(np.prod(ours)):
         raise ConfigError(f"{foreign.path} takes examples of shape {list(theirs)}; the run's are {list(ours)}.",
                           hint="Judge a file converted from this run's model.")
-    channels = ours[-1] if len(ours) == 3 else 1
-    if channels == 1 or theirs == ours:
+    if len(ours) == 1 or _without_ones(theirs) == _without_ones(ours):
         return lambda images: np.ascontiguousarray(images, np.float32).reshape(len(images), *theirs)
-    if theirs == (channels, *ours[:2]):
-        return lambda images: np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2))
+    for perm in ((2, 0, 1), (1, 2, 0)):  # channels last to first, and back
+        if len(ours) == 3 and theirs == tuple(ours[axis] for axis in perm):
+            order = (0, *(axis + 1 for axis in perm))
+            return lambda images, order=order: np.ascontiguousarray(np.asarray(images, np.float32).transpose(order))
     raise ConfigError(f"{foreign.path} takes examples of shape {list(theirs)}; the run's are {list(ours)}, which are "
-                      "neither a reshape nor channels first of it.",
+                      "neither a reshape nor a move of the channels of it.",
                       hint="Judge a file converted from this run's model.")
+
+
+def _without_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(size for size in shape if size != 1)
 
 
 def _tflite_run(path: Path, threads: int | None):

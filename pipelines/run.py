@@ -34,13 +34,7 @@ def channel_values(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     # The stage table and the dataset list are the single sources of these choices; both
     # modules import only numpy, so --help stays fast.
-    from pipelines.config import (
-        ARCHITECTURE_NAMES,
-        EVAL_ORIENTATIONS,
-        INT8_FALLBACK,
-        ORIENTATION_CHOICES,
-        UNDECIDED_POLICIES,
-    )
+    from pipelines.config import ARCHITECTURE_NAMES, INT8_FALLBACK, UNDECIDED_POLICIES
     from pipelines.stages import STAGE_NAMES
     from training.data import DATASETS
 
@@ -95,29 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--node-rank", type=int, help="this machine's rank, 0..nnodes-1 (default: 0: the one that "
                                                     "runs the pipeline and records the checkpoint)")
     dist.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, where the nodes meet (needed with --nnodes > 1)")
-    bring = parser.add_argument_group("bring your own model (instead of training one)")
-    bring.add_argument("--onnx", help="start the run from this ONNX file (trained anywhere): an import stage replaces "
-                                      "data, train and export")
-    bring.add_argument("--eval-data", help="evaluation and calibration data for --onnx: an .npz (images, labels; "
+    add_bring_flags(parser.add_argument_group("bring your own model (instead of training one)"))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+START_FROM = "start the run from this ONNX file (trained anywhere): an import stage replaces data, train and export"
+
+
+def add_bring_flags(group, onnx_help: str = START_FROM) -> None:
+    """The flags that bring a model as an ONNX file (``--onnx`` and what reads it), on ``group``: the pipeline's, and
+    ``pipelines.check``'s for a file converted from a model that never went through crossport."""
+    from pipelines.config import EVAL_ORIENTATIONS, ORIENTATION_CHOICES
+
+    group.add_argument("--onnx", help=onnx_help)
+    group.add_argument("--eval-data", help="evaluation and calibration data for --onnx: an .npz (images, labels; "
                                            "EMNIST orientation unless --eval-orientation says), a folder with one "
                                            "sub-folder of images per label, or a dataset name (default: the built-in "
                                            "dataset with as many classes)")
-    bring.add_argument("--mean", type=channel_values, help="the --onnx model expects (x − mean) / std of images in "
+    group.add_argument("--mean", type=channel_values, help="the --onnx model expects (x − mean) / std of images in "
                                                            "[0, 1], one value or one per channel (e.g. MNIST's 0.1307; "
                                                            "ImageNet's 0.485,0.456,0.406): computed inside the graph")
-    bring.add_argument("--std", type=channel_values, help="with --mean: the standard deviation(s) (e.g. MNIST's "
+    group.add_argument("--std", type=channel_values, help="with --mean: the standard deviation(s) (e.g. MNIST's "
                                                           "0.3081; ImageNet's 0.229,0.224,0.225)")
-    bring.add_argument("--eval-orientation", choices=EVAL_ORIENTATIONS,
+    group.add_argument("--eval-orientation", choices=EVAL_ORIENTATIONS,
                        help="which way up an --eval-data .npz holds its images: emnist (transposed, crossport's "
                             "arrays; the default) or upright (as people see them)")
-    bring.add_argument("--labels", dest="labels_file",
+    group.add_argument("--labels", dest="labels_file",
                        help="label file for --onnx, one per line (default: the file's metadata, else the built-in "
                             "EMNIST split with as many classes, else class ids)")
-    bring.add_argument("--orientation", choices=ORIENTATION_CHOICES,
+    group.add_argument("--orientation", choices=ORIENTATION_CHOICES,
                        help="which way up the --onnx model wants its images: upright (as people see them) or emnist "
                             "(transposed, crossport's contract); default auto: detected from the evaluation data")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    return parser
 
 
 @dataclass(frozen=True)

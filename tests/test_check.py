@@ -101,3 +101,61 @@ def test_what_is_no_servable_is_refused_in_one_line(tmp_path, capsys):
                    "LiteRT cannot load", "Pass a .tflite file or a SavedModel directory")
     one_line_error(call(main, str(tmp_path / "missing.tflite"), "--against", str(tmp_path), capsys=capsys), 2,
                    "does not exist")
+
+
+def own_conversion(model, folder, *, drift: float = 1.0):
+    """A user's own conversion of ``model`` with no crossport run involved: onnx-tf on the file as exported, then
+    TensorFlow's TFLite converter. The file reads the model's own input ([N, 3, 8, 6], already scaled); ``drift``
+    scales the classifier's weights first (a converter that got them wrong)."""
+    import onnx
+    import tensorflow as tf
+    from onnx import numpy_helper
+
+    from translation.onnx_to_tf import translate
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    weights = next(init for init in model.graph.initializer if init.name == "fc_w")
+    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * drift, "fc_w"))
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    translate(folder / "model.onnx", folder / "saved_model", expose_intermediates=False)
+    path = folder / "theirs.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(folder / "saved_model")).convert())
+    return path
+
+
+@pytest.mark.slow  # the import stage asks ldconfig where a library is
+def test_a_file_converted_from_a_model_crossport_never_saw_is_judged_on_its_own_input(tmp_path, capfd):
+    """``--onnx MODEL --eval-data DATA``: the model (RGB 8×6, channels first, scaled by ImageNet's mean and std) is
+    imported, and the file is fed what MODEL reads, the mapping of the published input computed by ONNX Runtime.
+    The same conversion with the classifier's weights ×1.0001 fails; a flag of the other mode is refused."""
+    import numpy as np
+    import onnx
+
+    from pipelines.tools.check import main
+    from tests.onnx_models import image_cnn
+
+    model = image_cnn()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (260, 8, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "eval.npz", x_test=images[:60], y_test=rng.integers(0, 5, 60), x_train=images[60:])
+    scaling = ("--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
+    theirs, drifted = own_conversion(model, tmp_path / "same"), own_conversion(model, tmp_path / "drift", drift=1.0001)
+
+    result = call(main, str(theirs), "--onnx", str(tmp_path / "model.onnx"), "--eval-data", str(tmp_path / "eval.npz"),
+                  *scaling, "--run-dir", str(tmp_path / "run"), "--json", capsys=capfd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["converted_from"] == "source" and report["examples"] == 60 and "[N, 3, 8, 6]" in report["input"]
+    assert all(check["verdict"] == "pass" for check in report["hops"] + report["against_exact"])
+    facts = json.loads((tmp_path / "run" / "manifest.json").read_text())["facts"]["source"]
+    assert facts["model_input"] != "images"  # the file was fed the mapped values, not the published input
+
+    result = call(main, str(drifted), "--against", str(tmp_path / "run"), "--converted-from", "source", "--json",
+                  capsys=capfd)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-2000:]
+    assert json.loads(result.stdout)["verdict"] == "fail"
+    one_line_error(call(main, str(theirs), "--against", str(tmp_path / "run"), *scaling, capsys=capfd), 2,
+                   "--mean, --std apply to a model brought with --onnx")
+    one_line_error(call(main, str(theirs), capsys=capfd), 2, "neither was given", "Pass exactly one")

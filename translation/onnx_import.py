@@ -48,6 +48,7 @@ class Normalized:
     image: ImageContract = EMNIST_IMAGE  # the published input (crossport.interface.ImageContract)
     layout: str = "flat"  # the model's own input: "flat" (a 28×28 grayscale shape), "nchw" or "nhwc"
     scaling: str | None = None  # what the graph does to the published [0, 1] values first, for the card
+    model_input: str = INPUT  # the tensor the model as brought reads: the published input, or what the mapping makes
 
 
 def declared_opset(model) -> int:
@@ -369,6 +370,7 @@ def _map_input(result: Normalized, image, orientation: str, scaling: tuple | Non
         _rename(graph, own, INPUT)
     if own != INPUT:
         result.steps.append(f"input {image.name!r} is published as {INPUT!r}")
+    result.model_input = own if nodes else INPUT
     del graph.input[:]
     graph.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [BATCH, *published.shape]))
     old = list(graph.node)

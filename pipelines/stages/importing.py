@@ -170,7 +170,7 @@ def import_stage(ctx) -> StageResult:
                                                                for d in result.input_shape],
         "metadata": metadata, "normalization": result.steps, "logits": result.logits,
         "labels_from": labels_from, "orientation": orientation, "image": image.to_json(),
-        "layout": result.layout, "scaling": result.scaling,
+        "layout": result.layout, "scaling": result.scaling, "model_input": result.model_input,
         "orientation_detected": detected, "network_check_ratio": network_ratio,
     }
     ctx.manifest.facts["model"] = {"arch": "onnx", "summary": _summary(result.model),
