@@ -146,7 +146,6 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     from pipelines.gate import FP32_VALUES, ONNX, POLICIES, REFERENCE
     from pipelines.manifest import Manifest
     from pipelines.stages.validate import ERROR_MODEL, PROBE_SIZE, dithered, exact_values
-    from training.checkpoint import load_torch
 
     foreign = inspect(path)  # before minutes of exact values: a file that is no servable ends here
     manifest = Manifest.load(run_dir)
@@ -165,6 +164,8 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     probe = dithered(images[:PROBE_SIZE])
     both = np.concatenate([images, probe])
     chunk = chunk_for(paths["onnx"])
+    from training.checkpoint import load_torch  # PyTorch, once the file is known to be a servable
+
     original = (load_torch(paths["checkpoint"], threads, chunk) if reference == REFERENCE
                 else load_onnx(paths["onnx"], threads, chunk))(both)
     if converted_from == "source":  # the file reads what the brought model reads
