@@ -21,8 +21,10 @@ TINY_LABELS = ("a", "b", "c", "d", "e")
 
 # Fixtures that start processes (a pipeline run, an MLflow server): every test using one is slow, by this rule.
 PROCESS_FIXTURES = frozenset({"pipeline_run", "mlflow_server"})
-# Programs a run asks something of in a few milliseconds (provenance: git; platform.processor(): uname).
-QUICK_TOOLS = frozenset({"git", "uname"})
+# Programs a run asks something of in a few milliseconds (provenance: git; platform.processor(): uname; `ldconfig -p`,
+# which the first `import torch` in a process starts to find libdl: whichever test imports PyTorch first in its
+# process starts it, so without it here a test would pass or fail by the order the tests ran in).
+QUICK_TOOLS = frozenset({"git", "uname", "ldconfig"})
 
 
 # What the session makes once for all its processes (pytest-xdist workers): a folder every process can reach.
