@@ -99,6 +99,24 @@ def test_a_model_that_breaks_int8_publishes_int8_mixed_with_that_layer_in_float(
     with pytest.raises(PackageError, match="no int8_full TFLite file"):
         build_package(version, tmp_path / "lambda_full", "int8_full")
 
+    # tools.int8_search measures every candidate on the run, passing or not, beside fp32 and plain int8_full: the
+    # same candidates as validate's search, the same accuracies, and the drop's bound at validate's confidence
+    from tests.helpers import call
+    from tools.int8_search import main as search
+
+    result = call(search, str(run), "--seconds", "0.05", "--json", str(tmp_path / "search.json"), capsys=capfd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["file"]: row for row in json.loads((tmp_path / "search.json").read_text())}
+    assert rows["fp32"]["accuracy"] == 1.0 and rows["int8_full"]["drop_points"] == pytest.approx(75.0)
+    searched = [row for row in rows.values() if row["float_layers"] is not None]
+    judged = [len(candidate["float_layers"]) for candidate in fallback["candidates"]]  # validate stops at a pass
+    assert [row["float_layers"] for row in searched][: len(judged)] == judged
+    first = searched[0]  # the candidate validate published: within int8_full's policy (1 point) at that confidence
+    assert first["accuracy"] == 1.0 and first["drop_points"] == 0 and first["drop_upper_points"] <= 1.0
+    assert rows["int8_full"]["bytes"] < first["bytes"]  # its two large layers hold float32 weights
+    assert f"upper bound at {100 * fallback['confidence']:.4g} %" in result.stdout
+    assert all(row["batch1_p50_ms"] > 0 for row in rows.values())
+
     # without the fallback the same run is refused, the int8_mixed file is no longer the run's, nothing more published
     result = pipeline_here("--run-dir", str(run), "--stage", "validate", "--int8-fallback", "off", capsys=capfd)
     one_line_error(result, 3, "tflite_int8_full")
