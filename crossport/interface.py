@@ -64,6 +64,53 @@ def to_inputs(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255.0)
 
 
+class Inputs:
+    """float32 model inputs made a slice at a time from what holds them more compactly: uint8 pixels (scaled as
+    :func:`to_inputs` scales them, so every value is the same bit for bit) and float32 rows, one part after another.
+
+    A slice is another :class:`Inputs`; numpy reads one (``np.asarray``) as the float32 array it stands for, and any
+    other index as those rows. Every runtime (:func:`crossport.runtimes.chunked`) and the exact reference read their
+    inputs a chunk at a time, so validate holds EMNIST byclass's full-size test split as its 91 MB of pixels, not
+    as 365 MB of float32."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, *parts: np.ndarray, start: int = 0, stop: int | None = None) -> None:
+        self._parts = parts
+        self._start = start
+        self._stop = sum(len(part) for part in parts) if stop is None else stop
+        self.shape = (self._stop - self._start, *parts[0].shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            return Inputs(*self._parts, start=self._start + start, stop=self._start + max(start, stop))
+        if isinstance(key, int | np.integer):
+            row = range(len(self))[key]
+            return np.asarray(self[row : row + 1])[0]
+        rows = np.arange(len(self))[key]  # any other index: those rows, each read on its own
+        return np.stack([np.asarray(self[int(row) : int(row) + 1])[0] for row in rows]) if len(rows) else (
+            np.empty((0, *self.shape[1:]), np.float32))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        pieces, offset = [], 0
+        for part in self._parts:
+            low, high = max(self._start - offset, 0), min(self._stop - offset, len(part))
+            if low < high:
+                rows = part[low:high]
+                pieces.append(to_inputs(rows) if rows.dtype == np.uint8 else rows.astype(np.float32))
+            offset += len(part)
+        array = np.concatenate(pieces) if pieces else np.empty((0, *self.shape[1:]), np.float32)
+        return array if dtype is None else array.astype(dtype)
+
+
 def transposed(images: np.ndarray) -> np.ndarray:
     """[N, 784] images with each 28×28 picture transposed: EMNIST orientation ↔ upright."""
     return images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE).transpose(0, 2, 1).reshape(-1, INPUT_SIZE)

@@ -41,9 +41,10 @@ def chunk_for(onnx_path) -> int:
 
 def chunked(run: Predict, chunk: int = CHUNK) -> Predict:
     def predict(images: np.ndarray) -> dict[str, np.ndarray]:
-        parts = [run(images[start : start + chunk]) for start in range(0, len(images), chunk)]
+        # np.asarray: a chunk of crossport.interface.Inputs becomes float32 here, one chunk at a time
+        parts = [run(np.asarray(images[start : start + chunk])) for start in range(0, len(images), chunk)]
         if not parts:
-            parts = [run(images[:0])]
+            parts = [run(np.asarray(images[:0]))]
         # a scalar (a translated graph's intermediate constant, e.g. a Clip's bound) is the same in every chunk
         return {name: np.concatenate([part[name] for part in parts]) if np.ndim(parts[0][name]) else parts[0][name]
                 for name in parts[0]}

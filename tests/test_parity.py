@@ -308,3 +308,32 @@ def test_the_export_check_compares_the_two_exact_functions():
     assert compare_graph(model, drifted, folded=True).passed  # NOISE is 1/100 of B
     far = Exact({"logits": model.values["logits"] + 200 * NOISE}, model.bounds, model.systematic, 0.0, ())
     assert not compare_graph(model, far, folded=True).passed
+
+
+def test_inputs_made_a_chunk_at_a_time_are_the_float32_arrays_they_stand_for():
+    """validate holds the test split as pixels (crossport.interface.Inputs): every slice, row, index and chunk a
+    runtime reads is bit for bit what the float32 array of the pixels and the probe after them would give."""
+    from crossport.interface import Inputs, to_inputs
+    from crossport.runtimes import chunked
+
+    rng = np.random.default_rng(0)
+    pixels, probe = rng.integers(0, 256, (37, 6), dtype=np.uint8), rng.random((5, 6), dtype=np.float32)
+    whole = np.concatenate([to_inputs(pixels), probe])
+    lazy = Inputs(pixels, probe)
+    assert lazy.shape == whole.shape and len(lazy) == 42 and lazy.dtype == np.float32
+    assert np.asarray(lazy).view(np.uint32).tolist() == whole.view(np.uint32).tolist()
+    for key in (slice(None, 37), slice(30, 40), slice(36, None), slice(0, 0), slice(40, 99)):
+        assert np.array_equal(np.asarray(lazy[key]), whole[key]), key
+        assert np.array_equal(np.asarray(lazy[30:][key]), whole[30:][key]), key  # a slice of a slice
+    for key in (0, 36, 37, -1, [3, 39, 0], np.arange(40, 42)):
+        assert np.array_equal(lazy[key], whole[key]), key
+    with pytest.raises(IndexError):
+        lazy[42]
+    seen = []
+
+    def run(batch):
+        seen.append(type(batch))
+        return {"x": batch * 2}
+
+    assert np.array_equal(chunked(run, chunk=8)(lazy[:37])["x"], whole[:37] * 2)
+    assert set(seen) == {np.ndarray}  # every runtime is handed float32 arrays, 8 rows at a time

@@ -49,7 +49,7 @@ def diagnose_int8(ctx: Context, results: list, images: np.ndarray) -> Diagnosis 
     why = not_plain_pass(results, INT8_FULL)
     if not why:
         return None
-    samples = images[:DIAGNOSIS_SAMPLES]
+    samples = np.asarray(images[:DIAGNOSIS_SAMPLES])
     quantization = Int8Quantization(ctx.input("saved_model"), recorded_inputs(ctx, "calibration"), samples)
     layers = quantization.layer_errors()
     if layers:
