@@ -25,7 +25,7 @@ def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> dict:
     """``rows`` (one per file), the ``confidence`` their upper bounds are at, and the test ``examples``."""
     from crossport.formats import BY_NAME
     from crossport.parity import accuracy_drop_bounds
-    from crossport.runtimes import load_tflite
+    from crossport.runtimes import chunk_for, load_tflite
     from export.int8_layers import Int8Quantization
     from pipelines.gate import fallback_confidence
     from pipelines.manifest import Manifest
@@ -46,7 +46,10 @@ def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> dict:
             path = Path(scratch) / f"candidate_{size}.tflite"
             path.write_bytes(flatbuffer)
             files.append((f"{len(floats)} in float (k={size})", len(floats), path))
-        runs = {name: load_tflite(path, threads=1) for name, _, path in files}
+        # every file loaded at once, so each call takes as many images as the model's activations allow (a
+        # MobileNet's interpreters took 12 GB at 4,096 images a call)
+        chunk = chunk_for(manifest.require("onnx", for_stage="int8_search"))
+        runs = {name: load_tflite(path, threads=1, chunk=chunk) for name, _, path in files}
         right = {name: np.argmax(run(images)["scores"], axis=1) == targets for name, run in runs.items()}
         latency = {name: [] for name in runs}
         for _ in range(rounds):  # interleaved: every file sees the machine in the same state, round by round
