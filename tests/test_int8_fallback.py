@@ -114,7 +114,9 @@ def test_a_model_that_breaks_int8_publishes_int8_mixed_with_that_layer_in_float(
     first = searched[0]  # the candidate validate published: within int8_full's policy (1 point) at that confidence
     assert first["accuracy"] == 1.0 and first["drop_points"] == 0 and first["drop_upper_points"] <= 1.0
     assert rows["int8_full"]["bytes"] < first["bytes"]  # its two large layers hold float32 weights
-    assert f"upper bound at {100 * fallback['confidence']:.4g} %" in result.stdout
+    assert f"candidates at the search's {100 * fallback['confidence']:.4g} %" in result.stdout
+    assert rows["int8_full"]["confidence"] == CONFIDENCE and first["confidence"] == fallback["confidence"]
+    assert (first["lost"], first["gained"]) == (0, 0) and rows["int8_full"]["lost"] > 0
     assert all(row["batch1_p50_ms"] > 0 for row in rows.values())
 
     # without the fallback the same run is refused, the int8_mixed file is no longer the run's, nothing more published

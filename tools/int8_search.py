@@ -3,8 +3,9 @@
 Validate searches only when int8_full fails the gate and stops at the first candidate that passes. This measures
 every candidate of the fixed list (pipelines/stages/int8.py) on the run's whole test split, beside the fp32 and
 plain int8_full files the run made: layers kept in float, test accuracy, accuracy drop against the fp32 file with
-its one-sided upper bound (McNemar, at the confidence validate would judge each candidate at), file size and
-batch-1 latency (median of interleaved rounds, one thread). Prints a Markdown table; ``--json`` writes the rows.
+its one-sided upper bound (McNemar, at the confidence validate judges each file at: the gate's own for int8_full,
+the search's corrected one for a candidate), file size and batch-1 latency (median of interleaved rounds, one
+thread). Prints a Markdown table; ``--json`` writes the rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger("crossport")
 def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> dict:
     """``rows`` (one per file), the ``confidence`` their upper bounds are at, and the test ``examples``."""
     from crossport.formats import BY_NAME
-    from crossport.parity import accuracy_drop_bounds
+    from crossport.parity import CONFIDENCE, accuracy_drop_bounds
     from crossport.runtimes import chunk_for, load_tflite
     from export.int8_layers import Int8Quantization
     from pipelines.gate import fallback_confidence
@@ -58,9 +59,12 @@ def measure(run_dir: Path, seconds: float = 2.0, rounds: int = 5) -> dict:
         for name, float_layers, path in files:
             lost = int(np.sum(right["fp32"] & ~right[name]))
             gained = int(np.sum(~right["fp32"] & right[name]))
-            upper = accuracy_drop_bounds(lost, gained, len(targets), confidence)[1]
+            # plain int8_full is judged at the gate's own confidence, a candidate at the search's corrected one
+            level = CONFIDENCE if float_layers is None else confidence
+            upper = accuracy_drop_bounds(lost, gained, len(targets), level)[1]
             rows.append({"file": name, "float_layers": float_layers, "accuracy": float(np.mean(right[name])),
-                         "drop_points": 100 * (lost - gained) / len(targets), "drop_upper_points": 100 * upper,
+                         "lost": lost, "gained": gained, "drop_points": 100 * (lost - gained) / len(targets),
+                         "drop_upper_points": 100 * upper, "confidence": level,
                          "bytes": path.stat().st_size, "batch1_p50_ms": summarize(latency[name], 1)["p50_ms"]})
     return {"rows": rows, "confidence": confidence, "examples": len(targets)}
 
@@ -78,8 +82,11 @@ def recorded(manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def markdown(rows: list[dict], examples: int, confidence: float) -> str:
-    lines = [f"| file | test accuracy | drop vs fp32, points (upper bound at {100 * confidence:.4g} %) | size | "
-             "batch-1 p50 |", "|---|---|---|---|---|"]
+    from crossport.parity import CONFIDENCE
+
+    bounds = f"int8_full at the gate's {100 * CONFIDENCE:.4g} %, candidates at the search's {100 * confidence:.4g} %"
+    lines = [f"| file | test accuracy | drop vs fp32, points (upper bound: {bounds}) | size | batch-1 p50 |",
+             "|---|---|---|---|---|"]
     lines += [f"| {row['file']} | {row['accuracy']:.2%} | {row['drop_points']:+.2f} ({row['drop_upper_points']:.2f}) | "
               f"{row['bytes'] / 1e6:.2f} MB | {row['batch1_p50_ms']:.3f} ms |" for row in rows]
     return "\n".join([*lines, "", f"{examples:,} test images."])
