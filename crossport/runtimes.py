@@ -40,14 +40,25 @@ def chunk_for(onnx_path) -> int:
 
 
 def chunked(run: Predict, chunk: int = CHUNK) -> Predict:
+    """``run`` called ``chunk`` examples at a time, each output written into one array of all the examples' rows as
+    it comes (not gathered and joined: that held every output twice)."""
+
     def predict(images: np.ndarray) -> dict[str, np.ndarray]:
-        # np.asarray: a chunk of crossport.interface.Inputs becomes float32 here, one chunk at a time
-        parts = [run(np.asarray(images[start : start + chunk])) for start in range(0, len(images), chunk)]
-        if not parts:
-            parts = [run(np.asarray(images[:0]))]
-        # a scalar (a translated graph's intermediate constant, e.g. a Clip's bound) is the same in every chunk
-        return {name: np.concatenate([part[name] for part in parts]) if np.ndim(parts[0][name]) else parts[0][name]
-                for name in parts[0]}
+        total, joined, apart = len(images), {}, {}
+        for start in range(0, max(total, 1), chunk):
+            # np.asarray: a chunk of crossport.interface.Inputs becomes float32 here, one chunk at a time
+            part = run(np.asarray(images[start : start + chunk]))
+            rows = min(chunk, total - start)
+            for name, value in part.items():
+                if not np.ndim(value):  # a scalar (a translated graph's constant, e.g. a Clip's bound): every chunk's
+                    joined[name] = value
+                elif name in apart or len(value) != rows:  # not one row per example: joined as it came
+                    apart.setdefault(name, []).append(value)
+                else:
+                    if name not in joined:
+                        joined[name] = np.empty((total, *value.shape[1:]), value.dtype)
+                    joined[name][start : start + rows] = value
+        return {**joined, **{name: np.concatenate(values) for name, values in apart.items()}}
 
     return predict
 

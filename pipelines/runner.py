@@ -174,6 +174,7 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
                                            "makes": list(stage.makes), **record}
             manifest.save()
             tracker.log_stage(result, wall)
+            del result, ctx  # what a stage returned (the data stage's test split, its dataset) is not held past it
         log.info("stage %s done in %.1f s", stage.name, wall)
 
 

@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 
@@ -337,3 +339,58 @@ def test_inputs_made_a_chunk_at_a_time_are_the_float32_arrays_they_stand_for():
 
     assert np.array_equal(chunked(run, chunk=8)(lazy[:37])["x"], whole[:37] * 2)
     assert set(seen) == {np.ndarray}  # every runtime is handed float32 arrays, 8 rows at a time
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 10_000])
+def test_values_compared_in_blocks_give_what_whole_arrays_give(monkeypatch, block):
+    """crossport.parity compares |Δ| BLOCK rows at a time (a full-size split's float64 differences are 58 MB an
+    array): the same maximum, relative maximum, worst element, violations and worst ratio as numpy's own reductions
+    over the whole arrays, NaN and infinity included, ties going to the first element."""
+    import crossport.parity as parity
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 1, (23, 5)).astype(np.float32)
+    bound = rng.uniform(1e-7, 1e-6, ref.shape)
+    cases = {"clean": ref + np.float32(1e-7), "nan": ref.copy(), "inf": ref.copy(), "tie": ref.copy(),
+             "all-nan": np.full_like(ref, np.nan)}
+    cases["nan"][4, 2] = np.nan
+    cases["inf"][17, 1] = np.inf
+    cases["tie"][[6, 20], [3, 0]] += np.float32(1.0)  # the same |Δ| twice: the first is the worst
+    cases["tie"][20, 0] = cases["tie"][6, 3] - ref[6, 3] + ref[20, 0]
+    for name, cand in cases.items():
+        delta = np.abs(cand.astype(np.float64) - ref.astype(np.float64))
+        ratio = delta / (2 * bound)
+        with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning) if name == "all-nan" else nullcontext():
+            expected_max = np.nanmax(delta)
+        monkeypatch.setattr(parity, "BLOCK", block)
+        stats = parity._value_stats("logits", FP32, ref, cand, bound)
+        assert stats.violations == int(np.sum(~(delta <= 2 * bound))), name
+        if name == "all-nan":
+            assert np.isnan(stats.max_abs) and stats.worst_example == 0, name
+            continue
+        worst = int(np.nanargmax(ratio)) if np.any(np.isfinite(ratio)) else int(np.nanargmax(delta))
+        relative = delta / np.maximum(np.abs(ref.astype(np.float64)), np.finfo(np.float32).tiny)
+        assert stats.max_abs == expected_max and stats.max_rel == np.nanmax(relative), name
+        assert stats.worst_ratio == ratio.flat[worst], name
+        assert stats.worst_example == worst // 5 and stats.allowed_at_worst == 2 * bound.flat[worst], name
+
+
+@pytest.mark.parametrize("block", [1, 7, 10_000])
+def test_errors_against_the_exact_values_in_blocks_give_what_whole_arrays_give(monkeypatch, block):
+    """compare_exact's max |error|, worst ratio and its example are numpy's reductions over the whole arrays, and
+    its rms theirs to rounding, at any block size; a NaN is skipped by them and fails the artifact."""
+    import crossport.parity as parity
+
+    exact = exact_case()
+    peer = noisy(exact)
+    peer["logits"][5, 2] = np.nan
+    error = peer["logits"].astype(np.float64) - exact.values["logits"]
+    ratio = np.abs(error) / exact.bounds["logits"]
+    monkeypatch.setattr(parity, "BLOCK", block)
+    with np.errstate(invalid="ignore"):  # the sign test's sum over a column with the NaN
+        result = compare_exact("peer", peer, exact, THRESHOLD)
+    (stats,) = result.outputs
+    assert stats.max_abs == np.nanmax(np.abs(error)) and stats.worst_ratio == np.nanmax(ratio)
+    assert stats.worst_example == int(np.nanargmax(ratio)) // error.shape[1]
+    assert stats.rms == pytest.approx(np.sqrt(np.nanmean(error**2)), rel=1e-12)
+    assert not result.passed

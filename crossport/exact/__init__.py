@@ -126,15 +126,19 @@ WALK_BYTES = 64 * 2**20
 def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     """Run ``model`` (a PyTorch model or a :class:`crossport.exact.network.Network`) in float64 on float32
     ``images`` [N, ...]; see the module docstring."""
-    parts: dict[tuple[str, str], list[np.ndarray]] = {}
+    joined: dict[tuple[str, str], np.ndarray] = {}  # each written as its chunks come: at full size 58 MB an array
     walk = walks(model, images, chunk=chunk)
     lam_, counts, sampled = next(walk)
+    start = 0
     for logits, error in walk:
         scores, score_error = _softmax_with_bound(logits, error)
         for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
             for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
-                parts.setdefault((part, output), []).append(array.numpy())
-    joined = {key: np.concatenate(value) for key, value in parts.items()}
+                rows = array.numpy()
+                if (part, output) not in joined:
+                    joined[(part, output)] = np.empty((len(images), *rows.shape[1:]), rows.dtype)
+                joined[(part, output)][start : start + len(rows)] = rows
+        start += len(logits)
 
     def part(name):
         return {output: joined[(name, output)] for output in ("logits", "scores")}
