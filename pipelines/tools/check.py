@@ -1,4 +1,4 @@
-"""``python -m pipelines.check FILE --against RUN_DIR``: crossport's gate on a servable any converter made.
+"""``python -m pipelines.check FILE --against RUN_DIR`` (or ``--onnx MODEL``): crossport's gate on any converter's file.
 
 FILE is a TFLite file or a SavedModel directory converted from the run's model (by crossport, litert-torch, onnx2tf
 or anything else). ``--onnx MODEL --eval-data DATA`` instead judges a file converted from a model that never went
