@@ -467,8 +467,9 @@ def compare_exact(artifact: str, outputs: Mapping[str, np.ndarray], exact, thres
         per_row = values.size // len(values)
         for start in range(0, len(values), BLOCK):  # float64 temporaries of BLOCK rows, not of the whole split
             error = np.asarray(candidate[start : start + BLOCK], dtype=np.float64) - values[start : start + BLOCK]
-            largest.update(np.abs(error), start * per_row)
-            ratio.update(np.abs(error) / exact.bounds[name][start : start + BLOCK], start * per_row)
+            magnitude = np.abs(error)
+            largest.update(magnitude, start * per_row)
+            ratio.update(magnitude / exact.bounds[name][start : start + BLOCK], start * per_row)
             squares += float(np.nansum(error**2))
             counted += int(np.sum(~np.isnan(error)))
         worst = ratio.index if ratio.finite else 0
