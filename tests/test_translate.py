@@ -62,6 +62,47 @@ def test_unsupported_op_is_named(tmp_path, tiny):
     assert not (tmp_path / "out").exists()
 
 
+
+def test_tensorflow_probability_is_a_stand_in_only_while_onnx_tf_imports(monkeypatch):
+    """onnx-tf imports tensorflow_probability for its Bernoulli handler alone (about a second of every translation):
+    while onnx-tf imports, the name is a stand-in; afterwards it is the real package's again."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, compat.PROBABILITY, raising=False)
+    with compat.deferred_probability():
+        stand_in = sys.modules[compat.PROBABILITY]
+        assert isinstance(stand_in.distributions, compat._Distributions)
+    assert compat.PROBABILITY not in sys.modules
+
+
+
+def test_a_tensorflow_probability_that_cannot_import_is_explained_when_bernoulli_needs_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, compat.PROBABILITY, None)  # what Python does with a package that failed
+    with pytest.raises(TranslationError, match=r"Bernoulli with tensorflow_probability.*make install"):
+        compat._Distributions("distributions").Bernoulli  # noqa: B018
+
+def test_bernoulli_imports_tensorflow_probability_when_it_is_translated(tmp_path):
+    """The one op that needs tensorflow_probability still translates, and samples 0s and 1s."""
+    node = helper.make_node("Bernoulli", ["x"], ["y"], seed=3.0)
+    graph = helper.make_graph([node], "bernoulli", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    path = tmp_path / "bernoulli.onnx"
+    onnx.save(model, str(path))
+    translate(path, tmp_path / "tf")
+    import tensorflow as tf
+
+    x = np.full((4, 6), 0.5, np.float32)
+    x[0] = 0.0
+    x[1] = 1.0
+    got = tf.saved_model.load(str(tmp_path / "tf")).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
+    assert set(np.unique(got)) <= {0.0, 1.0}
+    assert not got[0].any() and got[1].all()
+
+
 def test_onnx_without_mapping_is_explained(monkeypatch):
     monkeypatch.delattr(onnx, "mapping", raising=False)
     with pytest.raises(TranslationError, match=r"needs onnx.mapping.*make install \(onnx==1.18.0\)"):

@@ -4,7 +4,9 @@ Three facts, verified on the pinned stack (docs/stack.md):
 
 1. onnx-tf imports ``onnx.mapping``, which onnx 1.19 removed: onnx stays pinned to 1.18.
 2. onnx-tf imports ``tensorflow_probability`` at import time without declaring it; TFP 0.25
-   in turn needs Keras 2, i.e. ``tf-keras``. Both are pinned in requirements.txt.
+   in turn needs Keras 2, i.e. ``tf-keras``. Both are pinned in requirements.txt. onnx-tf uses it only in its
+   Bernoulli handler (a random op no classifier serves), and importing it costs about a second of every
+   translation, so it is imported only when a Bernoulli node is translated (:func:`deferred_probability`).
 3. onnx-tf imports ``tensorflow_addons``, whose last release cannot be imported under Keras 3
    (``No module named 'keras.src.engine'``). onnx-tf uses it only for
    ``tfa.seq2seq.hardmax`` (the ONNX Hardmax op), so a stand-in module providing that one
@@ -65,20 +67,49 @@ def import_onnx_tf():
             f"onnx-tf needs onnx.mapping, which onnx {onnx.__version__} no longer has (removed in 1.19).",
             hint="Install the pinned stack: make install (onnx==1.18.0).",
         )
-    try:
-        import tensorflow_probability  # noqa: F401  (onnx-tf imports it undeclared)
-    except ImportError as error:
-        raise TranslationError(
-            f"onnx-tf imports tensorflow_probability, which failed to import: {error}.",
-            hint="Install the pinned stack: make install (tensorflow-probability==0.25.0, tf-keras).",
-        ) from error
     install_addons_shim()
-    import onnx_tf
-    import onnx_tf.backend
+    with deferred_probability():
+        import onnx_tf
+        import onnx_tf.backend
 
     register_type_only_versions()
     register_opset_18()
     return onnx_tf
+
+
+class _Distributions(types.ModuleType):
+    """``tensorflow_probability.distributions`` as onnx-tf's Bernoulli handler holds it: the real module is imported
+    when the handler first reads from it."""
+
+    def __getattr__(self, name):
+        try:
+            from tensorflow_probability import distributions
+        except ImportError as error:
+            raise TranslationError(
+                f"onnx-tf translates Bernoulli with tensorflow_probability, which failed to import: {error}.",
+                hint="Install the pinned stack: make install (tensorflow-probability==0.25.0, tf-keras).",
+            ) from error
+        return getattr(distributions, name)
+
+
+PROBABILITY = "tensorflow_probability"
+
+
+@contextlib.contextmanager
+def deferred_probability():
+    """While inside (onnx-tf's import), ``tensorflow_probability`` is a stand-in whose ``distributions`` imports the
+    real one on first use; afterwards the name is the real package again for anyone who imports it."""
+    if PROBABILITY in sys.modules:  # already imported: onnx-tf may as well take the real one
+        yield
+        return
+    stand_in = types.ModuleType(PROBABILITY, "crossport: tensorflow_probability, imported on first use")
+    stand_in.distributions = _Distributions(f"{PROBABILITY}.distributions")
+    sys.modules[PROBABILITY] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(PROBABILITY) is stand_in:
+            del sys.modules[PROBABILITY]
 
 
 @contextlib.contextmanager
