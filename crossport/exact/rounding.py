@@ -52,7 +52,7 @@ def sampled_confidence(outputs: int, samples: int = SAMPLES, false_alarm: float 
     Σ c_r·δ_r (independent, mean-zero roundings |δ_r| ≤ u) stays within t·u·√(Σ c_r²) (Hoeffding, half the
     chance), and Σ c_r² ≤ S/q for S the sum of squares of ``samples`` Gaussian tangents with variance Σ c_r²
     (S/Σ c_r² is χ² with ``samples`` degrees of freedom; the other half)."""
-    from scipy.stats import chi2
+    from scipy.special import gammaincinv  # χ²(k)'s quantile is 2·P⁻¹(k/2, p), without scipy.stats' 0.4 s import
 
     share = false_alarm / 2
-    return sign_threshold(outputs, share), float(chi2.ppf(share / max(outputs, 1), samples))
+    return sign_threshold(outputs, share), 2.0 * float(gammaincinv(samples / 2, share / max(outputs, 1)))
