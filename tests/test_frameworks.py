@@ -1,4 +1,5 @@
-"""triton is never loaded after TensorFlow: the two native libraries crash the process together (exit -11)."""
+"""triton is never loaded after TensorFlow: the two native libraries crash the process together (exit -11). Keras'
+extras are not loaded into a crossport command's TensorFlow import."""
 
 import importlib.metadata
 import os
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from crossport.frameworks import _NoTritonAfterTensorFlow
+from crossport.frameworks import KERAS_EXTRAS, _NoKerasExtras, _NoTritonAfterTensorFlow
 from tests.helpers import ROOT, make_emnist_archive
 
 
@@ -59,3 +60,39 @@ def test_every_torch_path_to_triton_survives_a_process_that_loaded_tensorflow_fi
                             env={**os.environ, "HOME": str(tmp_path / "home")})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("survived")
+
+
+def test_keras_alone_is_told_its_extras_are_missing():
+    guard = _NoKerasExtras()
+    for name in KERAS_EXTRAS:
+        assert guard.find_spec(name) is None  # asked by anyone but Keras: the normal finders decide
+        with pytest.raises(ModuleNotFoundError, match=name):
+            exec("guard.find_spec(name + '.sub')", {"__name__": "keras.src.wrappers.fixes", "guard": guard,
+                                                     "name": name})
+    assert exec("result = guard.find_spec('numpy')", scope := {"__name__": "keras.src", "guard": guard}) is None
+    assert scope["result"] is None
+
+
+@pytest.mark.slow
+def test_a_command_imports_tensorflow_without_keras_extras_and_then_uses_them(tmp_path):
+    """Under run_command, TensorFlow's eager import of Keras loads none of scikit-learn, pandas and matplotlib;
+    the command itself then imports each of them, and tf.keras still works."""
+    code = (
+        "import json, sys\n"
+        "from crossport.console import run_command\n"
+        "def body():\n"
+        "    import tensorflow as tf\n"
+        f"    loaded = sorted(m for m in {sorted(KERAS_EXTRAS)!r} if m in sys.modules)\n"
+        "    import matplotlib.pyplot, pandas, sklearn.datasets\n"
+        "    flat = tf.keras.layers.Flatten()(tf.zeros((2, 3, 4)))\n"
+        "    print(json.dumps({'loaded': loaded, 'digits': len(sklearn.datasets.load_digits().target),\n"
+        "                      'frame': len(pandas.DataFrame({'a': [1, 2]})), 'flat': list(flat.shape)}))\n"
+        "    return 0\n"
+        "sys.exit(run_command(body))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"loaded": [], "digits": 1797, "frame": 2,
+                                                                   "flat": [2, 12]}
