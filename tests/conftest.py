@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crossport.frameworks import keep_keras_extras_out
 from tests.helpers import free_port, run_cli, wait_until
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A test process imports TensorFlow as a crossport command does, without Keras' extras (crossport.frameworks): the
+# same libraries loaded whichever route, in-process or command line, a test takes.
+keep_keras_extras_out()
 
 TINY_LABELS = ("a", "b", "c", "d", "e")
 
