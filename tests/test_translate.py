@@ -72,6 +72,7 @@ def test_tensorflow_probability_is_a_stand_in_only_while_onnx_tf_imports(monkeyp
     with compat.deferred_probability():
         stand_in = sys.modules[compat.PROBABILITY]
         assert isinstance(stand_in.distributions, compat._Distributions)
+        assert not hasattr(stand_in.distributions, "__path__")  # introspection imports nothing
     assert compat.PROBABILITY not in sys.modules
 
 

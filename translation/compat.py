@@ -82,6 +82,8 @@ class _Distributions(types.ModuleType):
     when the handler first reads from it."""
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # what introspection asks of any module: not a reason to import the real one
+            raise AttributeError(name)
         try:
             from tensorflow_probability import distributions
         except ImportError as error:
