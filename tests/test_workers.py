@@ -21,6 +21,12 @@ from tests.helpers import ROOT, Server, burst, call, wait_until
 PREDICT = "/v1/models/emnist_mlp:predict"
 
 
+def wait_channel(pid: int) -> str:
+    """Where the process's main thread sleeps in the kernel (``inet_csk_accept``: in accept()); "0" while it runs, or
+    always on a kernel that does not show wait channels."""
+    return Path(f"/proc/{pid}/wchan").read_text()
+
+
 def worker_pids(supervisor: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -80,7 +86,17 @@ def test_connections_are_spread_over_the_workers_in_turn_and_answer_alike(served
         assert option(argv, "--instances") == str(max(1, cores // threads))
     rows = np.random.default_rng(0).random((3, 784), dtype=np.float32)
     connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=60) for _ in range(4)]
-    answers = [predict(connection, rows) for connection in connections for _ in range(2)]  # kept alive
+    answers = []
+    pids = worker_pids(server.process.pid)
+    shown = wait_channel(server.process.pid) != "0"  # the idle supervisor sleeps: "0" means the kernel hides them
+    for connection in connections:
+        # the kernel hands a connection to the worker that has waited longest in accept(); a worker still on its way
+        # back to accept() (its last connection's thread being started, on a loaded machine) is not waiting, and
+        # once gave the other worker three connections in a row: each connection opens once both are waiting
+        if shown:
+            wait_until(lambda: all(wait_channel(pid) == "inet_csk_accept" for pid in pids),
+                       "both workers waiting in accept()", process=server.process)
+        answers += [predict(connection, rows) for _ in range(2)]  # the connection opens here and is kept alive
     for connection in connections:
         connection.close()
     version = pipeline_run.models_dir / "emnist_mlp" / "1"
