@@ -26,29 +26,35 @@ def test_addons_shim_stands_in_for_tensorflow_addons():
     assert compat.install_addons_shim() is shim  # idempotent
 
 
+def one_op_model(tmp_path, node, shape: list, opset: int):
+    """An ONNX file of ``node`` alone, x -> y, float32 of ``shape``."""
+    graph = helper.make_graph([node], node.op_type.lower(),
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    path = tmp_path / f"{node.op_type.lower()}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def translated_y(path, out, x: np.ndarray) -> np.ndarray:
+    """``translate`` the one-op file, then run its SavedModel's serving_default on ``x``."""
+    translate(path, out)
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(out)).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
+
+
 def test_hardmax_through_onnx_tf_matches_onnx_runtime(tmp_path):
     """The only op onnx-tf takes from tensorflow_addons; the shim must reproduce ONNX Hardmax."""
-    node = helper.make_node("Hardmax", ["x"], ["y"], axis=-1)
-    graph = helper.make_graph(
-        [node], "hardmax",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = tmp_path / "hardmax.onnx"
-    onnx.save(model, str(path))
-
+    path = one_op_model(tmp_path, helper.make_node("Hardmax", ["x"], ["y"], axis=-1), [None, 6], 13)
     x = np.random.default_rng(0).normal(size=(9, 6)).astype(np.float32)
     x[0] = [1, 3, 3, 0, 0, 0]  # ties: ONNX picks the first maximum
     import onnxruntime as ort
 
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    translate(path, tmp_path / "tf")
-    import tensorflow as tf
-
-    got = tf.saved_model.load(str(tmp_path / "tf")).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(translated_y(path, tmp_path / "tf", x), expected)
 
 
 def test_unsupported_op_is_named(tmp_path, tiny):
@@ -60,7 +66,6 @@ def test_unsupported_op_is_named(tmp_path, tiny):
     with pytest.raises(TranslationError, match=r"op\(s\) onnx-tf cannot translate: NotARealOp \(node '.+'\)"):
         translate(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
 
 
 def test_tensorflow_probability_is_a_stand_in_only_while_onnx_tf_imports(monkeypatch):
@@ -76,7 +81,6 @@ def test_tensorflow_probability_is_a_stand_in_only_while_onnx_tf_imports(monkeyp
     assert compat.PROBABILITY not in sys.modules
 
 
-
 def test_a_tensorflow_probability_that_cannot_import_is_explained_when_bernoulli_needs_it(monkeypatch):
     import sys
 
@@ -84,22 +88,14 @@ def test_a_tensorflow_probability_that_cannot_import_is_explained_when_bernoulli
     with pytest.raises(TranslationError, match=r"Bernoulli with tensorflow_probability.*make install"):
         compat._Distributions("distributions").Bernoulli  # noqa: B018
 
+
 def test_bernoulli_imports_tensorflow_probability_when_it_is_translated(tmp_path):
     """The one op that needs tensorflow_probability still translates, and samples 0s and 1s."""
-    node = helper.make_node("Bernoulli", ["x"], ["y"], seed=3.0)
-    graph = helper.make_graph([node], "bernoulli", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
-    path = tmp_path / "bernoulli.onnx"
-    onnx.save(model, str(path))
-    translate(path, tmp_path / "tf")
-    import tensorflow as tf
-
+    path = one_op_model(tmp_path, helper.make_node("Bernoulli", ["x"], ["y"], seed=3.0), [4, 6], 15)
     x = np.full((4, 6), 0.5, np.float32)
     x[0] = 0.0
     x[1] = 1.0
-    got = tf.saved_model.load(str(tmp_path / "tf")).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
+    got = translated_y(path, tmp_path / "tf", x)
     assert set(np.unique(got)) <= {0.0, 1.0}
     assert not got[0].any() and got[1].all()
 
