@@ -45,7 +45,7 @@ class Int8Quantization:
             for index in range(len(rows)):
                 yield [rows[index : index + 1]]
 
-        with _quiet():
+        with _converting():
             self._debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=tflite_converter(saved_model_dir, "int8_full", calibration), debug_dataset=dataset,
                 debug_options=tf.lite.experimental.QuantizationDebugOptions(
@@ -54,7 +54,7 @@ class Int8Quantization:
     def layer_errors(self) -> list[dict]:
         """Per quantized layer: its op, output tensor, quantization step, rmse, rmse / step, typical relative error
         and max |error|, worst first (by typical relative error)."""
-        with _quiet():
+        with _converting():
             self._debugger.run()
         dump = io.StringIO()
         self._debugger.layer_statistics_dump(dump)
@@ -95,7 +95,7 @@ class Int8Quantization:
         # get_nondebug_quantized_model() quantizes the calibrated model again under the debugger's options. The
         # public ``options`` setter would also build an instrumented model, which needs no layer for it, and
         # refuses to exist ("not in debug mode") when no quantized layer is left to instrument.
-        with _quiet():
+        with _converting():
             self._debugger._debug_options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(layers))
             return self._debugger.get_nondebug_quantized_model()
 
@@ -106,8 +106,12 @@ def layer_errors(saved_model_dir: Path, calibration: np.ndarray, samples: np.nda
 
 
 @contextmanager
-def _quiet():
-    with warnings.catch_warnings():
+def _converting():
+    """The TFLite converter at work: its warnings about itself silenced, its full collections walking only what it
+    made (:func:`crossport.frameworks.heap_left_to_itself`)."""
+    from crossport.frameworks import heap_left_to_itself
+
+    with warnings.catch_warnings(), heap_left_to_itself():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
         warnings.filterwarnings("ignore", message="Mean of empty slice")  # a layer all zero on every image
         yield

@@ -28,9 +28,11 @@ MIN_CALIBRATION = 200
 def convert_tflite(saved_model_dir: Path, out_path: Path, variant: str = "fp32",
                    calibration: np.ndarray | None = None) -> None:
     """Convert the predict signature (classify's ParseExampleV2 is not a TFLite op)."""
+    from crossport.frameworks import heap_left_to_itself
+
     converter = tflite_converter(saved_model_dir, variant, calibration)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), heap_left_to_itself():
             # Calibration runs TF's own (deprecated) tf.lite.Interpreter internally; crossport
             # itself runs TFLite files with ai_edge_litert.
             warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")

@@ -31,7 +31,8 @@ def error_distribution_png(path: Path, errors: dict[str, np.ndarray], bounds: di
         finite = values[np.isfinite(values)]  # a variant whose scores overflowed (inf, NaN) is counted, not drawn
         # errors all within a hair of each other (an untrained model's equal scores) get one bar
         if finite.size:
-            axis.hist(finite, bins=60 if np.ptp(finite) > 1e-6 else 1, color="#3b6ea8")
+            # one filled outline, not 60 bar patches: half the figure's drawing time
+            axis.hist(finite, bins=60 if np.ptp(finite) > 1e-6 else 1, color="#3b6ea8", histtype="stepfilled")
         if finite.size < values.size:
             axis.text(0.98, 0.92, f"{values.size - finite.size} of {values.size} not finite", ha="right",
                       va="top", transform=axis.transAxes, color="#c0392b", fontsize=9)

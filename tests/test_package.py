@@ -127,3 +127,19 @@ def test_the_same_graph_packages_to_the_same_bytes(tmp_path, tiny):
     assert sha256_path(builds[0]) == sha256_path(builds[1])
     fingerprint = fingerprint_pb2.FingerprintDef.FromString((builds[0] / "fingerprint.pb").read_bytes())
     assert fingerprint.uuid and fingerprint.saved_model_checksum  # still a complete fingerprint
+
+
+def test_a_saved_model_is_loaded_once_until_its_files_change(tiny, tmp_path):
+    import shutil
+
+    from crossport.runtimes import open_saved_model
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny.saved_model, path)
+    first = open_saved_model(path)
+    assert open_saved_model(path) is first  # asked again (another signature, another stage): the same load
+    shutil.rmtree(path)
+    shutil.copytree(tiny.tf_graph, path)  # another SavedModel written where it was
+    second = open_saved_model(path)
+    assert second is not first
+    assert "classify" in first.signatures and "classify" not in second.signatures
