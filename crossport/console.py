@@ -60,10 +60,10 @@ def run_command(body: Callable[[], int], *, debug: bool = False, log_file: Path 
     ``body`` run under the quiet console when ``log_file`` names its file, a :class:`CrossportError` ended as one
     line and its exit code (with the traceback under ``--debug``), Ctrl-C as exit 130."""
     from crossport.errors import CrossportError, report
-    from crossport.frameworks import keep_keras_extras_out
+    from crossport.frameworks import own_the_process
 
     configure_logging(debug)
-    keep_keras_extras_out()  # a command owns its process: TensorFlow's import goes without Keras' extras (1.4 s)
+    own_the_process()  # TensorFlow's import goes without Keras' extras (1.4 s), full collections seldom (1 s)
     try:
         if log_file is None:
             return body()

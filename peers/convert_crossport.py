@@ -16,9 +16,9 @@ started = time.perf_counter()
 sys.path.insert(0, sys.argv[1])
 import numpy as np  # noqa: E402
 
-from crossport.frameworks import keep_keras_extras_out  # noqa: E402
+from crossport.frameworks import own_the_process  # noqa: E402
 
-keep_keras_extras_out()  # as every crossport command imports TensorFlow (crossport.console.run_command)
+own_the_process()  # as every crossport command does (crossport.console.run_command)
 import tensorflow  # noqa: E402, F401
 
 from export.servable import build_saved_model  # noqa: E402

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossport.frameworks import keep_keras_extras_out
+from crossport.frameworks import own_the_process
 from tests.helpers import free_port, run_cli, wait_until
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# A test process imports TensorFlow as a crossport command does, without Keras' extras (crossport.frameworks): the
-# same libraries loaded whichever route, in-process or command line, a test takes.
-keep_keras_extras_out()
+# A test process is set up as a crossport command's (crossport.frameworks.own_the_process): the same libraries loaded,
+# and collected as seldom, whichever route, in-process or command line, a test takes.
+own_the_process()
 
 TINY_LABELS = ("a", "b", "c", "d", "e")
 

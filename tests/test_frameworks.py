@@ -10,7 +10,13 @@ import weakref
 
 import pytest
 
-from crossport.frameworks import KERAS_EXTRAS, _NoKerasExtras, _NoTritonAfterTensorFlow, heap_left_to_itself
+from crossport.frameworks import (
+    FULL_COLLECTION_EVERY,
+    KERAS_EXTRAS,
+    _NoKerasExtras,
+    _NoTritonAfterTensorFlow,
+    heap_left_to_itself,
+)
 from tests.helpers import ROOT, make_emnist_archive
 
 
@@ -79,9 +85,9 @@ def test_keras_alone_is_told_its_extras_are_missing():
 @pytest.mark.slow
 def test_a_command_imports_tensorflow_without_keras_extras_and_then_uses_them(tmp_path):
     """Under run_command, TensorFlow's eager import of Keras loads none of scikit-learn, pandas and matplotlib;
-    the command itself then imports each of them, and tf.keras still works."""
+    the command itself then imports each of them, and tf.keras still works. Its full collections are seldom."""
     code = (
-        "import json, sys\n"
+        "import gc, json, sys\n"
         "from crossport.console import run_command\n"
         "def body():\n"
         "    import tensorflow as tf\n"
@@ -89,7 +95,8 @@ def test_a_command_imports_tensorflow_without_keras_extras_and_then_uses_them(tm
         "    import matplotlib.pyplot, pandas, sklearn.datasets\n"
         "    flat = tf.keras.layers.Flatten()(tf.zeros((2, 3, 4)))\n"
         "    print(json.dumps({'loaded': loaded, 'digits': len(sklearn.datasets.load_digits().target),\n"
-        "                      'frame': len(pandas.DataFrame({'a': [1, 2]})), 'flat': list(flat.shape)}))\n"
+        "                      'frame': len(pandas.DataFrame({'a': [1, 2]})), 'flat': list(flat.shape),\n"
+        "                      'full_collection_every': gc.get_threshold()[2]}))\n"
         "    return 0\n"
         "sys.exit(run_command(body))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -98,7 +105,8 @@ def test_a_command_imports_tensorflow_without_keras_extras_and_then_uses_them(tm
     import json
 
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"loaded": [], "digits": 1797, "frame": 2,
-                                                                   "flat": [2, 12]}
+                                                                   "flat": [2, 12],
+                                                                   "full_collection_every": FULL_COLLECTION_EVERY}
 
 
 class Cycle:

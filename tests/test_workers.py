@@ -60,8 +60,8 @@ def predict(connection: http.client.HTTPConnection, rows: np.ndarray) -> np.ndar
     return np.asarray(json.loads(response.read())["predictions"])
 
 
-@pytest.fixture(scope="module")
-def served(pipeline_run):
+@pytest.fixture
+def served(pipeline_run):  # its one test stops the server to read its log: a server per test, never one shared
     from pipelines.tools.bench.load import _free_ports
 
     rest, grpc_port = _free_ports(2)
