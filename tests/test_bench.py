@@ -161,6 +161,8 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
     markdown = (tmp_path / "out" / "peers.md").read_text()
     assert "| crossport | fp32 |" in markdown and "| onnx2tf | — | not installed" in markdown
     assert "| crossport | int8_full | input [N, 784], any batch | +" in markdown
+    # the process, and inside it the imports and the conversion after them (what the goal compares), each shown
+    assert f"| {ours['conversion_wall_s']:.2f} ({ours['import_s']:.2f} + {ours['convert_s']:.2f}) |" in markdown
     assert (tmp_path / "out" / "peers.png").stat().st_size > 0
     # and tracked: a peers run carries every measured file's figures and the three files
     from mlflow import MlflowClient

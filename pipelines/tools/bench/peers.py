@@ -205,12 +205,12 @@ def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
 def render_peers(results: dict) -> str:
     """The side-by-side table: one row per file. Errors are against the exact float64 values; a file returning logits
     alone has its scores computed from them in float64 (crossport.foreign.softmax); sign T is the larger of its
-    outputs', against the threshold in the gate column. Conversion is the float files' whole fresh process (its
-    imports in brackets); an int8 row says what its converter took for the int8 files after them. The accuracy drop
-    is in points against the reference, with the gate's one-sided upper bound."""
-    columns = ("converter", "file", "input", "conversion s (imports)", "size kB", "Transposes", "batch-1 p50 ms",
-               "batch-128 images/s", "scores max \\|err\\|", "scores RMS", "logits max \\|err\\|", "sign T",
-               "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
+    outputs', against the threshold in the gate column. Conversion is the float files' whole fresh process (in
+    brackets its imports, and the conversion after them); an int8 row says what its converter took for the int8 files
+    after that. The accuracy drop is in points against the reference, with the gate's one-sided upper bound."""
+    columns = ("converter", "file", "input", "conversion s: process (imports + converting)", "size kB", "Transposes",
+               "batch-1 p50 ms", "batch-128 images/s", "scores max \\|err\\|", "scores RMS", "logits max \\|err\\|",
+               "sign T", "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     blank = " |" * (len(columns) - 3)
     for row in results["peers"]:
@@ -227,7 +227,7 @@ def render_peers(results: dict) -> str:
             threshold = f" (t {entry['sign_threshold']:.2f})" if entry.get("sign_threshold") else ""
             conversion = (f"+{row['quantize_s']:.2f} (int8 files)"
                           if entry["declared"].startswith("int8") and row.get("quantize_s") is not None
-                          else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f})")
+                          else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f} + {row['convert_s']:.2f})")
             drop = entry.get("accuracy_drop")
             cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1], conversion,
                      f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]), f"{one['p50_ms']:.3f}" if one else "—",
