@@ -90,6 +90,7 @@ def own_the_process() -> None:
     keep_keras_extras_out()
     collect_the_old_heap_seldom()
 
+
 @contextlib.contextmanager
 def heap_left_to_itself():
     """Runs its body with every object alive now left out of the garbage collector's passes (``gc.freeze``).

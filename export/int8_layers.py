@@ -107,13 +107,12 @@ def layer_errors(saved_model_dir: Path, calibration: np.ndarray, samples: np.nda
 
 @contextmanager
 def _converting():
-    """The TFLite converter at work: its warnings about itself silenced, its full collections walking only what it
-    made (:func:`crossport.frameworks.heap_left_to_itself`)."""
-    from crossport.frameworks import heap_left_to_itself
+    """The TFLite converter at work (:func:`export.tflite.converting`), a layer all zero on every image not reported as
+    a mean of nothing."""
+    from export.tflite import converting
 
-    with warnings.catch_warnings(), heap_left_to_itself():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        warnings.filterwarnings("ignore", message="Mean of empty slice")  # a layer all zero on every image
+    with converting(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mean of empty slice")
         yield
 
 

@@ -4,7 +4,7 @@ from crossport.errors import PackageError
 from crossport.formats import TFLITE_CONVERTED
 from crossport.parity import compare
 from crossport.runtimes import load_saved_model, load_tflite
-from export.tflite import convert_tflite
+from export.tflite import convert_tflite, tflite_converter
 from pipelines.gate import SM_PREDICT, TFLITE_FP32, hop_spec
 
 
@@ -96,3 +96,32 @@ def test_tflite_answers_concurrent_callers_each_with_its_own_batch(tiny, instanc
     for thread in threads:
         thread.join()
     assert not wrong, wrong[:3]
+
+
+def test_converting_loads_the_saved_model_once_for_every_file(tiny, tmp_path, monkeypatch):
+    """TensorFlow's converter loads the SavedModel twice for each file (its signatures, its debug information):
+    crossport hands it one load, kept while the files are unchanged, and the files come out the same."""
+    import shutil
+    from pathlib import Path
+
+    import tensorflow as tf
+    from tensorflow.lite.python import lite
+
+    source = tmp_path / "saved_model"
+    shutil.copytree(tiny.saved_model, source)  # a copy no earlier test has loaded in this process
+    loads = []
+
+    def counted(load):
+        def loading(export_dir, *args, **kwargs):
+            loads.append(str(export_dir))
+            return load(export_dir, *args, **kwargs)
+        return loading
+
+    monkeypatch.setattr(tf.saved_model, "load", counted(tf.saved_model.load))  # crossport's own loads
+    monkeypatch.setattr(lite, "_load", counted(lite._load))  # the converter's
+    convert_tflite(source, tmp_path / "fp32.tflite")
+    convert_tflite(source, tmp_path / "fp16.tflite", "fp16")
+    assert [Path(path).resolve() for path in loads] == [source.resolve()]
+    loads.clear()
+    alone = tflite_converter(source, "fp32").convert()  # the converter left to load it as it does
+    assert len(loads) == 2 and (tmp_path / "fp32.tflite").read_bytes() == alone
