@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from crossport.interface import INPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -325,3 +328,94 @@ def headless_chromium(profile: Path, window: str):
                  f"--user-data-dir={profile}", f"--window-size={window}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+# --- gRPC requests ---------------------------------------------------------------------------------
+
+def images(count: int = 3) -> np.ndarray:
+    return np.random.default_rng(count).random((count, 784), dtype=np.float32)
+
+
+def predict_request(batch: np.ndarray, *, encoding: str = "content", signature: str = "", version: int | None = None,
+                    name: str = "emnist_mlp"):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if signature:
+        request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if encoding == "content":  # tf.make_tensor_proto writes tensor_content bytes
+        request.inputs[INPUT].CopyFrom(tf.make_tensor_proto(batch))
+    else:  # float_val, as clients that build the proto by hand do
+        tensor = request.inputs[INPUT]
+        tensor.dtype = tf.float32.as_datatype_enum
+        tensor.tensor_shape.dim.add(size=batch.shape[0])
+        tensor.tensor_shape.dim.add(size=batch.shape[1])
+        tensor.float_val.extend(batch.ravel().tolist())
+    return request
+
+
+# --- a person in a browser -------------------------------------------------------------------------
+
+class Walk:
+    """Waits for what a person waits for: text on the page, an element to press."""
+
+    def __init__(self, driver, shots: Path) -> None:
+        self.driver = driver
+        self.shots = shots
+        shots.mkdir(parents=True, exist_ok=True)
+
+    def text(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "body").text
+
+    def until(self, condition, timeout: float = 60):
+        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        return WebDriverWait(self.driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda _: condition())
+
+    def shows(self, *texts: str) -> str:
+        self.until(lambda: all(text in self.text() for text in texts))
+        return self.text()
+
+    def press(self, xpath: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        def attempt() -> bool:
+            found = self.driver.find_elements(By.XPATH, xpath)
+            if not found:
+                return False
+            try:
+                found[0].click()  # a real click: Radix tabs listen for pointer events
+            except Exception:  # covered by one of the UI's announcement dialogs: the DOM click
+                self.driver.execute_script("arguments[0].click()", found[0])
+            return True
+
+        self.until(attempt)
+
+    def shot(self, name: str) -> Path:
+        """A screenshot once the page has settled: loaded, and the same page in two successive animation frames."""
+        self.until(lambda: self.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "const html = () => document.body.innerHTML;"
+            "const first = html();"
+            "requestAnimationFrame(() => requestAnimationFrame(() => "
+            "done(document.readyState === 'complete' && html() === first)));"))
+        path = self.shots / name
+        self.driver.save_screenshot(str(path))
+        return path
+
+
+def keep_screenshots(shots: list[Path]) -> None:
+    """Copied to $CROSSPORT_UI_SCREENSHOTS when set (docs/ui/ was made that way)."""
+    keep = os.environ.get("CROSSPORT_UI_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for shot in shots:
+            shutil.copy2(shot, Path(keep) / shot.name)

@@ -126,8 +126,7 @@ def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_
 
 
 def read_failed_report_in_a_browser(page: Path, tmp_path: Path) -> None:
-    from tests.helpers import headless_chromium
-    from tests.test_mlflow_ui import Walk, keep_screenshots
+    from tests.helpers import Walk, headless_chromium, keep_screenshots
 
     driver = headless_chromium(tmp_path / "profile", "1400,1000")
     try:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from crossport.interface import INPUT, SCORES
-from tests.helpers import Server
+from tests.helpers import Server, images, predict_request
 
 
 @pytest.fixture(scope="module", params=["saved_model", "tflite_fp32"])
@@ -26,32 +26,6 @@ def served(request, pipeline_run):
            model_service_pb2_grpc.ModelServiceStub(channel), server, request.param)
     channel.close()
     server.stop()
-
-
-def images(count: int = 3) -> np.ndarray:
-    return np.random.default_rng(count).random((count, 784), dtype=np.float32)
-
-
-def predict_request(batch: np.ndarray, *, encoding: str = "content", signature: str = "", version: int | None = None,
-                    name: str = "emnist_mlp"):
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    if signature:
-        request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    if encoding == "content":  # tf.make_tensor_proto writes tensor_content bytes
-        request.inputs[INPUT].CopyFrom(tf.make_tensor_proto(batch))
-    else:  # float_val, as clients that build the proto by hand do
-        tensor = request.inputs[INPUT]
-        tensor.dtype = tf.float32.as_datatype_enum
-        tensor.tensor_shape.dim.add(size=batch.shape[0])
-        tensor.tensor_shape.dim.add(size=batch.shape[1])
-        tensor.float_val.extend(batch.ravel().tolist())
-    return request
 
 
 def rest_scores(server, batch: np.ndarray) -> np.ndarray:

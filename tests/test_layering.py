@@ -89,3 +89,15 @@ def test_every_format_names_a_runtime_of_the_one_loader_table():
     from crossport.runtimes import LOADERS
 
     assert {fmt.loader for fmt in FORMATS} == set(LOADERS)
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers.py (and the fixtures in conftest.py): a test module importing another
+    runs that module's imports and couples the two."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name} imports {name}" for name in names if name.startswith("tests.test_")]
+    assert offenders == []

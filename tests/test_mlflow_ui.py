@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import Walk, keep_screenshots
+
 
 @pytest.fixture
 def browser(tmp_path):
@@ -16,58 +18,6 @@ def browser(tmp_path):
     driver = headless_chromium(tmp_path / "profile", "1400,1000")
     yield driver
     driver.quit()
-
-
-class Walk:
-    """Waits for what a person waits for: text on the page, an element to press."""
-
-    def __init__(self, driver, shots: Path) -> None:
-        self.driver = driver
-        self.shots = shots
-        shots.mkdir(parents=True, exist_ok=True)
-
-    def text(self) -> str:
-        from selenium.webdriver.common.by import By
-
-        return self.driver.find_element(By.TAG_NAME, "body").text
-
-    def until(self, condition, timeout: float = 60):
-        from selenium.common.exceptions import StaleElementReferenceException
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        return WebDriverWait(self.driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
-            lambda _: condition())
-
-    def shows(self, *texts: str) -> str:
-        self.until(lambda: all(text in self.text() for text in texts))
-        return self.text()
-
-    def press(self, xpath: str) -> None:
-        from selenium.webdriver.common.by import By
-
-        def attempt() -> bool:
-            found = self.driver.find_elements(By.XPATH, xpath)
-            if not found:
-                return False
-            try:
-                found[0].click()  # a real click: Radix tabs listen for pointer events
-            except Exception:  # covered by one of the UI's announcement dialogs: the DOM click
-                self.driver.execute_script("arguments[0].click()", found[0])
-            return True
-
-        self.until(attempt)
-
-    def shot(self, name: str) -> Path:
-        """A screenshot once the page has settled: loaded, and the same page in two successive animation frames."""
-        self.until(lambda: self.driver.execute_async_script(
-            "const done = arguments[arguments.length - 1];"
-            "const html = () => document.body.innerHTML;"
-            "const first = html();"
-            "requestAnimationFrame(() => requestAnimationFrame(() => "
-            "done(document.readyState === 'complete' && html() === first)));"))
-        path = self.shots / name
-        self.driver.save_screenshot(str(path))
-        return path
 
 
 def frame_text(driver, wanted: str) -> str | None:
@@ -147,15 +97,6 @@ def test_the_parity_report_reads_in_a_browser_from_a_published_version(pipeline_
     assert "onnxruntime -> saved_model:serving_default" in page and "|Δ| <= 2·B per element" in page
     assert "dataset digest" in page and "code commit" in page
     keep_screenshots([walk.shot("5-parity-html.png")])
-
-
-def keep_screenshots(shots: list[Path]) -> None:
-    """Copied to $CROSSPORT_UI_SCREENSHOTS when set (docs/ui/ was made that way)."""
-    keep = os.environ.get("CROSSPORT_UI_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        for shot in shots:
-            shutil.copy2(shot, Path(keep) / shot.name)
 
 
 def test_the_ui_starts_mlflow_on_the_store_without_job_runners_unless_asked(tmp_path, monkeypatch, capsys):

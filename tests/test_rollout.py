@@ -57,7 +57,7 @@ def grpc_stubs():
 
 
 def grpc_version(prediction, name: str = "emnist_mlp", label: str = "") -> int:
-    from tests.test_grpc import images, predict_request
+    from tests.helpers import images, predict_request
 
     request = predict_request(images(1), name=name)
     if label:
