@@ -111,6 +111,22 @@ def size_path(path: Path, exclude: tuple[str, ...] = ()) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in exclude)
 
 
+def fingerprint(directory: Path) -> tuple:
+    """Every file under ``directory`` with its size, modification time and inode: changes when a file is written, in
+    place or replaced by another (a copy keeps the modification time, not the inode). Empty for a missing directory;
+    a file that vanishes while it is read is left out."""
+    found = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                stat = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            found.append((os.path.relpath(os.path.join(root, name), directory), stat.st_size, stat.st_mtime_ns,
+                          stat.st_ino))
+    return tuple(sorted(found))
+
+
 def model_repository_around(path: Path) -> Path | None:
     """The model repository (a published version, or a folder with ``models.config``) holding ``path``."""
     from crossport.interface import MODELS_CONFIG

@@ -96,17 +96,6 @@ _OPENED_LOCK = threading.Lock()
 KEEP_OPEN = 2
 
 
-def _files_of(directory: Path) -> tuple:
-    """Every file under ``directory`` as (path, size, modification time, inode): a file written again, in place or
-    replaced, changes it."""
-    found = []
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            found.append((str(path.relative_to(directory)), stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    return tuple(found)
-
-
 def open_saved_model(saved_model_dir: Path):
     """``tf.saved_model.load``, with one PackageError line for a directory TensorFlow cannot load (a variables file
     whose checksum fails, a truncated graph, a missing file) instead of TensorFlow's traceback. The last
@@ -114,9 +103,10 @@ def open_saved_model(saved_model_dir: Path):
     import tensorflow as tf
 
     from crossport.errors import PackageError
+    from crossport.files import fingerprint
 
     directory = Path(saved_model_dir).resolve()
-    key = (str(directory), _files_of(directory) if directory.is_dir() else ())
+    key = (str(directory), fingerprint(directory))
     with _OPENED_LOCK:
         if key in _OPENED:
             _OPENED.move_to_end(key)

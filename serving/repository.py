@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crossport.errors import ConfigError, CrossportError, ManifestError
+from crossport.files import fingerprint
 from export.publish import SERVING_ROOT
 
 log = logging.getLogger("crossport.serve")
@@ -200,19 +200,6 @@ def sources_at(path: Path, version: int | None = None) -> Callable[[], list[Mode
                           "them.", hint="Pass <models-dir> or <models-dir>/<name>, e.g. models/emnist_mlp, after "
                                         "a run has published.")
     return models
-
-
-def fingerprint(directory: Path) -> tuple:
-    """Every file under ``directory`` with its size and modification time: changes when anything is written."""
-    found = []
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            try:
-                stat = os.stat(os.path.join(root, name))
-            except OSError:
-                continue
-            found.append((os.path.relpath(os.path.join(root, name), directory), stat.st_size, stat.st_mtime_ns))
-    return tuple(sorted(found))
 
 
 @dataclass
