@@ -12,6 +12,7 @@ from crossport import __version__
 from crossport.files import write_json_atomic
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
+from pipelines.memory import peak_gib, reset_peak
 from pipelines.stages import STAGES, Context, Stage, needs_on
 from pipelines.summary import run_title
 
@@ -152,6 +153,7 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
         with tracker.stage_run(stage.name):
             _record_tracking(manifest, tracker)
             started = time.perf_counter()
+            reset_peak()
             manifest.stages[stage.name] = {"status": "running", "started": _now()}
             manifest.save()
             for name in stage.may_make:  # made again or not at all: an earlier run's copy is never read after
@@ -165,15 +167,17 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
                     raise result.error
                 check_makes(manifest, stage, before)
             except BaseException:
-                manifest.stages[stage.name].update(status="failed", wall_s=time.perf_counter() - started)
+                manifest.stages[stage.name].update(status="failed", wall_s=time.perf_counter() - started,
+                                                   peak_rss_gib=round(peak_gib(), 3))
                 manifest.save()
                 raise
             wall = time.perf_counter() - started
             walls[stage.name] = wall
-            manifest.stages[stage.name] = {"status": "done", "wall_s": round(wall, 3), "finished": _now(),
-                                           "makes": list(stage.makes), **record}
+            peak = peak_gib()
+            manifest.stages[stage.name] = {"status": "done", "wall_s": round(wall, 3), "peak_rss_gib": round(peak, 3),
+                                           "finished": _now(), "makes": list(stage.makes), **record}
             manifest.save()
-            tracker.log_stage(result, wall)
+            tracker.log_stage(result, wall, peak)
             del result, ctx  # what a stage returned (the data stage's test split, its dataset) is not held past it
         log.info("stage %s done in %.1f s", stage.name, wall)
 

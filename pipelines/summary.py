@@ -8,12 +8,6 @@ from pathlib import Path
 from pipelines.manifest import Manifest
 
 
-def peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | None,
             skipped: list[str] | None = None) -> str:
     facts = manifest.facts
@@ -51,7 +45,7 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
                      + f" (total {sum(walls.values()):.1f}s)")
     if skipped:
         lines.append("  up to date     " + ", ".join(skipped) + " (skipped; --force redoes them)")
-    lines.append(f"  peak memory    {peak_rss_gib():.2f} GiB (this process)")
+    lines.append(peak_line(manifest, walls))
     if tracking_uri:
         lines.append(f"  MLflow         {tracking_uri}")
     if "parity" in manifest.artifacts and "validate" in walls:
@@ -62,6 +56,15 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
         lines += ["", f"parity on {report['examples']} test examples: {report['verdict'].upper()}  (report: {page})",
                   parity_table(report)]
     return "\n".join(lines)
+
+
+def peak_line(manifest: Manifest, walls: dict[str, float]) -> str:
+    """The process's peak resident memory, and each stage's own (pipelines.memory) where the stage recorded it."""
+    from pipelines.memory import process_peak_gib
+
+    stages = [(name, manifest.stages.get(name, {}).get("peak_rss_gib")) for name in walls]
+    each = ", ".join(f"{name} {peak:.2f}" for name, peak in stages if isinstance(peak, int | float))
+    return f"  peak memory    {process_peak_gib():.2f} GiB (this process{'; each stage: ' + each if each else ''})"
 
 
 def run_title(manifest: Manifest, name: str, dataset: str, failed: str | None = None,

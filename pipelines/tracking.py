@@ -83,7 +83,7 @@ class NullTracker:
     def stage_run(self, stage: str):
         yield None
 
-    def log_stage(self, result: StageResult, wall_s: float) -> None:
+    def log_stage(self, result: StageResult, wall_s: float, peak_rss_gib: float) -> None:
         pass
 
     def register_servable(self, **_) -> Registration | None:
@@ -198,13 +198,13 @@ class MlflowTracker:
             self.run_ids[stage] = run.info.run_id
             yield run
 
-    def log_stage(self, result: StageResult, wall_s: float) -> None:
+    def log_stage(self, result: StageResult, wall_s: float, peak_rss_gib: float) -> None:
         import mlflow
 
         if result.params:
             mlflow.log_params({key: str(value)[:6000] for key, value in result.params.items()})
         numeric = {key: float(value) for key, value in result.metrics.items() if isinstance(value, int | float)}
-        mlflow.log_metrics({**numeric, "wall_s": wall_s})
+        mlflow.log_metrics({**numeric, "wall_s": wall_s, "peak_rss_gib": peak_rss_gib})
         for path in result.log_artifacts:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)

@@ -89,9 +89,11 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     assert ceiling["gflops"] == max(ceiling["by_library_gflops"].values())
     assert all(row["workers"] == report["runtimes"]["tflite_fp32"]["threads"] for row in load)
     assert set(report["pipeline_stage_wall_s"]) >= {"data", "train", "export", "translate", "validate"}
+    assert all(peak > 0 for peak in report["pipeline_stage_peak_rss_gib"].values())
     assert (tmp_path / "bench.png").stat().st_size > 0
     markdown = (tmp_path / "bench.md").read_text()
     assert "(int8: not comparable)" in markdown
+    assert "Pipeline stages' peak memory (GiB, the run's own process): data " in markdown
     assert "% of ceiling" in markdown and "serverless package" in markdown and "web service backend" in markdown
     assert markdown in result.stdout
     assert f"wrote bench.json, bench.md, bench.png, bench.log to {tmp_path}; not tracked" in result.stdout

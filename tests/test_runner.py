@@ -75,3 +75,24 @@ def test_a_failed_run_is_never_picked_as_the_latest(tmp_path):
     (tmp_path / "20260104T000000Z-dddddd" / "manifest.json").write_text("{truncated")
     assert latest_run_dir(tmp_path) == tmp_path / "20260101T000000Z-aaaaaa"
     assert latest_run_dir(tmp_path / "absent") is None
+
+
+def test_each_stage_records_the_most_memory_it_held_itself_not_an_earlier_stages_peak(tmp_path):
+    import numpy as np
+
+    from pipelines.memory import process_peak_gib
+    from pipelines.summary import peak_line
+
+    def big(ctx):  # 256 MiB, every page touched, and freed before the stage ends
+        held = np.ones(2**25)
+        assert held.sum() == 2**25
+        return StageResult()
+
+    manifest = Manifest.create(tmp_path, PipelineConfig().to_dict())
+    walls = run_stages(manifest, PipelineConfig(), (Stage("big", (), (), big), Stage("small", (), (), lambda ctx:
+                                                                                      StageResult())), NullTracker())
+    peaks = {name: manifest.stages[name]["peak_rss_gib"] for name in ("big", "small")}
+    assert peaks["big"] >= peaks["small"] + 0.2, peaks  # the small stage did not inherit the big one's peak
+    assert process_peak_gib() >= peaks["big"]  # and the process's own peak is kept across the reset
+    line = peak_line(manifest, walls)
+    assert f"each stage: big {peaks['big']:.2f}, small {peaks['small']:.2f})" in line

@@ -89,6 +89,7 @@ def benchmark(version_dir: Path, quick: bool) -> dict:
     results["http"] = http_load(version_dir, run_dir, runtimes, sizes, timing, quick, cores)
     stages = json.loads((run_dir / "manifest.json").read_text()).get("stages", {})
     results["pipeline_stage_wall_s"] = {name: info.get("wall_s") for name, info in stages.items()}
+    results["pipeline_stage_peak_rss_gib"] = {name: info.get("peak_rss_gib") for name, info in stages.items()}
     return results
 
 

@@ -92,6 +92,10 @@ def render_markdown(results: dict) -> str:
                          f"{'-' if ratio is None else f'{ratio:.2f}×'} |")
     stages = results["pipeline_stage_wall_s"]
     lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
+    peaks = {k: v for k, v in results.get("pipeline_stage_peak_rss_gib", {}).items() if v is not None}
+    if peaks:  # runs made before stages recorded their peaks have none
+        lines.append("Pipeline stages' peak memory (GiB, the run's own process): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
     advice = recommendations(results)
     if advice:
         lines += ["", "Recommendation on this machine (every format listed passed the parity gate):", *advice]
