@@ -95,7 +95,7 @@ def servable_card(*, name: str, version: int, labels: list[str], report: dict, f
                 {key: layer[key] for key in ("layer", "op", "typical_relative_error", "rmse_over_scale")}
                 for layer in diagnosis["layers"][:3]]
     fallback = report.get("int8_fallback") or {}
-    for replaced, mixed in (report.get("replaced") or {}).items():  # int8_full failed; int8_mixed passed instead
+    for replaced, mixed in (report.get("replaced") or {}).items():  # int8_full did not pass; int8_mixed passed instead
         if mixed in formats and fallback.get("chosen") is not None:
             formats[mixed].update(replaces=replaced, why_replaced=fallback.get("trigger"),
                                   float_layers=fallback["candidates"][fallback["chosen"]]["float_layers"])
@@ -193,8 +193,9 @@ def render_markdown(card: dict) -> str:
                               for layer in worst) + "."]
     for fmt, info in card["formats"].items():
         if info.get("float_layers"):
-            lines += ["", f"{info['replaces']} failed the gate ({'; '.join(info['why_replaced'] or [])}) and is not in "
-                          f"this version; {fmt} keeps {len(info['float_layers'])} layer(s) in float32 and passes it: "
+            lines += ["", f"{info['replaces']} did not pass the gate ({'; '.join(info['why_replaced'] or [])}) and is "
+                          f"not in this version; {fmt} keeps {len(info['float_layers'])} layer(s) in float32 and "
+                          "passes it: "
                           + ", ".join(f"`{layer}`" for layer in info["float_layers"]) + "."]
     parity = card["parity"]
     if parity["unverified"] or parity["omitted"]:

@@ -49,8 +49,11 @@ class PipelineConfig:
     # What publish does with a lossy variant whose verdict is "undecided" (too few test
     # examples to tell): publish it marked unverified, or leave it out.
     undecided: str = "publish"
-    # When int8_full fails the gate: search for the fewest layers to keep in float that pass it (auto), or not (off)
+    # When int8_full fails the gate (or is undecided, with undecided "omit"): search for the fewest layers to keep in
+    # float that pass it (auto), or not (off)
     int8_fallback: str = "auto"
+    # The most accuracy points int8_full (and int8_mixed) may lose against the float model, at the gate's confidence
+    int8_max_drop: float = 1.0
     republish: bool = False  # publish even when the newest version already holds exactly these model files
     threads: int | None = None  # threads per runtime when checking artifacts; None: each runtime's default
     # A run from a model brought as an ONNX file (--onnx) instead of one trained here.
@@ -131,6 +134,9 @@ class PipelineConfig:
         if self.int8_fallback not in INT8_FALLBACK:
             raise ConfigError(f"--int8-fallback must be one of {', '.join(INT8_FALLBACK)}, "
                               f"found {self.int8_fallback!r}.")
+        if not (isinstance(self.int8_max_drop, int | float) and 0 < self.int8_max_drop <= 100):
+            raise ConfigError(f"--int8-max-drop must be accuracy points in (0, 100], found {self.int8_max_drop}.",
+                              hint="For example --int8-max-drop 0.5: int8 may cost at most half a point.")
         if not (isinstance(self.learning_rate, int | float) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise ConfigError(f"learning rate must be positive and finite, found {self.learning_rate}.")

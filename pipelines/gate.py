@@ -67,12 +67,30 @@ LOSSY_POLICIES: dict[str, LossyPolicy] = {
         reason="int8 weights and activations calibrated on training images: at most 1.5 changed answers in "
                "100, costing at most 1 accuracy point"),
 }
-# int8_mixed makes int8_full's promise with a few layers in float; it is the first of several candidates the int8
-# fallback judges (pipelines/stages/int8.py), each at a Bonferroni-corrected confidence (fallback_confidence)
-LOSSY_POLICIES[TFLITE["int8_mixed"]] = replace(
-    LOSSY_POLICIES[TFLITE["int8_full"]],
-    reason="int8_full's promise (at most 1.5 changed answers in 100, at most 1 accuracy point), kept by leaving the "
-           "fewest layers in float; each candidate judged at a confidence corrected for the candidates tried")
+INT8_MAX_DROP_POINTS = 100 * LOSSY_POLICIES[TFLITE["int8_full"]].max_accuracy_drop  # --int8-max-drop's default
+
+
+def int8_full_policy(points: float = INT8_MAX_DROP_POINTS) -> LossyPolicy:
+    """int8_full's policy with at most ``points`` accuracy points lost: a deployer who needs int8 closer to the float
+    model says so (--int8-max-drop); the changed answers allowed are not loosened by it."""
+    policy = LOSSY_POLICIES[TFLITE["int8_full"]]
+    if points == INT8_MAX_DROP_POINTS:
+        return policy
+    return replace(policy, max_accuracy_drop=points / 100,
+                   reason=f"{policy.reason.removesuffix('1 accuracy point')}{points:g} accuracy points "
+                          "(--int8-max-drop)")
+
+
+def int8_mixed_policy(points: float = INT8_MAX_DROP_POINTS) -> LossyPolicy:
+    """int8_mixed makes int8_full's promise with a few layers in float; it is the first of several candidates the int8
+    fallback judges (pipelines/stages/int8.py), each at a Bonferroni-corrected confidence (fallback_confidence)."""
+    full = int8_full_policy(points)
+    return replace(full, reason=f"int8_full's promise ({full.reason.split(': ', 1)[1]}), kept by leaving the fewest "
+                                "layers in float; each candidate judged at a confidence corrected for the candidates "
+                                "tried")
+
+
+LOSSY_POLICIES[TFLITE["int8_mixed"]] = int8_mixed_policy()
 
 
 def fallback_confidence(candidates: int) -> float:
@@ -95,8 +113,17 @@ POLICIES: dict[str, HopPolicy] = {
 }
 
 
-def hop_spec(reference: str, candidate: str) -> HopSpec:
-    policy = POLICIES[candidate]
+def run_policies(int8_max_drop: float = INT8_MAX_DROP_POINTS) -> dict[str, HopPolicy]:
+    """:data:`POLICIES` as one run holds them: with its --int8-max-drop for int8_full and int8_mixed."""
+    if int8_max_drop == INT8_MAX_DROP_POINTS:
+        return POLICIES
+    int8 = {TFLITE["int8_full"]: int8_full_policy(int8_max_drop),
+            TFLITE["int8_mixed"]: int8_mixed_policy(int8_max_drop)}
+    return {name: HopPolicy(LOSSY_VALUES, int8[name]) if name in int8 else policy for name, policy in POLICIES.items()}
+
+
+def hop_spec(reference: str, candidate: str, policies: dict[str, HopPolicy] = POLICIES) -> HopSpec:
+    policy = policies[candidate]
     outputs = [(SCORES, policy.values)]
     if {reference, candidate} <= WITH_LOGITS:
         outputs.append((LOGITS, FP32_VALUES))
@@ -104,25 +131,26 @@ def hop_spec(reference: str, candidate: str) -> HopSpec:
                    outputs=tuple(outputs), lossy=policy.lossy)
 
 
-def hop_specs(reference: str = REFERENCE, present: Iterable[str] | None = None) -> list[HopSpec]:
+def hop_specs(reference: str = REFERENCE, present: Iterable[str] | None = None,
+              policies: dict[str, HopPolicy] = POLICIES) -> list[HopSpec]:
     """Every hop to check when ``reference`` is the original: PyTorch for a model trained here, ONNX Runtime on
     the imported graph for a model brought as an ONNX file (which then is no candidate of its own); of the
-    optional formats only those ``present`` (the runtimes run)."""
+    optional formats only those ``present`` (the runtimes run); each held to ``policies`` (:func:`run_policies`)."""
     present = set(PARENTS if present is None else present)
     hops = []
     for candidate, parent in PARENTS.items():
         if candidate == reference or (candidate in OPTIONAL_RUNTIMES and candidate not in present):
             continue
-        hops.append(hop_spec(parent, candidate))
+        hops.append(hop_spec(parent, candidate, policies))
         if parent != reference:
-            hops.append(hop_spec(reference, candidate))
+            hops.append(hop_spec(reference, candidate, policies))
     return hops
 
 
-def tolerance_table() -> list[dict]:
-    """The tolerance table as data: what docs/parity.md shows and parity.json carries."""
+def tolerance_table(policies: dict[str, HopPolicy] = POLICIES) -> list[dict]:
+    """The tolerance table as data: what docs/parity.md shows and parity.json carries (the run's own policies)."""
     rows = []
-    for candidate, policy in POLICIES.items():
+    for candidate, policy in policies.items():
         lossy = policy.lossy
         rows.append({
             "candidate": candidate,

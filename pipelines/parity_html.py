@@ -67,8 +67,8 @@ def verdict_sentence(report: dict) -> str:
         tail = (f"; {', '.join(unverified)} could not be judged on {examples} examples and "
                 "is marked unverified") if unverified else ""
         for replaced, mixed in (report.get("replaced") or {}).items():
-            tail += (f"; {replaced} failed the gate and is replaced by {mixed}, which keeps the fewest layers in float "
-                     "that pass it")
+            tail += (f"; {replaced} did not pass the gate and is replaced by {mixed}, which keeps the fewest layers "
+                     "in float that pass it")
         return (f"PASS: every hop from {report['reference']} to the published formats is within its derived bound "
                 f"on {examples} test images, and every float32 file matches the exact float64 values{tail}.")
     failing = [hop for hop in hops if hop["verdict"] == "fail"]

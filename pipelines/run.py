@@ -75,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a lossy TFLite variant the test split is too small to judge: 'publish' it marked "
                              "unverified, or 'omit' it from the published version (default: publish)")
     parser.add_argument("--int8-fallback", choices=INT8_FALLBACK,
-                        help="when int8_full fails the gate: 'auto' searches for the fewest layers to keep in float "
-                             "that pass it and publishes that file as int8_mixed; 'off' does not (default: auto)")
+                        help="when int8_full fails the gate (or is undecided, with --undecided omit): 'auto' "
+                             "searches for the fewest layers to keep in float that pass it and publishes that file as "
+                             "int8_mixed; 'off' does not (default: auto)")
+    parser.add_argument("--int8-max-drop", type=float, metavar="POINTS",
+                        help="the most accuracy points int8_full may lose against the float model, judged at the "
+                             "gate's confidence; a variant that may lose more is undecided or fails, and with "
+                             "--undecided omit an undecided int8_full is searched like a failed one (default: 1)")
     parser.add_argument("--threads", type=int,
                         help="threads per runtime when checking artifacts, and per training process with --nproc "
                              "(default: each runtime's own; for training, the cores shared out between the processes)")
@@ -164,7 +169,8 @@ def resolve(args: argparse.Namespace) -> Invocation:
         "seed": args.seed,
         "models_dir": args.models_dir, "name": args.name, "serving_root": args.serving_root,
         "tracking_uri": args.tracking_uri, "tracking": False if args.no_tracking else None,
-        "undecided": args.undecided, "int8_fallback": args.int8_fallback, "threads": args.threads,
+        "undecided": args.undecided, "int8_fallback": args.int8_fallback,
+        "int8_max_drop": args.int8_max_drop, "threads": args.threads,
         "onnx": args.onnx, "eval_data": args.eval_data, "labels_file": args.labels_file,
         "orientation": args.orientation, "eval_orientation": args.eval_orientation, "mean": args.mean,
         "std": args.std,

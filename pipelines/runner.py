@@ -10,6 +10,8 @@ from pathlib import Path
 
 from crossport import __version__
 from crossport.files import write_json_atomic
+from crossport.frameworks import give_back_memory
+from crossport.runtimes import close_saved_models
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
 from pipelines.memory import peak_gib, reset_peak
@@ -179,6 +181,8 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
             manifest.save()
             tracker.log_stage(result, wall, peak)
             del result, ctx  # what a stage returned (the data stage's test split, its dataset) is not held past it
+            if close_saved_models():  # a stage's SavedModel loads are its own: the next stage's peak is not on them
+                give_back_memory()
         log.info("stage %s done in %.1f s", stage.name, wall)
 
 

@@ -15,6 +15,7 @@ from crossport.frameworks import (
     KERAS_EXTRAS,
     _NoKerasExtras,
     _NoTritonAfterTensorFlow,
+    give_back_memory,
     heap_left_to_itself,
 )
 from tests.helpers import ROOT, make_emnist_archive
@@ -134,3 +135,16 @@ def test_the_heap_left_to_itself_is_not_walked_and_what_the_body_makes_is_still_
         assert old_ref() is None  # given back to the collector on the way out
     finally:
         gc.enable()
+
+
+def test_memory_given_back_includes_old_cycles_that_only_a_full_collection_frees():
+    class Node:
+        pass
+
+    old = Node()
+    old.self = old  # a cycle, as a loaded SavedModel's objects are
+    gc.collect()  # survived a full pass: now in the oldest generation, which young collections never walk
+    alive = weakref.ref(old)
+    del old
+    give_back_memory()
+    assert alive() is None

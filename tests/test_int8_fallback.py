@@ -30,6 +30,54 @@ def test_each_candidate_is_judged_so_the_search_keeps_the_gates_confidence(candi
     assert candidates * (1 - fallback_confidence(candidates)) == pytest.approx(1 - CONFIDENCE)
 
 
+def judged_int8_full(lost: int, points: float):
+    """int8_full's hop against the SavedModel, by the gate's own statistics, on 2,000 examples the reference gets
+    right, of which the candidate gets ``lost`` wrong, under --int8-max-drop ``points``."""
+    from crossport.parity import compare
+    from pipelines.gate import SM_PREDICT, TFLITE, hop_spec, run_policies
+
+    targets = np.random.default_rng(0).integers(0, 10, 2000)
+    reference = np.eye(10, dtype=np.float32)[targets]
+    candidate = reference.copy()
+    candidate[:lost] = np.roll(candidate[:lost], 1, axis=1)
+    spec = hop_spec(SM_PREDICT, TFLITE["int8_full"], run_policies(points))
+    return compare(spec, {"scores": reference}, {"scores": candidate}, targets)
+
+
+def test_a_tighter_int8_max_drop_holds_int8_full_and_int8_mixed_to_it_and_nothing_else():
+    from pipelines.gate import INT8_MAX_DROP_POINTS, POLICIES, TFLITE, run_policies, tolerance_table
+
+    assert run_policies() is POLICIES and run_policies(INT8_MAX_DROP_POINTS) is POLICIES
+    tight = run_policies(0.5)
+    int8 = {TFLITE["int8_full"], TFLITE["int8_mixed"]}
+    assert all(tight[name].lossy.max_accuracy_drop == 0.005 for name in int8)
+    assert all(tight[name].lossy.max_disagreement == POLICIES[name].lossy.max_disagreement for name in int8)
+    assert {name: policy for name, policy in tight.items() if name not in int8} == {
+        name: policy for name, policy in POLICIES.items() if name not in int8}
+    rows = {row["candidate"]: row for row in tolerance_table(tight)}
+    assert rows[TFLITE["int8_full"]]["max_accuracy_drop_points"] == pytest.approx(0.5)
+    assert "0.5 accuracy points (--int8-max-drop)" in rows[TFLITE["int8_mixed"]]["why"]
+    # the same answers judged under each: 3 of 2,000 lost is within 1 point for certain, not within 0.05
+    assert judged_int8_full(3, INT8_MAX_DROP_POINTS).accuracy_drop.decision == "pass"
+    assert judged_int8_full(3, 0.05).accuracy_drop.decision == "undecided"
+    assert judged_int8_full(30, 0.05).accuracy_drop.decision == "fail"
+
+
+def test_the_fallback_answers_int8_fulls_failure_and_with_undecided_omit_its_undecided_verdict():
+    from pipelines.stages.int8 import answers
+
+    other = judged_int8_full(0, 1.0)
+    other.candidate = "tflite_fp16"  # another candidate that passed
+    undecided, failed, passed = judged_int8_full(3, 0.05), judged_int8_full(30, 0.05), judged_int8_full(0, 0.05)
+    assert undecided.passed and undecided.undecided and not failed.passed and passed.passed and not passed.undecided
+    assert answers([other, failed], "publish") and answers([other, failed], "omit")
+    assert answers([other, undecided], "omit") and not answers([other, undecided], "publish")
+    assert not answers([other, passed], "omit")
+    broken = judged_int8_full(30, 0.05)
+    broken.candidate = "tflite_fp16"  # another failure: nothing would be published, so nothing is searched
+    assert not answers([broken, failed], "omit") and not answers([broken, undecided], "omit")
+
+
 @pytest.mark.slow
 def test_a_model_that_breaks_int8_publishes_int8_mixed_with_that_layer_in_float(tmp_path, capfd):
     from ai_edge_litert.interpreter import Interpreter
@@ -118,6 +166,20 @@ def test_a_model_that_breaks_int8_publishes_int8_mixed_with_that_layer_in_float(
     assert rows["int8_full"]["confidence"] == CONFIDENCE and first["confidence"] == fallback["confidence"]
     assert (first["lost"], first["gained"]) == (0, 0) and rows["int8_full"]["lost"] > 0
     assert all(row["batch1_p50_ms"] > 0 for row in rows.values())
+    assert rows["int8_full"]["verdict"] == "fail" and first["verdict"] == "pass" and rows["fp32"]["verdict"] is None
+    assert f"{first['file']}, the first candidate the gate passes" in result.stdout
+
+    # a deployer's tighter --int8-max-drop holds int8_full and every candidate to it: the report's hops and its table
+    result = pipeline_here("--run-dir", str(run), "--stage", "validate", "--int8-max-drop", "0.1", capsys=capfd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tight = json.loads((run / "parity.json").read_text())
+    int8 = [hop for hop in tight["hops"] if hop["candidate"] in ("tflite_int8_full", "tflite_int8_mixed")]
+    assert {hop["candidate"] for hop in int8} == {"tflite_int8_full", "tflite_int8_mixed"}
+    assert all(hop["accuracy_drop"]["limit"] == pytest.approx(0.001) for hop in int8)
+    assert all(hop["verdict"] == "pass" for hop in int8 if hop["candidate"] == "tflite_int8_mixed")
+    rows = {row["candidate"]: row for row in tight["tolerances"]}
+    assert rows["tflite_int8_full"]["max_accuracy_drop_points"] == pytest.approx(0.1)
+    assert rows["tflite_int8_dynamic"]["max_accuracy_drop_points"] == pytest.approx(0.5)  # the others as they were
 
     # without the fallback the same run is refused, the int8_mixed file is no longer the run's, nothing more published
     result = pipeline_here("--run-dir", str(run), "--stage", "validate", "--int8-fallback", "off", capsys=capfd)

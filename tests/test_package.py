@@ -143,3 +143,27 @@ def test_a_saved_model_is_loaded_once_until_its_files_change(tiny, tmp_path):
     second = open_saved_model(path)
     assert second is not first
     assert "classify" in first.signatures and "classify" not in second.signatures
+
+
+def test_a_stages_saved_model_loads_end_with_it(tiny, tmp_path):
+    import weakref
+
+    from crossport.runtimes import close_saved_models, open_saved_model
+    from pipelines.config import PipelineConfig
+    from pipelines.manifest import Manifest
+    from pipelines.results import StageResult
+    from pipelines.runner import run_stages
+    from pipelines.stages import Stage
+    from pipelines.tracking import NullTracker
+
+    loads = []
+
+    def loading(ctx):
+        loads.append(weakref.ref(open_saved_model(tiny.saved_model)))
+        return StageResult()
+
+    manifest = Manifest.create(tmp_path, PipelineConfig().to_dict())
+    run_stages(manifest, PipelineConfig(), (Stage("loading", (), (), loading),), NullTracker())
+    assert loads[0]() is None  # not kept for the next stage, and its reference cycles collected
+    assert close_saved_models() is False  # nothing left open
+    assert open_saved_model(tiny.saved_model) is not None and close_saved_models() is True

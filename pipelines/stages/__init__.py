@@ -38,7 +38,8 @@ STAGES: tuple[Stage, ...] = (
           tflite_stage),
     Stage("validate", ("dataset", "labels", "tf_graph", "calibration", *VALIDATED),
           ("parity", "parity_errors", "confusion_matrix", "parity_html"), validate_stage,
-          reads=("int8_fallback",), may_make=OPTIONAL),  # int8_mixed, when int8_full fails and the fallback passes
+          reads=("int8_fallback", "int8_max_drop", "undecided"),
+          may_make=OPTIONAL),  # int8_mixed, when int8_full does not pass and the fallback does
     Stage("publish", ("parity", "parity_errors", "confusion_matrix", "parity_html", *(f.name for f in FORMATS),
                       "labels", "warmup"),
           (), publish_stage, reads=("models_dir", "name", "undecided", "serving_root", "republish"),

@@ -1,6 +1,6 @@
 """Validate's int8 work: where the int8 files lose accuracy, layer by layer (the diagnoses: int8_full's outputs,
-int8_dynamic's weights), and, when int8_full fails the gate, the fewest layers to keep in float that pass it (the
-fallback, published as ``int8_mixed``).
+int8_dynamic's weights), and, when int8_full fails the gate (or is undecided in a run that omits undecided variants:
+:func:`answers`), the fewest layers to keep in float that pass it (the fallback, published as ``int8_mixed``).
 
 The fallback tries candidates in a fixed order, decided before any is judged: the k worst-ranked layers in float,
 for k = 1, 2, 3, 4, 6, 8, 11, 16, … (each about √2 × the last) and finally all layers but one. A layer in float keeps
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.formats import BY_RUNTIME
-from pipelines.gate import TFLITE, fallback_confidence, hop_specs
+from pipelines.gate import POLICIES, TFLITE, fallback_confidence, hop_specs
 from pipelines.stages.context import Context, recorded_inputs
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,17 @@ def not_plain_pass(results: list, candidate: str) -> list[str]:
     return [f"{r.hop}: {r.verdict}" for r in results if r.candidate == candidate and r.verdict != "pass"]
 
 
+def answers(results: list, undecided: str) -> bool:
+    """Whether the fallback answers int8_full's verdict: a failure that is the run's only one (otherwise nothing is
+    published anyway), or, in a run that leaves undecided variants out (``undecided`` "omit"), an undecided verdict
+    in a run with no failure: a deployer who asked for int8 within a tighter --int8-max-drop than the test split can
+    confirm gets the fewest layers in float that confirm it, instead of no int8 file."""
+    failed = {r.candidate for r in results if not r.passed}
+    if failed:
+        return failed == {INT8_FULL}
+    return undecided == "omit" and any(r.candidate == INT8_FULL and r.undecided for r in results)
+
+
 def candidate_sizes(layers: int) -> list[int]:
     """How many of the ``layers`` worst-ranked layers each candidate keeps in float: 1, 2, 3, 4, 6, 8, 11, 16, …
     and all but one (every layer in float is the fp32 file with quantize steps added, not an int8 file)."""
@@ -123,7 +134,7 @@ class Fallback:
 
 
 def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: str, targets: np.ndarray,
-                  bounds: dict, images: np.ndarray) -> Fallback:
+                  bounds: dict, images: np.ndarray, policies: dict | None = None) -> Fallback:
     """The first candidate (module docstring) that the gate passes, written to the run directory as the int8_mixed
     file; every candidate tried is recorded. First, the converter's own int8 file from the same calibration, nothing
     in float, is judged by the gate's own policy: if it passes, int8_full's failure is not quantization's (the run's
@@ -135,7 +146,8 @@ def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: 
     ranked = len(ranked_layers(diagnosis))
     sizes = candidate_sizes(ranked)
     confidence = fallback_confidence(len(sizes))
-    plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,)) if spec.candidate == INT8_MIXED]
+    plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,), policies=policies or POLICIES)
+             if spec.candidate == INT8_MIXED]
     specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence)) for spec in plain]
     path = ctx.run_dir / Path(MIXED.path).name
     record = {"trigger": diagnosis.record["why"], "ranked_layers": ranked,

@@ -14,10 +14,10 @@ from crossport.errors import ParityError
 from crossport.formats import BY_RUNTIME, FORMATS
 from crossport.interface import CLASSES, CLASSIFY_KEY, LOGITS, SCORES
 from crossport.parity import HopResult, compare, compare_exact, raise_on_failure
-from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, tolerance_table
+from pipelines.gate import ONNX, POLICIES, REFERENCE, SM_CLASSIFY, TF_GRAPH, hop_specs, run_policies, tolerance_table
 from pipelines.results import Made, StageResult
 from pipelines.stages.context import Context, load_arrays, locate_divergence, read_labels
-from pipelines.stages.int8 import INT8_FULL, INT8_MIXED, MIXED, diagnose_int8, diagnose_weights, int8_fallback
+from pipelines.stages.int8 import INT8_FULL, INT8_MIXED, MIXED, answers, diagnose_int8, diagnose_weights, int8_fallback
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,25 @@ def validate_stage(ctx: Context) -> StageResult:
     # the pixels (116,323 float32 images are 365 MB at EMNIST byclass's full size, their pixels 91 MB)
     inputs = Inputs(pixels, probe_inputs)
     images = inputs[: len(pixels)]
+    # the exact values first: the float64 walks are validate's peak, so they run before the runtimes load the
+    # SavedModels, which stay loaded until the stage ends (crossport.runtimes.open_saved_model)
     exact = exact_values(paths, reference, images).model
+    probe_references = exact_values(paths, reference, probe_inputs, graph=True)
     both = run_runtimes(ctx, paths, reference, inputs)
     outputs, probe_outputs = ({name: {key: rows[part] for key, rows in values.items()} for name, values in both.items()}
                               for part in (slice(None, len(images)), slice(len(images), None)))
     sign_test = SignTest.plan(outputs, reference, exact, probe_inputs)
-    probe = Probe(probe_outputs, exact_values(paths, reference, probe_inputs, graph=True))
-    results, against_exact = judge(outputs, reference, targets, exact, labels, sign_test, probe)
+    probe = Probe(probe_outputs, probe_references)
+    policies = run_policies(ctx.config.int8_max_drop)
+    results, against_exact = judge(outputs, reference, targets, exact, labels, sign_test, probe, policies)
     divergence = None
     if any(not r.passed and r.candidate != ONNX and POLICIES[r.candidate].fp32 for r in results):
         divergence = locate_divergence(paths["onnx"], ctx.input("tf_graph"), _diagnose_batch(images, results),
                                        exact.network_gamma).to_dict()
     diagnosis = diagnose_int8(ctx, results, images)
     fallback = None
-    # searched only when int8_full's failure is the run's only one: otherwise nothing is published anyway
-    if diagnosis and ctx.config.int8_fallback == "auto" and {r.candidate for r in results if not r.passed} == {
-            INT8_FULL}:
-        fallback = int8_fallback(ctx, diagnosis, outputs, reference, targets, exact.bounds, images)
+    if diagnosis and ctx.config.int8_fallback == "auto" and answers(results, ctx.config.undecided):
+        fallback = int8_fallback(ctx, diagnosis, outputs, reference, targets, exact.bounds, images, policies)
     replaced = set()
     if fallback and fallback.path:  # int8_full's failure is answered by the int8_mixed file, published instead
         paths[MIXED.name], outputs[INT8_MIXED], replaced = fallback.path, fallback.outputs, {INT8_FULL}
@@ -74,7 +76,7 @@ def validate_stage(ctx: Context) -> StageResult:
         against_exact.append(compare_exact(INT8_MIXED, fallback.outputs, exact, None))
         ctx.manifest.facts.setdefault("layout", {})[MIXED.name] = placement(tflite_ops(fallback.path))  # the card
     report = parity_report(ctx, paths, reference, exact, sign_test, probe.references, results, against_exact,
-                           divergence, len(images), replaced)
+                           divergence, len(images), replaced, policies)
     report["int8_layers"] = diagnosis.record if diagnosis else None
     report["int8_weights"] = diagnose_weights(ctx, results)
     report["int8_fallback"] = fallback.record if fallback else None
@@ -243,12 +245,12 @@ def dithered(images: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tuple[str, ...], sign_test: SignTest,
-          probe: Probe) -> tuple[list, list]:
+          probe: Probe, policies: dict = POLICIES) -> tuple[list, list]:
     """Every hop of the chain (pipelines.gate.hop_specs), and every artifact against the exact values: within B on
     the test split, and the sign test on the probe against the exact values of what it was converted from (the
     model for PyTorch, else the ONNX graph)."""
     results = [compare(spec, outputs[spec.reference], outputs[spec.candidate], targets, exact.bounds)
-               for spec in hop_specs(reference, present=outputs)]
+               for spec in hop_specs(reference, present=outputs, policies=policies)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
         compare_exact(name, outputs[name], exact, sign_test.threshold,
@@ -261,7 +263,7 @@ def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tup
 
 def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: SignTest, references: References,
                   results: list, against_exact: list, divergence: dict | None, examples: int,
-                  replaced: set[str] = frozenset()) -> dict:
+                  replaced: set[str] = frozenset(), policies: dict = POLICIES) -> dict:
     """``parity.json``: the verdict, every check, the error model by name with this run's figures, the lineage.
     ``replaced``: candidates whose failure the int8 fallback answered (left out of the verdict and the version)."""
     from crossport.exact import EXP_ULPS, FALSE_ALARM, U32
@@ -290,7 +292,7 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: S
                         "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()},
                         "systematic_median": {k: float(np.median(v)) for k, v in exact.systematic.items()},
                         "sign_test": sign_test.to_dict()},
-        "tolerances": tolerance_table(),
+        "tolerances": tolerance_table(policies),
         "hops": [result.to_dict() for result in results],
         "export_function": references.export.to_dict() if references.export else None,
         "against_exact": [check.to_dict() for check in against_exact],
