@@ -91,3 +91,26 @@ def test_the_same_images_get_the_same_bound_run_to_run():
     x = np.random.default_rng(5).random((7, 784), dtype=np.float32)
     first, second = (list(walks(model, x, bound="sampled"))[1][1] for _ in range(2))
     assert torch.equal(first.random, second.random) and torch.equal(first.systematic, second.systematic)
+
+
+def test_no_walk_holds_more_images_at_once_than_its_chunk_the_pilot_included(monkeypatch):
+    """The pilot that chooses the bound walks in chunks too: resnet18's 64 pilot images at once were validate's peak
+    (2 GB above the imports), where its sampled walks, 8 images at a time, stayed well below."""
+    import crossport.exact as exact
+    from training.model import MLP, ModelConfig
+
+    torch.manual_seed(0)
+    model = MLP(ModelConfig(hidden_sizes=(64,), num_classes=5)).eval()
+    x = np.random.default_rng(7).random((100, 784), dtype=np.float32)
+    whole = exact_outputs(model, x)
+    walked, real = [], exact._walk
+    monkeypatch.setattr(exact, "_walk", lambda network, narrow, batch, *rest: (
+        walked.append((rest[-1], len(batch))), real(network, narrow, batch, *rest))[1])
+    # the largest tensor is the input's, 784 elements: 5 images per chunk of a sampled walk, 25 of a running one
+    monkeypatch.setattr(exact, "WALK_BYTES", 5 * 784 * (32 + 8 * SAMPLES))
+    chunked = exact_outputs(model, x)
+    assert not whole.sampled and not chunked.sampled  # the same choice of bound (a shallow network: running)
+    pilots = -(-exact.PILOT // 5)
+    assert [size for _, size in walked[:pilots]] == [5] * (pilots - 1) + [exact.PILOT - 5 * (pilots - 1)]
+    assert [size for _, size in walked[pilots:]] == [25, 25, 25, 25]  # then the walk itself, in its own chunks
+    assert np.array_equal(chunked.values["logits"], whole.values["logits"])

@@ -1,12 +1,13 @@
 """``python -m tools.int8_search RUN_DIR``: what the int8 fallback's candidates cost and buy on a run, as numbers.
 
 Validate searches only when int8_full fails the gate (or is undecided, with --undecided omit) and stops at the first
-candidate that passes. This measures every candidate of the fixed list (pipelines/stages/int8.py) on the run's whole test split, beside the fp32 and
-plain int8_full files the run made: layers kept in float, test accuracy, accuracy drop against the fp32 file with
-its one-sided upper bound (McNemar, at the confidence validate judges each file at: the gate's own for int8_full,
-the search's corrected one for a candidate), the gate's verdict on each int8 file at an --int8-max-drop of your choice
-(its lossy hop, the fp32 file standing for the SavedModel), file size and batch-1 latency (median of interleaved
-rounds, one thread). Prints a Markdown table and what validate would publish; ``--json`` writes the rows.
+candidate that passes. This measures every candidate of the fixed list (pipelines/stages/int8.py) on the run's whole
+test split, beside the fp32 and plain int8_full files the run made: layers kept in float, test accuracy, accuracy
+drop against the fp32 file with its one-sided upper bound (McNemar, at the confidence validate judges each file at:
+the gate's own for int8_full, the search's corrected one for a candidate), the gate's verdict on each int8 file at an
+--int8-max-drop of your choice (its lossy hop, the fp32 file standing for the SavedModel), file size and batch-1
+latency (median of interleaved rounds, one thread). Prints a Markdown table and what validate would publish;
+``--json`` writes the rows.
 """
 
 from __future__ import annotations

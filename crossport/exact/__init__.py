@@ -170,14 +170,20 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval()
     lam_ = lam(len(images) * dots, max(counts, default=1))
     confidence = sampled_confidence(len(images) * classes)
+    def rows(per_element: int) -> int:  # images per chunk of a walk
+        return max(1, min(chunk, WALK_BYTES // (per_element * largest)))
+
     with torch.no_grad():
-        if bound is None:
-            pilot = torch.from_numpy(np.ascontiguousarray(images[:PILOT], dtype=np.float32)).double()
-            z, running = _walk(wide, narrow, pilot, lam_, confidence, None, "running")
-            bound = "sampled" if float(torch.median(running.total / z.abs())) >= 1.0 else "running"
+        if bound is None:  # the pilot in chunks too (the smaller walk's): resnet18's 64 at once took 2 GB
+            ratios = []
+            for start in range(0, min(len(images), PILOT), step := rows(32 + 8 * SAMPLES)):
+                end = min(start + step, PILOT)
+                pilot = torch.from_numpy(np.ascontiguousarray(images[start:end], dtype=np.float32)).double()
+                z, running = _walk(wide, narrow, pilot, lam_, confidence, None, "running")
+                ratios.append((running.total / z.abs()).flatten())
+            bound = "sampled" if float(torch.median(torch.cat(ratios))) >= 1.0 else "running"
         yield lam_, counts, bound == "sampled"
-        per_element = 32 + (8 * SAMPLES if bound == "sampled" else 0)
-        chunk = max(1, min(chunk, WALK_BYTES // (per_element * largest)))
+        chunk = rows(32 + (8 * SAMPLES if bound == "sampled" else 0))
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             generator = torch.Generator().manual_seed(start)  # the same draws for the same images, run to run
