@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.errors import DataError
-from crossport.interface import INPUT, LOGITS, SCORES
+from crossport.interface import INPUT
 from crossport.parity import LossyPolicy, compare, raise_on_failure
 from pipelines.config import PipelineConfig
 from pipelines.gate import hop_spec
@@ -129,10 +129,3 @@ def locate_divergence(onnx_path: Path, tf_graph: Path, images: np.ndarray, netwo
 
     proto = read_onnx(onnx_path, missing="Run the export or import stage first.", redo="Re-run the stage that made it.")
     return find_divergence(proto, tf_graph, {INPUT: images}, network_gamma)
-
-
-
-
-def scores_and_logits(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The translated graph also returns every intermediate tensor; parity needs two."""
-    return {name: outputs[name] for name in (SCORES, LOGITS) if name in outputs}
