@@ -1,8 +1,9 @@
-"""Peak resident memory, stage by stage: the kernel's high-water mark of this process (VmHWM), reset when a stage
-starts, so each stage reports the most it held itself rather than the most any earlier stage did.
+"""Peak resident memory: the kernel's high-water mark of this process (VmHWM), read after each stage, so a run's
+record shows which stage raised the process's peak and to what.
 
-Linux resets the mark when "5" is written to /proc/self/clear_refs (proc(5)). Where that is refused, or there is
-no /proc, each figure is the process's peak so far (getrusage), which is never below the stage's own.
+The mark is never reset (Linux could, through /proc/self/clear_refs, but that also resets what getrusage and
+``/usr/bin/time`` report, and anyone measuring crossport from outside would read the last stage's peak as the
+run's). One stage's own peak is its process's when it runs alone (``--stage NAME``: a process of its own).
 Child processes (torchrun's workers) are not counted: they are processes of their own.
 """
 
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-_process_peak = 0.0  # the most of any stage reset away, so that the process's own peak is not lost
+_STATUS = Path("/proc/self/status")
 
 
 def peak_gib() -> float:
-    """The most this process has held since the last :func:`reset_peak` (since it started, if never reset)."""
+    """The most this process has held since it started."""
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -25,19 +25,3 @@ def peak_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def reset_peak() -> bool:
-    """Start a new high-water mark at what the process holds now; False where the kernel does not allow it."""
-    global _process_peak
-    _process_peak = max(_process_peak, peak_gib())
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def process_peak_gib() -> float:
-    """The most this process has held since it started, across every reset."""
-    return max(_process_peak, peak_gib())

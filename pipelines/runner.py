@@ -14,7 +14,7 @@ from crossport.frameworks import give_back_memory
 from crossport.runtimes import close_saved_models
 from pipelines.config import PipelineConfig
 from pipelines.manifest import MANIFEST, Manifest
-from pipelines.memory import peak_gib, reset_peak
+from pipelines.memory import peak_gib
 from pipelines.stages import STAGES, Context, Stage, needs_on
 from pipelines.summary import run_title
 
@@ -155,7 +155,6 @@ def _run_each(manifest: Manifest, config: PipelineConfig, stages: tuple[Stage, .
         with tracker.stage_run(stage.name):
             _record_tracking(manifest, tracker)
             started = time.perf_counter()
-            reset_peak()
             manifest.stages[stage.name] = {"status": "running", "started": _now()}
             manifest.save()
             for name in stage.may_make:  # made again or not at all: an earlier run's copy is never read after

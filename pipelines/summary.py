@@ -59,12 +59,17 @@ def summary(manifest: Manifest, walls: dict[str, float], tracking_uri: str | Non
 
 
 def peak_line(manifest: Manifest, walls: dict[str, float]) -> str:
-    """The process's peak resident memory, and each stage's own (pipelines.memory) where the stage recorded it."""
-    from pipelines.memory import process_peak_gib
+    """The process's peak resident memory, the stage that reached it, and the peak after each stage run."""
+    from pipelines.memory import peak_gib
 
-    stages = [(name, manifest.stages.get(name, {}).get("peak_rss_gib")) for name in walls]
-    each = ", ".join(f"{name} {peak:.2f}" for name, peak in stages if isinstance(peak, int | float))
-    return f"  peak memory    {process_peak_gib():.2f} GiB (this process{'; each stage: ' + each if each else ''})"
+    after = [(name, peak) for name in walls
+             if isinstance(peak := manifest.stages.get(name, {}).get("peak_rss_gib"), int | float)]
+    if not after:
+        return f"  peak memory    {peak_gib():.2f} GiB (this process)"
+    top = max(after, key=lambda item: item[1])
+    each = ", ".join(f"{name} {peak:.2f}" for name, peak in after)
+    return (f"  peak memory    {peak_gib():.2f} GiB (this process; reached in {top[0]}; the peak after each stage: "
+            f"{each})")
 
 
 def run_title(manifest: Manifest, name: str, dataset: str, failed: str | None = None,

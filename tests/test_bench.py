@@ -93,7 +93,7 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0
     markdown = (tmp_path / "bench.md").read_text()
     assert "(int8: not comparable)" in markdown
-    assert "Pipeline stages' peak memory (GiB, the run's own process): data " in markdown
+    assert "Pipeline run's peak memory after each stage (GiB, its process): data " in markdown
     assert "% of ceiling" in markdown and "serverless package" in markdown and "web service backend" in markdown
     assert markdown in result.stdout
     assert f"wrote bench.json, bench.md, bench.png, bench.log to {tmp_path}; not tracked" in result.stdout

@@ -94,7 +94,7 @@ def render_markdown(results: dict) -> str:
     lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
     peaks = {k: v for k, v in results.get("pipeline_stage_peak_rss_gib", {}).items() if v is not None}
     if peaks:  # runs made before stages recorded their peaks have none
-        lines.append("Pipeline stages' peak memory (GiB, the run's own process): "
+        lines.append("Pipeline run's peak memory after each stage (GiB, its process): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
     advice = recommendations(results)
     if advice:
