@@ -170,6 +170,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval()
     lam_ = lam(len(images) * dots, max(counts, default=1))
     confidence = sampled_confidence(len(images) * classes)
+
     def rows(per_element: int) -> int:  # images per chunk of a walk
         return max(1, min(chunk, WALK_BYTES // (per_element * largest)))
 

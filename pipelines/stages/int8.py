@@ -9,7 +9,8 @@ of its layers; a candidate that this leaves with no int8 layer is skipped (it wo
 candidate is judged by the gate's own lossy hops (against the SavedModel and the reference, on the whole test split)
 at confidence 1 − (1 − CONFIDENCE)/m for m candidates (Bonferroni), so the chance that the search
 publishes a file that breaks int8_full's policy stays within the gate's own 1 − CONFIDENCE. The first that passes
-(not undecided) is published; none passing leaves int8_full's failure standing.
+(not undecided) is published; none passing leaves int8_full's verdict standing (a failure refuses the run; an
+undecided int8_full is left out of the version by --undecided omit).
 """
 
 from __future__ import annotations
@@ -180,5 +181,5 @@ def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: 
             record["chosen"] = len(record["candidates"]) - 1
             return Fallback(record, results, candidate, path)
     path.unlink(missing_ok=True)
-    log.warning("int8 fallback: no candidate passed the gate; int8_full's failure stands")
+    log.warning("int8 fallback: no candidate passed the gate; int8_full's verdict stands")
     return Fallback(record)
