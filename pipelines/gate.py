@@ -62,34 +62,31 @@ LOSSY_POLICIES: dict[str, LossyPolicy] = {
         max_disagreement=0.01, max_accuracy_drop=0.005, confidence=CONFIDENCE,
         reason="int8 weights with float activations: at most 1 changed answer in 100, costing at most "
                "0.5 accuracy points"),
-    TFLITE["int8_full"]: LossyPolicy(
-        max_disagreement=0.015, max_accuracy_drop=0.01, confidence=CONFIDENCE,
-        reason="int8 weights and activations calibrated on training images: at most 1.5 changed answers in "
-               "100, costing at most 1 accuracy point"),
 }
-INT8_MAX_DROP_POINTS = 100 * LOSSY_POLICIES[TFLITE["int8_full"]].max_accuracy_drop  # --int8-max-drop's default
+INT8_MAX_DROP_POINTS = 1.0  # --int8-max-drop's default
+
+
+def _int8_promise(points: float) -> str:
+    plural, chosen = "" if points == 1 else "s", "" if points == INT8_MAX_DROP_POINTS else " (--int8-max-drop)"
+    return f"at most 1.5 changed answers in 100, costing at most {points:g} accuracy point{plural}{chosen}"
 
 
 def int8_full_policy(points: float = INT8_MAX_DROP_POINTS) -> LossyPolicy:
     """int8_full's policy with at most ``points`` accuracy points lost: a deployer who needs int8 closer to the float
     model says so (--int8-max-drop); the changed answers allowed are not loosened by it."""
-    policy = LOSSY_POLICIES[TFLITE["int8_full"]]
-    if points == INT8_MAX_DROP_POINTS:
-        return policy
-    return replace(policy, max_accuracy_drop=points / 100,
-                   reason=f"{policy.reason.removesuffix('1 accuracy point')}{points:g} accuracy points "
-                          "(--int8-max-drop)")
+    return LossyPolicy(max_disagreement=0.015, max_accuracy_drop=points / 100, confidence=CONFIDENCE,
+                       reason=f"int8 weights and activations calibrated on training images: {_int8_promise(points)}")
 
 
 def int8_mixed_policy(points: float = INT8_MAX_DROP_POINTS) -> LossyPolicy:
     """int8_mixed makes int8_full's promise with a few layers in float; it is the first of several candidates the int8
     fallback judges (pipelines/stages/int8.py), each at a Bonferroni-corrected confidence (fallback_confidence)."""
-    full = int8_full_policy(points)
-    return replace(full, reason=f"int8_full's promise ({full.reason.split(': ', 1)[1]}), kept by leaving the fewest "
-                                "layers in float; each candidate judged at a confidence corrected for the candidates "
-                                "tried")
+    return replace(int8_full_policy(points),
+                   reason=f"int8_full's promise ({_int8_promise(points)}), kept by leaving the fewest layers in float; "
+                          "each candidate judged at a confidence corrected for the candidates tried")
 
 
+LOSSY_POLICIES[TFLITE["int8_full"]] = int8_full_policy()
 LOSSY_POLICIES[TFLITE["int8_mixed"]] = int8_mixed_policy()
 
 
