@@ -93,6 +93,32 @@ def test_a_lossy_file_posing_as_fp32_is_judged_as_what_it_is(pipeline_run, tmp_p
     assert expected["failures"] == [f"expected a fp32 file; {posing} is fp16 (read from its tensor types)"]
 
 
+def test_every_file_checked_against_a_run_is_judged_on_exact_values_computed_once(pipeline_run, monkeypatch):
+    import collections
+    import os
+
+    import pipelines.stages.validate as validate
+    from pipelines.tools import check as checking
+
+    computed, real = [], validate.exact_values
+    monkeypatch.setattr(validate, "exact_values", lambda *args, **kwargs: (
+        computed.append(kwargs.get("graph", False)), real(*args, **kwargs))[1])
+    monkeypatch.setattr(checking, "_EXACT", collections.OrderedDict())
+    extra = pipeline_run.models_dir / "emnist_mlp" / "1" / "assets.extra"
+    reports = [checking.check(extra / name, pipeline_run.run_dir)
+               for name in ("model_fp32.tflite", "model_int8_full.tflite", "model_fp32.tflite")]
+    assert computed == [False, True]  # the test split once, the probe (with the graph's) once: for three files
+    assert reports[0] == reports[2] and [r["verdict"] for r in reports] == ["pass"] * 3
+    checkpoint = pipeline_run.run_dir / "model.pt"
+    held = os.stat(checkpoint)
+    try:  # a model file written again is never judged on the old values
+        os.utime(checkpoint, ns=(held.st_atime_ns, held.st_mtime_ns + 1))
+        checking.check(extra / "model_int8_full.tflite", pipeline_run.run_dir)
+    finally:
+        os.utime(checkpoint, ns=(held.st_atime_ns, held.st_mtime_ns))
+    assert computed == [False, True, False]
+
+
 def test_what_is_no_servable_is_refused_in_one_line(tmp_path, capsys):
     from pipelines.tools.check import main
 

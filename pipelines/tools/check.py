@@ -14,6 +14,7 @@ Exit code 0 on pass, 3 on fail.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import sys
@@ -133,6 +134,32 @@ def imported(args: argparse.Namespace, folder: Path) -> Path:
     return folder
 
 
+# The exact values of a run's images are the same for every file checked against it: a process that checks several
+# (pipelines.bench --peers checks nine, three converters' files) computes them once. resnet18's take minutes. Keyed
+# by the model files (size, modification time, inode) and the images' bytes, so a changed model is never judged on
+# an old one's values; the last few kept (one run's test split, and its probe with and without the graph's).
+_EXACT: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+KEEP_EXACT = 3
+
+
+def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = False):
+    """:func:`pipelines.stages.validate.exact_values`, computed once per process for the same files and images."""
+    import hashlib
+    import os
+
+    from pipelines.stages.validate import exact_values
+
+    files = tuple((name, (stat := os.stat(path)).st_size, stat.st_mtime_ns, stat.st_ino)
+                  for name, path in sorted(paths.items()))
+    key = (reference, files, hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest(), graph)
+    if key not in _EXACT:
+        _EXACT[key] = exact_values(paths, reference, images, graph=graph)
+        while len(_EXACT) > KEEP_EXACT:
+            _EXACT.popitem(last=False)
+    _EXACT.move_to_end(key)
+    return _EXACT[key]
+
+
 def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: str | None = None,
           threads: int | None = None) -> dict:
     """The gate's report on the servable at ``path`` against the run at ``run_dir`` (the module's docstring)."""
@@ -145,7 +172,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     from crossport.runtimes import chunk_for, load_onnx
     from pipelines.gate import FP32_VALUES, ONNX, POLICIES, REFERENCE
     from pipelines.manifest import Manifest
-    from pipelines.stages.validate import ERROR_MODEL, PROBE_SIZE, dithered, exact_values
+    from pipelines.stages.validate import ERROR_MODEL, PROBE_SIZE, dithered
 
     foreign = inspect(path)  # before minutes of exact values: a file that is no servable ends here
     manifest = Manifest.load(run_dir)
@@ -186,7 +213,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     if expect and foreign.kind != expect:
         failures.append(f"expected a {expect} file; {path} is {foreign.kind} (read from its tensor types)")
     policy = POLICIES[runtime]
-    exact = exact_values(paths, reference, images).model
+    exact = exact_once(paths, reference, images).model
     outputs = [(SCORES, policy.values)]
     if policy.fp32 and LOGITS in split and LOGITS in ours:
         outputs.append((LOGITS, FP32_VALUES))
@@ -195,7 +222,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     hop = compare(spec, ours, split, targets, exact.bounds)
     if policy.fp32:
         graph = converted_from != "pytorch"
-        source = exact_values(paths, reference, probe, graph=graph)
+        source = exact_once(paths, reference, probe, graph=graph)
         judged = [name for name in exact.values if name in split]
         threshold = sign_threshold(sum(exact.values[name].shape[1] for name in judged))
         against = compare_exact(path.name, split, exact, threshold, (probed, source.graph if graph else source.model))
