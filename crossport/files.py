@@ -114,7 +114,10 @@ def size_path(path: Path, exclude: tuple[str, ...] = ()) -> int:
 def fingerprint(directory: Path) -> tuple:
     """Every file under ``directory`` with its size, modification time and inode: changes when a file is written, in
     place or replaced by another (a copy keeps the modification time, not the inode). Empty for a missing directory;
-    a file that vanishes while it is read is left out."""
+    a file that vanishes while it is read is left out. A file given instead of a directory is its own one entry."""
+    if os.path.isfile(directory):
+        stat = os.stat(directory)
+        return ((os.path.basename(directory), stat.st_size, stat.st_mtime_ns, stat.st_ino),)
     found = []
     for root, _dirs, files in os.walk(directory):
         for name in files:

@@ -105,7 +105,7 @@ def markdown(rows: list[dict], examples: int, confidence: float, int8_max_drop: 
               for row in rows]
     searched = [row for row in rows if row["float_layers"] is not None]
     first = next((row["file"] for row in searched if row["verdict"] == "pass"), None)
-    plain = rows[1]["verdict"] if len(rows) > 1 else None
+    plain = next(row["verdict"] for row in rows if row["file"] == "int8_full")
     chosen = ("int8_full as it is" if plain == "pass" else f"{first}, the first candidate the gate passes" if first
               else "no int8 file: no candidate passes")
     return "\n".join([*lines, "", f"{examples:,} test images. What validate would publish as int8 at this policy "

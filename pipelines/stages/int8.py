@@ -135,7 +135,7 @@ class Fallback:
 
 
 def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: str, targets: np.ndarray,
-                  bounds: dict, images: np.ndarray, policies: dict | None = None) -> Fallback:
+                  bounds: dict, images: np.ndarray, policies: dict = POLICIES) -> Fallback:
     """The first candidate (module docstring) that the gate passes, written to the run directory as the int8_mixed
     file; every candidate tried is recorded. First, the converter's own int8 file from the same calibration, nothing
     in float, is judged by the gate's own policy: if it passes, int8_full's failure is not quantization's (the run's
@@ -147,7 +147,7 @@ def int8_fallback(ctx: Context, diagnosis: Diagnosis, outputs: dict, reference: 
     ranked = len(ranked_layers(diagnosis))
     sizes = candidate_sizes(ranked)
     confidence = fallback_confidence(len(sizes))
-    plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,), policies=policies or POLICIES)
+    plain = [spec for spec in hop_specs(reference, present=(INT8_MIXED,), policies=policies)
              if spec.candidate == INT8_MIXED]
     specs = [replace(spec, lossy=replace(spec.lossy, confidence=confidence)) for spec in plain]
     path = ctx.run_dir / Path(MIXED.path).name

@@ -145,12 +145,11 @@ KEEP_EXACT = 3
 def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = False):
     """:func:`pipelines.stages.validate.exact_values`, computed once per process for the same files and images."""
     import hashlib
-    import os
 
+    from crossport.files import fingerprint
     from pipelines.stages.validate import exact_values
 
-    files = tuple((name, (stat := os.stat(path)).st_size, stat.st_mtime_ns, stat.st_ino)
-                  for name, path in sorted(paths.items()))
+    files = tuple((name, fingerprint(path)) for name, path in sorted(paths.items()))
     key = (reference, files, hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest(), graph)
     if key not in _EXACT:
         _EXACT[key] = exact_values(paths, reference, images, graph=graph)
