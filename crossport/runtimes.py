@@ -38,6 +38,13 @@ def chunk_for(onnx_path) -> int:
         dims = value.type.tensor_type.shape.dim[1:]
         if all(dim.HasField("dim_value") for dim in dims):
             elements += int(np.prod([dim.dim_value for dim in dims]))
+    return examples_per_call(elements)
+
+
+def examples_per_call(elements: int) -> int:
+    """Examples per call of a model whose float32 tensors hold ``elements`` values per example in all: :data:`CHUNK`,
+    or fewer, so that one call's stay within :data:`CHUNK_BYTES` (the same budget for every runtime and for PyTorch,
+    :func:`training.train.logits_of`)."""
     return int(max(1, min(CHUNK, CHUNK_BYTES // max(1, 4 * elements))))
 
 

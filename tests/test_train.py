@@ -197,3 +197,34 @@ def test_a_training_batch_is_scaled_to_the_very_bits_every_servable_is_fed():
     scaled = float_batch(torch.from_numpy(images), index, "cpu").numpy()
     assert scaled.dtype == np.float32
     assert np.array_equal(scaled.view(np.uint32), to_inputs(images[index.numpy()]).view(np.uint32))
+
+
+def test_the_logits_of_a_split_are_computed_within_the_runtimes_activation_budget(monkeypatch):
+    """Training's evaluation is called with as many images as keep one call's activations (every layer's outputs,
+    summed) within crossport.runtimes.CHUNK_BYTES, as every runtime is (8,192 images at once are 0.8 GB of the CNN's
+    first layer's output alone). The logits are those of one call on every image."""
+    import crossport.runtimes
+    from training.model import ModelConfig, build_model
+    from training.train import logits_of
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="cnn", num_classes=5)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (40, 784), dtype=np.uint8)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(to_inputs(images))).numpy()
+    monkeypatch.setattr(crossport.runtimes, "CHUNK_BYTES", 2**20)
+    calls = []  # per call: its images and every layer's output bytes
+
+    def record(module, inputs, output):
+        if not any(True for _ in module.children()):
+            calls[-1][1] += output.nbytes
+    hooks = [layer.register_forward_hook(record) for layer in model.modules()]
+    model.register_forward_pre_hook(lambda module, inputs: calls.append([len(inputs[0]), 0]))
+    logits = logits_of(model, images)
+    for hook in hooks:
+        hook.remove()
+    np.testing.assert_allclose(logits, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    (probe, per_image), *chunks = calls  # one image, to count its activations, then the split
+    assert probe == 1 and sum(size for size, _ in chunks) == len(images) and len(chunks) > 2
+    assert all(activations <= 2**20 for _, activations in chunks)
+    assert (chunks[0][0] + 1) * per_image > 2**20  # as many as fit, not fewer

@@ -11,6 +11,7 @@ The checkpoint format is in ``training/checkpoint.py``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import nn
 
 from crossport.interface import to_inputs
 from crossport.parity import CONFIDENCE
+from crossport.runtimes import examples_per_call
 from training.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -99,10 +101,14 @@ def train(
     every rank after each epoch. ``device`` (a rank's GPU, e.g. ``cuda:1``) holds the model and each batch; the
     returned model is on the CPU.
     """
+    with deterministic(True):  # and the process's own setting back afterwards: export and validate are not training
+        return _train(x_train, y_train, x_val, y_val, model_config, config, progress, world, on_epoch, device)
+
+
+def _train(x_train, y_train, x_val, y_val, model_config, config, progress, world, on_epoch, device):
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
-    torch.use_deterministic_algorithms(True)
     model = build_model(model_config)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(config.seed + world.rank)  # dropout masks: independent per rank, rank 0 as one process
     device = torch.device(device or "cpu")
@@ -259,12 +265,52 @@ def recalibrate_batch_norm(model: nn.Module, pixels: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, images: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+def logits_of(model: nn.Module, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """The model's logits of uint8 ``images``, ``batch_size`` images a call: by default as many as keep one call's
+    activations within the runtimes' budget (:func:`crossport.runtimes.examples_per_call`): 8,192 images at once, as
+    before, are 0.8 GB of the CNN's first layer's output alone."""
     model.eval()
     device = next(model.parameters()).device
-    chunks = [model(torch.from_numpy(to_inputs(images[i : i + batch_size])).to(device)).cpu().numpy()
-              for i in range(0, len(images), batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, model.config.num_classes), np.float32)
+    if len(images) == 0:
+        return np.zeros((0, model.config.num_classes), np.float32)
+
+    def call(part: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(to_inputs(part)).to(device)).cpu().numpy()
+
+    if batch_size is None:
+        batch_size = examples_per_call(activation_elements(model, lambda: call(images[:1])))
+    return np.concatenate([call(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool):
+    """PyTorch's deterministic algorithms on or off for the body, and the process's own setting back afterwards."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def activation_elements(model: nn.Module, forward) -> int:
+    """Values that ``forward()`` (one example through ``model``) makes, summed over every layer's outputs: more than
+    a no-grad call holds at once, which frees each output once the next layer has read it."""
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += sum(tensor.numel() for tensor in (output if isinstance(output, tuple) else (output,))
+                     if isinstance(tensor, torch.Tensor))
+
+    layers = [module for module in model.modules() if not any(True for _ in module.children())]
+    handles = [layer.register_forward_hook(count) for layer in layers]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
