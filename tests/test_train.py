@@ -228,3 +228,17 @@ def test_the_logits_of_a_split_are_computed_within_the_runtimes_activation_budge
     assert probe == 1 and sum(size for size, _ in chunks) == len(images) and len(chunks) > 2
     assert all(activations <= 2**20 for _, activations in chunks)
     assert (chunks[0][0] + 1) * per_image > 2**20  # as many as fit, not fewer
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_training_is_deterministic_and_gives_the_process_its_own_setting_back(before):
+    """train() runs with PyTorch's deterministic algorithms and leaves the process as it found it: the stages after it
+    (export, validate's PyTorch runtime) are not training, and once ran under a setting train had left behind."""
+    during, original = [], torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(before)
+    try:
+        train(*tiny_data(), CONFIG, TrainConfig(epochs=1, batch_size=8), progress=False,
+              on_epoch=lambda row: during.append(torch.are_deterministic_algorithms_enabled()))
+        assert during == [True] and torch.are_deterministic_algorithms_enabled() is before
+    finally:
+        torch.use_deterministic_algorithms(original)
