@@ -118,9 +118,15 @@ def _converting():
 
 def typical_relative_error(float_values: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> float:
     """The median over the non-zero float values of one sample of the fraction of each value lost,
-    min(|dequantized − float| / |float|, 1) (NaN when there are none: the debugger averages with nanmean)."""
-    exact = np.asarray(float_values, dtype=np.float64).ravel()
-    lost = fraction_lost(exact, (np.asarray(quantized, dtype=np.float64).ravel() - zero_point) * scale)
+    min(|dequantized − float| / |float|, 1) (NaN when there are none: the debugger averages with nanmean).
+
+    A value that is not a number is left out: the debugger's float tensor of the full-size MLP's first layer held one
+    signalling NaN in 6 of its samples, which made the whole sample's median NaN (and NumPy warn on the cast)."""
+    with np.errstate(invalid="ignore"):  # casting a signalling NaN raises the invalid flag
+        exact = np.asarray(float_values, dtype=np.float64).ravel()
+    approximate = (np.asarray(quantized, dtype=np.float64).ravel() - zero_point) * scale
+    known = ~np.isnan(exact)
+    lost = fraction_lost(exact[known], approximate[known])
     return float(np.median(lost)) if lost.size else math.nan
 
 

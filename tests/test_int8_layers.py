@@ -80,3 +80,22 @@ def test_dynamic_range_weights_are_diagnosed_layer_by_layer(tmp_path):
     # rms error in steps (LiteRT's figure) is rounding's 1/√12 for the healthy layer: 50,176 weights each off by a
     # uniform fraction of a step put it within ±0.0006 (one standard deviation) of 0.2887; 0.01 is 17 of them
     assert abs(first["rmse_over_scale"] - ROUNDING_ONLY) < 0.01, first
+
+
+def test_a_value_that_is_not_a_number_is_left_out_of_a_samples_typical_error():
+    """LiteRT's debugger handed the metric a float tensor holding a signalling NaN (the full-size MLP's first layer, 6
+    samples): that value is left out, not the whole sample, and no warning is raised."""
+    import warnings
+
+    from export.int8_layers import typical_relative_error
+
+    scale, zero_point = 0.5, 3
+    exact, quantized = np.array([1.0, 2.0, 3.0], np.float32), np.array([5, 8, 10], np.int8)  # 1.0, 2.5, 3.5
+    lost = np.median([0.0, 0.5 / 2.0, 0.5 / 3.0])
+    signalling = np.array([0x7FA00000], np.uint32).view(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert typical_relative_error(exact, quantized, scale, zero_point) == pytest.approx(lost, rel=1e-12)
+        assert typical_relative_error(np.concatenate([exact, signalling]), np.append(quantized, np.int8(0)), scale,
+                                      zero_point) == pytest.approx(lost, rel=1e-12)
+        assert np.isnan(typical_relative_error(signalling, np.int8([0]), scale, zero_point))
