@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from crossport.interface import to_inputs
+from crossport.interface import LOGITS, to_inputs
 from crossport.parity import CONFIDENCE
-from crossport.runtimes import examples_per_call
+from crossport.runtimes import chunked, examples_per_call
 from training.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -274,12 +274,12 @@ def logits_of(model: nn.Module, images: np.ndarray, batch_size: int | None = Non
     if len(images) == 0:
         return np.zeros((0, model.config.num_classes), np.float32)
 
-    def call(part: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(to_inputs(part)).to(device)).cpu().numpy()
+    def call(part: np.ndarray) -> dict[str, np.ndarray]:
+        return {LOGITS: model(torch.from_numpy(to_inputs(part)).to(device)).cpu().numpy()}
 
     if batch_size is None:
         batch_size = examples_per_call(activation_elements(model, lambda: call(images[:1])))
-    return np.concatenate([call(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    return chunked(call, batch_size)(images)[LOGITS]
 
 
 @contextlib.contextmanager
