@@ -52,7 +52,9 @@ class Exact:
     systematic: dict[str, np.ndarray]
     lam: float
     fan_ins: tuple[int, ...]
-    sampled: bool = False  # whether B is the sampled bound (crossport.exact.tangents), not the running one
+    # which bound B is: "running", or the first-order bound of crossport.exact.tangents, its Σ c_r² "adjoint"
+    # (computed) or "sampled" (estimated)
+    bound: str = "running"
 
     @property
     def network_gamma(self) -> float:
@@ -64,14 +66,14 @@ class Exact:
             return {k: v[index] for k, v in arrays.items()}
 
         return Exact(pick(self.values), pick(self.bounds), pick(self.systematic), self.lam, self.fan_ins,
-                     self.sampled)
+                     self.bound)
 
     def save(self, path) -> None:
         np.savez(path, **{f"value_{k}": v for k, v in self.values.items()},
                  **{f"bound_{k}": v for k, v in self.bounds.items()},
                  **{f"systematic_{k}": v for k, v in self.systematic.items()},
                  lam=np.float64(self.lam), fan_ins=np.asarray(self.fan_ins, dtype=np.int64),
-                 sampled=np.bool_(self.sampled))
+                 bound=np.str_(self.bound))
 
     @classmethod
     def load(cls, path) -> Exact:
@@ -81,7 +83,14 @@ class Exact:
 
             return cls(part("value_"), part("bound_"), part("systematic_"), float(arrays["lam"]),
                        tuple(int(n) for n in arrays["fan_ins"]),
-                       bool(arrays["sampled"]) if "sampled" in arrays.files else False)
+                       _bound_of(arrays))
+
+
+def _bound_of(arrays) -> str:
+    """The bound a saved reference used (files written before version 5 of the error model record a flag)."""
+    if "bound" in arrays.files:
+        return str(arrays["bound"])
+    return "sampled" if "sampled" in arrays.files and bool(arrays["sampled"]) else "running"
 
 
 def layers_of(model) -> list:
@@ -128,12 +137,12 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     ``images`` [N, ...]; see the module docstring."""
     joined: dict[tuple[str, str], np.ndarray] = {}  # each written as its chunks come: at full size 58 MB an array
     walk = walks(model, images, chunk=chunk)
-    lam_, counts, sampled = next(walk)
+    lam_, counts, bound = next(walk)
     start = 0
     for logits, error in walk:
         scores, score_error = _softmax_with_bound(logits, error)
-        for output, value, bound in (("logits", logits, error), ("scores", scores, score_error)):
-            for part, array in (("value", value), ("bound", bound.total), ("systematic", bound.systematic)):
+        for output, value, width in (("logits", logits, error), ("scores", scores, score_error)):
+            for part, array in (("value", value), ("bound", width.total), ("systematic", width.systematic)):
                 rows = array.numpy()
                 if (part, output) not in joined:
                     joined[(part, output)] = np.empty((len(images), *rows.shape[1:]), rows.dtype)
@@ -143,7 +152,7 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
     def part(name):
         return {output: joined[(name, output)] for output in ("logits", "scores")}
 
-    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts, sampled=sampled)
+    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts, bound=bound)
 
 
 # The running bound decides unless it is wider than the logits themselves (median B/|z| over the first PILOT images,
@@ -153,12 +162,16 @@ PILOT = 64
 
 
 def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None):
-    """First (λ, fan-ins, whether the bound is the sampled one), then per chunk of ``images``: (exact logits, their
-    Error). ``bound`` ("running" or "sampled") overrides the choice."""
+    """First (λ, fan-ins, the bound: "running", "adjoint" or "sampled"), then per chunk of ``images``: (exact
+    logits, their Error). ``bound`` overrides the choice: the running bound unless it is wider than the logits
+    (:data:`PILOT`); then the first-order bound of :mod:`crossport.exact.tangents`, its Σ c_r² computed by one
+    backward pass per class where there are at most 2·SAMPLES classes, estimated from 2·SAMPLES forward tangents
+    where there are more (each the cheaper there)."""
     import copy
 
     import torch
 
+    from crossport.exact import tangents as carry
     from crossport.exact.network import as_network
 
     sample = torch.from_numpy(np.ascontiguousarray(images[:1], dtype=np.float32))
@@ -167,7 +180,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     counts = fan_ins(network)
     with torch.no_grad():  # shapes only: float32 (PyTorch's float64 grouped convolutions are slow at batch 1)
         dots, largest, classes = _per_example(network.eval(), sample)
-    wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval()
+    wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval().requires_grad_(False)
     lam_ = lam(len(images) * dots, max(counts, default=1))
     confidence = sampled_confidence(len(images) * classes)
 
@@ -180,15 +193,19 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
             for start in range(0, min(len(images), PILOT), step := rows(32 + 8 * SAMPLES)):
                 end = min(start + step, PILOT)
                 pilot = torch.from_numpy(np.ascontiguousarray(images[start:end], dtype=np.float32)).double()
-                z, running = _walk(wide, narrow, pilot, lam_, confidence, None, "running")
+                z, running = _walk(wide, narrow, pilot, lam_, None)
                 ratios.append((running.total / z.abs()).flatten())
-            bound = "sampled" if float(torch.median(torch.cat(ratios))) >= 1.0 else "running"
-        yield lam_, counts, bound == "sampled"
-        chunk = rows(32 + (8 * SAMPLES if bound == "sampled" else 0))
+            deep = float(torch.median(torch.cat(ratios))) >= 1.0
+            bound = ("adjoint" if classes <= 2 * SAMPLES else "sampled") if deep else "running"
+        yield lam_, counts, bound
+        chunk = rows(32 + (8 * SAMPLES if bound != "running" else 0))
         for start in range(0, max(len(images), 1), chunk):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
-            generator = torch.Generator().manual_seed(start)  # the same draws for the same images, run to run
-            yield _walk(wide, narrow, batch, lam_, confidence, generator, bound)
+            if bound == "sampled":  # the same draws for the same images, run to run
+                carrier = carry.Sampled(confidence, torch.Generator().manual_seed(start))
+            else:
+                carrier = carry.Adjoint(sign_threshold(len(images) * classes)) if bound == "adjoint" else None
+            yield _walk(wide, narrow, batch, lam_, carrier)
 
 
 def _per_example(network, sample) -> tuple[int, int, int]:
@@ -206,29 +223,29 @@ def _per_example(network, sample) -> tuple[int, int, int]:
     return max(count, 1), largest, values[network.target].numel()
 
 
-def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
+def _walk(network, narrow, x, lam_, carrier=None):
     """Each step's exact output and its Error from its inputs' (tensors freed after their last reader), by one of
     two bounds:
 
-    * ``running``, each step's Error from its inputs' Errors (its rule). The last accumulating layer's bias
-      add reaches the outputs directly, so it is systematic (crossport.exact.rules): a second Error, ``constant``,
-      follows it from that layer to the outputs;
-    * ``sampled`` (crossport.exact.tangents): each step's tangents from its inputs' (its rule's ``linear``,
-      on ``narrow``, the float32 copy of the network), plus Gaussians of the step's own error (its rule with no
-      incoming error and λ = 1, and that bias add).
+    * the running bound (no ``carrier``), each step's Error from its inputs' Errors (its rule). The last
+      accumulating layer's bias add reaches the outputs directly, so it is systematic (crossport.exact.rules): a
+      second Error, ``constant``, follows it from that layer to the outputs;
+    * the first-order bound (crossport.exact.tangents): each step's tangents from its inputs' (its rule's
+      ``linear``, on ``narrow``, the float32 copy of the network), plus the step's own error as a source (its rule
+      with no incoming error and λ = 1, and that bias add), which the ``carrier`` samples (``Sampled``) or sums
+      exactly (``Adjoint``).
     """
     import torch
 
-    from crossport.exact import tangents as carry
     from crossport.exact.rules import Error, coherent, constant_added, rule_of
 
-    forward, sampled = bound == "running", bound == "sampled"
+    forward, first_order = carrier is None, carrier is not None
     steps = network.steps
     last = max((i for i, step in enumerate(steps) if rule_of(step.layer).terms is not None), default=None)
     reads = network.last_reads()
     readers = network.readers()
     values, constant, magnitudes = {network.source: x}, {}, {}
-    tangents = {network.source: carry.start(x)} if sampled else {}
+    tangents = {network.source: carrier.start(x)} if first_order else {}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
     pending = {}  # a tensor's own error, not drawn yet: its one reader maps elements to elements
 
@@ -243,13 +260,13 @@ def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
             constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
-        if sampled:
+        if first_order:
             none = [Error(0.0, 0.0, magnitudes.get(name)) for name in step.inputs]
             y, own = rule.step(step.layer, xs, none, 1.0)
             magnitudes[step.output] = own.magnitude
         if index == last:
             constant[step.output] = Error(torch.zeros_like(y), constant_added(y, getattr(step.layer, "bias", None)))
-        if sampled:
+        if first_order:
             random, systematic = own.random, own.systematic
             if step.inputs[0] in pending:  # the input's own error, through this elementwise layer, drawn with its own
                 held = pending.pop(step.inputs[0])
@@ -259,12 +276,14 @@ def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
                 systematic = systematic + constant[step.output].systematic
             if torch.is_tensor(random):  # rounding that inputs computing alike share: systematic (rules.coherent)
                 random, systematic = coherent(y, Error(random, systematic + torch.zeros_like(random)))[:2]
-            tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
+            with torch.enable_grad():  # the adjoint carrier differentiates the tangents by their sources
+                tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
             following = readers.get(step.output, ())
             if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:
                 pending[step.output] = Error(random, systematic)
             else:
-                carry.add_sources(tangents[step.output], random, systematic, y, generator)
+                with torch.enable_grad():
+                    tangents[step.output] = carrier.add(tangents[step.output], random, systematic, y)
         values[step.output] = y
         for name in step.inputs:
             if reads.get(name) == index and name != network.target:
@@ -272,8 +291,8 @@ def _walk(network, narrow, x, lam_, confidence, generator, bound: str):
                     held.pop(name, None)
     z = values[network.target]
     floor = FLOAT32_TINY  # kernels may flush subnormal results to zero
-    if sampled:
-        return z, carry.bound(tangents[network.target], z, confidence).add(systematic=floor)
+    if first_order:
+        return z, carrier.bound(tangents[network.target], z).add(systematic=floor)
     through = constant[network.target].systematic if network.target in constant else 0.0
     return z, errors[network.target].add(systematic=floor + through)
 

@@ -67,3 +67,75 @@ def bound(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, f
     sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
     random, systematic = (t * U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
     return Error(random, systematic)
+
+
+class Sampled:
+    """Σ c_r² estimated: 2·SAMPLES tangents carried forward, Gaussian sources drawn at every step (the module's
+    docstring). Costs 2·SAMPLES float32 passes of the linear part, whatever the number of outputs."""
+
+    def __init__(self, confidence: tuple[float, float], generator: torch.Generator) -> None:
+        self.confidence, self.generator = confidence, generator
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        return start(x)
+
+    def add(self, tangents: torch.Tensor, random, systematic, like: torch.Tensor) -> torch.Tensor:
+        add_sources(tangents, random, systematic, like, self.generator)
+        return tangents
+
+    def bound(self, tangents: torch.Tensor, z: torch.Tensor):
+        return bound(tangents, z, self.confidence)
+
+
+class Adjoint:
+    """Σ c_r² computed, not estimated: one tangent carried forward with a zero source added at every step, then
+    one vector–Jacobian product per output class gives ∂z/∂(source) for every step at once, and the variance the
+    sampled bound's Gaussians would have is summed exactly: Σ (g·r)² for the random part; for the systematic part
+    Σ (g·s)² + Σ over channels (Σ g·s)² + (Σ g·s)², its per-element, per-channel and per-tensor Gaussians. No χ²
+    limit: the bound is t·√(that variance), t Hoeffding's for the run's every output. Costs one float32 pass of the
+    linear part and one backward pass per class."""
+
+    def __init__(self, t: float) -> None:
+        self.t, self.sources = t, []
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape, dtype=torch.float32)
+
+    def add(self, tangents: torch.Tensor, random, systematic, like: torch.Tensor) -> torch.Tensor:
+        random, systematic = (part if bool(part.any()) else None
+                              for part in (torch.as_tensor(p, dtype=like.dtype) for p in (random, systematic)))
+        if random is None and systematic is None:
+            return tangents
+        source = torch.zeros(like.shape, dtype=torch.float32, requires_grad=True)
+        self.sources.append((source, random, systematic))
+        return tangents + source
+
+    def bound(self, tangents: torch.Tensor, z: torch.Tensor):
+        from crossport.exact.rules import Error
+
+        variance = torch.zeros((2, *z.shape), dtype=z.dtype)
+        sources = [source for source, _, _ in self.sources]
+        for c in range(z.shape[1] if sources and tangents.requires_grad else 0):  # one backward pass per class
+            with torch.enable_grad():  # walks run under no_grad
+                grads = torch.autograd.grad(tangents[:, c].sum(), sources, retain_graph=c + 1 < z.shape[1],
+                                            allow_unused=True)
+            for g, (_, random, systematic) in zip(grads, self.sources, strict=True):
+                for index, part in enumerate((random, systematic)):
+                    if g is not None and part is not None:
+                        variance[index, :, c] += _spread(g.to(z.dtype) * part, shared=index == 1)
+        self.sources = []
+        random, systematic = self.t * torch.sqrt(variance)
+        return Error(random, systematic)
+
+
+def _spread(weighted: torch.Tensor, shared: bool) -> torch.Tensor:
+    """Per input (dimension 0), the variance its output gets from one Gaussian per element of ``weighted`` (the
+    output's coefficient times the source's size) and, ``shared``, one per channel (dimension 1) and one per tensor
+    too; only the input's own elements count, as an output depends on its own input alone."""
+    per_input = weighted.flatten(1)
+    variance = (per_input**2).sum(dim=1)
+    if shared:
+        variance = variance + per_input.sum(dim=1) ** 2
+        if weighted.dim() > 2:
+            variance = variance + (weighted.flatten(2).sum(dim=2) ** 2).sum(dim=1)
+    return variance
