@@ -110,6 +110,13 @@ def test_save_and_load_round_trip(tmp_path):
         np.testing.assert_array_equal(loaded.values[key], exact.values[key])
         np.testing.assert_array_equal(loaded.bounds[key], exact.bounds[key])
     assert loaded.rows(slice(2)).values["logits"].shape == (2, 3)
+    assert loaded.bound == exact.bound == "running"
+    # a reference saved before error model 5 records a flag, not the bound's name
+    with np.load(tmp_path / "exact.npz") as arrays:
+        kept = {name: arrays[name] for name in arrays.files if name != "bound"}
+    for flag, bound in ((True, "sampled"), (False, "running")):
+        np.savez(tmp_path / "old.npz", **kept, sampled=np.bool_(flag))
+        assert Exact.load(tmp_path / "old.npz").bound == bound
 
 
 def test_tanh_sigmoid_and_leaky_relu_are_covered_and_their_approximations_counted_as_systematic():
@@ -206,3 +213,15 @@ def test_rounding_that_inputs_share_is_allowed_as_systematic(tmp_path):
     assert statistic(load_onnx(model)(probe)["logits"].astype(np.float64), exact) < threshold
     leaning = values + 0.9 * moved  # shared roundings, all the same way: within b now, beyond b before
     assert statistic(leaning, exact) < threshold <= statistic(leaning, before)
+
+
+@pytest.mark.parametrize("rows", [2, 7, 16, 17, 40])
+def test_values_shared_across_the_batch_are_found_by_either_search(rows):
+    """rules.repeated compares shifted copies up to PAIRWISE rows and sorts above: both mark exactly the elements
+    another row repeats in the same column (checked against a plain count)."""
+    from crossport.exact.rules import PAIRWISE, repeated
+
+    flat = torch.from_numpy(np.random.default_rng(rows).integers(0, 4 * rows, (rows, 300)).astype(np.float64))
+    counts = np.array([[np.sum(column == value) for value in column] for column in flat.numpy().T]).T
+    assert torch.equal(repeated(flat), torch.from_numpy(counts > 1))
+    assert (rows <= PAIRWISE) == (rows in (2, 7, 16))  # both searches are exercised
