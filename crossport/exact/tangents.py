@@ -1,5 +1,7 @@
-"""The sampled bound: first-order rounding error carried by the network's own Jacobian, for networks too deep for
-the running bound.
+"""The first-order bound: rounding error carried by the network's own Jacobian, for networks too deep for the
+running bound. Its Σ c_r² is estimated from Gaussian tangents (:class:`Sampled`, described here) or computed by one
+backward pass per output class (:class:`Adjoint`, narrower by the χ² limit's factor and cheaper up to 2·SAMPLES
+classes).
 
 The running bound passes each layer's error on through |W|, which may grow it by Σ|w| where the values grow by
 about ‖w‖, so it compounds with depth (docs/parity.md, "Deep networks"). This one does not. To first order, a float32
@@ -25,8 +27,9 @@ when its input lies within its own error of the kink, so over inputs the effect 
 running bound, which keeps every crossing, is wider than the logits (crossport.exact.walks); docs/parity.md ("Deep
 networks") gives the measured margin on a network built to sit at its kinks.
 
-Tangents are float32 in units of u (they are estimates of a size, not values), [2·SAMPLES·N, ...]: the random set,
-then the systematic set.
+Sampled tangents are float32 in units of u (they are estimates of a size, not values), [2·SAMPLES·N, ...]: the
+random set, then the systematic set. The adjoint's one tangent per input, [N, ...], stays zero: only its derivatives
+by the sources are read, in float32 as the sampled tangents are.
 """
 
 from __future__ import annotations
@@ -120,9 +123,10 @@ class Adjoint:
                 grads = torch.autograd.grad(tangents[:, c].sum(), sources, retain_graph=c + 1 < z.shape[1],
                                             allow_unused=True)
             for g, (_, random, systematic) in zip(grads, self.sources, strict=True):
+                g = None if g is None else g.to(z.dtype)
                 for index, part in enumerate((random, systematic)):
                     if g is not None and part is not None:
-                        variance[index, :, c] += _spread(g.to(z.dtype) * part, shared=index == 1)
+                        variance[index, :, c] += _spread(g * part, shared=index == 1)
         self.sources = []
         random, systematic = self.t * torch.sqrt(variance)
         return Error(random, systematic)
