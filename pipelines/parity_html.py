@@ -52,10 +52,19 @@ def render_parity_html(report: dict, *, title: str, plots: dict[str, Path], line
               f"<p><b>{_e(model.get('name', 'unnamed'))}</b> — described in crossport's "
               f"<code>{_e(model.get('document', 'docs/parity.md'))}</code>"
               f" (<a href=\"{_e(model.get('document', 'docs/parity.md'))}\">link, from a checkout</a>). "
-              f"False-alarm rate per run at most {_e(str(model.get('false_alarm', '-')))}.</p>"]
+              f"False-alarm rate per run at most {_e(str(model.get('false_alarm', '-')))}. "
+              f"B on this run: {_e(BOUNDS.get(model.get('bound'), 'not recorded'))}.</p>"]
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+# parity.json's error_model.bound, in words (docs/parity.md, "The error model" and "Deep networks")
+BOUNDS = {"running": "the running error bound, layer by layer",
+          "adjoint": "the first-order bound, the sum of squares of its coefficients computed by one backward pass "
+                     "per class",
+          "sampled": "the first-order bound, the sum of squares of its coefficients bounded from 16 Gaussian "
+                     "tangents"}
 
 
 def verdict_sentence(report: dict) -> str:

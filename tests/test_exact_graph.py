@@ -196,6 +196,8 @@ def test_a_mobilenet_v3_brought_as_onnx_passes_the_gate_and_is_published(tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((run / "parity.json").read_text())
     assert report["verdict"] == "pass" and report["error_model"]["bound"] == "adjoint"
+    assert "B on this run: the first-order bound, the sum of squares of its coefficients computed" in (
+        run / "parity.html").read_text()
     # every float hop and every float artifact against the exact values (48 random labelled images cannot decide the
     # full-int8 file's accuracy drop: "undecided", which publishes under the default policy)
     assert all(hop["verdict"] == "pass" for hop in report["hops"] if "int8" not in hop["candidate"])

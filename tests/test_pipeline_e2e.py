@@ -20,6 +20,8 @@ def test_run_prints_a_summary(pipeline_run):
     assert "test accuracy" in out
     assert "PASS" in out and "pytorch -> tflite_fp32" in out
     assert f"(report: {pipeline_run.models_dir / 'emnist_mlp' / '1' / 'assets.extra' / 'parity.html'})" in out
+    page = (pipeline_run.models_dir / "emnist_mlp" / "1" / "assets.extra" / "parity.html").read_text()
+    assert "B on this run: the running error bound, layer by layer." in page  # the MLP's bound, named
     assert f"version page   {pipeline_run.tracking_uri}/#/models/emnist_mlp/versions/" in out
 
 
