@@ -124,9 +124,7 @@ def test_the_adjoint_computes_the_variance_the_sampled_tangents_estimate():
     """Both carriers walk one network (convolutions, BatchNorm, ReLU, a max pool, a squeeze-excitation product, a
     residual add, HardSwish, a linear head): the adjoint's Σ c_r², per output and part, is the mean square of the
     sampled tangents over 60 independent walks (960 Gaussian tangents per set: a relative standard error of 4.6 %)."""
-    import copy
-
-    from crossport.exact import _walk
+    from crossport.exact import _walk, precisions
     from crossport.exact import tangents as carry
     from crossport.exact.layers import Add, Mul
     from crossport.exact.network import as_network
@@ -154,8 +152,7 @@ def test_the_adjoint_computes_the_variance_the_sampled_tangents_estimate():
         model.stem[2].running_var.uniform_(0.5, 2.0)
     x = np.random.default_rng(12).random((6, 784), dtype=np.float32)
     network = as_network(model, torch.from_numpy(x[:1]))
-    wide = copy.deepcopy(network).double().eval()
-    narrow = copy.deepcopy(network).float().eval().requires_grad_(False)
+    wide, narrow = precisions(network)
     batch = torch.from_numpy(x).double()
     with torch.no_grad():
         _, adjoint = _walk(wide, narrow, batch, 1.0, carry.Adjoint(1.0))  # t = 1: B is √Σ c_r² itself

@@ -167,8 +167,6 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     (:data:`PILOT`); then the first-order bound of :mod:`crossport.exact.tangents`, its Σ c_r² computed by one
     backward pass per class where there are at most 2·SAMPLES classes, estimated from 2·SAMPLES forward tangents
     where there are more (each the cheaper there)."""
-    import copy
-
     import torch
 
     from crossport.exact import tangents as carry
@@ -180,7 +178,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     counts = fan_ins(network)
     with torch.no_grad():  # shapes only: float32 (PyTorch's float64 grouped convolutions are slow at batch 1)
         dots, largest, classes = _per_example(network.eval(), sample)
-    wide, narrow = copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval().requires_grad_(False)
+    wide, narrow = precisions(network)
     lam_ = lam(len(images) * dots, max(counts, default=1))
     confidence = sampled_confidence(len(images) * classes)
 
@@ -206,6 +204,14 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
             else:
                 carrier = carry.Adjoint(sign_threshold(len(images) * classes)) if bound == "adjoint" else None
             yield _walk(wide, narrow, batch, lam_, carrier)
+
+
+def precisions(network):
+    """The network's float64 copy, which the walks compute exact values with, and its float32 copy, which carries
+    the first-order bound's tangents (no gradients of its own: the adjoint differentiates by the sources alone)."""
+    import copy
+
+    return copy.deepcopy(network).double().eval(), copy.deepcopy(network).float().eval().requires_grad_(False)
 
 
 def _per_example(network, sample) -> tuple[int, int, int]:
@@ -276,13 +282,12 @@ def _walk(network, narrow, x, lam_, carrier=None):
                 systematic = systematic + constant[step.output].systematic
             if torch.is_tensor(random):  # rounding that inputs computing alike share: systematic (rules.coherent)
                 random, systematic = coherent(y, Error(random, systematic + torch.zeros_like(random)))[:2]
+            following = readers.get(step.output, ())
             with torch.enable_grad():  # the adjoint carrier differentiates the tangents by their sources
                 tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
-            following = readers.get(step.output, ())
-            if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:
-                pending[step.output] = Error(random, systematic)
-            else:
-                with torch.enable_grad():
+                if len(following) == 1 and rule_of(steps[following[0]].layer).scale is not None:
+                    pending[step.output] = Error(random, systematic)
+                else:
                     tangents[step.output] = carrier.add(tangents[step.output], random, systematic, y)
         values[step.output] = y
         for name in step.inputs:

@@ -39,39 +39,6 @@ import torch  # imported only by the stages that compute exact references
 from crossport.exact.rounding import SAMPLES, U32
 
 
-def start(x: torch.Tensor) -> torch.Tensor:
-    """The input's tangents: the images are exact (they are the float32 numbers every runtime reads)."""
-    return torch.zeros((2 * SAMPLES * x.shape[0], *x.shape[1:]), dtype=torch.float32)
-
-
-def add_sources(tangents: torch.Tensor, random, systematic, like: torch.Tensor, generator: torch.Generator) -> None:
-    """Add each element's own error to its tangents (in place), as Gaussians of its bound's size: independent per
-    element for the random part; for the systematic part the sum of one Gaussian per element, per channel (dimension
-    1) and per tensor, each shared by every input of the batch."""
-    sets = tangents.view(2, SAMPLES, *like.shape)
-    for into, part, shared in ((sets[0], random, False), (sets[1], systematic, True)):
-        part = torch.as_tensor(part, dtype=like.dtype)
-        if not bool(part.any()):
-            continue
-        scale = torch.broadcast_to(part / U32, like.shape).to(torch.float32)
-        draw = torch.randn((SAMPLES, *like.shape), generator=generator)
-        if shared:
-            draw += torch.randn((SAMPLES, *(1,) * like.dim()), generator=generator)
-            if like.dim() > 2:
-                draw += torch.randn((SAMPLES, 1, like.shape[1], *(1,) * (like.dim() - 2)), generator=generator)
-        into.addcmul_(draw, scale)
-
-
-def bound(tangents: torch.Tensor, like: torch.Tensor, confidence: tuple[float, float]):
-    """The sampled bound of a tensor from its tangents: t·u·√(S/q) for each set (an Error: random, systematic)."""
-    from crossport.exact.rules import Error
-
-    t, q = confidence
-    sets = tangents.view(2, SAMPLES, *like.shape).to(like.dtype)
-    random, systematic = (t * U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
-    return Error(random, systematic)
-
-
 class Sampled:
     """Σ c_r² estimated: 2·SAMPLES tangents carried forward, Gaussian sources drawn at every step (the module's
     docstring). Costs 2·SAMPLES float32 passes of the linear part, whatever the number of outputs."""
@@ -80,14 +47,36 @@ class Sampled:
         self.confidence, self.generator = confidence, generator
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
-        return start(x)
+        """The input's tangents: the images are exact (they are the float32 numbers every runtime reads)."""
+        return torch.zeros((2 * SAMPLES * x.shape[0], *x.shape[1:]), dtype=torch.float32)
 
     def add(self, tangents: torch.Tensor, random, systematic, like: torch.Tensor) -> torch.Tensor:
-        add_sources(tangents, random, systematic, like, self.generator)
+        """Add each element's own error to its tangents (in place), as Gaussians of its bound's size: independent per
+        element for the random part; for the systematic part the sum of one Gaussian per element, per channel
+        (dimension 1) and per tensor, each shared by every input of the batch."""
+        sets = tangents.view(2, SAMPLES, *like.shape)
+        for into, part, shared in ((sets[0], random, False), (sets[1], systematic, True)):
+            part = torch.as_tensor(part, dtype=like.dtype)
+            if not bool(part.any()):
+                continue
+            scale = torch.broadcast_to(part / U32, like.shape).to(torch.float32)
+            draw = torch.randn((SAMPLES, *like.shape), generator=self.generator)
+            if shared:
+                draw += torch.randn((SAMPLES, *(1,) * like.dim()), generator=self.generator)
+                if like.dim() > 2:
+                    draw += torch.randn((SAMPLES, 1, like.shape[1], *(1,) * (like.dim() - 2)),
+                                        generator=self.generator)
+            into.addcmul_(draw, scale)
         return tangents
 
     def bound(self, tangents: torch.Tensor, z: torch.Tensor):
-        return bound(tangents, z, self.confidence)
+        """The sampled bound of a tensor from its tangents: t·u·√(S/q) for each set (an Error: random, systematic)."""
+        from crossport.exact.rules import Error
+
+        t, q = self.confidence
+        sets = tangents.view(2, SAMPLES, *z.shape).to(z.dtype)
+        random, systematic = (t * U32 * torch.sqrt((part**2).sum(dim=0) / q) for part in sets)
+        return Error(random, systematic)
 
 
 class Adjoint:
