@@ -159,8 +159,8 @@ def test_the_max_pool_window_gap_is_the_top_two_difference_in_every_window(pool)
     from crossport.exact.rules import _window_gap
 
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 9, 9)))
-    gap = _window_gap(pool, x)
     top = pool(x)
+    gap = _window_gap(pool, x, top)
     # brute force: lower the maximum of each window by a lot, pool again, and the new maximum is the second one
     for out_h in range(top.shape[2]):
         for out_w in range(top.shape[3]):
@@ -198,7 +198,7 @@ def test_rounding_that_inputs_share_is_allowed_as_systematic(tmp_path):
     flat = colours[np.arange(2400) % 4][:, None, None, :] + rng.normal(0, 40 / 255, (2400, 32, 32, 3))
     probe = dithered(np.clip(flat, 0, 1).astype(np.float32))
     exact = exact_outputs(network_from_onnx(model), probe)
-    with mock.patch("crossport.exact.rules.coherent", lambda y, error: error):
+    with mock.patch("crossport.exact.rules.coherent", lambda y, error, repeats=None: error):
         before = exact_outputs(network_from_onnx(model), probe)
     bound, values = exact.bounds["logits"], exact.values["logits"]
     assert np.allclose(bound, before.bounds["logits"], rtol=1e-12)  # B unchanged: only its split moved
@@ -225,3 +225,43 @@ def test_values_shared_across_the_batch_are_found_by_either_search(rows):
     counts = np.array([[np.sum(column == value) for value in column] for column in flat.numpy().T]).T
     assert torch.equal(repeated(flat), torch.from_numpy(counts > 1))
     assert (rows <= PAIRWISE) == (rows in (2, 7, 16))  # both searches are exercised
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU(), nn.Dropout(0.5).eval(), nn.Identity(), nn.Flatten(),
+                                   nn.Unflatten(1, (3, 2, 2))], ids=["relu", "dropout", "identity", "flatten",
+                                                                     "unflatten"])
+def test_a_layer_that_keeps_repeats_gives_what_a_search_of_its_output_finds(layer):
+    """Rule.repeats carries rules.repeated through a layer instead of searching its output again: off the zeros
+    (which coherent ignores) it must mark exactly what a search marks, ties, sign changes and ReLU's zeros included."""
+    from crossport.exact.rules import repeated, rule_of
+
+    x = torch.from_numpy(np.random.default_rng(3).integers(-3, 4, (40, 3, 2, 2)).astype(np.float64))
+    if isinstance(layer, nn.Unflatten):
+        x = x.flatten(1)
+    y = layer(x)
+    carried = rule_of(layer).repeats(layer, repeated(x.flatten(1)).reshape(x.shape))
+    searched = repeated(y.flatten(1)).reshape(y.shape)
+    assert torch.equal(carried & (y != 0), searched & (y != 0))
+    assert bool((searched & (y != 0)).any())  # the case has repeats to carry
+
+
+def test_the_walk_gives_the_same_bounds_whether_it_carries_repeats_or_searches_each_output():
+    """The walk carries repeats through the layers that keep them (Rule.repeats): on a batch with shared values
+    (duplicated images, saturated pixels) the bounds are bit for bit those of searching every output."""
+    import dataclasses
+    from unittest import mock
+
+    from crossport.exact import rules
+
+    model = nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Dropout(0.2), nn.Linear(4 * 26 * 26, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    x = images(40, 784)
+    x[:, :200] = 1.0  # saturated pixels: shared by every image
+    x[20:] = x[:20]  # every image twice
+    carried = exact_outputs(model, x)
+    searching = {kind: dataclasses.replace(rule, repeats=None) for kind, rule in rules.RULES.items()}
+    with mock.patch.dict(rules.RULES, searching):
+        searched = exact_outputs(model, x)
+    for part in ("bounds", "systematic"):
+        for output in ("logits", "scores"):
+            assert np.array_equal(getattr(carried, part)[output], getattr(searched, part)[output])

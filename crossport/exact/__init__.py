@@ -241,9 +241,11 @@ def _walk(network, narrow, x, lam_, carrier=None):
       with no incoming error and λ = 1, and that bias add), which the ``carrier`` samples (``Sampled``) or sums
       exactly (``Adjoint``).
     """
+    from functools import partial
+
     import torch
 
-    from crossport.exact.rules import Error, coherent, constant_added, rule_of
+    from crossport.exact.rules import Error, coherent, constant_added, repeated, rule_of
 
     forward, first_order = carrier is None, carrier is not None
     steps = network.steps
@@ -254,13 +256,25 @@ def _walk(network, narrow, x, lam_, carrier=None):
     tangents = {network.source: carrier.start(x)} if first_order else {}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
     pending = {}  # a tensor's own error, not drawn yet: its one reader maps elements to elements
+    found = {}  # rules.repeated of a tensor, once searched or carried through a layer that keeps it
+    producers = {step.output: step for step in steps}
+
+    def repeats(name: str, value):
+        """rules.repeated of tensor ``name`` (its exact ``value``): carried from the input of a layer that keeps it,
+        where that input is still held, else searched."""
+        if name not in found:
+            step = producers.get(name)
+            keeps = step is not None and rule_of(step.layer).repeats is not None and step.inputs[0] in values
+            found[name] = (rule_of(step.layer).repeats(step.layer, repeats(step.inputs[0], values[step.inputs[0]]))
+                           if keeps else repeated(value.reshape(len(value), -1)).reshape(value.shape))
+        return found[name]
 
     for index, (step, small) in enumerate(zip(steps, narrow.steps, strict=True)):
         rule = rule_of(step.layer)
         xs = [values[name] for name in step.inputs]
         if forward:
             y, error = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
-            errors[step.output] = coherent(y, error)  # what inputs compute alike rounds alike: systematic
+            errors[step.output] = coherent(y, error, partial(repeats, step.output, y))  # computed alike: systematic
             magnitudes[step.output] = errors[step.output].magnitude
         if forward and last is not None and index > last and any(name in constant for name in step.inputs):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
@@ -281,7 +295,8 @@ def _walk(network, narrow, x, lam_, carrier=None):
             if index == last:
                 systematic = systematic + constant[step.output].systematic
             if torch.is_tensor(random):  # rounding that inputs computing alike share: systematic (rules.coherent)
-                random, systematic = coherent(y, Error(random, systematic + torch.zeros_like(random)))[:2]
+                random, systematic = coherent(y, Error(random, systematic + torch.zeros_like(random)),
+                                              partial(repeats, step.output, y))[:2]
             following = readers.get(step.output, ())
             with torch.enable_grad():  # the adjoint carrier differentiates the tangents by their sources
                 tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
@@ -292,7 +307,7 @@ def _walk(network, narrow, x, lam_, carrier=None):
         values[step.output] = y
         for name in step.inputs:
             if reads.get(name) == index and name != network.target:
-                for held in (values, errors, constant, tangents, magnitudes):
+                for held in (values, errors, constant, tangents, magnitudes, found):
                     held.pop(name, None)
     z = values[network.target]
     floor = FLOAT32_TINY  # kernels may flush subnormal results to zero

@@ -76,7 +76,7 @@ class Error(NamedTuple):
         return Error(self.random + random, self.systematic + systematic)
 
 
-def coherent(y: torch.Tensor, error: Error) -> Error:
+def coherent(y: torch.Tensor, error: Error, repeats: Callable | None = None) -> Error:
     """``error`` with the random part of every element whose exact value another input of the batch shares at the
     same position (and is not 0) moved to the systematic part; the bound B, their sum, is unchanged.
 
@@ -85,14 +85,16 @@ def coherent(y: torch.Tensor, error: Error) -> Error:
     many inputs, everything computed from it is the same computation on each, with the same rounding: an error that
     keeps its sign across inputs, which is what the systematic part is for. A shared 0 is left alone: a ReLU's
     zeros come from inputs that differ, and a product or sum of zeros rounds nothing. The batch is one walk's
-    chunk (crossport.exact.WALK_BYTES), which holds many inputs of each class for the models this matters to."""
+    chunk (crossport.exact.WALK_BYTES), which holds many inputs of each class for the models this matters to.
+    ``repeats()``, where given, is :func:`repeated` of ``y`` already known (the walk carries it through layers that
+    keep it, :attr:`Rule.repeats`)."""
     if y.dim() < 1 or y.shape[0] < 2 or not torch.is_tensor(error.random) or error.random.shape != y.shape:
         return error
-    flat = y.reshape(y.shape[0], -1)
-    shared = repeated(flat) & (flat != 0)
+    found = repeats() if repeats is not None else repeated(y.reshape(y.shape[0], -1)).reshape(y.shape)
+    shared = found & (y != 0)
     if not shared.any():
         return error
-    moved = torch.where(shared.reshape(y.shape), error.random, torch.zeros_like(error.random))
+    moved = torch.where(shared, error.random, torch.zeros_like(error.random))
     return error._replace(random=error.random - moved, systematic=error.systematic + moved)
 
 
@@ -133,6 +135,10 @@ class Rule:
     # its output (elementwise functions, BatchNorm, a constant): its input's own error may then be added to the
     # layer's, scaled, and drawn once (crossport.exact.tangents); None for any other layer
     scale: Callable | None = None
+    # (layer, repeated(x)) -> repeated(y) off y's zeros, for a layer that gives equal outputs exactly where its inputs
+    # are equal (moves, the identity, ReLU above 0): the walk carries :func:`repeated` through it instead of
+    # searching again (coherent ignores shared zeros); None for any other layer
+    repeats: Callable | None = None
 
     def step(self, layer, xs: list, errors: list, lam_):
         """``propagate`` on a step's inputs: one as itself, several as tuples."""
@@ -345,19 +351,20 @@ def _concat(layer, xs, errors, lam_):
 def _max_pool(layer, x, error, lam_):
     """The window's largest input brings its error (at most the window's largest); an error large enough to let
     another input overtake it adds at most 2·max|δ| − gap, in B only (a kink crossing)."""
+    y, passed = layer(x), error.map(layer)
     if not torch.is_tensor(error.total):  # no incoming error: nothing to overtake with
-        return layer(x), error.map(layer)
-    overtaking = torch.clamp(2 * layer(error.total) - _window_gap(layer, x), min=0.0)
-    return layer(x), error.map(layer).add(random=overtaking)
+        return y, passed
+    overtaking = torch.clamp(2 * layer(error.total) - _window_gap(layer, x, y), min=0.0)
+    return y, passed.add(random=overtaking)
 
 
-def _window_gap(layer, x):
-    """Per pooled output, the gap between the window's two largest inputs."""
+def _window_gap(layer, x, y):
+    """Per pooled output ``y``, the gap between the window's two largest inputs."""
     from torch.nn.modules.utils import _pair
 
     kernel, stride = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
     padding, dilation = _pair(layer.padding), _pair(layer.dilation)
-    out_h, out_w = layer(x).shape[-2:]
+    out_h, out_w = y.shape[-2:]
     # pad to cover every window, ceil_mode's partial last ones included; the padding never wins a max
     need = [(out - 1) * s + d * (k - 1) + 1 for out, s, d, k in zip((out_h, out_w), stride, dilation, kernel,
                                                                       strict=True)]
@@ -365,9 +372,9 @@ def _window_gap(layer, x):
     padded = F.pad(x, (padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]), value=-math.inf)
     windows = F.unfold(padded.flatten(0, 1).unsqueeze(1), kernel, dilation=dilation, stride=stride)
     if windows.shape[1] < 2:
-        return torch.full_like(layer(x), math.inf)
+        return torch.full_like(y, math.inf)
     top = torch.topk(windows, 2, dim=1).values
-    return (top[:, 0] - top[:, 1]).reshape(layer(x).shape)
+    return (top[:, 0] - top[:, 1]).reshape(y.shape)
 
 
 def _global_average(layer, x, error, lam_):
@@ -432,10 +439,18 @@ def _moves_values(layer, x, error, lam_):
     return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
 
+def _moved(layer, repeats):
+    return layer(repeats)  # the elements move with the values
+
+
+def _kept(layer, repeats):
+    return repeats  # each element stays where it is; ReLU's new zeros are shared zeros, which coherent ignores
+
+
 RULES: dict[type, Rule] = {
     nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None)),
     nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None)),
-    nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size),
+    nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size, repeats=_kept),
     nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size),
     nn.ELU: Rule(_elu, linear=_by_slope, scale=_slope_size),
     nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs), linear=_by_slope,
@@ -455,15 +470,15 @@ RULES: dict[type, Rule] = {
     nn.AvgPool2d: Rule(_average_pool, _window),
     WithConstant: Rule(_with_constant, scale=_constant_scale),
     Pad: Rule(_pad),
-    nn.Flatten: Rule(_moves_values),
-    nn.Unflatten: Rule(_moves_values),
-    nn.Dropout: Rule(_moves_values, scale=lambda layer, xs: 1.0),  # evaluation mode: the identity
-    nn.Identity: Rule(_moves_values, scale=lambda layer, xs: 1.0),
+    nn.Flatten: Rule(_moves_values, repeats=_moved),
+    nn.Unflatten: Rule(_moves_values, repeats=_moved),
+    nn.Dropout: Rule(_moves_values, scale=lambda layer, xs: 1.0, repeats=_kept),  # evaluation mode: the identity
+    nn.Identity: Rule(_moves_values, scale=lambda layer, xs: 1.0, repeats=_kept),
     nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale),  # a multiply, an add
     nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale),
     GlobalAveragePool: Rule(_global_average, lambda layer: layer.size),
-    Reshape: Rule(_moves_values),
-    Permute: Rule(_moves_values),
+    Reshape: Rule(_moves_values, repeats=_moved),
+    Permute: Rule(_moves_values, repeats=_moved),
 }
 
 
