@@ -227,33 +227,53 @@ def test_values_shared_across_the_batch_are_found_by_either_search(rows):
     assert (rows <= PAIRWISE) == (rows in (2, 7, 16))  # both searches are exercised
 
 
+def _batch_norm() -> nn.BatchNorm2d:
+    layer = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, -0.5, 0.0]))  # rising, falling, and flat: every input one output
+        layer.running_var.fill_(3.0)
+        layer.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    return layer.double()
+
+
 @pytest.mark.parametrize("layer", [nn.ReLU(), nn.Dropout(0.5).eval(), nn.Identity(), nn.Flatten(),
-                                   nn.Unflatten(1, (3, 2, 2))], ids=["relu", "dropout", "identity", "flatten",
-                                                                     "unflatten"])
+                                   nn.Unflatten(1, (3, 2, 2)), _batch_norm(), nn.Hardtanh(-1.0, 1.5),
+                                   nn.Hardsigmoid(), nn.LeakyReLU(0.1)],
+                         ids=["relu", "dropout", "identity", "flatten", "unflatten", "batchnorm", "clip",
+                              "hardsigmoid", "leaky-relu"])
 def test_a_layer_that_keeps_repeats_gives_what_a_search_of_its_output_finds(layer):
     """Rule.repeats carries rules.repeated through a layer instead of searching its output again: off the zeros
-    (which coherent ignores) it must mark exactly what a search marks, ties, sign changes and ReLU's zeros included."""
-    from crossport.exact.rules import repeated, rule_of
+    (which coherent ignores) it must mark exactly what a search marks, ties, sign changes, ReLU's zeros, a clamp's
+    saturation and values a rounding makes equal included (a monotone layer: along the input's sort order)."""
+    from crossport.exact import rules
+    from crossport.exact.rules import repeated, rule_of, search
 
-    x = torch.from_numpy(np.random.default_rng(3).integers(-3, 4, (40, 3, 2, 2)).astype(np.float64))
+    x = torch.from_numpy(np.random.default_rng(3).integers(-60, 61, (40, 3, 2, 2)).astype(np.float64) / 10)
+    x = x + torch.from_numpy(np.random.default_rng(4).integers(0, 2, x.shape) * 2.0**-50)  # ties a rounding makes
     if isinstance(layer, nn.Unflatten):
         x = x.flatten(1)
-    y = layer(x)
-    carried = rule_of(layer).repeats(layer, repeated(x.flatten(1)).reshape(x.shape))
+    y = rule_of(layer).propagate(layer, x, rules.Error(torch.zeros_like(x), torch.zeros_like(x)), 1.0)[0]
+    inputs = search(x.flatten(1))
+    carried = rule_of(layer).repeats(layer, inputs._replace(found=inputs.found.reshape(x.shape)), y)
     searched = repeated(y.flatten(1)).reshape(y.shape)
-    assert torch.equal(carried & (y != 0), searched & (y != 0))
+    assert torch.equal(carried.found & (y != 0), searched & (y != 0))
     assert bool((searched & (y != 0)).any())  # the case has repeats to carry
+    if carried.order is not None:  # and the order carried is one that sorts the output
+        ordered = y.flatten(1).gather(0, carried.order)
+        assert bool(torch.all((ordered[1:] >= ordered[:-1]).all(dim=0) | (ordered[1:] <= ordered[:-1]).all(dim=0)))
 
 
 def test_the_walk_gives_the_same_bounds_whether_it_carries_repeats_or_searches_each_output():
     """The walk carries repeats through the layers that keep them (Rule.repeats): on a batch with shared values
-    (duplicated images, saturated pixels) the bounds are bit for bit those of searching every output."""
+    (duplicated images, saturated pixels) and more images than a pairwise search takes (so BatchNorm's search runs
+    along its input's order), the bounds are bit for bit those of searching every output."""
     import dataclasses
     from unittest import mock
 
     from crossport.exact import rules
 
-    model = nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+    model = nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU(),
+                          nn.Flatten(),
                           nn.Dropout(0.2), nn.Linear(4 * 26 * 26, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
     x = images(40, 784)
     x[:, :200] = 1.0  # saturated pixels: shared by every image

@@ -88,7 +88,8 @@ def coherent(y: torch.Tensor, error: Error, repeats: Callable | None = None) -> 
     chunk (crossport.exact.WALK_BYTES), which holds many inputs of each class for the models this matters to.
     ``repeats()``, where given, is :func:`repeated` of ``y`` already known (the walk carries it through layers that
     keep it, :attr:`Rule.repeats`)."""
-    if y.dim() < 1 or y.shape[0] < 2 or not torch.is_tensor(error.random) or error.random.shape != y.shape:
+    if (y.dim() < 1 or y.shape[0] < 2 or not torch.is_tensor(error.random) or error.random.shape != y.shape
+            or not bool(error.random.any())):  # nothing to move (an exact input, moved on): no search
         return error
     found = repeats() if repeats is not None else repeated(y.reshape(y.shape[0], -1)).reshape(y.shape)
     shared = found & (y != 0)
@@ -101,21 +102,37 @@ def coherent(y: torch.Tensor, error: Error, repeats: Callable | None = None) -> 
 PAIRWISE = 16  # batches up to this size are searched by comparing shifted copies: b − 1 passes, no sort
 
 
+class Repeats(NamedTuple):
+    """:func:`repeated` of a tensor (its shape), and each column's sort order where the search sorted ([b, M])."""
+
+    found: torch.Tensor
+    order: torch.Tensor | None = None
+
+
 def repeated(flat: torch.Tensor) -> torch.Tensor:
     """Per element of ``flat`` [b, M], whether another row holds the same value in the same column."""
-    if len(flat) <= PAIRWISE:  # the deep networks' walks (8 images for resnet18): 3–4× faster than sorting
+    return search(flat).found
+
+
+def search(flat: torch.Tensor, order: torch.Tensor | None = None) -> Repeats:
+    """:func:`repeated`, with the sort order it used; given ``order``, the sort order of a tensor that ``flat`` is a
+    monotone function of, column by column, its values are in order along it already, and nothing is sorted."""
+    if order is None and len(flat) <= PAIRWISE:  # the deep networks' walks (8 images for resnet18): 3–4× faster
         found = torch.zeros_like(flat, dtype=torch.bool)
         for shift in range(1, len(flat)):
             equal = flat[shift:] == flat[:-shift]
             found[shift:] |= equal
             found[:-shift] |= equal
-        return found
-    ordered, order = flat.sort(dim=0)
+        return Repeats(found)
+    if order is None:
+        ordered, order = flat.sort(dim=0)
+    else:  # a monotone function keeps ties together: equal values are neighbours along the input's order
+        ordered = flat.gather(0, order)
     equal = ordered[1:] == ordered[:-1]
     found = torch.zeros_like(ordered, dtype=torch.bool)
     found[1:] |= equal
     found[:-1] |= equal
-    return torch.zeros_like(found).scatter_(0, order, found)
+    return Repeats(torch.zeros_like(found).scatter_(0, order, found), order)
 
 
 def _affine(layer, xs, tangents):
@@ -135,9 +152,10 @@ class Rule:
     # its output (elementwise functions, BatchNorm, a constant): its input's own error may then be added to the
     # layer's, scaled, and drawn once (crossport.exact.tangents); None for any other layer
     scale: Callable | None = None
-    # (layer, repeated(x)) -> repeated(y) off y's zeros, for a layer that gives equal outputs exactly where its inputs
-    # are equal (moves, the identity, ReLU above 0): the walk carries :func:`repeated` through it instead of
-    # searching again (coherent ignores shared zeros); None for any other layer
+    # (layer, Repeats of x, y) -> Repeats of y (off y's zeros, which coherent ignores), or None to search y: for a
+    # layer that gives equal outputs exactly where its inputs are equal (moves, the identity, ReLU above 0) or that
+    # is monotone in each column; the walk carries :func:`repeated` through it instead of sorting again. None for
+    # any other layer
     repeats: Callable | None = None
 
     def step(self, layer, xs: list, errors: list, lam_):
@@ -439,27 +457,47 @@ def _moves_values(layer, x, error, lam_):
     return layer(x), error.map(layer)  # no arithmetic: values and their errors move together
 
 
-def _moved(layer, repeats):
-    return layer(repeats)  # the elements move with the values
+def _monotone_if_rising(layer, repeats: Repeats, y) -> Repeats | None:
+    """LeakyReLU is monotone where its slope below 0 is not negative."""
+    return _monotone(layer, repeats, y) if layer.negative_slope >= 0 else None
 
 
-def _kept(layer, repeats):
-    return repeats  # each element stays where it is; ReLU's new zeros are shared zeros, which coherent ignores
+def _moved(layer, repeats: Repeats, y) -> Repeats:
+    """The elements move with the values (a reshape, a permutation of all but the batch), and each column's order
+    with its column."""
+    order = None if repeats.order is None else layer(repeats.order.view(repeats.found.shape)).flatten(1)
+    return Repeats(layer(repeats.found), order)
+
+
+def _kept(layer, repeats: Repeats, y) -> Repeats:
+    """Each element stays where it is, with its value (the identity) or off zero (ReLU: its new zeros are shared
+    zeros, which coherent ignores; it is monotone too, so the order holds)."""
+    return repeats
+
+
+def _monotone(layer, repeats: Repeats, y) -> Repeats | None:
+    """A function monotone in each column (BatchNorm's scale and shift per channel, a clamp): new ties may appear
+    (two inputs rounded to one output, a saturation), but only between neighbours in the input's order, so the
+    search needs no sort; without an order (a pairwise search) it searches again (None)."""
+    if repeats.order is None:
+        return None
+    found, order = search(y.reshape(len(y), -1), repeats.order)
+    return Repeats(found.reshape(y.shape), order)
 
 
 RULES: dict[type, Rule] = {
     nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None)),
     nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None)),
     nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size, repeats=_kept),
-    nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size),
+    nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size, repeats=_monotone_if_rising),
     nn.ELU: Rule(_elu, linear=_by_slope, scale=_slope_size),
     nn.Tanh: Rule(_smooth(torch.tanh, lambda m: 1 - torch.tanh(m) ** 2, TANH_ULPS, torch.abs), linear=_by_slope,
                   scale=_slope_size),
     nn.Sigmoid: Rule(_smooth(torch.sigmoid, lambda m: torch.sigmoid(m) * torch.sigmoid(-m), SIGMOID_ULPS,
                              lambda y: torch.maximum(y, 1 - y)), linear=_by_slope, scale=_slope_size),
-    nn.Hardtanh: Rule(_clip, linear=_by_slope, scale=_slope_size),  # ReLU6 and ONNX Clip
-    nn.Hardsigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size),
-    HardSigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size),
+    nn.Hardtanh: Rule(_clip, linear=_by_slope, scale=_slope_size, repeats=_monotone),  # ReLU6 and ONNX Clip
+    nn.Hardsigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size, repeats=_monotone),
+    HardSigmoid: Rule(_hard_sigmoid, linear=_by_slope, scale=_slope_size, repeats=_monotone),
     nn.Hardswish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size),
     HardSwish: Rule(_hard_swish, linear=_by_slope, scale=_slope_size),
     Add: Rule(_add),
@@ -474,8 +512,8 @@ RULES: dict[type, Rule] = {
     nn.Unflatten: Rule(_moves_values, repeats=_moved),
     nn.Dropout: Rule(_moves_values, scale=lambda layer, xs: 1.0, repeats=_kept),  # evaluation mode: the identity
     nn.Identity: Rule(_moves_values, scale=lambda layer, xs: 1.0, repeats=_kept),
-    nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale),  # a multiply, an add
-    nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale),
+    nn.BatchNorm2d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale, repeats=_monotone),
+    nn.BatchNorm1d: Rule(_batch_norm, lambda layer: 2, folds=True, scale=_batch_norm_scale, repeats=_monotone),
     GlobalAveragePool: Rule(_global_average, lambda layer: layer.size),
     Reshape: Rule(_moves_values, repeats=_moved),
     Permute: Rule(_moves_values, repeats=_moved),
