@@ -388,11 +388,16 @@ def _window_gap(layer, x, y):
                                                                       strict=True)]
     extra = [max(0, n - (size + 2 * p)) for n, size, p in zip(need, x.shape[-2:], padding, strict=True)]
     padded = F.pad(x, (padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]), value=-math.inf)
-    windows = F.unfold(padded.flatten(0, 1).unsqueeze(1), kernel, dilation=dilation, stride=stride)
-    if windows.shape[1] < 2:
-        return torch.full_like(y, math.inf)
-    top = torch.topk(windows, 2, dim=1).values
-    return (top[:, 0] - top[:, 1]).reshape(y.shape)
+    # the two largest of each window, one position of the window at a time (a strided view each: no window is
+    # copied out, as unfold and topk would); a tie makes the second equal to the first
+    first = second = torch.full_like(y, -math.inf)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            at = padded[..., i * dilation[0] : i * dilation[0] + (out_h - 1) * stride[0] + 1 : stride[0],
+                        j * dilation[1] : j * dilation[1] + (out_w - 1) * stride[1] + 1 : stride[1]]
+            second = torch.maximum(second, torch.minimum(first, at))
+            first = torch.maximum(first, at)
+    return first - second
 
 
 def _global_average(layer, x, error, lam_):
