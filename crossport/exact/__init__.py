@@ -245,7 +245,7 @@ def _walk(network, narrow, x, lam_, carrier=None):
 
     import torch
 
-    from crossport.exact.rules import Error, coherent, constant_added, rule_of, search
+    from crossport.exact.rules import Error, Searches, coherent, constant_added, rule_of
 
     forward, first_order = carrier is None, carrier is not None
     steps = network.steps
@@ -256,31 +256,14 @@ def _walk(network, narrow, x, lam_, carrier=None):
     tangents = {network.source: carrier.start(x)} if first_order else {}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
     pending = {}  # a tensor's own error, not drawn yet: its one reader maps elements to elements
-    found = {}  # rules.repeated of a tensor, once searched or carried through a layer that keeps it
-    producers = {step.output: step for step in steps}
-
-    def repeats(name: str, value):
-        """rules.Repeats of tensor ``name`` (its exact ``value``): carried from the input of a layer that keeps it,
-        where that input is still held, else searched."""
-        if name not in found:
-            step = producers.get(name)
-            carry = rule_of(step.layer).repeats if step is not None and step.inputs[0] in values else None
-            carried = carry(step.layer, repeats(step.inputs[0], values[step.inputs[0]]), value) if carry else None
-            if carried is None:
-                flat = search(value.reshape(len(value), -1))
-                carried = flat._replace(found=flat.found.reshape(value.shape))
-            found[name] = carried
-        return found[name]
-
-    def shared(name: str, value):
-        return repeats(name, value).found
+    searches = Searches(steps, values)  # what the batch repeats: searched once, or carried where a layer keeps it
 
     for index, (step, small) in enumerate(zip(steps, narrow.steps, strict=True)):
         rule = rule_of(step.layer)
         xs = [values[name] for name in step.inputs]
         if forward:
             y, error = rule.step(step.layer, xs, [errors[name] for name in step.inputs], lam_)
-            errors[step.output] = coherent(y, error, partial(shared, step.output, y))  # computed alike: systematic
+            errors[step.output] = coherent(y, error, partial(searches.shared, step.output, y))  # rounded alike
             magnitudes[step.output] = errors[step.output].magnitude
         if forward and last is not None and index > last and any(name in constant for name in step.inputs):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
@@ -302,7 +285,7 @@ def _walk(network, narrow, x, lam_, carrier=None):
                 systematic = systematic + constant[step.output].systematic
             if torch.is_tensor(random):  # rounding that inputs computing alike share: systematic (rules.coherent)
                 random, systematic = coherent(y, Error(random, systematic + torch.zeros_like(random)),
-                                              partial(shared, step.output, y))[:2]
+                                              partial(searches.shared, step.output, y))[:2]
             following = readers.get(step.output, ())
             with torch.enable_grad():  # the adjoint carrier differentiates the tangents by their sources
                 tangents[step.output] = rule.linear(small.layer, xs, [tangents[name] for name in step.inputs])
@@ -313,7 +296,7 @@ def _walk(network, narrow, x, lam_, carrier=None):
         values[step.output] = y
         for name in step.inputs:
             if reads.get(name) == index and name != network.target:
-                for held in (values, errors, constant, tangents, magnitudes, found):
+                for held in (values, errors, constant, tangents, magnitudes, searches.known):
                     held.pop(name, None)
     z = values[network.target]
     floor = FLOAT32_TINY  # kernels may flush subnormal results to zero

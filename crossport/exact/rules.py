@@ -135,6 +135,33 @@ def search(flat: torch.Tensor, order: torch.Tensor | None = None) -> Repeats:
     return Repeats(torch.zeros_like(found).scatter_(0, order, found), order)
 
 
+class Searches:
+    """:class:`Repeats` of a walk's tensors, each searched once, when :func:`coherent` first asks, or carried from
+    its producer's input through a layer that keeps it (:attr:`Rule.repeats`) while that input is still held."""
+
+    def __init__(self, steps, values: dict) -> None:
+        self.producers = {step.output: step for step in steps}
+        self.values = values  # the walk's exact values, by tensor name (it frees them after their last reader)
+        self.known: dict[str, Repeats] = {}  # the walk drops each with its value
+
+    def shared(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Per element of tensor ``name`` (its exact ``value``), whether another input of the batch repeats it."""
+        return self.of(name, value).found
+
+    def of(self, name: str, value: torch.Tensor) -> Repeats:
+        if name not in self.known:
+            step = self.producers.get(name)
+            held = step is not None and step.inputs[0] in self.values
+            carry = rule_of(step.layer).repeats if held else None
+            source = step.inputs[0] if held else None
+            carried = carry(step.layer, self.of(source, self.values[source]), value) if carry else None
+            if carried is None:
+                flat = search(value.reshape(len(value), -1))
+                carried = flat._replace(found=flat.found.reshape(value.shape))
+            self.known[name] = carried
+        return self.known[name]
+
+
 def _affine(layer, xs, tangents):
     """J·t for a layer that is affine in its inputs: ``layer(t) − layer(0)`` (the bias or shift taken out)."""
     return layer(*tangents) - layer(*(torch.zeros_like(t[:1]) for t in tangents))
