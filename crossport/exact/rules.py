@@ -150,12 +150,11 @@ class Searches:
 
     def of(self, name: str, value: torch.Tensor) -> Repeats:
         if name not in self.known:
-            step = self.producers.get(name)
-            held = step is not None and step.inputs[0] in self.values
-            carry = rule_of(step.layer).repeats if held else None
-            source = step.inputs[0] if held else None
-            carried = carry(step.layer, self.of(source, self.values[source]), value) if carry else None
-            if carried is None:
+            step, carried = self.producers.get(name), None
+            if step is not None and step.inputs[0] in self.values and rule_of(step.layer).repeats is not None:
+                source = step.inputs[0]
+                carried = rule_of(step.layer).repeats(step.layer, self.of(source, self.values[source]), value)
+            if carried is None:  # no layer that keeps it, its input freed, or no order to search along
                 flat = search(value.reshape(len(value), -1))
                 carried = flat._replace(found=flat.found.reshape(value.shape))
             self.known[name] = carried
