@@ -178,8 +178,9 @@ def compare(
                 f"({stats.allowed_at_worst:.3g}) at example {stats.worst_example}"
             )
 
-    ref_top = np.asarray(reference[spec.agreement_on], dtype=np.float64)
-    cand_top = np.asarray(candidate[spec.agreement_on], dtype=np.float64)
+    # as they are: argmax is the same on float32 values as on their (exact) float64 copies, and where a difference or
+    # a gap is taken the rows go float64 a block at a time (_by_rows)
+    ref_top, cand_top = np.asarray(reference[spec.agreement_on]), np.asarray(candidate[spec.agreement_on])
     if labels is not None:
         labels = np.asarray(labels)
         result.reference_accuracy = float(np.mean(np.argmax(ref_top, 1) == labels))
@@ -260,8 +261,23 @@ class _Largest:
             self.extra_at_index = None if extra is None else float(extra.flat[local])
 
 
+def _by_rows(function, *arrays: np.ndarray):
+    """``function`` of the ``arrays``' rows in float64, BLOCK rows at a time; its per-row results (an array or a
+    tuple of arrays) joined. A comparison's float64 copies of whole outputs were 58 MB each at EMNIST byclass's full
+    size, several at once."""
+    parts = [function(*(np.asarray(array[start : start + BLOCK], dtype=np.float64) for array in arrays))
+             for start in range(0, len(arrays[0]), BLOCK)]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+    return np.concatenate(parts)
+
+
 def _top2_gap(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: the gap between the two highest values, and their columns (highest first)."""
+    return _by_rows(_top2_block, ref)
+
+
+def _top2_block(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pair = np.argpartition(ref, -2, axis=1)[:, -2:]  # the two highest, in either order
     values = np.take_along_axis(ref, pair, axis=1)
     swap = values[:, 0] > values[:, 1]
@@ -293,7 +309,7 @@ def _fp32_agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np.
         result.failures.append(f"{spec.name}: every example is a near-tie (top-2 gap within the error bound"
                                f"{width}); agreement cannot be measured")
         return
-    agree = np.argmax(ref[keep], axis=1) == np.argmax(cand[keep], axis=1)
+    agree = (np.argmax(ref, axis=1) == np.argmax(cand, axis=1))[keep]
     result.top1_agreement = float(np.mean(agree))
     if not np.all(agree):
         first_bad = int(np.flatnonzero(keep)[np.flatnonzero(~agree)[0]])
@@ -312,14 +328,14 @@ def _lossy_agreement(result: HopResult, spec: HopSpec, ref: np.ndarray, cand: np
     # A near-tie is an example whose two highest reference scores are closer than twice
     # the variant's own typical score error: two scores that each move by that much can
     # swap order without the variant being any worse.
-    typical = float(np.median(np.max(np.abs(cand - ref), axis=1)))
+    typical = float(np.median(_by_rows(lambda r, c: np.max(np.abs(c - r), axis=1), ref, cand)))
     margin = 2.0 * typical
     gap, _, _ = _top2_gap(ref) if ref.shape[1] > 1 else (np.full(len(ref), np.inf), None, None)
     keep = gap >= margin
     result.tie_rule = f"top-2 reference gap below 2 × the variant's median max |Δ| ({margin:.3g})"
     result.near_ties_excluded = int(np.sum(~keep))
     decisive = int(np.sum(keep))
-    changed = int(np.sum(np.argmax(ref[keep], axis=1) != np.argmax(cand[keep], axis=1)))
+    changed = int(np.sum((np.argmax(ref, axis=1) != np.argmax(cand, axis=1))[keep]))
     result.top1_agreement = 1.0 - changed / decisive if decisive else None
 
     as_accurate = (result.candidate_accuracy is not None and result.reference_accuracy is not None

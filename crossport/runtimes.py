@@ -22,7 +22,7 @@ from crossport.interface import CLASSES, CLASSIFY_INPUT, CLASSIFY_KEY, INPUT, PR
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 CHUNK = 4096  # examples per runtime call at most
-CHUNK_BYTES = 256 * 2**20  # and at most this much of one call's activations (chunk_for)
+CHUNK_BYTES = 64 * 2**20  # and at most this much of one call's activations (chunk_for)
 
 
 def chunk_for(onnx_path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -43,9 +44,13 @@ def package_versions(names: tuple[str, ...] | None = None) -> dict[str, str]:
 
 
 def provenance() -> dict:
+    from pipelines.memory import ONE_HEAP
+
     return {
         "code": code_version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": package_versions(KEY_PACKAGES),
+        # the allocator settings a run's peak memory depends on (pipelines.memory.one_heap); None where unset
+        "allocator": {name: os.environ.get(name) for name in ONE_HEAP},
     }

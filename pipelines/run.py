@@ -321,4 +321,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    from pipelines.memory import one_heap
+
+    one_heap()
     sys.exit(main())

@@ -411,3 +411,50 @@ def test_errors_against_the_exact_values_in_blocks_give_what_whole_arrays_give(m
     assert stats.worst_example == int(np.nanargmax(ratio)) // error.shape[1]
     assert stats.rms == pytest.approx(np.sqrt(np.nanmean(error**2)), rel=1e-12)
     assert not result.passed
+
+
+def _agreement_case(n: int = 600, classes: int = 7):
+    """Reference and candidate scores with near-ties, flips and a NaN, and per-element bounds."""
+    rng = np.random.default_rng(5)
+    ref = rng.dirichlet(np.full(classes, 0.3), n).astype(np.float32)
+    ref[::9, :2] = [0.4, 0.4 - 1e-6]  # near-ties
+    cand = (ref + rng.normal(0, 1e-3, ref.shape)).astype(np.float32)
+    cand[::50] = cand[::50, ::-1]  # changed answers
+    cand[7, 3] = np.nan
+    return {"scores": ref}, {"scores": cand}, rng.integers(0, classes, n), {"scores": np.full(ref.shape, 1e-6)}
+
+
+FP32_SCORES = HopSpec("ref -> cand", "ref", "cand", (("scores", VALUES),))
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_agreement_in_blocks_gives_what_whole_arrays_give(monkeypatch, block):
+    """The top-1 agreement, its near-ties and the lossy decisions are taken BLOCK rows at a time: the same report at
+    any block size as on the whole arrays."""
+    import crossport.parity as parity
+
+    ref, cand, labels, bounds = _agreement_case()
+    whole = [compare(spec, ref, cand, labels, bounds).to_dict() for spec in (FP32_SCORES, LOSSY)]
+    monkeypatch.setattr(parity, "BLOCK", block)
+    assert [compare(spec, ref, cand, labels, bounds).to_dict() for spec in (FP32_SCORES, LOSSY)] == whole
+    assert whole[0]["near_ties_excluded"] > 0 and whole[0]["top1_agreement"] < 1.0
+
+
+def test_a_comparison_holds_no_float64_copy_of_a_whole_output(monkeypatch):
+    """At full size one output is 58 MB in float64 and validate compares a dozen hops: a comparison works BLOCK rows
+    at a time and keeps per-row results only (NumPy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    import crossport.parity as parity
+
+    monkeypatch.setattr(parity, "BLOCK", 256)
+    ref, cand, labels, bounds = _agreement_case(n=8192, classes=62)
+    whole_copy = ref["scores"].size * 8
+    for spec in (FP32_SCORES, LOSSY):
+        tracemalloc.start()
+        try:
+            compare(spec, ref, cand, labels, bounds)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < whole_copy / 2, (spec.name, peak, whole_copy)

@@ -1,6 +1,8 @@
 """`--stage all` on the bundled digits, then every published artifact reloaded from disk."""
 
 import json
+import os
+import platform
 import shutil
 
 import numpy as np
@@ -131,6 +133,17 @@ def test_parity_report_and_servable_card(pipeline_run):
             assert report[key]["variant"] == variant and report[key]["layers"]
             assert card["formats"][variant]["worst_int8_layers"][0]["layer"] == report[key]["layers"][0]["layer"]
     assert report["int8_fallback"] is None and not report["replaced"]  # int8_full did not fail: nothing searched
+
+
+def test_the_command_ran_with_one_heap_and_recorded_it(pipeline_run):
+    """``python -m pipelines.run`` runs itself again with glibc's one heap (pipelines.memory.one_heap), unless the user
+    set their own; the run's provenance records what the peaks it reports were measured under."""
+    from pipelines.manifest import Manifest
+    from pipelines.memory import ONE_HEAP
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    expected = {name: os.environ.get(name, value if glibc else None) for name, value in ONE_HEAP.items()}
+    assert Manifest.load(pipeline_run.run_dir).facts["provenance"]["allocator"] == expected
 
 
 def test_every_fact_the_run_recorded_is_declared(pipeline_run):
