@@ -17,7 +17,7 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 # glibc's allocator with one heap for every thread: PyTorch's and TensorFlow's worker threads otherwise free blocks of
 # tens of MB into heaps of their own, in an order that varies with their timing, and what one order strands between
-# live blocks is never given back (docs/training.md, "The CNN at full size": the same evaluation peaked anywhere
+# live blocks is never given back (docs/training.md, "EMNIST at full size": the same evaluation peaked anywhere
 # between 0.86 and 4.47 GiB from run to run, 0.78-1.12 GiB with one heap). glibc reads it once, at start.
 ONE_HEAP = {"MALLOC_ARENA_MAX": "1"}
 
