@@ -13,6 +13,7 @@ same client code drives all four; the int8 variants quantize inside the graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -46,32 +47,33 @@ def converting():
       itself runs TFLite files with ai_edge_litert);
     - its full garbage collection after each conversion walking only what the conversion made
       (:func:`crossport.frameworks.heap_left_to_itself`);
-    - the SavedModel loaded once (:func:`_one_load`).
+    - the SavedModel not loaded at all (:func:`_no_load`).
     """
     from crossport.frameworks import heap_left_to_itself
 
-    with warnings.catch_warnings(), heap_left_to_itself(), _one_load():
+    with warnings.catch_warnings(), heap_left_to_itself(), _no_load():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
         yield
 
 
 @contextlib.contextmanager
-def _one_load():
+def _no_load():
     """TF 2.21's converter loads the whole SavedModel twice for each file it makes: ``from_saved_model`` to list its
-    signatures, ``convert()`` for its debug information, each dropped at once. Both only read it, so both get
-    :func:`crossport.runtimes.open_saved_model`'s one load, kept while its files are unchanged (and shared with the
-    stage that checked the SavedModel). MobileNetV3-small's three files took 3.9 s of conversion after TensorFlow's
-    import instead of 5.2 s (each load 0.3-0.6 s).
+    signatures' names, ``convert()`` for the debug information saved beside the graph. Its MLIR importer then reads
+    the directory itself. Both get :class:`SavedSignatures`, which reads those two from the directory's files as
+    the load does: a load of MobileNetV3-small's servable took 0.3-0.4 s a file, and every file comes out byte for
+    byte the same (tests/test_tflite.py). A converter that takes TensorFlow's other route (a SavedModel the MLIR
+    importer cannot read, a TF1 SavedModel) is refused (:func:`tflite_converter`); crossport's are TF2 SavedModels.
     """
     from tensorflow.lite.python import lite
-
-    from crossport.runtimes import open_saved_model
 
     original = lite._load
 
     def load(export_dir, tags=None, options=None):
         if options is None and set(tags or ("serve",)) == {"serve"}:  # what a tf.saved_model.load(dir) loads
-            return open_saved_model(Path(export_dir))
+            signatures = SavedSignatures.read(Path(export_dir))
+            if signatures is not None:
+                return signatures
         return original(export_dir, tags, options)
 
     lite._load = load
@@ -81,14 +83,39 @@ def _one_load():
         lite._load = original
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedSignatures:
+    """What the TFLite converter reads of a loaded SavedModel on its saved-model route: the signatures' names (each
+    standing for a function that route never calls) and the graph's debug information, which is empty unless the
+    SavedModel was saved with it."""
+
+    signatures: dict
+    graph_debug_info: object
+
+    @classmethod
+    def read(cls, saved_model_dir: Path) -> SavedSignatures | None:
+        """From the directory's files, as ``tf.saved_model.load`` reads them; None for a SavedModel saved with debug
+        information (``SaveOptions(save_debug_info=True)``; crossport's are not), which a load rewrites."""
+        from tensorflow.python.saved_model import loader_impl
+
+        proto, debug_info = loader_impl.parse_saved_model_with_debug_info(str(saved_model_dir))
+        if debug_info.ByteSize() or len(proto.meta_graphs) != 1:
+            return None
+        return cls({key: None for key in proto.meta_graphs[0].signature_def}, debug_info)
+
+
 def tflite_converter(saved_model_dir: Path, variant: str, calibration: np.ndarray | None = None):
     """The ``tf.lite.TFLiteConverter`` of ``variant``, configured and not run (the int8 diagnosis runs LiteRT's
     quantization debugger with the very converter the published file came from)."""
     import tensorflow as tf
+    from tensorflow.lite.python import lite
 
     if variant not in VARIANTS:
         raise PackageError(f"unknown TFLite variant {variant!r}: expected one of {', '.join(VARIANTS)}.")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[PREDICT_KEY])
+    if not isinstance(converter, lite.TFLiteSavedModelConverterV2):  # the route for TF1 SavedModels (schema 0)
+        raise PackageError(f"{saved_model_dir} is not a TensorFlow 2 SavedModel the TFLite converter imports whole.",
+                           hint="Re-run the package stage, which writes one.")
     if variant != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "fp16":

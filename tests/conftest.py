@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,15 @@ SHARED = "CROSSPORT_TEST_SESSION"
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # the controller (or the only process): its workers inherit the folder
-        os.environ[SHARED] = str(config._tmp_path_factory.getbasetemp())
+        base = config._tmp_path_factory.getbasetemp()
+        os.environ[SHARED] = str(base)
+        # what the session's processes put in "the system's temporary folder" (a command's libraries' log,
+        # crossport.console.command_log, one per served or checked process) stays in the session's folder, which
+        # pytest keeps for three sessions, instead of piling up in /tmp run after run
+        scratch = base / "system-tmp"
+        scratch.mkdir(exist_ok=True)
+        os.environ["TMPDIR"] = str(scratch)
+        tempfile.tempdir = None  # this process asks again: TMPDIR
         return
     # Test processes share the cores as distributed ranks do (training.distributed.threads_per_rank): two
     # processes each spinning two OpenMP threads on two cores made one run's training 3.6x slower.
@@ -87,7 +96,6 @@ def once(name: str, make) -> dict:
     failed ``make`` records nothing, so every process that asks sees the failure itself."""
     import fcntl
     import json
-    import tempfile
 
     root = Path(os.environ[SHARED])
     record = root / f"{name}.json"

@@ -142,3 +142,15 @@ def test_tracing_without_autograph_gives_the_same_graph(tmp_path):
     assert set(plain) == set(autograph)
     for name in plain:
         np.testing.assert_array_equal(plain[name].numpy(), autograph[name].numpy(), err_msg=name)
+
+    # translate saves the signature alone (translation.onnx_to_tf.export_graph): onnx-tf's module, whose two
+    # functions the saver traces again, stays out of the SavedModel, and so out of every later load
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    def saved(name):
+        meta = saved_model_pb2.SavedModel.FromString((tmp_path / name / "saved_model.pb").read_bytes()).meta_graphs[0]
+        traced = [f.signature.name for f in meta.graph_def.library.function if "___call___" in f.signature.name]
+        return len(traced), {child.local_name for child in meta.object_graph_def.nodes[0].children}
+
+    assert saved("plain") == (1, {"handler_variables", "signatures"})
+    assert saved("autograph")[0] == 2 and "__call__" in saved("autograph")[1]  # what onnx-tf's own export saves

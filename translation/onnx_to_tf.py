@@ -46,14 +46,35 @@ def translate(onnx_path: Path, out_dir: Path, *, expose_intermediates: bool = Tr
     try:
         try:
             with traced_without_autograph():
-                prepare(model).export_graph(str(out_dir))
+                export_graph(prepare(model), out_dir)
         except Exception as error:  # a handler that needs autograph: trace again with it
             log.debug("tracing without autograph failed (%s); tracing with it", error)
             shutil.rmtree(out_dir, ignore_errors=True)
-            prepare(model).export_graph(str(out_dir))
+            export_graph(prepare(model), out_dir)
     except Exception as error:  # onnx-tf raises bare Exceptions, TF raises many types
         shutil.rmtree(out_dir, ignore_errors=True)
         raise TranslationError(f"onnx-tf could not translate {onnx_path}: {error}.") from error
+
+
+def export_graph(rep, out_dir: Path) -> None:
+    """onnx-tf's ``TensorflowRep.export_graph``, saving only what its readers use: the ``serving_default`` signature.
+
+    onnx-tf saves its whole module, whose two ``tf.function`` attributes TensorFlow's saver lists again, tracing the
+    graph a second time, and which every later load restores: on MobileNetV3-small that save took 0.79-0.90 s and
+    a load of the result 0.28-0.31 s, against 0.32-0.33 s and 0.16-0.17 s for the signature alone. The function
+    saved is the same trace of the same graph, with the variables onnx-tf's control-flow handlers make (Loop, If,
+    Scan), which it captures, tracked beside it."""
+    import tensorflow as tf
+
+    module = rep.tf_module
+    module.is_export = True  # as onnx-tf's export: outputs of unknown rank get the ONNX graph's declared shape
+    try:
+        function = module.__call__.get_concrete_function(**rep.signatures)
+    finally:
+        module.is_export = False
+    kept = tf.Module()
+    kept.handler_variables = list(module.handler_variables.values())
+    tf.saved_model.save(kept, str(out_dir), signatures=function)
 
 
 def refuse_unsupported(model, path) -> None:
