@@ -178,6 +178,49 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
     assert {a.path for a in client.list_artifacts(run_id)} == {"peers.json", "peers.md", "peers.png"}
 
 
+@pytest.mark.slow
+def test_a_peers_file_it_could_not_make_is_a_row_saying_why_beside_the_files_it_made(pipeline_run, tmp_path,
+                                                                                      monkeypatch):
+    """onnx2tf converts a MobileNetV3 to float32 and then fails on its int8 files: its script reports the files it
+    made and, for each it could not, why; each is a row of the table, and the float file is measured as ever."""
+    import dataclasses
+    from pathlib import Path
+
+    from pipelines.tools.bench import peers
+    from pipelines.tools.bench.peers import Peer, compare_peers, render_peers
+
+    converter = tmp_path / "convert_half.py"
+    converter.write_text(
+        "import json, shutil, sys\n"
+        "from pathlib import Path\n"
+        "made = Path(sys.argv[5]) / 'float32.tflite'\n"
+        f"shutil.copyfile({str(pipeline_run.run_dir / 'model_fp32.tflite')!r}, made)\n"
+        "why = 'RuntimeError: flatbuffer_direct fast path failed.'\n"
+        "print(json.dumps({'files': {'fp32': str(made)}, 'failed': {'int8_dynamic': why, 'int8_full': why},\n"
+        "                  'import_s': 0.1, 'convert_s': 0.2, 'quantize_s': 0.3}))\n")
+
+    @dataclasses.dataclass(frozen=True)
+    class Half(Peer):
+        path: Path = converter
+
+        @property
+        def script(self) -> Path:
+            return self.path
+
+    monkeypatch.setattr(peers, "PEERS", (Half("half", None, "onnx"),))
+    version = pipeline_run.models_dir / "emnist_mlp" / "1"
+    results = compare_peers(version, pipeline_run.run_dir, install=False, quick=True)
+    (row,) = results["peers"]
+    assert list(row["files"]) == ["fp32", "int8_dynamic", "int8_full"]
+    assert row["files"]["fp32"]["verdict"] == "pass" and row["files"]["fp32"]["batch1"]["p50_ms"] > 0
+    for kind in ("int8_dynamic", "int8_full"):
+        assert row["files"][kind] == {
+            "kind": kind, "error": "half could not make it: RuntimeError: flatbuffer_direct fast path failed."}
+    table = render_peers(results).splitlines()
+    assert table[2].startswith("| half | fp32 | input [N, 784], any batch | ")
+    assert table[3].startswith("| half | int8_dynamic | half could not make it: RuntimeError: flatbuffer_direct")
+
+
 def test_a_peer_folder_crossport_did_not_make_is_never_cleared(tmp_path, monkeypatch):
     from pipelines.tools.bench.peers import PEERS, environment
 

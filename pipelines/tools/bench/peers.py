@@ -112,7 +112,9 @@ def calibration_file(run_dir: Path, shape: tuple[int, ...], path: Path) -> Path:
 def convert(peer: Peer, python: Path, run_dir: Path, shape: tuple[int, ...], calibration: Path, out: Path) -> dict:
     """The peer's converter in a fresh process, every script given the same arguments (REPO SOURCE LABELS SHAPE
     OUT CALIBRATION; each takes what it needs; CALIBRATION: :func:`calibration_file`). An ONNX source is a copy:
-    onnx2tf rewrites the file it is given."""
+    onnx2tf rewrites the file it is given. The script prints one JSON line: ``files`` (kind: path), ``failed``
+    (kind: why, for a file it meant to make and could not; optional), ``import_s``, ``convert_s`` and ``quantize_s``.
+    A script that fails as a whole is a RuntimeError with its last line."""
     out.mkdir(parents=True)
     source = run_dir / "model.pt"
     if peer.source == "onnx":
@@ -175,6 +177,9 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                          "sign_threshold": exact.get("threshold")}
                 row["files"][kind] = entry
                 files.append((entry, path, report))
+            for kind, why in made.get("failed", {}).items():  # after the files it made, as the table lists them
+                row["files"][kind] = {"kind": kind, "error": f"{peer.name} could not make it: {why}"}
+                log.warning("%s %s: %s", peer.name, kind, why)
         _latencies(files, shape, quick)
     return {"version_dir": str(version_dir), "run_dir": str(run_dir), "quick": quick, "peers": rows}
 
