@@ -62,12 +62,12 @@ def export_graph(rep, out_dir: Path) -> None:
     onnx-tf saves its whole module, whose two ``tf.function`` attributes TensorFlow's saver lists again, tracing the
     graph a second time, and which every later load restores: on MobileNetV3-small that save took 0.79-0.90 s and
     a load of the result 0.28-0.31 s, against 0.32-0.33 s and 0.16-0.17 s for the signature alone. The function
-    saved is the same trace of the same graph, with the variables onnx-tf's control-flow handlers make (Loop, If,
-    Scan), which it captures, tracked beside it."""
+    saved is the same trace of the same graph, with the variables some of onnx-tf's handlers make and the function
+    captures (its recurrent ops' and NonMaxSuppression's, also inside Loop, If and Scan bodies) tracked beside it."""
     import tensorflow as tf
 
     module = rep.tf_module
-    module.is_export = True  # as onnx-tf's export: outputs of unknown rank get the ONNX graph's declared shape
+    module.is_export = True  # as onnx-tf's export: an output TensorFlow cannot shape takes the ONNX graph's
     try:
         function = module.__call__.get_concrete_function(**rep.signatures)
     finally:
