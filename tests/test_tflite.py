@@ -117,11 +117,21 @@ def test_converting_reads_the_saved_model_without_loading_it(tiny, tmp_path, mon
             return load(export_dir, *args, **kwargs)
         return loading
 
+    from export.tflite import SavedSignatures
+
+    reads = []
+    read = SavedSignatures.read.__func__
+
+    def reading(cls, saved_model_dir):
+        reads.append(Path(saved_model_dir).name)
+        return read(cls, saved_model_dir)
+
     monkeypatch.setattr(tf.saved_model, "load", counted(tf.saved_model.load))  # crossport's own loads
     monkeypatch.setattr(lite, "_load", counted(lite._load))  # the converter's
+    monkeypatch.setattr(SavedSignatures, "read", classmethod(reading))
     convert_tflite(source, tmp_path / "fp32.tflite")
     convert_tflite(source, tmp_path / "fp16.tflite", "fp16")
-    assert loads == []
+    assert loads == [] and reads == ["saved_model"] * 2  # read once for each file, which asks for it twice
     alone = tflite_converter(source, "fp32").convert()  # the converter left to load it as it does
     assert len(loads) == 2 and (tmp_path / "fp32.tflite").read_bytes() == alone
     loads.clear()
