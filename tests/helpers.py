@@ -135,6 +135,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def hard_swish_inputs(rows: int = 60, width: int = 64, seed: int = 0) -> np.ndarray:
+    """float32 [rows, width]: 81 ulps around each of HardSwish's kinks (±3), the rest uniform in [−8, 8] (about a
+    tenth of them in (−3, −1.5), where x·clip(x/6 + 1/2, 0, 1) rounds x/6 by more than u·|x|·h(x))."""
+    kinks = np.array([-3.0, 3.0], dtype=np.float32)
+    near = (kinks[:, None] * (1 + np.arange(-40, 41) * 2.0**-23)).astype(np.float32).ravel()
+    spread = np.random.default_rng(seed).uniform(-8, 8, rows * width - near.size).astype(np.float32)
+    return np.concatenate([near, spread]).reshape(rows, width)
+
+
 def idx_images(images: np.ndarray) -> bytes:
     """IDX3 (NIST/MNIST format): magic 0x0803, count, rows, cols, then uint8 pixels."""
     count, rows, cols = images.shape

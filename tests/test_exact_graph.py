@@ -271,6 +271,28 @@ def test_each_onnx_op_is_read_as_onnx_reference_computes_it_and_bounds_onnx_runt
     assert np.all(np.abs(float32 - exact.values["logits"]) <= exact.bounds["logits"])
 
 
+def test_the_hard_swish_bound_holds_for_both_forms_runtimes_compute():
+    """ONNX Runtime computes HardSwish as x·clip(x/6 + 1/2, 0, 1), PyTorch as x·relu6(x + 3)/6. On exact inputs
+    (the table above feeds HardSwish a rounded product, whose own allowance hides the difference) the rule bounds
+    both, around both kinks and in (−3, −1.5), where the first form's rounding of x/6, u·|x|·|x/6|, is larger than
+    u·|x|·h(x) (docs/parity.md, "HardSwish's rule")."""
+    from helpers import hard_swish_inputs
+
+    from crossport.exact.graph import network_from_onnx
+    from crossport.runtimes import load_onnx
+
+    model = _one_op_graph(lambda x: ([_node("HardSwish", [x])], {}), channels=4, side=4, opset=14)
+    x = hard_swish_inputs(width=64)
+    exact = exact_outputs(network_from_onnx(model), x)
+    values, bound = exact.values["logits"], exact.bounds["logits"]
+    onnx_runtime = load_onnx(model)(x)["logits"]
+    pytorch = nn.functional.hardswish(torch.from_numpy(x)).numpy()
+    assert np.all(np.abs(onnx_runtime - values) <= bound) and np.all(np.abs(pytorch - values) <= bound)
+    wide = x.astype(np.float64)
+    three_roundings = 3 * U32 * np.abs(wide) * np.clip(wide / 6 + 0.5, 0, 1)
+    assert np.any(np.abs(onnx_runtime - values) > three_roundings)  # the first form is in the inputs
+
+
 def test_a_constant_divided_by_data_is_refused_naming_the_node():
     from crossport.errors import CrossportError
     from crossport.exact.graph import network_from_onnx

@@ -158,42 +158,33 @@ def test_tracing_without_autograph_gives_the_same_graph(tmp_path):
 
 def test_hard_swish_is_translated_to_the_form_tflite_runs_as_one_kernel(tmp_path):
     """onnx-tf's HardSwish, x·max(0, min(1, x/6 + 1/2)), became four TFLite ops; translated as x·relu6(x + 3)·1/6
-    (translation.compat, item 7) it is TFLite's one HARD_SWISH kernel. The translated graph is within the gate's
-    HardSwish allowance of the float64 function (crossport.exact.rules._hard_swish), kinks included: x + 3 is exact
-    next to -3. TFLite's kernel here computes x/6 + 1/2, whose rounding of x/6 (u·|x|/6, times x) the rule does not
-    count between the kinks (onnx-tf's own form did the same, on every hop: docs/parity.md, "HardSwish's rule"); it
-    is held to the bound that covers either form."""
+    (translation.compat, item 7) it is TFLite's one HARD_SWISH kernel. Both the translated graph and TFLite's
+    kernel (which computes x/6 + 1/2) are within the gate's HardSwish bound (crossport.exact.rules._hard_swish)
+    of the float64 function, kinks included."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
+    from helpers import hard_swish_inputs
 
-    from crossport.exact.rounding import U32
+    from crossport.exact import exact_outputs
+    from crossport.exact.graph import network_from_onnx
     from export.layout import tflite_ops
 
     graph = helper.make_graph(
-        [helper.make_node("HardSwish", ["x"], ["y"], name="swish")], "hard_swish",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])])
-    path = tmp_path / "hard_swish.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
-    translate(path, tmp_path / "tf_graph", expose_intermediates=False)
+        [helper.make_node("HardSwish", ["images"], ["logits"], name="swish")], "hard_swish",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    onnx.save(model, str(tmp_path / "hard_swish.onnx"))
+    translate(tmp_path / "hard_swish.onnx", tmp_path / "tf_graph", expose_intermediates=False)
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "tf_graph"))
     (tmp_path / "m.tflite").write_bytes(converter.convert())
     assert tflite_ops(tmp_path / "m.tflite") == ["HARD_SWISH"]
 
-    rng = np.random.default_rng(0)
-    kinks = np.array([-3.0, 3.0], dtype=np.float32)
-    near = (kinks[:, None] * (1 + np.arange(-40, 41) * 2.0**-23)).astype(np.float32).ravel()  # ulps around each
-    x = np.concatenate([near, rng.uniform(-8, 8, 64 * 60 - near.size).astype(np.float32)]).reshape(-1, 64)
-    wide = x.astype(np.float64)
-    h = np.clip(wide / 6 + 0.5, 0, 1)
-    exact = wide * h
-    # the rule for an exact input: four roundings of |x|·h(x), 1/6 as a float32 number, and just below the lower
-    # kink a rounded x/6 + 1/2 that comes out positive (|x|·|x|/6 per rounding)
-    squared = 4 * U32 * np.abs(wide) ** 2 / 6
-    rule = 5 * U32 * np.abs(wide) * h + squared * (np.abs(wide + 3) <= 2 * U32 * 3)
-    translated = tf.saved_model.load(str(tmp_path / "tf_graph")).signatures["serving_default"](x=tf.constant(x))
-    assert np.all(np.abs(translated["y"].numpy() - exact) <= rule)
+    x = hard_swish_inputs(width=64)
+    exact = exact_outputs(network_from_onnx(model), x)
+    values, bound = exact.values["logits"], exact.bounds["logits"]
+    translated = tf.saved_model.load(str(tmp_path / "tf_graph")).signatures["serving_default"](images=tf.constant(x))
+    assert np.all(np.abs(translated["logits"].numpy() - values) <= bound)
     runner = Interpreter(model_path=str(tmp_path / "m.tflite")).get_signature_runner()
-    kernel = np.abs(runner(x=x)["y"] - exact)
-    assert np.all(kernel <= rule + squared * (h > 0))  # either form's bound: which one a kernel uses is its own
+    assert np.all(np.abs(runner(images=x)["logits"] - values) <= bound)

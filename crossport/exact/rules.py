@@ -351,9 +351,19 @@ def _hard_sigmoid(layer, x, error, lam_):
 
 def _hard_swish(layer, x, error, lam_):
     """``x·h(x)``, h = clip(α·x + β, 0, 1) (α = 1/6, β = 1/2 unless the layer says): f' is 0 below the lower kink,
-    2α·x + β between, 1 above; the error passes scaled by the largest |f'| within its reach. Three roundings of at
-    most |x|·h(x) (the shift, the product, the division or the multiply by α: random) and α as a float32 number
-    (systematic)."""
+    2α·x + β between, 1 above; the error passes scaled by the largest |f'| within its reach. Runtimes compute it in
+    one of two forms, and the rule bounds both (docs/parity.md, "HardSwish's rule"):
+
+    * ``x·relu6(x + 3)/6`` (TensorFlow's, PyTorch's): three roundings of at most |x|·h(x) (random);
+    * ``x·clip(x/6 + 1/2, 0, 1)`` (ONNX Runtime's, TFLite's HARD_SWISH kernel): two (the shift, the product), and
+      the rounding of α·x, u·|α·x| whatever h(x) is, which the product with x makes u·|x|·|α·x| (random), as large
+      as 1.5u at −3 where |x|·h(x) is 0.
+
+    The rule counts four roundings of |x|·h(x), one more than either form has, as it always has.
+
+    The systematic part is α itself: ONNX's is the float32 number nearest 1/6, and a runtime's may differ from it
+    by u·α, which moves the output by u·|x|·|α·x| where α multiplies x (and its kink with it) or by u·|x|·h(x)
+    where 1/6 multiplies the product."""
     alpha, beta = _alpha(layer), _beta(layer)
     lo, hi = -beta / alpha, (1 - beta) / alpha
     y = layer(x)
@@ -364,10 +374,13 @@ def _hard_swish(layer, x, error, lam_):
 
     largest = _largest_slope(slope, ((lo, (0.0, abs(beta))), (hi, (abs(2 - beta), 1.0))), x, error.total)
     h = torch.clamp(alpha * x + beta, 0.0, 1.0)
+    shifted = x.abs() * (alpha * x).abs()  # |x|·|α·x|: what a rounding of α·x becomes in the product with x
+    inside = ((x > lo) & (x < hi)).to(x.dtype)
     # just below the lower kink a rounded α·x + β may come out positive: a product of |x|·u·|α·x|
     near = ((x - lo).abs() <= 2 * U32 * x.abs()).to(x.dtype)
-    size = x.abs() * h + near * alpha * x.abs() ** 2
-    return y, error.map(lambda e: largest * e).add(random=4 * U32 * size, systematic=U32 * x.abs() * h)
+    random = 4 * U32 * (x.abs() * h + near * shifted) + U32 * inside * shifted
+    return y, error.map(lambda e: largest * e).add(random=random,
+                                                 systematic=U32 * torch.maximum(x.abs() * h, inside * shifted))
 
 
 def _add(layer, xs, errors, lam_):
