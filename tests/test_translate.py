@@ -156,6 +156,54 @@ def test_tracing_without_autograph_gives_the_same_graph(tmp_path):
     assert saved("autograph")[0] == 2 and "__call__" in saved("autograph")[1]  # what onnx-tf's own export saves
 
 
+# every elementwise op with a rule of its own, and the kinks of each (its attributes as exporters write them)
+ELEMENTWISE = (("Relu", {}, ()), ("LeakyRelu", {"alpha": 0.01}, ()), ("Elu", {"alpha": 1.0}, ()),
+               ("Clip", {}, ("zero", "six")), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, ()),
+               ("HardSwish", {}, ()), ("Sigmoid", {}, ()), ("Tanh", {}, ()))
+KINKS = (0.0, -2.5, 2.5, -3.0, 3.0, 6.0)
+
+
+def test_every_elementwise_rule_bounds_every_runtime_on_exact_inputs(tmp_path):
+    """Each op's rule (crossport.exact.rules) holds for ONNX Runtime, the translated graph and its TFLite file, on
+    exact inputs: 121 neighbours of every kink (ulps, or subnormal steps around 0) and wide uniform ranges. Exact
+    inputs matter: behind another op the input's own allowance can hide a rule's gap (HardSwish's, docs/parity.md)."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+    from onnx import numpy_helper
+
+    from crossport.exact import exact_outputs
+    from crossport.exact.graph import network_from_onnx
+
+    width = 16
+    nodes = [helper.make_node(op, ["images", *extra], [op], **attrs) for op, attrs, extra in ELEMENTWISE]
+    nodes.append(helper.make_node("Concat", [op for op, _, _ in ELEMENTWISE], ["logits"], axis=1))
+    graph = helper.make_graph(
+        nodes, "elementwise", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width * len(ELEMENTWISE)])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(6.0, np.float32), "six")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    onnx.save(model, str(tmp_path / "elementwise.onnx"))
+    steps = np.arange(-60, 61)
+    near = [np.float32(k) * (1 + steps * 2.0**-23) if k else steps * 2.0**-140 for k in KINKS]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([*near, rng.uniform(-8, 8, 6000), rng.uniform(-30, 30, 2000), rng.normal(0, 1e-3, 1000)])
+    x = x[: len(x) // width * width].astype(np.float32).reshape(-1, width)
+    exact = exact_outputs(network_from_onnx(model), x)
+    values, bound = exact.values["logits"], exact.bounds["logits"]
+
+    translate(tmp_path / "elementwise.onnx", tmp_path / "tf_graph", expose_intermediates=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "tf_graph"))
+    (tmp_path / "m.tflite").write_bytes(converter.convert())
+    runs = {"onnxruntime": load_onnx(model)(x)["logits"],
+            "tf_graph": load_saved_model(tmp_path / "tf_graph", outputs=("logits",))(x)["logits"],
+            "tflite": Interpreter(model_path=str(tmp_path / "m.tflite")).get_signature_runner()(images=x)["logits"]}
+    for runtime, y in runs.items():
+        over = np.abs(y - values) > bound
+        where = [ELEMENTWISE[column // width][0] for column in np.unique(np.nonzero(over)[1])]
+        assert not over.any(), f"{runtime}: outside the rule's bound for {sorted(set(where))}"
+
+
 def test_hard_swish_is_translated_to_the_form_tflite_runs_as_one_kernel(tmp_path):
     """onnx-tf's HardSwish, x·max(0, min(1, x/6 + 1/2)), became four TFLite ops; translated as x·relu6(x + 3)·1/6
     (translation.compat, item 7) it is TFLite's one HARD_SWISH kernel. Both the translated graph and TFLite's
