@@ -163,15 +163,12 @@ def _without_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _tflite_run(path: Path, threads: int | None):
     """The file's own input type (a float16 or integer input is fed converted, by its quantization parameters) and
     float32 outputs (integer outputs dequantized)."""
+    from crossport.runtimes import signature_call
+
     interpreter = _interpreter(path, threads)
     signatures = interpreter.get_signature_list()
     if signatures:
-        runner = interpreter.get_signature_runner(next(iter(signatures)))
-        ((name, feed),) = runner.get_input_details().items()
-        outputs = runner.get_output_details()
-
-        def call(batch):
-            return runner(**{name: batch})
+        call, feed, outputs = signature_call(interpreter, next(iter(signatures)))
     else:
         interpreter.allocate_tensors()
         (feed,), details = interpreter.get_input_details(), interpreter.get_output_details()

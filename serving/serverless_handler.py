@@ -309,14 +309,30 @@ class TFLiteModel:
         from ai_edge_litert.interpreter import Interpreter
 
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=interpreter_threads())
-        self.runner = self.interpreter.get_signature_runner("serving_default")
-        self.input_name, details = next(iter(self.runner.get_input_details().items()))
+        runner = self.interpreter.get_signature_runner("serving_default")
+        ((self.input_name, details),) = runner.get_input_details().items()
+        self.input_index, self.sized = details["index"], None
+        self.scores_index = runner.get_output_details()["scores"]["index"]
+        # the interpreter's own calls reach its first subgraph only, where crossport's files keep the signature; a
+        # runner kept alive holds the interpreter, which then refuses its own calls, so it is kept only if needed
+        self.runner = None if getattr(runner, "_subgraph_index", None) == 0 else runner
         self.shape = tuple(int(d) for d in details["shape"][1:])  # one example: (784,) or (H, W, C)
         self.labels = labels_path.read_text().splitlines()
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
-        outputs = self.runner(**{self.input_name: np.ascontiguousarray(rows, dtype=np.float32)})
-        return np.asarray(outputs["scores"])
+        """The signature's own sequence, with the interpreter resized only when the batch's shape changes (LiteRT's
+        signature runner resizes and allocates on every call: crossport.runtimes.signature_call)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.runner is not None:
+            return np.asarray(self.runner(**{self.input_name: rows})["scores"])
+        if rows.shape != self.sized:
+            self.sized = None
+            self.interpreter.resize_tensor_input(self.input_index, rows.shape)
+            self.interpreter.allocate_tensors()
+            self.sized = rows.shape
+        self.interpreter.set_tensor(self.input_index, rows)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.scores_index)
 
 
 _MODEL: TFLiteModel | None = None

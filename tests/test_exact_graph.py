@@ -276,10 +276,9 @@ def test_the_hard_swish_bound_holds_for_both_forms_runtimes_compute():
     (the table above feeds HardSwish a rounded product, whose own allowance hides the difference) the rule bounds
     both, around both kinks and in (−3, −1.5), where the first form's rounding of x/6, u·|x|·|x/6|, is larger than
     u·|x|·h(x) (docs/parity.md, "HardSwish's rule")."""
-    from helpers import hard_swish_inputs
-
     from crossport.exact.graph import network_from_onnx
     from crossport.runtimes import load_onnx
+    from tests.helpers import hard_swish_inputs
 
     model = _one_op_graph(lambda x: ([_node("HardSwish", [x])], {}), channels=4, side=4, opset=14)
     x = hard_swish_inputs(width=64)

@@ -149,3 +149,44 @@ def test_converting_reads_the_saved_model_without_loading_it(tiny, tmp_path, mon
     assert (traced / "debug" / "saved_model_debug_info.pb").stat().st_size > 0
     convert_tflite(traced, tmp_path / "traced.tflite")
     assert [Path(path).name for path in loads] == ["with_debug_info"] * 2
+
+
+def test_a_signature_is_sized_once_per_batch_shape_and_answers_as_the_runner_does(tiny, tmp_path):
+    """crossport.runtimes.signature_call resizes and allocates only when the batch's shape changes (LiteRT's runner
+    does it on every call) and answers exactly what the runner answers, batch after batch; a signature outside the
+    first subgraph (a file converted with two signatures has two) keeps the runner, and answers the same."""
+    import numpy as np
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from crossport.interface import PREDICT_KEY, PREDICT_UINT8_KEY
+    from crossport.runtimes import signature_call
+
+    interpreter = Interpreter(model_path=str(tiny.tflite), num_threads=1)
+    allocations = []
+    allocate = interpreter.allocate_tensors
+    interpreter.allocate_tensors = lambda: allocations.append(1) or allocate()
+    call, feed, outputs = signature_call(interpreter, PREDICT_KEY)
+    runner = Interpreter(model_path=str(tiny.tflite), num_threads=1).get_signature_runner(PREDICT_KEY)
+    rng = np.random.default_rng(9)
+    for size in (1, 1, 5, 5, 5, 1, 128, 128):
+        batch = rng.random((size, 784), dtype=np.float32)
+        answer = call(batch)
+        assert answer.keys() == outputs.keys() == {"scores"}
+        assert np.array_equal(answer["scores"], runner(images=batch)["scores"])
+    assert len(allocations) == 4  # 1, 5, 1, 128: once per change of shape
+    assert feed["index"] == runner.get_input_details()["images"]["index"]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tiny.saved_model),
+                                                         signature_keys=[PREDICT_KEY, PREDICT_UINT8_KEY])
+    two = tmp_path / "two.tflite"
+    two.write_bytes(converter.convert())
+    pixels = rng.integers(0, 256, (3, 784), dtype=np.uint8)
+    subgraphs = set()
+    for key, batch in ((PREDICT_KEY, pixels.astype(np.float32) / 255), (PREDICT_UINT8_KEY, pixels)):
+        runner = Interpreter(model_path=str(two), num_threads=1).get_signature_runner(key)
+        subgraphs.add(runner._subgraph_index)
+        expected = runner(images=batch)["scores"]
+        call = signature_call(Interpreter(model_path=str(two), num_threads=1), key)[0]
+        assert np.array_equal(call(batch)["scores"], expected) and np.array_equal(call(batch)["scores"], expected)
+    assert subgraphs == {0, 1}

@@ -211,11 +211,11 @@ def test_hard_swish_is_translated_to_the_form_tflite_runs_as_one_kernel(tmp_path
     of the float64 function, kinks included."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
-    from helpers import hard_swish_inputs
 
     from crossport.exact import exact_outputs
     from crossport.exact.graph import network_from_onnx
     from export.layout import tflite_ops
+    from tests.helpers import hard_swish_inputs
 
     graph = helper.make_graph(
         [helper.make_node("HardSwish", ["images"], ["logits"], name="swish")], "hard_swish",

@@ -359,7 +359,7 @@ def _hard_swish(layer, x, error, lam_):
       the rounding of α·x, u·|α·x| whatever h(x) is, which the product with x makes u·|x|·|α·x| (random), as large
       as 1.5u at −3 where |x|·h(x) is 0.
 
-    The rule counts four roundings of |x|·h(x), one more than either form has, as it always has.
+    The rule counts four roundings of |x|·h(x), one more than either form has: a spare, kept.
 
     The systematic part is α itself: ONNX's is the float32 number nearest 1/6, and a runtime's may differ from it
     by u·α, which moves the output by u·|x|·|α·x| where α multiplies x (and its kink with it) or by u·|x|·h(x)
