@@ -163,7 +163,7 @@ def _without_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _tflite_run(path: Path, threads: int | None):
     """The file's own input type (a float16 or integer input is fed converted, by its quantization parameters) and
     float32 outputs (integer outputs dequantized)."""
-    from crossport.runtimes import signature_call
+    from crossport.runtimes import signature_call, sized_call
 
     interpreter = _interpreter(path, threads)
     signatures = interpreter.get_signature_list()
@@ -173,14 +173,7 @@ def _tflite_run(path: Path, threads: int | None):
         interpreter.allocate_tensors()
         (feed,), details = interpreter.get_input_details(), interpreter.get_output_details()
         outputs = {detail["name"]: detail for detail in details}
-
-        def call(batch):
-            if tuple(interpreter.get_input_details()[0]["shape"]) != batch.shape:
-                interpreter.resize_tensor_input(feed["index"], batch.shape)
-                interpreter.allocate_tensors()
-            interpreter.set_tensor(feed["index"], batch)
-            interpreter.invoke()
-            return {key: interpreter.get_tensor(detail["index"]) for key, detail in outputs.items()}
+        call = sized_call(interpreter, feed, outputs, allocated=tuple(feed["shape"]))
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
         from crossport.errors import PackageError

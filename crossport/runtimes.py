@@ -250,7 +250,14 @@ def signature_call(interpreter, key: str) -> tuple[Callable[[np.ndarray], dict[s
             return {output: np.array(value) for output, value in runner(**{name: batch}).items()}
 
         return by_runner, feed, outputs
-    sized: list = [None]
+    return sized_call(interpreter, feed, outputs), feed, outputs
+
+
+def sized_call(interpreter, feed: dict, outputs: dict, allocated: tuple[int, ...] | None = None):
+    """The interpreter's first subgraph as a call (one batch → a copy of every output in ``outputs``, by name), fed
+    through input ``feed`` and resized and allocated only when the batch's shape differs from the last one
+    (``allocated``: the shape the interpreter is allocated for already, if it is)."""
+    sized = [allocated]
 
     def call(batch: np.ndarray) -> dict[str, np.ndarray]:
         if batch.shape != sized[0]:
@@ -262,7 +269,7 @@ def signature_call(interpreter, key: str) -> tuple[Callable[[np.ndarray], dict[s
         interpreter.invoke()
         return {output: interpreter.get_tensor(detail["index"]) for output, detail in outputs.items()}
 
-    return call, feed, outputs
+    return call
 
 
 # One loader per runtime, each returning a Predict any number of threads may call: ``(path, threads, instances,

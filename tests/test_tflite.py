@@ -190,3 +190,32 @@ def test_a_signature_is_sized_once_per_batch_shape_and_answers_as_the_runner_doe
         call = signature_call(Interpreter(model_path=str(two), num_threads=1), key)[0]
         assert np.array_equal(call(batch)["scores"], expected) and np.array_equal(call(batch)["scores"], expected)
     assert subgraphs == {0, 1}
+
+
+def test_a_file_without_signatures_is_sized_from_the_shape_it_was_allocated_for(tiny, tmp_path):
+    """A file with no SignatureDef (another converter's, read by crossport.foreign) goes through the same sized call,
+    starting from the shape it was allocated for: no allocation until the batch's shape changes."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from crossport.interface import PREDICT_KEY
+    from crossport.runtimes import sized_call
+
+    model = flatbuffer_utils.read_model(str(tiny.tflite))
+    model.signatureDefs = []
+    flatbuffer_utils.write_model(model, str(tmp_path / "bare.tflite"))
+    interpreter = Interpreter(model_path=str(tmp_path / "bare.tflite"), num_threads=1)
+    assert interpreter.get_signature_list() == {}
+    interpreter.allocate_tensors()
+    (feed,), (scores,) = interpreter.get_input_details(), interpreter.get_output_details()
+    allocations = []
+    allocate = interpreter.allocate_tensors
+    interpreter.allocate_tensors = lambda: allocations.append(1) or allocate()
+    call = sized_call(interpreter, feed, {"scores": scores}, allocated=tuple(feed["shape"]))
+    runner = Interpreter(model_path=str(tiny.tflite), num_threads=1).get_signature_runner(PREDICT_KEY)
+    rng = np.random.default_rng(4)
+    for size in (1, 1, 7, 7):
+        batch = rng.random((size, 784), dtype=np.float32)
+        assert np.array_equal(call(batch)["scores"], runner(images=batch)["scores"])
+    assert tuple(feed["shape"]) == (1, 784) and len(allocations) == 1  # only the change to 7
