@@ -135,13 +135,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def hard_swish_inputs(rows: int = 60, width: int = 64, seed: int = 0) -> np.ndarray:
-    """float32 [rows, width]: 81 ulps around each of HardSwish's kinks (±3), the rest uniform in [−8, 8] (about a
-    tenth of them in (−3, −1.5), where x·clip(x/6 + 1/2, 0, 1) rounds x/6 by more than u·|x|·h(x))."""
-    kinks = np.array([-3.0, 3.0], dtype=np.float32)
-    near = (kinks[:, None] * (1 + np.arange(-40, 41) * 2.0**-23)).astype(np.float32).ravel()
-    spread = np.random.default_rng(seed).uniform(-8, 8, rows * width - near.size).astype(np.float32)
-    return np.concatenate([near, spread]).reshape(rows, width)
+def around_kinks(kinks: tuple[float, ...], width: int, seed: int = 0) -> np.ndarray:
+    """float32 [rows, width], exact inputs for an elementwise op's rule: the 121 float32 numbers around each kink
+    (60 ulps either side; subnormal steps around 0), then 6,000 uniform in [−8, 8], 2,000 in [−30, 30] and 1,000
+    near 0 (σ 1e-3), cut to whole rows."""
+    steps = np.arange(-60, 61)
+    near = [np.float32(k) * (1 + steps * 2.0**-23) if k else steps * 2.0**-140 for k in kinks]
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([*near, rng.uniform(-8, 8, 6000), rng.uniform(-30, 30, 2000), rng.normal(0, 1e-3, 1000)])
+    return x[: len(x) // width * width].astype(np.float32).reshape(-1, width)
 
 
 def idx_images(images: np.ndarray) -> bytes:

@@ -278,10 +278,10 @@ def test_the_hard_swish_bound_holds_for_both_forms_runtimes_compute():
     u·|x|·h(x) (docs/parity.md, "HardSwish's rule")."""
     from crossport.exact.graph import network_from_onnx
     from crossport.runtimes import load_onnx
-    from tests.helpers import hard_swish_inputs
+    from tests.helpers import around_kinks
 
     model = _one_op_graph(lambda x: ([_node("HardSwish", [x])], {}), channels=4, side=4, opset=14)
-    x = hard_swish_inputs(width=64)
+    x = around_kinks((-3.0, 3.0), width=64)  # 703 of them in (−3, −1.5)
     exact = exact_outputs(network_from_onnx(model), x)
     values, bound = exact.values["logits"], exact.bounds["logits"]
     onnx_runtime = load_onnx(model)(x)["logits"]

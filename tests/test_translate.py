@@ -156,7 +156,7 @@ def test_tracing_without_autograph_gives_the_same_graph(tmp_path):
     assert saved("autograph")[0] == 2 and "__call__" in saved("autograph")[1]  # what onnx-tf's own export saves
 
 
-# every elementwise op with a rule of its own, and the kinks of each (its attributes as exporters write them)
+# every elementwise op with a rule of its own: its attributes as exporters write them, and its constant inputs
 ELEMENTWISE = (("Relu", {}, ()), ("LeakyRelu", {"alpha": 0.01}, ()), ("Elu", {"alpha": 1.0}, ()),
                ("Clip", {}, ("zero", "six")), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, ()),
                ("HardSwish", {}, ()), ("Sigmoid", {}, ()), ("Tanh", {}, ()))
@@ -165,7 +165,7 @@ KINKS = (0.0, -2.5, 2.5, -3.0, 3.0, 6.0)
 
 def test_every_elementwise_rule_bounds_every_runtime_on_exact_inputs(tmp_path):
     """Each op's rule (crossport.exact.rules) holds for ONNX Runtime, the translated graph and its TFLite file, on
-    exact inputs: 121 neighbours of every kink (ulps, or subnormal steps around 0) and wide uniform ranges. Exact
+    exact inputs (tests.helpers.around_kinks: the neighbours of every kink and wide uniform ranges). Exact
     inputs matter: behind another op the input's own allowance can hide a rule's gap (HardSwish's, docs/parity.md)."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
@@ -173,6 +173,7 @@ def test_every_elementwise_rule_bounds_every_runtime_on_exact_inputs(tmp_path):
 
     from crossport.exact import exact_outputs
     from crossport.exact.graph import network_from_onnx
+    from tests.helpers import around_kinks
 
     width = 16
     nodes = [helper.make_node(op, ["images", *extra], [op], **attrs) for op, attrs, extra in ELEMENTWISE]
@@ -184,11 +185,7 @@ def test_every_elementwise_rule_bounds_every_runtime_on_exact_inputs(tmp_path):
          numpy_helper.from_array(np.array(6.0, np.float32), "six")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     onnx.save(model, str(tmp_path / "elementwise.onnx"))
-    steps = np.arange(-60, 61)
-    near = [np.float32(k) * (1 + steps * 2.0**-23) if k else steps * 2.0**-140 for k in KINKS]
-    rng = np.random.default_rng(0)
-    x = np.concatenate([*near, rng.uniform(-8, 8, 6000), rng.uniform(-30, 30, 2000), rng.normal(0, 1e-3, 1000)])
-    x = x[: len(x) // width * width].astype(np.float32).reshape(-1, width)
+    x = around_kinks(KINKS, width)
     exact = exact_outputs(network_from_onnx(model), x)
     values, bound = exact.values["logits"], exact.bounds["logits"]
 
@@ -215,7 +212,7 @@ def test_hard_swish_is_translated_to_the_form_tflite_runs_as_one_kernel(tmp_path
     from crossport.exact import exact_outputs
     from crossport.exact.graph import network_from_onnx
     from export.layout import tflite_ops
-    from tests.helpers import hard_swish_inputs
+    from tests.helpers import around_kinks
 
     graph = helper.make_graph(
         [helper.make_node("HardSwish", ["images"], ["logits"], name="swish")], "hard_swish",
@@ -229,7 +226,7 @@ def test_hard_swish_is_translated_to_the_form_tflite_runs_as_one_kernel(tmp_path
     (tmp_path / "m.tflite").write_bytes(converter.convert())
     assert tflite_ops(tmp_path / "m.tflite") == ["HARD_SWISH"]
 
-    x = hard_swish_inputs(width=64)
+    x = around_kinks((-3.0, 3.0), width=64)
     exact = exact_outputs(network_from_onnx(model), x)
     values, bound = exact.values["logits"], exact.bounds["logits"]
     translated = tf.saved_model.load(str(tmp_path / "tf_graph")).signatures["serving_default"](images=tf.constant(x))
