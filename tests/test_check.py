@@ -102,12 +102,13 @@ def test_every_file_checked_against_a_run_is_judged_on_exact_values_computed_onc
 
     computed, real = [], validate.exact_values
     monkeypatch.setattr(validate, "exact_values", lambda *args, **kwargs: (
-        computed.append(kwargs.get("graph", False)), real(*args, **kwargs))[1])
+        computed.append((kwargs.get("graph", False), kwargs.get("bound"))), real(*args, **kwargs))[1])
     monkeypatch.setattr(checking, "_EXACT", collections.OrderedDict())
     extra = pipeline_run.models_dir / "emnist_mlp" / "1" / "assets.extra"
     reports = [checking.check(extra / name, pipeline_run.run_dir)
                for name in ("model_fp32.tflite", "model_int8_full.tflite", "model_fp32.tflite")]
-    assert computed == [False, True]  # the test split once, the probe (with the graph's) once: for three files
+    # the test split once, the probe (with the graph's) once, with the bound the test split's pilot chose: for three
+    assert computed == [(False, None), (True, "running")]  # files
     assert reports[0] == reports[2] and [r["verdict"] for r in reports] == ["pass"] * 3
     checkpoint = pipeline_run.run_dir / "model.pt"
     held = os.stat(checkpoint)
@@ -116,7 +117,7 @@ def test_every_file_checked_against_a_run_is_judged_on_exact_values_computed_onc
         checking.check(extra / "model_int8_full.tflite", pipeline_run.run_dir)
     finally:
         os.utime(checkpoint, ns=(held.st_atime_ns, held.st_mtime_ns))
-    assert computed == [False, True, False]
+    assert [graph for graph, _ in computed] == [False, True, False]
 
 
 def test_what_is_no_servable_is_refused_in_one_line(tmp_path, capsys):

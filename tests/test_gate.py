@@ -86,6 +86,21 @@ def test_validate_catches_a_drifted_saved_model_on_its_own(pipeline_run, tmp_pat
     assert_nothing_published(tmp_path)
 
 
+def test_validate_chooses_the_bound_once_and_the_probes_walks_take_its_choice(pipeline_run, tmp_path, monkeypatch):
+    """The pilot that chooses between the running and the first-order bound walks 64 images: validate runs it on the
+    test split alone, and the probe's walks (the model's and its ONNX graph's) take that choice (resnet18: 7 s a
+    pilot)."""
+    import crossport.exact as exact
+
+    manifest, config = copy_run(pipeline_run, tmp_path)
+    chosen, real = [], exact.walks
+    monkeypatch.setattr(exact, "walks", lambda *args, **kwargs: (chosen.append(kwargs.get("bound")),
+                                                                real(*args, **kwargs))[1])
+    run_stages(manifest, config, (stage_by_name("validate"),), NullTracker())
+    bound = json.loads((manifest.run_dir / "parity.json").read_text())["error_model"]["bound"]
+    assert chosen == [None, bound, bound]
+
+
 @pytest.mark.parametrize("variant", ["fp32", "int8_full"])
 def test_tflite_from_a_different_model_fails_validation(pipeline_run, tiny, tmp_path, variant, capfd):
     manifest, _ = copy_run(pipeline_run, tmp_path)

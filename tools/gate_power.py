@@ -129,8 +129,9 @@ def probe_case(run_dir: Path, examples: int = 0):
         images = dithered(to_inputs(arrays["x_test"][: examples or PROBE_SIZE]))
     reference = load_torch(run_dir / "model.pt")(images)
     paths = {"checkpoint": run_dir / "model.pt", "onnx": run_dir / "model.onnx"}
-    references = exact_values(paths, REFERENCE, images, graph=True)
-    threshold = json.loads((run_dir / "parity.json").read_text())["error_model"]["sign_test"]["threshold"]
+    model = json.loads((run_dir / "parity.json").read_text())["error_model"]
+    references = exact_values(paths, REFERENCE, images, graph=True, bound=model.get("bound"))  # validate's choice
+    threshold = model["sign_test"]["threshold"]
     return onnx.load(str(run_dir / "model.onnx"), load_external_data=False), reference, references, images, threshold
 
 

@@ -132,11 +132,11 @@ def fan_ins(model) -> tuple[int, ...]:
 WALK_BYTES = 64 * 2**20
 
 
-def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192) -> Exact:
+def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None) -> Exact:
     """Run ``model`` (a PyTorch model or a :class:`crossport.exact.network.Network`) in float64 on float32
-    ``images`` [N, ...]; see the module docstring."""
+    ``images`` [N, ...]; see the module docstring. ``bound``: as :func:`walks` (None: chosen on the images' pilot)."""
     joined: dict[tuple[str, str], np.ndarray] = {}  # each written as its chunks come: at full size 58 MB an array
-    walk = walks(model, images, chunk=chunk)
+    walk = walks(model, images, chunk=chunk, bound=bound)
     lam_, counts, bound = next(walk)
     start = 0
     for logits, error in walk:

@@ -343,13 +343,14 @@ def _needed(nodes, output: str) -> set[str]:
     return needed
 
 
-def exact_from_onnx(path, images):
-    """The :class:`crossport.exact.Exact` of the ONNX file at ``path`` on float32 ``images`` [N, *shape]."""
+def exact_from_onnx(path, images, bound: str | None = None):
+    """The :class:`crossport.exact.Exact` of the ONNX file at ``path`` on float32 ``images`` [N, *shape] (``bound``:
+    as :func:`crossport.exact.walks`)."""
     import onnx
 
     from crossport.exact import exact_outputs
 
-    return exact_outputs(network_from_onnx(onnx.load(str(path), load_external_data=False)), images)
+    return exact_outputs(network_from_onnx(onnx.load(str(path), load_external_data=False)), images, bound=bound)
 
 
 def float64_model(model):

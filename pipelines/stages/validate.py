@@ -53,7 +53,8 @@ def validate_stage(ctx: Context) -> StageResult:
     # the exact values first: the float64 walks are validate's peak, so they run before the runtimes load the
     # SavedModels, which stay loaded until the stage ends (crossport.runtimes.open_saved_model)
     exact = exact_values(paths, reference, images).model
-    probe_references = exact_values(paths, reference, probe_inputs, graph=True)
+    # the bound chosen on the test split's pilot serves the probe's walks too (one pilot a run, not three)
+    probe_references = exact_values(paths, reference, probe_inputs, graph=True, bound=exact.bound)
     both = run_runtimes(ctx, paths, reference, inputs)
     outputs, probe_outputs = ({name: {key: rows[part] for key, rows in values.items()} for name, values in both.items()}
                               for part in (slice(None, len(images)), slice(len(images), None)))
@@ -157,22 +158,25 @@ class References:
         return [self.export] if self.export else []
 
 
-def exact_values(paths: dict, reference: str, images: np.ndarray, graph: bool = False) -> References:
+def exact_values(paths: dict, reference: str, images: np.ndarray, graph: bool = False,
+                 bound: str | None = None) -> References:
     """The exact float64 values and float32 bounds of the original (the checkpoint, or the ONNX graph brought) and,
-    with ``graph``, of the ONNX graph, with the check that the two are one function."""
+    with ``graph``, of the ONNX graph, with the check that the two are one function. ``bound``: which bound
+    (crossport.exact.walks), None to choose it on the images' pilot; the graph's walk takes the original's choice,
+    as they are one function."""
     from crossport.exact import exact_outputs, folds
     from crossport.exact.graph import exact_from_onnx
     from crossport.parity import compare_graph
     from training.checkpoint import load_checkpoint
 
     if reference != REFERENCE:
-        exact = exact_from_onnx(paths["onnx"], images)
+        exact = exact_from_onnx(paths["onnx"], images, bound)
         return References(exact, exact, None)
     model = load_checkpoint(paths["checkpoint"]).model
-    exact = exact_outputs(model, images)
+    exact = exact_outputs(model, images, bound=bound)
     if not graph:
         return References(exact, exact, None)
-    onnx = exact_from_onnx(paths["onnx"], images)
+    onnx = exact_from_onnx(paths["onnx"], images, exact.bound)
     return References(exact, onnx, compare_graph(exact, onnx, folded=folds(model)))
 
 

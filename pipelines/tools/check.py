@@ -142,7 +142,7 @@ _EXACT: collections.OrderedDict[tuple, object] = collections.OrderedDict()
 KEEP_EXACT = 3
 
 
-def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = False):
+def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = False, bound: str | None = None):
     """:func:`pipelines.stages.validate.exact_values`, computed once per process for the same files and images."""
     import hashlib
 
@@ -150,9 +150,9 @@ def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = Fa
     from pipelines.stages.validate import exact_values
 
     files = tuple((name, fingerprint(path)) for name, path in sorted(paths.items()))
-    key = (reference, files, hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest(), graph)
+    key = (reference, files, hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest(), graph, bound)
     if key not in _EXACT:
-        _EXACT[key] = exact_values(paths, reference, images, graph=graph)
+        _EXACT[key] = exact_values(paths, reference, images, graph=graph, bound=bound)
         while len(_EXACT) > KEEP_EXACT:
             _EXACT.popitem(last=False)
     _EXACT.move_to_end(key)
@@ -221,7 +221,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     hop = compare(spec, ours, split, targets, exact.bounds)
     if policy.fp32:
         graph = converted_from != "pytorch"
-        source = exact_once(paths, reference, probe, graph=graph)
+        source = exact_once(paths, reference, probe, graph=graph, bound=exact.bound)  # validate's choice
         judged = [name for name in exact.values if name in split]
         threshold = sign_threshold(sum(exact.values[name].shape[1] for name in judged))
         against = compare_exact(path.name, split, exact, threshold, (probed, source.graph if graph else source.model))
