@@ -449,10 +449,11 @@ def log_peers(uri: str, experiment: str, results: dict, out: Path) -> str:
             metrics[f"{row['peer']}_import_s"] = row["import_s"]
     for name, entry in files_of(results):
         key = name.replace(" ", "_")
-        if entry.get("batch1"):
-            metrics[f"{key}_batch1_p50_ms"] = entry["batch1"]["p50_ms"]
-        if entry.get("batch128"):
-            metrics[f"{key}_batch128_examples_per_s"] = entry["batch128"]["examples_per_s"]
+        for batch, figure in (("batch1", "p50_ms"), ("batch128", "examples_per_s")):
+            if entry.get(batch):
+                metrics[f"{key}_{batch}_{figure}"] = entry[batch][figure]
+                if "vs_crossport" in entry[batch]:  # the median ratio to crossport's file within a round
+                    metrics[f"{key}_{batch}_{figure}_over_crossport"] = entry[batch]["vs_crossport"]["median"]
         if "scores" in entry["exact"]:
             metrics[f"{key}_scores_rms_vs_exact"] = entry["exact"]["scores"]["rms"]
     return _measurement_run("peers", results, metrics, out)

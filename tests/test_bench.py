@@ -178,47 +178,87 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
     assert {a.path for a in client.list_artifacts(run_id)} == {"peers.json", "peers.md", "peers.png"}
 
 
-@pytest.mark.slow
-def test_a_peers_file_it_could_not_make_is_a_row_saying_why_beside_the_files_it_made(pipeline_run, tmp_path,
-                                                                                      monkeypatch):
-    """onnx2tf converts a MobileNetV3 to float32 and then fails on its int8 files: its script reports the files it
-    made and, for each it could not, why; each is a row of the table, and the float file is measured as ever."""
+def scripted_peer(name: str, folder, made_from, failed: tuple[str, ...] = ()):
+    """A peer whose converter script copies ``made_from`` as its float32 file and reports ``failed`` kinds as files it
+    could not make, as onnx2tf's script reports its int8 files of a MobileNetV3."""
     import dataclasses
     from pathlib import Path
 
-    from pipelines.tools.bench import peers
-    from pipelines.tools.bench.peers import Peer, compare_peers, render_peers
+    from pipelines.tools.bench.peers import Peer
 
-    converter = tmp_path / "convert_half.py"
+    converter = folder / f"convert_{name}.py"
+    why = "RuntimeError: flatbuffer_direct fast path failed."
     converter.write_text(
         "import json, shutil, sys\n"
         "from pathlib import Path\n"
         "made = Path(sys.argv[5]) / 'float32.tflite'\n"
-        f"shutil.copyfile({str(pipeline_run.run_dir / 'model_fp32.tflite')!r}, made)\n"
-        "why = 'RuntimeError: flatbuffer_direct fast path failed.'\n"
-        "print(json.dumps({'files': {'fp32': str(made)}, 'failed': {'int8_dynamic': why, 'int8_full': why},\n"
+        f"shutil.copyfile({str(made_from)!r}, made)\n"
+        f"failed = {{kind: {why!r} for kind in {list(failed)!r}}}\n"
+        "print(json.dumps({'files': {'fp32': str(made)}, 'failed': failed,\n"
         "                  'import_s': 0.1, 'convert_s': 0.2, 'quantize_s': 0.3}))\n")
 
     @dataclasses.dataclass(frozen=True)
-    class Half(Peer):
+    class Scripted(Peer):
         path: Path = converter
 
         @property
         def script(self) -> Path:
             return self.path
 
-    monkeypatch.setattr(peers, "PEERS", (Half("half", None, "onnx"),))
+    return Scripted(name, None, "onnx")
+
+
+@pytest.mark.slow
+def test_a_peers_file_it_could_not_make_is_a_row_saying_why_beside_the_files_it_made(pipeline_run, tmp_path,
+                                                                                      monkeypatch):
+    """onnx2tf converts a MobileNetV3 to float32 and then fails on its int8 files: its script reports the files it
+    made and, for each it could not, why; each is a row of the table, and the float file is measured as ever, beside
+    crossport's file of its kind round by round (here crossport's row is the run's own file, made by a script too)."""
+    from pipelines.tools.bench import peers
+    from pipelines.tools.bench.peers import compare_peers, render_peers
+
+    made = pipeline_run.run_dir / "model_fp32.tflite"
+    monkeypatch.setattr(peers, "PEERS", (scripted_peer("crossport", tmp_path, made),
+                                         scripted_peer("half", tmp_path, made, ("int8_dynamic", "int8_full"))))
     version = pipeline_run.models_dir / "emnist_mlp" / "1"
     results = compare_peers(version, pipeline_run.run_dir, install=False, quick=True)
-    (row,) = results["peers"]
+    ours, row = results["peers"]
     assert list(row["files"]) == ["fp32", "int8_dynamic", "int8_full"]
     assert row["files"]["fp32"]["verdict"] == "pass" and row["files"]["fp32"]["batch1"]["p50_ms"] > 0
     for kind in ("int8_dynamic", "int8_full"):
         assert row["files"][kind] == {
             "kind": kind, "error": "half could not make it: RuntimeError: flatbuffer_direct fast path failed."}
     table = render_peers(results).splitlines()
-    assert table[2].startswith("| half | fp32 | input [N, 784], any batch | ")
-    assert table[3].startswith("| half | int8_dynamic | half could not make it: RuntimeError: flatbuffer_direct")
+    assert table[2].startswith("| crossport | fp32 | input [N, 784], any batch | ")
+    assert table[3].startswith("| half | fp32 | input [N, 784], any batch | ")
+    assert table[4].startswith("| half | int8_dynamic | half could not make it: RuntimeError: flatbuffer_direct")
+    # the peer's fp32 file against crossport's, within each of the 3 rounds; crossport's own row has no ratio
+    for batch in ("batch1", "batch128"):
+        assert "vs_crossport" not in ours["files"]["fp32"][batch]
+        ratio = row["files"]["fp32"][batch]["vs_crossport"]
+        assert ratio["rounds"] == 3 and ratio["low"] <= ratio["median"] <= ratio["high"]
+        assert f"(×{ratio['median']:.2f}, {ratio['low']:.2f}–{ratio['high']:.2f})" in table[3]
+
+
+def test_a_peers_timing_is_compared_with_crossports_round_by_round():
+    """Interleaved rounds on a machine that slows down for a while: each file's own figures spread by half, while
+    the peer's file takes 1.1× crossport's time in every round; the paired ratio says 1.1 with no spread. Rounds
+    compared out of order, or the medians of all rounds, would not."""
+    from pipelines.tools.bench.harness import paired, summarize
+
+    slowdown = [1.0, 1.5, 1.2, 1.0, 1.4]
+    ours = [([0.001 * s] * 9, 0.009 * s) for s in slowdown]
+    theirs = [([0.0011 * s] * 9, 0.0099 * s) for s in slowdown]
+    assert summarize(ours, 1)["spread"] == pytest.approx((1 / 1.0 - 1 / 1.5) / (1 / 1.2))  # 40 %, on their own
+    for batch, expected in ((1, 1.1), (128, 1 / 1.1)):  # latency at batch 1, throughput at 128
+        ratio = paired(theirs, ours, batch)
+        assert ratio["rounds"] == 5
+        assert ratio["low"] == pytest.approx(expected) and ratio["high"] == pytest.approx(expected)
+        assert ratio["median"] == pytest.approx(expected)
+    shuffled = paired(theirs[::-1], ours, 1)
+    assert shuffled["high"] / shuffled["low"] > 1.4
+    with pytest.raises(ValueError, match="paired rounds: 4 against 5"):
+        paired(theirs[:4], ours, 1)
 
 
 def test_a_peer_folder_crossport_did_not_make_is_never_cleared(tmp_path, monkeypatch):

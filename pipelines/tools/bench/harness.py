@@ -141,6 +141,23 @@ def _calls(run, batch, deadline: float, min_calls: int, latencies: list[float]) 
         latencies.append(time.perf_counter() - started)
 
 
+def paired(theirs: list[Round], ours: list[Round], batch: int) -> dict:
+    """Two files timed in the same interleaved rounds, compared round by round: per round, their figure ÷ ours (batch
+    1: the round's median latency; larger batches: the round's rate), then the median and range of those ratios.
+    What slows the machine down for a while slows both files of a round alike, so a ratio's range is narrower than
+    either file's own spread: a range that leaves out 1 is a difference every round agreed on."""
+    if len(theirs) != len(ours) or not ours:
+        raise ValueError(f"paired rounds: {len(theirs)} against {len(ours)}")
+
+    def figure(round_: Round) -> float:
+        calls, wall = round_
+        return float(np.median(calls)) if batch == 1 else len(calls) / wall
+
+    ratios = np.asarray([figure(a) / figure(b) for a, b in zip(theirs, ours, strict=True)])
+    return {"median": float(np.median(ratios)), "low": float(ratios.min()), "high": float(ratios.max()),
+            "rounds": len(ratios)}
+
+
 def summarize(rounds: list[Round], batch: int) -> dict:
     """Latency percentiles over every call; throughput as the median round's, with the rounds' spread
     ((max - min) / median of the round rates): repeated benchmarks are compared by the median, not by luck."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.tools.bench.harness import ROOT, summarize, timed
+from pipelines.tools.bench.harness import ROOT, paired, summarize, timed
 
 log = logging.getLogger("crossport.bench")
 
@@ -176,7 +176,7 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                                                "sign_statistic": o.get("sign_statistic")} for o in exact["outputs"]},
                          "sign_threshold": exact.get("threshold")}
                 row["files"][kind] = entry
-                files.append((entry, path, report))
+                files.append((peer.name, entry, path))
             for kind, why in made.get("failed", {}).items():  # after the files it made, as the table lists them
                 row["files"][kind] = {"kind": kind, "error": f"{peer.name} could not make it: {why}"}
                 log.warning("%s %s: %s", peer.name, kind, why)
@@ -186,13 +186,14 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
 
 def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
     """Batch-1 latency and batch-128 throughput of every file, in interleaved rounds (every file's round r runs
-    before any file's round r + 1), one LiteRT thread per call as a served worker runs it."""
+    before any file's round r + 1), one LiteRT thread per call as a served worker runs it; a peer's file beside
+    crossport's file of the same kind, round by round (:func:`pipelines.tools.bench.harness.paired`)."""
     from crossport.foreign import inspect, load
 
     rounds, seconds = (3, 0.3) if quick else (7, 1.0)
     rng = np.random.default_rng(0)
     batches = {1: rng.random((1, *shape), dtype=np.float32), 128: rng.random((128, *shape), dtype=np.float32)}
-    read = [inspect(path) for _, path, _ in files]
+    read = [inspect(path) for _, _, path in files]
     runners = [load(foreign, shape, threads=1) for foreign in read]
     measured: dict = {(i, b): [] for i in range(len(files)) for b in batches}
     for _ in range(rounds):
@@ -201,10 +202,14 @@ def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
                 if batch > 1 and read[index].batch:
                     continue  # a fixed batch of one answers 128 images one by one: not a batch-128 figure
                 measured[(index, batch)] += timed(run, images, seconds, rounds=1)
-    for index, (entry, _, _) in enumerate(files):
+    ours = {entry["declared"]: index for index, (peer, entry, _) in enumerate(files) if peer == PEERS[0].name}
+    for index, (peer, entry, _) in enumerate(files):
         for batch in batches:
             found = measured[(index, batch)]
             entry[f"batch{batch}"] = summarize(found, batch) if found else None
+            mine = measured.get((ours.get(entry["declared"]), batch))
+            if found and mine and peer != PEERS[0].name:
+                entry[f"batch{batch}"]["vs_crossport"] = paired(found, mine, batch)
 
 
 def render_peers(results: dict) -> str:
@@ -212,10 +217,13 @@ def render_peers(results: dict) -> str:
     alone has its scores computed from them in float64 (crossport.foreign.softmax); sign T is the larger of its
     outputs', against the threshold in the gate column. Conversion is the float files' whole fresh process (in
     brackets its imports, and the conversion after them); an int8 row says what its converter took for the int8 files
-    after that. The accuracy drop is in points against the reference, with the gate's one-sided upper bound."""
+    after that. The accuracy drop is in points against the reference, with the gate's one-sided upper bound. A peer's
+    latency and throughput carry, in brackets, their ratio to crossport's file of the same kind within each round:
+    the median over the rounds and their range."""
     columns = ("converter", "file", "input", "conversion s: process (imports + converting)", "size kB", "Transposes",
-               "batch-1 p50 ms", "batch-128 images/s", "scores max \\|err\\|", "scores RMS", "logits max \\|err\\|",
-               "sign T", "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
+               "batch-1 p50 ms (÷ crossport's per round: median, range)", "batch-128 images/s (÷ crossport's)",
+               "scores max \\|err\\|", "scores RMS", "logits max \\|err\\|", "sign T",
+               "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     blank = " |" * (len(columns) - 3)
     for row in results["peers"]:
@@ -235,8 +243,9 @@ def render_peers(results: dict) -> str:
                           else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f} + {row['convert_s']:.2f})")
             drop = entry.get("accuracy_drop")
             cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1], conversion,
-                     f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]), f"{one['p50_ms']:.3f}" if one else "—",
-                     f"{many['examples_per_s']:,.0f}" if many else "— (fixed batch)",
+                     f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]),
+                     f"{one['p50_ms']:.3f}{_against(one)}" if one else "—",
+                     f"{many['examples_per_s']:,.0f}{_against(many)}" if many else "— (fixed batch)",
                      _number(scores.get("max_abs")), _number(scores.get("rms")), _number(logits.get("max_abs")),
                      f"{max(signs):.2f}" if signs else "—", f"{entry['top1_agreement']:.4%}",
                      f"{entry['accuracy']:.2%}",
@@ -244,6 +253,12 @@ def render_peers(results: dict) -> str:
                      entry["verdict"] + threshold]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _against(summary: dict) -> str:
+    """`` (×median, low–high)``: a peer's figure ÷ crossport's, round by round (nothing for crossport's own)."""
+    ratio = summary.get("vs_crossport")
+    return f" (×{ratio['median']:.2f}, {ratio['low']:.2f}–{ratio['high']:.2f})" if ratio else ""
 
 
 def _number(value) -> str:
