@@ -7,7 +7,9 @@ weights ``fp16``; float32 throughout ``fp32``. A SavedModel is ``fp32`` when eve
 
 Outputs are named by what they hold, since converters rename them: a ``[N, classes]`` output whose rows are
 probabilities (every value in [0, 1], each row summing to about 1) is ``scores``; any other ``[N, classes]`` output
-is ``logits``. A file that returns logits alone is given ``scores`` by :func:`softmax` (float64, rounded once).
+is ``logits``. A Predict reads that from the first batch it runs and keeps it: a file's outputs do not change what
+they hold from call to call, and a timed call then costs what the file costs. A file that returns logits alone is
+given ``scores`` by :func:`softmax` (float64, rounded once).
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ INTEGER_TYPES = (np.int8, np.uint8, np.int16)
 
 @dataclass(frozen=True)
 class Foreign:
-    """What a file is: its ``kind``, its input's per-example ``shape`` and fixed ``batch`` (None: any), and which of
-    its outputs are ``logits`` and ``scores`` (None where it has none)."""
+    """What a file is: its ``kind``, and its input's per-example ``shape`` and fixed ``batch`` (None: any)."""
 
     path: Path
     container: str  # "tflite" or "saved_model"
@@ -120,10 +121,11 @@ def _serving_function(loaded, path: Path):
 def load(foreign: Foreign, example_shape: tuple[int, ...], threads: int | None = None, chunk: int = CHUNK) -> Predict:
     """A Predict for ``foreign`` fed examples of ``example_shape`` (the run's contract): reshaped or transposed to the
     file's own layout, in batches of its fixed size (the last one padded) or of ``chunk`` examples
-    (:func:`crossport.runtimes.chunk_for`), its outputs named by what they hold."""
+    (:func:`crossport.runtimes.chunk_for`), its outputs named by what they hold (read from the first batch)."""
     adapt = _layout(foreign, example_shape)
     run = _tflite_run(foreign.path, threads) if foreign.container == "tflite" else _saved_model_run(foreign.path)
     step = foreign.batch or chunk
+    roles: dict[str, str] = {}  # each output's name in the file: what it holds
 
     def predict(images: np.ndarray) -> dict[str, np.ndarray]:
         parts = []
@@ -133,7 +135,10 @@ def load(foreign: Foreign, example_shape: tuple[int, ...], threads: int | None =
             if foreign.batch and rows < foreign.batch:  # a fixed batch: pad, then drop the padding's rows
                 batch = np.concatenate([batch, np.zeros((foreign.batch - rows, *batch.shape[1:]), batch.dtype)])
             parts.append({name: value[:rows] for name, value in run(batch).items()})
-        return _named({name: np.concatenate([part[name] for part in parts]) for name in parts[0]}, foreign.path)
+        outputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        if not roles:
+            roles.update(_roles(outputs, foreign.path))
+        return {role: np.asarray(outputs[name], np.float32) for name, role in roles.items()}
 
     return predict
 
@@ -215,16 +220,19 @@ def _saved_model_run(path: Path):
     return lambda batch: {key: value.numpy() for key, value in function(**{name: tf.constant(batch)}).items()}
 
 
-def _named(outputs: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
-    """``logits`` and ``scores`` from a file's outputs, by what they hold (the module's docstring)."""
-    found: dict[str, np.ndarray] = {}
-    for _, value in sorted(outputs.items()):
+def _roles(outputs: dict[str, np.ndarray], path: Path) -> dict[str, str]:
+    """Which of a file's outputs are its ``logits`` and its ``scores``, by what they hold (the module's docstring):
+    output name → role, the first by name of each role."""
+    found: dict[str, str] = {}
+    for name, value in sorted(outputs.items()):
         value = np.asarray(value)
         if value.ndim != 2 or not np.issubdtype(value.dtype, np.floating):
             continue
         value = value.astype(np.float32)
         probabilities = bool(np.all((value >= 0) & (value <= 1)) and np.all(np.abs(value.sum(axis=1) - 1) < 0.5))
-        found.setdefault(SCORES if probabilities else LOGITS, value)
+        role = SCORES if probabilities else LOGITS
+        if role not in found.values():
+            found[name] = role
     if not found:
         raise ConfigError(f"{path} has no [N, classes] float output (outputs: "
                           f"{ {name: list(np.shape(value)) for name, value in outputs.items()} }).",

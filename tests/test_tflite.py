@@ -219,3 +219,25 @@ def test_a_file_without_signatures_is_sized_from_the_shape_it_was_allocated_for(
         batch = rng.random((size, 784), dtype=np.float32)
         assert np.array_equal(call(batch)["scores"], runner(images=batch)["scores"])
     assert tuple(feed["shape"]) == (1, 784) and len(allocations) == 1  # only the change to 7
+
+
+def test_a_foreign_files_outputs_are_named_once_from_the_first_batch(tiny, monkeypatch):
+    """Which output holds the scores is read from the first batch a Predict runs and kept: a timed call of another
+    converter's file (pipelines.bench --peers) costs the file, not a look at its values (a file answering
+    probabilities paid 0.013 ms a batch-1 call for it, a file answering logits less)."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from crossport import foreign
+    from crossport.interface import PREDICT_KEY
+
+    looked, real = [], foreign._roles
+    monkeypatch.setattr(foreign, "_roles", lambda outputs, path: looked.append(path) or real(outputs, path))
+    predict = foreign.load(foreign.inspect(tiny.tflite), (784,), threads=1)
+    runner = Interpreter(model_path=str(tiny.tflite), num_threads=1).get_signature_runner(PREDICT_KEY)
+    rng = np.random.default_rng(5)
+    for size in (9, 1, 1):
+        batch = rng.random((size, 784), dtype=np.float32)
+        found = predict(batch)
+        assert list(found) == ["scores"] and np.array_equal(found["scores"], runner(images=batch)["scores"])
+    assert looked == [tiny.tflite]
