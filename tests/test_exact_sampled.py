@@ -9,6 +9,7 @@ from torch import nn
 
 from crossport.exact import exact_outputs, walks
 from crossport.exact.rounding import FLOAT32_TINY, SAMPLES, sampled_confidence
+from crossport.parity import FLOAT64_OVER_FLOAT32
 
 
 def test_the_chi_square_limit_fails_no_more_often_than_its_share_of_the_false_alarm():
@@ -117,7 +118,10 @@ def test_no_walk_holds_more_images_at_once_than_its_chunk_the_pilot_included(mon
     pilots = -(-exact.PILOT // 5)
     assert [size for _, size in walked[:pilots]] == [5] * (pilots - 1) + [exact.PILOT - 5 * (pilots - 1)]
     assert [size for _, size in walked[pilots:]] == [25, 25, 25, 25]  # then the walk itself, in its own chunks
-    assert np.array_equal(chunked.values["logits"], whole.values["logits"])
+    # the same values to float64 rounding, the allowance crossport.parity.compare_graph gives two exact evaluations:
+    # a float64 BLAS may sum a batch of 25 in another order than a batch of 100 (an AMD EPYC's did: 1.1e-16 apart)
+    allowed = FLOAT64_OVER_FLOAT32 * (whole.bounds["logits"] + chunked.bounds["logits"])
+    assert np.all(np.abs(chunked.values["logits"] - whole.values["logits"]) <= allowed)
 
 
 def test_the_adjoint_computes_the_variance_the_sampled_tangents_estimate():
