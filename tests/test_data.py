@@ -1,4 +1,5 @@
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +31,18 @@ def test_digits_are_28x28_uint8_in_emnist_orientation():
     col_spread = np.count_nonzero(ones.sum(axis=0) > 0.1 * ones.sum(axis=0).max())
     row_spread = np.count_nonzero(ones.sum(axis=1) > 0.1 * ones.sum(axis=1).max())
     assert col_spread > row_spread
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    from sklearn.datasets import load_digits as scikit_learns
+
+    bunch = scikit_learns()
+    for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of scikit-learn now fails
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    images, labels = data.sklearn_digits()
+    assert images.dtype == bunch.images.dtype and np.array_equal(images, bunch.images)
+    assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)
 
 
 def test_digits_split_is_seeded():
