@@ -6,8 +6,9 @@ checker of a SavedModel's signatures: that contract, and TF Serving's own rules 
 and classify SignatureDefs.
 
 TF 2.21's ``tf.saved_model.save`` writes every signature with the predict method, so the
-classify signature's ``method_name`` is set in ``saved_model.pb`` after saving and
-``fingerprint.pb`` is rewritten to match the edited graph.
+classify signature's ``method_name`` is set in ``saved_model.pb`` after saving, the traced
+functions are renumbered by the build rather than by the process (:mod:`export.function_names`),
+and ``fingerprint.pb`` is rewritten to match the edited graph.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def build_saved_model(tf_graph_dir: Path, labels: tuple[str, ...], out_dir: Path
         signatures={PREDICT_KEY: servable.predict, PREDICT_UINT8_KEY: servable.predict_uint8,
                     CLASSIFY_KEY: servable.classify},
     )
-    set_method_name(staging, CLASSIFY_KEY, CLASSIFY_METHOD)
+    rewrite_saved_model(staging, _finish)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -129,13 +130,32 @@ def image_contract(saved_model_dir: Path) -> ImageContract:
 
 def set_method_name(saved_model_dir: Path, signature_key: str, method_name: str) -> None:
     """Set one SignatureDef's method name in ``saved_model.pb`` and refresh ``fingerprint.pb``."""
+    rewrite_saved_model(saved_model_dir, lambda proto: _set_method_name(proto, signature_key, method_name))
+
+
+def _set_method_name(proto, signature_key: str, method_name: str) -> None:
+    for meta_graph in proto.meta_graphs:
+        meta_graph.signature_def[signature_key].method_name = method_name
+
+
+def _finish(proto) -> None:
+    """What ``build_saved_model`` edits in the SavedModel TensorFlow wrote: classify's method name, and the traced
+    functions' names (:mod:`export.function_names`)."""
+    from export.function_names import canonical_function_names
+
+    _set_method_name(proto, CLASSIFY_KEY, CLASSIFY_METHOD)
+    canonical_function_names(proto)
+
+
+def rewrite_saved_model(saved_model_dir: Path, edit) -> None:
+    """``edit(proto)`` applied to ``saved_model.pb``, written back byte for byte reproducibly, ``fingerprint.pb``
+    refreshed."""
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow.python.saved_model import fingerprinting_utils
 
     pb_path = Path(saved_model_dir) / "saved_model.pb"
     proto = saved_model_pb2.SavedModel.FromString(pb_path.read_bytes())
-    for meta_graph in proto.meta_graphs:
-        meta_graph.signature_def[signature_key].method_name = method_name
+    edit(proto)
     # deterministic: protobuf writes map fields (signature defs, function attributes) in any order, so the
     # same model would otherwise get other bytes, another hash and another published version each time
     pb_path.write_bytes(proto.SerializeToString(deterministic=True))

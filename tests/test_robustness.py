@@ -120,21 +120,21 @@ def ran_stages(stdout: str) -> list[str]:
     return [part.strip().split()[0] for part in line.split("wall time", 1)[1].split("(total")[0].split(",")]
 
 
-def test_resume_skips_unchanged_stages_and_redoes_what_changed(pipeline_run, tmp_path):
+def test_resume_skips_unchanged_stages_and_redoes_what_changed(pipeline_run, tmp_path, capfd):
     run = copy_run(pipeline_run, tmp_path)
     models = str(tmp_path / "models")
     common = ("--stage", "all", "--run-dir", str(run), "--models-dir", models, "--no-tracking")
-    resumed = run_cli(*common)
+    resumed = pipeline_here(*common, capsys=capfd)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # nothing upstream changed; only publishing (new models dir) and register run
     assert ran_stages(resumed.stdout) == ["publish", "register"]
     assert "up to date     data, train, export, translate, package, tflite, validate" in resumed.stdout
 
-    again = run_cli(*common)
+    again = pipeline_here(*common, capsys=capfd)
     assert ran_stages(again.stdout) == ["register"]  # --no-tracking never records a registration
 
     (run / "model.onnx").write_bytes((run / "model.onnx").read_bytes()[:-1] + b"\0")  # an upstream change
-    changed = run_cli(*common)
+    changed = pipeline_here(*common, capsys=capfd)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert ran_stages(changed.stdout) == ["export", "translate", "package", "tflite", "validate", "publish",
                                           "register"]
@@ -143,7 +143,7 @@ def test_resume_skips_unchanged_stages_and_redoes_what_changed(pipeline_run, tmp
     assert "not published  identical to version 1" in changed.stdout
     assert sorted(p.name for p in Path(models, "emnist_mlp").iterdir()) == ["1"]
 
-    forced = run_cli(*common, "--force")
+    forced = pipeline_here(*common, "--force", capsys=capfd)
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert ran_stages(forced.stdout)[:3] == ["data", "train", "export"]
 
