@@ -402,6 +402,28 @@ def accuracy_drop_bounds(lost: int, gained: int, total: int, confidence: float) 
     return discordant * (2 * low - 1) / total, discordant * (2 * high - 1) / total
 
 
+def squared_errors(outputs: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Each example's summed squared error [N] of ``outputs`` [N, classes] against the exact values, in float64."""
+    return _by_rows(lambda a, b: np.square(a - b).sum(axis=1), outputs, exact)
+
+
+def error_ratio(theirs: np.ndarray, ours: np.ndarray, confidence: float = CONFIDENCE) -> dict | None:
+    """Two files' RMS errors against the same exact values, theirs ÷ ours, from each example's summed squared error
+    (:func:`squared_errors`; the examples are the independent draws, an example's classes are not): the ratio of the
+    mean squared errors with the delta method's standard error, bounds each holding at ``confidence``, square-rooted.
+    Bounds on either side of 1 are a tie at this many examples. None where ours has no error at all."""
+    from statistics import NormalDist
+
+    theirs, ours = np.asarray(theirs, np.float64), np.asarray(ours, np.float64)
+    if len(ours) < 2 or not ours.mean() > 0:
+        return None
+    ratio = theirs.mean() / ours.mean()
+    spread = NormalDist().inv_cdf(confidence) * np.std(theirs - ratio * ours, ddof=1) / (np.sqrt(len(ours)) *
+                                                                                        ours.mean())
+    return {"ratio": float(np.sqrt(ratio)), "low": float(np.sqrt(max(ratio - spread, 0.0))),
+            "high": float(np.sqrt(ratio + spread)), "examples": len(ours)}
+
+
 # --- fp32 artifacts against the exact (float64) values ------------------------------------
 
 

@@ -456,6 +456,8 @@ def log_peers(uri: str, experiment: str, results: dict, out: Path) -> str:
                     metrics[f"{key}_{batch}_{figure}_over_crossport"] = entry[batch]["vs_crossport"]["median"]
         if "scores" in entry["exact"]:
             metrics[f"{key}_scores_rms_vs_exact"] = entry["exact"]["scores"]["rms"]
+            if "vs_crossport" in entry["exact"]["scores"]:
+                metrics[f"{key}_scores_rms_over_crossport"] = entry["exact"]["scores"]["vs_crossport"]["ratio"]
     return _measurement_run("peers", results, metrics, out)
 
 

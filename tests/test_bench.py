@@ -238,6 +238,12 @@ def test_a_peers_file_it_could_not_make_is_a_row_saying_why_beside_the_files_it_
         ratio = row["files"]["fp32"][batch]["vs_crossport"]
         assert ratio["rounds"] == 3 and ratio["low"] <= ratio["median"] <= ratio["high"]
         assert f"(×{ratio['median']:.2f}, {ratio['low']:.2f}–{ratio['high']:.2f})" in table[3]
+    # and its error against the exact values beside crossport's, example by example: the same file, the same errors
+    assert "vs_crossport" not in ours["files"]["fp32"]["exact"]["scores"]
+    errors = row["files"]["fp32"]["exact"]["scores"]
+    examples = json.loads((pipeline_run.run_dir / "parity.json").read_text())["examples"]
+    assert errors["vs_crossport"] == {"ratio": 1.0, "low": 1.0, "high": 1.0, "examples": examples}
+    assert f"| {errors['rms']:.2e} (×1.00, 1.00–1.00) |" in table[3]
 
 
 def test_a_peers_timing_is_compared_with_crossports_round_by_round():

@@ -458,3 +458,35 @@ def test_a_comparison_holds_no_float64_copy_of_a_whole_output(monkeypatch):
         finally:
             tracemalloc.stop()
         assert peak < whole_copy / 2, (spec.name, peak, whole_copy)
+
+
+def test_two_files_errors_are_compared_example_by_example_with_bounds():
+    """The RMS ratio of two files' errors against the same exact values: a file 1.1× as noisy is told apart at 4000
+    examples and is a tie at 20; one scaled copy of the other has its ratio exactly, with no spread; and for two files
+    equally noisy the bounds leave 1 out no more often than their confidence allows (seeded: the same count on every
+    machine)."""
+    from scipy.stats import binom
+
+    from crossport.parity import CONFIDENCE, error_ratio, squared_errors
+
+    rng = np.random.default_rng(0)
+    exact = rng.random((4000, 10))
+
+    def noisy(scale, count=4000):
+        return (exact[:count] + scale * 1e-7 * rng.standard_normal((count, 10))).astype(np.float32)
+
+    many = error_ratio(squared_errors(noisy(1.1), exact), squared_errors(noisy(1.0), exact))
+    assert 1.0 < many["low"] < 1.1 < many["high"] < 1.2 and many["examples"] == 4000
+    few = error_ratio(squared_errors(noisy(1.1, 20), exact[:20]), squared_errors(noisy(1.0, 20), exact[:20]))
+    assert few["low"] < 1.0 < few["high"]
+    ours = exact + 1e-7 * rng.standard_normal(exact.shape)
+    scaled = error_ratio(squared_errors(exact + 1.1 * (ours - exact), exact), squared_errors(ours, exact))
+    assert scaled["ratio"] == pytest.approx(1.1) and scaled["low"] == pytest.approx(1.1)
+    assert scaled["high"] == pytest.approx(1.1)
+    assert error_ratio(squared_errors(ours, exact), squared_errors(exact, exact)) is None  # ours exact: no ratio
+    trials = 300
+    outside = 0
+    for _ in range(trials):
+        ratio = error_ratio(squared_errors(noisy(1.0, 500), exact[:500]), squared_errors(noisy(1.0, 500), exact[:500]))
+        outside += not ratio["low"] <= 1.0 <= ratio["high"]
+    assert outside <= binom.ppf(0.999, trials, 2 * (1 - CONFIDENCE))  # about 2 % of them: 6 expected

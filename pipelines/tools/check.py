@@ -160,14 +160,16 @@ def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = Fa
 
 
 def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: str | None = None,
-          threads: int | None = None) -> dict:
-    """The gate's report on the servable at ``path`` against the run at ``run_dir`` (the module's docstring)."""
+          threads: int | None = None, squared: dict | None = None) -> dict:
+    """The gate's report on the servable at ``path`` against the run at ``run_dir`` (the module's docstring).
+    ``squared``, where given, gets each output's per-example squared error against the exact values
+    (:func:`crossport.parity.squared_errors`), for comparing files with one another."""
     from crossport.errors import ConfigError
     from crossport.exact import sign_threshold
     from crossport.files import read_npz
     from crossport.foreign import KINDS, inspect, load, softmax
     from crossport.interface import INPUT, LOGITS, SCORES, to_inputs
-    from crossport.parity import HopSpec, compare, compare_exact
+    from crossport.parity import HopSpec, compare, compare_exact, squared_errors
     from crossport.runtimes import chunk_for, load_onnx
     from pipelines.gate import FP32_VALUES, ONNX, POLICIES, REFERENCE
     from pipelines.manifest import Manifest
@@ -227,6 +229,9 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
         against = compare_exact(path.name, split, exact, threshold, (probed, source.graph if graph else source.model))
     else:  # a lossy file's error is recorded
         against = compare_exact(path.name, split, exact, None)
+    if squared is not None:
+        squared.update({name: squared_errors(split[name], exact.values[name]) for name in exact.values
+                        if name in split})
     checks = [hop, against]
     passed = not failures and all(check.passed for check in checks)
     return {

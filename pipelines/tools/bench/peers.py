@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.interface import SCORES
 from pipelines.tools.bench.harness import ROOT, paired, summarize, timed
 
 log = logging.getLogger("crossport.bench")
@@ -140,7 +141,7 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
     from pipelines.tools.check import check
 
     shape = image_contract(version_dir).shape
-    rows, files = [], []
+    rows, files, errors = [], [], {}
     with tempfile.TemporaryDirectory(prefix="crossport-peers-") as scratch:
         calibration = calibration_file(run_dir, shape, Path(scratch) / "calibration.npy")
         for peer in PEERS:
@@ -158,8 +159,9 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
             row["files"] = {}
             for kind, path in made["files"].items():
                 path = Path(path)
+                squared: dict = {}
                 try:
-                    report = check(path, run_dir, converted_from=peer.source)
+                    report = check(path, run_dir, converted_from=peer.source, squared=squared)
                 except CrossportError as error:  # e.g. a file LiteRT cannot run: said in its row
                     said = error.message.replace(str(path), path.name)  # the scratch folder is gone afterwards
                     row["files"][kind] = {"kind": kind, "bytes": path.stat().st_size, "error": said}
@@ -177,11 +179,26 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                          "sign_threshold": exact.get("threshold")}
                 row["files"][kind] = entry
                 files.append((peer.name, entry, path))
+                errors[(peer.name, kind)] = squared.get(SCORES)
             for kind, why in made.get("failed", {}).items():  # after the files it made, as the table lists them
                 row["files"][kind] = {"kind": kind, "error": f"{peer.name} could not make it: {why}"}
                 log.warning("%s %s: %s", peer.name, kind, why)
         _latencies(files, shape, quick)
+    _errors(files, errors)
     return {"version_dir": str(version_dir), "run_dir": str(run_dir), "quick": quick, "peers": rows}
+
+
+def _errors(files: list, errors: dict) -> None:
+    """A peer's scores error against the exact values beside crossport's file of the same kind, example by example
+    (:func:`crossport.parity.error_ratio`): the RMS ratio and bounds at crossport's confidence."""
+    from crossport.parity import error_ratio
+
+    for peer, entry, _ in files:
+        theirs, ours = errors.get((peer, entry["declared"])), errors.get((PEERS[0].name, entry["declared"]))
+        if peer != PEERS[0].name and theirs is not None and ours is not None:
+            ratio = error_ratio(theirs, ours)
+            if ratio is not None:
+                entry["exact"]["scores"]["vs_crossport"] = ratio
 
 
 def _latencies(files: list, shape: tuple[int, ...], quick: bool) -> None:
@@ -219,10 +236,11 @@ def render_peers(results: dict) -> str:
     brackets its imports, and the conversion after them); an int8 row says what its converter took for the int8 files
     after that. The accuracy drop is in points against the reference, with the gate's one-sided upper bound. A peer's
     latency and throughput carry, in brackets, their ratio to crossport's file of the same kind within each round:
-    the median over the rounds and their range."""
+    the median over the rounds and their range; its scores RMS, its ratio to that file's with bounds that each hold at
+    crossport's confidence, the test images being the draws (:func:`crossport.parity.error_ratio`)."""
     columns = ("converter", "file", "input", "conversion s: process (imports + converting)", "size kB", "Transposes",
                "batch-1 p50 ms (÷ crossport's per round: median, range)", "batch-128 images/s (÷ crossport's)",
-               "scores max \\|err\\|", "scores RMS", "logits max \\|err\\|", "sign T",
+               "scores max \\|err\\|", "scores RMS (÷ crossport's, bounds)", "logits max \\|err\\|", "sign T",
                "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     blank = " |" * (len(columns) - 3)
@@ -246,7 +264,8 @@ def render_peers(results: dict) -> str:
                      f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]),
                      f"{one['p50_ms']:.3f}{_against(one)}" if one else "—",
                      f"{many['examples_per_s']:,.0f}{_against(many)}" if many else "— (fixed batch)",
-                     _number(scores.get("max_abs")), _number(scores.get("rms")), _number(logits.get("max_abs")),
+                     _number(scores.get("max_abs")), _number(scores.get("rms")) + _against(scores, "ratio"),
+                     _number(logits.get("max_abs")),
                      f"{max(signs):.2f}" if signs else "—", f"{entry['top1_agreement']:.4%}",
                      f"{entry['accuracy']:.2%}",
                      f"{100 * drop['estimate']:.2f} (≤ {100 * drop['upper']:.2f})" if drop else "—",
@@ -255,10 +274,10 @@ def render_peers(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _against(summary: dict) -> str:
-    """`` (×median, low–high)``: a peer's figure ÷ crossport's, round by round (nothing for crossport's own)."""
+def _against(summary: dict, point: str = "median") -> str:
+    """`` (×ratio, low–high)``: a peer's figure ÷ crossport's (nothing for crossport's own)."""
     ratio = summary.get("vs_crossport")
-    return f" (×{ratio['median']:.2f}, {ratio['low']:.2f}–{ratio['high']:.2f})" if ratio else ""
+    return f" (×{ratio[point]:.2f}, {ratio['low']:.2f}–{ratio['high']:.2f})" if ratio else ""
 
 
 def _number(value) -> str:
