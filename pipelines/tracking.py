@@ -447,6 +447,8 @@ def log_peers(uri: str, experiment: str, results: dict, out: Path) -> str:
         if "error" not in row:
             metrics[f"{row['peer']}_conversion_wall_s"] = row["conversion_wall_s"]
             metrics[f"{row['peer']}_import_s"] = row["import_s"]
+            if row.get("conversion_vs_crossport"):  # crossport's converting ÷ this peer's whole process, per round
+                metrics[f"crossport_converting_over_{row['peer']}"] = row["conversion_vs_crossport"]["median"]
     for name, entry in files_of(results):
         key = name.replace(" ", "_")
         for batch, figure in (("batch1", "p50_ms"), ("batch128", "examples_per_s")):

@@ -148,6 +148,7 @@ def test_peers_side_by_side_with_a_missing_peer_as_a_row(pipeline_run, tmp_path)
         assert rows[peer]["error"] == f"not installed in {tmp_path / 'none' / peer} (make peers installs it)"
     ours = rows["crossport"]
     assert ours["conversion_wall_s"] > ours["convert_s"] > 0 and ours["import_s"] > 0
+    assert ours["conversion_rounds"] == 1 and "conversion_vs_crossport" not in ours  # --quick: one round
     entry = ours["files"]["fp32"]
     assert entry["kind"] == "fp32" and entry["verdict"] == "pass" and entry["transposes"] == 0
     assert entry["batch1"]["rounds"] == 3 and entry["batch128"]["examples_per_s"] > 0
@@ -299,3 +300,33 @@ def test_a_peers_python_is_found_among_pyenvs_versions_when_the_path_has_none_th
     assert interpreter("python9.9") == str(version / "python9.9")  # the executable as it reports itself
     monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "none"))
     assert interpreter("python9.9") is None
+
+
+def test_conversions_run_in_interleaved_rounds_and_crossport_is_compared_within_each(tmp_path, monkeypatch):
+    """Every converter's round r before any converter's round r + 1; a converter that fails its first round is a row
+    saying why, one that fails a later round is left out of that round's figures; crossport's conversion after its
+    imports is set against each peer's whole process within the rounds both converted in."""
+    from pipelines.tools.bench import peers
+
+    monkeypatch.setattr(peers, "PEERS", (peers.Peer("crossport", None, "onnx"), peers.Peer("quick", None, "onnx"),
+                                         peers.Peer("broken", None, "onnx")))
+    calls = []
+    seconds = {"crossport": (2.0, 2.2, 1.8), "quick": (4.0, 4.0, 3.0)}
+
+    def convert(peer, python, run_dir, shape, calibration, out):
+        round_ = int(out.name)
+        calls.append((peer.name, round_))
+        if peer.name == "broken" or (peer.name == "quick" and round_ == 1):
+            raise RuntimeError("conversion failed: no")
+        return {"files": {}, "import_s": 1.0, "convert_s": seconds[peer.name][round_], "quantize_s": 0.5,
+                "wall_s": 1.0 + seconds[peer.name][round_] + 0.5}
+
+    monkeypatch.setattr(peers, "convert", convert)
+    runs = peers._conversions(tmp_path, (784,), tmp_path / "c.npy", tmp_path, False, 3)
+    assert calls == [("crossport", 0), ("quick", 0), ("broken", 0), ("crossport", 1), ("quick", 1),
+                     ("crossport", 2), ("quick", 2)]
+    assert str(runs["broken"]) == "conversion failed: no"
+    assert [run["round"] for run in runs["quick"]] == [0, 2] and runs["quick"][1]["whole_s"] == 4.0  # 1 + 3
+    ratio = peers._converting_over(runs["crossport"], runs["quick"])
+    assert ratio == {"median": pytest.approx((2.0 / 5.0 + 1.8 / 4.0) / 2), "low": pytest.approx(0.4),
+                     "high": pytest.approx(0.45), "rounds": 2}

@@ -2,7 +2,9 @@
 
 Each peer (:data:`PEERS`) lives in an environment of its own, created from the pinned requirements in ``peers/``
 (their pins conflict with onnx-tf's, and onnx2tf needs Python 3.12); its converter runs there in a fresh process
-(``peers/convert_<name>.py``), timed whole, with its imports reported on their own. Every file it makes is then
+(``peers/convert_<name>.py``), timed whole, with its imports reported on their own, in interleaved rounds (a single
+conversion's time moved by 1.7× from one run to the next: onnx2tf's MobileNetV3-small took 2.82 s once, 1.61-1.72 s
+in four rounds after). Every file it makes is then
 run here, on the same LiteRT: size, Transposes, batch-1 latency and batch-128 throughput in interleaved rounds, and
 crossport's gate (:mod:`pipelines.tools.check`): error against the exact float64 values, the sign test, top-1
 agreement with the reference, accuracy. A peer that cannot be installed or cannot convert is a row saying why.
@@ -144,18 +146,24 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
     rows, files, errors = [], [], {}
     with tempfile.TemporaryDirectory(prefix="crossport-peers-") as scratch:
         calibration = calibration_file(run_dir, shape, Path(scratch) / "calibration.npy")
+        runs = _conversions(run_dir, shape, calibration, Path(scratch), install, 1 if quick else CONVERSION_ROUNDS)
         for peer in PEERS:
             row = {"peer": peer.name, "source": peer.source}
             rows.append(row)
-            try:
-                python = environment(peer, install)
-                made = convert(peer, python, run_dir, shape, calibration, Path(scratch) / peer.name)
-            except (RuntimeError, OSError, ValueError) as error:
-                row["error"] = str(error)
-                log.warning("%s: %s", peer.name, error)
+            if isinstance(runs[peer.name], Exception):
+                row["error"] = str(runs[peer.name])
+                log.warning("%s: %s", peer.name, runs[peer.name])
                 continue
-            row.update(conversion_wall_s=made["wall_s"] - made.get("quantize_s", 0.0), import_s=made["import_s"],
-                       convert_s=made["convert_s"], quantize_s=made.get("quantize_s"))
+            made = runs[peer.name][0]  # the files the first round made are the ones measured
+
+            def median(key: str, conversions=runs[peer.name]):
+                return float(np.median([run[key] for run in conversions]))
+
+            row.update(conversion_wall_s=median("whole_s"), import_s=median("import_s"), convert_s=median("convert_s"),
+                       quantize_s=median("quantize_s") if "quantize_s" in made else None,
+                       conversion_rounds=len(runs[peer.name]))
+            if peer != PEERS[0] and not isinstance(runs[PEERS[0].name], Exception):
+                row["conversion_vs_crossport"] = _converting_over(runs[PEERS[0].name], runs[peer.name])
             row["files"] = {}
             for kind, path in made["files"].items():
                 path = Path(path)
@@ -186,6 +194,44 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
         _latencies(files, shape, quick)
     _errors(files, errors)
     return {"version_dir": str(version_dir), "run_dir": str(run_dir), "quick": quick, "peers": rows}
+
+
+CONVERSION_ROUNDS = 3  # each converter's fresh process, round after round (one with --quick)
+
+
+def _conversions(run_dir: Path, shape: tuple[int, ...], calibration: Path, scratch: Path, install: bool,
+                 rounds: int) -> dict:
+    """Each peer's conversion :func:`convert` ``rounds`` times, every peer's round r before any peer's round r + 1 (a
+    slow spell of the machine then falls on every converter of a round alike): peer name → the rounds' results,
+    each with ``whole_s``, its float conversion's whole process; or the error that stopped its first round, which
+    its row says. A later round that fails is left out of the figures."""
+    runs: dict = {}
+    for round_ in range(rounds):
+        for peer in PEERS:
+            if isinstance(runs.get(peer.name), Exception):
+                continue
+            try:
+                python = environment(peer, install and round_ == 0)
+                made = convert(peer, python, run_dir, shape, calibration, scratch / peer.name / str(round_))
+            except (RuntimeError, OSError, ValueError) as error:
+                if round_ == 0:
+                    runs[peer.name] = error
+                else:
+                    log.warning("%s, conversion round %d: %s", peer.name, round_ + 1, error)
+                continue
+            runs.setdefault(peer.name, []).append({**made, "round": round_,
+                                                   "whole_s": made["wall_s"] - made.get("quantize_s", 0.0)})
+    return runs
+
+
+def _converting_over(ours: list[dict], theirs: list[dict]) -> dict | None:
+    """crossport's conversion after its imports (TensorFlow's above all) ÷ the peer's whole conversion process, within
+    each round both converted in: the median and range over those rounds."""
+    mine = {run["round"]: run["convert_s"] for run in ours}
+    ratios = [mine[run["round"]] / run["whole_s"] for run in theirs if run["round"] in mine]
+    if not ratios:
+        return None
+    return {"median": float(np.median(ratios)), "low": min(ratios), "high": max(ratios), "rounds": len(ratios)}
 
 
 def _errors(files: list, errors: dict) -> None:
@@ -233,12 +279,16 @@ def render_peers(results: dict) -> str:
     """The side-by-side table: one row per file. Errors are against the exact float64 values; a file returning logits
     alone has its scores computed from them in float64 (crossport.foreign.softmax); sign T is the larger of its
     outputs', against the threshold in the gate column. Conversion is the float files' whole fresh process (in
-    brackets its imports, and the conversion after them); an int8 row says what its converter took for the int8 files
-    after that. The accuracy drop is in points against the reference, with the gate's one-sided upper bound. A peer's
-    latency and throughput carry, in brackets, their ratio to crossport's file of the same kind within each round:
-    the median over the rounds and their range; its scores RMS, its ratio to that file's with bounds that each hold at
-    crossport's confidence, the test images being the draws (:func:`crossport.parity.error_ratio`)."""
-    columns = ("converter", "file", "input", "conversion s: process (imports + converting)", "size kB", "Transposes",
+    brackets its imports, and the conversion after them), the median of interleaved rounds; a peer's carries, in
+    brackets, crossport's conversion after its imports ÷ this whole process within each round (median, range): below
+    1, crossport converts faster once TensorFlow is loaded. An int8 row says what its converter took for the int8
+    files after that. The accuracy drop is in points against the reference, with the gate's one-sided upper bound.
+    A peer's latency and throughput carry, in brackets, their ratio to crossport's file of the same kind within each
+    round: the median over the rounds and their range; its scores RMS, its ratio to that file's with bounds that each
+    hold at crossport's confidence, the test images being the draws (:func:`crossport.parity.error_ratio`)."""
+    columns = ("converter", "file", "input",
+               "conversion s: process (imports + converting), median of the rounds (crossport's converting ÷ this "
+               "process)", "size kB", "Transposes",
                "batch-1 p50 ms (÷ crossport's per round: median, range)", "batch-128 images/s (÷ crossport's)",
                "scores max \\|err\\|", "scores RMS (÷ crossport's, bounds)", "logits max \\|err\\|", "sign T",
                "top-1 agreement", "accuracy", "accuracy drop, points (upper)", "gate")
@@ -258,7 +308,8 @@ def render_peers(results: dict) -> str:
             threshold = f" (t {entry['sign_threshold']:.2f})" if entry.get("sign_threshold") else ""
             conversion = (f"+{row['quantize_s']:.2f} (int8 files)"
                           if entry["declared"].startswith("int8") and row.get("quantize_s") is not None
-                          else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f} + {row['convert_s']:.2f})")
+                          else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f} + {row['convert_s']:.2f})"
+                          + _against({"vs_crossport": row.get("conversion_vs_crossport")}))
             drop = entry.get("accuracy_drop")
             cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1], conversion,
                      f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]),
