@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import call, free_port, run_cli
+from tests.helpers import call, free_port, pipeline_here
 
 
 @pytest.fixture
@@ -56,15 +56,15 @@ def test_lineage_says_which_artifact_changed(pipeline_run, tmp_path, lineage):
     assert "PROBLEM: tflite_int8_full (assets.extra/model_int8_full.tflite) changed" in result.stdout
 
 
-def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pipeline_run, tmp_path, lineage):
+def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pipeline_run, tmp_path, lineage, capfd):
     """Order: publish (atomic, on disk) first, then register. If registering fails, the
     version stays published, lineage flags it, and re-running the register step repairs it."""
     run = tmp_path / "run"
     shutil.copytree(pipeline_run.run_dir, run)
     models = tmp_path / "models"
     uri = pipeline_run.tracking_uri
-    published = run_cli("--stage", "publish", "--run-dir", str(run), "--models-dir", str(models),
-                        "--tracking-uri", uri)
+    published = pipeline_here("--stage", "publish", "--run-dir", str(run), "--models-dir", str(models),
+                        "--tracking-uri", uri, capsys=capfd)
     assert published.returncode == 0, published.stderr[-2000:]
     version = models / "emnist_mlp" / "1"
 
@@ -74,16 +74,16 @@ def test_publish_then_register_a_failed_registration_is_flagged_and_repaired(pip
     assert f"--stage register --run-dir {run.resolve()}" in flagged.stdout or f"--run-dir {run}" in flagged.stdout
 
     dead = f"http://127.0.0.1:{free_port()}"
-    failed = run_cli("--stage", "register", "--run-dir", str(run), "--tracking-uri", dead)
+    failed = pipeline_here("--stage", "register", "--run-dir", str(run), "--tracking-uri", dead, capsys=capfd)
     assert failed.returncode == 1 and "is unreachable" in failed.stderr
     assert lineage(str(version)).returncode == 1  # still flagged, still published
     assert (version / "saved_model.pb").is_file()
 
-    repaired = run_cli("--stage", "register", "--run-dir", str(run), "--tracking-uri", uri)
+    repaired = pipeline_here("--stage", "register", "--run-dir", str(run), "--tracking-uri", uri, capsys=capfd)
     assert repaired.returncode == 0, repaired.stderr[-2000:]
     report = json.loads(lineage(str(version), "--json").stdout)
     assert report["verified"] and report["registry"]["status"] == "registered"
-    again = run_cli("--stage", "register", "--run-dir", str(run), "--tracking-uri", uri)
+    again = pipeline_here("--stage", "register", "--run-dir", str(run), "--tracking-uri", uri, capsys=capfd)
     assert again.returncode == 0
     assert json.loads(lineage(str(version), "--json").stdout)["registry"]["version"] == report["registry"]["version"]
 
