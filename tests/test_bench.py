@@ -245,6 +245,21 @@ def test_a_peers_file_it_could_not_make_is_a_row_saying_why_beside_the_files_it_
     examples = json.loads((pipeline_run.run_dir / "parity.json").read_text())["examples"]
     assert errors["vs_crossport"] == {"ratio": 1.0, "low": 1.0, "high": 1.0, "examples": examples}
     assert f"| {errors['rms']:.2e} (×1.00, 1.00–1.00) |" in table[3]
+    # both ratios reach the peers run in MLflow
+    from mlflow import MlflowClient
+
+    from pipelines.tools.bench.peers import render_peers_chart
+    from pipelines.tracking import log_peers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "peers.json").write_text(json.dumps(results))
+    (out / "peers.md").write_text("\n".join(table))
+    render_peers_chart(results, out / "peers.png")
+    metrics = MlflowClient(pipeline_run.tracking_uri).get_run(
+        log_peers(pipeline_run.tracking_uri, "peers-test", results, out)).data.metrics
+    assert metrics["half_fp32_scores_rms_over_crossport"] == 1.0
+    assert metrics["crossport_converting_over_half"] == pytest.approx(row["conversion_vs_crossport"]["median"])
 
 
 def test_a_peers_timing_is_compared_with_crossports_round_by_round():
