@@ -39,10 +39,12 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     bunch = scikit_learns()
     for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")]:
         monkeypatch.setitem(sys.modules, name, None)  # an import of scikit-learn now fails
-    monkeypatch.setitem(sys.modules, "sklearn", None)
     images, labels = data.sklearn_digits()
     assert images.dtype == bunch.images.dtype and np.array_equal(images, bunch.images)
     assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)
+    monkeypatch.setattr(data, "DIGITS_CSV", "sklearn/datasets/data/no-such-digits.csv.gz")  # a broken install
+    with pytest.raises(DataError, match=r"scikit-learn's bundled digits \(sklearn/datasets/data/no-such-digits"):
+        data.load_dataset("digits", None)
 
 
 def test_digits_split_is_seeded():
