@@ -155,13 +155,7 @@ def compare_peers(version_dir: Path, run_dir: Path, *, install: bool, quick: boo
                 log.warning("%s: %s", peer.name, runs[peer.name])
                 continue
             made = runs[peer.name][0]  # the files the first round made are the ones measured
-
-            def median(key: str, conversions=runs[peer.name]):
-                return float(np.median([run[key] for run in conversions]))
-
-            row.update(conversion_wall_s=median("whole_s"), import_s=median("import_s"), convert_s=median("convert_s"),
-                       quantize_s=median("quantize_s") if "quantize_s" in made else None,
-                       conversion_rounds=len(runs[peer.name]))
+            row.update(_medians(runs[peer.name]))
             if peer != PEERS[0] and not isinstance(runs[PEERS[0].name], Exception):
                 row["conversion_vs_crossport"] = _converting_over(runs[PEERS[0].name], runs[peer.name])
             row["files"] = {}
@@ -222,6 +216,17 @@ def _conversions(run_dir: Path, shape: tuple[int, ...], calibration: Path, scrat
             runs.setdefault(peer.name, []).append({**made, "round": round_,
                                                    "whole_s": made["wall_s"] - made.get("quantize_s", 0.0)})
     return runs
+
+
+def _medians(conversions: list[dict]) -> dict:
+    """A converter's figures over its rounds: each the median, and how many rounds there were."""
+
+    def median(key: str) -> float:
+        return float(np.median([run[key] for run in conversions]))
+
+    return {"conversion_wall_s": median("whole_s"), "import_s": median("import_s"), "convert_s": median("convert_s"),
+            "quantize_s": median("quantize_s") if "quantize_s" in conversions[0] else None,
+            "conversion_rounds": len(conversions)}
 
 
 def _converting_over(ours: list[dict], theirs: list[dict]) -> dict | None:
@@ -309,13 +314,15 @@ def render_peers(results: dict) -> str:
             conversion = (f"+{row['quantize_s']:.2f} (int8 files)"
                           if entry["declared"].startswith("int8") and row.get("quantize_s") is not None
                           else f"{row['conversion_wall_s']:.2f} ({row['import_s']:.2f} + {row['convert_s']:.2f})"
-                          + _against({"vs_crossport": row.get("conversion_vs_crossport")}))
+                          + _against(row.get("conversion_vs_crossport")))
             drop = entry.get("accuracy_drop")
             cells = [row["peer"], entry["kind"], entry["input"].split(", ", 1)[1], conversion,
                      f"{entry['bytes'] / 1e3:.0f}", str(entry["transposes"]),
-                     f"{one['p50_ms']:.3f}{_against(one)}" if one else "—",
-                     f"{many['examples_per_s']:,.0f}{_against(many)}" if many else "— (fixed batch)",
-                     _number(scores.get("max_abs")), _number(scores.get("rms")) + _against(scores, "ratio"),
+                     f"{one['p50_ms']:.3f}{_against(one.get('vs_crossport'))}" if one else "—",
+                     (f"{many['examples_per_s']:,.0f}{_against(many.get('vs_crossport'))}" if many
+                      else "— (fixed batch)"),
+                     _number(scores.get("max_abs")),
+                     _number(scores.get("rms")) + _against(scores.get("vs_crossport"), "ratio"),
                      _number(logits.get("max_abs")),
                      f"{max(signs):.2f}" if signs else "—", f"{entry['top1_agreement']:.4%}",
                      f"{entry['accuracy']:.2%}",
@@ -325,9 +332,8 @@ def render_peers(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _against(summary: dict, point: str = "median") -> str:
-    """`` (×ratio, low–high)``: a peer's figure ÷ crossport's (nothing for crossport's own)."""
-    ratio = summary.get("vs_crossport")
+def _against(ratio: dict | None, point: str = "median") -> str:
+    """`` (×ratio, low–high)``: a peer's figure ÷ crossport's (nothing for crossport's own, which has none)."""
     return f" (×{ratio[point]:.2f}, {ratio['low']:.2f}–{ratio['high']:.2f})" if ratio else ""
 
 
