@@ -133,6 +133,27 @@ def test_the_same_graph_packages_to_the_same_bytes_whatever_the_process_traced_b
     assert loaded.signatures["serving_default"](images=images)["scores"].shape == (2, len(tiny.labels))
 
 
+def test_every_signature_calls_the_translated_graph_itself_once(tiny):
+    """predict_uint8 and classify call the graph directly, not through predict: every call op makes TensorFlow infer
+    shapes through the whole graph it calls, so one nested call more was 26-50 ms of MobileNetV3-small's package
+    stage per signature (export/servable.py, ``Servable.scores``)."""
+    import re
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel.FromString((tiny.saved_model / "saved_model.pb").read_bytes())
+    functions = {f.signature.name: f for f in proto.meta_graphs[0].graph_def.library.function}
+
+    def calls(signature: str) -> list[str]:
+        (body,) = (f for name, f in functions.items() if re.fullmatch(rf"__inference_{signature}_\d+", name))
+        return [node.attr["f"].func.name for node in body.node_def if node.op.endswith("PartitionedCall")]
+
+    called = {signature: calls(signature) for signature in ("predict", "predict_uint8", "classify")}
+    assert all(len(callees) == 1 for callees in called.values()), called
+    assert len({callees[0] for callees in called.values()}) == 1, called  # one function: the translated graph's
+    assert not re.fullmatch(r"__inference_predict_\d+", called["classify"][0])
+
+
 def test_a_saved_model_is_loaded_once_until_its_files_change(tiny, tmp_path):
     import shutil
 
