@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from crossport.formats import FORMATS
-from tests.helpers import call, one_line_error, run_module
+from tests.helpers import call, one_line_error, run_module, usage_error
 
 
 def converted(run_dir, path, scale: float = 1.0) -> None:
@@ -128,6 +128,9 @@ def test_what_is_no_servable_is_refused_in_one_line(tmp_path, capsys):
                    "LiteRT cannot load", "Pass a .tflite file or a SavedModel directory")
     one_line_error(call(main, str(tmp_path / "missing.tflite"), "--against", str(tmp_path), capsys=capsys), 2,
                    "does not exist")
+    # a thread count LiteRT would refuse is the flag's error, not a file LiteRT "cannot load"
+    usage_error(call(main, str(tmp_path / "notes.tflite"), "--against", str(tmp_path), "--threads", "0",
+                     capsys=capsys), "--threads", "expected an integer from 1")
 
 
 def own_conversion(model, folder, *, drift: float = 1.0):

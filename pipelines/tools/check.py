@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.cli import summary_line
+from crossport.cli import integer, summary_line
 
 log = logging.getLogger("crossport")
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "--against it (default: a temporary folder, removed)")
     parser.add_argument("--expect", choices=KINDS, help="fail unless the file is of this kind (e.g. fp32: a file "
                                                         "holding float16 or int8 weights fails)")
-    parser.add_argument("--threads", type=int, default=None, help="the runtimes' threads (default: theirs)")
+    parser.add_argument("--threads", type=integer(1), default=None, help="the runtimes' threads (default: theirs)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and the libraries' output (default: crossport-check-<pid>.log in the "
