@@ -46,11 +46,12 @@ class Foreign:
 def inspect(path: Path) -> Foreign:
     """Read ``path`` (a .tflite file or a SavedModel directory): its kind, input shape and batch."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and any((path / name).is_file() for name in ("saved_model.pb", "saved_model.pbtxt")):
         return _saved_model(path)
     if path.is_file():
         return _tflite(path)
-    raise ConfigError(f"{path} does not exist; expected a TFLite file or a SavedModel directory.",
+    found = "is a folder with no saved_model.pb" if path.is_dir() else "does not exist"
+    raise ConfigError(f"{path} {found}; expected a TFLite file or a SavedModel directory.",
                       hint="Pass the file another converter made, e.g. model_float32.tflite or saved_model/.")
 
 

@@ -128,6 +128,8 @@ def test_what_is_no_servable_is_refused_in_one_line(tmp_path, capsys):
                    "LiteRT cannot load", "Pass a .tflite file or a SavedModel directory")
     one_line_error(call(main, str(tmp_path / "missing.tflite"), "--against", str(tmp_path), capsys=capsys), 2,
                    "does not exist")
+    one_line_error(call(main, str(tmp_path), "--against", str(tmp_path), capsys=capsys), 2,
+                   "is a folder with no saved_model.pb", "e.g. model_float32.tflite or saved_model/")
     # a thread count LiteRT would refuse is the flag's error, not a file LiteRT "cannot load"
     usage_error(call(main, str(tmp_path / "notes.tflite"), "--against", str(tmp_path), "--threads", "0",
                      capsys=capsys), "--threads", "expected an integer from 1")
