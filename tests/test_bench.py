@@ -63,7 +63,8 @@ def test_quick_benchmark_writes_json_markdown_and_chart(pipeline_run, tmp_path):
         assert floats["batch"] == pixels["batch"] == 128
         assert floats["request_bytes"] / pixels["request_bytes"] > 3.9  # 4 bytes a value against 1, and a header
         for row in (floats, pixels):
-            assert row["model_cpu_ms_per_call"] > 0
+            before, after = row["model_cpu_ms_before_after"]  # the call timed on both sides of the loads
+            assert before > 0 and after > 0 and row["model_cpu_ms_per_call"] == pytest.approx((before + after) / 2)
             assert row["server_cpu_over_model"] == pytest.approx(row["server_cpu_ms_per_request"]
                                                                  / row["model_cpu_ms_per_call"])
     ticks = 1 / os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in clock ticks, per process

@@ -216,15 +216,22 @@ def request_cost(served, version_dir: Path, backend: str, images: np.ndarray, wo
                  timing: Timing) -> list[dict]:
     """What a request costs the server beyond the model: gRPC at batch 128, float32 to serving_default against the
     same pixels as uint8 to predict_uint8, with the backend's own call timed in this process (the threads each of
-    the server's ``workers`` runs it with)."""
+    the server's ``workers`` runs it with) just before the loads and just after, and the mean of the two taken: on
+    a shared machine one timing was up to 50 % off the loads' (the CNN's ONNX Runtime call measured 10.3 and 15.9 ms
+    within minutes)."""
     from serving.serve import available_cores
 
+    def model_call() -> float:
+        return model_cpu_ms(version_dir, backend, images[:128], max(1, available_cores() // workers), timing.seconds)
+
+    before = model_call()
     cost = [serve_load(served, version_dir.parent, timing.load_seconds, 2, 128, images, protocol)
             for protocol in ("grpc", "grpc_uint8")]
-    model_ms = model_cpu_ms(version_dir, backend, images[:128], max(1, available_cores() // workers),
-                            timing.seconds)
+    bracket = (before, model_call())
+    model_ms = sum(bracket) / 2
     for row in cost:
         row["model_cpu_ms_per_call"] = model_ms
+        row["model_cpu_ms_before_after"] = list(bracket)
         row["server_cpu_over_model"] = (row["server_cpu_ms_per_request"] / model_ms
                                         if row["server_cpu_ms_per_request"] else None)
         row["cost"] = True  # the request-cost rows; the others are the throughput rows

@@ -71,6 +71,9 @@ def render_markdown(results: dict) -> str:
     def cpu(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
+    def bracket(pair: list | None) -> str:  # bench.json written before the call was timed on both sides has none
+        return f" ({pair[0]:.2f}–{pair[1]:.2f})" if pair else ""
+
     for row in (row for row in results["http"] if not row.get("cost")):
         share = f"{100 * row['in_process_share']:.0f} %" if row.get("in_process_share") is not None else "-"
         lines.append(f"| {row['backend']} | {row.get('protocol', 'rest')} | {row.get('workers', 1)} | "
@@ -83,12 +86,13 @@ def render_markdown(results: dict) -> str:
         lines += ["", f"What a request costs beyond the model (gRPC, batch 128, {cost[0]['workers']} server "
                       "process(es), 2 clients; `grpc_uint8`: the same pixels as 0-255 to `predict_uint8`):", "",
                   "| backend | input | bytes per request | ex/s | server CPU per request (ms) | the model's own call "
-                  "(CPU ms) | server ÷ model |", "|---|---|---|---|---|---|---|"]
+                  "(CPU ms: mean, before–after the loads) | server ÷ model |", "|---|---|---|---|---|---|---|"]
         for row in cost:
             ratio = row.get("server_cpu_over_model")
             lines.append(f"| {row['backend']} | {'uint8' if row['protocol'] == 'grpc_uint8' else 'float32'} | "
                          f"{row['request_bytes']:,} | {row['examples_per_s']:,.0f} | "
-                         f"{cpu(row.get('server_cpu_ms_per_request'))} | {cpu(row.get('model_cpu_ms_per_call'))} | "
+                         f"{cpu(row.get('server_cpu_ms_per_request'))} | {cpu(row.get('model_cpu_ms_per_call'))}"
+                         f"{bracket(row.get('model_cpu_ms_before_after'))} | "
                          f"{'-' if ratio is None else f'{ratio:.2f}×'} |")
     stages = results["pipeline_stage_wall_s"]
     lines += ["", "Pipeline stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
