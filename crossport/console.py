@@ -12,6 +12,7 @@ alone.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -101,6 +102,7 @@ class QuietConsole:
             return self
         sys.stdout.flush()
         sys.stderr.flush()
+        self._created = not self.log_path.exists()  # another process's file (a server's workers share one) stays
         self._log = open(self.log_path, "ab", buffering=0)
         self._saved = (os.dup(1), os.dup(2))
         self._streams = (sys.stdout, sys.stderr)
@@ -140,3 +142,6 @@ class QuietConsole:
         logging.captureWarnings(False)
         self._log.close()
         self._saved = None
+        with contextlib.suppress(OSError):  # nothing the libraries said: no empty file of ours left (in /tmp, often)
+            if self._created and self.log_path.stat().st_size == 0:
+                self.log_path.unlink()

@@ -46,3 +46,20 @@ def test_a_commands_library_log_goes_to_the_temporary_folder_the_session_keeps()
     assert Path(tempfile.gettempdir()).resolve().is_relative_to(session)
     assert command_log("serve").resolve().is_relative_to(session)
     assert Path(os.environ["TMPDIR"]).resolve().is_relative_to(session)  # what the processes it starts inherit
+
+
+def test_a_library_log_left_empty_is_removed_and_one_with_output_or_shared_is_kept(tmp_path):
+    """A command whose libraries said nothing leaves no empty log behind; a log with their output stays, and so does
+    a file the console did not create (a server's workers all write to the supervisor's)."""
+    from crossport.console import quiet_console
+
+    silent, spoken, shared = tmp_path / "silent.log", tmp_path / "spoken.log", tmp_path / "shared.log"
+    shared.touch()
+    for path in (silent, shared):
+        with quiet_console(path, debug=False):
+            pass
+    with quiet_console(spoken, debug=False):
+        os.write(2, b"a library's line\n")  # native code writes to descriptor 2, which the console points at the log
+    assert not silent.exists()
+    assert spoken.read_bytes() == b"a library's line\n"
+    assert shared.exists()
