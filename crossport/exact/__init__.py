@@ -161,12 +161,14 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | 
 PILOT = 64
 
 
-def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None):
+def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None,
+          record: list | None = None):
     """First (λ, fan-ins, the bound: "running", "adjoint" or "sampled"), then per chunk of ``images``: (exact
     logits, their Error). ``bound`` overrides the choice: the running bound unless it is wider than the logits
     (:data:`PILOT`); then the first-order bound of :mod:`crossport.exact.tangents`, its Σ c_r² computed by one
     backward pass per class where there are at most 2·SAMPLES classes, estimated from 2·SAMPLES forward tangents
-    where there are more (each the cheaper there)."""
+    where there are more (each the cheaper there). ``record``: with the adjoint, each chunk's variance per rounding
+    source is appended to it (crossport.exact.tangents.Adjoint)."""
     import torch
 
     from crossport.exact import tangents as carry
@@ -202,7 +204,8 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
             if bound == "sampled":  # the same draws for the same images, run to run
                 carrier = carry.Sampled(confidence, torch.Generator().manual_seed(start))
             else:
-                carrier = carry.Adjoint(sign_threshold(len(images) * classes)) if bound == "adjoint" else None
+                carrier = (carry.Adjoint(sign_threshold(len(images) * classes), record) if bound == "adjoint"
+                           else None)
             yield _walk(wide, narrow, batch, lam_, carrier)
 
 

@@ -87,8 +87,10 @@ class Adjoint:
     limit: the bound is t·√(that variance), t Hoeffding's for the run's every output. Costs one float32 pass of the
     linear part and one backward pass per class."""
 
-    def __init__(self, t: float) -> None:
-        self.t, self.sources = t, []
+    def __init__(self, t: float, record: list | None = None) -> None:
+        # record: where each chunk's variance per source goes, [sources, N, classes] in the walk's order of steps
+        # (tools.bound_share reads how much of B the last steps carry)
+        self.t, self.sources, self.record = t, [], record
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape, dtype=torch.float32)
@@ -107,15 +109,21 @@ class Adjoint:
 
         variance = torch.zeros((2, *z.shape), dtype=z.dtype)
         sources = [source for source, _, _ in self.sources]
+        per_source = None if self.record is None else torch.zeros((len(sources), *z.shape), dtype=z.dtype)
         for c in range(z.shape[1] if sources and tangents.requires_grad else 0):  # one backward pass per class
             with torch.enable_grad():  # walks run under no_grad
                 grads = torch.autograd.grad(tangents[:, c].sum(), sources, retain_graph=c + 1 < z.shape[1],
                                             allow_unused=True)
-            for g, (_, random, systematic) in zip(grads, self.sources, strict=True):
+            for i, (g, (_, random, systematic)) in enumerate(zip(grads, self.sources, strict=True)):
                 g = None if g is None else g.to(z.dtype)
                 for index, part in enumerate((random, systematic)):
                     if g is not None and part is not None:
-                        variance[index, :, c] += _spread(g * part, shared=index == 1)
+                        spread = _spread(g * part, shared=index == 1)
+                        variance[index, :, c] += spread
+                        if per_source is not None:
+                            per_source[i, :, c] += spread
+        if per_source is not None:
+            self.record.append(per_source)
         self.sources = []
         random, systematic = self.t * torch.sqrt(variance)
         return Error(random, systematic)
