@@ -46,12 +46,16 @@ def shares(run_dir: Path, images: int, lasts: tuple[int, ...]) -> dict:
     next(walk)
     for _ in walk:
         pass
-    variance = torch.cat(record, dim=1)  # [sources, N, classes]
-    total = variance.sum(dim=0)
+    variance = torch.cat(record, dim=2)  # [sources, 2 (random, systematic), N, classes]
     tail = variance.flip(0).cumsum(dim=0)  # tail[k - 1]: the last k sources
+
+    def width(parts):  # B's own form, t left out: √(random variance) + √(systematic variance)
+        return torch.sqrt(parts[0]) + torch.sqrt(parts[1])
+
+    whole = width(tail[-1])
     found = {}
     for k in lasts:
-        ratio = torch.sqrt(tail[min(k, len(tail)) - 1] / total).flatten().numpy()
+        ratio = (width(tail[min(k, len(tail)) - 1]) / whole).flatten().numpy()
         found[k] = (float(ratio.min()), float(np.median(ratio)))
     report = json.loads((run_dir / "parity.json").read_text()) if (run_dir / "parity.json").is_file() else {}
     worst = [output["worst_ratio"] for check in report.get("against_exact", []) if check.get("judged")  # the fp32 ones

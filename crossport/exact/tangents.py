@@ -88,7 +88,8 @@ class Adjoint:
     linear part and one backward pass per class."""
 
     def __init__(self, t: float, record: list | None = None) -> None:
-        # record: where each chunk's variance per source goes, [sources, N, classes] in the walk's order of steps
+        # record: where each chunk's variance per source goes, [sources, 2 (random, systematic), N, classes] in the
+        # walk's order of steps
         # (tools.bound_share reads how much of B the last steps carry)
         self.t, self.sources, self.record = t, [], record
 
@@ -109,7 +110,7 @@ class Adjoint:
 
         variance = torch.zeros((2, *z.shape), dtype=z.dtype)
         sources = [source for source, _, _ in self.sources]
-        per_source = None if self.record is None else torch.zeros((len(sources), *z.shape), dtype=z.dtype)
+        per_source = None if self.record is None else torch.zeros((len(sources), 2, *z.shape), dtype=z.dtype)
         for c in range(z.shape[1] if sources and tangents.requires_grad else 0):  # one backward pass per class
             with torch.enable_grad():  # walks run under no_grad
                 grads = torch.autograd.grad(tangents[:, c].sum(), sources, retain_graph=c + 1 < z.shape[1],
@@ -121,7 +122,7 @@ class Adjoint:
                         spread = _spread(g * part, shared=index == 1)
                         variance[index, :, c] += spread
                         if per_source is not None:
-                            per_source[i, :, c] += spread
+                            per_source[i, index, :, c] += spread
         if per_source is not None:
             self.record.append(per_source)
         self.sources = []
