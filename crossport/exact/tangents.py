@@ -88,9 +88,8 @@ class Adjoint:
     linear part and one backward pass per class."""
 
     def __init__(self, t: float, record: list | None = None) -> None:
-        # record: where each chunk's variance per source goes, [sources, 2 (random, systematic), N, classes] in the
-        # walk's order of steps
-        # (tools.bound_share reads how much of B the last steps carry)
+        # record: each chunk's variance per source is appended to it, [sources, 2 (random, systematic), N, classes]
+        # in the walk's order of steps (tools.bound_share reads how much of B the last steps carry)
         self.t, self.sources, self.record = t, [], record
 
     def start(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,9 +153,14 @@ def paired(theirs: list[Round], ours: list[Round], batch: int) -> dict:
         calls, wall = round_
         return float(np.median(calls)) if batch == 1 else len(calls) / wall
 
-    ratios = np.asarray([figure(a) / figure(b) for a, b in zip(theirs, ours, strict=True)])
-    return {"median": float(np.median(ratios)), "low": float(ratios.min()), "high": float(ratios.max()),
-            "rounds": len(ratios)}
+    return over_rounds([figure(a) / figure(b) for a, b in zip(theirs, ours, strict=True)])
+
+
+def over_rounds(ratios: list[float]) -> dict:
+    """Ratios taken round by round, summed up: their median and range, and how many rounds gave them."""
+    values = np.asarray(ratios, dtype=np.float64)
+    return {"median": float(np.median(values)), "low": float(values.min()), "high": float(values.max()),
+            "rounds": len(values)}
 
 
 def summarize(rounds: list[Round], batch: int) -> dict:

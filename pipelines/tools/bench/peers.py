@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.interface import SCORES
-from pipelines.tools.bench.harness import ROOT, paired, summarize, timed
+from pipelines.tools.bench.harness import ROOT, over_rounds, paired, summarize, timed
 
 log = logging.getLogger("crossport.bench")
 
@@ -234,9 +234,7 @@ def _converting_over(ours: list[dict], theirs: list[dict]) -> dict | None:
     each round both converted in: the median and range over those rounds."""
     mine = {run["round"]: run["convert_s"] for run in ours}
     ratios = [mine[run["round"]] / run["whole_s"] for run in theirs if run["round"] in mine]
-    if not ratios:
-        return None
-    return {"median": float(np.median(ratios)), "low": min(ratios), "high": max(ratios), "rounds": len(ratios)}
+    return over_rounds(ratios) if ratios else None
 
 
 def _errors(files: list, errors: dict) -> None:
