@@ -59,52 +59,67 @@ def converting():
 @contextlib.contextmanager
 def _no_load():
     """TF 2.21's converter loads the whole SavedModel twice for each file it makes: ``from_saved_model`` to list its
-    signatures' names, ``convert()`` for the debug information saved beside the graph. Its MLIR importer then reads
-    the directory itself. Both get :class:`SavedSignatures`, which reads those two from the directory's files as
-    the load does: a load of MobileNetV3-small's servable took 0.3-0.4 s a file, and every file comes out byte for
-    byte the same (tests/test_tflite.py). A converter that takes TensorFlow's other route (a SavedModel the MLIR
-    importer cannot read, a TF1 SavedModel) is refused (:func:`tflite_converter`); crossport's are TF2 SavedModels.
+    signatures' names, ``convert()`` for the debug information saved beside the graph; and ``convert()`` imports the
+    graph once more, into a TF1 graph of its own, only to hand on the GraphDef it read from ``saved_model.pb`` (the
+    tensors it also finds there are used by its route for TF1 SavedModels alone). Its MLIR importer then reads the
+    directory itself. All three get :class:`SavedSignatures`, which reads them from the directory's files as the
+    loads do: a load of MobileNetV3-small's servable took 0.3-0.4 s a file, the import 0.16-0.20 s of the 0.76-0.86 s
+    its fp32 file took, and every file comes out byte for byte the same (tests/test_tflite.py). A converter that
+    takes TensorFlow's other route (a SavedModel the MLIR importer cannot read, a TF1 SavedModel) is refused
+    (:func:`tflite_converter`); crossport's are TF2 SavedModels.
     """
     from tensorflow.lite.python import lite
 
-    original = lite._load
-    read: dict[Path, SavedSignatures | None] = {}  # each file asks twice; resnet18's saved_model.pb parses in 0.12 s
+    original, importing = lite._load, lite.TFLiteSavedModelConverterV2._load_saved_model
+    read: dict[Path, SavedSignatures | None] = {}  # asked three times a file; resnet18's parses in 0.12 s
+
+    def saved(export_dir, tags) -> SavedSignatures | None:
+        if set(tags or ("serve",)) != {"serve"}:  # what a tf.saved_model.load(dir) loads
+            return None
+        directory = Path(export_dir)
+        if directory not in read:
+            read[directory] = SavedSignatures.read(directory)
+        return read[directory]
 
     def load(export_dir, tags=None, options=None):
-        if options is None and set(tags or ("serve",)) == {"serve"}:  # what a tf.saved_model.load(dir) loads
-            directory = Path(export_dir)
-            if directory not in read:
-                read[directory] = SavedSignatures.read(directory)
-            if read[directory] is not None:
-                return read[directory]
-        return original(export_dir, tags, options)
+        found = saved(export_dir, tags) if options is None else None
+        return found if found is not None else original(export_dir, tags, options)
 
-    lite._load = load
+    def graph_of(converter, saved_model_dir, saved_model_tags):
+        found = saved(saved_model_dir, saved_model_tags)
+        return (found.graph_def, [], []) if found is not None else importing(converter, saved_model_dir,
+                                                                            saved_model_tags)
+
+    lite._load, lite.TFLiteSavedModelConverterV2._load_saved_model = load, graph_of
     try:
         yield
     finally:
-        lite._load = original
+        lite._load, lite.TFLiteSavedModelConverterV2._load_saved_model = original, importing
 
 
 @dataclasses.dataclass(frozen=True)
 class SavedSignatures:
-    """What the TFLite converter reads of a loaded SavedModel on its saved-model route: the signatures' names (each
-    standing for a function that route never calls) and the graph's debug information, which is empty unless the
-    SavedModel was saved with it."""
+    """What the TFLite converter reads of a SavedModel on its saved-model route: the signatures' names (each standing
+    for a function that route never calls), the graph's debug information, which is empty unless the SavedModel was
+    saved with it, and the GraphDef of its one MetaGraph."""
 
     signatures: dict
     graph_debug_info: object
+    graph_def: object
 
     @classmethod
     def read(cls, saved_model_dir: Path) -> SavedSignatures | None:
         """From the directory's files, as ``tf.saved_model.load`` reads them; None for a SavedModel saved with debug
-        information (``SaveOptions(save_debug_info=True)``; crossport's are not), which a load rewrites."""
+        information (``SaveOptions(save_debug_info=True)``; crossport's are not), which a load rewrites, or with
+        other MetaGraphs than one tagged ``serve``."""
         from tensorflow.python.saved_model import loader_impl
 
         proto, debug_info = loader_impl.parse_saved_model_with_debug_info(str(saved_model_dir))
-        if debug_info.ByteSize() or len(proto.meta_graphs) != 1:
+        if debug_info.ByteSize() or len(proto.meta_graphs) != 1 or list(proto.meta_graphs[0].meta_info_def.tags) != [
+                "serve"]:
             return None
-        return cls({key: None for key in proto.meta_graphs[0].signature_def}, debug_info)
+        meta_graph = proto.meta_graphs[0]
+        return cls({key: None for key in meta_graph.signature_def}, debug_info, meta_graph.graph_def)
 
 
 def tflite_converter(saved_model_dir: Path, variant: str, calibration: np.ndarray | None = None):

@@ -100,12 +100,14 @@ def test_tflite_answers_concurrent_callers_each_with_its_own_batch(tiny, instanc
 
 def test_converting_reads_the_saved_model_without_loading_it(tiny, tmp_path, monkeypatch):
     """TensorFlow's converter loads the SavedModel twice for each file (its signatures' names, its debug
-    information): crossport reads those from the files instead, and the files come out byte for byte the same."""
+    information) and imports its graph once (for the GraphDef it read): crossport reads those from the files
+    instead, and the files come out byte for byte the same."""
     import shutil
     from pathlib import Path
 
     import tensorflow as tf
     from tensorflow.lite.python import lite
+    from tensorflow.python.saved_model import loader_impl
 
     source = tmp_path / "saved_model"
     shutil.copytree(tiny.saved_model, source)  # a copy no earlier test has loaded in this process
@@ -128,13 +130,23 @@ def test_converting_reads_the_saved_model_without_loading_it(tiny, tmp_path, mon
 
     monkeypatch.setattr(tf.saved_model, "load", counted(tf.saved_model.load))  # crossport's own loads
     monkeypatch.setattr(lite, "_load", counted(lite._load))  # the converter's
+    imports = []
+    import_graph = loader_impl.SavedModelLoader.load_graph
+
+    def importing(loader, graph, tags, *args, **kwargs):
+        imports.append(Path(loader._export_dir).name)
+        return import_graph(loader, graph, tags, *args, **kwargs)
+
+    monkeypatch.setattr(loader_impl.SavedModelLoader, "load_graph", importing)  # the converter's graph import
     monkeypatch.setattr(SavedSignatures, "read", classmethod(reading))
     convert_tflite(source, tmp_path / "fp32.tflite")
     convert_tflite(source, tmp_path / "fp16.tflite", "fp16")
-    assert loads == [] and reads == ["saved_model"] * 2  # read once for each file, which asks for it twice
+    # read once for each file, which asks for it three times
+    assert loads == [] and imports == [] and reads == ["saved_model"] * 2
     alone = tflite_converter(source, "fp32").convert()  # the converter left to load it as it does
-    assert len(loads) == 2 and (tmp_path / "fp32.tflite").read_bytes() == alone
+    assert len(loads) == 2 and imports == ["saved_model"] and (tmp_path / "fp32.tflite").read_bytes() == alone
     loads.clear()
+    imports.clear()
 
     # a SavedModel saved with its debug information is loaded, as TensorFlow does: a load rewrites it
     class Scores(tf.Module):
@@ -148,7 +160,7 @@ def test_converting_reads_the_saved_model_without_loading_it(tiny, tmp_path, mon
                         options=tf.saved_model.SaveOptions(save_debug_info=True))
     assert (traced / "debug" / "saved_model_debug_info.pb").stat().st_size > 0
     convert_tflite(traced, tmp_path / "traced.tflite")
-    assert [Path(path).name for path in loads] == ["with_debug_info"] * 2
+    assert [Path(path).name for path in loads] == ["with_debug_info"] * 2 and imports == ["with_debug_info"]
 
 
 def test_a_signature_is_sized_once_per_batch_shape_and_answers_as_the_runner_does(tiny, tmp_path):
