@@ -233,3 +233,91 @@ def test_hard_swish_is_translated_to_the_form_tflite_runs_as_one_kernel(tmp_path
     assert np.all(np.abs(translated["logits"].numpy() - values) <= bound)
     runner = Interpreter(model_path=str(tmp_path / "m.tflite")).get_signature_runner()
     assert np.all(np.abs(runner(images=x)["logits"] - values) <= bound)
+
+
+def _conv_chain(path, *, first=None, grouped=False, twice=False):
+    """images [N, 12, 12, 4] channels last → Transpose to channels first → a depthwise 3×3 Conv (padding 1, or
+    ``first``'s attributes) → a 3×3 Conv of stride 2 with a bias (one group, or two with ``grouped``) → Transpose
+    back to channels last (with ``twice``, by a second [0, 3, 1, 2], which does not undo the first) → Flatten → Gemm:
+    the layout the channels-last rewrite gives onnx-tf (translation/channels_last.py)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(7)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+
+    back = [0, 3, 1, 2] if twice else [0, 2, 3, 1]
+    nodes = [
+        helper.make_node("Transpose", ["images"], ["x"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x", "w1"], ["y1"], group=4, kernel_shape=[3, 3],
+                         **(first or {"pads": [1, 1, 1, 1]})),
+        helper.make_node("Conv", ["y1", "w2", "b2"], ["y2"], group=2 if grouped else 1, kernel_shape=[3, 3],
+                         strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["y2"], ["z"], perm=back),
+        helper.make_node("Flatten", ["z"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w3"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "conv_chain",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 12, 12, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+                              [weight("w1", 4, 1, 3, 3), weight("w2", 6, 2 if grouped else 4, 3, 3),
+                               weight("b2", 6), weight("w3", 216, 5)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(path))
+    return model
+
+
+def _live_ops(tf_graph) -> dict:
+    """The op types of the translated function that its outputs depend on, with their counts."""
+    from collections import Counter
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel.FromString((tf_graph / "saved_model.pb").read_bytes())
+    function = max(proto.meta_graphs[0].graph_def.library.function, key=lambda f: len(f.node_def))
+    nodes = {node.name: node for node in function.node_def}
+    live, stack = set(), [value.split(":")[0] for value in function.ret.values()]
+    while stack:
+        name = stack.pop()
+        if name in nodes and name not in live:
+            live.add(name)
+            stack += [source.lstrip("^").split(":")[0] for source in nodes[name].input]
+    return Counter(nodes[name].op for name in live)
+
+
+@pytest.mark.parametrize("case", ["explicit pads", "auto_pad", "two groups", "no inverse"])
+def test_convolutions_carry_no_layout_work_and_stay_within_the_bound(tmp_path, case):
+    """crossport's Conv and Transpose handlers (translation.compat, item 8): a Conv of one group or depthwise gets
+    its weights laid out before the trace and reads a channels-last input as it is, and a Transpose that undoes
+    the one before it is no op, so nothing between the images and the Gemm moves data; a Conv of two groups is one
+    convolution per group, also where the trace does not know its input's channels (here after onnx-tf's opset-13
+    Pad, a tf.cond), where onnx-tf took it for a depthwise one and failed on its shape; and a Transpose that does not
+    undo the one before it is computed. Each translation
+    is within the exact reference's bound B of the float64 function (for auto_pad SAME_UPPER, that of the same
+    convolution with its padding of 1 written out)."""
+    import tensorflow as tf
+
+    from crossport.exact import exact_outputs
+    from crossport.exact.graph import network_from_onnx
+
+    attributes = {"auto_pad": {"auto_pad": "SAME_UPPER"}}.get(case)
+    model = _conv_chain(tmp_path / "model.onnx", first=attributes, grouped=case == "two groups",
+                        twice=case == "no inverse")
+    reference = _conv_chain(tmp_path / "reference.onnx", grouped=case == "two groups", twice=case == "no inverse")
+    translate(tmp_path / "model.onnx", tmp_path / "tf_graph", expose_intermediates=False)
+    ops = _live_ops(tmp_path / "tf_graph")
+    if case in ("explicit pads", "auto_pad"):
+        assert ops["Transpose"] == 0 and not {"Split", "ConcatV2"} & set(ops), ops
+        assert ops["Conv2D"] == 1 and ops["DepthwiseConv2dNative"] == 1, ops
+    elif case == "two groups":
+        assert ops["Conv2D"] == 2 and ops["DepthwiseConv2dNative"] == 1 and ops["Transpose"] == 0, ops
+    else:
+        assert ops["Transpose"] >= 1, ops
+
+    images = np.random.default_rng(0).random((16, 12, 12, 4), dtype=np.float32)
+    exact = exact_outputs(network_from_onnx(reference), images)
+    translated = tf.saved_model.load(str(tmp_path / "tf_graph")).signatures["serving_default"](images=images)
+    error = np.abs(translated["logits"].numpy().astype(np.float64) - exact.values["logits"])
+    assert np.all(error <= exact.bounds["logits"]), float(np.max(error / exact.bounds["logits"]))
+    assert model.graph.node[1].attribute  # the chain holds the attributes it was built with
