@@ -269,13 +269,14 @@ def _conv_chain(path, *, first=None, grouped=False, twice=False):
 
 
 def _live_ops(tf_graph) -> dict:
-    """The op types of the translated function that its outputs depend on, with their counts."""
+    """The op types of the translated function (onnx-tf's module's ``__call__``) that its outputs depend on, with
+    their counts."""
     from collections import Counter
 
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel.FromString((tf_graph / "saved_model.pb").read_bytes())
-    function = max(proto.meta_graphs[0].graph_def.library.function, key=lambda f: len(f.node_def))
+    function = next(f for f in proto.meta_graphs[0].graph_def.library.function if "___call___" in f.signature.name)
     nodes = {node.name: node for node in function.node_def}
     live, stack = set(), [value.split(":")[0] for value in function.ret.values()]
     while stack:
@@ -321,3 +322,59 @@ def test_convolutions_carry_no_layout_work_and_stay_within_the_bound(tmp_path, c
     error = np.abs(translated["logits"].numpy().astype(np.float64) - exact.values["logits"])
     assert np.all(error <= exact.bounds["logits"]), float(np.max(error / exact.bounds["logits"]))
     assert model.graph.node[1].attribute  # the chain holds the attributes it was built with
+
+
+def _gemm(path, weights, bias, **attributes):
+    """images [N, 30] → Gemm (with ``transA``, of their transpose) → logits [N, 7]."""
+    from onnx import numpy_helper
+
+    transposed = attributes.get("transA", 0)
+    nodes = [helper.make_node("Transpose" if transposed else "Identity", ["images"], ["a"],
+                              **({"perm": [1, 0]} if transposed else {})),
+             helper.make_node("Gemm", ["a", "w"] + ([] if bias is None else ["b"]), ["logits"], **attributes)]
+    initializers = [numpy_helper.from_array(weights, "w")] + ([] if bias is None else [
+        numpy_helper.from_array(bias, "b")])
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 30])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 7])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(path))
+    return model
+
+
+@pytest.mark.parametrize("case", ["transB", "no bias", "alpha and beta", "transA"])
+def test_a_gemm_of_constant_weights_is_one_matmul(tmp_path, monkeypatch, case):
+    """crossport's Gemm handler (translation.compat, item 8): constant weights transposed and beta·C computed
+    before the trace, multiplications by 1 left out, so the graph reads each weight as it is (onnx-tf transposed
+    them on every call); within the exact reference's bound B of the same function, and for alpha and beta other
+    than 1 (which the exact reference does not read) onnx-tf's own translation bit for bit. transA stays onnx-tf's."""
+    import tensorflow as tf
+
+    from crossport.exact import exact_outputs
+    from crossport.exact.graph import network_from_onnx
+
+    rng = np.random.default_rng(3)
+    weights = rng.normal(0, 0.3, (30, 7)).astype(np.float32)
+    bias = None if case == "no bias" else rng.normal(0, 1, 7).astype(np.float32)
+    attributes = {"transB": {"transB": 1}, "alpha and beta": {"transB": 1, "alpha": 0.75, "beta": 2.5},
+                  "transA": {"transA": 1}}.get(case, {})
+    _gemm(tmp_path / "gemm.onnx", weights.T.copy() if attributes.get("transB") else weights, bias, **attributes)
+    translate(tmp_path / "gemm.onnx", tmp_path / "tf_graph", expose_intermediates=False)
+    ops = _live_ops(tmp_path / "tf_graph")
+    if case == "transA":
+        assert ops["Transpose"] >= 1, ops  # onnx-tf's own
+    else:
+        assert ops["Transpose"] == 0 and ops["MatMul"] == 1 and ops["Mul"] == (case == "alpha and beta"), ops
+
+    images = rng.random((32, 30), dtype=np.float32)
+    logits = tf.saved_model.load(str(tmp_path / "tf_graph")).signatures["serving_default"](images=images)["logits"]
+    if case == "alpha and beta":
+        handler = compat.import_onnx_tf().common.handler_helper.get_all_backend_handlers({"": 13})[""]["Gemm"]
+        common = handler._common
+        monkeypatch.setattr(handler, "version_13", classmethod(lambda cls, node, **kwargs: common(node, **kwargs)))
+        translate(tmp_path / "gemm.onnx", tmp_path / "onnx_tf_graph", expose_intermediates=False)
+        own = tf.saved_model.load(str(tmp_path / "onnx_tf_graph")).signatures["serving_default"](images=images)
+        assert np.array_equal(logits.numpy(), own["logits"].numpy())
+        return
+    exact = exact_outputs(network_from_onnx(_gemm(tmp_path / "reference.onnx", weights, bias)), images)
+    error = np.abs(logits.numpy().astype(np.float64) - exact.values["logits"])
+    assert np.all(error <= exact.bounds["logits"]), float(np.max(error / exact.bounds["logits"]))
