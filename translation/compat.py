@@ -49,6 +49,7 @@ import sys
 import types
 
 from crossport.errors import TranslationError
+from translation.channels_last import TO_NCHW, TO_NHWC
 
 SHIM_MODULE = "tensorflow_addons"
 # op → (the version that only added bfloat16, the version before it, which onnx-tf implements)
@@ -255,10 +256,6 @@ def _hard_swish_14(cls, node, **kwargs):
 
     x = kwargs["tensor_dict"][node.inputs[0]]
     return [x * tf.nn.relu6(x + 3) * (1 / 6)]
-
-
-
-TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
 def register_layout() -> None:
