@@ -303,8 +303,7 @@ def test_convolutions_carry_no_layout_work_and_stay_within_the_bound(tmp_path, c
     from crossport.exact.graph import network_from_onnx
 
     attributes = {"auto_pad": {"auto_pad": "SAME_UPPER"}}.get(case)
-    model = _conv_chain(tmp_path / "model.onnx", first=attributes, grouped=case == "two groups",
-                        twice=case == "no inverse")
+    _conv_chain(tmp_path / "model.onnx", first=attributes, grouped=case == "two groups", twice=case == "no inverse")
     reference = _conv_chain(tmp_path / "reference.onnx", grouped=case == "two groups", twice=case == "no inverse")
     translate(tmp_path / "model.onnx", tmp_path / "tf_graph", expose_intermediates=False)
     ops = _live_ops(tmp_path / "tf_graph")
@@ -321,7 +320,6 @@ def test_convolutions_carry_no_layout_work_and_stay_within_the_bound(tmp_path, c
     translated = tf.saved_model.load(str(tmp_path / "tf_graph")).signatures["serving_default"](images=images)
     error = np.abs(translated["logits"].numpy().astype(np.float64) - exact.values["logits"])
     assert np.all(error <= exact.bounds["logits"]), float(np.max(error / exact.bounds["logits"]))
-    assert model.graph.node[1].attribute  # the chain holds the attributes it was built with
 
 
 def _gemm(path, weights, bias, **attributes):
