@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossport.cli import integer
+from crossport.cli import integer, summary_line
 
 log = logging.getLogger("crossport")
 
@@ -64,7 +64,7 @@ def shares(run_dir: Path, images: int, lasts: tuple[int, ...]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bound_share", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.bound_share", description=summary_line(__doc__),
                                      allow_abbrev=False)
     parser.add_argument("run_dir", type=Path, help="a crossport run directory")
     parser.add_argument("--images", type=integer(1), default=16, help="test images walked (default 16)")

@@ -19,6 +19,8 @@ import logging
 
 import numpy as np
 
+from crossport.cli import summary_line
+
 log = logging.getLogger("crossport")
 
 
@@ -59,7 +61,7 @@ BOUNDS = ("running", "adjoint", "sampled")
 def main(argv: list[str] | None = None) -> int:
     from training.model import ARCHITECTURES
 
-    parser = argparse.ArgumentParser(prog="python -m tools.bound_width", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.bound_width", description=summary_line(__doc__),
                                      allow_abbrev=False)
     parser.add_argument("archs", nargs="*", default=list(ARCHITECTURES))
     parser.add_argument("--images", type=int, default=16, help="random 28×28 images (default 16)")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossport.cli import summary_line
+
 log = logging.getLogger("crossport")
 
 
@@ -67,7 +69,7 @@ def measure(arch: str, root: Path, seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from training.model import ARCHITECTURES
 
-    parser = argparse.ArgumentParser(prog="python -m tools.transposes", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.transposes", description=summary_line(__doc__),
                                      allow_abbrev=False)
     parser.add_argument("archs", nargs="*", default=[name for name in ARCHITECTURES if name != "mlp"])
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per runtime (default 3)")
