@@ -14,6 +14,13 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def not_a_file(path: Path) -> str:
+    """What stands at ``path`` where a regular file was expected, for an error line: "is a folder", "is not a
+    regular file" (a device such as /dev/null, a socket) or "does not exist"."""
+    path = Path(path)
+    return "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

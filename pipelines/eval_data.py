@@ -74,7 +74,9 @@ def resolve_labels(metadata: dict[str, str], labels_file: str | None, classes: i
     if labels_file:
         path = Path(labels_file)
         if not path.is_file():
-            raise DataError(f"--labels {path} does not exist.", hint="Pass a text file with one label per line.")
+            from crossport.files import not_a_file
+
+            raise DataError(f"--labels {path} {not_a_file(path)}.", hint="Pass a text file with one label per line.")
         data = path.read_bytes()
         try:
             text = data.decode("utf-8")

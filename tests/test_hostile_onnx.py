@@ -132,6 +132,15 @@ def test_read_onnx_refuses_with_the_callers_error():
         read_onnx_from(model, ImportModelError)
 
 
+@pytest.mark.parametrize(("where", "found"), [("folder", "is a folder"), ("/dev/null", "is not a regular file"),
+                                             ("absent.onnx", "does not exist")])
+def test_an_onnx_path_that_is_no_file_says_what_is_there(tmp_path, where, found):
+    path = tmp_path if where == "folder" else tmp_path / where  # tmp_path / "/dev/null" is /dev/null itself
+    with pytest.raises(ImportModelError) as error:
+        read_onnx(path, ImportModelError, missing="Pass --onnx with the path of an ONNX file.", redo="-")
+    assert str(error.value) == f"ONNX model {path} {found}. Pass --onnx with the path of an ONNX file."
+
+
 def read_onnx_from(model, error):
     import tempfile
     from pathlib import Path

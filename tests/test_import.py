@@ -314,6 +314,11 @@ def test_numbered_labels_name_classes_and_a_label_file_must_be_utf8(tmp_path):
                                 "UTF-8, one label per line.")
     latin.write_text("zéro\nun\ndeux\n", encoding="utf-8")
     assert resolve_labels({}, str(latin), 3)[0] == ("zéro", "un", "deux")
+    for path, found in ((tmp_path, "is a folder"), ("/dev/null", "is not a regular file"),
+                        (tmp_path / "none.txt", "does not exist")):
+        with pytest.raises(DataError) as error:
+            resolve_labels({}, str(path), 3)
+        assert str(error.value) == f"--labels {path} {found}. Pass a text file with one label per line."
 
 
 def test_eval_data_from_npz_in_every_accepted_form(tmp_path):

@@ -114,7 +114,9 @@ def read_onnx(path: Path, error=ExportError, *, missing: str, redo: str):
 
     path = Path(path)
     if not path.is_file():
-        raise error(f"ONNX model {path} does not exist.", hint=missing)
+        from crossport.files import not_a_file
+
+        raise error(f"ONNX model {path} {not_a_file(path)}.", hint=missing)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as cause:  # protobuf DecodeError, onnx's own errors
