@@ -157,7 +157,7 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | 
 
 # The running bound decides unless it is wider than the logits themselves (median B/|z| over the first PILOT images,
 # which depend on the exact values alone, not on any rounding): then the network is too deep for it, and the
-# sampled bound is used instead (docs/parity.md, "Deep networks").
+# first-order bound is used instead (docs/parity.md, "Deep networks").
 PILOT = 64
 
 
@@ -166,9 +166,10 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
     """First (λ, fan-ins, the bound: "running", "adjoint" or "sampled"), then per chunk of ``images``: (exact
     logits, their Error). ``bound`` overrides the choice: the running bound unless it is wider than the logits
     (:data:`PILOT`); then the first-order bound of :mod:`crossport.exact.tangents`, its Σ c_r² computed by one
-    backward pass per class where there are at most 2·SAMPLES classes, estimated from 2·SAMPLES forward tangents
-    where there are more (each the cheaper there). ``record``: with the adjoint, each chunk's variance per rounding
-    source is appended to it (crossport.exact.tangents.Adjoint)."""
+    backward pass per class (the adjoint) whatever the number of classes: estimated from 2·SAMPLES forward tangents
+    instead ("sampled", only when asked for) it is cheaper above 2·SAMPLES classes but wider by the χ² limit's
+    factor, and the gate does not buy time with power. ``record``: with the adjoint, each chunk's variance per
+    rounding source is appended to it (crossport.exact.tangents.Adjoint)."""
     import torch
 
     from crossport.exact import tangents as carry
@@ -196,7 +197,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
                 z, running = _walk(wide, narrow, pilot, lam_, None)
                 ratios.append((running.total / z.abs()).flatten())
             deep = float(torch.median(torch.cat(ratios))) >= 1.0
-            bound = ("adjoint" if classes <= 2 * SAMPLES else "sampled") if deep else "running"
+            bound = "adjoint" if deep else "running"
         yield lam_, counts, bound
         chunk = rows(32 + (8 * SAMPLES if bound != "running" else 0))
         for start in range(0, max(len(images), 1), chunk):

@@ -1,7 +1,7 @@
 """The first-order bound: rounding error carried by the network's own Jacobian, for networks too deep for the
 running bound. Its Σ c_r² is estimated from Gaussian tangents (:class:`Sampled`, described here) or computed by one
-backward pass per output class (:class:`Adjoint`, narrower by the χ² limit's factor and cheaper up to 2·SAMPLES
-classes).
+backward pass per output class (:class:`Adjoint`, narrower by the χ² limit's factor, the one the gate uses; the
+sampled estimate is cheaper above 2·SAMPLES classes, and is kept for tools that compare the two).
 
 The running bound passes each layer's error on through |W|, which may grow it by Σ|w| where the values grow by
 about ‖w‖, so it compounds with depth (docs/parity.md, "Deep networks"). This one does not. To first order, a float32
