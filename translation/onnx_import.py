@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from crossport.errors import ImportModelError
 from crossport.interface import EMNIST_IMAGE, IMAGE_SIDE, INPUT, INPUT_SIZE, LOGITS, SCORES, ImageContract
+from translation.channels_last import TO_NCHW
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ def _map_input(result: Normalized, image, orientation: str, scaling: tuple | Non
             result.steps.append(f"input {own!r} [N, {', '.join(map(str, rest))}] fed from {INPUT!r} [N, {INPUT_SIZE}] "
                                 "by a reshape inside the graph")
     elif channels_first:
-        nodes.append(helper.make_node("Transpose", [current], [own], perm=[0, 3, 1, 2], name="crossport_to_nchw"))
+        nodes.append(helper.make_node("Transpose", [current], [own], perm=TO_NCHW, name="crossport_to_nchw"))
         result.steps.append(f"input {own!r} [N, {', '.join(map(str, rest))}] (channels first) fed from {INPUT!r} "
                             f"[N, {', '.join(map(str, published.shape))}] (channels last, TensorFlow's layout) by a "
                             "transpose inside the graph")
