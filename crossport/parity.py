@@ -432,8 +432,10 @@ class ExactStats:
     name: str
     max_abs: float
     rms: float
-    worst_ratio: float  # max |error| / B
+    worst_ratio: float  # max |error| / B (where the exact values' rows hold L ≤ B instead, a ceiling: Exact.walked)
     worst_example: int
+    # max |error| / B on the sign test's probe, where B is walked on every row (None without a probe)
+    probe_ratio: float | None = None
     # the sign test (judged artifacts only): the largest T over classes (negative: within the systematic
     # allowance), its class, and the probe inputs it pooled
     sign_statistic: float | None = None
@@ -516,11 +518,15 @@ def compare_exact(artifact: str, outputs: Mapping[str, np.ndarray], exact, thres
         stats = ExactStats(name, largest.value, float(np.sqrt(squares / counted)) if counted else float("nan"),
                            worst_ratio, worst // per_row)
         result.outputs.append(stats)
+        if probe is None and not result.judged:
+            continue
+        drift = np.nan_to_num(probed - probe_exact.values[name], nan=np.inf)
+        if probe is not None and probed.size:
+            stats.probe_ratio = float(np.max(np.abs(drift) / probe_exact.bounds[name]))
         if not result.judged:
             continue
         # each element in units of its own bound: weights fixed by the exact values alone, so the signs stay fair
         bound = probe_exact.bounds[name]
-        drift = np.nan_to_num(probed - probe_exact.values[name], nan=np.inf)
         statistic = sign_statistics(drift / bound, probe_exact.systematic[name] / bound)
         stats.sign_class = int(np.nanargmax(statistic)) if np.any(~np.isnan(statistic)) else 0
         stats.sign_statistic, stats.probed = float(statistic[stats.sign_class]), len(probed)
@@ -536,6 +542,26 @@ def compare_exact(artifact: str, outputs: Mapping[str, np.ndarray], exact, thres
                 f"{stats.sign_statistic:.3g} root sums of squares beyond the systematic allowance; rounding alone "
                 f"stays below {threshold:.3g} (false-alarm chance ≤ {FALSE_ALARM:g} per run)")
     return result
+
+
+def near_bound(exact, outputs: Mapping[str, Mapping[str, np.ndarray]], reference: str) -> np.ndarray:
+    """The rows on which the checks need B itself where ``exact`` holds its lower bound L (``exact.walked``): some
+    output of an fp32 artifact (``outputs``, by runtime, the reference's included) is farther than L from the exact
+    value, or not finite, or its top-1 answer is not the reference's (whether that is a near-tie takes B). On every
+    other row each artifact is within L ≤ B of the exact values, so within 2·B of each other, and keeps its answer:
+    every check there passes with B as it does with L."""
+    flagged = np.zeros(len(next(iter(exact.values.values()))), dtype=bool)
+    for values in outputs.values():
+        for name in (name for name in ("logits", "scores") if name in values and name in exact.values):
+            candidate, ours = np.asarray(values[name]), np.asarray(outputs[reference].get(name, values[name]))
+            if candidate.shape != exact.values[name].shape or ours.shape != candidate.shape:
+                continue  # the hop comparison reports a wrong shape
+            for start in range(0, len(candidate), BLOCK):
+                rows = slice(start, start + BLOCK)
+                error = np.abs(np.asarray(candidate[rows], dtype=np.float64) - exact.values[name][rows])
+                flagged[rows] |= ~np.all(error <= exact.bounds[name][rows], axis=1)  # NaN is never within
+                flagged[rows] |= np.argmax(candidate[rows], axis=1) != np.argmax(ours[rows], axis=1)
+    return np.flatnonzero(flagged & ~exact.walked if exact.walked is not None else flagged)
 
 
 @dataclass

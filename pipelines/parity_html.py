@@ -106,7 +106,8 @@ def _hops(report: dict) -> str:
             str(hop["near_ties_excluded"]), _percent(hop["candidate_accuracy"], 2), statistic or "-",
             _badge("unverified" if hop["verdict"] == "undecided" else hop["verdict"])])
     return _table(["hop", "scores max |Δ|", "logits max |Δ|", "Δ / bound", "top-1 agreement", "near ties",
-                   "accuracy", "statistic and threshold", "verdict"], rows)
+                   "accuracy", "statistic and threshold", "verdict"], rows) + (
+        f"<p class=\"note\">{_lower_note(report).strip()}</p>" if _lower_note(report) else "")
 
 
 def _lossy(hops: list[dict]) -> str:
@@ -129,16 +130,29 @@ def _exact(report: dict) -> str:
     for check in report.get("against_exact", []):
         for stats in check["outputs"]:
             rows.append([_e(check["artifact"]), _e(stats["name"]), _num(stats["max_abs"]), _num(stats["rms"]),
-                         _num(stats["worst_ratio"], ".2g"), _num(stats.get("sign_statistic"), ".2f"),
+                         _num(stats["worst_ratio"], ".2g"), _num(stats.get("probe_ratio"), ".2g"),
+                         _num(stats.get("sign_statistic"), ".2f"),
                          _num(check.get("threshold"), ".3g"),
                          _badge(check["verdict"] if check["judged"] else "recorded")])
     export = report.get("export_function")
     if export:
         rows.append(["export (graph vs model, exact)", "logits", _num(export["max_abs"]), "-",
-                     _num(export["worst_ratio"], ".2g"), "-", "-", _badge(export["verdict"])])
-    return _table(["artifact", "output", "max |error|", "rms", "error / bound B", "sign test T", "threshold t",
-                   "verdict"], rows) + ("<p class=\"note\">Judged: |error| ≤ B everywhere, and the sign test's T "
-                                        "below t on the dithered probe; lossy files are recorded, not judged here.</p>")
+                     _num(export["worst_ratio"], ".2g"), "-", "-", "-", _badge(export["verdict"])])
+    return _table(["artifact", "output", "max |error|", "rms", "error / bound B", "on the probe", "sign test T",
+                   "threshold t", "verdict"], rows) + (
+        "<p class=\"note\">Judged: |error| ≤ B everywhere, and the sign test's T below t on the dithered probe; "
+        f"lossy files are recorded, not judged here.{_lower_note(report)}</p>")
+
+
+def _lower_note(report: dict) -> str:
+    """Where the test split held the lower bound L on some images, what its 'error / bound' figures are."""
+    walked = (report.get("error_model") or {}).get("bound_walked")
+    if not walked:
+        return ""
+    return (f" B was walked on {walked['images']:,} of {walked['of']:,} test images, those where a check came "
+            "within its lower bound L ≤ B; on the others L stands in, so the test split's error / bound is a "
+            "ceiling (the error is at most that share of B), and its near ties are those L alone can reorder (an "
+            "answer that changed is always walked). On the probe B is walked on every input.")
 
 
 def _int8_layers(diagnosis: dict | None, shown: int = 10) -> list[str]:

@@ -91,6 +91,15 @@ def run_title(manifest: Manifest, name: str, dataset: str, failed: str | None = 
     return " · ".join([name, dataset, verdict, *([f"version {published['version']}"] if published else [])])
 
 
+def exact_ratio(report: dict) -> float | None:
+    """The fp32 artifacts' largest error against the exact values, in units of B: on the test split where B was walked
+    on every image, else on the probe (the test split's figure is a ceiling there: error_model.bound_walked)."""
+    key = "probe_ratio" if (report.get("error_model") or {}).get("bound_walked") else "worst_ratio"
+    ratios = [output[key] for check in report.get("against_exact", []) if check.get("judged")
+              for output in check.get("outputs", []) if output.get(key) is not None]
+    return max(ratios) if ratios else None
+
+
 def parity_table(report: dict) -> str:
     rows = [f"{'hop':<52} {'scores |Δ|':>10} {'logits |Δ|':>10} {'Δ/bound':>8} {'top-1':>9} {'ties':>5} "
             f"{'accuracy':>9}  verdict"]
@@ -118,6 +127,10 @@ def parity_table(report: dict) -> str:
     if export:
         rows.append(f"{'export (graph vs model, exact)':<30} {'logits':<7} {export['max_abs']:>10.2e} {'':>10} "
                     f"{export['worst_ratio']:>9.2g} {'':>21}  {export['verdict']}   allowance: {export['allowance']}")
+    walked = (report.get("error_model") or {}).get("bound_walked")
+    if walked:
+        rows.append(f"B walked on {walked['images']:,} of {walked['of']:,} test images (where a check came within "
+                    "its lower bound L); elsewhere L stands in, so Δ/bound and err/bound are ceilings there")
     if report.get("detail"):
         rows.append(report["detail"])
     return "\n".join(rows)

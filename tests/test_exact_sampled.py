@@ -111,8 +111,8 @@ def test_no_walk_holds_more_images_at_once_than_its_chunk_the_pilot_included(mon
     x = np.random.default_rng(7).random((100, 784), dtype=np.float32)
     whole = exact_outputs(model, x)
     walked, real = [], exact._walk
-    monkeypatch.setattr(exact, "_walk", lambda network, narrow, batch, *rest: (
-        walked.append((rest[-1], len(batch))), real(network, narrow, batch, *rest))[1])
+    monkeypatch.setattr(exact, "_walk", lambda network, narrow, batch, *rest, **options: (
+        walked.append((rest[-1], len(batch))), real(network, narrow, batch, *rest, **options))[1])
     # the largest tensor is the input's, 784 elements: 5 images per chunk of a sampled walk, 25 of a running one
     monkeypatch.setattr(exact, "WALK_BYTES", 5 * 784 * (32 + 8 * SAMPLES))
     chunked = exact_outputs(model, x)

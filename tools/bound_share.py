@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from crossport.cli import integer, summary_line
+from pipelines.summary import exact_ratio
 
 log = logging.getLogger("crossport")
 
@@ -58,9 +59,7 @@ def shares(run_dir: Path, images: int, lasts: tuple[int, ...]) -> dict:
         ratio = (width(tail[min(k, len(tail)) - 1]) / whole).flatten().numpy()
         found[k] = (float(ratio.min()), float(np.median(ratio)))
     report = json.loads((run_dir / "parity.json").read_text()) if (run_dir / "parity.json").is_file() else {}
-    worst = [output["worst_ratio"] for check in report.get("against_exact", []) if check.get("judged")  # the fp32 ones
-             for output in check.get("outputs", []) if output.get("worst_ratio") is not None]
-    return {"sources": len(variance), "last": found, "fp32_worst": max(worst) if worst else None}
+    return {"sources": len(variance), "last": found, "fp32_worst": exact_ratio(report)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from crossport.cli import summary_line
+from pipelines.summary import exact_ratio
 
 LOSSY = ("tflite_fp16", "tflite_int8_dynamic", "tflite_int8_full")
 
@@ -42,7 +43,7 @@ def summarize(report: dict) -> dict:
     return {
         "verdict": report["verdict"],
         "fp32_hop_ratio": fp32_ratio,
-        "exact_ratio": max(o["worst_ratio"] for c in judged for o in c["outputs"]),
+        "exact_ratio": exact_ratio(report),
         "sign": max(o["sign_statistic"] for c in judged for o in c["outputs"]),
         "threshold": report["error_model"]["sign_test"]["threshold"],
         "lossy": verdicts,

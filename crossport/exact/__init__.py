@@ -17,6 +17,7 @@ of :mod:`crossport.exact.rules`, each ONNX op's reader one entry of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,8 +35,8 @@ from crossport.exact.rounding import (
     sign_threshold,
 )
 
-__all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "exact_outputs", "fan_ins",
-           "folds", "gamma", "lam", "layers_of", "sign_threshold", "walks"]
+__all__ = ["EXP_ULPS", "FALSE_ALARM", "FLOAT32_TINY", "SCORE_FLOOR", "U32", "Exact", "Plan", "complete",
+           "exact_outputs", "fan_ins", "folds", "gamma", "lam", "layers_of", "sign_threshold", "walks"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Exact:
     # which bound B is: "running", or the first-order bound of crossport.exact.tangents, its Σ c_r² "adjoint"
     # (computed) or "sampled" (estimated)
     bound: str = "running"
+    # per row, whether ``bounds`` holds B itself; where not, it holds a lower bound L ≤ B (:func:`lower_outputs`).
+    # None: B on every row
+    walked: np.ndarray | None = None
 
     @property
     def network_gamma(self) -> float:
@@ -66,9 +70,11 @@ class Exact:
             return {k: v[index] for k, v in arrays.items()}
 
         return Exact(pick(self.values), pick(self.bounds), pick(self.systematic), self.lam, self.fan_ins,
-                     self.bound)
+                     self.bound, None if self.walked is None else self.walked[index])
 
     def save(self, path) -> None:
+        if self.walked is not None and not self.walked.all():
+            raise ValueError("only a reference with B on every row is saved (complete() walks the rest)")
         np.savez(path, **{f"value_{k}": v for k, v in self.values.items()},
                  **{f"bound_{k}": v for k, v in self.bounds.items()},
                  **{f"systematic_{k}": v for k, v in self.systematic.items()},
@@ -132,27 +138,66 @@ def fan_ins(model) -> tuple[int, ...]:
 WALK_BYTES = 64 * 2**20
 
 
-def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None) -> Exact:
+def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None,
+                  lower: bool = False) -> Exact:
     """Run ``model`` (a PyTorch model or a :class:`crossport.exact.network.Network`) in float64 on float32
-    ``images`` [N, ...]; see the module docstring. ``bound``: as :func:`walks` (None: chosen on the images' pilot)."""
-    joined: dict[tuple[str, str], np.ndarray] = {}  # each written as its chunks come: at full size 58 MB an array
-    walk = walks(model, images, chunk=chunk, bound=bound)
-    lam_, counts, bound = next(walk)
+    ``images`` [N, ...]; see the module docstring. ``bound``: as :func:`walks` (None: chosen on the images' pilot).
+    ``lower``: where the bound is the adjoint, each row gets the lower bound L ≤ B of :func:`walks` instead of B
+    (``walked`` all False), and :func:`complete` walks B where a check needs it."""
+    walk = walks(model, images, chunk=chunk, bound=bound, lower=lower)
+    plan = next(walk)
+    joined = _Joined(len(images))
     start = 0
     for logits, error in walk:
+        joined.put(start, logits, error)
+        start += len(logits)
+    lowered = lower and plan.bound == "adjoint"
+    return Exact(*joined.parts(), plan.lam, plan.fan_ins, bound=plan.bound,
+                 walked=np.zeros(len(images), dtype=bool) if lowered else None)
+
+
+def complete(model, images: np.ndarray, exact: Exact, rows, *, chunk: int = 8192) -> Exact:
+    """``exact`` (from :func:`exact_outputs` with ``lower``) with B walked on every row of ``rows``: each walk chunk
+    that holds one is walked again whole, with the run's λ and bound, so its rows get the very B a walk of all the
+    images gives (an image's B depends on its chunk's other images through :func:`crossport.exact.rules.coherent`,
+    and a float64 BLAS may sum a batch in another order than a smaller one). ``chunk``: as given to
+    :func:`exact_outputs`."""
+    if exact.walked is None:
+        return exact
+    walk = walks(model, images, chunk=chunk, bound=exact.bound, only=rows)
+    plan = next(walk)
+    starts = sorted({int(row) // plan.chunk * plan.chunk for row in rows})
+    values, bounds, systematic = ({k: v.copy() for k, v in part.items()}
+                                  for part in (exact.values, exact.bounds, exact.systematic))
+    walked = exact.walked.copy()
+    joined = _Joined(len(images), (values, bounds, systematic))
+    for start, (logits, error) in zip(starts, walk, strict=True):
+        joined.put(start, logits, error)
+        walked[start : start + len(logits)] = True
+    return Exact(values, bounds, systematic, exact.lam, exact.fan_ins, bound=exact.bound, walked=walked)
+
+
+class _Joined:
+    """The values, B and systematic part of the logits and the scores, written into arrays of ``rows`` rows as each
+    chunk comes (at EMNIST's full size 58 MB an array), or into ``parts`` given."""
+
+    OUTPUTS = ("logits", "scores")
+
+    def __init__(self, rows: int, parts: tuple[dict, dict, dict] | None = None) -> None:
+        self.rows = rows
+        self.arrays = parts or ({}, {}, {})
+
+    def put(self, start: int, logits, error) -> None:
         scores, score_error = _softmax_with_bound(logits, error)
         for output, value, width in (("logits", logits, error), ("scores", scores, score_error)):
-            for part, array in (("value", value), ("bound", width.total), ("systematic", width.systematic)):
+            for into, array in zip(self.arrays, (value, width.total, width.systematic), strict=True):
                 rows = array.numpy()
-                if (part, output) not in joined:
-                    joined[(part, output)] = np.empty((len(images), *rows.shape[1:]), rows.dtype)
-                joined[(part, output)][start : start + len(rows)] = rows
-        start += len(logits)
+                if output not in into:
+                    into[output] = np.empty((self.rows, *rows.shape[1:]), rows.dtype)
+                into[output][start : start + len(rows)] = rows
 
-    def part(name):
-        return {output: joined[(name, output)] for output in ("logits", "scores")}
-
-    return Exact(part("value"), part("bound"), part("systematic"), lam_, counts, bound=bound)
+    def parts(self) -> tuple[dict, dict, dict]:
+        return self.arrays
 
 
 # The running bound decides unless it is wider than the logits themselves (median B/|z| over the first PILOT images,
@@ -161,15 +206,30 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | 
 PILOT = 64
 
 
+class Plan(NamedTuple):
+    """What a walk settled before its first chunk: λ, the accumulating layers' fan-ins, the bound ("running",
+    "adjoint" or "sampled") and the images per chunk."""
+
+    lam: float
+    fan_ins: tuple[int, ...]
+    bound: str
+    chunk: int
+
+
 def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = None,
-          record: list | None = None):
-    """First (λ, fan-ins, the bound: "running", "adjoint" or "sampled"), then per chunk of ``images``: (exact
-    logits, their Error). ``bound`` overrides the choice: the running bound unless it is wider than the logits
-    (:data:`PILOT`); then the first-order bound of :mod:`crossport.exact.tangents`, its Σ c_r² computed by one
-    backward pass per class (the adjoint) whatever the number of classes: estimated from 2·SAMPLES forward tangents
-    instead ("sampled", only when asked for) it is cheaper above 2·SAMPLES classes but wider by the χ² limit's
-    factor, and the gate does not buy time with power. ``record``: with the adjoint, each chunk's variance per
-    rounding source is appended to it (crossport.exact.tangents.Adjoint)."""
+          record: list | None = None, lower: bool = False, only=None):
+    """First the :class:`Plan`, then per chunk of ``images``: (exact logits, their Error). ``bound`` overrides the
+    choice: the running bound unless it is wider than the logits (:data:`PILOT`); then the first-order bound of
+    :mod:`crossport.exact.tangents`, its Σ c_r² computed by one backward pass per class (the adjoint) whatever the
+    number of classes: estimated from 2·SAMPLES forward tangents instead ("sampled", only when asked for) it is
+    cheaper above 2·SAMPLES classes but wider by the χ² limit's factor, and the gate does not buy time with power.
+    ``record``: with the adjoint, each chunk's variance per rounding source is appended to it
+    (crossport.exact.tangents.Adjoint).
+
+    ``lower``: with the adjoint, each chunk's Error is L, the part of B that the rounding sources of the last
+    accumulating layer and the steps after it give (:func:`_walk`'s ``tail``): the same λ, t and chunks, a sum over
+    fewer of the same non-negative terms, so L ≤ B element by element, and no backward pass through the network.
+    ``only``: rows of ``images``; just the chunks that hold one are walked (in order)."""
     import torch
 
     from crossport.exact import tangents as carry
@@ -198,16 +258,19 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
                 ratios.append((running.total / z.abs()).flatten())
             deep = float(torch.median(torch.cat(ratios))) >= 1.0
             bound = "adjoint" if deep else "running"
-        yield lam_, counts, bound
         chunk = rows(32 + (8 * SAMPLES if bound != "running" else 0))
-        for start in range(0, max(len(images), 1), chunk):
+        yield Plan(lam_, counts, bound, chunk)
+        starts = range(0, max(len(images), 1), chunk)
+        if only is not None:
+            starts = sorted({int(row) // chunk * chunk for row in only})
+        for start in starts:
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             if bound == "sampled":  # the same draws for the same images, run to run
                 carrier = carry.Sampled(confidence, torch.Generator().manual_seed(start))
             else:
                 carrier = (carry.Adjoint(sign_threshold(len(images) * classes), record) if bound == "adjoint"
                            else None)
-            yield _walk(wide, narrow, batch, lam_, carrier)
+            yield _walk(wide, narrow, batch, lam_, carrier, tail=lower and bound == "adjoint")
 
 
 def precisions(network):
@@ -233,7 +296,7 @@ def _per_example(network, sample) -> tuple[int, int, int]:
     return max(count, 1), largest, values[network.target].numel()
 
 
-def _walk(network, narrow, x, lam_, carrier=None):
+def _walk(network, narrow, x, lam_, carrier=None, tail: bool = False):
     """Each step's exact output and its Error from its inputs' (tensors freed after their last reader), by one of
     two bounds:
 
@@ -243,7 +306,8 @@ def _walk(network, narrow, x, lam_, carrier=None):
     * the first-order bound (crossport.exact.tangents): each step's tangents from its inputs' (its rule's
       ``linear``, on ``narrow``, the float32 copy of the network), plus the step's own error as a source (its rule
       with no incoming error and λ = 1, and that bias add), which the ``carrier`` samples (``Sampled``) or sums
-      exactly (``Adjoint``).
+      exactly (``Adjoint``). With ``tail``, only the last accumulating layer and the steps after it add sources:
+      the steps before it compute their exact outputs (and magnitudes) alone, their tangents zero.
     """
     from functools import partial
 
@@ -273,6 +337,12 @@ def _walk(network, narrow, x, lam_, carrier=None):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
             constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
+        if tail and last is not None and index < last:  # before the tail: its exact value alone, no source
+            y = (rule.value(step.layer, xs) if rule.value is not None
+                 else rule.step(step.layer, xs, [Error(0.0, 0.0)] * len(xs), 1.0)[0])
+            values[step.output], tangents[step.output] = y, torch.zeros(y.shape, dtype=torch.float32)
+            _free(network, index, step, reads, (values, errors, constant, tangents, magnitudes, searches.known))
+            continue
         if first_order:
             none = [Error(0.0, 0.0, magnitudes.get(name)) for name in step.inputs]
             y, own = rule.step(step.layer, xs, none, 1.0)
@@ -298,16 +368,21 @@ def _walk(network, narrow, x, lam_, carrier=None):
                 else:
                     tangents[step.output] = carrier.add(tangents[step.output], random, systematic, y)
         values[step.output] = y
-        for name in step.inputs:
-            if reads.get(name) == index and name != network.target:
-                for held in (values, errors, constant, tangents, magnitudes, searches.known):
-                    held.pop(name, None)
+        _free(network, index, step, reads, (values, errors, constant, tangents, magnitudes, searches.known))
     z = values[network.target]
     floor = FLOAT32_TINY  # kernels may flush subnormal results to zero
     if first_order:
         return z, carrier.bound(tangents[network.target], z).add(systematic=floor)
     through = constant[network.target].systematic if network.target in constant else 0.0
     return z, errors[network.target].add(systematic=floor + through)
+
+
+def _free(network, index: int, step, reads: dict, held: tuple) -> None:
+    """Drop every tensor whose last reader was this step (the network's output stays)."""
+    for name in step.inputs:
+        if reads.get(name) == index and name != network.target:
+            for kept in held:
+                kept.pop(name, None)
 
 
 def _softmax_with_bound(logits, error):

@@ -183,6 +183,10 @@ class Rule:
     # is monotone in each column; the walk carries :func:`repeated` through it instead of sorting again. None for
     # any other layer
     repeats: Callable | None = None
+    # (layer, exact inputs) -> the exact output alone, the very tensor ``propagate`` returns, for a layer whose error
+    # costs as much again (a Linear's or Conv's |W|·|x|): the lower bound's walk (crossport.exact.walks) reads only
+    # values before its tail. None: ``propagate``'s output is taken
+    value: Callable | None = None
 
     def step(self, layer, xs: list, errors: list, lam_):
         """``propagate`` on a step's inputs: one as itself, several as tuples."""
@@ -201,6 +205,11 @@ def constant_added(y, bias):
     half_ulp = torch.ldexp(torch.ones_like(y), torch.frexp(y).exponent - 25) * (y != 0)
     shape = (1, -1) + (1,) * (y.dim() - 2)
     return torch.minimum(half_ulp, bias.abs().view(shape).expand_as(y))
+
+
+def _applied(layer, xs):
+    """The layer itself on its one exact input: what :func:`_linear` and :func:`_conv2d` return as the output."""
+    return layer(xs[0])
 
 
 def _linear(layer, x, error, lam_):
@@ -530,8 +539,8 @@ def _monotone(layer, repeats: Repeats, y) -> Repeats | None:
 
 
 RULES: dict[type, Rule] = {
-    nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None)),
-    nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None)),
+    nn.Linear: Rule(_linear, lambda layer: layer.in_features + (layer.bias is not None), value=_applied),
+    nn.Conv2d: Rule(_conv2d, lambda layer: _conv_terms(layer) + (layer.bias is not None), value=_applied),
     nn.ReLU: Rule(_relu, linear=_by_slope, scale=_slope_size, repeats=_kept),
     nn.LeakyReLU: Rule(_leaky_relu, linear=_by_slope, scale=_slope_size, repeats=_monotone_if_rising),
     nn.ELU: Rule(_elu, linear=_by_slope, scale=_slope_size),

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 DIAGNOSE_EXAMPLES = 512  # test images the divergence finder runs on
 # The error model, written once (docs/parity.md, "The error model"); parity.json names it and its version and
 # records the figures it gave this run. A change to the model's rules is a new version.
-ERROR_MODEL = {"name": "crossport float32 error bounds (running, adjoint and sampled) and sign test", "version": 7,
+ERROR_MODEL = {"name": "crossport float32 error bounds (running, adjoint and sampled) and sign test", "version": 8,
                "document": "docs/parity.md#the-error-model"}
 VALIDATED = ("checkpoint", *(fmt.name for fmt in FORMATS if not fmt.optional))  # int8_mixed: made here
 PROBE_SIZE = 8192  # test images the sign test runs on (dithered): enough for its power, a bounded cost at any size
@@ -51,14 +51,17 @@ def validate_stage(ctx: Context) -> StageResult:
     inputs = Inputs(pixels, probe_inputs)
     images = inputs[: len(pixels)]
     # the exact values first: the float64 walks are validate's peak, so they run before the runtimes load the
-    # SavedModels, which stay loaded until the stage ends (crossport.runtimes.open_saved_model)
-    exact = exact_values(paths, reference, images).model
+    # SavedModels, which stay loaded until the stage ends (crossport.runtimes.open_saved_model). On the test split,
+    # where the bound is the adjoint, each row first gets its lower bound L ≤ B, and B is walked only on the rows
+    # where a check comes nearer than L (walked_where_near): every verdict is the one B everywhere gives
+    exact = exact_values(paths, reference, images, lower=True).model
     # the bound chosen on the test split's pilot serves the probe's walks too (one pilot a run, not three)
     probe_references = exact_values(paths, reference, probe_inputs, graph=True, bound=exact.bound)
     both = run_runtimes(ctx, paths, reference, inputs)
     outputs, probe_outputs = ({name: {key: rows[part] for key, rows in values.items()} for name, values in both.items()}
                               for part in (slice(None, len(images)), slice(len(images), None)))
     sign_test = SignTest.plan(outputs, reference, exact, probe_inputs)
+    exact = walked_where_near(paths, reference, images, exact, {name: outputs[name] for name in sign_test.judged})
     probe = Probe(probe_outputs, probe_references)
     policies = run_policies(ctx.config.int8_max_drop)
     results, against_exact = judge(outputs, reference, targets, exact, labels, sign_test, probe, policies)
@@ -83,7 +86,7 @@ def validate_stage(ctx: Context) -> StageResult:
     report["int8_fallback"] = fallback.record if fallback else None
     path = ctx.run_dir / "parity.json"
     write_json_atomic(path, report)
-    plot(ctx.run_dir, outputs, reference, exact, labels, targets)
+    plot(ctx.run_dir, outputs, reference, whole(exact, probe.references), labels, targets)
     page = write_parity_html(ctx, report)
 
     made = [*([Made(MIXED.name, fallback.path, ("saved_model", "calibration"))] if replaced else []),
@@ -159,25 +162,58 @@ class References:
 
 
 def exact_values(paths: dict, reference: str, images: np.ndarray, graph: bool = False,
-                 bound: str | None = None) -> References:
+                 bound: str | None = None, lower: bool = False) -> References:
     """The exact float64 values and float32 bounds of the original (the checkpoint, or the ONNX graph brought) and,
     with ``graph``, of the ONNX graph, with the check that the two are one function. ``bound``: which bound
     (crossport.exact.walks), None to choose it on the images' pilot; the graph's walk takes the original's choice,
-    as they are one function."""
+    as they are one function. ``lower``: the original's lower bound L where its bound is the adjoint
+    (crossport.exact.exact_outputs)."""
     from crossport.exact import exact_outputs, folds
     from crossport.exact.graph import exact_from_onnx
     from crossport.parity import compare_graph
-    from training.checkpoint import load_checkpoint
 
-    if reference != REFERENCE:
-        exact = exact_from_onnx(paths["onnx"], images, bound)
-        return References(exact, exact, None)
-    model = load_checkpoint(paths["checkpoint"]).model
-    exact = exact_outputs(model, images, bound=bound)
-    if not graph:
+    model = original(paths, reference)
+    exact = exact_outputs(model, images, bound=bound, lower=lower and not graph)
+    if reference != REFERENCE or not graph:
         return References(exact, exact, None)
     onnx = exact_from_onnx(paths["onnx"], images, exact.bound)
     return References(exact, onnx, compare_graph(exact, onnx, folded=folds(model)))
+
+
+def original(paths: dict, reference: str):
+    """What the run's exact values come from: the checkpoint's model, or the ONNX graph brought."""
+    if reference == REFERENCE:
+        from training.checkpoint import load_checkpoint
+
+        return load_checkpoint(paths["checkpoint"]).model
+    import onnx
+
+    from crossport.exact.graph import network_from_onnx
+
+    return network_from_onnx(onnx.load(str(paths["onnx"]), load_external_data=False))
+
+
+def walked_where_near(paths: dict, reference: str, images, exact, outputs: dict):
+    """``exact`` with B walked on every row where a check comes nearer than the lower bound L it holds
+    (crossport.parity.near_bound; ``outputs``: the fp32 artifacts', the reference's included), each in its own
+    walk chunk (crossport.exact.complete); ``exact`` itself where it holds B on every row."""
+    from crossport.exact import complete
+    from crossport.parity import near_bound
+
+    if exact.walked is None:
+        return exact
+    rows = near_bound(exact, outputs, reference)
+    if len(rows):
+        exact = complete(original(paths, reference), images, exact, rows)
+    log.info("B walked on %d of %d test images (%d within L ≤ B of every check)", int(exact.walked.sum()),
+             len(exact.walked), len(exact.walked) - int(exact.walked.sum()))
+    return exact
+
+
+def whole(exact, references: References):
+    """The exact values whose B is walked on every row, for the report's figures of B: the test split's, else the
+    probe's (the model's)."""
+    return exact if exact.walked is None else references.model
 
 
 class Probe(NamedTuple):
@@ -257,9 +293,8 @@ def judge(outputs: dict, reference: str, targets: np.ndarray, exact, labels: tup
                for spec in hop_specs(reference, present=outputs, policies=policies)]
     _check_classes(results, outputs[SM_CLASSIFY][CLASSES], labels)
     against_exact = [
-        compare_exact(name, outputs[name], exact, sign_test.threshold,
-                      (probe.outputs[name], probe.references.of(name))) if name in sign_test.judged
-        else compare_exact(name, outputs[name], exact, None)
+        compare_exact(name, outputs[name], exact, sign_test.threshold if name in sign_test.judged else None,
+                      (probe.outputs[name], probe.references.of(name)))
         for name in (reference, *(name for name in POLICIES if name != reference and name in outputs))
     ]
     return results, against_exact
@@ -293,9 +328,14 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: S
                         "network_gamma": exact.network_gamma,
                         "tangent_samples": SAMPLES if exact.bound == "sampled" else None,
                         "bound": exact.bound,
-                        "bound_median": {k: float(np.median(v)) for k, v in exact.bounds.items()},
-                        "bound_max": {k: float(np.max(v)) for k, v in exact.bounds.items()},
-                        "systematic_median": {k: float(np.median(v)) for k, v in exact.systematic.items()},
+                        # B walked on every test image, or only where a check came within its lower bound L
+                        "bound_walked": None if exact.walked is None else {
+                            "images": int(exact.walked.sum()), "of": len(exact.walked),
+                            "figures": "the probe's (the test split holds L on the other images)"},
+                        "bound_median": {k: float(np.median(v)) for k, v in whole(exact, references).bounds.items()},
+                        "bound_max": {k: float(np.max(v)) for k, v in whole(exact, references).bounds.items()},
+                        "systematic_median": {k: float(np.median(v))
+                                              for k, v in whole(exact, references).systematic.items()},
                         "sign_test": sign_test.to_dict()},
         "tolerances": tolerance_table(policies),
         "hops": [result.to_dict() for result in results],
