@@ -56,8 +56,8 @@ class Exact:
     # which bound B is: "running", or the first-order bound of crossport.exact.tangents, its Σ c_r² "adjoint"
     # (computed) or "sampled" (estimated)
     bound: str = "running"
-    # per row, whether ``bounds`` holds B itself; where not, it holds a lower bound L ≤ B (:func:`lower_outputs`).
-    # None: B on every row
+    # per row, whether ``bounds`` holds B itself; where not, it holds a lower bound L ≤ B (:func:`exact_outputs`
+    # with ``lower``, :func:`complete`). None: B on every row
     walked: np.ndarray | None = None
 
     @property
@@ -152,7 +152,7 @@ def exact_outputs(model, images: np.ndarray, *, chunk: int = 8192, bound: str | 
         joined.put(start, logits, error)
         start += len(logits)
     lowered = lower and plan.bound == "adjoint"
-    return Exact(*joined.parts(), plan.lam, plan.fan_ins, bound=plan.bound,
+    return Exact(*joined.arrays, plan.lam, plan.fan_ins, bound=plan.bound,
                  walked=np.zeros(len(images), dtype=bool) if lowered else None)
 
 
@@ -166,7 +166,7 @@ def complete(model, images: np.ndarray, exact: Exact, rows, *, chunk: int = 8192
         return exact
     walk = walks(model, images, chunk=chunk, bound=exact.bound, only=rows)
     plan = next(walk)
-    starts = sorted({int(row) // plan.chunk * plan.chunk for row in rows})
+    starts = _chunks_of(rows, plan.chunk)
     values, bounds, systematic = ({k: v.copy() for k, v in part.items()}
                                   for part in (exact.values, exact.bounds, exact.systematic))
     walked = exact.walked.copy()
@@ -181,8 +181,6 @@ class _Joined:
     """The values, B and systematic part of the logits and the scores, written into arrays of ``rows`` rows as each
     chunk comes (at EMNIST's full size 58 MB an array), or into ``parts`` given."""
 
-    OUTPUTS = ("logits", "scores")
-
     def __init__(self, rows: int, parts: tuple[dict, dict, dict] | None = None) -> None:
         self.rows = rows
         self.arrays = parts or ({}, {}, {})
@@ -196,8 +194,10 @@ class _Joined:
                     into[output] = np.empty((self.rows, *rows.shape[1:]), rows.dtype)
                 into[output][start : start + len(rows)] = rows
 
-    def parts(self) -> tuple[dict, dict, dict]:
-        return self.arrays
+
+def _chunks_of(rows, chunk: int) -> list[int]:
+    """The first image of each walk chunk (of ``chunk`` images) that holds one of ``rows``, in order."""
+    return sorted({int(row) // chunk * chunk for row in rows})
 
 
 # The running bound decides unless it is wider than the logits themselves (median B/|z| over the first PILOT images,
@@ -262,7 +262,7 @@ def walks(model, images: np.ndarray, *, chunk: int = 8192, bound: str | None = N
         yield Plan(lam_, counts, bound, chunk)
         starts = range(0, max(len(images), 1), chunk)
         if only is not None:
-            starts = sorted({int(row) // chunk * chunk for row in only})
+            starts = _chunks_of(only, chunk)
         for start in starts:
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32)).double()
             if bound == "sampled":  # the same draws for the same images, run to run
@@ -306,8 +306,9 @@ def _walk(network, narrow, x, lam_, carrier=None, tail: bool = False):
     * the first-order bound (crossport.exact.tangents): each step's tangents from its inputs' (its rule's
       ``linear``, on ``narrow``, the float32 copy of the network), plus the step's own error as a source (its rule
       with no incoming error and λ = 1, and that bias add), which the ``carrier`` samples (``Sampled``) or sums
-      exactly (``Adjoint``). With ``tail``, only the last accumulating layer and the steps after it add sources:
-      the steps before it compute their exact outputs (and magnitudes) alone, their tangents zero.
+      exactly (``Adjoint``). With ``tail``, only the last accumulating layer and the steps after it add sources
+      (:func:`_tail_start`): the steps before compute their exact outputs alone (``Rule.value``; with the
+      magnitude a tail step reads), their tangents zero, so each source the tail adds is one the full walk adds.
     """
     from functools import partial
 
@@ -320,6 +321,7 @@ def _walk(network, narrow, x, lam_, carrier=None, tail: bool = False):
     last = max((i for i, step in enumerate(steps) if rule_of(step.layer).terms is not None), default=None)
     reads = network.last_reads()
     readers = network.readers()
+    first = _tail_start(steps, last, readers) if tail and last is not None else 0
     values, constant, magnitudes = {network.source: x}, {}, {}
     tangents = {network.source: carrier.start(x)} if first_order else {}
     errors = {network.source: Error(torch.zeros_like(x), torch.zeros_like(x))}
@@ -337,9 +339,13 @@ def _walk(network, narrow, x, lam_, carrier=None, tail: bool = False):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
             constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
-        if tail and last is not None and index < last:  # before the tail: its exact value alone, no source
-            y = (rule.value(step.layer, xs) if rule.value is not None
-                 else rule.step(step.layer, xs, [Error(0.0, 0.0)] * len(xs), 1.0)[0])
+        if index < first:  # before the tail: its exact value, no source
+            if rule.value is not None and all(reader < first for reader in readers.get(step.output, ())):
+                y = rule.value(step.layer, xs)
+            else:  # and its magnitude, which a tail step may read (a BatchNorm after the last Linear or Conv)
+                none = [Error(0.0, 0.0, magnitudes.get(name)) for name in step.inputs]
+                y, own = rule.step(step.layer, xs, none, 1.0)
+                magnitudes[step.output] = own.magnitude
             values[step.output], tangents[step.output] = y, torch.zeros(y.shape, dtype=torch.float32)
             _free(network, index, step, reads, (values, errors, constant, tangents, magnitudes, searches.known))
             continue
@@ -375,6 +381,23 @@ def _walk(network, narrow, x, lam_, carrier=None, tail: bool = False):
         return z, carrier.bound(tangents[network.target], z).add(systematic=floor)
     through = constant[network.target].systematic if network.target in constant else 0.0
     return z, errors[network.target].add(systematic=floor + through)
+
+
+def _tail_start(steps, last: int, readers: dict) -> int:
+    """The lower bound's first step: the last accumulating layer, moved back past every step whose own error the walk
+    draws with a later step's (its one reader elementwise: ``pending`` in :func:`_walk`), so that each source the
+    tail adds is one the full walk adds."""
+    from crossport.exact.rules import rule_of
+
+    start, moved = last, True
+    while moved:
+        moved = False
+        for index in range(start):
+            following = readers.get(steps[index].output, ())
+            if len(following) == 1 and following[0] >= start and rule_of(steps[following[0]].layer).scale is not None:
+                start, moved = index, True
+                break
+    return start
 
 
 def _free(network, index: int, step, reads: dict, held: tuple) -> None:
