@@ -209,6 +209,12 @@ def test_a_mobilenet_v3_brought_as_onnx_passes_the_gate_and_is_published(tmp_pat
     assert walked["of"] == 48 and 0 <= walked["images"] <= 48
     assert all(0 <= output["probe_ratio"] <= 1 for check in report["against_exact"] if check["judged"]
                for output in check["outputs"])
+    # pipelines.check judges a file the same way: L on the test split, B where the file comes within it
+    from pipelines.tools.check import check
+
+    checked = check(run / "model_fp32.tflite", run)
+    assert checked["verdict"] == "pass", checked["failures"]
+    assert checked["error_model"]["bound"] == "adjoint" and checked["error_model"]["bound_walked"]["of"] == 48
 
     graph = onnx.load(str(run / "model.onnx"))
     # opset 13 has no HardSwish: the exporter writes x·HardSigmoid(x)

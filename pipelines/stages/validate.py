@@ -210,6 +210,15 @@ def walked_where_near(paths: dict, reference: str, images, exact, outputs: dict)
     return exact
 
 
+def bound_walked(exact) -> dict | None:
+    """For a report: on how many test images B was walked, None where on every one (else the test split holds its
+    lower bound L on the others, and the figures of B are the probe's)."""
+    if exact.walked is None:
+        return None
+    return {"images": int(exact.walked.sum()), "of": len(exact.walked),
+            "figures": "the probe's (the test split holds L on the other images)"}
+
+
 def whole(exact, references: References):
     """The exact values whose B is walked on every row, for the report's figures of B: the test split's, else the
     probe's (the model's)."""
@@ -328,10 +337,7 @@ def parity_report(ctx: Context, paths: dict, reference: str, exact, sign_test: S
                         "network_gamma": exact.network_gamma,
                         "tangent_samples": SAMPLES if exact.bound == "sampled" else None,
                         "bound": exact.bound,
-                        # B walked on every test image, or only where a check came within its lower bound L
-                        "bound_walked": None if exact.walked is None else {
-                            "images": int(exact.walked.sum()), "of": len(exact.walked),
-                            "figures": "the probe's (the test split holds L on the other images)"},
+                        "bound_walked": bound_walked(exact),
                         "bound_median": {k: float(np.median(v)) for k, v in whole(exact, references).bounds.items()},
                         "bound_max": {k: float(np.max(v)) for k, v in whole(exact, references).bounds.items()},
                         "systematic_median": {k: float(np.median(v))

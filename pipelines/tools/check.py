@@ -142,7 +142,8 @@ _EXACT: collections.OrderedDict[tuple, object] = collections.OrderedDict()
 KEEP_EXACT = 3
 
 
-def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = False, bound: str | None = None):
+def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = False, bound: str | None = None,
+               lower: bool = False):
     """:func:`pipelines.stages.validate.exact_values`, computed once per process for the same files and images."""
     import hashlib
 
@@ -150,9 +151,10 @@ def exact_once(paths: dict, reference: str, images: np.ndarray, graph: bool = Fa
     from pipelines.stages.validate import exact_values
 
     files = tuple((name, fingerprint(path)) for name, path in sorted(paths.items()))
-    key = (reference, files, hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest(), graph, bound)
+    key = (reference, files, hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest(), graph, bound,
+           lower)
     if key not in _EXACT:
-        _EXACT[key] = exact_values(paths, reference, images, graph=graph, bound=bound)
+        _EXACT[key] = exact_values(paths, reference, images, graph=graph, bound=bound, lower=lower)
         while len(_EXACT) > KEEP_EXACT:
             _EXACT.popitem(last=False)
     _EXACT.move_to_end(key)
@@ -173,7 +175,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     from crossport.runtimes import chunk_for, load_onnx
     from pipelines.gate import FP32_VALUES, ONNX, POLICIES, REFERENCE
     from pipelines.manifest import Manifest
-    from pipelines.stages.validate import ERROR_MODEL, PROBE_SIZE, dithered
+    from pipelines.stages.validate import ERROR_MODEL, PROBE_SIZE, bound_walked, dithered, walked_where_near
 
     foreign = inspect(path)  # before minutes of exact values: a file that is no servable ends here
     manifest = Manifest.load(run_dir)
@@ -214,7 +216,10 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     if expect and foreign.kind != expect:
         failures.append(f"expected a {expect} file; {path} is {foreign.kind} (read from its tensor types)")
     policy = POLICIES[runtime]
-    exact = exact_once(paths, reference, images).model
+    # as validate: the lower bound L on the test split, B walked where the file or the original comes within it
+    exact = exact_once(paths, reference, images, lower=True).model
+    if policy.fp32:
+        exact = walked_where_near(paths, reference, images, exact, {reference: ours, runtime: split})
     outputs = [(SCORES, policy.values)]
     if policy.fp32 and LOGITS in split and LOGITS in ours:
         outputs.append((LOGITS, FP32_VALUES))
@@ -240,7 +245,8 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
         "outputs": returned, "scores_from_logits": SCORES not in returned,
         "against": str(run_dir), "reference": reference, "converted_from": converted_from,
         "examples": len(images), "probe_inputs": len(probe),
-        "error_model": ERROR_MODEL, "failures": failures,
+        "error_model": {**ERROR_MODEL, "bound": exact.bound, "bound_walked": bound_walked(exact)},
+        "failures": failures,
         "hops": [hop.to_dict()], "against_exact": [against.to_dict()],
         "detail": None,
     }
