@@ -149,10 +149,10 @@ def _lower_note(report: dict) -> str:
     walked = (report.get("error_model") or {}).get("bound_walked")
     if not walked:
         return ""
-    return (f" B was walked on {walked['images']:,} of {walked['of']:,} test images, those where a check came "
-            "within its lower bound L ≤ B; on the others L stands in, so the test split's error / bound is a "
-            "ceiling (the error is at most that share of B), and its near ties are those L alone can reorder (an "
-            "answer that changed is always walked). On the probe B is walked on every input.")
+    return (f" B was walked on {walked['images']:,} of {walked['of']:,} test images, those where an fp32 error "
+            "passed its lower bound L ≤ B or an answer changed; on the others L stands in, so the test split's "
+            "error / bound is a ceiling (the error is at most that share of B), and its near ties are those L alone "
+            "can reorder (an answer that changed is always walked). On the probe B is walked on every input.")
 
 
 def _int8_layers(diagnosis: dict | None, shown: int = 10) -> list[str]:

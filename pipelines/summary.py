@@ -129,8 +129,9 @@ def parity_table(report: dict) -> str:
                     f"{export['worst_ratio']:>9.2g} {'':>21}  {export['verdict']}   allowance: {export['allowance']}")
     walked = (report.get("error_model") or {}).get("bound_walked")
     if walked:
-        rows.append(f"B walked on {walked['images']:,} of {walked['of']:,} test images (where a check came within "
-                    "its lower bound L); elsewhere L stands in, so Δ/bound and err/bound are ceilings there")
+        rows.append(f"B walked on {walked['images']:,} of {walked['of']:,} test images (where an fp32 error passed "
+                    "its lower bound L or an answer changed); elsewhere L stands in, so Δ/bound and err/bound are "
+                    "ceilings there")
     if report.get("detail"):
         rows.append(report["detail"])
     return "\n".join(rows)

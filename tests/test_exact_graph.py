@@ -203,13 +203,13 @@ def test_a_mobilenet_v3_brought_as_onnx_passes_the_gate_and_is_published(tmp_pat
     assert all(hop["verdict"] == "pass" for hop in report["hops"] if "int8" not in hop["candidate"])
     assert report["against_exact"] and all(check["verdict"] == "pass" for check in report["against_exact"])
     assert list((tmp_path / "models").glob("*/1/saved_model.pb"))
-    # the test split held the lower bound L, B walked only where a check came within it (tests/test_lower_bound.py);
+    # the test split held the lower bound L, B walked only where an error passed it (tests/test_lower_bound.py);
     # the probe's B is whole, and every fp32 artifact is within it there too
     walked = report["error_model"]["bound_walked"]
     assert walked["of"] == 48 and 0 <= walked["images"] <= 48
     assert all(0 <= output["probe_ratio"] <= 1 for check in report["against_exact"] if check["judged"]
                for output in check["outputs"])
-    # pipelines.check judges a file the same way: L on the test split, B where the file comes within it
+    # pipelines.check judges a file the same way: L on the test split, B where the file's error passes it
     from pipelines.tools.check import check
 
     checked = check(run / "model_fp32.tflite", run)

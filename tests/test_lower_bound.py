@@ -1,5 +1,5 @@
-"""The test split's lower bound L ≤ B (crossport.exact.walks with ``lower``) and B walked only where a check comes
-nearer than L (crossport.parity.near_bound, crossport.exact.complete, pipelines.stages.validate.walked_where_near):
+"""The test split's lower bound L ≤ B (crossport.exact.walks with ``lower``) and B walked only where an error passes
+L (crossport.parity.near_bound, crossport.exact.complete, pipelines.stages.validate.walked_where_near):
 every verdict is the one B on every row gives."""
 
 import numpy as np

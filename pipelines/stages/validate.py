@@ -53,7 +53,8 @@ def validate_stage(ctx: Context) -> StageResult:
     # the exact values first: the float64 walks are validate's peak, so they run before the runtimes load the
     # SavedModels, which stay loaded until the stage ends (crossport.runtimes.open_saved_model). On the test split,
     # where the bound is the adjoint, each row first gets its lower bound L ≤ B, and B is walked only on the rows
-    # where a check comes nearer than L (walked_where_near): every verdict is the one B everywhere gives
+    # where some fp32 error passes L or an answer changes (walked_where_near): every verdict is the one B everywhere
+    # gives
     exact = exact_values(paths, reference, images, lower=True).model
     # the bound chosen on the test split's pilot serves the probe's walks too (one pilot a run, not three)
     probe_references = exact_values(paths, reference, probe_inputs, graph=True, bound=exact.bound)
@@ -194,7 +195,7 @@ def original(paths: dict, reference: str):
 
 
 def walked_where_near(paths: dict, reference: str, images, exact, outputs: dict):
-    """``exact`` with B walked on every row where a check comes nearer than the lower bound L it holds
+    """``exact`` with B walked on every row where an error passes the lower bound L it holds
     (crossport.parity.near_bound; ``outputs``: the fp32 artifacts', the reference's included), each in its own
     walk chunk (crossport.exact.complete); ``exact`` itself where it holds B on every row."""
     from crossport.exact import complete

@@ -216,7 +216,7 @@ def check(path: Path, run_dir: Path, *, converted_from: str = "onnx", expect: st
     if expect and foreign.kind != expect:
         failures.append(f"expected a {expect} file; {path} is {foreign.kind} (read from its tensor types)")
     policy = POLICIES[runtime]
-    # as validate: the lower bound L on the test split, B walked where the file or the original comes within it
+    # as validate: the lower bound L on the test split, B walked where the file's or the original's error passes it
     exact = exact_once(paths, reference, images, lower=True).model
     if policy.fp32:
         exact = walked_where_near(paths, reference, images, exact, {reference: ours, runtime: split})
