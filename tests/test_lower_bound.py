@@ -161,3 +161,23 @@ def test_validate_walks_b_where_a_check_comes_near_and_judges_as_b_everywhere_wo
                                   {ONNX: {name: v.copy() for name, v in full.values.items()}})
     assert not untouched.walked.any()  # every check within L: no walk at all
 
+
+
+def test_the_report_reads_the_probes_figures_where_the_test_split_held_l():
+    """Where B was not walked on every test image, the test split's error / B is a ceiling: the tools take the
+    probe's figure, and the tables say which is which."""
+    from pipelines.parity_html import _exact
+    from pipelines.summary import exact_ratio, parity_table
+
+    check = {"artifact": "tflite_fp32", "judged": True, "verdict": "pass", "threshold": 6.0,
+             "outputs": [{"name": "scores", "max_abs": 1e-7, "rms": 1e-8, "worst_ratio": 0.05, "probe_ratio": 0.004,
+                          "sign_statistic": -9.0}]}
+    lossy = {**check, "artifact": "tflite_int8_full", "judged": False,
+             "outputs": [{**check["outputs"][0], "worst_ratio": 900.0, "probe_ratio": 80.0}]}
+    report = {"hops": [], "against_exact": [check, lossy], "error_model": {"bound_walked": None}}
+    assert exact_ratio(report) == 0.05  # B on every image: the test split's own figure
+    assert "B walked on" not in parity_table(report) and "L stands in" not in _exact(report)
+    report["error_model"]["bound_walked"] = {"images": 3, "of": 359}
+    assert exact_ratio(report) == 0.004  # the judged artifacts' figure on the probe, the lossy one left out
+    assert "B walked on 3 of 359 test images" in parity_table(report)
+    assert "B was walked on 3 of 359 test images" in _exact(report) and "0.004" in _exact(report)
