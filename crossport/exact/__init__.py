@@ -167,21 +167,20 @@ def complete(model, images: np.ndarray, exact: Exact, rows, *, chunk: int = 8192
     walk = walks(model, images, chunk=chunk, bound=exact.bound, only=rows)
     plan = next(walk)
     starts = _chunks_of(rows, plan.chunk)
-    values, bounds, systematic = ({k: v.copy() for k, v in part.items()}
-                                  for part in (exact.values, exact.bounds, exact.systematic))
+    bounds, systematic = ({k: v.copy() for k, v in part.items()} for part in (exact.bounds, exact.systematic))
     walked = exact.walked.copy()
-    joined = _Joined(len(images), (values, bounds, systematic))
+    joined = _Joined(len(images), (None, bounds, systematic))  # the values are the lower walk's, to the bit
     for start, (logits, error) in zip(starts, walk, strict=True):
         joined.put(start, logits, error)
         walked[start : start + len(logits)] = True
-    return Exact(values, bounds, systematic, exact.lam, exact.fan_ins, bound=exact.bound, walked=walked)
+    return Exact(exact.values, bounds, systematic, exact.lam, exact.fan_ins, bound=exact.bound, walked=walked)
 
 
 class _Joined:
     """The values, B and systematic part of the logits and the scores, written into arrays of ``rows`` rows as each
-    chunk comes (at EMNIST's full size 58 MB an array), or into ``parts`` given."""
+    chunk comes (at EMNIST's full size 58 MB an array), or into ``parts`` given (None: that part is not kept)."""
 
-    def __init__(self, rows: int, parts: tuple[dict, dict, dict] | None = None) -> None:
+    def __init__(self, rows: int, parts: tuple[dict | None, dict, dict] | None = None) -> None:
         self.rows = rows
         self.arrays = parts or ({}, {}, {})
 
@@ -189,6 +188,8 @@ class _Joined:
         scores, score_error = _softmax_with_bound(logits, error)
         for output, value, width in (("logits", logits, error), ("scores", scores, score_error)):
             for into, array in zip(self.arrays, (value, width.total, width.systematic), strict=True):
+                if into is None:
+                    continue
                 rows = array.numpy()
                 if output not in into:
                     into[output] = np.empty((self.rows, *rows.shape[1:]), rows.dtype)
