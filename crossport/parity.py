@@ -556,12 +556,14 @@ def near_bound(exact, outputs: Mapping[str, Mapping[str, np.ndarray]], reference
             candidate, ours = np.asarray(values[name]), np.asarray(outputs[reference].get(name, values[name]))
             if candidate.shape != exact.values[name].shape or ours.shape != candidate.shape:
                 continue  # the hop comparison reports a wrong shape
-            for start in range(0, len(candidate), BLOCK):
-                rows = slice(start, start + BLOCK)
-                error = np.abs(np.asarray(candidate[rows], dtype=np.float64) - exact.values[name][rows])
-                flagged[rows] |= ~np.all(error <= exact.bounds[name][rows], axis=1)  # NaN is never within
-                flagged[rows] |= np.argmax(candidate[rows], axis=1) != np.argmax(ours[rows], axis=1)
+            flagged |= _by_rows(_near_rows, candidate, exact.values[name], exact.bounds[name], ours)
     return np.flatnonzero(flagged & ~exact.walked if exact.walked is not None else flagged)
+
+
+def _near_rows(candidate, values, lower, ours) -> np.ndarray:
+    """Per row: some element farther than ``lower`` from ``values`` (NaN is never within), or the top-1 answer not
+    ``ours``'s."""
+    return ~np.all(np.abs(candidate - values) <= lower, axis=1) | (np.argmax(candidate, 1) != np.argmax(ours, 1))
 
 
 @dataclass

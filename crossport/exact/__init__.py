@@ -340,20 +340,18 @@ def _walk(network, narrow, x, lam_, carrier=None, tail: bool = False):
             passed = [constant[name] if name in constant else Error(torch.zeros_like(v), torch.zeros_like(v))
                       for name, v in zip(step.inputs, xs, strict=True)]
             constant[step.output] = rule.step(step.layer, xs, passed, lam_)[1]
-        if index < first:  # before the tail: its exact value, no source
-            if rule.value is not None and all(reader < first for reader in readers.get(step.output, ())):
-                y = rule.value(step.layer, xs)
-            else:  # and its magnitude, which a tail step may read (a BatchNorm after the last Linear or Conv)
-                none = [Error(0.0, 0.0, magnitudes.get(name)) for name in step.inputs]
-                y, own = rule.step(step.layer, xs, none, 1.0)
-                magnitudes[step.output] = own.magnitude
-            values[step.output], tangents[step.output] = y, torch.zeros(y.shape, dtype=torch.float32)
-            _free(network, index, step, reads, (values, errors, constant, tangents, magnitudes, searches.known))
-            continue
-        if first_order:
+        # before the tail, its exact value alone where no tail step reads its magnitude (a BatchNorm after the last
+        # Linear or Conv does)
+        if index < first and rule.value is not None and all(reader < first for reader in readers.get(step.output, ())):
+            y = rule.value(step.layer, xs)
+        elif first_order:
             none = [Error(0.0, 0.0, magnitudes.get(name)) for name in step.inputs]
             y, own = rule.step(step.layer, xs, none, 1.0)
             magnitudes[step.output] = own.magnitude
+        if index < first:  # before the tail: no source
+            values[step.output], tangents[step.output] = y, torch.zeros(y.shape, dtype=torch.float32)
+            _free(network, index, step, reads, (values, errors, constant, tangents, magnitudes, searches.known))
+            continue
         if index == last:
             constant[step.output] = Error(torch.zeros_like(y), constant_added(y, getattr(step.layer, "bias", None)))
         if first_order:
